@@ -1,0 +1,44 @@
+# fedpriv: two commands do all set-up on a fresh machine.
+#   make run    create .venv, install, run the whole pipeline on the embedded dataset
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_HOME ?= $(CURDIR)/.fedpriv/prefect
+
+.PHONY: run test install lint repro ui mlflow-ui clean
+
+install: $(STAMP)
+
+# Pinned set (.ci/constraints.txt) keeps pip's resolver from wandering; torch is the CPU wheel.
+$(STAMP): pyproject.toml .ci/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -c .ci/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fedpriv run $(ARGS)
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check fl_core tasks flows tests benchmarks
+
+# The same stages through DVC (fedpriv must be on PATH for dvc.yaml's commands).
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# Prefect UI with the run history of `make run` (http://127.0.0.1:4200).
+ui: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# MLflow UI over the embedded store (http://127.0.0.1:5000).
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///.fedpriv/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf reports data/processed data/models .fedpriv

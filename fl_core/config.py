@@ -1,0 +1,195 @@
+"""The typed configuration: ``params.yaml`` parsed and validated, with ``key=value`` overrides.
+
+``params.yaml`` is the only configuration. :func:`load_config` reads it, applies overrides
+given as dotted keys (``rounds=5``, ``data.partition=by_patient``) and validates the result
+against :class:`PipelineConfig`. Every error is a :class:`ConfigError` whose message names the
+key, what was given and what is accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CORE_FEATURES = (
+    "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is not accepted."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    path: str = "data/raw/heart_disease_uci.csv"
+    features: list[str] = Field(default_factory=lambda: list(CORE_FEATURES), min_length=1)
+    drop_incomplete: bool = True
+    zero_as_missing: list[str] = Field(default_factory=lambda: ["chol"])
+    impute: Literal["mean", "median"] = "mean"
+    scale: Literal["standard", "none"] = "standard"
+    one_hot: bool = True
+    partition: Literal["by_site", "by_patient"] = "by_site"
+    num_clients: int = Field(20, ge=2, le=1000)
+    dirichlet_alpha: float | None = Field(None, gt=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _known_features(self) -> DataConfig:
+        unknown = [f for f in self.features if f not in CORE_FEATURES]
+        if unknown:
+            raise ValueError(
+                f"unknown feature(s) {unknown}; accepted: {', '.join(CORE_FEATURES)}"
+            )
+        return self
+
+
+class ValidationConfig(_Section):
+    max_missing_rate: float = Field(0.2, ge=0, le=1)
+    age_range: tuple[float, float] = (18, 100)
+    trestbps_range: tuple[float, float] = (0, 250)
+    chol_range: tuple[float, float] = (0, 700)
+    thalch_range: tuple[float, float] = (50, 230)
+    oldpeak_range: tuple[float, float] = (-3.0, 7.0)
+
+
+class AuditConfig(_Section):
+    enabled: bool = True
+
+
+class GateConfig(_Section):
+    min_accuracy: float = Field(0.75, ge=0, le=1)
+    max_mia_auc: float = Field(0.60, ge=0, le=1)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None
+    experiment: str = Field("fedpriv", min_length=1)
+    model_name: str = Field("fedpriv-heart", min_length=1)
+
+
+class PipelineConfig(_Section):
+    seed: int = Field(42, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    model: Literal["logreg", "mlp"] = "logreg"
+    hidden_units: int = Field(32, ge=1, le=4096)
+    rounds: int = Field(20, ge=1, le=10_000)
+    local_epochs: int = Field(2, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.1, gt=0, le=10)
+    min_clients: int = Field(2, ge=1)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    reports_dir: str = "reports"
+    state_dir: str = ".fedpriv"
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key → value, for logging as run parameters."""
+        return _flatten(self.model_dump(mode="json"))
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{Path(self.state_dir).resolve() / 'mlflow.db'}"
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"data.partition=by_patient"`` → (["data", "partition"], "by_patient").
+
+    The value is read as YAML, so ``5`` is an int, ``null`` is None and ``[1, 2]`` a list.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with each ``key=value`` override applied."""
+    result = yaml.safe_load(yaml.safe_dump(tree)) or {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(path[: i + 1])} is not a section"
+                )
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
+    if error["type"] == "extra_forbidden":
+        section: type[BaseModel] = model
+        for part in error["loc"][:-1]:
+            field = section.model_fields.get(str(part))
+            if field is None or not isinstance(field.annotation, type):
+                break
+            section = field.annotation
+        known = ", ".join(sorted(section.model_fields))
+        return f"{loc}: unknown key; accepted keys here: {known}"
+    given = error.get("input")
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"{loc or '<root>'}: {msg} (got {given!r})"
+
+
+def build_config(tree: dict[str, Any], source: str = "params.yaml") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_describe(e, PipelineConfig) for e in exc.errors()]
+        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> PipelineConfig:
+    """Read ``path``, apply ``overrides`` and validate.
+
+    A missing file gives the defaults (so the package works outside a checkout); a file that is
+    not a YAML mapping is an error.
+    """
+    path = Path(path)
+    tree: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        tree = loaded or {}
+    elif str(path) != "params.yaml":
+        raise ConfigError(f"config file {path} does not exist")
+    tree = apply_overrides(tree, overrides or [])
+    source = str(path) + (" with --set overrides" if overrides else "")
+    return build_config(tree, source)

@@ -1,0 +1,356 @@
+"""Loading, patient-based partitioning and transforms for the clinical table.
+
+The raw CSV is immutable input. :class:`FederatedDataLoader` reads it lazily, once per dataset
+key, and is the only global state in ``fl_core`` (a documented cache: a class-level map of
+instances guarded by a lock). Partitioning works on *patients*: every record of a patient goes
+to exactly one client and to one side of that client's train/test split.
+
+Transforms (imputation, scaling, one-hot encoding) are fitted on the training splits only, so
+no statistic of a test record reaches the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fl_core.config import DataConfig
+
+PATIENT_ID = "id"
+SITE = "dataset"
+LABEL_SOURCE = "num"
+NUMERIC_FEATURES = ("age", "trestbps", "chol", "thalch", "oldpeak")
+BOOLEAN_FEATURES = ("fbs", "exang")
+# Fixed category lists keep the encoded columns identical on every client.
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "sex": ("Female", "Male"),
+    "cp": ("asymptomatic", "atypical angina", "non-anginal", "typical angina"),
+    "restecg": ("lv hypertrophy", "normal", "st-t abnormality"),
+}
+SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
+
+
+class DataError(ValueError):
+    """The data cannot be loaded or partitioned as configured."""
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """The patients of one client, by side of its train/test split."""
+
+    client_id: str
+    train_ids: tuple[int, ...]
+    test_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Patients → clients, and per client the 80/20 split. Serialisable to JSON."""
+
+    clients: tuple[ClientSplit, ...]
+    scheme: str
+    seed: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "scheme": self.scheme,
+                "seed": self.seed,
+                "clients": [
+                    {"client_id": c.client_id, "train": list(c.train_ids), "test": list(c.test_ids)}
+                    for c in self.clients
+                ],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Partition:
+        raw = json.loads(text)
+        clients = tuple(
+            ClientSplit(c["client_id"], tuple(c["train"]), tuple(c["test"])) for c in raw["clients"]
+        )
+        return cls(clients=clients, scheme=raw["scheme"], seed=raw["seed"])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's encoded tensors. ``x_*`` are float32 ``[patients, features]``."""
+
+    client_id: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    train_ids: tuple[int, ...]
+    test_ids: tuple[int, ...]
+
+    @property
+    def num_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+
+@dataclass
+class TabularTransform:
+    """Imputation, scaling and encoding, fitted on training rows only.
+
+    Numeric column j becomes ``(x_j - mean_j) / std_j`` after missing values are replaced by the
+    training mean (or median); each column in ``zero_as_missing`` also gets a 0/1 indicator of
+    missingness. Categorical columns become one-hot blocks over :data:`CATEGORIES` (or their
+    ordinal code), booleans 0/1; a missing category becomes the training mode.
+    """
+
+    features: tuple[str, ...]
+    impute: str = "mean"
+    scale: str = "standard"
+    one_hot: bool = True
+    zero_as_missing: tuple[str, ...] = ()
+    fill_: dict[str, float | str] = field(default_factory=dict)
+    mean_: dict[str, float] = field(default_factory=dict)
+    std_: dict[str, float] = field(default_factory=dict)
+
+    def fit(self, train: pd.DataFrame) -> TabularTransform:
+        for col in self.features:
+            values = train[col]
+            if col in NUMERIC_FEATURES:
+                num = pd.to_numeric(values, errors="coerce").astype(float)
+                centre = num.median() if self.impute == "median" else num.mean()
+                self.fill_[col] = float(centre) if np.isfinite(centre) else 0.0
+                filled = num.fillna(self.fill_[col])
+                self.mean_[col] = float(filled.mean())
+                std = float(filled.std(ddof=0))
+                self.std_[col] = std if std > 1e-12 else 1.0
+            else:
+                mode = values.dropna().mode()
+                self.fill_[col] = mode.iloc[0] if len(mode) else _default_category(col)
+        return self
+
+    def columns(self) -> list[str]:
+        names: list[str] = []
+        for col in self.features:
+            if col in CATEGORIES and self.one_hot:
+                names += [f"{col}={c}" for c in CATEGORIES[col]]
+            else:
+                names.append(col)
+            if col in self.zero_as_missing:
+                names.append(f"{col}_missing")
+        return names
+
+    def transform(self, frame: pd.DataFrame) -> torch.Tensor:
+        if not self.fill_:
+            raise RuntimeError("TabularTransform.transform called before fit")
+        blocks: list[np.ndarray] = []
+        for col in self.features:
+            values = frame[col]
+            missing = values.isna().to_numpy()
+            if col in NUMERIC_FEATURES:
+                num = pd.to_numeric(values, errors="coerce").astype(float).fillna(self.fill_[col])
+                arr = num.to_numpy()
+                if self.scale == "standard":
+                    arr = (arr - self.mean_[col]) / self.std_[col]
+                blocks.append(arr[:, None])
+            elif col in BOOLEAN_FEATURES:
+                filled = values.fillna(self.fill_[col])
+                blocks.append(filled.map(_as_bool).to_numpy(dtype=float)[:, None])
+            else:
+                cats = CATEGORIES[col]
+                codes = values.fillna(self.fill_[col]).map({c: i for i, c in enumerate(cats)})
+                codes = codes.to_numpy(dtype=float)
+                if self.one_hot:
+                    blocks.append(np.eye(len(cats))[codes.astype(int)])
+                else:
+                    blocks.append(codes[:, None])
+            if col in self.zero_as_missing:
+                blocks.append(missing.astype(float)[:, None])
+        return torch.tensor(np.hstack(blocks), dtype=torch.float32)
+
+
+def _as_bool(value: object) -> float:
+    if isinstance(value, str):
+        return 1.0 if value.strip().upper() == "TRUE" else 0.0
+    return float(bool(value))
+
+
+def _default_category(col: str) -> str:
+    return CATEGORIES[col][0] if col in CATEGORIES else "FALSE"
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes: identifies the dataset in reports and ledgers."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class FederatedDataLoader:
+    """The clinical table of one CSV, read lazily and shared across threads.
+
+    Use :meth:`get`: it returns one instance per dataset key (resolved path, file size and
+    modification time, and the cleaning options), creating it under a class-level lock.
+    Construction reads nothing; the file is read on first access to :attr:`table`, once.
+    Partitioning and transform options are passed per call, not fixed at construction.
+    """
+
+    _instances: ClassVar[dict[tuple, FederatedDataLoader]] = {}
+    _instances_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, path: Path, config: DataConfig) -> None:
+        self.path = path
+        self.config = config
+        self._table: pd.DataFrame | None = None
+        self._lock = threading.Lock()
+        self.reads = 0  # how many times the file was read (tests check laziness)
+
+    @classmethod
+    def get(cls, config: DataConfig, root: str | Path = ".") -> FederatedDataLoader:
+        path = (Path(root) / config.path).resolve()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"{path}: data file not found (data.path)") from None
+        key = (
+            str(path), stat.st_size, stat.st_mtime_ns,
+            tuple(config.features), config.drop_incomplete, tuple(config.zero_as_missing),
+        )
+        with cls._instances_lock:
+            instance = cls._instances.get(key)
+            if instance is None:
+                instance = cls(path, config)
+                cls._instances[key] = instance
+            return instance
+
+    @classmethod
+    def clear_cache(cls) -> None:
+        with cls._instances_lock:
+            cls._instances.clear()
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The cleaned table: core features, site, patient id and a binary ``label``."""
+        if self._table is None:
+            with self._lock:
+                if self._table is None:
+                    self._table = self._read()
+        return self._table
+
+    def _read(self) -> pd.DataFrame:
+        self.reads += 1
+        frame = pd.read_csv(self.path, keep_default_na=True)
+        cfg = self.config
+        needed = [PATIENT_ID, SITE, LABEL_SOURCE, *cfg.features]
+        missing_cols = [c for c in needed if c not in frame.columns]
+        if missing_cols:
+            raise DataError(f"{self.path}: missing column(s) {missing_cols}")
+        frame = frame[needed].copy()
+        if cfg.drop_incomplete:
+            frame = frame.dropna(subset=list(cfg.features))
+        for col in cfg.zero_as_missing:
+            if col in frame:
+                frame.loc[pd.to_numeric(frame[col], errors="coerce") == 0, col] = np.nan
+        frame["label"] = (pd.to_numeric(frame[LABEL_SOURCE]) > 0).astype(np.int64)
+        frame[PATIENT_ID] = frame[PATIENT_ID].astype(np.int64)
+        return frame.reset_index(drop=True)
+
+    # ---------------------------------------------------------------- partitioning
+    def partition(self, config: DataConfig, seed: int) -> Partition:
+        """Assign patients to clients and split each client's patients 80/20, stratified.
+
+        ``config`` gives the scheme (it is per call: the loader is shared by every caller of
+        the same file, whatever partitioning each of them wants).
+        """
+        cfg = config
+        patients = self.table.groupby(PATIENT_ID).agg(site=(SITE, "first"), label=("label", "max"))
+        rng = np.random.default_rng(seed)
+        if cfg.partition == "by_site":
+            groups = {
+                str(site): np.sort(patients.index[patients["site"] == site].to_numpy())
+                for site in sorted(patients["site"].unique())
+            }
+        else:
+            groups = _split_patients(
+                patients.index.to_numpy(), patients["label"].to_numpy(),
+                cfg.num_clients, cfg.dirichlet_alpha, rng,
+            )
+        clients = []
+        for client_id, ids in groups.items():
+            labels = patients.loc[ids, "label"].to_numpy()
+            train, test = _stratified_split(ids, labels, cfg.test_fraction, rng)
+            clients.append(ClientSplit(client_id, tuple(map(int, train)), tuple(map(int, test))))
+        return Partition(clients=tuple(clients), scheme=cfg.partition, seed=seed)
+
+    def fit_transform(self, config: DataConfig, partition: Partition) -> TabularTransform:
+        cfg = config
+        train_ids = [i for c in partition.clients for i in c.train_ids]
+        train = self.table[self.table[PATIENT_ID].isin(train_ids)]
+        return TabularTransform(
+            features=tuple(cfg.features), impute=cfg.impute, scale=cfg.scale,
+            one_hot=cfg.one_hot, zero_as_missing=tuple(cfg.zero_as_missing),
+        ).fit(train)
+
+    def client_data(self, partition: Partition, transform: TabularTransform) -> list[ClientData]:
+        indexed = self.table.set_index(PATIENT_ID, drop=False)
+        out = []
+        for split in partition.clients:
+            train = indexed.loc[list(split.train_ids)]
+            test = indexed.loc[list(split.test_ids)]
+            out.append(
+                ClientData(
+                    client_id=split.client_id,
+                    x_train=transform.transform(train),
+                    y_train=torch.tensor(train["label"].to_numpy(), dtype=torch.float32),
+                    x_test=transform.transform(test),
+                    y_test=torch.tensor(test["label"].to_numpy(), dtype=torch.float32),
+                    train_ids=split.train_ids,
+                    test_ids=split.test_ids,
+                )
+            )
+        return out
+
+
+def _split_patients(
+    ids: np.ndarray, labels: np.ndarray, k: int, alpha: float | None, rng: np.random.Generator,
+    min_patients: int = 5, max_tries: int = 1000,
+) -> dict[str, np.ndarray]:
+    """IID (alpha None) or label-skewed Dirichlet(alpha) assignment of patients to k clients."""
+    if k * min_patients > len(ids):
+        raise DataError(
+            f"data.num_clients={k} needs at least {k * min_patients} patients "
+            f"({min_patients} per client); the data has {len(ids)}"
+        )
+    names = [f"client-{i:03d}" for i in range(k)]
+    if alpha is None:
+        shuffled = rng.permutation(ids)
+        return {n: np.sort(part) for n, part in zip(names, np.array_split(shuffled, k), strict=True)}
+    for _ in range(max_tries):
+        owner = np.empty(len(ids), dtype=np.int64)
+        for cls in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            share = rng.dirichlet(np.full(k, alpha))
+            cuts = (np.cumsum(share)[:-1] * len(members)).astype(int)
+            for client, part in enumerate(np.split(members, cuts)):
+                owner[part] = client
+        if np.bincount(owner, minlength=k).min() >= min_patients:
+            return {n: np.sort(ids[owner == i]) for i, n in enumerate(names)}
+    raise DataError(
+        f"data.dirichlet_alpha={alpha} with {k} clients left a client with fewer than "
+        f"{min_patients} patients in {max_tries} draws; raise alpha or lower num_clients"
+    )
+
+
+def _stratified_split(
+    ids: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    train, test = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(ids[labels == cls])
+        n_test = int(round(test_fraction * len(members)))
+        n_test = min(n_test, len(members) - 1)  # keep at least one training patient per class
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

@@ -1,0 +1,258 @@
+"""The round engine: broadcast → local training → encoded updates → aggregate → evaluate.
+
+The server talks to clients only through :class:`FederatedClient`, and clients answer only in
+bytes produced by a codec, so the same round runs in-process (the default simulation) or with
+clients behind a queue or a work pool. Byte counts are the lengths of those byte strings.
+
+A client that raises, vanishes, or sends a payload that does not decode is *failed for the
+round*: the round goes on without it and the failure is recorded. A round with fewer than
+``min_clients`` usable updates raises :class:`RoundFailedError`.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fl_core.aggregation import fedavg
+from fl_core.compression import Codec, DenseCodec, PayloadError, check_finite
+from fl_core.data import ClientData
+from fl_core.metrics import accuracy, roc_auc
+from fl_core.models import get_flat_params, set_flat_params
+
+
+class RoundFailedError(RuntimeError):
+    """Too few clients produced a usable update in a round."""
+
+
+class ClientUpdateError(ValueError):
+    """One client's update was refused; the message names the client and the reason."""
+
+    def __init__(self, client_id: str, reason: str) -> None:
+        super().__init__(f"client {client_id!r}: {reason}")
+        self.client_id = client_id
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    client_id: str
+    logits: torch.Tensor
+    labels: torch.Tensor
+    loss: float
+
+
+class FederatedClient(Protocol):
+    """What the server may ask of a client. Everything crossing the boundary is bytes."""
+
+    client_id: str
+    num_train: int
+
+    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
+        """Train from the broadcast model; return the encoded update (local − global)."""
+        ...
+
+    def evaluate(self, global_payload: bytes) -> ClientEvaluation:
+        """Score the broadcast model on the client's held-out test split."""
+        ...
+
+
+def _seed_for(seed: int, client_id: str, round_idx: int) -> int:
+    # stable across processes (unlike hash()), distinct per client and round
+    return (seed * 1_000_003 + zlib.crc32(client_id.encode()) * 7919 + round_idx) % (2**63 - 1)
+
+
+def train_local(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainingConfig, seed: int
+) -> float:
+    """Plain minibatch SGD on binary cross-entropy; returns the mean loss of the last epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    last = float("nan")
+    n = x.shape[0]
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = total / max(count, 1)
+    return last
+
+
+class InProcessClient:
+    """A simulated hospital: its data never leaves this object except as codec bytes."""
+
+    def __init__(
+        self,
+        data: ClientData,
+        model_factory: Callable[[], nn.Module],
+        training: LocalTrainingConfig,
+        codec: Codec | None = None,
+        broadcast_codec: Codec | None = None,
+    ) -> None:
+        self.client_id = data.client_id
+        self.num_train = data.num_train
+        self._data = data
+        self._model = model_factory()
+        self._training = training
+        self._codec = codec or DenseCodec()
+        self._broadcast = broadcast_codec or DenseCodec()
+        self.last_train_loss = float("nan")
+
+    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
+        global_params = self._broadcast.decode(global_payload)
+        set_flat_params(self._model, global_params)
+        seed = _seed_for(self._training.seed, self.client_id, round_idx)
+        self.last_train_loss = train_local(
+            self._model, self._data.x_train, self._data.y_train, self._training, seed
+        )
+        delta = get_flat_params(self._model) - global_params
+        check_finite(delta, f"update of client {self.client_id!r}")
+        return self._codec.encode(delta)
+
+    def evaluate(self, global_payload: bytes) -> ClientEvaluation:
+        set_flat_params(self._model, self._broadcast.decode(global_payload))
+        self._model.eval()
+        with torch.no_grad():
+            logits = self._model(self._data.x_test)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, self._data.y_test)
+        return ClientEvaluation(self.client_id, logits, self._data.y_test, float(loss))
+
+
+@dataclass
+class RoundRecord:
+    """One round's outcome; one row of ``reports/rounds.csv``."""
+
+    round: int
+    train_loss: float
+    test_loss: float
+    accuracy: float
+    auc: float
+    bytes_uploaded: int
+    bytes_downloaded: int
+    bytes_uploaded_uncompressed: int
+    clients_ok: int
+    failed_clients: list[str] = field(default_factory=list)
+    flagged_clients: list[str] = field(default_factory=list)
+    client_accuracy: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainingResult:
+    params: torch.Tensor
+    history: list[RoundRecord]
+    failures: list[ClientUpdateError]
+
+
+def evaluate_pooled(
+    clients: Sequence[FederatedClient], payload: bytes
+) -> tuple[float, float, float, dict[str, float], list[ClientEvaluation]]:
+    """Pooled loss, accuracy and AUC over all clients' test splits, plus per-client accuracy."""
+    evals = [c.evaluate(payload) for c in clients]
+    logits = torch.cat([e.logits for e in evals])
+    labels = torch.cat([e.labels for e in evals])
+    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    per_client = {e.client_id: accuracy(e.logits, e.labels) for e in evals}
+    return loss, accuracy(logits, labels), roc_auc(logits, labels), per_client, evals
+
+
+def run_federated(
+    clients: Sequence[FederatedClient],
+    initial_params: torch.Tensor,
+    rounds: int,
+    min_clients: int = 1,
+    codec: Codec | None = None,
+    broadcast_codec: Codec | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> TrainingResult:
+    """Run ``rounds`` rounds of FedAvg (weighted by client training-set size)."""
+    if min_clients > len(clients):
+        raise ValueError(f"min_clients={min_clients} but only {len(clients)} clients exist")
+    codec = codec or DenseCodec()
+    broadcast = broadcast_codec or DenseCodec()
+    params = initial_params.detach().clone().to(torch.float32)
+    n_params = params.numel()
+    history: list[RoundRecord] = []
+    failures: list[ClientUpdateError] = []
+    for round_idx in range(1, rounds + 1):
+        started = time.perf_counter()
+        global_payload = broadcast.encode(params)
+        updates, weights, failed, losses = [], [], [], []
+        bytes_up = 0
+        for client in clients:
+            try:
+                payload = client.fit(global_payload, round_idx)
+            except Exception as exc:  # a client that crashes or vanishes fails only its round
+                err = ClientUpdateError(client.client_id, f"no update ({type(exc).__name__}: {exc})")
+                failures.append(err)
+                failed.append(client.client_id)
+                continue
+            bytes_up += len(payload)
+            try:
+                update = codec.decode(payload)
+            except PayloadError as exc:
+                err = ClientUpdateError(client.client_id, f"undecodable payload: {exc}")
+                failures.append(err)
+                failed.append(client.client_id)
+                continue
+            if update.numel() != n_params or not bool(torch.isfinite(update).all()):
+                reason = (f"update has {update.numel()} elements, model has {n_params}"
+                          if update.numel() != n_params else "update has non-finite values")
+                failures.append(ClientUpdateError(client.client_id, reason))
+                failed.append(client.client_id)
+                continue
+            updates.append(update)
+            weights.append(float(client.num_train))
+            losses.append(getattr(client, "last_train_loss", float("nan")))
+        if len(updates) < min_clients:
+            reasons = "; ".join(str(f) for f in failures[-len(failed):]) if failed else ""
+            raise RoundFailedError(
+                f"round {round_idx}: {len(updates)} usable update(s), min_clients={min_clients}"
+                + (f" ({reasons})" if reasons else "")
+            )
+        result = fedavg(torch.stack(updates), torch.tensor(weights))
+        params = params + result.aggregate
+        test_loss, acc, auc, per_client, _ = evaluate_pooled(clients, broadcast.encode(params))
+        w = torch.tensor(weights)
+        train_loss = float((torch.tensor(losses) * w).sum() / w.sum())
+        record = RoundRecord(
+            round=round_idx,
+            train_loss=train_loss,
+            test_loss=test_loss,
+            accuracy=acc,
+            auc=auc,
+            bytes_uploaded=bytes_up,
+            bytes_downloaded=len(global_payload) * len(clients),
+            bytes_uploaded_uncompressed=4 * n_params * (len(clients) - len(failed)),
+            clients_ok=len(updates),
+            failed_clients=failed,
+            client_accuracy=per_client,
+            seconds=time.perf_counter() - started,
+        )
+        history.append(record)
+        if on_round is not None:
+            on_round(record)
+    return TrainingResult(params=params, history=history, failures=failures)

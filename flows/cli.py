@@ -1,0 +1,160 @@
+"""``fedpriv``: run the pipeline, one stage of it, or show the resolved configuration.
+
+    fedpriv run                              # the whole flow under Prefect
+    fedpriv run --set rounds=5 --set model=mlp
+    fedpriv stage train                      # one stage, no orchestration (what dvc repro calls)
+    fedpriv config --set data.partition=by_patient
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+STAGES = ("validate", "partition", "train", "audit", "register")
+
+EPILOG = """\
+configuration:
+  params.yaml is the only configuration; --set KEY=VALUE overrides any key (dotted for
+  sections, value read as YAML), e.g. --set rounds=5 --set data.partition=by_patient
+  --set data.dirichlet_alpha=0.5. `fedpriv config` prints every key and its value.
+
+outputs:
+  reports/metrics.json, reports/rounds.csv, reports/*.png, data/models/model.pt;
+  MLflow store in .fedpriv/ (mlflow ui --backend-store-uri sqlite:///.fedpriv/mlflow.db);
+  Prefect history in .fedpriv/prefect (prefect server start).
+
+exit codes: 0 ok, 2 bad configuration, 3 data failed validation, 4 training failed, 1 other.
+"""
+
+
+def _environment(root: Path) -> None:
+    """Defaults that must be set before Prefect or MLflow is imported."""
+    os.environ.setdefault("PREFECT_HOME", str(root / ".fedpriv" / "prefect"))
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="config file (default: %(default)s)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key; repeatable (e.g. --set rounds=5)")
+    common.add_argument("--root", default=".", help="project root holding data/ and reports/")
+
+    parser = argparse.ArgumentParser(
+        prog="fedpriv",
+        description="Privacy-preserving federated learning for clinical data: validate, "
+                    "partition by patient, train across hospitals, audit membership "
+                    "inference, register in MLflow.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the whole pipeline as the Prefect flow",
+                   description="Run validate → partition → train → audit → register as the "
+                               "Prefect flow 'fl-pipeline' (a temporary local Prefect API unless "
+                               "PREFECT_API_URL is set) and print a summary.")
+    stage = sub.add_parser("stage", parents=[common], help="run one stage without Prefect (DVC)",
+                           description="Run one stage as a plain process; dvc.yaml calls this.")
+    stage.add_argument("name", choices=STAGES, help="the stage to run")
+    sub.add_parser("config", parents=[common], help="print the resolved configuration",
+                   description="Print params.yaml with overrides applied and validated.")
+    return parser
+
+
+def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedpriv run summary", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            shown = f"{value:,.4f}"
+        elif isinstance(value, int):
+            shown = f"{value:,}"
+        else:
+            shown = "—" if value is None else str(value)
+        table.add_row(key, shown)
+    console = Console()
+    console.print(table)
+    verdict = ("[green]passed: alias champion set[/green]" if registration.get("gate_passed")
+               else "[yellow]refused: " + "; ".join(registration.get("gate_reasons", [])) + "[/yellow]")
+    console.print(f"model {registration.get('model_name')} v{registration.get('model_version')} "
+                  f"(challenger); promotion gate {verdict}")
+    console.print("reports: reports/metrics.json, reports/rounds.csv, reports/*.png; "
+                  "MLflow: .fedpriv/mlflow.db")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = Path(args.root).resolve()
+    _environment(root)
+
+    from fl_core.config import ConfigError, load_config
+    from fl_core.data import DataError
+    from fl_core.engine import RoundFailedError
+    from fl_core.validation import DataValidationError
+
+    try:
+        cfg = load_config(root / args.params, args.overrides)
+        if args.command == "config":
+            import yaml
+
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
+        if args.command == "stage":
+            return run_stage(args.name, cfg, root)
+        from flows.pipeline import fl_pipeline
+
+        outcome = fl_pipeline(overrides=args.overrides, params_path=args.params, root=str(root))
+        print_summary(outcome["metrics"], outcome["registration"])
+        return 0
+    except ConfigError as exc:
+        print(f"fedpriv: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (DataValidationError, DataError) as exc:
+        print(f"fedpriv: data error: {exc}", file=sys.stderr)
+        return 3
+    except RoundFailedError as exc:
+        print(f"fedpriv: training failed: {exc}", file=sys.stderr)
+        return 4
+    except FileNotFoundError as exc:
+        print(f"fedpriv: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_stage(name: str, cfg: Any, root: Path) -> int:
+    if name == "validate":
+        from tasks.validate import validate_data
+
+        validate_data(cfg, root)
+    elif name == "partition":
+        from tasks.partition import partition_data
+
+        partition_data(cfg, root)
+    elif name == "train":
+        from tasks.train import train_model
+
+        train_model(cfg, root)
+    elif name == "audit":
+        from tasks.audit import audit_model
+
+        audit_model(cfg, root)
+    else:
+        from tasks.publish import publish_results
+
+        outcome = publish_results(cfg, root)
+        print_summary(outcome["metrics"], outcome["registration"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefect tasks around fl_core, one module per stage, plus MLflow / Prometheus side effects."""

@@ -1,0 +1,59 @@
+"""Figures people would rather look at than read: training curves and the attack ROC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasks.common import atomic_path  # noqa: E402
+
+
+def training_curves(history: Sequence[dict], target: Path) -> None:
+    """Pooled test loss, accuracy and AUC per round, and each client's test accuracy."""
+    rounds = [row["round"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(rounds, [r["train_loss"] for r in history], label="train loss (clients)")
+    ax_loss.plot(rounds, [r["test_loss"] for r in history], label="test loss (pooled)")
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("binary cross-entropy")
+    ax_loss.legend()
+    ax_acc.plot(rounds, [r["accuracy"] for r in history], lw=2.5, label="accuracy (pooled)")
+    ax_acc.plot(rounds, [r["auc"] for r in history], lw=2.5, label="AUC (pooled)")
+    for key in sorted(k for k in history[0] if k.startswith("accuracy_")):
+        ax_acc.plot(rounds, [r[key] for r in history], lw=0.8, alpha=0.7,
+                    label=key.removeprefix("accuracy_"))
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Federated training")
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def roc_plot(fpr: Sequence[float], tpr: Sequence[float], auc: float, title: str,
+             target: Path) -> None:
+    """Membership-inference ROC on log-log axes: the low-FPR region is what matters."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    floor = 1e-4
+    ax.loglog([max(f, floor) for f in fpr], [max(t, floor) for t in tpr],
+              label=f"attack (AUC {auc:.3f})")
+    ax.loglog([floor, 1], [floor, 1], "k--", lw=0.8, label="chance")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def _save(fig: plt.Figure, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

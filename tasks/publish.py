@@ -1,0 +1,90 @@
+"""Stage 5: assemble the run's metrics, register the model in MLflow, apply the promotion gate.
+
+``reports/metrics.json`` (the DVC metrics file) and ``reports/registration.json`` are written
+only after the registration has succeeded, so a failed run never leaves them half-updated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+
+from fl_core.config import PipelineConfig
+from tasks.common import Paths, read_json, task_options, write_json_atomic
+from tasks.register import register_model
+from tasks.train import load_model
+
+# The fields every run reports (architecture); a later stage's field stays None until it exists.
+METRIC_FIELDS = (
+    "accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accuracy",
+    "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
+    "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded", "compression_ratio",
+    "rounds", "wall_seconds", "audit_seconds",
+)
+
+
+def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str, Any]:
+    """Merge the stage reports into the flat metrics dict of ``reports/metrics.json``."""
+    validation = read_json(paths.validation, "validate")
+    trained = read_json(paths.train_summary, "train")
+    audited = read_json(paths.audit, "audit")
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_FIELDS)
+    for key in ("accuracy", "auc", "bytes_uploaded", "bytes_uploaded_uncompressed",
+                "bytes_downloaded", "compression_ratio", "rounds"):
+        metrics[key] = trained[key]
+    for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
+                "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound"):
+        metrics[key] = audited.get(key)
+    metrics["audit_seconds"] = audited.get("seconds")
+    if wall_seconds is None:  # stage by stage (dvc repro): the stages' own times
+        wall_seconds = validation["seconds"] + trained["seconds"] + audited["seconds"]
+    metrics["wall_seconds"] = round(wall_seconds, 3)
+    return metrics
+
+
+def publish_results(
+    cfg: PipelineConfig, root: str | Path = ".", wall_seconds: float | None = None
+) -> dict[str, Any]:
+    """Register the trained model with its metrics and reports; write metrics.json."""
+    paths = Paths.of(cfg, root)
+    metrics = collect_metrics(paths, wall_seconds)
+    model, saved = load_model(paths.model)
+    example = torch.zeros(1, saved["num_features"])
+    artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
+                             paths.roc_plot, paths.training_plot) if p.exists()]
+    history = _read_rounds(paths.rounds_csv)
+    result = register_model(cfg, model, example, metrics, history, artifacts)
+    registration = {
+        "run_id": result.run_id,
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "aliases": list(result.aliases),
+        "gate_passed": result.gate.passed,
+        "gate_reasons": list(result.gate.reasons),
+    }
+    write_json_atomic(paths.metrics, metrics)
+    write_json_atomic(paths.registration, registration)
+    return {"metrics": metrics, "registration": registration}
+
+
+def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    import csv
+
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for row in rows:
+        parsed: dict[str, Any] = {}
+        for key, value in row.items():
+            try:
+                parsed[key] = int(value) if key == "round" else float(value)
+            except (TypeError, ValueError):
+                parsed[key] = value
+        out.append(parsed)
+    return out
+
+
+publish = task(**task_options("register"))(publish_results)

@@ -1,0 +1,29 @@
+"""Shared fixtures. Every test that touches Prefect or MLflow gets its own temp state."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW_CSV = ROOT / "data" / "raw" / "heart_disease_uci.csv"
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A throwaway project root: params.yaml and the raw CSV, nothing derived."""
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    shutil.copy(RAW_CSV, tmp_path / "data" / "raw" / RAW_CSV.name)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def raw_csv() -> Path:
+    return RAW_CSV

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from fl_core.config import ConfigError, apply_overrides, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_load_from_params_yaml() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.model == "logreg"
+    assert cfg.data.partition == "by_site"
+    assert cfg.data.features[0] == "age"
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(ROOT / "params.yaml",
+                      ["rounds=5", "model=mlp", "data.partition=by_patient",
+                       "data.dirichlet_alpha=0.5", "gate.min_accuracy=0.7"])
+    assert cfg.rounds == 5 and isinstance(cfg.rounds, int)
+    assert cfg.model == "mlp"
+    assert cfg.data.partition == "by_patient"
+    assert cfg.data.dirichlet_alpha == 0.5
+    assert cfg.gate.min_accuracy == 0.7
+
+
+def test_bad_literal_names_key_and_accepted_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["model=cnn"])
+    msg = str(err.value)
+    assert "model" in msg and "'logreg'" in msg and "'mlp'" in msg and "cnn" in msg
+
+
+def test_unknown_key_lists_accepted_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", ["data.partitoin=by_site"])
+    msg = str(err.value)
+    assert "data.partitoin" in msg and "unknown key" in msg and "partition" in msg
+
+
+def test_unknown_top_level_key() -> None:
+    with pytest.raises(ConfigError, match="roundz: unknown key"):
+        load_config(ROOT / "params.yaml", ["roundz=3"])
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("rounds=0", "rounds"),
+    ("rounds=many", "rounds"),
+    ("learning_rate=-1", "learning_rate"),
+    ("data.test_fraction=1.5", "data.test_fraction"),
+    ("data.features=[age, shoe_size]", "shoe_size"),
+    ("noequals", "key=value"),
+])
+def test_bad_values_name_the_key(item: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(ROOT / "params.yaml", [item])
+
+
+def test_override_cannot_descend_into_a_scalar() -> None:
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"rounds": 3}, ["rounds.x=1"])
+
+
+def test_malformed_yaml_file(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("rounds: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_flat_params_are_dotted() -> None:
+    flat = load_config(ROOT / "params.yaml").flat()
+    assert flat["data.partition"] == "by_site"
+    assert flat["gate.max_mia_auc"] == 0.6

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from fl_core.compression import DenseCodec
+from fl_core.data import ClientData
+from fl_core.engine import (
+    InProcessClient,
+    LocalTrainingConfig,
+    RoundFailedError,
+    run_federated,
+)
+from fl_core.models import build_model, get_flat_params, set_flat_params
+
+
+def make_client(cid: str, n: int, seed: int) -> ClientData:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor([2.0, -1.0, 0.5])
+    x = torch.randn(n, 3, generator=g)
+    y = ((x @ w) > 0).float()
+    k = n * 4 // 5
+    return ClientData(cid, x[:k], y[:k], x[k:], y[k:], tuple(range(k)), tuple(range(k, n)))
+
+
+def clients(n_clients: int = 3, cls=InProcessClient, **kw):
+    def factory():
+        return build_model("logreg", 3, seed=0)
+
+    cfg = LocalTrainingConfig(local_epochs=2, batch_size=16, learning_rate=0.5, seed=1)
+    return [cls(make_client(f"c{i}", 100 + 20 * i, i), factory, cfg, **kw)
+            for i in range(n_clients)], factory
+
+
+def test_federated_training_learns_and_counts_bytes() -> None:
+    cs, factory = clients()
+    init = get_flat_params(factory())
+    result = run_federated(cs, init, rounds=5, min_clients=2)
+    assert result.history[-1].accuracy > 0.9
+    assert result.history[-1].accuracy > result.history[0].accuracy - 0.05
+    size = len(DenseCodec().encode(init))
+    rec = result.history[0]
+    assert rec.bytes_uploaded == 3 * size          # lengths of the bytes actually sent
+    assert rec.bytes_downloaded == 3 * size
+    assert rec.bytes_uploaded_uncompressed == 3 * 4 * init.numel()
+    assert not torch.equal(result.params, init)
+
+
+def test_same_seed_same_result() -> None:
+    a, factory = clients()
+    b, _ = clients()
+    init = get_flat_params(factory())
+    ra = run_federated(a, init, rounds=3)
+    rb = run_federated(b, init, rounds=3)
+    assert torch.equal(ra.params, rb.params)
+    assert [r.accuracy for r in ra.history] == [r.accuracy for r in rb.history]
+
+
+def test_fedavg_weights_by_training_size() -> None:
+    # one round with one local step each: aggregate = size-weighted mean of client deltas
+    cs, factory = clients()
+    init = get_flat_params(factory())
+    result = run_federated(cs, init, rounds=1)
+    deltas, sizes = [], []
+    for c in clients()[0]:
+        deltas.append(DenseCodec().decode(c.fit(DenseCodec().encode(init), 1)))
+        sizes.append(c.num_train)
+    w = torch.tensor(sizes, dtype=torch.float32)
+    expected = init + (torch.stack(deltas) * (w / w.sum())[:, None]).sum(0)
+    assert torch.allclose(result.params, expected, atol=1e-6)
+
+
+class Vanishing(InProcessClient):
+    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
+        if self.client_id == "c1" and round_idx == 2:
+            raise ConnectionError("hospital c1 went offline")
+        return super().fit(global_payload, round_idx)
+
+
+class Corrupting(InProcessClient):
+    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
+        payload = bytearray(super().fit(global_payload, round_idx))
+        if self.client_id == "c2":
+            payload[20] ^= 0xFF
+        return bytes(payload)
+
+
+class NaNClient(InProcessClient):
+    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
+        if self.client_id == "c0":
+            set_flat_params(self._model, torch.full((4,), float("nan")))
+            return DenseCodec().encode(get_flat_params(self._model))
+        return super().fit(global_payload, round_idx)
+
+
+def test_vanished_client_fails_only_its_round() -> None:
+    cs, factory = clients(cls=Vanishing)
+    result = run_federated(cs, get_flat_params(factory()), rounds=3, min_clients=2)
+    assert [r.failed_clients for r in result.history] == [[], ["c1"], []]
+    assert result.history[1].clients_ok == 2
+    assert "c1" in str(result.failures[0]) and "offline" in str(result.failures[0])
+
+
+def test_corrupted_payload_names_client_and_round_goes_on() -> None:
+    cs, factory = clients(cls=Corrupting)
+    result = run_federated(cs, get_flat_params(factory()), rounds=2, min_clients=2)
+    assert all(r.failed_clients == ["c2"] for r in result.history)
+    assert "client 'c2'" in str(result.failures[0]) and "checksum" in str(result.failures[0])
+
+
+def test_nan_update_refused_at_client() -> None:
+    cs, factory = clients(cls=NaNClient)
+    result = run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=2)
+    assert result.history[0].failed_clients == ["c0"]
+    assert "non-finite" in str(result.failures[0])
+    assert torch.isfinite(result.params).all()
+
+
+def test_too_few_clients_fails_the_round() -> None:
+    cs, factory = clients(cls=Corrupting, n_clients=3)
+    with pytest.raises(RoundFailedError, match="min_clients=3"):
+        run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=3)
+    with pytest.raises(ValueError, match="only 3 clients"):
+        run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=4)

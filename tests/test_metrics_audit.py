@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+
+from fl_core.audit import loss_threshold_attack, tpr_at_fpr
+from fl_core.metrics import accuracy, roc_auc, roc_curve
+from fl_core.models import MLP, build_model
+
+
+@given(st.lists(st.tuples(st.integers(-5, 5), st.booleans()), min_size=2, max_size=60))
+def test_auc_matches_sklearn_with_ties(pairs: list[tuple[int, bool]]) -> None:
+    scores = torch.tensor([float(s) for s, _ in pairs])
+    labels = torch.tensor([float(y) for _, y in pairs])
+    if labels.min() == labels.max():
+        assert math.isnan(roc_auc(scores, labels))
+    else:
+        assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_roc_endpoints_and_tpr_at_fpr() -> None:
+    fpr, tpr = roc_curve(torch.tensor([0.9, 0.8, 0.7, 0.1]), torch.tensor([1.0, 0, 1, 0]))
+    assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+    assert tpr_at_fpr(fpr, tpr, 0.0) == 0.5
+    assert tpr_at_fpr(fpr, tpr, 0.5) == 1.0
+    assert accuracy(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 1.0])) == 0.5
+
+
+def _overfit(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = MLP(x.shape[1], 256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def test_attack_has_power_on_an_overfit_model() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 10, generator=g)
+    y = (torch.rand(400, generator=g) > 0.5).float()  # random labels: only memorisation helps
+    model = _overfit(x[:200], y[:200])
+    result = loss_threshold_attack(model, x[:200], y[:200], x[200:], y[200:])
+    assert result.mia_auc > 0.8
+    assert result.mia_attack_accuracy > 0.7
+    assert result.members == result.non_members == 200
+
+
+def test_no_false_alarm_when_members_were_not_trained_on() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1200, 10, generator=g)
+    y = (torch.rand(1200, generator=g) > 0.5).float()
+    model = _overfit(x[:200], y[:200])
+    # "members" drawn from data the model never saw
+    result = loss_threshold_attack(model, x[200:700], y[200:700], x[700:], y[700:])
+    assert abs(result.mia_auc - 0.5) < 0.05
+
+
+def test_build_model_seeded_and_validated() -> None:
+    a, b = build_model("mlp", 5, 8, seed=3), build_model("mlp", 5, 8, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="accepted"):
+        build_model("cnn", 5)
