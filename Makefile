@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.fedpriv/prefect
 
-.PHONY: run test install lint repro ui mlflow-ui clean
+.PHONY: run test install lint repro ui mlflow-ui deploy worker clean
 
 install: $(STAMP)
 
@@ -42,3 +42,15 @@ mlflow-ui: $(STAMP)
 
 clean:
 	rm -rf reports data/processed data/models .fedpriv
+
+# A local Prefect deployment: server (make ui) in one shell, then these two.
+PREFECT_URL ?= http://127.0.0.1:4200/api
+deploy: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_URL) $(BIN)/prefect work-pool inspect local >/dev/null 2>&1 || \
+	  PREFECT_API_URL=$(PREFECT_URL) $(BIN)/prefect work-pool create local --type process
+	FEDPRIV_ROOT=$(CURDIR) PREFECT_API_URL=$(PREFECT_URL) \
+	  $(BIN)/prefect --no-prompt deploy --all --prefect-file flows/prefect.yaml
+
+worker: $(STAMP)
+	FEDPRIV_ROOT=$(CURDIR) PREFECT_API_URL=$(PREFECT_URL) PATH="$(CURDIR)/$(BIN):$$PATH" \
+	  $(BIN)/prefect worker start --pool local --type process

@@ -326,7 +326,8 @@ def _split_patients(
     names = [f"client-{i:03d}" for i in range(k)]
     if alpha is None:
         shuffled = rng.permutation(ids)
-        return {n: np.sort(part) for n, part in zip(names, np.array_split(shuffled, k), strict=True)}
+        parts = np.array_split(shuffled, k)
+        return {n: np.sort(part) for n, part in zip(names, parts, strict=True)}
     for _ in range(max_tries):
         owner = np.empty(len(ids), dtype=np.int64)
         for cls in np.unique(labels):

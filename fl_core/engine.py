@@ -206,7 +206,8 @@ def run_federated(
             try:
                 payload = client.fit(global_payload, round_idx)
             except Exception as exc:  # a client that crashes or vanishes fails only its round
-                err = ClientUpdateError(client.client_id, f"no update ({type(exc).__name__}: {exc})")
+                reason = f"no update ({type(exc).__name__}: {exc})"
+                err = ClientUpdateError(client.client_id, reason)
                 failures.append(err)
                 failed.append(client.client_id)
                 continue

@@ -43,7 +43,8 @@ def _environment(root: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default="params.yaml", help="config file (default: %(default)s)")
+    common.add_argument("--params", default="params.yaml",
+                        help="config file (default: %(default)s)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key; repeatable (e.g. --set rounds=5)")
     common.add_argument("--root", default=".", help="project root holding data/ and reports/")
@@ -85,8 +86,9 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
         table.add_row(key, shown)
     console = Console()
     console.print(table)
+    reasons = "; ".join(registration.get("gate_reasons", []))
     verdict = ("[green]passed: alias champion set[/green]" if registration.get("gate_passed")
-               else "[yellow]refused: " + "; ".join(registration.get("gate_reasons", [])) + "[/yellow]")
+               else f"[yellow]refused: {reasons}[/yellow]")
     console.print(f"model {registration.get('model_name')} v{registration.get('model_version')} "
                   f"(challenger); promotion gate {verdict}")
     console.print("reports: reports/metrics.json, reports/rounds.csv, reports/*.png; "

@@ -19,16 +19,17 @@ class TransientError(RuntimeError):
     """A fault worth retrying: I/O hiccup, network, a service briefly unavailable."""
 
 
-# Errors that may go away on their own. FileNotFoundError/PermissionError are OSErrors that
-# will not, and a ValueError (bad data, bad config, privacy refusal) never does.
-_TRANSIENT = (TransientError, ConnectionError, TimeoutError, sqlite3.OperationalError)
+# Errors that may go away on their own: I/O and network faults (OSError covers ConnectionError
+# and TimeoutError) and a locked SQLite store. FileNotFoundError/PermissionError are OSErrors
+# that will not, and a ValueError (bad data, bad config, privacy refusal) never does.
+_TRANSIENT = (TransientError, OSError, sqlite3.OperationalError)
 _PERMANENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def is_transient(exc: BaseException | None) -> bool:
     if exc is None or isinstance(exc, _PERMANENT_OS):
         return False
-    return isinstance(exc, _TRANSIENT) or (isinstance(exc, OSError) and not isinstance(exc, ValueError))
+    return isinstance(exc, _TRANSIENT)
 
 
 def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -117,7 +118,8 @@ def write_text_atomic(target: Path, text: str) -> None:
 
 
 def write_json_atomic(target: Path, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    write_text_atomic(target, text + "\n")
 
 
 def _json_default(value: Any) -> Any:

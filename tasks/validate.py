@@ -15,7 +15,7 @@ from tasks.common import Paths, task_options, write_json_atomic
 
 
 def validate_data(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
-    """Validate ``data.path``; write ``reports/validation.json``; raise DataValidationError on failure."""
+    """Validate ``data.path``; write ``reports/validation.json``; raise if it failed."""
     paths = Paths.of(cfg, root)
     started = time.perf_counter()
     source = paths.root / cfg.data.path

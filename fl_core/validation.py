@@ -1,0 +1,409 @@
+"""Data validation of the raw clinical table with Great Expectations 1.x, per hospital site.
+
+:func:`validate_file` checks one CSV in three layers and returns a :class:`ValidationReport`;
+it never raises for bad data (callers decide, e.g. with :func:`raise_if_failed`):
+
+1. **File-level** (plain Python, site ``"<all>"``): the file exists, is not empty, parses as
+   CSV, has at least one row and every required column (``id``, ``dataset``, ``num`` and each
+   feature of ``data.features``). If one of these fails, GX is not run.
+2. **Table-level** (GX, site ``"<all>"``): ``id`` is present, an integer and unique across the
+   whole table; ``dataset`` is one of the known :data:`~fl_core.data.SITES`; ``num`` is 0-4.
+3. **Per site** (GX, one run per known site): numeric features are numbers (a text value such
+   as ``"abc"`` fails with the offending values), lie within the ranges of
+   :class:`~fl_core.config.ValidationConfig` (missing values are ignored there),
+   categorical features are in :data:`~fl_core.data.CATEGORIES`, booleans are ``TRUE``/
+   ``FALSE``, and each feature is missing (empty cell) in at most ``max_missing_rate`` of the
+   site's rows. ``chol == 0`` ("not measured") is allowed by the range check and is *not*
+   counted as missing: on the real file it would make Switzerland's ``chol`` 100 % missing.
+
+The file is read with every column as text, so that a non-numeric value stays visible instead
+of turning a whole column into ``object`` dtype; numeric columns are coerced only for the
+range checks. The GX context is ephemeral and built once per call: one pandas datasource, one
+dataframe asset with a whole-dataframe batch definition, and three suites (table, per-site
+text checks, per-site ranges). ``great_expectations`` is imported on first use (the import
+alone takes several seconds), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from fl_core.config import DataConfig, ValidationConfig
+from fl_core.data import (
+    BOOLEAN_FEATURES,
+    CATEGORIES,
+    LABEL_SOURCE,
+    NUMERIC_FEATURES,
+    PATIENT_ID,
+    SITE,
+    SITES,
+)
+
+if TYPE_CHECKING:
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
+        ExpectationValidationResult,
+    )
+
+ALL_SITES = "<all>"
+LABEL_VALUES = ("0", "1", "2", "3", "4")
+BOOLEAN_VALUES = ("TRUE", "FALSE")
+# A decimal number, optionally signed, with an optional exponent; surrounding blanks allowed.
+NUMBER_REGEX = r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$"
+INTEGER_REGEX = r"^\s*\d+\s*$"
+SAMPLE_SIZE = 5  # distinct unexpected values quoted in a failure
+# BASIC gives counts and a sample of unexpected values at about half the cost of SUMMARY
+# (which adds value counts and row indices).
+RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 20}
+
+# The GX expectation types, as they appear in results and in FailedExpectation.expectation.
+_REGEX = "expect_column_values_to_match_regex"
+_BETWEEN = "expect_column_values_to_be_between"
+_IN_SET = "expect_column_values_to_be_in_set"
+_NOT_NULL = "expect_column_values_to_not_be_null"
+_UNIQUE = "expect_column_values_to_be_unique"
+
+
+@dataclass(frozen=True)
+class FailedExpectation:
+    """One failed check.
+
+    ``site`` is the hospital, or ``"<all>"`` for file- and table-level checks; ``expectation``
+    the GX expectation type (e.g. ``expect_column_values_to_be_between``) or, for file-level
+    checks, a name such as ``file_exists``; ``observed`` is JSON-able: the observed value, a
+    sample of the unexpected values, or a count.
+    """
+
+    site: str
+    expectation: str
+    column: str | None
+    observed: object
+    detail: str
+
+    def line(self) -> str:
+        """One line: site, column, expectation, observed value and the explanation."""
+        column = self.column if self.column is not None else "-"
+        return (
+            f"[{self.site}] {column}: {self.expectation} failed; observed {self.observed!r}. "
+            f"{self.detail}"
+        )
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """The outcome of :func:`validate_file`.
+
+    ``sites`` maps each known site found in the file to the number of rows validated for it;
+    ``results`` is JSON-able: ``results["file"]`` holds the file-level checks,
+    ``results["<all>"]`` the GX result of the table-level suite and ``results[site]`` the GX
+    results of that site's two suites (``"values"``: types, categories, missing rates;
+    ``"ranges"``: value ranges), each as ``ExpectationSuiteValidationResult.to_json_dict()``.
+    """
+
+    success: bool
+    failures: tuple[FailedExpectation, ...]
+    sites: dict[str, int]
+    results: dict = field(repr=False)
+
+    def message(self) -> str:
+        """Multi-line summary: one line per failed expectation, or one line saying it passed."""
+        counts = ", ".join(f"{site} {n}" for site, n in self.sites.items())
+        if self.success:
+            return f"data validation passed: {len(self.sites)} site(s) ({counts})"
+        head = f"data validation failed: {len(self.failures)} failed expectation(s)"
+        if self.sites:
+            head += f" over {len(self.sites)} site(s) ({counts})"
+        return "\n".join([head + ":", *(f"  {f.line()}" for f in self.failures)])
+
+
+class DataValidationError(ValueError):
+    """The data file failed validation; :attr:`report` holds the full report."""
+
+    def __init__(self, path: str | Path, report: ValidationReport) -> None:
+        self.path = str(path)
+        self.report = report
+        super().__init__(f"{self.path}: {report.message()}")
+
+
+def raise_if_failed(path: str | Path, report: ValidationReport) -> ValidationReport:
+    """Return ``report`` if it passed, else raise :class:`DataValidationError` for ``path``."""
+    if not report.success:
+        raise DataValidationError(path, report)
+    return report
+
+
+# ------------------------------------------------------------------------------ file level
+def _file_failure(expectation: str, column: str | None, observed: object, detail: str
+                  ) -> FailedExpectation:
+    return FailedExpectation(ALL_SITES, expectation, column, observed, detail)
+
+
+def _features(data: DataConfig) -> list[str]:
+    """The configured features, each once, in order."""
+    return list(dict.fromkeys(data.features))
+
+
+def _required_columns(data: DataConfig) -> list[str]:
+    return list(dict.fromkeys([PATIENT_ID, SITE, LABEL_SOURCE, *data.features]))
+
+
+def _read_table(path: Path, data: DataConfig
+                ) -> tuple[pd.DataFrame | None, list[FailedExpectation], dict[str, Any]]:
+    """Read ``path`` as text columns; return (frame or None, file-level failures, summary)."""
+    summary: dict[str, Any] = {"path": str(path)}
+    if not path.is_file():
+        what = "is not a regular file" if path.exists() else "does not exist"
+        failure = _file_failure("file_exists", None, str(path), f"the data file {path} {what}")
+        return None, [failure], summary
+    size = path.stat().st_size
+    summary["bytes"] = size
+    if size == 0:
+        failure = _file_failure("file_not_empty", None, 0, "the data file is empty (0 bytes)")
+        return None, [failure], summary
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        return None, [_file_failure("file_not_empty", None, size,
+                                    "the data file has no header and no rows")], summary
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, [_file_failure("file_parses_as_csv", None, reason,
+                                    f"the data file cannot be parsed as CSV: {reason}")], summary
+    summary["rows"] = len(frame)
+    summary["columns"] = [str(c) for c in frame.columns]
+    failures: list[FailedExpectation] = []
+    header = [str(c) for c in frame.columns]
+    for col in _required_columns(data):
+        if col not in frame.columns:
+            failures.append(_file_failure(
+                "required_column_present", col, header,
+                f"required column {col!r} is missing from the header",
+            ))
+    if len(frame) == 0:
+        failures.append(_file_failure("file_has_rows", None, 0,
+                                      "the data file has a header but no data rows"))
+    return frame, failures, summary
+
+
+# ------------------------------------------------------------------------------ GX suites
+def _table_expectations(gxe: Any) -> list[Any]:
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column=PATIENT_ID),
+        gxe.ExpectColumnValuesToMatchRegex(column=PATIENT_ID, regex=INTEGER_REGEX),
+        gxe.ExpectColumnValuesToBeUnique(column=PATIENT_ID),
+        gxe.ExpectColumnValuesToNotBeNull(column=SITE),
+        gxe.ExpectColumnValuesToBeInSet(column=SITE, value_set=list(SITES)),
+        gxe.ExpectColumnValuesToNotBeNull(column=LABEL_SOURCE),
+        gxe.ExpectColumnValuesToBeInSet(column=LABEL_SOURCE, value_set=list(LABEL_VALUES)),
+    ]
+
+
+def _value_expectations(gxe: Any, validation: ValidationConfig, data: DataConfig) -> list[Any]:
+    """Per-site checks on the text columns: types, categories, booleans, missing rates."""
+    out: list[Any] = []
+    for col in _features(data):
+        mostly = round(1.0 - validation.missing_limit(col), 12)
+        out.append(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
+        if col in NUMERIC_FEATURES:
+            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=NUMBER_REGEX))
+        elif col in BOOLEAN_FEATURES:
+            out.append(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(BOOLEAN_VALUES)))
+        elif col in CATEGORIES:
+            out.append(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(CATEGORIES[col])))
+    return out
+
+
+def _range_expectations(gxe: Any, validation: ValidationConfig, data: DataConfig) -> list[Any]:
+    """Per-site range checks on the numeric features (coerced to float; nulls ignored)."""
+    out: list[Any] = []
+    for col in _features(data):
+        if col in NUMERIC_FEATURES:
+            low, high = getattr(validation, f"{col}_range")
+            out.append(gxe.ExpectColumnValuesToBeBetween(
+                column=col, min_value=float(low), max_value=float(high)))
+    return out
+
+
+def _numeric_frame(frame: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
+    cols = [c for c in _features(data) if c in NUMERIC_FEATURES]
+    return frame[cols].apply(pd.to_numeric, errors="coerce").astype(float)
+
+
+# ------------------------------------------------------------------------------ results
+def _jsonable(value: Any) -> Any:
+    """Recursively turn a GX result into strict JSON types (NaN → None, numpy → Python)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, str):
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return str(value)
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _sample(values: Iterable[Any]) -> list[Any]:
+    distinct = dict.fromkeys(v for v in _jsonable(list(values)) if v is not None)
+    return list(distinct)[:SAMPLE_SIZE]
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _describe(site: str, res: ExpectationValidationResult, validation: ValidationConfig
+              ) -> FailedExpectation:
+    """Turn one failed GX expectation result into a :class:`FailedExpectation`."""
+    cfg = res.expectation_config
+    kind = str(cfg.type)
+    kwargs = dict(cfg.kwargs)
+    column = kwargs.get("column")
+    where = f"in {site}" if site != ALL_SITES else "in the table"
+    info = res.exception_info or {}
+    if info.get("raised_exception"):
+        msg = str(info.get("exception_message") or "unknown error")
+        return FailedExpectation(site, kind, column, msg,
+                                 f"GX could not evaluate {kind} on {column!r} {where}: {msg}")
+    result = res.result or {}
+    total = int(result.get("element_count") or 0)
+    bad = int(result.get("unexpected_count") or 0)
+    sample = _sample(result.get("partial_unexpected_list") or [])
+    if kind == _NOT_NULL and kwargs.get("mostly") is not None:
+        rate = bad / total if total else 0.0
+        observed: object = round(rate, 4)
+        limit = validation.missing_limit(str(column))
+        detail = (f"{column!r} may be missing in at most {_fmt_rate(limit)}"
+                  f" of the rows {where}; {bad} of {total} ({_fmt_rate(rate)}) are missing")
+    elif kind == _NOT_NULL:
+        observed = bad
+        detail = f"{column!r} must never be empty {where}; {bad} of {total} rows are empty"
+    elif kind == _REGEX:
+        observed = sample
+        what = "an integer" if kwargs.get("regex") == INTEGER_REGEX else "a number"
+        detail = (f"every value of {column!r} must be {what} {where}; {bad} of {total} "
+                  f"are not, e.g. {sample}")
+    elif kind == _BETWEEN:
+        observed = sample
+        detail = (f"{column!r} must lie in [{kwargs.get('min_value')}, "
+                  f"{kwargs.get('max_value')}] {where}; {bad} of {total} values are outside, "
+                  f"e.g. {sample}")
+    elif kind == _IN_SET:
+        observed = sample
+        allowed = list(kwargs.get("value_set") or [])
+        detail = (f"{column!r} must be one of {allowed} {where}; {bad} of {total} values are "
+                  f"not, e.g. {sample}")
+    elif kind == _UNIQUE:
+        observed = sample
+        detail = (f"{column!r} must be unique {where}; {bad} rows share a value with another "
+                  f"row, e.g. {sample}")
+    else:
+        observed = _jsonable(result.get("observed_value", sample))
+        detail = f"{kind} on {column!r} failed {where} (observed {observed!r})"
+    return FailedExpectation(site, kind, column, observed, detail)
+
+
+def _failures(site: str, result: ExpectationSuiteValidationResult,
+              validation: ValidationConfig) -> list[FailedExpectation]:
+    return [_describe(site, r, validation) for r in result.results if not r.success]
+
+
+# ------------------------------------------------------------------------------ entry point
+class _Runner:
+    """The ephemeral GX context of one :func:`validate_file` call: suites built once."""
+
+    def __init__(self, validation: ValidationConfig, data: DataConfig) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.validation = validation
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False,
+                                                         metric_calculations=False)
+        batch = (ctx.data_sources.add_pandas("heart")
+                 .add_dataframe_asset("table")
+                 .add_batch_definition_whole_dataframe("whole"))
+        gxe = gx.expectations
+        suites = {
+            "table": _table_expectations(gxe),
+            "values": _value_expectations(gxe, validation, data),
+            "ranges": _range_expectations(gxe, validation, data),
+        }
+        self.definitions: dict[str, Any] = {}
+        for name, expectations in suites.items():
+            suite = ctx.suites.add(
+                gx.ExpectationSuite(name=f"heart-{name}", expectations=expectations))
+            self.definitions[name] = ctx.validation_definitions.add(
+                gx.ValidationDefinition(name=f"heart-{name}", data=batch, suite=suite))
+
+    def run(self, name: str, site: str, frame: pd.DataFrame
+            ) -> tuple[dict[str, Any], list[FailedExpectation]]:
+        """Run suite ``name`` on ``frame``; return (JSON result, failures)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                result = self.definitions[name].run(
+                    batch_parameters={"dataframe": frame.reset_index(drop=True)},
+                    result_format=RESULT_FORMAT,
+                )
+        except Exception as exc:  # GX itself failed: report it instead of raising
+            msg = f"{type(exc).__name__}: {exc}"
+            failure = FailedExpectation(site, f"suite_heart-{name}", None, msg,
+                                        f"GX could not run the {name} suite: {msg}")
+            return {"success": False, "exception": msg}, [failure]
+        return _jsonable(result.to_json_dict()), _failures(site, result, self.validation)
+
+
+def validate_file(path: str | Path, validation: ValidationConfig, data: DataConfig
+                  ) -> ValidationReport:
+    """Validate the raw CSV at ``path``: file-level checks, then the GX suites per site.
+
+    Never raises for bad data: a failing file gives a report with ``success=False`` whose
+    failures name the site, column, expectation and observed values.
+    """
+    path = Path(path)
+    frame, failures, summary = _read_table(path, data)
+    summary["checks"] = [
+        {"expectation": f.expectation, "column": f.column, "success": False,
+         "observed": _jsonable(f.observed), "detail": f.detail}
+        for f in failures
+    ]
+    results: dict[str, Any] = {"file": summary}
+    if frame is None or failures:
+        return ValidationReport(False, tuple(failures), {}, results)
+
+    runner = _Runner(validation, data)
+    table_cols = [PATIENT_ID, SITE, LABEL_SOURCE]
+    results[ALL_SITES], found = runner.run("table", ALL_SITES, frame[table_cols])
+    failures += found
+
+    numeric = _numeric_frame(frame, data)
+    sites: dict[str, int] = {}
+    for site in SITES:
+        mask = (frame[SITE] == site).fillna(False).to_numpy(dtype=bool)
+        if not mask.any():
+            continue
+        sites[site] = int(mask.sum())
+        site_results: dict[str, Any] = {}
+        site_results["values"], found = runner.run("values", site, frame.loc[mask, _features(data)])
+        failures += found
+        site_results["ranges"], found = runner.run("ranges", site, numeric.loc[mask])
+        failures += found
+        results[site] = site_results
+    return ValidationReport(not failures, tuple(failures), sites, results)

@@ -1,0 +1,265 @@
+"""Tests of fl_core.validation: the GX suite passes the real file and names every defect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fl_core.config import DataConfig, ValidationConfig
+from fl_core.validation import (
+    ALL_SITES,
+    DataValidationError,
+    FailedExpectation,
+    ValidationReport,
+    raise_if_failed,
+    validate_file,
+)
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "raw" / "heart_disease_uci.csv"
+SITE_ROWS = {"Cleveland": 304, "Hungary": 293, "VA Long Beach": 200, "Switzerland": 123}
+# Measured on the real file: the sparsest feature per site is Switzerland's fbs (75 of 123 empty,
+# 61.0 %), then VA Long Beach's trestbps/oldpeak (28.0 %). A uniform limit of 0.2 rejects the
+# real file (see test_uniform_missing_rate_rejects_the_real_file); the defaults carry per-feature
+# limits for those sparse features and 0.1 for the rest.
+VALIDATION = ValidationConfig()
+DATA = DataConfig()
+
+NOT_NULL = "expect_column_values_to_not_be_null"
+REGEX = "expect_column_values_to_match_regex"
+BETWEEN = "expect_column_values_to_be_between"
+IN_SET = "expect_column_values_to_be_in_set"
+UNIQUE = "expect_column_values_to_be_unique"
+
+
+@pytest.fixture(scope="module")
+def raw() -> pd.DataFrame:
+    """The real table as text, empty cells kept as "" so that it round-trips unchanged."""
+    return pd.read_csv(REAL, dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def real_report() -> ValidationReport:
+    return validate_file(REAL, VALIDATION, DATA)
+
+
+def write(tmp_path: Path, frame: pd.DataFrame, name: str = "broken.csv") -> Path:
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def rows(frame: pd.DataFrame, site: str) -> pd.Index:
+    return frame.index[frame["dataset"] == site]
+
+
+def keys(report: ValidationReport) -> set[tuple[str, str | None, str]]:
+    return {(f.site, f.column, f.expectation) for f in report.failures}
+
+
+def only(report: ValidationReport) -> FailedExpectation:
+    assert not report.success
+    assert len(report.failures) == 1, report.message()
+    return report.failures[0]
+
+
+# ------------------------------------------------------------------------------ real data
+def test_real_file_passes(real_report: ValidationReport) -> None:
+    assert real_report.success, real_report.message()
+    assert real_report.failures == ()
+    assert real_report.sites == SITE_ROWS
+    assert "passed" in real_report.message()
+    # the results are the artifact of record: strict JSON, one entry per site and the table
+    text = json.dumps(real_report.results, allow_nan=False)
+    assert set(json.loads(text)) == {"file", ALL_SITES, *SITE_ROWS}
+    assert real_report.results[ALL_SITES]["success"] is True
+    for site in SITE_ROWS:
+        assert real_report.results[site]["values"]["success"] is True
+        assert real_report.results[site]["ranges"]["success"] is True
+
+
+def test_unchanged_copy_passes(tmp_path: Path, raw: pd.DataFrame) -> None:
+    report = validate_file(write(tmp_path, raw, "copy.csv"), VALIDATION, DATA)
+    assert report.success, report.message()
+    assert report.sites == SITE_ROWS
+
+
+def test_uniform_missing_rate_rejects_the_real_file() -> None:
+    report = validate_file(
+        REAL, ValidationConfig(max_missing_rate=0.2, missing_rate_limits={}), DATA)
+    assert keys(report) == {
+        ("Switzerland", "fbs", NOT_NULL),
+        ("VA Long Beach", "trestbps", NOT_NULL),
+        ("VA Long Beach", "thalch", NOT_NULL),
+        ("VA Long Beach", "exang", NOT_NULL),
+        ("VA Long Beach", "oldpeak", NOT_NULL),
+    }
+    fbs = next(f for f in report.failures if f.column == "fbs")
+    assert fbs.observed == pytest.approx(75 / 123, abs=1e-4)
+    assert "75 of 123" in fbs.detail
+
+
+# ------------------------------------------------------------------------------ file level
+def test_missing_file(tmp_path: Path) -> None:
+    failure = only(validate_file(tmp_path / "nope.csv", VALIDATION, DATA))
+    assert (failure.site, failure.expectation) == (ALL_SITES, "file_exists")
+    assert "nope.csv" in str(failure.observed)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    report = validate_file(path, VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.expectation, failure.observed) == (
+        ALL_SITES, "file_not_empty", 0)
+    assert report.sites == {}
+    assert "empty" in report.message()
+
+
+def test_header_only_file(tmp_path: Path, raw: pd.DataFrame) -> None:
+    report = validate_file(write(tmp_path, raw.iloc[:0], "header.csv"), VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.expectation, failure.observed) == (
+        ALL_SITES, "file_has_rows", 0)
+    assert "no data rows" in report.message()
+
+
+def test_unparseable_csv(tmp_path: Path, raw: pd.DataFrame) -> None:
+    path = write(tmp_path, raw.head(5), "ragged.csv")
+    with path.open("a") as fh:
+        fh.write("6,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19\n")
+    failure = only(validate_file(path, VALIDATION, DATA))
+    assert (failure.site, failure.expectation) == (ALL_SITES, "file_parses_as_csv")
+    assert "cannot be parsed as CSV" in failure.detail
+
+
+def test_missing_column(tmp_path: Path, raw: pd.DataFrame) -> None:
+    report = validate_file(write(tmp_path, raw.drop(columns=["chol"])), VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.column, failure.expectation) == (
+        ALL_SITES, "chol", "required_column_present")
+    assert "chol" not in failure.observed  # observed: the header that was found
+    assert "'chol'" in report.message()
+    assert ALL_SITES not in report.results  # GX did not run
+
+
+def test_required_columns_follow_the_configured_features(
+    tmp_path: Path, raw: pd.DataFrame
+) -> None:
+    features = [f for f in DATA.features if f != "chol"]
+    data = DataConfig(features=features)
+    report = validate_file(write(tmp_path, raw.drop(columns=["chol"])), VALIDATION, data)
+    assert report.success, report.message()
+    assert report.sites == SITE_ROWS
+
+
+# ------------------------------------------------------------------------------ table level
+def test_unknown_site(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Cleveland")[:2], "dataset"] = "Mars General"
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.column, failure.expectation) == (ALL_SITES, "dataset", IN_SET)
+    assert failure.observed == ["Mars General"]
+    assert "Mars General" in report.message()
+    # the unknown site is not validated as a site; the known ones still are
+    assert report.sites == {**SITE_ROWS, "Cleveland": 302}
+
+
+def test_duplicated_patient_id(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    hungary = rows(frame, "Hungary")
+    frame.loc[hungary[7], "id"] = frame.loc[rows(frame, "Cleveland")[3], "id"]  # id "4"
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.column, failure.expectation) == (ALL_SITES, "id", UNIQUE)
+    assert failure.observed == ["4"]
+    assert "'4'" in report.message()
+
+
+# ------------------------------------------------------------------------------ per site
+def test_text_in_numeric_column(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Cleveland")[10], "age"] = "abc"
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.column, failure.expectation) == ("Cleveland", "age", REGEX)
+    assert failure.observed == ["abc"]
+    assert "must be a number" in failure.detail
+    line = report.message().splitlines()[1]
+    assert "[Cleveland] age" in line and "'abc'" in line
+
+
+def test_out_of_range_age(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Hungary")[0], "age"] = "150"
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.column, failure.expectation) == ("Hungary", "age", BETWEEN)
+    assert failure.observed == [150.0]
+    assert "[18.0, 100.0]" in failure.detail
+    assert "[Hungary] age" in report.message() and "150" in report.message()
+
+
+def test_zero_cholesterol_is_allowed(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Cleveland")[:50], "chol"] = "0"
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    assert report.success, report.message()
+
+
+def test_categories_booleans_and_labels(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Cleveland")[0], "sex"] = "Unknown"
+    frame.loc[rows(frame, "Switzerland")[0], "fbs"] = "yes"
+    frame.loc[rows(frame, "VA Long Beach")[0], "num"] = "7"
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    assert keys(report) == {
+        ("Cleveland", "sex", IN_SET),
+        ("Switzerland", "fbs", IN_SET),
+        (ALL_SITES, "num", IN_SET),
+    }
+    observed = {f.column: f.observed for f in report.failures}
+    assert observed == {"sex": ["Unknown"], "fbs": ["yes"], "num": ["7"]}
+    assert len(report.message().splitlines()) == 4
+
+
+def test_mostly_empty_column(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    frame.loc[frame.sample(frac=0.8, random_state=0).index, "age"] = ""
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    assert keys(report) == {(site, "age", NOT_NULL) for site in SITE_ROWS}
+    for failure in report.failures:
+        assert 0.7 < failure.observed < 0.9
+        assert "may be missing in at most 10.0 %" in failure.detail
+
+
+def test_missing_rate_threshold_is_per_site(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    cleveland = rows(frame, "Cleveland")
+    frame.loc[cleveland[: int(0.6 * len(cleveland)) + 1], "age"] = ""  # 60 % of one site
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    # 60 % of one site's ages is far over the 10 % limit; the other sites stay clean
+    assert keys(report) == {("Cleveland", "age", NOT_NULL)}
+    age = next(f for f in report.failures if f.column == "age")
+    assert age.observed == pytest.approx(183 / 304, abs=1e-4)
+    assert "183 of 304" in age.detail
+
+
+# ------------------------------------------------------------------------------ errors
+def test_data_validation_error_carries_report(tmp_path: Path, raw: pd.DataFrame) -> None:
+    path = write(tmp_path, raw.drop(columns=["chol"]), "no_chol.csv")
+    report = validate_file(path, VALIDATION, DATA)
+    with pytest.raises(DataValidationError) as info:
+        raise_if_failed(path, report)
+    assert info.value.report is report
+    assert str(info.value).startswith(f"{path}: ")
+    assert "chol" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_raise_if_failed_passes_a_good_report(real_report: ValidationReport) -> None:
+    assert raise_if_failed(REAL, real_report) is real_report
