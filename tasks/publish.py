@@ -50,6 +50,8 @@ def publish_results(
 ) -> dict[str, Any]:
     """Register the trained model with its metrics and reports; write metrics.json."""
     paths = Paths.of(cfg, root)
+    # the MLflow store lives under the project root, wherever the process was started
+    cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
     metrics = collect_metrics(paths, wall_seconds)
     model, saved = load_model(paths.model)
     example = torch.zeros(1, saved["num_features"])

@@ -1,0 +1,314 @@
+"""Register a trained model in MLflow and apply the promotion gate, all or nothing.
+
+One MLflow run holds the configuration (params), the per-round curves (metrics with
+``step=round``), the final metrics, the report files and the model. The model becomes a new
+version of ``cfg.mlflow.model_name`` with alias ``challenger``; it also gets ``champion`` only
+if :func:`fl_core.gate.evaluate_gate` passes. If any step fails after the version was created,
+the version is deleted, the aliases are put back as they were and the run ends ``FAILED``;
+the exception is re-raised unchanged so the caller can tell transient faults from others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fl_core.config import PipelineConfig
+from fl_core.gate import GateDecision, evaluate_gate
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+ALIASES = (CHALLENGER, CHAMPION)
+_MAX_TAG_VALUE = 5000  # below MLflow's run-tag limit (8000)
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """What :func:`register_model` did: the run, the new version and the aliases it now holds."""
+
+    run_id: str
+    model_name: str
+    model_version: str | None
+    aliases: tuple[str, ...]
+    gate: GateDecision
+
+
+def register_model(
+    cfg: PipelineConfig,
+    model: torch.nn.Module,
+    input_example: torch.Tensor,
+    metrics: Mapping[str, float | int | None],
+    history: Sequence[Mapping[str, object]],
+    artifacts: Sequence[Path],
+    run_name: str | None = None,
+) -> RegistrationResult:
+    """Log one run; register the model as ``challenger``; if the gate passes, also ``champion``.
+
+    Nothing is left half-done: on failure no new model version remains, the aliases are as
+    before and the run is ``FAILED``. Exceptions propagate.
+    """
+    steps = _validated_steps(history)
+    missing = [str(p) for p in artifacts if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"artifact(s) to log do not exist: {', '.join(missing)}")
+    decision = evaluate_gate(metrics, cfg.gate)
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    state_dir = Path(cfg.state_dir).resolve()
+    artifact_root = state_dir / "mlartifacts"
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    uri = cfg.mlflow_tracking_uri
+    mlflow.set_tracking_uri(uri)  # mlflow.pytorch.log_model resolves the store globally
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = _ensure_experiment(client, cfg.mlflow.experiment, artifact_root.as_uri())
+    name = cfg.mlflow.model_name
+
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
+    )
+    run_id = run.info.run_id
+    registry_before: _RegistryState | None = None
+    try:
+        _log_params(client, run_id, cfg.flat())
+        stamp = int(time.time() * 1000)
+        last_round = _log_history(client, run_id, history, steps, stamp)
+        # One millisecond later, so that the final figures win over the last round's.
+        _log_final_metrics(client, run_id, metrics, last_round, stamp + 1)
+        for path in map(Path, artifacts):
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=f"reports/{path.name}")
+            else:
+                client.log_artifact(run_id, str(path), artifact_path="reports")
+        info = _log_torch_model(model, input_example, step=last_round)
+
+        registry_before = _RegistryState.capture(client, name)
+        gate_tags = _gate_tags(decision)
+        version = client.create_model_version(
+            name=name, source=info.model_uri, run_id=run_id, tags=gate_tags,
+            model_id=info.model_id,
+        ).version
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        aliases: tuple[str, ...] = (CHALLENGER,)
+        if decision.passed:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            aliases += (CHAMPION,)
+        client.set_tag(run_id, "model_version", str(version))
+        for key, value in gate_tags.items():
+            client.set_tag(run_id, key, value)
+        mlflow.end_run(status="FINISHED")
+    except BaseException as exc:
+        if registry_before is not None:
+            registry_before.restore(client, run_id, exc)
+        _end_failed(run_id, exc)
+        raise
+    log.info("registered %s version %s (%s) from run %s", name, version, ", ".join(aliases), run_id)
+    return RegistrationResult(run_id, name, str(version), aliases, decision)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def _validated_steps(history: Sequence[Mapping[str, object]]) -> list[int]:
+    """Each row's ``round`` as an int step; a row without one is an error, not a guess."""
+    steps = []
+    for i, row in enumerate(history):
+        step = row.get("round")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral | float) or (
+            isinstance(step, float) and not step.is_integer()
+        ):
+            raise ValueError(f"history row {i} has no integer 'round' (got {step!r})")
+        steps.append(int(step))
+    return steps
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a finite real number (bools excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# --- logging --------------------------------------------------------------------------------
+
+
+def _ensure_experiment(client: MlflowClient, name: str, artifact_location: str) -> str:
+    """The experiment's id; created with local artifacts under ``artifact_location`` if new."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:  # created concurrently by another process
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise exc from None
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    if experiment.artifact_location != artifact_location:
+        log.warning("experiment %r keeps its artifacts at %s, not %s",
+                    name, experiment.artifact_location, artifact_location)
+    return experiment.experiment_id
+
+
+def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    def text(value: Any) -> str:
+        s = value if isinstance(value, str) else json.dumps(value)
+        return s if len(s) <= MAX_PARAM_VAL_LENGTH else s[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+
+    client.log_batch(run_id, params=[Param(k, text(v)) for k, v in params.items()])
+
+
+def _log_history(
+    client: MlflowClient,
+    run_id: str,
+    history: Sequence[Mapping[str, object]],
+    steps: list[int],
+    timestamp: int,
+) -> int:
+    """Log each row's finite numeric fields at ``step=round``; return the last round (or 0)."""
+    from mlflow.entities import Metric
+
+    batch = []
+    for row, step in zip(history, steps, strict=True):
+        for key, raw in row.items():
+            if key != "round" and (value := _finite(raw)) is not None:
+                batch.append(Metric(key, value, timestamp, step))
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+    return max(steps, default=0)
+
+
+def _log_final_metrics(
+    client: MlflowClient, run_id: str, metrics: Mapping[str, object], step: int, timestamp: int
+) -> None:
+    """The final figures at the last round's step, so they are the run's latest values.
+
+    None (a stage that did not run) is skipped, never replaced by a made-up number.
+    """
+    from mlflow.entities import Metric
+
+    values = {key: _finite(raw) for key, raw in metrics.items()}
+    batch = [Metric(k, v, timestamp, step) for k, v in values.items() if v is not None]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def _log_torch_model(model: torch.nn.Module, input_example: torch.Tensor, step: int) -> Any:
+    """Log the model (pt2, traced on ``input_example``) into the active run; return ModelInfo."""
+    import mlflow.pytorch
+    import numpy
+    from mlflow.models import infer_signature
+
+    example = input_example.detach().cpu()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(example).detach().cpu().numpy()
+        return mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example.numpy(),
+            signature=infer_signature(example.numpy(), output),
+            step=step,
+            # Explicit: MLflow's inference imports the model in a subprocess (~20 s here).
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"numpy=={numpy.__version__}",
+            ],
+        )
+    finally:
+        model.train(was_training)
+
+
+def _gate_tags(decision: GateDecision) -> dict[str, str]:
+    if decision.passed:
+        return {"gate": "passed"}
+    return {"gate": "refused", "gate_reasons": "; ".join(decision.reasons)[:_MAX_TAG_VALUE]}
+
+
+# --- undo -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RegistryState:
+    """The registered model as it was before this registration touched it."""
+
+    name: str
+    existed: bool
+    aliases: Mapping[str, str]  # alias -> version
+
+    @classmethod
+    def capture(cls, client: MlflowClient, name: str) -> _RegistryState:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            client.create_registered_model(name)  # created concurrently: let it raise
+            return cls(name, existed=False, aliases={})
+        aliases = {a: v for a, v in (model.aliases or {}).items() if a in ALIASES}
+        return cls(name, existed=True, aliases=aliases)
+
+    def restore(self, client: MlflowClient, run_id: str, error: BaseException) -> None:
+        """Delete this run's versions and put the aliases back; never masks ``error``."""
+        steps = [("delete versions", lambda: self._delete_versions(client, run_id)),
+                 ("restore aliases", lambda: self._restore_aliases(client))]
+        if not self.existed:
+            steps.append(("delete empty model", lambda: self._delete_if_empty(client)))
+        for what, undo in steps:
+            try:
+                undo()
+            except Exception as undo_error:  # keep going; report alongside the original
+                log.error("rollback of %s failed (%s): %r", self.name, what, undo_error)
+                error.add_note(f"rollback step '{what}' also failed: {undo_error!r}")
+
+    def _delete_versions(self, client: MlflowClient, run_id: str) -> None:
+        for mv in client.search_model_versions(f"name='{self.name}' and run_id='{run_id}'"):
+            client.delete_model_version(self.name, mv.version)
+            log.warning("deleted %s version %s of failed run %s", self.name, mv.version, run_id)
+
+    def _restore_aliases(self, client: MlflowClient) -> None:
+        current = client.get_registered_model(self.name).aliases or {}
+        for alias, version in self.aliases.items():
+            if current.get(alias) != version:
+                client.set_registered_model_alias(self.name, alias, version)
+
+    def _delete_if_empty(self, client: MlflowClient) -> None:
+        if not client.search_model_versions(f"name='{self.name}'", max_results=1):
+            client.delete_registered_model(self.name)
+
+
+def _end_failed(run_id: str, error: BaseException) -> None:
+    import mlflow
+
+    try:
+        mlflow.end_run(status="FAILED")
+    except Exception as end_error:
+        log.error("could not mark run %s FAILED: %r", run_id, end_error)
+        error.add_note(f"marking run {run_id} FAILED also failed: {end_error!r}")

@@ -1,0 +1,143 @@
+"""End to end: the Prefect flow, the stages, the CLI, failures that must leave nothing behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from fl_core.config import load_config
+from fl_core.validation import DataValidationError
+
+pytestmark = pytest.mark.integration
+
+REQUIRED = ("accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accuracy",
+            "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
+            "bytes_uploaded", "bytes_uploaded_uncompressed", "compression_ratio", "rounds",
+            "wall_seconds")
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def registered_versions(root: Path, name: str = "fedpriv-heart") -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / '.fedpriv' / 'mlflow.db'}")
+    try:
+        return client.search_model_versions(f"name='{name}'")
+    except Exception:  # no store / no model yet
+        return []
+
+
+def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
+    from flows.pipeline import fl_pipeline
+
+    outcome = fl_pipeline(overrides=["rounds=2"], root=str(project))
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert set(REQUIRED) <= set(metrics)
+    assert metrics["rounds"] == 2
+    assert metrics["epsilon"] is None and metrics["empirical_epsilon_lower_bound"] is None
+    assert 0.5 < metrics["accuracy"] <= 1 and 0 <= metrics["mia_auc"] <= 1
+    assert metrics["bytes_uploaded"] > 0
+    rows = list(csv.DictReader((project / "reports" / "rounds.csv").open()))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "accuracy", "auc", "bytes_uploaded", "flagged_clients",
+            "accuracy_Cleveland"} <= set(rows[0])
+    for png in ("training_curves.png", "mia_roc.png"):
+        assert (project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+    registration = outcome["registration"]
+    versions = registered_versions(project)
+    assert [str(v.version) for v in versions] == [registration["model_version"]]
+    assert "challenger" in registration["aliases"]
+
+
+def _break_age(project: Path) -> None:
+    csv_path = project / "data" / "raw" / "heart_disease_uci.csv"
+    lines = csv_path.read_text().splitlines()
+    fields = lines[400].split(",")
+    fields[1] = "150"  # an impossible age in a Hungary row
+    lines[400] = ",".join(fields)
+    csv_path.write_text("\n".join(lines) + "\n")
+
+
+def test_validation_failure_stops_before_training(project: Path, prefect_harness) -> None:
+    from flows.pipeline import fl_pipeline
+
+    _break_age(project)
+    with pytest.raises(DataValidationError) as err:
+        fl_pipeline(overrides=["rounds=2"], root=str(project))
+    assert "age" in str(err.value) and "Hungary" in str(err.value)
+    reports = project / "reports"
+    assert json.loads((reports / "validation.json").read_text())["success"] is False
+    for later in ("train.json", "rounds.csv", "metrics.json", "audit.json"):
+        assert not (reports / later).exists()
+    assert not (project / "data" / "models" / "model.pt").exists()
+    assert registered_versions(project) == []
+
+
+def _run_stages(root: Path) -> dict:
+    from tasks.audit import audit_model
+    from tasks.partition import partition_data
+    from tasks.publish import publish_results
+    from tasks.train import train_model
+    from tasks.validate import validate_data
+
+    cfg = load_config(root / "params.yaml", ["rounds=3"])
+    for stage in (validate_data, partition_data, train_model, audit_model, publish_results):
+        stage(cfg, root)
+    return json.loads((root / "reports" / "metrics.json").read_text())
+
+
+def test_same_seed_same_metrics(tmp_path: Path, project: Path) -> None:
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(project, twin)
+    a, b = _run_stages(project), _run_stages(twin)
+    timing = {"wall_seconds", "audit_seconds"}
+    assert {k: v for k, v in a.items() if k not in timing} == \
+           {k: v for k, v in b.items() if k not in timing}
+
+
+def test_cli_bad_config_exits_2_naming_key(project: Path, capsys) -> None:
+    from flows.cli import main
+
+    assert main(["run", "--root", str(project), "--set", "model=cnn"]) == 2
+    err = capsys.readouterr().err
+    assert "model" in err and "'logreg'" in err and "'mlp'" in err
+    assert main(["run", "--root", str(project), "--set", "data.nope=1"]) == 2
+    assert "data.nope: unknown key" in capsys.readouterr().err
+    assert not (project / "reports").exists()
+
+
+def test_cli_stage_order_is_enforced(project: Path, capsys) -> None:
+    from flows.cli import main
+
+    assert main(["stage", "train", "--root", str(project)]) == 1
+    assert "run the 'partition' stage first" in capsys.readouterr().err
+
+
+def test_cli_config_prints_resolved_values(project: Path, capsys) -> None:
+    from flows.cli import main
+
+    assert main(["config", "--root", str(project), "--set", "rounds=7"]) == 0
+    assert "rounds: 7" in capsys.readouterr().out
+
+
+def test_cli_help_explains(capsys) -> None:
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as code:
+        main(["--help"])
+    assert code.value.code == 0
+    out = capsys.readouterr().out
+    assert "--set" not in out or "KEY=VALUE" in out
+    assert "params.yaml" in out and "exit codes" in out

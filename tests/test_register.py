@@ -1,0 +1,251 @@
+"""The promotion gate and the MLflow registration, against a real local SQLite store."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fl_core.config import GateConfig, PipelineConfig
+from fl_core.gate import GateDecision, evaluate_gate
+from fl_core.models import build_model
+
+GATE = GateConfig(min_accuracy=0.75, max_mia_auc=0.60)
+PASSING = {"accuracy": 0.82, "auc": 0.80, "mia_auc": 0.52, "epsilon": None}
+REFUSED = {"accuracy": 0.61, "auc": 0.70, "mia_auc": 0.55, "epsilon": None}
+HISTORY = [
+    {"round": r, "train_loss": 1.0 / r, "test_loss": 1.1 / r, "accuracy": 0.6 + 0.05 * r,
+     "auc": 0.7 + 0.04 * r, "bytes_uploaded": 1000 * r, "bytes_downloaded": 900 * r,
+     "failed_clients": "", "seconds": float("nan")}
+    for r in (1, 2, 3)
+]
+
+
+# --- evaluate_gate ------------------------------------------------------------------------
+
+
+def test_gate_passes_when_every_rule_holds() -> None:
+    assert evaluate_gate({"accuracy": 0.8, "mia_auc": 0.5}, GATE) == GateDecision(True, ())
+
+
+def test_gate_thresholds_are_inclusive() -> None:
+    assert evaluate_gate({"accuracy": 0.75, "mia_auc": 0.60}, GATE).passed
+
+
+def test_gate_refuses_low_accuracy() -> None:
+    decision = evaluate_gate({"accuracy": 0.71, "mia_auc": 0.5}, GATE)
+    assert not decision.passed
+    assert decision.reasons == ("accuracy 0.71 < gate.min_accuracy 0.75",)
+
+
+def test_gate_refuses_high_mia_auc() -> None:
+    decision = evaluate_gate({"accuracy": 0.9, "mia_auc": 0.7}, GATE)
+    assert decision.reasons == ("mia_auc 0.7 > gate.max_mia_auc 0.6",)
+
+
+@pytest.mark.parametrize("mia_auc", [None, math.nan, math.inf, "n/a", "missing"])
+def test_gate_refuses_missing_or_nan_metric(mia_auc: Any) -> None:
+    metrics: dict[str, Any] = {"accuracy": 0.9}
+    if mia_auc != "missing":
+        metrics["mia_auc"] = mia_auc
+    decision = evaluate_gate(metrics, GATE)
+    assert not decision.passed
+    assert decision.reasons == ("mia_auc is missing: the audit did not run",)
+
+
+def test_gate_reports_every_reason_in_rule_order() -> None:
+    decision = evaluate_gate({"accuracy": math.nan, "mia_auc": 0.99}, GATE)
+    assert not decision.passed
+    assert len(decision.reasons) == 2
+    assert decision.reasons[0].startswith("accuracy is missing")
+    assert decision.reasons[1].startswith("mia_auc 0.99 >")
+
+
+# --- register_model -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, already migrated MLflow database: copying it saves ~4 s of migrations a test."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, migrated_db: Path) -> PipelineConfig:
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copy(migrated_db, state / "mlflow.db")
+    return PipelineConfig.model_validate({
+        "state_dir": str(state),
+        "gate": {"min_accuracy": 0.75, "max_mia_auc": 0.60},
+        "mlflow": {"experiment": "test-exp", "model_name": "test-model"},
+    })
+
+
+@pytest.fixture
+def report(tmp_path: Path) -> Path:
+    path = tmp_path / "reports" / "audit.json"
+    path.parent.mkdir()
+    path.write_text('{"mia_auc": 0.52}\n')
+    return path
+
+
+@pytest.fixture
+def model() -> torch.nn.Module:
+    return build_model("mlp", 6, hidden_units=8, seed=3)
+
+
+EXAMPLE = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+
+
+def _client(cfg: PipelineConfig) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=cfg.mlflow_tracking_uri, registry_uri=cfg.mlflow_tracking_uri)
+
+
+def _register(cfg: PipelineConfig, model: torch.nn.Module, metrics: dict[str, Any],
+              artifacts: list[Path] | None = None) -> Any:
+    from tasks.register import register_model
+
+    return register_model(cfg, model, EXAMPLE, metrics, HISTORY, artifacts or [], run_name="t")
+
+
+def _aliases(client: Any, name: str) -> dict[str, str]:
+    """alias -> version as strings (the SQLite registry returns versions as ints)."""
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def _only_run(cfg: PipelineConfig) -> Any:
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_passing_model_becomes_champion(
+    cfg: PipelineConfig, model: torch.nn.Module, report: Path
+) -> None:
+    import mlflow.pytorch
+
+    result = _register(cfg, model, PASSING, [report])
+    assert result.gate.passed
+    assert result.model_version == "1"
+    assert result.aliases == ("challenger", "champion")
+
+    client = _client(cfg)
+    name = cfg.mlflow.model_name
+    for alias in ("challenger", "champion"):
+        assert str(client.get_model_version_by_alias(name, alias).version) == "1"
+    version = client.get_model_version(name, "1")
+    assert version.tags["gate"] == "passed"
+    assert version.run_id == result.run_id
+
+    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+    mlflow.set_registry_uri(cfg.mlflow_tracking_uri)
+    loaded = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(EXAMPLE), model(EXAMPLE))
+
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((Path(cfg.state_dir) / "mlartifacts").as_uri())
+    assert run.data.tags["gate"] == "passed"
+    assert run.data.params["gate.min_accuracy"] == "0.75"
+    assert run.data.params["mlflow.model_name"] == "test-model"
+    assert "epsilon" not in run.data.metrics  # None is skipped, never invented
+    assert "failed_clients" not in run.data.metrics and "seconds" not in run.data.metrics
+    assert run.data.metrics["accuracy"] == pytest.approx(0.82)  # final value is the latest
+    assert run.data.metrics["auc"] == pytest.approx(0.80)  # below the last round's 0.82
+    losses = client.get_metric_history(result.run_id, "train_loss")
+    assert [(m.step, m.value) for m in losses] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    uploads = client.get_metric_history(result.run_id, "bytes_uploaded")
+    assert sorted(m.step for m in uploads) == [1, 2, 3]
+    assert [a.path for a in client.list_artifacts(result.run_id, "reports")] == [
+        "reports/audit.json"
+    ]
+
+
+def test_refused_model_is_challenger_only(cfg: PipelineConfig, model: torch.nn.Module) -> None:
+    client = _client(cfg)
+    name = cfg.mlflow.model_name
+
+    first = _register(cfg, model, REFUSED)
+    assert not first.gate.passed and first.aliases == ("challenger",)
+    assert _aliases(client, name) == {"challenger": "1"}  # no champion
+
+    _register(cfg, model, PASSING)
+    third = _register(cfg, model, REFUSED)
+    assert third.model_version == "3"
+    assert _aliases(client, name) == {"challenger": "3", "champion": "2"}  # champion unchanged
+    tags = client.get_model_version(name, "3").tags
+    assert tags["gate"] == "refused"
+    assert "accuracy" in tags["gate_reasons"]
+    run_tags = client.get_run(third.run_id).data.tags
+    assert run_tags["gate"] == "refused" and run_tags["gate_reasons"] == tags["gate_reasons"]
+
+
+def test_alias_failure_leaves_nothing_registered(
+    cfg: PipelineConfig, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    def broken(self: Any, name: str, alias: str, version: Any) -> None:
+        raise ConnectionError("registry went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
+    with pytest.raises(ConnectionError, match="registry went away"):  # not swallowed or wrapped
+        _register(cfg, model, PASSING)
+
+    client = _client(cfg)
+    assert client.search_model_versions(f"name='{cfg.mlflow.model_name}'") == []
+    assert client.search_registered_models() == []  # the model it created is gone too
+    assert _only_run(cfg).info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_failure_restores_previous_aliases(
+    cfg: PipelineConfig, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    _register(cfg, model, PASSING)  # version 1: challenger + champion
+    original = MlflowClient.set_registered_model_alias
+
+    def flaky(self: Any, name: str, alias: str, version: Any) -> None:
+        if alias == "champion" and str(version) != "1":
+            raise TimeoutError("champion alias timed out")
+        original(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", flaky)
+    with pytest.raises(TimeoutError):
+        _register(cfg, model, PASSING)  # version 2 gets challenger, then champion fails
+
+    client = _client(cfg)
+    name = cfg.mlflow.model_name
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    assert _aliases(client, name) == {"challenger": "1", "champion": "1"}
+    statuses = sorted(r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id]))
+    assert statuses == ["FAILED", "FINISHED"]
+
+
+def test_bad_inputs_fail_before_any_run(cfg: PipelineConfig, model: torch.nn.Module) -> None:
+    from tasks.register import register_model
+
+    with pytest.raises(ValueError, match="round"):
+        register_model(cfg, model, EXAMPLE, PASSING, [{"accuracy": 0.8}], [])
+    with pytest.raises(FileNotFoundError):
+        register_model(cfg, model, EXAMPLE, PASSING, HISTORY, [Path(cfg.state_dir) / "nope"])
+    client = _client(cfg)
+    assert client.get_experiment_by_name(cfg.mlflow.experiment) is None
