@@ -34,7 +34,12 @@ exit codes: 0 ok, 2 bad configuration, 3 data failed validation, 4 training fail
 def _environment(root: Path) -> None:
     """Defaults that must be set before Prefect or MLflow is imported."""
     os.environ.setdefault("PREFECT_HOME", str(root / ".fedpriv" / "prefect"))
+    # Prefect's temporary server cannot create its SQLite file in a missing directory
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the first start migrates a fresh SQLite database: slower than Prefect's 20 s on 2 cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "")
