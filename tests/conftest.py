@@ -27,3 +27,14 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def raw_csv() -> Path:
     return RAW_CSV
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    """One temporary Prefect API (SQLite in a temp PREFECT_HOME) for the whole session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

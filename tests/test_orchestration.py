@@ -36,14 +36,6 @@ def test_transient_classification(exc: BaseException | None, transient: bool) ->
     assert is_transient(exc) is transient
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_tasks_retry_transient_faults_only(prefect_harness) -> None:
     from prefect import flow, task
 

@@ -19,14 +19,6 @@ REQUIRED = ("accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accura
             "wall_seconds")
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def registered_versions(root: Path, name: str = "fedpriv-heart") -> list:
     from mlflow import MlflowClient
 
