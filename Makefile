@@ -17,7 +17,7 @@ install: $(STAMP)
 # Pinned set (.ci/constraints.txt) keeps pip's resolver from wandering; torch is the CPU wheel.
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -c .ci/constraints.txt -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check -qq -c .ci/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from tasks.common import atomic_path  # noqa: E402
 
@@ -29,6 +30,8 @@ def training_curves(history: Sequence[dict], target: Path) -> None:
                     label=key.removeprefix("accuracy_"))
     ax_acc.set_xlabel("round")
     ax_acc.set_ylim(0, 1)
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=7, loc="lower right")
     fig.suptitle("Federated training")
     fig.tight_layout()

@@ -1,0 +1,27 @@
+"""Imports run one way: flows → tasks → fl_core; fl_core never loads orchestration."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = ("prefect", "mlflow", "dvc", "tasks", "flows")
+
+
+def test_fl_core_imports_no_orchestration() -> None:
+    modules = sorted(p.stem for p in (ROOT / "fl_core").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module('fl_core.' + m)\n"
+        f"bad = sorted(n for n in sys.modules if n.split('.')[0] in {FORBIDDEN!r})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "", f"fl_core pulled in: {out.stdout.strip()}"
+
+
+def test_tasks_do_not_import_flows() -> None:
+    for path in (ROOT / "tasks").glob("*.py"):
+        text = path.read_text()
+        assert "from flows" not in text and "import flows" not in text, path.name
