@@ -80,6 +80,20 @@ class ValidationConfig(_Section):
         return self
 
 
+class CompressionConfig(_Section):
+    """Uplink (and optionally downlink) compression: error feedback + top-k + b-bit values."""
+
+    enabled: bool = True
+    ratio: float = Field(0.1, gt=0, le=1)
+    bits: int = Field(8, ge=2, le=8)
+    chunk_size: int = Field(1024, ge=0)
+    stochastic_rounding: bool = False
+    error_feedback: bool = True
+    momentum: float = Field(0.0, ge=0, lt=1)
+    warmup_rounds: int = Field(0, ge=0)
+    downlink: Literal["dense", "compressed"] = "dense"
+
+
 class AuditConfig(_Section):
     enabled: bool = True
 
@@ -106,6 +120,7 @@ class PipelineConfig(_Section):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.1, gt=0, le=10)
     min_clients: int = Field(2, ge=1)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

@@ -21,7 +21,17 @@ import torch
 from torch import nn
 
 from fl_core.aggregation import fedavg
-from fl_core.compression import Codec, DenseCodec, PayloadError, check_finite
+from fl_core.compression import (
+    DenseCodec,
+    ModelBroadcast,
+    ModelReplica,
+    PayloadError,
+    TopKQuantizer,
+    UpdateCompressor,
+    check_finite,
+    decode_payload,
+    dense_size,
+)
 from fl_core.data import ClientData
 from fl_core.metrics import accuracy, roc_auc
 from fl_core.models import get_flat_params, set_flat_params
@@ -109,20 +119,19 @@ class InProcessClient:
         data: ClientData,
         model_factory: Callable[[], nn.Module],
         training: LocalTrainingConfig,
-        codec: Codec | None = None,
-        broadcast_codec: Codec | None = None,
+        compressor: UpdateCompressor | None = None,
     ) -> None:
         self.client_id = data.client_id
         self.num_train = data.num_train
         self._data = data
         self._model = model_factory()
         self._training = training
-        self._codec = codec or DenseCodec()
-        self._broadcast = broadcast_codec or DenseCodec()
+        self._compressor = compressor or UpdateCompressor(DenseCodec(), error_feedback=False)
+        self._replica = ModelReplica()
         self.last_train_loss = float("nan")
 
     def fit(self, global_payload: bytes, round_idx: int) -> bytes:
-        global_params = self._broadcast.decode(global_payload)
+        global_params = self._replica.apply(global_payload)
         set_flat_params(self._model, global_params)
         seed = _seed_for(self._training.seed, self.client_id, round_idx)
         self.last_train_loss = train_local(
@@ -130,10 +139,10 @@ class InProcessClient:
         )
         delta = get_flat_params(self._model) - global_params
         check_finite(delta, f"update of client {self.client_id!r}")
-        return self._codec.encode(delta)
+        return self._compressor.compress(delta, round_idx)
 
     def evaluate(self, global_payload: bytes) -> ClientEvaluation:
-        set_flat_params(self._model, self._broadcast.decode(global_payload))
+        set_flat_params(self._model, decode_payload(global_payload))
         self._model.eval()
         with torch.no_grad():
             logits = self._model(self._data.x_test)
@@ -153,6 +162,7 @@ class RoundRecord:
     bytes_uploaded: int
     bytes_downloaded: int
     bytes_uploaded_uncompressed: int
+    bytes_downloaded_uncompressed: int
     clients_ok: int
     failed_clients: list[str] = field(default_factory=list)
     flagged_clients: list[str] = field(default_factory=list)
@@ -184,24 +194,30 @@ def run_federated(
     initial_params: torch.Tensor,
     rounds: int,
     min_clients: int = 1,
-    codec: Codec | None = None,
-    broadcast_codec: Codec | None = None,
+    downlink: TopKQuantizer | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> TrainingResult:
-    """Run ``rounds`` rounds of FedAvg (weighted by client training-set size)."""
+    """Run ``rounds`` rounds of FedAvg (weighted by client training-set size).
+
+    Updates are decoded with whichever fedpriv codec wrote them. The broadcast is the dense
+    model each round, or with ``downlink`` the dense model once and compressed deltas after
+    (:class:`ModelBroadcast`). Byte counts are payload lengths; the uncompressed figures are
+    what dense float32 payloads would have been. Evaluation is a measurement of the
+    simulation and sends the dense model, uncounted.
+    """
     if min_clients > len(clients):
         raise ValueError(f"min_clients={min_clients} but only {len(clients)} clients exist")
-    codec = codec or DenseCodec()
-    broadcast = broadcast_codec or DenseCodec()
+    broadcast = ModelBroadcast(downlink)
+    dense = DenseCodec()
     params = initial_params.detach().clone().to(torch.float32)
     n_params = params.numel()
     history: list[RoundRecord] = []
     failures: list[ClientUpdateError] = []
     for round_idx in range(1, rounds + 1):
         started = time.perf_counter()
-        global_payload = broadcast.encode(params)
+        global_payload = broadcast.payload(params)
         updates, weights, failed, losses = [], [], [], []
-        bytes_up = 0
+        bytes_up, received = 0, 0
         for client in clients:
             try:
                 payload = client.fit(global_payload, round_idx)
@@ -212,8 +228,9 @@ def run_federated(
                 failed.append(client.client_id)
                 continue
             bytes_up += len(payload)
+            received += 1
             try:
-                update = codec.decode(payload)
+                update = decode_payload(payload)
             except PayloadError as exc:
                 err = ClientUpdateError(client.client_id, f"undecodable payload: {exc}")
                 failures.append(err)
@@ -236,7 +253,7 @@ def run_federated(
             )
         result = fedavg(torch.stack(updates), torch.tensor(weights))
         params = params + result.aggregate
-        test_loss, acc, auc, per_client, _ = evaluate_pooled(clients, broadcast.encode(params))
+        test_loss, acc, auc, per_client, _ = evaluate_pooled(clients, dense.encode(params))
         w = torch.tensor(weights)
         train_loss = float((torch.tensor(losses) * w).sum() / w.sum())
         record = RoundRecord(
@@ -247,7 +264,8 @@ def run_federated(
             auc=auc,
             bytes_uploaded=bytes_up,
             bytes_downloaded=len(global_payload) * len(clients),
-            bytes_uploaded_uncompressed=4 * n_params * (len(clients) - len(failed)),
+            bytes_uploaded_uncompressed=dense_size(n_params) * received,
+            bytes_downloaded_uncompressed=dense_size(n_params) * len(clients),
             clients_ok=len(updates),
             failed_clients=failed,
             client_accuracy=per_client,

@@ -21,7 +21,8 @@ from tasks.train import load_model
 METRIC_FIELDS = (
     "accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accuracy",
     "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
-    "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded", "compression_ratio",
+    "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
+    "bytes_downloaded_uncompressed", "compression_ratio", "downlink_compression_ratio",
     "rounds", "wall_seconds", "audit_seconds",
 )
 
@@ -33,7 +34,8 @@ def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str
     audited = read_json(paths.audit, "audit")
     metrics: dict[str, Any] = dict.fromkeys(METRIC_FIELDS)
     for key in ("accuracy", "auc", "bytes_uploaded", "bytes_uploaded_uncompressed",
-                "bytes_downloaded", "compression_ratio", "rounds"):
+                "bytes_downloaded", "bytes_downloaded_uncompressed", "compression_ratio",
+                "downlink_compression_ratio", "rounds"):
         metrics[key] = trained[key]
     for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
                 "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound"):

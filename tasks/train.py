@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from prefect import task
 
-from fl_core.config import PipelineConfig
+from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
+from fl_core.config import CompressionConfig, PipelineConfig
 from fl_core.engine import InProcessClient, LocalTrainingConfig, RoundRecord, run_federated
 from fl_core.models import build_model, get_flat_params, set_flat_params
 from tasks.common import Paths, atomic_path, task_options, write_json_atomic, write_text_atomic
@@ -20,7 +21,8 @@ from tasks.plots import training_curves
 
 ROUND_COLUMNS = (
     "round", "train_loss", "test_loss", "accuracy", "auc", "bytes_uploaded",
-    "bytes_downloaded", "bytes_uploaded_uncompressed", "compression_ratio", "clients_ok",
+    "bytes_downloaded", "bytes_uploaded_uncompressed", "bytes_downloaded_uncompressed",
+    "compression_ratio", "downlink_compression_ratio", "clients_ok",
     "failed_clients", "flagged_clients", "seconds",
 )
 
@@ -36,8 +38,11 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "bytes_uploaded": record.bytes_uploaded,
         "bytes_downloaded": record.bytes_downloaded,
         "bytes_uploaded_uncompressed": record.bytes_uploaded_uncompressed,
+        "bytes_downloaded_uncompressed": record.bytes_downloaded_uncompressed,
         "compression_ratio": round(
             record.bytes_uploaded_uncompressed / max(record.bytes_uploaded, 1), 4),
+        "downlink_compression_ratio": round(
+            record.bytes_downloaded_uncompressed / max(record.bytes_downloaded, 1), 4),
         "clients_ok": record.clients_ok,
         "failed_clients": ";".join(record.failed_clients),
         "flagged_clients": ";".join(record.flagged_clients),
@@ -47,15 +52,44 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
     return row
 
 
+def _kib(n: int) -> str:
+    return f"{n} B" if n < 10_240 else f"{n / 1024:.1f} KiB"
+
+
 def print_progress(record: RoundRecord, total: int) -> None:
+    ratio = record.bytes_uploaded_uncompressed / max(record.bytes_uploaded, 1)
     failed = f"  failed: {','.join(record.failed_clients)}" if record.failed_clients else ""
     print(
         f"round {record.round:>3}/{total}  loss {record.test_loss:.4f}  "
         f"acc {record.accuracy:.3f}  auc {record.auc:.3f}  "
-        f"up {record.bytes_uploaded / 1024:.1f} KiB  down {record.bytes_downloaded / 1024:.1f} KiB"
+        f"up {_kib(record.bytes_uploaded)} ({ratio:.1f}x)  down {_kib(record.bytes_downloaded)}"
         f"  ({record.seconds * 1000:.0f} ms){failed}",
         flush=True,
     )
+
+
+def quantizer(c: CompressionConfig, seed: int) -> TopKQuantizer:
+    return TopKQuantizer(c.ratio, c.bits, c.chunk_size, c.stochastic_rounding, seed)
+
+
+def make_compressor(c: CompressionConfig, seed: int) -> UpdateCompressor:
+    """A client's uplink pipeline as configured under ``compression``."""
+    if not c.enabled:
+        return UpdateCompressor(DenseCodec(), error_feedback=False)
+    return UpdateCompressor(quantizer(c, seed), c.error_feedback, c.momentum, c.warmup_rounds)
+
+
+def describe_compression(c: CompressionConfig) -> str:
+    if not c.enabled:
+        return "uplink dense float32"
+    parts = [f"uplink top-{c.ratio:.3g} {c.bits}-bit",
+             "error feedback" if c.error_feedback else "no error feedback"]
+    if c.momentum:
+        parts.append(f"momentum {c.momentum}")
+    if c.warmup_rounds:
+        parts.append(f"warm-up {c.warmup_rounds} rounds")
+    parts.append(f"downlink {c.downlink}")
+    return ", ".join(parts)
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -79,11 +113,16 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         return build_model(cfg.model, num_features, cfg.hidden_units, seed=cfg.seed)
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
-    clients = [InProcessClient(d, factory, local) for d in data]
+    comp = cfg.compression
+    clients = [InProcessClient(d, factory, local, make_compressor(comp, cfg.seed + i))
+               for i, d in enumerate(data)]
+    downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
+        else None
     print(f"training {cfg.model} on {len(clients)} clients "
-          f"({', '.join(c.client_id for c in clients)}), {cfg.rounds} rounds")
+          f"({', '.join(c.client_id for c in clients)}), {cfg.rounds} rounds; "
+          f"{describe_compression(comp)}")
     result = run_federated(
-        clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients,
+        clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients, downlink=downlink,
         on_round=lambda rec: print_progress(rec, cfg.rounds),
     )
     history = [round_row(r) for r in result.history]
@@ -103,6 +142,8 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
 
     bytes_up = sum(r.bytes_uploaded for r in result.history)
     bytes_up_raw = sum(r.bytes_uploaded_uncompressed for r in result.history)
+    bytes_down = sum(r.bytes_downloaded for r in result.history)
+    bytes_down_raw = sum(r.bytes_downloaded_uncompressed for r in result.history)
     summary = {
         "accuracy": last.accuracy,
         "auc": last.auc,
@@ -111,9 +152,12 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         "clients": len(clients),
         "partition": partition.scheme,
         "bytes_uploaded": bytes_up,
-        "bytes_downloaded": sum(r.bytes_downloaded for r in result.history),
+        "bytes_downloaded": bytes_down,
         "bytes_uploaded_uncompressed": bytes_up_raw,
+        "bytes_downloaded_uncompressed": bytes_down_raw,
         "compression_ratio": bytes_up_raw / max(bytes_up, 1),
+        "downlink_compression_ratio": bytes_down_raw / max(bytes_down, 1),
+        "compression": describe_compression(comp),
         "client_accuracy": last.client_accuracy,
         "client_failures": [str(f) for f in result.failures],
         "seconds": round(time.perf_counter() - started, 3),

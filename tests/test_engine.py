@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from fl_core.compression import DenseCodec
+from fl_core.compression import (
+    FRAME_BYTES,
+    DenseCodec,
+    TopKQuantizer,
+    UpdateCompressor,
+    dense_size,
+)
 from fl_core.data import ClientData
 from fl_core.engine import (
     InProcessClient,
@@ -26,7 +32,9 @@ def clients(n_clients: int = 3, cls=InProcessClient, **kw):
         return build_model("logreg", 3, seed=0)
 
     cfg = LocalTrainingConfig(local_epochs=2, batch_size=16, learning_rate=0.5, seed=1)
-    return [cls(make_client(f"c{i}", 100 + 20 * i, i), factory, cfg, **kw)
+    make = kw.pop("compressor_factory", None)
+    return [cls(make_client(f"c{i}", 100 + 20 * i, i), factory, cfg,
+                make() if make else None, **kw)
             for i in range(n_clients)], factory
 
 
@@ -40,7 +48,7 @@ def test_federated_training_learns_and_counts_bytes() -> None:
     rec = result.history[0]
     assert rec.bytes_uploaded == 3 * size          # lengths of the bytes actually sent
     assert rec.bytes_downloaded == 3 * size
-    assert rec.bytes_uploaded_uncompressed == 3 * 4 * init.numel()
+    assert rec.bytes_uploaded_uncompressed == 3 * dense_size(init.numel())
     assert not torch.equal(result.params, init)
 
 
@@ -120,3 +128,74 @@ def test_too_few_clients_fails_the_round() -> None:
         run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=3)
     with pytest.raises(ValueError, match="only 3 clients"):
         run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=4)
+
+
+class WrongVersion(InProcessClient):
+    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
+        payload = bytearray(super().fit(global_payload, round_idx))
+        if self.client_id == "c0":
+            payload[4] = 7  # a future format version; CRC recomputed so only the version is wrong
+            import zlib
+
+            payload[-4:] = zlib.crc32(bytes(payload[:-4])).to_bytes(4, "little")
+        if self.client_id == "c1":
+            payload = payload[: len(payload) // 2]
+        return bytes(payload)
+
+
+def test_wrong_version_and_truncated_payloads_fail_only_their_clients() -> None:
+    cs, factory = clients(cls=WrongVersion, compressor_factory=lambda: UpdateCompressor(
+        TopKQuantizer(0.5, 8)))
+    result = run_federated(cs, get_flat_params(factory()), rounds=2, min_clients=1)
+    assert [r.failed_clients for r in result.history] == [["c0", "c1"]] * 2
+    messages = [str(f) for f in result.failures[:2]]
+    assert "client 'c0'" in messages[0] and "version 7" in messages[0]
+    assert "client 'c1'" in messages[1] and ("truncated" in messages[1]
+                                             or "checksum" in messages[1])
+
+
+def wide_clients(compressor_factory=None, n_clients: int = 3):
+    """Clients of a 20-feature problem, so that top-k has something to choose from."""
+    w = torch.linspace(-2, 2, 20)
+
+    def data(i: int) -> ClientData:
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(300, 20, generator=g)
+        y = ((x @ w) > 0).float()
+        return ClientData(f"c{i}", x[:240], y[:240], x[240:], y[240:], tuple(range(240)),
+                          tuple(range(240, 300)))
+
+    def factory():
+        return build_model("logreg", 20, seed=0)
+
+    cfg = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.2, seed=1)
+    return [InProcessClient(data(i), factory, cfg,
+                            compressor_factory() if compressor_factory else None)
+            for i in range(n_clients)], factory
+
+
+def test_compressed_training_sends_fewer_bytes_and_still_learns() -> None:
+    dense, factory = wide_clients()
+    sparse, _ = wide_clients(lambda: UpdateCompressor(TopKQuantizer(0.2, 8)))
+    init = get_flat_params(factory())
+    a = run_federated(dense, init, rounds=15)
+    b = run_federated(sparse, init, rounds=15)
+    assert b.history[-1].accuracy > 0.9
+    assert b.history[-1].accuracy > a.history[-1].accuracy - 0.05
+    up_dense = sum(r.bytes_uploaded for r in a.history)
+    up_sparse = sum(r.bytes_uploaded for r in b.history)
+    assert up_sparse < up_dense / 2
+    assert sum(r.bytes_uploaded_uncompressed for r in b.history) == up_dense
+
+
+def test_compressed_downlink_counts_deltas_and_keeps_clients_in_step() -> None:
+    cs, factory = wide_clients(lambda: UpdateCompressor(TopKQuantizer(0.2, 8)))
+    init = get_flat_params(factory())
+    result = run_federated(cs, init, rounds=10, downlink=TopKQuantizer(0.2, 8))
+    first, later = result.history[0], result.history[1]
+    assert first.bytes_downloaded == first.bytes_downloaded_uncompressed  # the full model once
+    assert later.bytes_downloaded < later.bytes_downloaded_uncompressed / 2
+    replicas = [c._replica.params for c in cs]
+    assert all(torch.equal(r, replicas[0]) for r in replicas)  # every client holds the same copy
+    assert result.history[-1].accuracy > 0.85
+    assert later.bytes_downloaded / len(cs) > FRAME_BYTES
