@@ -40,6 +40,8 @@ ARMS: dict[str, list[str]] = {
                                         "compression.error_feedback=false"],
     "top-1% 8-bit, error feedback + momentum 0.5 + warm-up 4": [
         "compression.ratio=0.01", "compression.momentum=0.5", "compression.warmup_rounds=4"],
+    "top-10% 8-bit, error feedback, compressed downlink": [
+        "compression.ratio=0.1", "compression.downlink=compressed"],
 }
 
 
@@ -70,14 +72,16 @@ def run(overrides: list[str], seeds: int) -> dict[str, Any]:
             acc_mean, acc_sd = _mean_sd([r["accuracy"] for r in runs])
             auc_mean, auc_sd = _mean_sd([r["auc"] for r in runs])
             first = runs[0]
-            per_client_round = first["bytes_uploaded"] / (first["rounds"] * first["clients"])
+            client_rounds = first["rounds"] * first["clients"]
             arms.append({
                 "arm": name,
                 "overrides": arm,
                 "accuracy_mean": round(acc_mean, 4), "accuracy_sd": round(acc_sd, 4),
                 "auc_mean": round(auc_mean, 4), "auc_sd": round(auc_sd, 4),
                 "accuracy_per_seed": [round(r["accuracy"], 4) for r in runs],
-                "upload_bytes_per_client_round": round(per_client_round, 1),
+                "upload_bytes_per_client_round": round(first["bytes_uploaded"] / client_rounds, 1),
+                "download_bytes_per_client_round": round(first["bytes_downloaded"] / client_rounds,
+                                                         1),
                 "compression_ratio": round(statistics.fmean(r["compression_ratio"]
                                                             for r in runs), 2),
                 "train_seconds_mean": round(statistics.fmean(r["seconds"] for r in runs), 3),
@@ -91,13 +95,14 @@ def run(overrides: list[str], seeds: int) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| arm | accuracy | Δ vs dense (points) | AUC | upload B/client/round | ratio |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| arm | accuracy | Δ vs dense (points) | AUC | up B/client/round | up ratio "
+             "| down B/client/round |", "|---|---|---|---|---|---|---|"]
     for a in result["arms"]:
         lines.append(
             f"| {a['arm']} | {a['accuracy_mean']:.3f} ± {a['accuracy_sd']:.3f} | "
             f"{a['accuracy_change_points']:+.1f} | {a['auc_mean']:.3f} ± {a['auc_sd']:.3f} | "
-            f"{a['upload_bytes_per_client_round']:.0f} | {a['compression_ratio']:.1f}× |")
+            f"{a['upload_bytes_per_client_round']:.0f} | {a['compression_ratio']:.1f}× | "
+            f"{a['download_bytes_per_client_round']:.0f} |")
     return "\n".join(lines)
 
 

@@ -15,9 +15,10 @@ from tasks.common import atomic_path  # noqa: E402
 
 
 def training_curves(history: Sequence[dict], target: Path) -> None:
-    """Pooled test loss, accuracy and AUC per round, and each client's test accuracy."""
+    """Pooled test loss, accuracy and AUC per round, each client's test accuracy, and the
+    cumulative bytes on the wire against what dense float32 payloads would have cost."""
     rounds = [row["round"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc, ax_bytes) = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss.plot(rounds, [r["train_loss"] for r in history], label="train loss (clients)")
     ax_loss.plot(rounds, [r["test_loss"] for r in history], label="test loss (pooled)")
     ax_loss.set_xlabel("round")
@@ -30,12 +31,27 @@ def training_curves(history: Sequence[dict], target: Path) -> None:
                     label=key.removeprefix("accuracy_"))
     ax_acc.set_xlabel("round")
     ax_acc.set_ylim(0, 1)
-    for ax in (ax_loss, ax_acc):
+    for key, label in (("bytes_uploaded", "uploaded"), ("bytes_downloaded", "downloaded")):
+        ax_bytes.plot(rounds, _cumulative(history, key), label=label)
+        ax_bytes.plot(rounds, _cumulative(history, f"{key}_uncompressed"), ls="--",
+                      label=f"{label}, dense float32")
+    ax_bytes.set_xlabel("round")
+    ax_bytes.set_ylabel("cumulative bytes (all clients)")
+    ax_bytes.legend(fontsize=7)
+    for ax in (ax_loss, ax_acc, ax_bytes):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=7, loc="lower right")
     fig.suptitle("Federated training")
     fig.tight_layout()
     _save(fig, target)
+
+
+def _cumulative(history: Sequence[dict], key: str) -> list[float]:
+    total, out = 0.0, []
+    for row in history:
+        total += float(row.get(key) or 0)
+        out.append(total)
+    return out
 
 
 def roc_plot(fpr: Sequence[float], tpr: Sequence[float], auc: float, title: str,

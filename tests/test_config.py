@@ -51,6 +51,10 @@ def test_unknown_top_level_key() -> None:
     ("data.test_fraction=1.5", "data.test_fraction"),
     ("data.features=[age, shoe_size]", "shoe_size"),
     ("noequals", "key=value"),
+    ("compression.bits=9", "compression.bits: Input should be less than or equal to 8"),
+    ("compression.ratio=0", "compression.ratio: Input should be greater than 0"),
+    ("compression.downlink=gzip", "compression.downlink.*'dense'.*'compressed'"),
+    ("compression.momentum=1.0", "compression.momentum"),
 ])
 def test_bad_values_name_the_key(item: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):

@@ -37,10 +37,14 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     assert metrics["epsilon"] is None and metrics["empirical_epsilon_lower_bound"] is None
     assert 0.5 < metrics["accuracy"] <= 1 and 0 <= metrics["mia_auc"] <= 1
     assert metrics["bytes_uploaded"] > 0
+    # the default compresses updates (top-10 %, 8-bit): fewer bytes than dense float32
+    assert metrics["bytes_uploaded"] < metrics["bytes_uploaded_uncompressed"]
+    assert metrics["compression_ratio"] > 1
+    assert metrics["bytes_downloaded"] == metrics["bytes_downloaded_uncompressed"]
     rows = list(csv.DictReader((project / "reports" / "rounds.csv").open()))
     assert [r["round"] for r in rows] == ["1", "2"]
-    assert {"train_loss", "accuracy", "auc", "bytes_uploaded", "flagged_clients",
-            "accuracy_Cleveland"} <= set(rows[0])
+    assert {"train_loss", "accuracy", "auc", "bytes_uploaded", "bytes_downloaded",
+            "compression_ratio", "flagged_clients", "accuracy_Cleveland"} <= set(rows[0])
     for png in ("training_curves.png", "mia_roc.png"):
         assert (project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
     registration = outcome["registration"]
