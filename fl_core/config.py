@@ -94,6 +94,40 @@ class CompressionConfig(_Section):
     downlink: Literal["dense", "compressed"] = "dense"
 
 
+class AggregationConfig(_Section):
+    """How the server combines updates, and how many Byzantine clients it is built to tolerate."""
+
+    method: Literal["fedavg", "multi_krum", "krum", "trimmed_mean", "median",
+                    "geometric_median", "centered_clipping"] = "centered_clipping"
+    byzantine_fraction: float = Field(0.3, ge=0, lt=0.5)
+    pre_aggregation: Literal["none", "nnm", "bucketing"] = "none"
+    bucket_size: int = Field(2, ge=1)
+    max_norm_factor: float = Field(100.0, ge=0)
+
+    def num_byzantine(self, n_clients: int) -> int:
+        """``f = ⌊byzantine_fraction · n⌋``."""
+        return int(self.byzantine_fraction * n_clients + 1e-9)
+
+
+class AnomalyConfig(_Section):
+    enabled: bool = True
+    min_clients: int = Field(5, ge=3)  # robust z-scores of fewer updates flag honest outliers
+    z_threshold: float = Field(3.0, gt=0)
+    reputation_decay: float = Field(0.8, ge=0, lt=1)
+    exclude_at: float = Field(2.0, gt=0)
+
+
+class AttackConfig(_Section):
+    """Simulated Byzantine clients (benchmarks and drills; ``none`` in production)."""
+
+    kind: Literal["none", "sign_flip", "gaussian", "scaling", "label_flip", "alie",
+                  "ipm"] = "none"
+    fraction: float = Field(0.0, ge=0, lt=1)
+    scale: float = Field(4.0, gt=0)
+    noise_std: float = Field(1.0, gt=0)
+    ipm_epsilon: float = Field(0.5, gt=0)
+
+
 class AuditConfig(_Section):
     enabled: bool = True
 
@@ -121,11 +155,29 @@ class PipelineConfig(_Section):
     learning_rate: float = Field(0.1, gt=0, le=10)
     min_clients: int = Field(2, ge=1)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     reports_dir: str = "reports"
     state_dir: str = ".fedpriv"
+
+    @model_validator(mode="after")
+    def _aggregator_can_tolerate(self) -> PipelineConfig:
+        # by_patient fixes the number of clients here; by_site is checked once the sites are known
+        if self.data.partition == "by_patient":
+            check_aggregation(self.aggregation, self.data.num_clients)
+        coordinate_wise = self.aggregation.method in ("trimmed_mean", "median")
+        if coordinate_wise and self.compression.enabled and self.compression.ratio < 0.5:
+            raise ValueError(
+                f"aggregation.method={self.aggregation.method} with compression.ratio="
+                f"{self.compression.ratio}: a coordinate-wise rule over sparse updates sees "
+                f"mostly zeros in every coordinate and stops learning; use multi_krum, "
+                f"geometric_median or centered_clipping, or set compression.enabled=false"
+            )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted key → value, for logging as run parameters."""
@@ -136,6 +188,20 @@ class PipelineConfig(_Section):
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
         return f"sqlite:///{Path(self.state_dir).resolve() / 'mlflow.db'}"
+
+
+def check_aggregation(agg: AggregationConfig, n_clients: int) -> None:
+    """Raise if ``aggregation.method`` cannot tolerate its Byzantine fraction of ``n_clients``."""
+    from fl_core.aggregation import check_robustness
+
+    try:
+        check_robustness(agg.method, n_clients, agg.num_byzantine(n_clients))
+    except ValueError as exc:
+        raise ValueError(
+            f"aggregation.method={agg.method} with aggregation.byzantine_fraction="
+            f"{agg.byzantine_fraction} on {n_clients} clients: {exc}; lower "
+            f"aggregation.byzantine_fraction or choose another aggregation.method"
+        ) from None
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -197,7 +263,9 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         return f"{loc}: unknown key; accepted keys here: {known}"
     given = error.get("input")
     msg = error["msg"].removeprefix("Value error, ")
-    return f"{loc or '<root>'}: {msg} (got {given!r})"
+    if not loc:  # a rule across sections: its message names the keys itself
+        return msg
+    return f"{loc}: {msg} (got {given!r})"
 
 
 def build_config(tree: dict[str, Any], source: str = "params.yaml") -> PipelineConfig:

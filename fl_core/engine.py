@@ -20,7 +20,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fl_core.aggregation import fedavg
+from fl_core.aggregation import AggregationResult, fedavg
+from fl_core.anomaly import Reputation, detect_anomalies, sanitize
+from fl_core.attacks import Attack
 from fl_core.compression import (
     DenseCodec,
     ModelBroadcast,
@@ -166,6 +168,8 @@ class RoundRecord:
     clients_ok: int
     failed_clients: list[str] = field(default_factory=list)
     flagged_clients: list[str] = field(default_factory=list)
+    rejected_clients: list[str] = field(default_factory=list)
+    excluded_clients: list[str] = field(default_factory=list)
     client_accuracy: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -189,6 +193,43 @@ def evaluate_pooled(
     return loss, accuracy(logits, labels), roc_auc(logits, labels), per_client, evals
 
 
+@dataclass
+class Defense:
+    """What the server does between decoding updates and applying their aggregate.
+
+    In order: reject updates with an absurd norm (``max_norm_factor`` × the round's median;
+    0 = off); flag outliers and keep reputations (``detect_anomalies``); drop clients whose
+    reputation excludes them; an optional ``pre_aggregation`` step (nearest-neighbour mixing,
+    bucketing); then ``aggregator(updates, weights, previous_aggregate)``.
+    """
+
+    aggregator: Aggregator | None = None
+    pre_aggregation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    detect: bool = False
+    detect_min_clients: int = 5
+    z_threshold: float = 3.0
+    reputation: Reputation = field(default_factory=Reputation)
+    max_norm_factor: float = 100.0
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor,
+                  previous: torch.Tensor | None) -> AggregationResult:
+        if self.pre_aggregation is not None:
+            # mixed rows no longer belong to one client: weigh them equally
+            updates, weights = self.pre_aggregation(updates), None
+        if self.aggregator is None:
+            return fedavg(updates, weights)
+        return self.aggregator(updates, weights, previous)
+
+
+Aggregator = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
+                      AggregationResult]
+
+
+def _fail(failures: list[ClientUpdateError], failed: list[str], cid: str, reason: str) -> None:
+    failures.append(ClientUpdateError(cid, reason))
+    failed.append(cid)
+
+
 def run_federated(
     clients: Sequence[FederatedClient],
     initial_params: torch.Tensor,
@@ -196,66 +237,89 @@ def run_federated(
     min_clients: int = 1,
     downlink: TopKQuantizer | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    defense: Defense | None = None,
+    attack: Attack | None = None,
+    seed: int = 0,
 ) -> TrainingResult:
-    """Run ``rounds`` rounds of FedAvg (weighted by client training-set size).
+    """Run ``rounds`` federated rounds; FedAvg weighted by training-set size by default.
 
     Updates are decoded with whichever fedpriv codec wrote them. The broadcast is the dense
     model each round, or with ``downlink`` the dense model once and compressed deltas after
     (:class:`ModelBroadcast`). Byte counts are payload lengths; the uncompressed figures are
     what dense float32 payloads would have been. Evaluation is a measurement of the
-    simulation and sends the dense model, uncounted.
+    simulation and sends the dense model, uncounted. ``attack`` (simulation only) rewrites
+    the updates of its malicious clients once the round's honest updates are known.
     """
     if min_clients > len(clients):
         raise ValueError(f"min_clients={min_clients} but only {len(clients)} clients exist")
+    defense = defense or Defense()
     broadcast = ModelBroadcast(downlink)
     dense = DenseCodec()
+    generator = torch.Generator().manual_seed(seed)
     params = initial_params.detach().clone().to(torch.float32)
+    previous: torch.Tensor | None = None
     n_params = params.numel()
     history: list[RoundRecord] = []
     failures: list[ClientUpdateError] = []
     for round_idx in range(1, rounds + 1):
         started = time.perf_counter()
         global_payload = broadcast.payload(params)
-        updates, weights, failed, losses = [], [], [], []
+        received_updates: list[torch.Tensor] = []
+        senders: list[FederatedClient] = []
+        failed: list[str] = []
         bytes_up, received = 0, 0
         for client in clients:
             try:
                 payload = client.fit(global_payload, round_idx)
             except Exception as exc:  # a client that crashes or vanishes fails only its round
-                reason = f"no update ({type(exc).__name__}: {exc})"
-                err = ClientUpdateError(client.client_id, reason)
-                failures.append(err)
-                failed.append(client.client_id)
+                _fail(failures, failed, client.client_id,
+                      f"no update ({type(exc).__name__}: {exc})")
                 continue
             bytes_up += len(payload)
             received += 1
             try:
-                update = decode_payload(payload)
+                received_updates.append(decode_payload(payload))
+                senders.append(client)
             except PayloadError as exc:
-                err = ClientUpdateError(client.client_id, f"undecodable payload: {exc}")
-                failures.append(err)
-                failed.append(client.client_id)
-                continue
-            if update.numel() != n_params or not bool(torch.isfinite(update).all()):
-                reason = (f"update has {update.numel()} elements, model has {n_params}"
-                          if update.numel() != n_params else "update has non-finite values")
-                failures.append(ClientUpdateError(client.client_id, reason))
-                failed.append(client.client_id)
-                continue
-            updates.append(update)
-            weights.append(float(client.num_train))
-            losses.append(getattr(client, "last_train_loss", float("nan")))
-        if len(updates) < min_clients:
-            reasons = "; ".join(str(f) for f in failures[-len(failed):]) if failed else ""
+                _fail(failures, failed, client.client_id, f"undecodable payload: {exc}")
+        kept, reasons = sanitize(received_updates, n_params, max_norm_factor=0)
+        for i, reason in reasons.items():
+            _fail(failures, failed, senders[i].client_id, reason)
+        senders = [senders[i] for i in kept]
+        ids = [c.client_id for c in senders]
+        updates = (torch.stack([received_updates[i] for i in kept]) if kept
+                   else torch.zeros(0, n_params))
+        if attack is not None and kept:
+            rows = [i for i, cid in enumerate(ids) if cid in attack.malicious]
+            updates = attack.craft(updates, rows, generator)
+
+        # absurd norms, anomalies and reputation: rejected, flagged, excluded
+        kept, reasons = sanitize(list(updates), n_params, defense.max_norm_factor)
+        rejected = [ids[i] for i in sorted(reasons)]
+        flagged: list[str] = []
+        if defense.detect and len(kept) >= defense.detect_min_clients:
+            report = detect_anomalies(updates[kept], defense.z_threshold)
+            flagged = [ids[kept[i]] for i in report.flagged]
+            defense.reputation.update([ids[i] for i in kept], set(flagged))
+            kept = [i for i in kept if not defense.reputation.excluded(ids[i])]
+        excluded = [ids[i] for i in range(len(ids))
+                    if ids[i] not in rejected and i not in kept]
+        if len(kept) < min_clients:
+            lost = [str(f) for f in failures[-len(failed):]] if failed else []
+            lost += [f"{cid}: rejected" for cid in rejected]
+            lost += [f"{cid}: excluded by reputation" for cid in excluded]
             raise RoundFailedError(
-                f"round {round_idx}: {len(updates)} usable update(s), min_clients={min_clients}"
-                + (f" ({reasons})" if reasons else "")
+                f"round {round_idx}: {len(kept)} usable update(s), min_clients={min_clients}"
+                + (f" ({'; '.join(lost)})" if lost else "")
             )
-        result = fedavg(torch.stack(updates), torch.tensor(weights))
+        weights = torch.tensor([float(senders[i].num_train) for i in kept])
+        result = defense.aggregate(updates[kept], weights, previous)
+        previous = result.aggregate
         params = params + result.aggregate
         test_loss, acc, auc, per_client, _ = evaluate_pooled(clients, dense.encode(params))
-        w = torch.tensor(weights)
-        train_loss = float((torch.tensor(losses) * w).sum() / w.sum())
+        losses = torch.tensor([getattr(senders[i], "last_train_loss", float("nan"))
+                               for i in kept])
+        train_loss = float((losses * weights).sum() / weights.sum())
         record = RoundRecord(
             round=round_idx,
             train_loss=train_loss,
@@ -266,8 +330,11 @@ def run_federated(
             bytes_downloaded=len(global_payload) * len(clients),
             bytes_uploaded_uncompressed=dense_size(n_params) * received,
             bytes_downloaded_uncompressed=dense_size(n_params) * len(clients),
-            clients_ok=len(updates),
+            clients_ok=len(kept),
             failed_clients=failed,
+            flagged_clients=flagged,
+            rejected_clients=rejected,
+            excluded_clients=excluded,
             client_accuracy=per_client,
             seconds=time.perf_counter() - started,
         )

@@ -23,7 +23,7 @@ METRIC_FIELDS = (
     "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
     "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
     "bytes_downloaded_uncompressed", "compression_ratio", "downlink_compression_ratio",
-    "rounds", "wall_seconds", "audit_seconds",
+    "flagged_client_rounds", "rejected_client_rounds", "rounds", "wall_seconds", "audit_seconds",
 )
 
 
@@ -35,7 +35,8 @@ def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str
     metrics: dict[str, Any] = dict.fromkeys(METRIC_FIELDS)
     for key in ("accuracy", "auc", "bytes_uploaded", "bytes_uploaded_uncompressed",
                 "bytes_downloaded", "bytes_downloaded_uncompressed", "compression_ratio",
-                "downlink_compression_ratio", "rounds"):
+                "downlink_compression_ratio", "flagged_client_rounds", "rejected_client_rounds",
+                "rounds"):
         metrics[key] = trained[key]
     for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
                 "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound"):

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
 
+from fl_core.aggregation import bucketing, make_aggregator, nearest_neighbour_mixing
+from fl_core.anomaly import Reputation
+from fl_core.attacks import Attack, choose_malicious
 from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
-from fl_core.config import CompressionConfig, PipelineConfig
-from fl_core.engine import InProcessClient, LocalTrainingConfig, RoundRecord, run_federated
+from fl_core.config import CompressionConfig, ConfigError, PipelineConfig, check_aggregation
+from fl_core.data import ClientData
+from fl_core.engine import (
+    Defense,
+    InProcessClient,
+    LocalTrainingConfig,
+    RoundRecord,
+    TrainingResult,
+    run_federated,
+)
 from fl_core.models import build_model, get_flat_params, set_flat_params
 from tasks.common import Paths, atomic_path, task_options, write_json_atomic, write_text_atomic
 from tasks.partition import load_client_data
@@ -23,7 +36,7 @@ ROUND_COLUMNS = (
     "round", "train_loss", "test_loss", "accuracy", "auc", "bytes_uploaded",
     "bytes_downloaded", "bytes_uploaded_uncompressed", "bytes_downloaded_uncompressed",
     "compression_ratio", "downlink_compression_ratio", "clients_ok",
-    "failed_clients", "flagged_clients", "seconds",
+    "failed_clients", "flagged_clients", "rejected_clients", "excluded_clients", "seconds",
 )
 
 
@@ -46,6 +59,9 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "clients_ok": record.clients_ok,
         "failed_clients": ";".join(record.failed_clients),
         "flagged_clients": ";".join(record.flagged_clients),
+        "rejected_clients": ";".join(record.rejected_clients),
+        "excluded_clients": ";".join(record.excluded_clients),
+        "n_flagged": len(record.flagged_clients),
         "seconds": round(record.seconds, 4),
     }
     row.update({f"accuracy_{cid}": round(acc, 6) for cid, acc in record.client_accuracy.items()})
@@ -58,7 +74,11 @@ def _kib(n: int) -> str:
 
 def print_progress(record: RoundRecord, total: int) -> None:
     ratio = record.bytes_uploaded_uncompressed / max(record.bytes_uploaded, 1)
-    failed = f"  failed: {','.join(record.failed_clients)}" if record.failed_clients else ""
+    failed = "".join(
+        f"  {label}: {','.join(ids)}" for label, ids in (
+            ("failed", record.failed_clients), ("rejected", record.rejected_clients),
+            ("flagged", record.flagged_clients), ("excluded", record.excluded_clients))
+        if ids)
     print(
         f"round {record.round:>3}/{total}  loss {record.test_loss:.4f}  "
         f"acc {record.accuracy:.3f}  auc {record.auc:.3f}  "
@@ -92,6 +112,48 @@ def describe_compression(c: CompressionConfig) -> str:
     return ", ".join(parts)
 
 
+def make_defense(cfg: PipelineConfig, n_clients: int) -> Defense:
+    """The server's defense as configured under ``aggregation`` and ``anomaly``."""
+    agg = cfg.aggregation
+    try:
+        check_aggregation(agg, n_clients)
+    except ValueError as exc:  # by_site: the number of clients is only known now
+        raise ConfigError(str(exc)) from None
+    f = agg.num_byzantine(n_clients)
+    pre = None
+    if agg.pre_aggregation == "nnm":
+        def pre(u: torch.Tensor) -> torch.Tensor:
+            return nearest_neighbour_mixing(u, min(f, u.shape[0] - 1))
+    elif agg.pre_aggregation == "bucketing":
+        generator = torch.Generator().manual_seed(cfg.seed)
+
+        def pre(u: torch.Tensor) -> torch.Tensor:
+            return bucketing(u, agg.bucket_size, generator)
+    an = cfg.anomaly
+    return Defense(
+        aggregator=make_aggregator(agg.method, f),
+        pre_aggregation=pre,
+        detect=an.enabled,
+        detect_min_clients=an.min_clients,
+        z_threshold=an.z_threshold,
+        reputation=Reputation(an.reputation_decay, an.exclude_at),
+        max_norm_factor=agg.max_norm_factor,
+    )
+
+
+def make_attack(cfg: PipelineConfig, client_ids: list[str]) -> Attack | None:
+    a = cfg.attack
+    if a.kind == "none" or a.fraction == 0:
+        return None
+    malicious = choose_malicious(client_ids, a.fraction, cfg.seed)
+    return Attack(a.kind, malicious, a.scale, a.noise_std, a.ipm_epsilon)
+
+
+def poisoned(data: ClientData) -> ClientData:
+    """The client's data with its training labels flipped (data poisoning)."""
+    return dataclasses.replace(data, y_train=1.0 - data.y_train)
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model saved by :func:`train_model`, and its metadata."""
     if not path.exists():
@@ -102,11 +164,11 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, saved
 
 
-def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
-    """Run the federated rounds on the partition; write model, rounds.csv, train.json, plot."""
-    paths = Paths.of(cfg, root)
-    started = time.perf_counter()
-    data, transform, partition = load_client_data(cfg, paths)
+def federate(
+    cfg: PipelineConfig, data: list[ClientData],
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> tuple[TrainingResult, Attack | None]:
+    """The configured federated run on ``data``: clients, compression, defense, attack."""
     num_features = int(data[0].x_train.shape[1])
 
     def factory() -> torch.nn.Module:
@@ -114,17 +176,38 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
     comp = cfg.compression
+    defense = make_defense(cfg, len(data))
+    attack = make_attack(cfg, [d.client_id for d in data])
+    if attack is not None and attack.flips_labels:
+        data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
     clients = [InProcessClient(d, factory, local, make_compressor(comp, cfg.seed + i))
                for i, d in enumerate(data)]
     downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
         else None
-    print(f"training {cfg.model} on {len(clients)} clients "
-          f"({', '.join(c.client_id for c in clients)}), {cfg.rounds} rounds; "
-          f"{describe_compression(comp)}")
     result = run_federated(
         clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients, downlink=downlink,
-        on_round=lambda rec: print_progress(rec, cfg.rounds),
+        on_round=on_round, defense=defense, attack=attack, seed=cfg.seed,
     )
+    return result, attack
+
+
+def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
+    """Run the federated rounds on the partition; write model, rounds.csv, train.json, plot."""
+    paths = Paths.of(cfg, root)
+    started = time.perf_counter()
+    data, transform, partition = load_client_data(cfg, paths)
+    num_features = int(data[0].x_train.shape[1])
+    print(f"training {cfg.model} on {len(data)} clients "
+          f"({', '.join(d.client_id for d in data)}), {cfg.rounds} rounds; "
+          f"{describe_compression(cfg.compression)}; aggregation {cfg.aggregation.method}"
+          + (f" after {cfg.aggregation.pre_aggregation}"
+             if cfg.aggregation.pre_aggregation != "none" else "")
+          + (", anomaly detection" if cfg.anomaly.enabled else ""))
+    if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
+        print(f"SIMULATED ATTACK {cfg.attack.kind} on {cfg.attack.fraction:.0%} of clients")
+    result, attack = federate(cfg, data, lambda rec: print_progress(rec, cfg.rounds))
+    clients = data
+    comp = cfg.compression
     history = [round_row(r) for r in result.history]
     last = result.history[-1]
 
@@ -160,6 +243,12 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         "compression": describe_compression(comp),
         "client_accuracy": last.client_accuracy,
         "client_failures": [str(f) for f in result.failures],
+        "flagged_clients": sorted({c for r in result.history for c in r.flagged_clients}),
+        "flagged_client_rounds": sum(len(r.flagged_clients) for r in result.history),
+        "rejected_client_rounds": sum(len(r.rejected_clients) for r in result.history),
+        "excluded_clients": sorted({c for r in result.history for c in r.excluded_clients}),
+        "malicious_clients": sorted(attack.malicious) if attack else [],
+        "aggregation": cfg.aggregation.method,
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_json_atomic(paths.train_summary, summary)

@@ -199,3 +199,39 @@ def test_compressed_downlink_counts_deltas_and_keeps_clients_in_step() -> None:
     assert all(torch.equal(r, replicas[0]) for r in replicas)  # every client holds the same copy
     assert result.history[-1].accuracy > 0.85
     assert later.bytes_downloaded / len(cs) > FRAME_BYTES
+
+
+def test_sign_flip_attack_breaks_fedavg_but_not_multi_krum() -> None:
+    from fl_core.aggregation import make_aggregator
+    from fl_core.attacks import Attack
+    from fl_core.engine import Defense
+
+    attack = Attack("sign_flip", frozenset({"c0", "c1"}), scale=4.0)
+    plain, factory = wide_clients(n_clients=7)
+    robust, _ = wide_clients(n_clients=7)
+    init = get_flat_params(factory())
+    broken = run_federated(plain, init, rounds=8, attack=attack)
+    defended = run_federated(robust, init, rounds=8, attack=attack,
+                             defense=Defense(aggregator=make_aggregator("multi_krum", 2)))
+    assert broken.history[-1].accuracy < 0.7
+    assert defended.history[-1].accuracy > 0.9
+
+
+def test_absurd_update_is_rejected_and_flagged_clients_are_reported() -> None:
+    from fl_core.attacks import Attack
+    from fl_core.engine import Defense
+
+    cs, factory = wide_clients(n_clients=7)
+    attack = Attack("scaling", frozenset({"c3"}), scale=1e6)  # an absurd norm
+    result = run_federated(cs, get_flat_params(factory()), rounds=3, attack=attack,
+                           defense=Defense(detect=True))
+    assert all(r.rejected_clients == ["c3"] for r in result.history)
+    assert all(r.clients_ok == 6 for r in result.history)
+    assert result.history[-1].accuracy > 0.85
+
+    cs, factory = wide_clients(n_clients=7)
+    attack = Attack("scaling", frozenset({"c3"}), scale=20.0)  # large, but not absurd
+    result = run_federated(cs, get_flat_params(factory()), rounds=4, attack=attack,
+                           defense=Defense(detect=True))
+    assert all("c3" in r.flagged_clients for r in result.history)
+    assert "c3" in result.history[-1].excluded_clients  # the third flag in a row excludes it
