@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import math
 import platform
 import statistics
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import emit  # benchmarks/report.py: the script's own folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -357,11 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats, --big-repeats and --threads must be >= 1")
     result = run(args.clients, [int(d) for d in args.dims], args.repeats, args.big_repeats,
                  args.seed, args.skip_loop_above, args.threads)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

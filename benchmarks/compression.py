@@ -22,7 +22,6 @@ decode throughput in million elements per second (median of repeats); and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import emit  # benchmarks/report.py: the script's own folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -135,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     result = run([int(s) for s in args.sizes], args.densities, args.bits, args.seed)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from report import emit  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     result = run(args.overrides, args.seeds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    print(markdown(result), file=sys.stderr)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ stdout, Markdown tables on stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import emit  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -118,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     result = run(args.seeds, args.fractions, args.attacks, args.defenses)
-    text = json.dumps(result, indent=2)
-    print(text)
-    print(markdown(result), file=sys.stderr)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":

@@ -201,13 +201,14 @@ def bucketing(updates: torch.Tensor, bucket_size: int, generator: torch.Generato
     return (mixing / mixing.sum(1, keepdim=True)) @ updates
 
 
-def make_aggregator(
-    method: str, f: int, trim: int | None = None
-) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], AggregationResult]:
+Aggregator = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
+                      AggregationResult]
+
+
+def make_aggregator(method: str, f: int) -> Aggregator:
     """``aggregate(updates, weights, previous_aggregate)`` for a configured rule."""
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {method!r}; accepted: {', '.join(AGGREGATORS)}")
-    trim_f = f if trim is None else trim
 
     def aggregate(updates: torch.Tensor, weights: torch.Tensor | None,
                   previous: torch.Tensor | None) -> AggregationResult:
@@ -219,7 +220,7 @@ def make_aggregator(
             fr = min(f, max((n - 3) // 2, 0))
             return multi_krum(updates, fr, 1 if method == "krum" else n - fr, weights)
         if method == "trimmed_mean":
-            return trimmed_mean(updates, min(trim_f, (n - 1) // 2))
+            return trimmed_mean(updates, min(f, (n - 1) // 2))
         if method == "median":
             return coordinate_median(updates)
         if method == "geometric_median":

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fl_core.aggregation import check_robustness
+
 CORE_FEATURES = (
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak",
 )
@@ -192,8 +194,6 @@ class PipelineConfig(_Section):
 
 def check_aggregation(agg: AggregationConfig, n_clients: int) -> None:
     """Raise if ``aggregation.method`` cannot tolerate its Byzantine fraction of ``n_clients``."""
-    from fl_core.aggregation import check_robustness
-
     try:
         check_robustness(agg.method, n_clients, agg.num_byzantine(n_clients))
     except ValueError as exc:

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fl_core.aggregation import AggregationResult, fedavg
+from fl_core.aggregation import AggregationResult, Aggregator, fedavg
 from fl_core.anomaly import Reputation, detect_anomalies, sanitize
 from fl_core.attacks import Attack
 from fl_core.compression import (
@@ -219,10 +219,6 @@ class Defense:
         if self.aggregator is None:
             return fedavg(updates, weights)
         return self.aggregator(updates, weights, previous)
-
-
-Aggregator = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
-                      AggregationResult]
 
 
 def _fail(failures: list[ClientUpdateError], failed: list[str], cid: str, reason: str) -> None:

@@ -48,34 +48,28 @@ def _missing(name: str) -> str:
     return f"{name} is missing: {because}"
 
 
-def _at_least(name: str, threshold_key: str) -> Rule:
-    """Rule: ``metrics[name] >= gate.<threshold_key>``."""
+def _bound(name: str, threshold_key: str, upper: bool) -> Rule:
+    """Rule: ``metrics[name] <= gate.<threshold_key>`` if ``upper``, else ``>=``."""
 
     def rule(metrics: Metrics, gate: GateConfig) -> str | None:
         value = _value(metrics, name)
         threshold = float(getattr(gate, threshold_key))
         if value is None:
             return _missing(name)
-        if value < threshold:
-            return f"{name} {value:.4g} < gate.{threshold_key} {threshold:.4g}"
+        if (value > threshold) if upper else (value < threshold):
+            sign = ">" if upper else "<"
+            return f"{name} {value:.4g} {sign} gate.{threshold_key} {threshold:.4g}"
         return None
 
     return rule
+
+
+def _at_least(name: str, threshold_key: str) -> Rule:
+    return _bound(name, threshold_key, upper=False)
 
 
 def _at_most(name: str, threshold_key: str) -> Rule:
-    """Rule: ``metrics[name] <= gate.<threshold_key>``."""
-
-    def rule(metrics: Metrics, gate: GateConfig) -> str | None:
-        value = _value(metrics, name)
-        threshold = float(getattr(gate, threshold_key))
-        if value is None:
-            return _missing(name)
-        if value > threshold:
-            return f"{name} {value:.4g} > gate.{threshold_key} {threshold:.4g}"
-        return None
-
-    return rule
+    return _bound(name, threshold_key, upper=True)
 
 
 RULES: tuple[Rule, ...] = (

@@ -32,13 +32,6 @@ from tasks.common import Paths, atomic_path, task_options, write_json_atomic, wr
 from tasks.partition import load_client_data
 from tasks.plots import training_curves
 
-ROUND_COLUMNS = (
-    "round", "train_loss", "test_loss", "accuracy", "auc", "bytes_uploaded",
-    "bytes_downloaded", "bytes_uploaded_uncompressed", "bytes_downloaded_uncompressed",
-    "compression_ratio", "downlink_compression_ratio", "clients_ok",
-    "failed_clients", "flagged_clients", "rejected_clients", "excluded_clients", "seconds",
-)
-
 
 def round_row(record: RoundRecord) -> dict[str, Any]:
     """One ``rounds.csv`` row: pooled figures, then each client's test accuracy."""
@@ -206,8 +199,6 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
         print(f"SIMULATED ATTACK {cfg.attack.kind} on {cfg.attack.fraction:.0%} of clients")
     result, attack = federate(cfg, data, lambda rec: print_progress(rec, cfg.rounds))
-    clients = data
-    comp = cfg.compression
     history = [round_row(r) for r in result.history]
     last = result.history[-1]
 
@@ -232,7 +223,7 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         "auc": last.auc,
         "test_loss": last.test_loss,
         "rounds": len(result.history),
-        "clients": len(clients),
+        "clients": len(data),
         "partition": partition.scheme,
         "bytes_uploaded": bytes_up,
         "bytes_downloaded": bytes_down,
@@ -240,7 +231,7 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         "bytes_downloaded_uncompressed": bytes_down_raw,
         "compression_ratio": bytes_up_raw / max(bytes_up, 1),
         "downlink_compression_ratio": bytes_down_raw / max(bytes_down, 1),
-        "compression": describe_compression(comp),
+        "compression": describe_compression(cfg.compression),
         "client_accuracy": last.client_accuracy,
         "client_failures": [str(f) for f in result.failures],
         "flagged_clients": sorted({c for r in result.history for c in r.flagged_clients}),
