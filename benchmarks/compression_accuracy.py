@@ -1,6 +1,7 @@
 """Accuracy against bytes: the default pipeline with and without compression, over seeds.
 
-Each arm is the default configuration (``params.yaml``) with a few ``compression.*`` overrides;
+Each arm is the default configuration (``params.yaml``) with DP-SGD off (the arms measure
+compression alone) and a few ``compression.*`` overrides;
 for each seed 0..N-1 the stages ``partition`` and ``train`` run exactly as ``fedpriv stage``
 runs them (validation once), in a scratch copy of the project, so partitions, transforms, model
 initialisation and local training are the pipeline's own. Reported per arm: the final pooled
@@ -51,6 +52,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def run(overrides: list[str], seeds: int) -> dict[str, Any]:
+    overrides = ["privacy.enabled=false", *overrides]
     from tasks.partition import partition_data
     from tasks.train import train_model
     from tasks.validate import validate_data

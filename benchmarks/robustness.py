@@ -47,6 +47,7 @@ DEFENSES: dict[str, list[str]] = {
 # dense updates: the table compares aggregators, and coordinate-wise rules cannot run on sparse
 # updates (the configuration refuses that combination)
 BASE = ["data.partition=by_patient", "data.num_clients=20", "anomaly.enabled=false",
+        "privacy.enabled=false",
         "compression.enabled=false"]
 
 
@@ -69,7 +70,7 @@ def run(seeds: int, fractions: list[float], attacks: list[str],
                     overrides = [*BASE, *DEFENSES[defense], f"seed={seed}",
                                  f"attack.kind={attack}", f"attack.fraction={fraction}"]
                     cfg = load_config(ROOT / "params.yaml", overrides)
-                    result, _ = federate(cfg, data)
+                    result = federate(cfg, data).result
                     accuracy = result.history[-1].accuracy
                     cells.setdefault(key, {}).setdefault(defense, []).append(accuracy)
                 print(f"seed {seed} {key:<18} " + " ".join(

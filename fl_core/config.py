@@ -130,6 +130,39 @@ class AttackConfig(_Section):
     ipm_epsilon: float = Field(0.5, gt=0)
 
 
+class ServerDPConfig(_Section):
+    """Client-level DP-FedAvg on the server: clip each update, add noise to the sum."""
+
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(1.0, gt=0)
+
+
+class PrivacyConfig(_Section):
+    """Patient-level DP-SGD at every client, the run's (ε, δ) and the lifetime budget."""
+
+    enabled: bool = True
+    epsilon: float = Field(1.0, gt=0, le=100)  # for the whole run, per patient
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)  # per-patient clipping bound C
+    sample_rate: float = Field(0.25, gt=0, le=1)  # Poisson sampling rate of patients
+    accountant: Literal["prv", "rdp"] = "prv"
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    learning_rate: float | None = Field(0.2, gt=0, le=10)  # None = the top-level learning_rate
+    lifetime_epsilon: float = Field(10.0, gt=0)  # per site and dataset, over all runs
+    ledger: str | None = None  # None = <state_dir>/privacy_ledger.sqlite
+    secure_noise: bool = False  # True: noise and sampling seeded from the OS, not `seed`
+    server: ServerDPConfig = Field(default_factory=ServerDPConfig)
+
+    @model_validator(mode="after")
+    def _run_fits_lifetime(self) -> PrivacyConfig:
+        if self.enabled and self.epsilon > self.lifetime_epsilon:
+            raise ValueError(
+                f"privacy.epsilon={self.epsilon:g} exceeds privacy.lifetime_epsilon="
+                f"{self.lifetime_epsilon:g}: no run could ever fit; lower privacy.epsilon")
+        return self
+
+
 class AuditConfig(_Section):
     enabled: bool = True
 
@@ -160,6 +193,7 @@ class PipelineConfig(_Section):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -179,7 +213,22 @@ class PipelineConfig(_Section):
                 f"mostly zeros in every coordinate and stops learning; use multi_krum, "
                 f"geometric_median or centered_clipping, or set compression.enabled=false"
             )
+        if self.privacy.server.enabled and self.aggregation.method != "fedavg":
+            raise ValueError(
+                f"privacy.server.enabled=true with aggregation.method="
+                f"{self.aggregation.method}: DP-FedAvg's guarantee covers the clipped sum of "
+                f"updates only; set aggregation.method=fedavg (and anomaly.enabled=false)")
+        if self.privacy.server.enabled and self.anomaly.enabled:
+            raise ValueError(
+                "privacy.server.enabled=true with anomaly.enabled=true: excluding clients by "
+                "their raw updates sits outside DP-FedAvg's guarantee; set anomaly.enabled=false")
         return self
+
+    @property
+    def ledger_path(self) -> Path:
+        if self.privacy.ledger:
+            return Path(self.privacy.ledger)
+        return Path(self.state_dir) / "privacy_ledger.sqlite"
 
     def flat(self) -> dict[str, Any]:
         """Dotted key → value, for logging as run parameters."""

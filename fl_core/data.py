@@ -92,10 +92,18 @@ class ClientData:
     y_test: torch.Tensor
     train_ids: tuple[int, ...]
     test_ids: tuple[int, ...]
+    # the patient id of each x_train row (None: one row per patient, in train_ids order)
+    train_patients: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
         return int(self.y_train.shape[0])
+
+    def patient_ids(self) -> torch.Tensor:
+        """The patient id of each training row: the privacy unit of DP-SGD."""
+        if self.train_patients is not None:
+            return self.train_patients
+        return torch.tensor(self.train_ids, dtype=torch.int64)
 
 
 @dataclass
@@ -308,6 +316,7 @@ class FederatedDataLoader:
                     y_test=torch.tensor(test["label"].to_numpy(), dtype=torch.float32),
                     train_ids=split.train_ids,
                     test_ids=split.test_ids,
+                    train_patients=torch.tensor(train[PATIENT_ID].to_numpy(), dtype=torch.int64),
                 )
             )
         return out

@@ -11,6 +11,7 @@ round*: the round goes on without it and the failure is recorded. A round with f
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from fl_core.compression import (
 from fl_core.data import ClientData
 from fl_core.metrics import accuracy, roc_auc
 from fl_core.models import get_flat_params, set_flat_params
+from fl_core.privacy import DPSGDConfig, PatientDPTrainer, check_model, group_records
 
 
 class RoundFailedError(RuntimeError):
@@ -114,7 +116,12 @@ def train_local(
 
 
 class InProcessClient:
-    """A simulated hospital: its data never leaves this object except as codec bytes."""
+    """A simulated hospital: its data never leaves this object except as codec bytes.
+
+    With ``privacy`` it trains by patient-level DP-SGD (:class:`PatientDPTrainer`) and keeps
+    its own accountant; :attr:`epsilon_spent` is what its updates have cost so far. With
+    ``secure_seed`` the DP sampling and noise come from the OS, not from the run's seed.
+    """
 
     def __init__(
         self,
@@ -122,6 +129,8 @@ class InProcessClient:
         model_factory: Callable[[], nn.Module],
         training: LocalTrainingConfig,
         compressor: UpdateCompressor | None = None,
+        privacy: DPSGDConfig | None = None,
+        secure_seed: bool = False,
     ) -> None:
         self.client_id = data.client_id
         self.num_train = data.num_train
@@ -130,15 +139,36 @@ class InProcessClient:
         self._training = training
         self._compressor = compressor or UpdateCompressor(DenseCodec(), error_feedback=False)
         self._replica = ModelReplica()
+        self._secure_seed = secure_seed
         self.last_train_loss = float("nan")
+        self.model_fixes: list[str] = []
+        self._dp: PatientDPTrainer | None = None
+        if privacy is not None:
+            self._model, self.model_fixes = check_model(self._model)
+            patients = group_records(data.x_train, data.y_train, data.patient_ids())
+            self._dp = PatientDPTrainer(self._model, patients, privacy)
+
+    @property
+    def epsilon_spent(self) -> float | None:
+        """ε this client's DP-SGD has spent so far (None without DP)."""
+        return None if self._dp is None else self._dp.epsilon()
+
+    @property
+    def dp_steps(self) -> int:
+        return 0 if self._dp is None else self._dp.steps
 
     def fit(self, global_payload: bytes, round_idx: int) -> bytes:
         global_params = self._replica.apply(global_payload)
         set_flat_params(self._model, global_params)
         seed = _seed_for(self._training.seed, self.client_id, round_idx)
-        self.last_train_loss = train_local(
-            self._model, self._data.x_train, self._data.y_train, self._training, seed
-        )
+        if self._dp is not None:
+            if self._secure_seed:
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
+            self.last_train_loss = self._dp.train(self._training.local_epochs, seed)
+        else:
+            self.last_train_loss = train_local(
+                self._model, self._data.x_train, self._data.y_train, self._training, seed
+            )
         delta = get_flat_params(self._model) - global_params
         check_finite(delta, f"update of client {self.client_id!r}")
         return self._compressor.compress(delta, round_idx)
@@ -171,6 +201,7 @@ class RoundRecord:
     rejected_clients: list[str] = field(default_factory=list)
     excluded_clients: list[str] = field(default_factory=list)
     client_accuracy: dict[str, float] = field(default_factory=dict)
+    epsilon: float | None = None  # DP-SGD: the largest ε any client has spent so far
     seconds: float = 0.0
 
 
@@ -316,6 +347,7 @@ def run_federated(
         losses = torch.tensor([getattr(senders[i], "last_train_loss", float("nan"))
                                for i in kept])
         train_loss = float((losses * weights).sum() / weights.sum())
+        spent = [e for c in clients if (e := getattr(c, "epsilon_spent", None)) is not None]
         record = RoundRecord(
             round=round_idx,
             train_loss=train_loss,
@@ -332,6 +364,7 @@ def run_federated(
             rejected_clients=rejected,
             excluded_clients=excluded,
             client_accuracy=per_client,
+            epsilon=max(spent) if spent else None,
             seconds=time.perf_counter() - started,
         )
         history.append(record)

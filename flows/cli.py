@@ -4,6 +4,7 @@
     fedpriv run --set rounds=5 --set model=mlp
     fedpriv stage train                      # one stage, no orchestration (what dvc repro calls)
     fedpriv config --set data.partition=by_patient
+    fedpriv budget                           # the privacy-budget ledger: ε spent per site
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ outputs:
   MLflow store in .fedpriv/ (mlflow ui --backend-store-uri sqlite:///.fedpriv/mlflow.db);
   Prefect history in .fedpriv/prefect (prefect server start).
 
-exit codes: 0 ok, 2 bad configuration, 3 data failed validation, 4 training failed, 1 other.
+privacy:
+  every run is (privacy.epsilon, privacy.delta)-DP per patient (DP-SGD, Opacus); the ledger
+  (.fedpriv/privacy_ledger.sqlite) refuses a run that would take a site past
+  privacy.lifetime_epsilon. `fedpriv budget` shows what each site has spent.
+
+exit codes: 0 ok, 2 bad configuration, 3 data failed validation, 4 training failed,
+  5 privacy budget exhausted, 1 other.
 """
 
 
@@ -71,7 +78,46 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=STAGES, help="the stage to run")
     sub.add_parser("config", parents=[common], help="print the resolved configuration",
                    description="Print params.yaml with overrides applied and validated.")
+    budget = sub.add_parser(
+        "budget", parents=[common], help="show the privacy-budget ledger",
+        description="Show ε (and δ) spent per dataset and site, by basic composition over "
+                    "every registered run, against privacy.lifetime_epsilon; --entries lists "
+                    "the runs.")
+    budget.add_argument("--entries", action="store_true", help="list every ledger entry too")
     return parser
+
+
+def print_budget(cfg: Any, root: Path, entries: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fl_core.data import file_fingerprint
+    from tasks.train import privacy_ledger
+
+    ledger = privacy_ledger(cfg, root)
+    cap = cfg.privacy.lifetime_epsilon
+    current = file_fingerprint(root / cfg.data.path) if (root / cfg.data.path).is_file() else ""
+    console = Console()
+    table = Table(title=f"privacy budget ({ledger.path}), lifetime cap ε={cap:g} per site")
+    for column in ("dataset", "site", "runs", "ε spent", "δ spent", "ε left"):
+        table.add_column(column, justify="left" if column in ("dataset", "site") else "right")
+    balances = ledger.balances()
+    for b in balances:
+        label = b.fingerprint[:12] + (" (data.path)" if b.fingerprint == current else "")
+        table.add_row(label, b.site, str(b.runs), f"{b.epsilon:.4f}", f"{b.delta:.2g}",
+                      f"{max(cap - b.epsilon, 0.0):.4f}")
+    console.print(table if balances else f"privacy ledger {ledger.path}: no runs recorded")
+    if entries:
+        import datetime
+
+        runs = Table(title="ledger entries")
+        for column in ("time (UTC)", "dataset", "site", "run", "ε", "δ", "accountant"):
+            runs.add_column(column)
+        for e in ledger.entries():
+            when = datetime.datetime.fromtimestamp(e.created_at, datetime.UTC)
+            runs.add_row(when.strftime("%Y-%m-%d %H:%M:%S"), e.fingerprint[:12], e.site,
+                         e.run_id, f"{e.epsilon:.4f}", f"{e.delta:g}", e.accountant)
+        console.print(runs)
 
 
 def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None:
@@ -96,6 +142,15 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
                else f"[yellow]refused: {reasons}[/yellow]")
     console.print(f"model {registration.get('model_name')} v{registration.get('model_version')} "
                   f"(challenger); promotion gate {verdict}")
+    budget = registration.get("budget_spent") or {}
+    if metrics.get("epsilon") is not None:
+        cap = registration.get("lifetime_epsilon")
+        console.print(f"privacy: {registration.get('privacy')}, (ε={metrics['epsilon']:.3f}, "
+                      f"δ={metrics['delta']:g}) per patient; budget spent of ε={cap:g}: "
+                      + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items()))
+    else:
+        console.print("[red]privacy: this model is NOT differentially private per patient "
+                      "(privacy.enabled=false)[/red]")
     console.print("reports: reports/metrics.json, reports/rounds.csv, reports/*.png; "
                   "MLflow: .fedpriv/mlflow.db")
 
@@ -108,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.config import ConfigError, load_config
     from fl_core.data import DataError
     from fl_core.engine import RoundFailedError
+    from fl_core.ledger import BudgetExceededError
     from fl_core.validation import DataValidationError
 
     try:
@@ -117,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
+        if args.command == "budget":
+            print_budget(cfg, root, args.entries)
+            return 0
         if args.command == "stage":
             return run_stage(args.name, cfg, root)
         from flows.pipeline import fl_pipeline
@@ -124,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = fl_pipeline(overrides=args.overrides, params_path=args.params, root=str(root))
         print_summary(outcome["metrics"], outcome["registration"])
         return 0
+    except BudgetExceededError as exc:
+        print(f"fedpriv: privacy refusal: {exc}", file=sys.stderr)
+        return 5
     except ConfigError as exc:
         print(f"fedpriv: configuration error: {exc}", file=sys.stderr)
         return 2

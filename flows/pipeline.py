@@ -32,12 +32,21 @@ def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> s
         return str(value)
 
     rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in metrics.items())
+    budget = registration.get("budget_spent") or {}
+    privacy = (
+        f"Privacy: {registration.get('privacy')}, (ε = {fmt(metrics.get('epsilon'))}, "
+        f"δ = {metrics.get('delta'):g}) per patient; lifetime budget spent of "
+        f"ε = {registration.get('lifetime_epsilon')}: "
+        + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items())
+        if metrics.get("epsilon") is not None
+        else "Privacy: **not differentially private** (privacy.enabled=false)")
     gate = "passed → **champion**" if registration.get("gate_passed") else (
         "refused: " + "; ".join(registration.get("gate_reasons", [])))
     return (
         f"# fedpriv run\n\nModel `{registration.get('model_name')}` version "
         f"**{registration.get('model_version')}** (alias `challenger`); gate {gate}.\n\n"
-        f"MLflow run `{registration.get('run_id')}`.\n\n| metric | value |\n|---|---|\n{rows}\n"
+        f"{privacy}.\n\nMLflow run `{registration.get('run_id')}`.\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n"
     )
 
 

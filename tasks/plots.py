@@ -76,3 +76,24 @@ def _save(fig: plt.Figure, target: Path) -> None:
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def privacy_utility_plot(points: Sequence[dict], baseline: dict, target: Path) -> None:
+    """Pooled test accuracy (mean ± sd over seeds) against ε, with the non-private model."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    eps = [p["epsilon"] for p in points]
+    mean = [p["accuracy_mean"] for p in points]
+    sd = [p["accuracy_sd"] for p in points]
+    ax.errorbar(eps, mean, yerr=sd, marker="o", capsize=3, label="patient-level DP-SGD")
+    ax.axhline(baseline["accuracy_mean"], color="k", ls="--", lw=1,
+               label=f"non-private (ε = ∞): {baseline['accuracy_mean']:.3f}")
+    ax.axhspan(baseline["accuracy_mean"] - baseline["accuracy_sd"],
+               baseline["accuracy_mean"] + baseline["accuracy_sd"], color="k", alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.set_xlabel("ε per patient (δ = 1e-5)")
+    ax.set_ylabel("pooled test accuracy")
+    ax.set_title("Privacy–utility")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, target)

@@ -6,6 +6,7 @@ only after the registration has succeeded, so a failed run never leaves them hal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from prefect import task
 from fl_core.config import PipelineConfig
 from tasks.common import Paths, read_json, task_options, write_json_atomic
 from tasks.register import register_model
-from tasks.train import load_model
+from tasks.train import load_model, privacy_ledger
 
 # The fields every run reports (architecture); a later stage's field stays None until it exists.
 METRIC_FIELDS = (
@@ -23,7 +24,8 @@ METRIC_FIELDS = (
     "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
     "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
     "bytes_downloaded_uncompressed", "compression_ratio", "downlink_compression_ratio",
-    "flagged_client_rounds", "rejected_client_rounds", "rounds", "wall_seconds", "audit_seconds",
+    "flagged_client_rounds", "rejected_client_rounds", "client_level_epsilon", "rounds",
+    "wall_seconds", "audit_seconds",
 )
 
 
@@ -33,11 +35,12 @@ def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str
     trained = read_json(paths.train_summary, "train")
     audited = read_json(paths.audit, "audit")
     metrics: dict[str, Any] = dict.fromkeys(METRIC_FIELDS)
-    for key in ("accuracy", "auc", "bytes_uploaded", "bytes_uploaded_uncompressed",
-                "bytes_downloaded", "bytes_downloaded_uncompressed", "compression_ratio",
-                "downlink_compression_ratio", "flagged_client_rounds", "rejected_client_rounds",
-                "rounds"):
-        metrics[key] = trained[key]
+    for key in ("accuracy", "auc", "epsilon", "delta", "bytes_uploaded",
+                "bytes_uploaded_uncompressed", "bytes_downloaded", "bytes_downloaded_uncompressed",
+                "compression_ratio", "downlink_compression_ratio", "flagged_client_rounds",
+                "rejected_client_rounds", "rounds"):
+        metrics[key] = trained.get(key)
+    metrics["client_level_epsilon"] = (trained.get("privacy") or {}).get("client_level_epsilon")
     for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
                 "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound"):
         metrics[key] = audited.get(key)
@@ -61,7 +64,10 @@ def publish_results(
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
                              paths.roc_plot, paths.training_plot) if p.exists()]
     history = _read_rounds(paths.rounds_csv)
-    result = register_model(cfg, model, example, metrics, history, artifacts)
+    privacy = read_json(paths.train_summary, "train").get("privacy") or {}
+    result = register_model(cfg, model, example, metrics, history, artifacts,
+                            tags=privacy_tags(privacy),
+                            on_registered=ledger_charge(cfg, paths.root, privacy))
     registration = {
         "run_id": result.run_id,
         "model_name": result.model_name,
@@ -69,10 +75,53 @@ def publish_results(
         "aliases": list(result.aliases),
         "gate_passed": result.gate.passed,
         "gate_reasons": list(result.gate.reasons),
+        "privacy": privacy_tags(privacy)["privacy"],
+        "budget_spent": _budget_spent(cfg, paths.root, privacy),
+        "lifetime_epsilon": cfg.privacy.lifetime_epsilon,
     }
     write_json_atomic(paths.metrics, metrics)
     write_json_atomic(paths.registration, registration)
     return {"metrics": metrics, "registration": registration}
+
+
+def privacy_tags(privacy: dict[str, Any]) -> dict[str, str]:
+    """MLflow run tags stating the model's guarantee (or its absence)."""
+    if privacy.get("epsilon") is None:
+        return {"privacy": "none" if privacy.get("client_level_epsilon") is None
+                else "client-level DP-FedAvg only"}
+    return {
+        "privacy": "patient-level DP-SGD",
+        "privacy.epsilon": f"{privacy['epsilon']:.6g}",
+        "privacy.delta": f"{privacy['delta']:g}",
+        "privacy.accountant": str(privacy["accountant"]),
+        "privacy.noise_multiplier": f"{privacy['noise_multiplier']:.6g}",
+        "privacy.sample_rate": f"{privacy['sample_rate']:g}",
+        "privacy.max_grad_norm": f"{privacy['max_grad_norm']:g}",
+        "privacy.dataset": str(privacy["dataset_fingerprint"]),
+    }
+
+
+def ledger_charge(
+    cfg: PipelineConfig, root: Path, privacy: dict[str, Any]
+) -> Callable[[str], None] | None:
+    """The ledger commit that registration runs last (None for a run without DP-SGD)."""
+    if privacy.get("epsilon") is None:
+        return None
+    ledger = privacy_ledger(cfg, root)
+
+    def charge(run_id: str) -> None:
+        ledger.charge(privacy["dataset_fingerprint"], privacy["site_epsilon"],
+                      privacy["delta"], privacy["accountant"], run_id,
+                      cfg.privacy.lifetime_epsilon)
+    return charge
+
+
+def _budget_spent(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> dict[str, float]:
+    """ε each site has now spent on this dataset, all runs included (after this one)."""
+    if privacy.get("epsilon") is None:
+        return {}
+    balances = privacy_ledger(cfg, root).balances(privacy["dataset_fingerprint"])
+    return {b.site: round(b.epsilon, 6) for b in balances}
 
 
 def _read_rounds(path: Path) -> list[dict[str, Any]]:

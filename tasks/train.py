@@ -7,18 +7,24 @@ import dataclasses
 import io
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
 
-from fl_core.aggregation import bucketing, make_aggregator, nearest_neighbour_mixing
+from fl_core.aggregation import (
+    AggregationResult,
+    bucketing,
+    make_aggregator,
+    nearest_neighbour_mixing,
+)
 from fl_core.anomaly import Reputation
 from fl_core.attacks import Attack, choose_malicious
 from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
 from fl_core.config import CompressionConfig, ConfigError, PipelineConfig, check_aggregation
-from fl_core.data import ClientData
+from fl_core.data import ClientData, FederatedDataLoader, Partition, file_fingerprint
 from fl_core.engine import (
     Defense,
     InProcessClient,
@@ -27,7 +33,16 @@ from fl_core.engine import (
     TrainingResult,
     run_federated,
 )
+from fl_core.ledger import PrivacyLedger
 from fl_core.models import build_model, get_flat_params, set_flat_params
+from fl_core.privacy import (
+    DPSGDConfig,
+    calibrate_noise,
+    check_delta,
+    dp_fedavg,
+    epsilon_spent,
+    local_steps,
+)
 from tasks.common import Paths, atomic_path, task_options, write_json_atomic, write_text_atomic
 from tasks.partition import load_client_data
 from tasks.plots import training_curves
@@ -55,6 +70,7 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "rejected_clients": ";".join(record.rejected_clients),
         "excluded_clients": ";".join(record.excluded_clients),
         "n_flagged": len(record.flagged_clients),
+        "epsilon": "" if record.epsilon is None else round(record.epsilon, 6),
         "seconds": round(record.seconds, 4),
     }
     row.update({f"accuracy_{cid}": round(acc, 6) for cid, acc in record.client_accuracy.items()})
@@ -123,8 +139,16 @@ def make_defense(cfg: PipelineConfig, n_clients: int) -> Defense:
         def pre(u: torch.Tensor) -> torch.Tensor:
             return bucketing(u, agg.bucket_size, generator)
     an = cfg.anomaly
+    aggregator = make_aggregator(agg.method, f)
+    server = cfg.privacy.server
+    if server.enabled:
+        noise = torch.Generator().manual_seed(cfg.seed + 7)
+
+        def aggregator(u: torch.Tensor, w: torch.Tensor | None,
+                       prev: torch.Tensor | None) -> AggregationResult:
+            return dp_fedavg(u, server.clip_norm, server.noise_multiplier, n_clients, noise)
     return Defense(
-        aggregator=make_aggregator(agg.method, f),
+        aggregator=aggregator,
         pre_aggregation=pre,
         detect=an.enabled,
         detect_min_clients=an.min_clients,
@@ -147,6 +171,114 @@ def poisoned(data: ClientData) -> ClientData:
     return dataclasses.replace(data, y_train=1.0 - data.y_train)
 
 
+def make_dpsgd(cfg: PipelineConfig, data: list[ClientData]) -> DPSGDConfig | None:
+    """Every client's DP-SGD recipe, σ calibrated so the whole run costs ``privacy.epsilon``.
+
+    All clients share the sample rate and the number of steps, hence one σ. Raises
+    :class:`ConfigError` when ``privacy.delta`` is not below 1/patients at some client.
+    """
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    patients = {d.client_id: int(d.patient_ids().unique().numel()) for d in data}
+    largest = max(patients, key=patients.__getitem__)  # the binding bound: 1/most patients
+    try:
+        check_delta(p.delta, patients[largest], f"client {largest!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    steps = local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate)
+    try:
+        sigma = calibrate_noise(p.epsilon, p.delta, p.sample_rate, steps, p.accountant)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return DPSGDConfig(sigma, p.max_grad_norm, p.sample_rate,
+                       p.learning_rate or cfg.learning_rate, p.delta, p.accountant,
+                       p.grad_sample_mode)
+
+
+def site_epsilons(
+    cfg: PipelineConfig, root: Path, partition: Partition, client_epsilon: dict[str, float]
+) -> dict[str, float]:
+    """ε per hospital: the largest ε of any client that trained on that hospital's patients.
+
+    By site the two coincide; by patient, a hospital's patients are spread over clients.
+    """
+    table = FederatedDataLoader.get(cfg.data, root).table
+    site_of = dict(zip(table["id"].to_numpy().tolist(), table["dataset"].astype(str), strict=True))
+    out: dict[str, float] = {}
+    for split in partition.clients:
+        for site in {site_of[i] for i in split.train_ids}:
+            out[site] = max(out.get(site, 0.0), client_epsilon.get(split.client_id, 0.0))
+    return out
+
+
+def privacy_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
+    path = cfg.ledger_path
+    return PrivacyLedger(path if path.is_absolute() else root / path)
+
+
+def check_budget(cfg: PipelineConfig, root: Path, partition: Partition) -> str:
+    """Refuse before training if this run's ε would overspend a site; returns the fingerprint."""
+    fingerprint = file_fingerprint(root / cfg.data.path)
+    planned = site_epsilons(cfg, root, partition,
+                            {c.client_id: cfg.privacy.epsilon for c in partition.clients})
+    privacy_ledger(cfg, root).check(fingerprint, planned, cfg.privacy.lifetime_epsilon)
+    return fingerprint
+
+
+def privacy_summary(
+    cfg: PipelineConfig, root: Path, partition: Partition, fingerprint: str | None,
+    run: FederatedRun,
+) -> dict[str, Any]:
+    """What the run spent: per client, per site, and the model's (ε, δ) per patient."""
+    p = cfg.privacy
+    out: dict[str, Any] = {"enabled": p.enabled, "epsilon": None, "delta": None,
+                           "client_level_epsilon": None}
+    if p.server.enabled:
+        out["client_level_epsilon"] = epsilon_spent(
+            p.server.noise_multiplier, 1.0, len(run.result.history), p.delta, p.accountant)
+        out["server_noise_multiplier"] = p.server.noise_multiplier
+        out["server_clip_norm"] = p.server.clip_norm
+    if run.dp is None:
+        return out
+    clients = run.clients
+    client_epsilon = {c.client_id: float(c.epsilon_spent or 0.0) for c in clients}
+    out.update({
+        "epsilon": max(client_epsilon.values()),
+        "delta": p.delta,
+        "target_epsilon": p.epsilon,
+        "lifetime_epsilon": p.lifetime_epsilon,
+        "accountant": p.accountant,
+        "noise_multiplier": run.dp.noise_multiplier,
+        "sample_rate": p.sample_rate,
+        "max_grad_norm": p.max_grad_norm,
+        "grad_sample_mode": p.grad_sample_mode,
+        "steps_planned": local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate),
+        "client_steps": {c.client_id: c.dp_steps for c in clients},
+        "client_epsilon": client_epsilon,
+        "site_epsilon": site_epsilons(cfg, root, partition, client_epsilon),
+        "dataset_fingerprint": fingerprint,
+        "model_fixes": sorted({fix for c in clients for fix in c.model_fixes}),
+    })
+    return out
+
+
+def describe_privacy(privacy: dict[str, Any]) -> str:
+    """One line for the log: the guarantee the trained model carries."""
+    parts = []
+    if privacy["epsilon"] is not None:
+        parts.append(
+            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) "
+            f"[{privacy['accountant']}, σ={privacy['noise_multiplier']:.3f}, "
+            f"q={privacy['sample_rate']:g}, C={privacy['max_grad_norm']:g}, "
+            f"{privacy['steps_planned']} steps per client]")
+        if privacy["model_fixes"]:
+            parts.append("model fixed for Opacus: " + "; ".join(privacy["model_fixes"]))
+    if privacy["client_level_epsilon"] is not None:
+        parts.append(f"client-level DP-FedAvg: ε={privacy['client_level_epsilon']:.3f}")
+    return "; ".join(parts) if parts else "NOT DIFFERENTIALLY PRIVATE (privacy.enabled=false)"
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model saved by :func:`train_model`, and its metadata."""
     if not path.exists():
@@ -157,11 +289,21 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, saved
 
 
+@dataclass(frozen=True)
+class FederatedRun:
+    """A finished federated run and what made it: clients, their DP recipe, the attack."""
+
+    result: TrainingResult
+    clients: list[InProcessClient]
+    dp: DPSGDConfig | None
+    attack: Attack | None
+
+
 def federate(
     cfg: PipelineConfig, data: list[ClientData],
     on_round: Callable[[RoundRecord], None] | None = None,
-) -> tuple[TrainingResult, Attack | None]:
-    """The configured federated run on ``data``: clients, compression, defense, attack."""
+) -> FederatedRun:
+    """The configured federated run on ``data``: clients, DP, compression, defense, attack."""
     num_features = int(data[0].x_train.shape[1])
 
     def factory() -> torch.nn.Module:
@@ -173,7 +315,9 @@ def federate(
     attack = make_attack(cfg, [d.client_id for d in data])
     if attack is not None and attack.flips_labels:
         data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
-    clients = [InProcessClient(d, factory, local, make_compressor(comp, cfg.seed + i))
+    dp = make_dpsgd(cfg, data)
+    clients = [InProcessClient(d, factory, local, make_compressor(comp, cfg.seed + i), dp,
+                               secure_seed=cfg.privacy.secure_noise)
                for i, d in enumerate(data)]
     downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
         else None
@@ -181,7 +325,7 @@ def federate(
         clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients, downlink=downlink,
         on_round=on_round, defense=defense, attack=attack, seed=cfg.seed,
     )
-    return result, attack
+    return FederatedRun(result, clients, dp, attack)
 
 
 def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
@@ -198,7 +342,14 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
           + (", anomaly detection" if cfg.anomaly.enabled else ""))
     if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
         print(f"SIMULATED ATTACK {cfg.attack.kind} on {cfg.attack.fraction:.0%} of clients")
-    result, attack = federate(cfg, data, lambda rec: print_progress(rec, cfg.rounds))
+    p = cfg.privacy
+    fingerprint = None
+    if p.enabled:
+        fingerprint = check_budget(cfg, paths.root, partition)  # refuse before any training
+    run = federate(cfg, data, lambda rec: print_progress(rec, cfg.rounds))
+    result, attack = run.result, run.attack
+    privacy = privacy_summary(cfg, paths.root, partition, fingerprint, run)
+    print(describe_privacy(privacy))
     history = [round_row(r) for r in result.history]
     last = result.history[-1]
 
@@ -240,6 +391,9 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         "excluded_clients": sorted({c for r in result.history for c in r.excluded_clients}),
         "malicious_clients": sorted(attack.malicious) if attack else [],
         "aggregation": cfg.aggregation.method,
+        "privacy": privacy,
+        "epsilon": privacy["epsilon"],
+        "delta": privacy["delta"],
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_json_atomic(paths.train_summary, summary)

@@ -34,7 +34,8 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert set(REQUIRED) <= set(metrics)
     assert metrics["rounds"] == 2
-    assert metrics["epsilon"] is None and metrics["empirical_epsilon_lower_bound"] is None
+    assert 0.95 <= metrics["epsilon"] <= 1.0 and metrics["delta"] == 1e-5  # DP-SGD by default
+    assert metrics["empirical_epsilon_lower_bound"] is None
     assert 0.5 < metrics["accuracy"] <= 1 and 0 <= metrics["mia_auc"] <= 1
     assert metrics["bytes_uploaded"] > 0
     # the default compresses updates (top-10 %, 8-bit): fewer bytes than dense float32

@@ -1,0 +1,278 @@
+"""What differential privacy costs: accuracy against ε, and local-training time with DP.
+
+**Privacy–utility.** The default pipeline (``params.yaml``: the four hospitals, compressed
+updates, centered clipping, patient-level DP-SGD) at ε ∈ {0.5, 1, 2, 4, 8} and without DP
+(ε = ∞), δ = 1e-5, over seeds 0..N-1; each cell runs the pipeline's own federated run
+(``tasks.train.federate``) on that seed's partition. Cells: final pooled test accuracy, mean
+and sample sd over seeds. Writes ``benchmarks/results/privacy_utility.csv`` (a DVC plot), the
+plot ``benchmarks/results/privacy_utility.png``, and logs both with the JSON to MLflow
+(experiment ``fedpriv-benchmarks`` in the local store) unless ``--no-mlflow``.
+
+**Cost of DP.** Local training of the default model on the default data (seed 0 partition),
+20 rounds per client as in the pipeline, one thread, best of ``--repeats``:
+
+* ``plain`` — the non-private pipeline's local training (``train_local``: shuffled batches of
+  ``batch_size``, ``local_epochs`` epochs per round);
+* ``plain_poisson`` — plain SGD on exactly the Poisson batches DP-SGD draws (the same
+  patients per step, no clipping, no noise): Opacus's own comparisons are of this kind;
+* ``dp_hooks`` / ``dp_functorch`` — ``PatientDPTrainer`` with that Opacus grad-sample mode
+  (per-patient gradients, clipping, noise, accountant), built once per client as in the
+  pipeline.
+
+Ratios are DP time over ``plain`` (what DP costs the pipeline) and over ``plain_poisson``
+(the per-step overhead). Output: JSON on stdout, Markdown on stderr.
+
+    .venv/bin/python benchmarks/privacy.py                      # 5 seeds, about 4 min
+    .venv/bin/python benchmarks/privacy.py --seeds 2 --epsilons 1 --no-mlflow
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from report import emit  # benchmarks/report.py: the script's own folder
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fl_core.config import PipelineConfig, load_config  # noqa: E402
+from fl_core.data import ClientData, FederatedDataLoader  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
+    loader = FederatedDataLoader.get(cfg.data, ROOT)
+    partition = loader.partition(cfg.data, seed)
+    return loader.client_data(partition, loader.fit_transform(cfg.data, partition))
+
+
+def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:
+    from tasks.train import federate
+
+    arms: list[tuple[float, list[str]]] = [(e, [f"privacy.epsilon={e}"]) for e in epsilons]
+    arms.append((math.inf, ["privacy.enabled=false"]))
+    rows = []
+    for epsilon, arm in arms:
+        accuracies, aucs, spent, sigmas, seconds = [], [], [], [], []
+        for seed in range(seeds):
+            cfg = load_config(ROOT / "params.yaml", [*overrides, *arm, f"seed={seed}"])
+            started = time.perf_counter()
+            run = federate(cfg, client_data(cfg, seed))
+            seconds.append(time.perf_counter() - started)
+            last = run.result.history[-1]
+            accuracies.append(last.accuracy)
+            aucs.append(last.auc)
+            if run.dp is not None:
+                spent.append(max(float(c.epsilon_spent or 0.0) for c in run.clients))
+                sigmas.append(run.dp.noise_multiplier)
+        row = {
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "accuracy_mean": round(statistics.fmean(accuracies), 4),
+            "accuracy_sd": round(statistics.stdev(accuracies), 4) if seeds > 1 else 0.0,
+            "auc_mean": round(statistics.fmean(aucs), 4),
+            "epsilon_spent": round(max(spent), 4) if spent else None,
+            "noise_multiplier": round(sigmas[0], 4) if sigmas else None,
+            "per_seed_accuracy": [round(a, 4) for a in accuracies],
+            "seconds_per_run": round(statistics.fmean(seconds), 2),
+        }
+        rows.append(row)
+        print(f"ε={epsilon:<4g} accuracy {row['accuracy_mean']:.4f} ± {row['accuracy_sd']:.4f}"
+              f"  σ={row['noise_multiplier']}  ({row['seconds_per_run']} s/run)",
+              file=sys.stderr, flush=True)
+    private = [r for r in rows if r["epsilon"] is not None]
+    baseline = rows[-1]
+    gaps = {f"{r['epsilon']:g}": round(baseline["accuracy_mean"] - r["accuracy_mean"], 4)
+            for r in private}
+    targets = {}
+    for eps, within in ((1.0, 0.01), (0.5, 0.03)):
+        if f"{eps:g}" in gaps:
+            targets[f"epsilon_{eps:g}_within_{within:g}"] = {
+                "gap": gaps[f"{eps:g}"], "at_most": within, "met": gaps[f"{eps:g}"] <= within}
+    return {"rows": rows, "non_private": baseline, "gap_to_non_private": gaps,
+            "targets": targets}
+
+
+def _plain_poisson(model: torch.nn.Module, batches: list[torch.Tensor], patients: Any,
+                   lr: float) -> None:
+    from fl_core.privacy import patient_loss
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        patient_loss(model(patients.x[batch]), patients.y[batch], patients.mask[batch]).backward()
+        optimizer.step()
+
+
+def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
+    """Seconds of local training for 20 rounds on every client, per arm (best of repeats)."""
+    from fl_core.engine import LocalTrainingConfig, train_local
+    from fl_core.models import build_model
+    from fl_core.privacy import PatientDPTrainer, group_records, steps_per_epoch
+    from tasks.train import make_dpsgd
+
+    cfg = load_config(ROOT / "params.yaml", [*overrides, "seed=0"])
+    data = client_data(cfg, 0)
+    features = int(data[0].x_train.shape[1])
+    local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, 0)
+    dp = make_dpsgd(cfg, data)
+    assert dp is not None, "the default configuration has DP-SGD on"
+    q = dp.sample_rate
+    rounds = cfg.rounds
+
+    def model() -> torch.nn.Module:
+        return build_model(cfg.model, features, cfg.hidden_units, seed=0)
+
+    def plain() -> None:
+        for d in data:
+            m = model()
+            for r in range(rounds):
+                train_local(m, d.x_train, d.y_train, local, seed=r)
+
+    grouped = {d.client_id: group_records(d.x_train, d.y_train, d.patient_ids()) for d in data}
+
+    def poisson_batches(n: int, r: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(r)
+        return [torch.nonzero(torch.rand(n, generator=g) < q)[:, 0]
+                for _ in range(cfg.local_epochs * steps_per_epoch(q))]
+
+    def plain_poisson() -> None:
+        for d in data:
+            m, p = model(), grouped[d.client_id]
+            for r in range(rounds):
+                _plain_poisson(m, poisson_batches(p.num_patients, r), p, dp.learning_rate)
+
+    def private(mode: str) -> Any:
+        def arm() -> None:
+            import dataclasses
+
+            recipe = dataclasses.replace(dp, grad_sample_mode=mode)
+            for d in data:
+                trainer = PatientDPTrainer(model(), grouped[d.client_id], recipe)
+                for r in range(rounds):
+                    trainer.train(cfg.local_epochs, seed=r)
+        return arm
+
+    arms = {"plain": plain, "plain_poisson": plain_poisson, "dp_hooks": private("hooks"),
+            "dp_functorch": private("functorch")}
+    seconds: dict[str, float] = {}
+    for name, arm in arms.items():
+        arm()  # warm-up: imports, first-call dispatch
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            arm()
+            times.append(time.perf_counter() - started)
+        seconds[name] = round(min(times), 4)
+        print(f"{name:<14} {seconds[name]:.3f} s", file=sys.stderr, flush=True)
+    ratios = {f"{mode}_over_plain": round(seconds[mode] / seconds["plain"], 2)
+              for mode in ("dp_hooks", "dp_functorch")}
+    ratios.update({f"{mode}_over_plain_poisson": round(seconds[mode] / seconds["plain_poisson"], 2)
+                   for mode in ("dp_hooks", "dp_functorch")})
+    best = min(("dp_hooks", "dp_functorch"), key=seconds.__getitem__)
+    return {
+        "clients": {d.client_id: grouped[d.client_id].num_patients for d in data},
+        "rounds": rounds, "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+        "sample_rate": q, "steps_per_round_dp": cfg.local_epochs * steps_per_epoch(q),
+        "seconds": seconds, "ratios": ratios, "fastest_dp_mode": best.removeprefix("dp_"),
+        "target": {"dp_over_plain": ratios[f"{best}_over_plain"], "at_most": 2.0,
+                   "met": ratios[f"{best}_over_plain"] <= 2.0},
+    }
+
+
+def write_outputs(result: dict[str, Any], log_mlflow: bool) -> None:
+    from tasks.plots import privacy_utility_plot
+
+    rows = result["privacy_utility"]["rows"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "privacy_utility.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["epsilon", "accuracy_mean", "accuracy_sd",
+                                                "auc_mean", "noise_multiplier"],
+                                extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows([r for r in rows if r["epsilon"] is not None])
+    privacy_utility_plot([r for r in rows if r["epsilon"] is not None],
+                         result["privacy_utility"]["non_private"],
+                         RESULTS / "privacy_utility.png")
+    if log_mlflow:
+        import json
+        import os
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        cfg = load_config(ROOT / "params.yaml")
+        mlflow.set_tracking_uri(f"sqlite:///{ROOT / cfg.state_dir / 'mlflow.db'}")
+        mlflow.set_experiment("fedpriv-benchmarks")
+        with mlflow.start_run(run_name="privacy-utility"), tempfile.TemporaryDirectory() as tmp:
+            for r in rows:
+                if r["epsilon"] is not None:
+                    mlflow.log_metric("accuracy_at_epsilon_" + f"{r['epsilon']:g}",
+                                      r["accuracy_mean"])
+            mlflow.log_metric("accuracy_non_private", result["privacy_utility"]["non_private"]
+                              ["accuracy_mean"])
+            path = Path(tmp) / "privacy.json"
+            path.write_text(json.dumps(result, indent=2))
+            for artifact in (path, RESULTS / "privacy_utility.csv",
+                             RESULTS / "privacy_utility.png"):
+                mlflow.log_artifact(str(artifact))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    pu = result["privacy_utility"]
+    out = ["| ε (δ = 1e-5) | σ | accuracy (mean ± sd) | AUC | gap to non-private |",
+           "|---|---|---|---|---|"]
+    base = pu["non_private"]["accuracy_mean"]
+    for r in pu["rows"]:
+        eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        sigma = "—" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}"
+        out.append(f"| {eps} | {sigma} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | "
+                   f"{r['auc_mean']:.3f} | {base - r['accuracy_mean']:+.3f} |")
+    if "dp_cost" in result:
+        c = result["dp_cost"]
+        out += ["", "| arm | seconds | DP over plain | DP over plain, same batches |",
+                "|---|---|---|---|"]
+        for name, sec in c["seconds"].items():
+            ratio = c["ratios"].get(f"{name}_over_plain", "")
+            same = c["ratios"].get(f"{name}_over_plain_poisson", "")
+            out.append(f"| {name} | {sec:.3f} | {ratio} | {same} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[0.5, 1, 2, 4, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a params.yaml key for every arm")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    result: dict[str, Any] = {"benchmark": "privacy", "seeds": args.seeds,
+                              "overrides": args.overrides, "threads": 1}
+    result["privacy_utility"] = privacy_utility(args.seeds, args.epsilons, args.overrides)
+    if not args.skip_timing:
+        result["dp_cost"] = dp_cost(args.repeats, args.overrides)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(result, not args.no_mlflow)
+    return emit(result, args.out, markdown(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

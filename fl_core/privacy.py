@@ -1,0 +1,304 @@
+"""Differential privacy with the *patient* as the privacy unit: DP-SGD through Opacus, and
+client-level DP-FedAvg on the server.
+
+**Patient-level DP-SGD (client side).** A client's training data is a tensor of patients,
+``x: [patients, records, features]`` with ``mask: [patients, records]`` marking real records
+(:func:`group_records`). One DP-SGD step (Abadi et al. 2016) on the patients ``B`` drawn by
+Poisson sampling at rate ``q`` is
+
+    g_i = ∇ ℓ_i(θ)                       ℓ_i = mean over patient i's records of the loss
+    θ ← θ − η / (q·N) · ( Σ_{i∈B} g_i · min(1, C / ‖g_i‖) + N(0, σ²C² I) )
+
+so each patient, whatever their number of records, moves the sum by at most ``C``
+(``max_grad_norm``) and the Gaussian mechanism with noise multiplier ``σ`` covers them.
+Opacus computes ``g_i`` (a ``Linear`` layer sums per-sample gradients over the records
+dimension), clips, adds noise and accounts: :class:`PatientDPTrainer` wires Opacus's
+``GradSampleModule``, ``DPOptimizer`` and an accountant (``prv`` or ``rdp``) to our own seeded
+Poisson sampler over the patient tensor.
+
+**Budgeting.** The user sets ``(ε, δ)`` for the whole run. A client takes
+``rounds × local_epochs × ⌈1/q⌉`` steps, so :func:`calibrate_noise` finds the smallest ``σ``
+whose composition over all of them stays within ``ε`` (Opacus ``get_noise_multiplier``);
+:func:`epsilon_spent` recomputes ``ε`` from ``(σ, q, steps)`` alone. Patients live at exactly
+one client, so by parallel composition the model is ``(max over clients of ε_c, δ)``-DP with
+respect to any one patient.
+
+**Client-level DP-FedAvg (server side, McMahan et al. 2018).** Each client's update is clipped
+to ``S``, the clipped updates are summed and ``N(0, σ²S²)`` is added before dividing by the
+expected number of clients (:func:`dp_fedavg`); accounting composes one Gaussian mechanism per
+round at the client sampling rate (:func:`epsilon_spent` again).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from fl_core.aggregation import AggregationResult
+
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+
+class PrivacyError(ValueError):
+    """A privacy setting cannot be honoured; the message names the setting and the fix."""
+
+
+# --- the patient as the sample -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatientTensors:
+    """A client's training set grouped by patient.
+
+    ``x``: ``[patients, records, features]``; ``y`` and ``mask``: ``[patients, records]``,
+    ``mask`` 1 for a real record and 0 for padding.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def num_patients(self) -> int:
+        return int(self.x.shape[0])
+
+
+def group_records(
+    x: torch.Tensor, y: torch.Tensor, patient_ids: torch.Tensor
+) -> PatientTensors:
+    """Group record rows ``x: [records, features]`` by ``patient_ids`` into padded patients.
+
+    Patients come in ascending id order; records keep their order within a patient.
+    """
+    if not (x.shape[0] == y.shape[0] == patient_ids.shape[0]):
+        raise ValueError(f"x, y and patient_ids disagree on the number of records "
+                         f"({x.shape[0]}, {y.shape[0]}, {patient_ids.shape[0]})")
+    unique, row = torch.unique(patient_ids, sorted=True, return_inverse=True)
+    counts = torch.bincount(row, minlength=unique.numel())
+    # position of each record within its patient: its rank among that patient's records
+    by_row = torch.argsort(row, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(row)
+    position[by_row] = torch.arange(row.numel()) - starts[row[by_row]]
+    n, r = unique.numel(), int(counts.max()) if counts.numel() else 0
+    gx = torch.zeros(n, r, x.shape[1], dtype=x.dtype)
+    gy = torch.zeros(n, r, dtype=y.dtype)
+    mask = torch.zeros(n, r)
+    gx[row, position] = x
+    gy[row, position] = y
+    mask[row, position] = 1.0
+    return PatientTensors(gx, gy, mask)
+
+
+def patient_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over patients of each patient's mean binary cross-entropy over their records.
+
+    Padding records (``mask == 0``) contribute nothing; an empty batch gives a zero loss that
+    still carries the graph, so a DP step on it adds noise only.
+    """
+    per_record = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    per_patient = (per_record * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if per_patient.numel() == 0:
+        return logits.sum() * 0.0
+    return per_patient.mean()
+
+
+def check_delta(delta: float, num_patients: int, who: str) -> None:
+    """Refuse ``δ ≥ 1/patients``: such a δ allows leaking one patient's data outright."""
+    if num_patients > 0 and delta >= 1.0 / num_patients:
+        raise PrivacyError(
+            f"privacy.delta={delta:g} is not below 1/{num_patients} (the {num_patients} "
+            f"training patients of {who}); a δ that large permits releasing one patient's "
+            f"records in the clear. Use privacy.delta < {1.0 / num_patients:.3g}, e.g. 1e-5"
+        )
+
+
+def check_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A model Opacus accepts: ``ModuleValidator.fix`` where it can (e.g. BatchNorm →
+    GroupNorm); returns the model and what was changed, raises :class:`PrivacyError` if the
+    model cannot be made private."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return model, []
+    fixed = ModuleValidator.fix(model)
+    remaining = ModuleValidator.validate(fixed, strict=False)
+    if remaining:
+        raise PrivacyError(
+            f"model {type(model).__name__} cannot be trained with DP-SGD: "
+            + "; ".join(str(e) for e in remaining)
+        )
+    return fixed, [str(e) for e in errors]
+
+
+# --- accounting ------------------------------------------------------------------------------
+
+
+def local_steps(rounds: int, local_epochs: int, sample_rate: float) -> int:
+    """DP-SGD steps a client takes over a run: ``rounds × local_epochs × ⌈1/q⌉``."""
+    return rounds * local_epochs * steps_per_epoch(sample_rate)
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    return math.ceil(1.0 / sample_rate - 1e-9)
+
+
+def _accountant(mechanism: str):  # noqa: ANN202 - opacus' IAccountant
+    from opacus.accountants import create_accountant
+
+    if mechanism not in ACCOUNTANTS:
+        raise PrivacyError(f"privacy.accountant={mechanism!r}; accepted: {', '.join(ACCOUNTANTS)}")
+    return create_accountant(mechanism=mechanism)
+
+
+@lru_cache(maxsize=256)
+def calibrate_noise(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """Smallest noise multiplier σ (to 0.01 in ε) such that ``steps`` Poisson-subsampled
+    Gaussian steps at rate ``sample_rate`` are ``(epsilon, delta)``-DP under ``accountant``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    _accountant(accountant)  # validates the name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return float(get_noise_multiplier(
+                target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+        except ValueError as exc:
+            raise PrivacyError(
+                f"privacy.epsilon={epsilon:g} cannot be met with δ={delta:g} over {steps} "
+                f"steps at sample rate {sample_rate:g}: {exc}") from None
+
+
+@lru_cache(maxsize=4096)
+def epsilon_for_history(
+    history: tuple[tuple[float, float, int], ...], delta: float, accountant: str
+) -> float:
+    """ε of a composition of ``(σ, q, steps)`` phases, from a fresh Opacus accountant."""
+    if not history:
+        return 0.0
+    acc = _accountant(accountant)
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_spent(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+    accountant: str = "prv",
+) -> float:
+    """ε after ``steps`` steps of the subsampled Gaussian mechanism (0 for no steps)."""
+    if steps == 0:
+        return 0.0
+    return epsilon_for_history(((noise_multiplier, sample_rate, steps),), delta, accountant)
+
+
+# --- client-side DP-SGD ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """One client's DP-SGD recipe; ``noise_multiplier`` comes from :func:`calibrate_noise`."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    learning_rate: float
+    delta: float
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+
+
+class PatientDPTrainer:
+    """DP-SGD over one client's patients with Opacus; keeps that client's privacy accountant.
+
+    Built once per client and reused every round (wrapping a model is the expensive part).
+    ``model`` is trained in place: Opacus hooks it, the parameters stay the caller's.
+    """
+
+    def __init__(self, model: nn.Module, data: PatientTensors, cfg: DPSGDConfig) -> None:
+        from opacus.grad_sample.utils import prepare_module
+        from opacus.optimizers import get_optimizer_class
+
+        if cfg.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyError(f"privacy.grad_sample_mode={cfg.grad_sample_mode!r}; "
+                               f"accepted: {', '.join(GRAD_SAMPLE_MODES)}")
+        self.cfg = cfg
+        self.data = data
+        self._module = prepare_module(model, cfg.grad_sample_mode, batch_first=True,
+                                      loss_reduction="mean")
+        optimizer_class = get_optimizer_class("flat", False, cfg.grad_sample_mode)
+        self._noise = torch.Generator()
+        self._optimizer = optimizer_class(
+            torch.optim.SGD(model.parameters(), lr=cfg.learning_rate),
+            noise_multiplier=cfg.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            expected_batch_size=max(1, round(cfg.sample_rate * data.num_patients)),
+            loss_reduction="mean",
+            generator=self._noise,
+        )
+        self._accountant = _accountant(cfg.accountant)
+        self._optimizer.attach_step_hook(
+            self._accountant.get_optimizer_hook_fn(sample_rate=cfg.sample_rate))
+
+    @property
+    def steps(self) -> int:
+        return sum(s for _, _, s in self._accountant.history)
+
+    def epsilon(self) -> float:
+        """ε spent by this client so far, from its own accountant's history."""
+        return epsilon_for_history(tuple(self._accountant.history), self.cfg.delta,
+                                   self.cfg.accountant)
+
+    def train(self, epochs: int, seed: int) -> float:
+        """``epochs × ⌈1/q⌉`` DP-SGD steps; returns the mean patient loss over the steps.
+
+        ``seed`` drives both the Poisson sampling and the noise (reproducible runs); pass a
+        seed from ``os.urandom`` where the noise must not be reproducible.
+        """
+        sampling = torch.Generator().manual_seed(seed)
+        self._noise.manual_seed(seed ^ 0x5DEECE66D)
+        d, q = self.data, self.cfg.sample_rate
+        self._module.train()
+        total, count = 0.0, 0
+        with warnings.catch_warnings():
+            # Opacus hooks the layers; with inputs that need no gradient torch warns every step
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(epochs * steps_per_epoch(q)):
+                batch = torch.nonzero(torch.rand(d.num_patients, generator=sampling) < q)[:, 0]
+                self._optimizer.zero_grad(set_to_none=True)
+                loss = patient_loss(self._module(d.x[batch]), d.y[batch], d.mask[batch])
+                loss.backward()
+                self._optimizer.step()
+                total += float(loss.detach()) * batch.numel()
+                count += batch.numel()
+        return total / max(count, 1)
+
+
+# --- server-side client-level DP ---------------------------------------------------------------
+
+
+def dp_fedavg(
+    updates: torch.Tensor, clip_norm: float, noise_multiplier: float,
+    expected_clients: float, generator: torch.Generator | None = None,
+) -> AggregationResult:
+    """DP-FedAvg: ``(Σ_k u_k · min(1, S/‖u_k‖) + N(0, σ²S² I)) / E[clients]``.
+
+    Each client's influence on the sum is at most ``S = clip_norm``; dividing by the
+    *expected* number of clients (not the realised one) keeps the sensitivity fixed.
+    """
+    norms = updates.norm(dim=1)
+    factors = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
+    total = (updates * factors.unsqueeze(1)).sum(0)
+    noise = torch.randn(updates.shape[1], generator=generator) * (noise_multiplier * clip_norm)
+    return AggregationResult((total + noise) / expected_clients, list(range(updates.shape[0])))
