@@ -145,10 +145,10 @@ class PrivacyConfig(_Section):
     epsilon: float = Field(1.0, gt=0, le=100)  # for the whole run, per patient
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)  # per-patient clipping bound C
-    sample_rate: float = Field(0.25, gt=0, le=1)  # Poisson sampling rate of patients
+    sample_rate: float = Field(1.0, gt=0, le=1)  # Poisson sampling rate of patients
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
-    learning_rate: float | None = Field(0.2, gt=0, le=10)  # None = the top-level learning_rate
+    learning_rate: float | None = Field(0.5, gt=0, le=10)  # None = the top-level learning_rate
     lifetime_epsilon: float = Field(10.0, gt=0)  # per site and dataset, over all runs
     ledger: str | None = None  # None = <state_dir>/privacy_ledger.sqlite
     secure_noise: bool = False  # True: noise and sampling seeded from the OS, not `seed`

@@ -15,10 +15,20 @@ from tasks.common import atomic_path  # noqa: E402
 
 
 def training_curves(history: Sequence[dict], target: Path) -> None:
-    """Pooled test loss, accuracy and AUC per round, each client's test accuracy, and the
-    cumulative bytes on the wire against what dense float32 payloads would have cost."""
+    """Pooled test loss, accuracy and AUC per round, each client's test accuracy, the
+    cumulative bytes on the wire against what dense float32 payloads would have cost, and
+    (with DP-SGD) the ε spent so far."""
     rounds = [row["round"] for row in history]
-    fig, (ax_loss, ax_acc, ax_bytes) = plt.subplots(1, 3, figsize=(15, 4))
+    epsilon = [row.get("epsilon") for row in history]
+    private = all(isinstance(e, int | float) for e in epsilon)
+    fig, axes = plt.subplots(1, 4 if private else 3, figsize=(20 if private else 15, 4))
+    ax_loss, ax_acc, ax_bytes = axes[:3]
+    if private:  # the privacy spent so far: the largest ε of any client after each round
+        axes[3].plot(rounds, epsilon, marker=".", color="tab:red")
+        axes[3].set_xlabel("round")
+        axes[3].set_ylabel("ε spent (per patient)")
+        axes[3].set_ylim(0, None)
+        axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.plot(rounds, [r["train_loss"] for r in history], label="train loss (clients)")
     ax_loss.plot(rounds, [r["test_loss"] for r in history], label="test loss (pooled)")
     ax_loss.set_xlabel("round")
@@ -88,8 +98,10 @@ def privacy_utility_plot(points: Sequence[dict], baseline: dict, target: Path) -
     ax.axhline(baseline["accuracy_mean"], color="k", ls="--", lw=1,
                label=f"non-private (ε = ∞): {baseline['accuracy_mean']:.3f}")
     ax.axhspan(baseline["accuracy_mean"] - baseline["accuracy_sd"],
-               baseline["accuracy_mean"] + baseline["accuracy_sd"], color="k", alpha=0.08)
+               baseline["accuracy_mean"] + baseline["accuracy_sd"], color="k", alpha=0.05,
+               label="non-private ± sd over seeds")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_xlabel("ε per patient (δ = 1e-5)")
     ax.set_ylabel("pooled test accuracy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -63,7 +64,7 @@ def test_run_reports_epsilon_that_a_fresh_accountant_confirms(project: Path) -> 
     _stages(project, "validate", "partition", "train", "audit", "register")
     train = json.loads((project / "reports" / "train.json").read_text())
     privacy = train["privacy"]
-    steps = 2 * 2 * 4  # rounds × local_epochs × ⌈1/q⌉
+    steps = 2 * 2 * math.ceil(1 / privacy["sample_rate"])  # rounds × local_epochs × ⌈1/q⌉
     assert privacy["steps_planned"] == steps
     assert set(privacy["client_steps"].values()) == {steps}
     fresh = PRVAccountant()
