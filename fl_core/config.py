@@ -189,6 +189,7 @@ class PipelineConfig(_Section):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.1, gt=0, le=10)
     min_clients: int = Field(2, ge=1)
+    client_fraction: float = Field(1.0, gt=0, le=1)  # Poisson share of clients per round
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
@@ -218,6 +219,12 @@ class PipelineConfig(_Section):
                 f"privacy.server.enabled=true with aggregation.method="
                 f"{self.aggregation.method}: DP-FedAvg's guarantee covers the clipped sum of "
                 f"updates only; set aggregation.method=fedavg (and anomaly.enabled=false)")
+        if self.client_fraction < 1 and self.compression.enabled \
+                and self.compression.downlink == "compressed":
+            raise ValueError(
+                f"client_fraction={self.client_fraction} with compression.downlink=compressed: "
+                f"a client that sits a round out would miss that round's model delta; use "
+                f"compression.downlink=dense or client_fraction=1")
         if self.privacy.server.enabled and self.anomaly.enabled:
             raise ValueError(
                 "privacy.server.enabled=true with anomaly.enabled=true: excluding clients by "

@@ -38,7 +38,7 @@ from fl_core.compression import (
 from fl_core.data import ClientData
 from fl_core.metrics import accuracy, roc_auc
 from fl_core.models import get_flat_params, set_flat_params
-from fl_core.privacy import DPSGDConfig, PatientDPTrainer, check_model, group_records
+from fl_core.privacy import DPSGDConfig, PatientDPTrainer, group_records
 
 
 class RoundFailedError(RuntimeError):
@@ -141,10 +141,8 @@ class InProcessClient:
         self._replica = ModelReplica()
         self._secure_seed = secure_seed
         self.last_train_loss = float("nan")
-        self.model_fixes: list[str] = []
         self._dp: PatientDPTrainer | None = None
-        if privacy is not None:
-            self._model, self.model_fixes = check_model(self._model)
+        if privacy is not None:  # the factory's model must be one Opacus accepts (check_model)
             patients = group_records(data.x_train, data.y_train, data.patient_ids())
             self._dp = PatientDPTrainer(self._model, patients, privacy)
 
@@ -267,6 +265,7 @@ def run_federated(
     defense: Defense | None = None,
     attack: Attack | None = None,
     seed: int = 0,
+    client_fraction: float = 1.0,
 ) -> TrainingResult:
     """Run ``rounds`` federated rounds; FedAvg weighted by training-set size by default.
 
@@ -276,7 +275,12 @@ def run_federated(
     what dense float32 payloads would have been. Evaluation is a measurement of the
     simulation and sends the dense model, uncounted. ``attack`` (simulation only) rewrites
     the updates of its malicious clients once the round's honest updates are known.
+    ``client_fraction < 1`` asks each client to train with that probability per round
+    (Poisson client sampling, seeded by ``seed``); the others sit the round out.
     """
+    if client_fraction < 1 and downlink is not None:
+        raise ValueError("client sampling with a compressed downlink: a client that sits a "
+                         "round out would miss that round's model delta")
     if min_clients > len(clients):
         raise ValueError(f"min_clients={min_clients} but only {len(clients)} clients exist")
     defense = defense or Defense()
@@ -295,7 +299,11 @@ def run_federated(
         senders: list[FederatedClient] = []
         failed: list[str] = []
         bytes_up, received = 0, 0
-        for client in clients:
+        participants = list(clients)
+        if client_fraction < 1:
+            picked = torch.rand(len(clients), generator=generator) < client_fraction
+            participants = [c for c, p in zip(clients, picked.tolist(), strict=True) if p]
+        for client in participants:
             try:
                 payload = client.fit(global_payload, round_idx)
             except Exception as exc:  # a client that crashes or vanishes fails only its round
@@ -336,7 +344,8 @@ def run_federated(
             lost += [f"{cid}: rejected" for cid in rejected]
             lost += [f"{cid}: excluded by reputation" for cid in excluded]
             raise RoundFailedError(
-                f"round {round_idx}: {len(kept)} usable update(s), min_clients={min_clients}"
+                f"round {round_idx}: {len(kept)} usable update(s) from {len(participants)} "
+                f"client(s) asked, min_clients={min_clients}"
                 + (f" ({'; '.join(lost)})" if lost else "")
             )
         weights = torch.tensor([float(senders[i].num_train) for i in kept])
@@ -355,9 +364,9 @@ def run_federated(
             accuracy=acc,
             auc=auc,
             bytes_uploaded=bytes_up,
-            bytes_downloaded=len(global_payload) * len(clients),
+            bytes_downloaded=len(global_payload) * len(participants),
             bytes_uploaded_uncompressed=dense_size(n_params) * received,
-            bytes_downloaded_uncompressed=dense_size(n_params) * len(clients),
+            bytes_downloaded_uncompressed=dense_size(n_params) * len(participants),
             clients_ok=len(kept),
             failed_clients=failed,
             flagged_clients=flagged,

@@ -39,6 +39,7 @@ from fl_core.privacy import (
     DPSGDConfig,
     calibrate_noise,
     check_delta,
+    check_model,
     dp_fedavg,
     epsilon_spent,
     local_steps,
@@ -146,7 +147,9 @@ def make_defense(cfg: PipelineConfig, n_clients: int) -> Defense:
 
         def aggregator(u: torch.Tensor, w: torch.Tensor | None,
                        prev: torch.Tensor | None) -> AggregationResult:
-            return dp_fedavg(u, server.clip_norm, server.noise_multiplier, n_clients, noise)
+            # divide by the *expected* number of clients: the sensitivity stays S / (q·n)
+            return dp_fedavg(u, server.clip_norm, server.noise_multiplier,
+                             cfg.client_fraction * n_clients, noise)
     return Defense(
         aggregator=aggregator,
         pre_aggregation=pre,
@@ -236,7 +239,9 @@ def privacy_summary(
                            "client_level_epsilon": None}
     if p.server.enabled:
         out["client_level_epsilon"] = epsilon_spent(
-            p.server.noise_multiplier, 1.0, len(run.result.history), p.delta, p.accountant)
+            p.server.noise_multiplier, cfg.client_fraction, len(run.result.history), p.delta,
+            p.accountant)
+        out["client_rate"] = cfg.client_fraction
         out["server_noise_multiplier"] = p.server.noise_multiplier
         out["server_clip_norm"] = p.server.clip_norm
     if run.dp is None:
@@ -258,7 +263,7 @@ def privacy_summary(
         "client_epsilon": client_epsilon,
         "site_epsilon": site_epsilons(cfg, root, partition, client_epsilon),
         "dataset_fingerprint": fingerprint,
-        "model_fixes": sorted({fix for c in clients for fix in c.model_fixes}),
+        "model_fixes": run.model_fixes,
     })
     return out
 
@@ -285,6 +290,8 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise FileNotFoundError(f"{path} not found: run the 'train' stage first")
     saved = torch.load(path, weights_only=True)
     model = build_model(saved["kind"], saved["num_features"], saved["hidden_units"])
+    if saved.get("opacus_fixed"):  # trained as ModuleValidator.fix rewrote it
+        model, _ = check_model(model)
     set_flat_params(model, saved["params"])
     return model, saved
 
@@ -297,6 +304,7 @@ class FederatedRun:
     clients: list[InProcessClient]
     dp: DPSGDConfig | None
     attack: Attack | None
+    model_fixes: list[str]  # what ModuleValidator.fix changed for Opacus (usually nothing)
 
 
 def federate(
@@ -305,9 +313,14 @@ def federate(
 ) -> FederatedRun:
     """The configured federated run on ``data``: clients, DP, compression, defense, attack."""
     num_features = int(data[0].x_train.shape[1])
+    model_fixes: list[str] = []
 
     def factory() -> torch.nn.Module:
-        return build_model(cfg.model, num_features, cfg.hidden_units, seed=cfg.seed)
+        model = build_model(cfg.model, num_features, cfg.hidden_units, seed=cfg.seed)
+        if cfg.privacy.enabled:  # server and clients share the model Opacus accepts
+            model, fixes = check_model(model)
+            model_fixes[:] = fixes
+        return model
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
     comp = cfg.compression
@@ -324,8 +337,9 @@ def federate(
     result = run_federated(
         clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients, downlink=downlink,
         on_round=on_round, defense=defense, attack=attack, seed=cfg.seed,
+        client_fraction=cfg.client_fraction,
     )
-    return FederatedRun(result, clients, dp, attack)
+    return FederatedRun(result, clients, dp, attack, model_fixes)
 
 
 def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
@@ -357,6 +371,7 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
         torch.save({
             "kind": cfg.model, "num_features": num_features, "hidden_units": cfg.hidden_units,
             "params": result.params, "columns": transform.columns(),
+            "opacus_fixed": bool(run.model_fixes),
         }, tmp)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")

@@ -165,15 +165,22 @@ def test_cli_budget_shows_the_ledger(project: Path, capsys) -> None:
 
 
 def test_server_side_dp_fedavg_is_accounted_per_round(project: Path) -> None:
+    from fl_core.compression import dense_size
     from fl_core.privacy import epsilon_spent
 
     overrides = ("rounds=3", "privacy.enabled=false", "privacy.server.enabled=true",
                  "privacy.server.noise_multiplier=2.0", "aggregation.method=fedavg",
-                 "anomaly.enabled=false")
+                 "anomaly.enabled=false", "data.partition=by_patient", "client_fraction=0.5")
     _stages(project, "validate", "partition", "train", overrides=overrides)
     privacy = json.loads((project / "reports" / "train.json").read_text())["privacy"]
-    assert privacy["epsilon"] is None
+    assert privacy["epsilon"] is None and privacy["client_rate"] == 0.5
+    # one subsampled Gaussian mechanism per round at the client sampling rate
     assert privacy["client_level_epsilon"] == pytest.approx(
-        epsilon_spent(2.0, 1.0, 3, 1e-5, "prv"))
+        epsilon_spent(2.0, 0.5, 3, 1e-5, "prv"))
+    assert privacy["client_level_epsilon"] < epsilon_spent(2.0, 1.0, 3, 1e-5, "prv")
+    rows = list(csv.DictReader((project / "reports" / "rounds.csv").open()))
+    model_bytes = dense_size(19)  # the dense logistic regression: 18 features and a bias
+    asked = [int(r["bytes_downloaded"]) // model_bytes for r in rows]
+    assert all(2 <= a < 20 for a in asked) and len(set(asked)) > 1
     with pytest.raises(ConfigError, match="aggregation.method=fedavg"):
         load_config(project / "params.yaml", ["privacy.server.enabled=true"])
