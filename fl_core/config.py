@@ -164,12 +164,19 @@ class PrivacyConfig(_Section):
 
 
 class AuditConfig(_Section):
+    """The membership-inference audit and what it must show for a model to be promoted."""
+
     enabled: bool = True
+    shadow_models: int = Field(8, ge=2, le=256)
+    population_size: int | None = Field(None, ge=10)  # cap on population patients; None = all
+    online: bool = False  # LiRA online: shadows also train on the target's evaluated members
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # of the empirical ε lower bound
+    max_auc: float = Field(0.60, ge=0, le=1)
+    max_tpr_at_0_1pct_fpr: float = Field(0.05, ge=0, le=1)
 
 
 class GateConfig(_Section):
     min_accuracy: float = Field(0.75, ge=0, le=1)
-    max_mia_auc: float = Field(0.60, ge=0, le=1)
 
 
 class MlflowConfig(_Section):

@@ -212,6 +212,7 @@ class FederatedDataLoader:
         self.path = path
         self.config = config
         self._table: pd.DataFrame | None = None
+        self._incomplete: pd.DataFrame | None = None
         self._lock = threading.Lock()
         self.reads = 0  # how many times the file was read (tests check laziness)
 
@@ -256,14 +257,27 @@ class FederatedDataLoader:
         if missing_cols:
             raise DataError(f"{self.path}: missing column(s) {missing_cols}")
         frame = frame[needed].copy()
-        if cfg.drop_incomplete:
-            frame = frame.dropna(subset=list(cfg.features))
         for col in cfg.zero_as_missing:
             if col in frame:
-                frame.loc[pd.to_numeric(frame[col], errors="coerce") == 0, col] = np.nan
+                # a zero is "not measured" only where a value was recorded at all
+                frame.loc[pd.to_numeric(frame[col], errors="coerce") == 0, col] = -np.inf
+        complete = frame[list(cfg.features)].notna().all(axis=1)
+        frame = frame.replace(-np.inf, np.nan)
         frame["label"] = (pd.to_numeric(frame[LABEL_SOURCE]) > 0).astype(np.int64)
         frame[PATIENT_ID] = frame[PATIENT_ID].astype(np.int64)
+        if cfg.drop_incomplete:
+            self._incomplete = frame[~complete].reset_index(drop=True)
+            frame = frame[complete]
+        else:
+            self._incomplete = frame.iloc[0:0]
         return frame.reset_index(drop=True)
+
+    @property
+    def incomplete_table(self) -> pd.DataFrame:
+        """The patients ``drop_incomplete`` left out (never trained on): an audit population."""
+        self.table  # noqa: B018 - reading the table fills this too
+        assert self._incomplete is not None
+        return self._incomplete
 
     # ---------------------------------------------------------------- partitioning
     def partition(self, config: DataConfig, seed: int) -> Partition:

@@ -1,8 +1,11 @@
 """The promotion gate: may a trained model become ``champion``?
 
 Pure (no MLflow, no Prefect). Each rule is a small function that looks at the final metrics
-and the :class:`~fl_core.config.GateConfig` and returns the reason it refuses, or ``None``.
-Adding a rule is one line in :data:`RULES`.
+and the thresholds (:func:`gate_thresholds`, keyed by their configuration key) and returns the
+reason it refuses, or ``None``. Adding a rule is one line in :data:`RULES`. A model passes
+only when it is accurate enough, the membership audit found little (AUC and TPR at 0.1 % FPR),
+it is differentially private within the configured ε, and the audit's empirical ε lower bound
+does not contradict the accountant (which would mean a DP or accounting bug).
 """
 
 from __future__ import annotations
@@ -11,15 +14,19 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from fl_core.config import GateConfig
+from fl_core.config import PipelineConfig
 
-Metrics = Mapping[str, float | int | None]
-Rule = Callable[[Metrics, GateConfig], str | None]
+Metrics = Mapping[str, float | int | str | None]
+Thresholds = Mapping[str, float]
+Rule = Callable[[Metrics, Thresholds], str | None]
 
 # Why a metric can be absent, for the refusal message.
 _MISSING_BECAUSE = {
     "accuracy": "the evaluation did not run",
     "mia_auc": "the audit did not run",
+    "mia_tpr_at_0_1pct_fpr": "the audit did not run",
+    "empirical_epsilon_lower_bound": "the audit did not run",
+    "epsilon": "the model is not differentially private (privacy.enabled=false)",
 }
 
 
@@ -29,6 +36,16 @@ class GateDecision:
 
     passed: bool
     reasons: tuple[str, ...]
+
+
+def gate_thresholds(cfg: PipelineConfig) -> dict[str, float]:
+    """Every threshold a rule reads, keyed by the configuration key that sets it."""
+    return {
+        "gate.min_accuracy": cfg.gate.min_accuracy,
+        "audit.max_auc": cfg.audit.max_auc,
+        "audit.max_tpr_at_0_1pct_fpr": cfg.audit.max_tpr_at_0_1pct_fpr,
+        "privacy.epsilon": cfg.privacy.epsilon,
+    }
 
 
 def _value(metrics: Metrics, name: str) -> float | None:
@@ -48,39 +65,53 @@ def _missing(name: str) -> str:
     return f"{name} is missing: {because}"
 
 
-def _bound(name: str, threshold_key: str, upper: bool) -> Rule:
-    """Rule: ``metrics[name] <= gate.<threshold_key>`` if ``upper``, else ``>=``."""
+def _bound(name: str, key: str, upper: bool) -> Rule:
+    """Rule: ``metrics[name] <= thresholds[key]`` if ``upper``, else ``>=``."""
 
-    def rule(metrics: Metrics, gate: GateConfig) -> str | None:
+    def rule(metrics: Metrics, thresholds: Thresholds) -> str | None:
         value = _value(metrics, name)
-        threshold = float(getattr(gate, threshold_key))
+        threshold = float(thresholds[key])
         if value is None:
             return _missing(name)
         if (value > threshold) if upper else (value < threshold):
             sign = ">" if upper else "<"
-            return f"{name} {value:.4g} {sign} gate.{threshold_key} {threshold:.4g}"
+            return f"{name} {value:.4g} {sign} {key} {threshold:.4g}"
         return None
 
     return rule
 
 
-def _at_least(name: str, threshold_key: str) -> Rule:
-    return _bound(name, threshold_key, upper=False)
+def _at_least(name: str, key: str) -> Rule:
+    return _bound(name, key, upper=False)
 
 
-def _at_most(name: str, threshold_key: str) -> Rule:
-    return _bound(name, threshold_key, upper=True)
+def _at_most(name: str, key: str) -> Rule:
+    return _bound(name, key, upper=True)
+
+
+def _audit_agrees_with_accountant(metrics: Metrics, thresholds: Thresholds) -> str | None:
+    """An attack cannot beat a correct DP guarantee: ε_lb > ε means a DP or accounting bug."""
+    bound, epsilon = _value(metrics, "empirical_epsilon_lower_bound"), _value(metrics, "epsilon")
+    if bound is None:
+        return _missing("empirical_epsilon_lower_bound")
+    if epsilon is not None and bound > epsilon:
+        return (f"privacy failure: empirical_epsilon_lower_bound {bound:.4g} > epsilon "
+                f"{epsilon:.4g} from the accountant (a DP or accounting bug)")
+    return None
 
 
 RULES: tuple[Rule, ...] = (
-    _at_least("accuracy", "min_accuracy"),
-    _at_most("mia_auc", "max_mia_auc"),
+    _at_least("accuracy", "gate.min_accuracy"),
+    _at_most("mia_auc", "audit.max_auc"),
+    _at_most("mia_tpr_at_0_1pct_fpr", "audit.max_tpr_at_0_1pct_fpr"),
+    _at_most("epsilon", "privacy.epsilon"),
+    _audit_agrees_with_accountant,
 )
 
 
 def evaluate_gate(
-    metrics: Metrics, gate: GateConfig, rules: tuple[Rule, ...] = RULES
+    metrics: Metrics, thresholds: Thresholds, rules: tuple[Rule, ...] = RULES
 ) -> GateDecision:
     """Apply every rule; the model passes only if none of them refuses."""
-    reasons = tuple(reason for rule in rules if (reason := rule(metrics, gate)) is not None)
+    reasons = tuple(reason for rule in rules if (reason := rule(metrics, thresholds)) is not None)
     return GateDecision(passed=not reasons, reasons=reasons)

@@ -5,6 +5,7 @@
     fedpriv stage train                      # one stage, no orchestration (what dvc repro calls)
     fedpriv config --set data.partition=by_patient
     fedpriv budget                           # the privacy-budget ledger: ε spent per site
+    fedpriv audit-sweep --seeds 3            # membership-attack AUC against ε
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "every registered run, against privacy.lifetime_epsilon; --entries lists "
                     "the runs.")
     budget.add_argument("--entries", action="store_true", help="list every ledger entry too")
+    sweep = sub.add_parser(
+        "audit-sweep", parents=[common], help="train and audit at several ε; AUC vs ε",
+        description="For each ε (and without DP) and each seed, train the configured model and "
+                    "run the membership audit (same shadows and attacks as the pipeline). "
+                    "Prints attack AUC and TPR at 0.1 %% FPR against ε with their Spearman rank "
+                    "correlation; writes reports/audit_sweep.{json,csv,png}. Registers nothing "
+                    "and spends no ledger budget (the sweep's models are never released).")
+    sweep.add_argument("--epsilons", nargs="+", type=float, metavar="EPS",
+                       help="ε values (default: 0.5 1 2 4 8 32; no DP is always added)")
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds per ε (default: %(default)s)")
     return parser
 
 
@@ -172,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
+        if args.command == "audit-sweep":
+            from tasks.sweep import DEFAULT_EPSILONS, run_audit_sweep, sweep_markdown
+
+            result = run_audit_sweep(root / args.params, args.overrides, root,
+                                     list(args.epsilons or DEFAULT_EPSILONS), args.seeds)
+            print(sweep_markdown(result))
             return 0
         if args.command == "budget":
             print_budget(cfg, root, args.entries)

@@ -64,20 +64,22 @@ def _cumulative(history: Sequence[dict], key: str) -> list[float]:
     return out
 
 
-def roc_plot(fpr: Sequence[float], tpr: Sequence[float], auc: float, title: str,
+def roc_plot(curves: dict[str, tuple[Sequence[float], Sequence[float], float]], title: str,
              target: Path) -> None:
-    """Membership-inference ROC on log-log axes: the low-FPR region is what matters."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    floor = 1e-4
-    ax.loglog([max(f, floor) for f in fpr], [max(t, floor) for t in tpr],
-              label=f"attack (AUC {auc:.3f})")
+    """Membership-inference ROC curves (attack → (fpr, tpr, auc)) on log-log axes: the
+    low-FPR region is what matters."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    floor = 1e-3
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.loglog([max(f, floor) for f in fpr], [max(t, floor) for t in tpr],
+                  label=f"{name} (AUC {auc:.3f})")
     ax.loglog([floor, 1], [floor, 1], "k--", lw=0.8, label="chance")
     ax.set_xlim(floor, 1)
     ax.set_ylim(floor, 1)
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     _save(fig, target)
 
@@ -107,5 +109,25 @@ def privacy_utility_plot(points: Sequence[dict], baseline: dict, target: Path) -
     ax.set_ylabel("pooled test accuracy")
     ax.set_title("Privacy–utility")
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def audit_sweep_plot(rows: Sequence[dict], rho: float, target: Path) -> None:
+    """Worst-case attack AUC and TPR at 0.1 % FPR against ε (no DP at the right)."""
+    labels = ["no DP" if r["epsilon"] is None else f"{r['epsilon']:g}" for r in rows]
+    pos = list(range(len(rows)))
+    fig, (ax_auc, ax_tpr) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_auc.errorbar(pos, [r["mia_auc"] for r in rows], yerr=[r["mia_auc_sd"] for r in rows],
+                    marker="o", capsize=3)
+    ax_auc.axhline(0.5, color="k", ls="--", lw=0.8, label="chance")
+    ax_auc.set_ylabel("attack AUC (worst case over attacks)")
+    ax_auc.set_title(f"Membership inference vs ε (Spearman ρ = {rho:.2f})")
+    ax_auc.legend(loc="upper left")
+    ax_tpr.plot(pos, [r["mia_tpr_at_0_1pct_fpr"] for r in rows], marker="o", color="tab:red")
+    ax_tpr.set_ylabel("TPR at 0.1 % FPR")
+    for ax in (ax_auc, ax_tpr):
+        ax.set_xticks(pos, labels)
+        ax.set_xlabel("ε per patient (δ = 1e-5)")
     fig.tight_layout()
     _save(fig, target)

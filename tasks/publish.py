@@ -22,7 +22,7 @@ from tasks.train import load_model, privacy_ledger
 METRIC_FIELDS = (
     "accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accuracy",
     "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
-    "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
+    "mia_advantage", "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
     "bytes_downloaded_uncompressed", "compression_ratio", "downlink_compression_ratio",
     "flagged_client_rounds", "rejected_client_rounds", "client_level_epsilon", "rounds",
     "wall_seconds", "audit_seconds",
@@ -42,7 +42,7 @@ def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str
         metrics[key] = trained.get(key)
     metrics["client_level_epsilon"] = (trained.get("privacy") or {}).get("client_level_epsilon")
     for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
-                "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound"):
+                "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound", "mia_advantage"):
         metrics[key] = audited.get(key)
     metrics["audit_seconds"] = audited.get("seconds")
     if wall_seconds is None:  # stage by stage (dvc repro): the stages' own times

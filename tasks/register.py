@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fl_core.config import PipelineConfig
-from fl_core.gate import GateDecision, evaluate_gate
+from fl_core.gate import GateDecision, evaluate_gate, gate_thresholds
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -70,7 +70,7 @@ def register_model(
     missing = [str(p) for p in artifacts if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"artifact(s) to log do not exist: {', '.join(missing)}")
-    decision = evaluate_gate(metrics, cfg.gate)
+    decision = evaluate_gate(metrics, gate_thresholds(cfg))
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow

@@ -284,6 +284,15 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
     return "; ".join(parts) if parts else "NOT DIFFERENTIALLY PRIVATE (privacy.enabled=false)"
 
 
+def build_target_model(cfg: PipelineConfig, num_features: int) -> tuple[torch.nn.Module, list[str]]:
+    """The configured model, initialised from ``seed``; with DP-SGD, one Opacus accepts
+    (server, clients and audit shadows share it). Returns the model and Opacus's fixes."""
+    model = build_model(cfg.model, num_features, cfg.hidden_units, seed=cfg.seed)
+    if cfg.privacy.enabled:
+        return check_model(model)
+    return model, []
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model saved by :func:`train_model`, and its metadata."""
     if not path.exists():
@@ -316,10 +325,8 @@ def federate(
     model_fixes: list[str] = []
 
     def factory() -> torch.nn.Module:
-        model = build_model(cfg.model, num_features, cfg.hidden_units, seed=cfg.seed)
-        if cfg.privacy.enabled:  # server and clients share the model Opacus accepts
-            model, fixes = check_model(model)
-            model_fixes[:] = fixes
+        model, fixes = build_target_model(cfg, num_features)
+        model_fixes[:] = fixes
         return model
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)

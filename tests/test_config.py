@@ -79,4 +79,4 @@ def test_malformed_yaml_file(tmp_path: Path) -> None:
 def test_flat_params_are_dotted() -> None:
     flat = load_config(ROOT / "params.yaml").flat()
     assert flat["data.partition"] == "by_site"
-    assert flat["gate.max_mia_auc"] == 0.6
+    assert flat["audit.max_auc"] == 0.6 and flat["privacy.epsilon"] == 1.0

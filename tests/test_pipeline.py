@@ -35,7 +35,15 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     assert set(REQUIRED) <= set(metrics)
     assert metrics["rounds"] == 2
     assert 0.95 <= metrics["epsilon"] <= 1.0 and metrics["delta"] == 1e-5  # DP-SGD by default
-    assert metrics["empirical_epsilon_lower_bound"] is None
+    assert metrics["empirical_epsilon_lower_bound"] >= 0 and metrics["mia_advantage"] >= 0
+    audit = json.loads((project / "reports" / "audit.json").read_text())
+    assert {a["attack"] for a in audit["attacks"]} == {
+        "loss_threshold", "shokri_shadow", "lira_offline"}
+    assert audit["shadow_models"] == 8 and audit["members"] == audit["non_members"] == 148
+    assert audit["population"] == 148 + 180  # test patients + the incomplete ones
+    assert audit["privacy_consistent"] is True
+    assert metrics["mia_auc"] == max(a["auc"] for a in audit["attacks"])
+    assert metrics["audit_seconds"] < 60
     assert 0.5 < metrics["accuracy"] <= 1 and 0 <= metrics["mia_auc"] <= 1
     assert metrics["bytes_uploaded"] > 0
     # the default compresses updates (top-10 %, 8-bit): fewer bytes than dense float32

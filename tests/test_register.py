@@ -10,13 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from fl_core.config import GateConfig, PipelineConfig
+from fl_core.config import PipelineConfig
 from fl_core.gate import GateDecision, evaluate_gate
 from fl_core.models import build_model
 
-GATE = GateConfig(min_accuracy=0.75, max_mia_auc=0.60)
-PASSING = {"accuracy": 0.82, "auc": 0.80, "mia_auc": 0.52, "epsilon": None}
-REFUSED = {"accuracy": 0.61, "auc": 0.70, "mia_auc": 0.55, "epsilon": None}
+GATE = {"gate.min_accuracy": 0.75, "audit.max_auc": 0.60, "audit.max_tpr_at_0_1pct_fpr": 0.05,
+        "privacy.epsilon": 1.0}
+PRIVATE = {"epsilon": 0.99, "mia_tpr_at_0_1pct_fpr": 0.0, "empirical_epsilon_lower_bound": 0.0}
+PASSING = {"accuracy": 0.82, "auc": 0.80, "mia_auc": 0.52, "delta": None, **PRIVATE}
+REFUSED = {"accuracy": 0.61, "auc": 0.70, "mia_auc": 0.55, "delta": None, **PRIVATE}
 HISTORY = [
     {"round": r, "train_loss": 1.0 / r, "test_loss": 1.1 / r, "accuracy": 0.6 + 0.05 * r,
      "auc": 0.7 + 0.04 * r, "bytes_uploaded": 1000 * r, "bytes_downloaded": 900 * r,
@@ -28,28 +30,46 @@ HISTORY = [
 # --- evaluate_gate ------------------------------------------------------------------------
 
 
+def _gate(**metrics: Any) -> GateDecision:
+    return evaluate_gate({"accuracy": 0.8, "mia_auc": 0.5, **PRIVATE, **metrics}, GATE)
+
+
 def test_gate_passes_when_every_rule_holds() -> None:
-    assert evaluate_gate({"accuracy": 0.8, "mia_auc": 0.5}, GATE) == GateDecision(True, ())
+    assert _gate() == GateDecision(True, ())
 
 
 def test_gate_thresholds_are_inclusive() -> None:
-    assert evaluate_gate({"accuracy": 0.75, "mia_auc": 0.60}, GATE).passed
+    assert _gate(accuracy=0.75, mia_auc=0.60, mia_tpr_at_0_1pct_fpr=0.05, epsilon=1.0,
+                 empirical_epsilon_lower_bound=1.0).passed
 
 
 def test_gate_refuses_low_accuracy() -> None:
-    decision = evaluate_gate({"accuracy": 0.71, "mia_auc": 0.5}, GATE)
+    decision = _gate(accuracy=0.71)
     assert not decision.passed
     assert decision.reasons == ("accuracy 0.71 < gate.min_accuracy 0.75",)
 
 
-def test_gate_refuses_high_mia_auc() -> None:
-    decision = evaluate_gate({"accuracy": 0.9, "mia_auc": 0.7}, GATE)
-    assert decision.reasons == ("mia_auc 0.7 > gate.max_mia_auc 0.6",)
+def test_gate_refuses_high_mia_auc_or_low_fpr_tpr() -> None:
+    assert _gate(mia_auc=0.7).reasons == ("mia_auc 0.7 > audit.max_auc 0.6",)
+    assert _gate(mia_tpr_at_0_1pct_fpr=0.2).reasons == (
+        "mia_tpr_at_0_1pct_fpr 0.2 > audit.max_tpr_at_0_1pct_fpr 0.05",)
+
+
+def test_gate_refuses_models_outside_the_privacy_budget() -> None:
+    assert _gate(epsilon=2.5).reasons == ("epsilon 2.5 > privacy.epsilon 1",)
+    assert _gate(epsilon=None).reasons == (
+        "epsilon is missing: the model is not differentially private (privacy.enabled=false)",)
+
+
+def test_gate_refuses_a_privacy_failure() -> None:
+    """An attack that proves more than the accountant allows means a DP or accounting bug."""
+    (reason,) = _gate(epsilon=0.8, empirical_epsilon_lower_bound=1.3).reasons
+    assert reason.startswith("privacy failure: empirical_epsilon_lower_bound 1.3 > epsilon 0.8")
 
 
 @pytest.mark.parametrize("mia_auc", [None, math.nan, math.inf, "n/a", "missing"])
 def test_gate_refuses_missing_or_nan_metric(mia_auc: Any) -> None:
-    metrics: dict[str, Any] = {"accuracy": 0.9}
+    metrics: dict[str, Any] = {"accuracy": 0.9, **PRIVATE}
     if mia_auc != "missing":
         metrics["mia_auc"] = mia_auc
     decision = evaluate_gate(metrics, GATE)
@@ -60,9 +80,8 @@ def test_gate_refuses_missing_or_nan_metric(mia_auc: Any) -> None:
 def test_gate_reports_every_reason_in_rule_order() -> None:
     decision = evaluate_gate({"accuracy": math.nan, "mia_auc": 0.99}, GATE)
     assert not decision.passed
-    assert len(decision.reasons) == 2
-    assert decision.reasons[0].startswith("accuracy is missing")
-    assert decision.reasons[1].startswith("mia_auc 0.99 >")
+    assert [r.split(" ")[0] for r in decision.reasons] == [
+        "accuracy", "mia_auc", "mia_tpr_at_0_1pct_fpr", "epsilon", "empirical_epsilon_lower_bound"]
 
 
 # --- register_model -----------------------------------------------------------------------
@@ -85,7 +104,7 @@ def cfg(tmp_path: Path, migrated_db: Path) -> PipelineConfig:
     shutil.copy(migrated_db, state / "mlflow.db")
     return PipelineConfig.model_validate({
         "state_dir": str(state),
-        "gate": {"min_accuracy": 0.75, "max_mia_auc": 0.60},
+        "gate": {"min_accuracy": 0.75},
         "mlflow": {"experiment": "test-exp", "model_name": "test-model"},
     })
 
@@ -162,7 +181,7 @@ def test_passing_model_becomes_champion(
     assert run.data.tags["gate"] == "passed"
     assert run.data.params["gate.min_accuracy"] == "0.75"
     assert run.data.params["mlflow.model_name"] == "test-model"
-    assert "epsilon" not in run.data.metrics  # None is skipped, never invented
+    assert "delta" not in run.data.metrics  # None is skipped, never invented
     assert "failed_clients" not in run.data.metrics and "seconds" not in run.data.metrics
     assert run.data.metrics["accuracy"] == pytest.approx(0.82)  # final value is the latest
     assert run.data.metrics["auc"] == pytest.approx(0.80)  # below the last round's 0.82
@@ -192,6 +211,15 @@ def test_refused_model_is_challenger_only(cfg: PipelineConfig, model: torch.nn.M
     assert "accuracy" in tags["gate_reasons"]
     run_tags = client.get_run(third.run_id).data.tags
     assert run_tags["gate"] == "refused" and run_tags["gate_reasons"] == tags["gate_reasons"]
+
+
+def test_privacy_failure_is_recorded_on_the_version(
+    cfg: PipelineConfig, model: torch.nn.Module
+) -> None:
+    result = _register(cfg, model, {**PASSING, "empirical_epsilon_lower_bound": 2.0})
+    assert result.aliases == ("challenger",)
+    tags = _client(cfg).get_model_version(cfg.mlflow.model_name, "1").tags
+    assert tags["gate"] == "refused" and "privacy failure" in tags["gate_reasons"]
 
 
 def test_alias_failure_leaves_nothing_registered(

@@ -1,0 +1,34 @@
+"""Membership-inference audit: shadow models, LiRA, low-FPR metrics, an empirical ε bound.
+
+One concept per module: :mod:`~fl_core.audit.shadow` (shadow models' outputs and the Shokri
+attack model), :mod:`~fl_core.audit.lira` (offline / online LiRA), :mod:`~fl_core.audit.bounds`
+(the Clopper–Pearson ε lower bound), :mod:`~fl_core.audit.report` (metrics of one attack),
+:mod:`~fl_core.audit.baseline` (the loss-threshold attack) and
+:mod:`~fl_core.audit.membership` (all attacks on one target). Training the shadows is the
+caller's: they must follow the target's own recipe.
+"""
+
+from fl_core.audit.baseline import balanced_indices, loss_threshold_attack, per_example_loss
+from fl_core.audit.bounds import (
+    clopper_pearson_upper,
+    empirical_epsilon_lower_bound,
+    epsilon_lower_bound_at,
+)
+from fl_core.audit.lira import lira_offline, lira_online
+from fl_core.audit.membership import AuditResult, membership_audit
+from fl_core.audit.report import AttackReport, attack_report, tpr_at_fpr
+from fl_core.audit.shadow import (
+    ShadowOutputs,
+    attack_features,
+    half_splits,
+    shokri_attack,
+    true_class_logit,
+)
+
+__all__ = [
+    "AttackReport", "AuditResult", "ShadowOutputs", "attack_features", "attack_report",
+    "balanced_indices", "clopper_pearson_upper", "empirical_epsilon_lower_bound",
+    "epsilon_lower_bound_at", "half_splits", "lira_offline", "lira_online",
+    "loss_threshold_attack", "membership_audit", "per_example_loss", "shokri_attack",
+    "tpr_at_fpr", "true_class_logit",
+]

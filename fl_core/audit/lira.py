@@ -1,0 +1,57 @@
+"""The likelihood-ratio attack (LiRA, Carlini et al. 2022) with the shadows as references.
+
+For each example the logit-scaled confidence ``φ`` under models that did not train on it
+("out") is close to Gaussian; so is ``φ`` under models that did ("in").
+
+* **offline**: only out-models are needed. Score ``(φ_target − μ_out) / σ_out``, the one-sided
+  test of "φ is higher than an out-model would give" (monotone in its p-value).
+* **online**: ``log N(φ_target; μ_in, σ_in²) − log N(φ_target; μ_out, σ_out²)``; needs in- and
+  out-models for every example, i.e. shadows that trained on the target's own members.
+
+Means are per example; variances are pooled over examples (LiRA's "global variance"), which
+is the stable choice with a handful of shadows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fl_core.audit.shadow import ShadowOutputs, true_class_logit
+
+
+def _per_example_gaussian(
+    phi: torch.Tensor, mask: torch.Tensor, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = mask.sum(0)
+    if bool((counts == 0).any()):
+        raise ValueError(f"LiRA: {int((counts == 0).sum())} example(s) have no {what}-model")
+    m = mask.double()
+    mean = (phi * m).sum(0) / counts
+    residual = (phi - mean) * m
+    dof = max(int(counts.sum()) - phi.shape[1], 1)
+    std = torch.sqrt((residual**2).sum() / dof).clamp(min=1e-6)
+    return mean, std
+
+
+def lira_offline(
+    shadows: ShadowOutputs, target_logits: torch.Tensor, pool_index: torch.Tensor
+) -> torch.Tensor:
+    """Offline LiRA scores for target examples at ``pool_index`` of the shadows' pool."""
+    phi = true_class_logit(shadows.logits[:, pool_index], shadows.labels[pool_index])
+    mean, std = _per_example_gaussian(phi, ~shadows.trained_on[:, pool_index], "out")
+    target = true_class_logit(target_logits, shadows.labels[pool_index])
+    return (target - mean) / std
+
+
+def lira_online(
+    shadows: ShadowOutputs, target_logits: torch.Tensor, pool_index: torch.Tensor
+) -> torch.Tensor:
+    """Online LiRA scores (log-likelihood ratio in / out) for target examples."""
+    phi = true_class_logit(shadows.logits[:, pool_index], shadows.labels[pool_index])
+    trained = shadows.trained_on[:, pool_index]
+    mu_in, sd_in = _per_example_gaussian(phi, trained, "in")
+    mu_out, sd_out = _per_example_gaussian(phi, ~trained, "out")
+    target = true_class_logit(target_logits, shadows.labels[pool_index])
+    log_in = torch.distributions.Normal(mu_in, sd_in).log_prob(target)
+    log_out = torch.distributions.Normal(mu_out, sd_out).log_prob(target)
+    return log_in - log_out

@@ -1,0 +1,160 @@
+"""The membership audit: power on an overfit model, no false alarm, the ε bound by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fl_core.audit import (
+    ShadowOutputs,
+    empirical_epsilon_lower_bound,
+    epsilon_lower_bound_at,
+    half_splits,
+    membership_audit,
+)
+from fl_core.models import MLP
+
+FEATURES = 10
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=g)
+    y = (torch.rand(n, generator=g) > 0.5).float()  # random labels: only memorisation helps
+    return x, y
+
+
+def _overfit(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
+    """The deliberately overfit recipe: a wide MLP trained to (near) zero loss."""
+    torch.manual_seed(seed)
+    model = MLP(FEATURES, 256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(250):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def _shadows(x: torch.Tensor, y: torch.Tensor, trainable: torch.Tensor, n: int
+             ) -> ShadowOutputs:
+    """``n`` shadows on random halves of the ``trainable`` pool examples, the target's recipe."""
+    splits = half_splits(int(trainable.sum()), n, torch.Generator().manual_seed(1))
+    trained_on = torch.zeros(n, len(y), dtype=torch.bool)
+    trained_on[:, trainable] = splits
+    models = [_overfit(x[trained_on[s]], y[trained_on[s]], 100 + s) for s in range(n)]
+    with torch.no_grad():
+        logits = torch.stack([m(x) for m in models])
+    return ShadowOutputs(logits, y, trained_on)
+
+
+@pytest.fixture(scope="module")
+def pool() -> tuple[torch.Tensor, torch.Tensor]:
+    # 0..199 the target's members, 200..399 non-members, 400..799 the auditor's population
+    return _data(800, seed=0)
+
+
+def test_overfit_target_is_caught(pool: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = pool
+    target = _overfit(x[:200], y[:200], seed=7)
+    population = torch.arange(800) >= 400
+    shadows = _shadows(x, y, population, n=8)
+    evaluate = torch.arange(400)
+    with torch.no_grad():
+        logits = target(x[evaluate])
+    is_member = (evaluate < 200).float()
+    result = membership_audit(logits, is_member, evaluate, shadows, delta=1e-5)
+    by_name = {r.attack: r for r in result.reports}
+    assert set(by_name) == {"loss_threshold", "shokri_shadow", "lira_offline"}
+    assert by_name["shokri_shadow"].auc >= 0.65
+    assert by_name["lira_offline"].auc >= 0.65
+    assert result.metrics()["empirical_epsilon_lower_bound"] > 0
+    assert result.metrics()["mia_auc"] == max(r.auc for r in result.reports)
+
+
+def test_non_members_posing_as_members_raise_no_alarm(
+    pool: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """The "members" were never trained on: every attack must be at chance."""
+    x, y = pool
+    target = _overfit(x[:200], y[:200], seed=7)
+    population = torch.arange(800) >= 400
+    shadows = _shadows(x, y, population, n=8)
+    fake = torch.arange(200, 400)  # none of these is in the target's training set
+    with torch.no_grad():
+        logits = target(x[fake])
+    is_member = (torch.arange(200) < 100).float()
+    result = membership_audit(logits, is_member, fake, shadows, delta=1e-5)
+    for report in result.reports:
+        assert abs(report.auc - 0.5) <= 0.05, report.attack
+    assert abs(result.metrics()["mia_auc"] - 0.5) <= 0.05
+    assert result.metrics()["empirical_epsilon_lower_bound"] == 0.0
+
+
+def test_online_lira_runs_when_shadows_saw_the_members(
+    pool: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = pool
+    target = _overfit(x[:200], y[:200], seed=7)
+    evaluate = torch.arange(400)
+    shadows = _shadows(x[:400], y[:400], torch.ones(400, dtype=torch.bool), n=8)
+    with torch.no_grad():
+        logits = target(x[evaluate])
+    result = membership_audit(logits, (evaluate < 200).float(), evaluate, shadows, delta=1e-5)
+    online = {r.attack: r for r in result.reports}["lira_online"]
+    assert online.auc >= 0.65
+
+
+# --- the ε lower bound ----------------------------------------------------------------------
+
+
+def test_epsilon_bound_by_hand() -> None:
+    # 100 members, 100 non-members; a threshold with FP = 0 and FN = 50.
+    # Clopper–Pearson one-sided 95 %: FPR⁺ = 1 − 0.05^(1/100), FNR⁺ = Beta⁻¹(0.95; 51, 50)
+    from scipy.stats import beta
+
+    fpr_up = 1 - 0.05 ** (1 / 100)
+    fnr_up = beta.ppf(0.95, 51, 50)
+    expected = math.log((1 - 1e-5 - fnr_up) / fpr_up)
+    got = epsilon_lower_bound_at(torch.tensor([0.0]), 100, torch.tensor([50.0]), 100,
+                                 delta=1e-5, alpha=0.05)
+    assert float(got[0]) == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(math.log((1 - 1e-5 - fnr_up) / 0.029513), rel=1e-3)
+    # the symmetric term: FN = 0, FP = 50 gives the same bound
+    sym = epsilon_lower_bound_at(torch.tensor([50.0]), 100, torch.tensor([0.0]), 100,
+                                 delta=1e-5, alpha=0.05)
+    assert float(sym[0]) == pytest.approx(expected, rel=1e-9)
+    # chance-level rates prove nothing
+    none = epsilon_lower_bound_at(torch.tensor([50.0]), 100, torch.tensor([50.0]), 100,
+                                  delta=1e-5, alpha=0.05)
+    assert float(none[0]) == 0.0
+
+
+def test_perfect_separation_bound_grows_with_sample_size() -> None:
+    def bound(n: int) -> float:
+        scores = torch.cat([torch.ones(n), torch.zeros(n)])
+        return empirical_epsilon_lower_bound(scores, scores, delta=1e-5)
+
+    # two thresholds are tried (score ≥ 1 and score ≥ 0): Bonferroni α = 0.025 each
+    n = 500
+    expected = math.log((1 - 1e-5 - (1 - 0.025 ** (1 / n))) / (1 - 0.025 ** (1 / n)))
+    assert bound(n) == pytest.approx(expected, rel=1e-6)
+    assert bound(50) < bound(500) < bound(5000)
+
+
+@given(st.lists(st.tuples(st.floats(-5, 5), st.booleans()), min_size=4, max_size=80))
+def test_bound_is_nonnegative_and_order_invariant(pairs: list[tuple[float, bool]]) -> None:
+    scores = torch.tensor([s for s, _ in pairs], dtype=torch.float64)
+    labels = torch.tensor([float(m) for _, m in pairs])
+    if labels.min() == labels.max():
+        return
+    b = empirical_epsilon_lower_bound(scores, labels, delta=1e-5)
+    assert b >= 0
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(len(pairs)))
+    assert empirical_epsilon_lower_bound(scores[perm], labels[perm], 1e-5) == pytest.approx(b)
+    # a monotone transform of the scores changes nothing
+    assert empirical_epsilon_lower_bound(scores * 3 + 1, labels, 1e-5) == pytest.approx(b)
