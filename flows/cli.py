@@ -34,6 +34,11 @@ privacy:
   (.fedpriv/privacy_ledger.sqlite) refuses a run that would take a site past
   privacy.lifetime_epsilon. `fedpriv budget` shows what each site has spent.
 
+audit and gate:
+  the audit attacks every model (loss threshold, Shokri shadow models, LiRA) and bounds ε
+  from below; champion needs accuracy, attack AUC / TPR@0.1%FPR within audit.*, ε within
+  privacy.epsilon, and ε_lb <= ε. `fedpriv audit-sweep` plots attack AUC against ε.
+
 exit codes: 0 ok, 2 bad configuration, 3 data failed validation, 4 training failed,
   5 privacy budget exhausted, 1 other.
 """

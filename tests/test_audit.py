@@ -158,3 +158,21 @@ def test_bound_is_nonnegative_and_order_invariant(pairs: list[tuple[float, bool]
     assert empirical_epsilon_lower_bound(scores[perm], labels[perm], 1e-5) == pytest.approx(b)
     # a monotone transform of the scores changes nothing
     assert empirical_epsilon_lower_bound(scores * 3 + 1, labels, 1e-5) == pytest.approx(b)
+
+
+@pytest.mark.integration
+def test_audit_sweep_cli_writes_table_plot_and_correlation(project, capsys) -> None:
+    import json
+
+    from flows.cli import main
+
+    code = main(["audit-sweep", "--root", str(project), "--seeds", "1", "--epsilons", "1",
+                 "--set", "rounds=2", "--set", "audit.shadow_models=2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| ∞ (no DP) |" in out and "Spearman rank correlation with ε" in out
+    result = json.loads((project / "reports" / "audit_sweep.json").read_text())
+    assert [r["epsilon"] for r in result["rows"]] == [1.0, None]
+    assert all(0 <= r["mia_auc"] <= 1 for r in result["rows"])
+    assert (project / "reports" / "audit_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (project / ".fedpriv" / "privacy_ledger.sqlite").exists()  # nothing spent
