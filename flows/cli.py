@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "audit-sweep", parents=[common], help="train and audit at several ε; AUC vs ε",
         description="For each ε (and without DP) and each seed, train the configured model and "
                     "run the membership audit (same shadows and attacks as the pipeline). "
-                    "Prints attack AUC and TPR at 0.1 %% FPR against ε with their Spearman rank "
+                    "Prints attack AUC and TPR at 0.1 % FPR against ε with their Spearman rank "
                     "correlation; writes reports/audit_sweep.{json,csv,png}. Registers nothing "
                     "and spends no ledger budget (the sweep's models are never released).")
     sweep.add_argument("--epsilons", nargs="+", type=float, metavar="EPS",
