@@ -125,7 +125,8 @@ def audit_sweep_plot(rows: Sequence[dict], rho: float, target: Path) -> None:
     ax_auc.set_title(f"Membership inference vs ε (Spearman ρ = {rho:.2f})")
     ax_auc.legend(loc="upper left")
     ax_tpr.plot(pos, [r["mia_tpr_at_0_1pct_fpr"] for r in rows], marker="o", color="tab:red")
-    ax_tpr.set_ylabel("TPR at 0.1 % FPR")
+    ax_tpr.set_ylabel("TPR at 0.1 % FPR (worst case over attacks)")
+    ax_tpr.set_ylim(0, max(0.1, 1.2 * max(r["mia_tpr_at_0_1pct_fpr"] for r in rows)))
     for ax in (ax_auc, ax_tpr):
         ax.set_xticks(pos, labels)
         ax.set_xlabel("ε per patient (δ = 1e-5)")
