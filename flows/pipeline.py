@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from fl_core.config import load_config
 from tasks.audit import audit
+from tasks.common import Paths
 from tasks.partition import partition
 from tasks.publish import publish
 from tasks.train import train
@@ -50,6 +51,22 @@ def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> s
     )
 
 
+def audit_markdown(report: dict[str, Any]) -> str:
+    """Every attack's figures, for the Prefect UI."""
+    if not report.get("enabled"):
+        return "\n**Audit disabled**: the gate refuses promotion.\n"
+    rows = "\n".join(
+        f"| {a['attack']} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | "
+        f"{a['tpr_at_0_1pct_fpr']:.3f} | {a['advantage']:.3f} | {a['epsilon_lower_bound']:.3f} |"
+        for a in report["attacks"])
+    verdict = ("consistent with the accountant" if report["privacy_consistent"]
+               else "**PRIVACY FAILURE: the attack beats the DP guarantee**")
+    return (f"\n## Membership-inference audit\n\n{report['members']} members vs "
+            f"{report['non_members']} non-members, {report['shadow_models']} shadow models, "
+            f"{report['seconds']:.1f} s; {verdict}.\n\n| attack | AUC | TPR@1%FPR | "
+            f"TPR@0.1%FPR | advantage | ε lower bound |\n|---|---|---|---|---|---|\n{rows}\n")
+
+
 @flow(name="fl-pipeline", log_prints=True)
 def fl_pipeline(
     overrides: list[str] | None = None, params_path: str = "params.yaml", root: str = "."
@@ -61,11 +78,17 @@ def fl_pipeline(
     validate(cfg, root_path)
     partition(cfg, root_path)
     train(cfg, root_path)
-    audit(cfg, root_path)
+    audited = audit(cfg, root_path)
     outcome = publish(cfg, root_path, wall_seconds=time.perf_counter() - started)
     create_markdown_artifact(
         key="fl-pipeline-summary",
-        markdown=summary_markdown(outcome["metrics"], outcome["registration"]),
+        markdown=summary_markdown(outcome["metrics"], outcome["registration"])
+        + audit_markdown(audited),
         description="fedpriv run summary",
     )
+    roc = Paths.of(cfg, root_path).roc_plot
+    if roc.exists():
+        create_link_artifact(key="fl-pipeline-mia-roc", link=roc.as_uri(),
+                             link_text="membership-inference ROC, every attack (log scale)",
+                             description="also in the MLflow run under reports/")
     return outcome

@@ -144,3 +144,15 @@ def test_cli_help_explains(capsys) -> None:
     out = capsys.readouterr().out
     assert "--set" not in out or "KEY=VALUE" in out
     assert "params.yaml" in out and "exit codes" in out
+
+
+def test_prefect_summary_shows_every_attack_and_a_privacy_failure() -> None:
+    from flows.pipeline import audit_markdown
+
+    attack = {"attack": "lira_offline", "auc": 0.71, "tpr_at_1pct_fpr": 0.1,
+              "tpr_at_0_1pct_fpr": 0.05, "advantage": 0.3, "epsilon_lower_bound": 1.4}
+    report = {"enabled": True, "attacks": [attack], "members": 148, "non_members": 148,
+              "shadow_models": 8, "seconds": 5.0, "privacy_consistent": False}
+    text = audit_markdown(report)
+    assert "| lira_offline | 0.710 |" in text and "PRIVACY FAILURE" in text
+    assert "gate refuses" in audit_markdown({"enabled": False})
