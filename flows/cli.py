@@ -113,7 +113,7 @@ def print_budget(cfg: Any, root: Path, entries: bool) -> None:
     ledger = privacy_ledger(cfg, root)
     cap = cfg.privacy.lifetime_epsilon
     current = file_fingerprint(root / cfg.data.path) if (root / cfg.data.path).is_file() else ""
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # the ledger table is wide
     table = Table(title=f"privacy budget ({ledger.path}), lifetime cap ε={cap:g} per site")
     for column in ("dataset", "site", "runs", "ε spent", "δ spent", "ε left"):
         table.add_column(column, justify="left" if column in ("dataset", "site") else "right")

@@ -161,16 +161,22 @@ def test_bound_is_nonnegative_and_order_invariant(pairs: list[tuple[float, bool]
 
 
 @pytest.mark.integration
-def test_audit_sweep_cli_writes_table_plot_and_correlation(project, capsys) -> None:
+def test_audit_sweep_cli_writes_table_plot_and_correlation(project) -> None:
     import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from flows.cli import main
-
-    code = main(["audit-sweep", "--root", str(project), "--seeds", "1", "--epsilons", "1",
-                 "--set", "rounds=2", "--set", "audit.shadow_models=2"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "| ∞ (no DP) |" in out and "Spearman rank correlation with ε" in out
+    root = Path(__file__).resolve().parents[1]
+    # a subprocess, as users run it (and Prefect's log handlers stay out of pytest's capture)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "audit-sweep", "--root", str(project), "--seeds",
+         "1", "--epsilons", "1", "--set", "rounds=2", "--set", "audit.shadow_models=2"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+        timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| ∞ (no DP) |" in out.stdout and "Spearman rank correlation with ε" in out.stdout
     result = json.loads((project / "reports" / "audit_sweep.json").read_text())
     assert [r["epsilon"] for r in result["rows"]] == [1.0, None]
     assert all(0 <= r["mia_auc"] <= 1 for r in result["rows"])

@@ -9,10 +9,12 @@ FORBIDDEN = ("prefect", "mlflow", "dvc", "tasks", "flows")
 
 
 def test_fl_core_imports_no_orchestration() -> None:
-    modules = sorted(p.stem for p in (ROOT / "fl_core").glob("*.py") if p.stem != "__init__")
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for p in (ROOT / "fl_core").rglob("*.py"))
+    assert "fl_core.audit.lira" in modules  # packages are walked too
     code = (
         "import importlib, sys\n"
-        f"for m in {modules!r}: importlib.import_module('fl_core.' + m)\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
         f"bad = sorted(n for n in sys.modules if n.split('.')[0] in {FORBIDDEN!r})\n"
         "print(','.join(bad))\n"
     )

@@ -155,12 +155,15 @@ def test_delta_too_large_for_a_site_is_a_config_error(project: Path) -> None:
     assert not (project / "reports" / "train.json").exists()
 
 
-def test_cli_budget_shows_the_ledger(project: Path, capsys) -> None:
-    from flows.cli import main
-
+def test_cli_budget_shows_the_ledger(project: Path) -> None:
     _ledger(project).charge(_fingerprint(), {"Cleveland": 1.25}, 1e-5, "rdp", "run-x", 10.0)
-    assert main(["budget", "--root", str(project), "--entries"]) == 0
-    out = capsys.readouterr().out
+    # a subprocess: the CLI imports Prefect, whose log handlers must not bind to pytest's capture
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "budget", "--root", str(project), "--entries"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     assert "Cleveland" in out and "1.2500" in out and "8.7500" in out and "run-x" in out
 
 
