@@ -42,7 +42,6 @@ import argparse
 import ctypes
 import gc
 import math
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import emit  # benchmarks/report.py: the script's own folder
+from report import emit, environment  # benchmarks/report.py: the script's own folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -317,10 +316,7 @@ def run(
             cells.append(run_cell(n, d, cell_repeats, seed, skip_loop_above, memory))
     return {
         "benchmark": "aggregation",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        **environment(),
         "seed": seed,
         "peak_memory": {
             "method": "VmHWM - VmRSS after gc.collect, malloc_trim(0) and clear_refs=5",

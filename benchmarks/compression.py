@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import struct
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import emit  # benchmarks/report.py: the script's own folder
+from report import emit, environment  # benchmarks/report.py: the script's own folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,10 +114,7 @@ def run(sizes: list[int], densities: list[float], bits: int, seed: int) -> dict[
                   file=sys.stderr, flush=True)
     return {
         "benchmark": "compression",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        **environment(),
         "cases": cases,
     }
 

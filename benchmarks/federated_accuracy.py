@@ -165,9 +165,7 @@ def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
     sizes: dict[str, Any] = {}
     started = time.perf_counter()
     for seed in range(seeds):
-        partition = loader.partition(cfg.data, seed)
-        transform = loader.fit_transform(cfg.data, partition)
-        data = loader.client_data(partition, transform)
+        data, _, _ = loader.partitioned(cfg.data, seed)
         num_features = int(data[0].x_train.shape[1])
         x_test = _pooled([d.x_test for d in data])
         y_test = _pooled([d.y_test for d in data])

@@ -53,9 +53,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
-    loader = FederatedDataLoader.get(cfg.data, ROOT)
-    partition = loader.partition(cfg.data, seed)
-    return loader.client_data(partition, loader.fit_transform(cfg.data, partition))
+    return FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, seed)[0]
 
 
 def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:

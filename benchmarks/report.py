@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import json
+import platform
 import sys
 from pathlib import Path
 from typing import Any
+
+
+def environment() -> dict[str, Any]:
+    """Where a timing was taken: torch threads and version, machine, processor."""
+    import torch
+
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+    }
 
 
 def emit(result: dict[str, Any], out: Path | None, summary: str | None = None) -> int:

@@ -61,8 +61,7 @@ def run(seeds: int, fractions: list[float], attacks: list[str],
     base_cfg = load_config(ROOT / "params.yaml", BASE)
     loader = FederatedDataLoader.get(base_cfg.data, ROOT)
     for seed in range(seeds):
-        partition = loader.partition(base_cfg.data, seed)
-        data = loader.client_data(partition, loader.fit_transform(base_cfg.data, partition))
+        data, _, _ = loader.partitioned(base_cfg.data, seed)
         for attack in attacks:
             for fraction in ([0.0] if attack == "none" else fractions):
                 key = "none" if attack == "none" else f"{attack}@{fraction:.0%}"

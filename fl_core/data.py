@@ -279,6 +279,11 @@ class FederatedDataLoader:
         assert self._incomplete is not None
         return self._incomplete
 
+    def site_of_patient(self) -> dict[int, str]:
+        """Patient id → hospital, for every patient of the cleaned table."""
+        return dict(zip(self.table[PATIENT_ID].tolist(), self.table[SITE].astype(str),
+                        strict=True))
+
     # ---------------------------------------------------------------- partitioning
     def partition(self, config: DataConfig, seed: int) -> Partition:
         """Assign patients to clients and split each client's patients 80/20, stratified.
@@ -314,6 +319,21 @@ class FederatedDataLoader:
             features=tuple(cfg.features), impute=cfg.impute, scale=cfg.scale,
             one_hot=cfg.one_hot, zero_as_missing=tuple(cfg.zero_as_missing),
         ).fit(train)
+
+    def encoded(
+        self, config: DataConfig, partition: Partition
+    ) -> tuple[list[ClientData], TabularTransform]:
+        """The clients' tensors, with transforms fitted on this partition's training patients."""
+        transform = self.fit_transform(config, partition)
+        return self.client_data(partition, transform), transform
+
+    def partitioned(
+        self, config: DataConfig, seed: int
+    ) -> tuple[list[ClientData], TabularTransform, Partition]:
+        """A fresh partition for ``seed`` and its encoded client data (no files written)."""
+        partition = self.partition(config, seed)
+        data, transform = self.encoded(config, partition)
+        return data, transform, partition
 
     def client_data(self, partition: Partition, transform: TabularTransform) -> list[ClientData]:
         indexed = self.table.set_index(PATIENT_ID, drop=False)

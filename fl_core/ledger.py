@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS budget_entries (
 );
 CREATE INDEX IF NOT EXISTS budget_by_data ON budget_entries (fingerprint, site);
 """
-# slack for the binary search of σ (Opacus stops within 0.01 of the target ε)
+# float rounding slack: a run that spends exactly what is left must fit
 _TOLERANCE = 1e-9
 
 

@@ -52,7 +52,7 @@ def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
     """Members (sampled to balance), non-members and the population, as one pool."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     loader = FederatedDataLoader.get(cfg.data, root)
-    site_of = dict(zip(loader.table["id"].tolist(), loader.table[SITE].astype(str), strict=True))
+    site_of = loader.site_of_patient()
     x_mem = torch.cat([d.x_train for d in data])
     y_mem = torch.cat([d.y_train for d in data])
     mem_site = [site_of[int(i)] for d in data for i in d.patient_ids()]

@@ -37,8 +37,8 @@ def load_client_data(
         raise FileNotFoundError(f"{paths.partition} not found: run the 'partition' stage first")
     partition = Partition.from_json(paths.partition.read_text())
     loader = FederatedDataLoader.get(cfg.data, paths.root)
-    transform = loader.fit_transform(cfg.data, partition)
-    return loader.client_data(partition, transform), transform, partition
+    data, transform = loader.encoded(cfg.data, partition)
+    return data, transform, partition
 
 
 partition = task(**task_options("partition"))(partition_data)

@@ -32,10 +32,8 @@ def sweep_point(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     """Train and audit one model under ``cfg`` (in memory)."""
     from fl_core.models import set_flat_params
 
-    loader = FederatedDataLoader.get(cfg.data, root)
-    partition = loader.partition(cfg.data, cfg.seed)
-    transform = loader.fit_transform(cfg.data, partition)
-    data = loader.client_data(partition, transform)
+    data, transform, partition = FederatedDataLoader.get(cfg.data, root).partitioned(
+        cfg.data, cfg.seed)
     run = federate(cfg, data)
     model, _ = build_target_model(cfg, int(data[0].x_train.shape[1]))
     set_flat_params(model, run.result.params)

@@ -206,8 +206,7 @@ def site_epsilons(
 
     By site the two coincide; by patient, a hospital's patients are spread over clients.
     """
-    table = FederatedDataLoader.get(cfg.data, root).table
-    site_of = dict(zip(table["id"].to_numpy().tolist(), table["dataset"].astype(str), strict=True))
+    site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
     out: dict[str, float] = {}
     for split in partition.clients:
         for site in {site_of[i] for i in split.train_ids}:
