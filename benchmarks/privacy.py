@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from fl_core.config import PipelineConfig, load_config  # noqa: E402
 from fl_core.data import ClientData, FederatedDataLoader  # noqa: E402
+from fl_core.randomness import SeededRandom  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -159,7 +160,7 @@ def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
             for d in data:
                 trainer = PatientDPTrainer(model(), grouped[d.client_id], recipe)
                 for r in range(rounds):
-                    trainer.train(cfg.local_epochs, seed=r)
+                    trainer.train(cfg.local_epochs, SeededRandom(r))
         return arm
 
     arms = {"plain": plain, "plain_poisson": plain_poisson, "dp_hooks": private("hooks"),
