@@ -148,7 +148,7 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         if isinstance(value, float):
-            shown = f"{value:,.4f}"
+            shown = f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:,.4f}"  # δ = 1e-05
         elif isinstance(value, int):
             shown = f"{value:,}"
         else:
