@@ -139,7 +139,7 @@ class InProcessClient:
         self._model = model_factory()
         self._training = training
         self._compressor = compressor or UpdateCompressor(DenseCodec(), error_feedback=False)
-        self._replica = ModelReplica()
+        self._replica = ModelReplica(get_flat_params(self._model).numel())
         self._randomness = randomness or SeededRandom(training.seed)
         self.last_train_loss = float("nan")
         self._dp: PatientDPTrainer | None = None
@@ -172,7 +172,7 @@ class InProcessClient:
         return self._compressor.compress(delta, round_idx)
 
     def evaluate(self, global_payload: bytes) -> ClientEvaluation:
-        set_flat_params(self._model, decode_payload(global_payload))
+        set_flat_params(self._model, decode_payload(global_payload, self._replica.num_elements))
         self._model.eval()
         with torch.no_grad():
             logits = self._model(self._data.x_test)
@@ -210,16 +210,40 @@ class TrainingResult:
     failures: list[ClientUpdateError]
 
 
+def _valid_evaluation(reply: object, client_id: str) -> ClientEvaluation:
+    """The client's evaluation if it is one (matching logits and labels), else ValueError."""
+    if not isinstance(reply, ClientEvaluation):
+        raise ValueError(f"evaluation reply is a {type(reply).__name__}")
+    if reply.logits.shape != reply.labels.shape or reply.logits.ndim != 1:
+        raise ValueError(f"evaluation logits {tuple(reply.logits.shape)} and labels "
+                         f"{tuple(reply.labels.shape)} disagree")
+    if reply.client_id != client_id:
+        raise ValueError(f"evaluation reply claims to come from {reply.client_id!r}")
+    return reply
+
+
 def evaluate_pooled(
     clients: Sequence[FederatedClient], payload: bytes
-) -> tuple[float, float, float, dict[str, float], list[ClientEvaluation]]:
-    """Pooled loss, accuracy and AUC over all clients' test splits, plus per-client accuracy."""
-    evals = [c.evaluate(payload) for c in clients]
+) -> tuple[float, float, float, dict[str, float], list[ClientUpdateError]]:
+    """Pooled loss, accuracy and AUC over the clients' test splits, per-client accuracy, and
+    the clients whose evaluation failed (raised, vanished or replied with something that is
+    not an evaluation): those are left out of this round's figures, the run goes on."""
+    evals: list[ClientEvaluation] = []
+    failures: list[ClientUpdateError] = []
+    for client in clients:
+        try:
+            evals.append(_valid_evaluation(client.evaluate(payload), client.client_id))
+        except Exception as exc:  # one bad site never takes down the round
+            failures.append(ClientUpdateError(
+                client.client_id, f"evaluation failed ({type(exc).__name__}: {exc})"))
+    if not evals:
+        nan = float("nan")
+        return nan, nan, nan, {}, failures
     logits = torch.cat([e.logits for e in evals])
     labels = torch.cat([e.labels for e in evals])
     loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
     per_client = {e.client_id: accuracy(e.logits, e.labels) for e in evals}
-    return loss, accuracy(logits, labels), roc_auc(logits, labels), per_client, evals
+    return loss, accuracy(logits, labels), roc_auc(logits, labels), per_client, failures
 
 
 @dataclass
@@ -313,10 +337,14 @@ def run_federated(
                 _fail(failures, failed, client.client_id,
                       f"no update ({type(exc).__name__}: {exc})")
                 continue
+            if not isinstance(payload, bytes):
+                _fail(failures, failed, client.client_id,
+                      f"no update (reply is a {type(payload).__name__}, not bytes)")
+                continue
             bytes_up += len(payload)
             received += 1
             try:
-                received_updates.append(decode_payload(payload))
+                received_updates.append(decode_payload(payload, n_params))
                 senders.append(client)
             except PayloadError as exc:
                 _fail(failures, failed, client.client_id, f"undecodable payload: {exc}")
@@ -355,7 +383,10 @@ def run_federated(
         result = defense.aggregate(updates[kept], weights, previous)
         previous = result.aggregate
         params = params + result.aggregate
-        test_loss, acc, auc, per_client, _ = evaluate_pooled(clients, dense.encode(params))
+        test_loss, acc, auc, per_client, eval_failures = evaluate_pooled(
+            clients, dense.encode(params))
+        for failure in eval_failures:
+            _fail(failures, failed, failure.client_id, failure.reason)
         losses = torch.tensor([getattr(senders[i], "last_train_loss", float("nan"))
                                for i in kept])
         train_loss = float((losses * weights).sum() / weights.sum())
