@@ -92,21 +92,30 @@ def _clinical_reference() -> dict[str, FeatureReference]:
     """The default declared preprocessing: general clinical reference values, NOT this dataset.
 
     [low, high] are the declared validation ranges (``validation.*_range``): a value outside
-    them is clipped. center/scale are textbook values: age 55 ± 15 years, the 40–70 span of the
-    ESC SCORE2 risk charts; resting systolic BP 120 mmHg ("normal", ACC/AHA 2017) ± 20 (120 →
-    140, stage-2 hypertension); total cholesterol 200 mg/dL ("desirable" below, NCEP ATP III)
-    ± 40 (200 → 240, "high"); maximum heart rate 165 bpm (the age-predicted maximum 220 − age
-    at age 55) ± 25 (≈ 15 % of it: 85 % is an adequate stress test); ST depression 1 mm (the
-    usual positive exercise-test criterion) ± 1 mm. A missing value is the reference centre.
+    them is clipped. Each centre is the feature's clinical decision threshold, where a reading
+    turns from normal to abnormal, and each scale a textbook band width:
+
+    * age 55 ± 15 years: the 40–70 span of the ESC SCORE2 risk charts (no threshold exists);
+    * resting systolic BP 130 mmHg, stage-1 hypertension (ACC/AHA 2017), ± 20 mmHg (the
+      normal → stage-2 band, 120 → 140);
+    * total cholesterol 240 mg/dL, "high" (NCEP ATP III), ± 40 (the borderline band 200 → 240);
+    * maximum heart rate 140 bpm, 85 % of the age-predicted maximum 220 − age at age 55 (the
+      target of an adequate stress test), ± 25 (≈ 15 % of that maximum);
+    * ST depression 1 mm, the usual positive exercise-test criterion, ± 1 mm.
+
+    A missing value is the centre. Why thresholds rather than normal values (120 mmHg,
+    200 mg/dL, 165 bpm): under DP-SGD the noise on weight j moves every logit by noise_j times
+    the feature's offset from its centre, so a centre far from typical readings turns the
+    noise into a random intercept shift (README: Preprocessing spends no privacy).
     """
     def ref(low: float, high: float, center: float, scale: float) -> FeatureReference:
         return FeatureReference(low=low, high=high, center=center, scale=scale, fill=center)
 
     return {
         "age": ref(18, 100, 55, 15),
-        "trestbps": ref(0, 250, 120, 20),
-        "chol": ref(0, 700, 200, 40),
-        "thalch": ref(50, 230, 165, 25),
+        "trestbps": ref(0, 250, 130, 20),
+        "chol": ref(0, 700, 240, 40),
+        "thalch": ref(50, 230, 140, 25),
         "oldpeak": ref(-3.0, 7.0, 1.0, 1.0),
     }
 

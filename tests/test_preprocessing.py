@@ -166,7 +166,9 @@ def test_incomplete_patients_for_the_audit_encode_within_bounds(raw_csv: Path) -
     assert len(incomplete) == 180
     x = TabularTransform.from_config(config).transform(incomplete)
     assert x.shape == (180, 17) and torch.isfinite(x).all()
-    assert x.abs().max() <= 12.5  # chol: (700 - 200) / 40, the widest declared bound
+    widest = max(max(abs(r.low - r.center), abs(r.high - r.center)) / r.scale
+                 for r in config.reference.values())
+    assert x.abs().max() <= widest
 
 
 @pytest.mark.parametrize("item, fragment", [
