@@ -129,8 +129,8 @@ class TabularTransform:
     zero_as_missing: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        undeclared = [f for f in self.features if f not in self.reference
-                      and f not in self.missing_category]
+        undeclared = [f for f in self.features if f not in (
+            self.reference if f in NUMERIC_FEATURES else self.missing_category)]
         if undeclared:
             raise DataError(f"no declared preprocessing for feature(s) {undeclared} "
                             f"(data.reference / data.missing_category)")

@@ -27,7 +27,7 @@ from fl_core.config import (
     FeatureReference,
     load_config,
 )
-from fl_core.data import FederatedDataLoader, Partition, TabularTransform
+from fl_core.data import DataError, FederatedDataLoader, Partition, TabularTransform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,6 +191,12 @@ def test_incomplete_patients_for_the_audit_encode_within_bounds(raw_csv: Path) -
 def test_bad_declarations_name_the_key(item: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_config(ROOT / "params.yaml", [item])
+
+
+def test_a_transform_without_a_declaration_is_refused() -> None:
+    with pytest.raises(DataError, match=r"no declared preprocessing for feature\(s\) \['age'\]"):
+        TabularTransform(features=("age", "sex"), reference={},
+                          missing_category={"age": "x", "sex": "Male"})
 
 
 def test_a_smaller_table_declares_only_its_features() -> None:
