@@ -77,6 +77,7 @@ from fl_core.data import (  # noqa: E402
     FederatedDataLoader,
     TabularTransform,
 )
+from fl_core.randomness import SeededRandom  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -164,7 +165,7 @@ def range_overrides(cfg: PipelineConfig) -> list[str]:
 NORMAL_VALUES = ["data.reference.trestbps={low: 0, high: 250, center: 120, scale: 20}",
                  "data.reference.chol={low: 0, high: 700, center: 200, scale: 40}",
                  "data.reference.thalch={low: 50, high: 230, center: 165, scale: 25}"]
-SECURE_NOISE = ["privacy.secure_noise=true"]
+SECURE_NOISE = ["privacy.randomness=secure"]
 
 
 def _encoded(cfg: PipelineConfig, preprocessing: str, seed: int) -> list[ClientData]:
@@ -192,7 +193,7 @@ def preprocessing_comparison(seeds: int, overrides: list[str],
     base = load_config(ROOT / "params.yaml", overrides)
     preprocessing = {"fitted": [], "declared": [], "normal": NORMAL_VALUES,
                      "range": range_overrides(base)}
-    privacy = {"epsilon_1": ["privacy.epsilon=1"],
+    privacy = {"epsilon_1": ["privacy.epsilon=1", "privacy.randomness=reproducible"],
                "epsilon_1_secure": ["privacy.epsilon=1", *SECURE_NOISE],
                "none": ["privacy.enabled=false"]}
     rows = []
@@ -295,7 +296,7 @@ def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
             for d in data:
                 trainer = PatientDPTrainer(model(), grouped[d.client_id], recipe)
                 for r in range(rounds):
-                    trainer.train(cfg.local_epochs, seed=r)
+                    trainer.train(cfg.local_epochs, SeededRandom(r))
         return arm
 
     arms = {"plain": plain, "plain_poisson": plain_poisson, "dp_hooks": private("hooks"),

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from fl_core.aggregation import check_robustness
+from fl_core.randomness import RANDOMNESS
 
 CORE_FEATURES = (
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak",
@@ -288,8 +289,17 @@ class PrivacyConfig(_Section):
     learning_rate: float | None = Field(0.5, gt=0, le=10)  # None = the top-level learning_rate
     lifetime_epsilon: float = Field(10.0, gt=0)  # per site and dataset, over all runs
     ledger: str | None = None  # None = <state_dir>/privacy_ledger.sqlite
-    secure_noise: bool = False  # True: noise and sampling seeded from the OS, not `seed`
+    # where DP noise and sampling come from: secure (OS entropy, promotable) | reproducible
+    randomness: str = "secure"
     server: ServerDPConfig = Field(default_factory=ServerDPConfig)
+
+    @field_validator("randomness")
+    @classmethod
+    def _known_randomness(cls, value: str) -> str:
+        if value not in RANDOMNESS:
+            raise ValueError(f"accepted: {', '.join(RANDOMNESS)} (reproducible noise is for "
+                             f"simulation and tests; such a model is never champion)")
+        return value
 
     @model_validator(mode="after")
     def _run_fits_lifetime(self) -> PrivacyConfig:
@@ -369,10 +379,7 @@ class PipelineConfig(_Section):
                 f"client_fraction={self.client_fraction} with compression.downlink=compressed: "
                 f"a client that sits a round out would miss that round's model delta; use "
                 f"compression.downlink=dense or client_fraction=1")
-        if self.privacy.server.enabled and self.anomaly.enabled:
-            raise ValueError(
-                "privacy.server.enabled=true with anomaly.enabled=true: excluding clients by "
-                "their raw updates sits outside DP-FedAvg's guarantee; set anomaly.enabled=false")
+        _check_server_dp(self)
         return self
 
     @property
@@ -390,6 +397,33 @@ class PipelineConfig(_Section):
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
         return f"sqlite:///{Path(self.state_dir).resolve() / 'mlflow.db'}"
+
+
+def _check_server_dp(cfg: PipelineConfig) -> None:
+    """DP-FedAvg bounds each client's influence on the clipped *sum* by S; anything that acts
+    on the raw updates before it (mixing, bucketing, filtering by other clients' norms,
+    excluding by anomaly score) lets one client move the result by more than S."""
+    if not cfg.privacy.server.enabled:
+        return
+    agg = cfg.aggregation
+    rule = ("client-level DP-FedAvg's guarantee needs every client's update to reach the "
+            "clipped sum unmixed and unfiltered")
+    if agg.pre_aggregation != "none":
+        raise ValueError(
+            f"privacy.server.enabled=true with aggregation.pre_aggregation="
+            f"{agg.pre_aggregation}: {rule} ({agg.pre_aggregation} moves the clipped sum by "
+            f"more than S); set aggregation.pre_aggregation=none")
+    if agg.max_norm_factor > 0:
+        raise ValueError(
+            f"privacy.server.enabled=true with aggregation.max_norm_factor="
+            f"{agg.max_norm_factor:g}: {rule} (rejecting updates by the round's median norm "
+            f"depends on the other clients); set aggregation.max_norm_factor=0 (clipping to "
+            f"privacy.server.clip_norm already bounds every update)")
+    if cfg.anomaly.enabled:
+        raise ValueError(
+            f"privacy.server.enabled=true with anomaly.enabled=true: {rule} (excluding "
+            f"clients by their raw updates sits outside the guarantee); set "
+            f"anomaly.enabled=false")
 
 
 def check_aggregation(agg: AggregationConfig, n_clients: int) -> None:

@@ -43,7 +43,9 @@ from fl_core.privacy import (
     dp_fedavg,
     epsilon_spent,
     local_steps,
+    replace_one_epsilon,
 )
+from fl_core.randomness import RandomSource, make_random
 from tasks.common import Paths, atomic_path, task_options, write_json_atomic, write_text_atomic
 from tasks.partition import load_client_data
 from tasks.plots import training_curves
@@ -122,8 +124,9 @@ def describe_compression(c: CompressionConfig) -> str:
     return ", ".join(parts)
 
 
-def make_defense(cfg: PipelineConfig, n_clients: int) -> Defense:
-    """The server's defense as configured under ``aggregation`` and ``anomaly``."""
+def make_defense(cfg: PipelineConfig, n_clients: int, random: RandomSource) -> Defense:
+    """The server's defense as configured under ``aggregation`` and ``anomaly``; DP-FedAvg's
+    noise (``privacy.server``) is drawn from ``random``."""
     agg = cfg.aggregation
     try:
         check_aggregation(agg, n_clients)
@@ -143,7 +146,7 @@ def make_defense(cfg: PipelineConfig, n_clients: int) -> Defense:
     aggregator = make_aggregator(agg.method, f)
     server = cfg.privacy.server
     if server.enabled:
-        noise = torch.Generator().manual_seed(cfg.seed + 7)
+        noise = random.stream("server-dp")
 
         def aggregator(u: torch.Tensor, w: torch.Tensor | None,
                        prev: torch.Tensor | None) -> AggregationResult:
@@ -235,7 +238,7 @@ def privacy_summary(
     """What the run spent: per client, per site, and the model's (ε, δ) per patient."""
     p = cfg.privacy
     out: dict[str, Any] = {"enabled": p.enabled, "epsilon": None, "delta": None,
-                           "client_level_epsilon": None}
+                           "client_level_epsilon": None, "randomness": p.randomness}
     if p.server.enabled:
         out["client_level_epsilon"] = epsilon_spent(
             p.server.noise_multiplier, cfg.client_fraction, len(run.result.history), p.delta,
@@ -247,8 +250,13 @@ def privacy_summary(
         return out
     clients = run.clients
     client_epsilon = {c.client_id: float(c.epsilon_spent or 0.0) for c in clients}
+    replace_eps, replace_delta = replace_one_epsilon(
+        run.dp.noise_multiplier, p.sample_rate, max(c.dp_steps for c in clients), p.delta,
+        p.accountant)
     out.update({
         "epsilon": max(client_epsilon.values()),
+        "epsilon_replace_one": replace_eps,
+        "delta_replace_one": replace_delta,
         "delta": p.delta,
         "target_epsilon": p.epsilon,
         "lifetime_epsilon": p.lifetime_epsilon,
@@ -272,10 +280,15 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
     parts = []
     if privacy["epsilon"] is not None:
         parts.append(
-            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) "
+            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) per "
+            f"patient, add/remove one patient (replace-one: ε={privacy['epsilon_replace_one']:.3f}"
+            f", δ={privacy['delta_replace_one']:.2g}) "
             f"[{privacy['accountant']}, σ={privacy['noise_multiplier']:.3f}, "
             f"q={privacy['sample_rate']:g}, C={privacy['max_grad_norm']:g}, "
-            f"{privacy['steps_planned']} steps per client]")
+            f"{privacy['steps_planned']} steps per client; noise {privacy['randomness']}]")
+        if privacy["randomness"] != "secure":
+            parts.append("REPRODUCIBLE NOISE: anyone with params.yaml can regenerate it; "
+                         "this model can never be champion")
         if privacy["model_fixes"]:
             parts.append("model fixed for Opacus: " + "; ".join(privacy["model_fixes"]))
     if privacy["client_level_epsilon"] is not None:
@@ -330,20 +343,21 @@ def federate(
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
     comp = cfg.compression
-    defense = make_defense(cfg, len(data))
+    random = make_random(cfg.privacy.randomness, cfg.seed)
+    defense = make_defense(cfg, len(data), random)
     attack = make_attack(cfg, [d.client_id for d in data])
     if attack is not None and attack.flips_labels:
         data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
     dp = make_dpsgd(cfg, data)
     clients = [InProcessClient(d, factory, local, make_compressor(comp, cfg.seed + i), dp,
-                               secure_seed=cfg.privacy.secure_noise)
+                               randomness=random)
                for i, d in enumerate(data)]
     downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
         else None
     result = run_federated(
         clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients, downlink=downlink,
         on_round=on_round, defense=defense, attack=attack, seed=cfg.seed,
-        client_fraction=cfg.client_fraction,
+        client_fraction=cfg.client_fraction, randomness=random,
     )
     return FederatedRun(result, clients, dp, attack, model_fixes)
 
