@@ -90,7 +90,9 @@ def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
 def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:
     from tasks.train import federate
 
-    arms: list[tuple[float, list[str]]] = [(e, [f"privacy.epsilon={e}"]) for e in epsilons]
+    # reproducible noise (from each seed): the same command gives the same table
+    arms: list[tuple[float, list[str]]] = [
+        (e, [f"privacy.epsilon={e}", "privacy.randomness=reproducible"]) for e in epsilons]
     arms.append((math.inf, ["privacy.enabled=false"]))
     rows = []
     for epsilon, arm in arms:
