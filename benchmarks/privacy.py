@@ -35,7 +35,7 @@ Ratios are DP time over ``plain`` (what DP costs the pipeline) and over ``plain_
 
 Each at ε = 1 with reproducible noise (derived from ``seed``), at ε = 1 with secure noise
 (from the OS: nobody can regenerate it, so those cells vary run to run; ``--secure-draws``
-runs per seed, 4 by default), and without DP.
+runs per seed, 8 by default), and without DP.
 
 Output: JSON on stdout, Markdown on stderr.
 
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-utility", action="store_true", help="no ε sweep")
     parser.add_argument("--skip-preprocessing", action="store_true",
                         help="no fitted-vs-declared preprocessing comparison")
-    parser.add_argument("--secure-draws", type=int, default=4,
+    parser.add_argument("--secure-draws", type=int, default=8,
                         help="runs per seed of the secure-noise cells (fresh noise each)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
