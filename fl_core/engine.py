@@ -35,7 +35,8 @@ from fl_core.compression import (
     dense_size,
 )
 from fl_core.data import ClientData
-from fl_core.metrics import accuracy, roc_auc
+from fl_core.federation.messages import EvaluateReply
+from fl_core.metrics import histogram_auc
 from fl_core.models import get_flat_params, set_flat_params
 from fl_core.privacy import DPSGDConfig, PatientDPTrainer, group_records
 from fl_core.randomness import RandomSource, SeededRandom
@@ -62,14 +63,6 @@ class LocalTrainingConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class ClientEvaluation:
-    client_id: str
-    logits: torch.Tensor
-    labels: torch.Tensor
-    loss: float
-
-
 class FederatedClient(Protocol):
     """What the server may ask of a client. Everything crossing the boundary is bytes."""
 
@@ -80,8 +73,9 @@ class FederatedClient(Protocol):
         """Train from the broadcast model; return the encoded update (local − global)."""
         ...
 
-    def evaluate(self, global_payload: bytes) -> ClientEvaluation:
-        """Score the broadcast model on the client's held-out test split."""
+    def evaluate(self, global_payload: bytes, round_idx: int) -> EvaluateReply:
+        """Score the broadcast model on the client's held-out test split; reply with
+        aggregates only (loss sum, count, confusion counts, score histograms per label)."""
         ...
 
 
@@ -171,13 +165,12 @@ class InProcessClient:
         check_finite(delta, f"update of client {self.client_id!r}")
         return self._compressor.compress(delta, round_idx)
 
-    def evaluate(self, global_payload: bytes) -> ClientEvaluation:
+    def evaluate(self, global_payload: bytes, round_idx: int) -> EvaluateReply:
         set_flat_params(self._model, decode_payload(global_payload, self._replica.num_elements))
         self._model.eval()
         with torch.no_grad():
             logits = self._model(self._data.x_test)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, self._data.y_test)
-        return ClientEvaluation(self.client_id, logits, self._data.y_test, float(loss))
+        return EvaluateReply.from_logits(self.client_id, round_idx, logits, self._data.y_test)
 
 
 @dataclass
@@ -210,40 +203,46 @@ class TrainingResult:
     failures: list[ClientUpdateError]
 
 
-def _valid_evaluation(reply: object, client_id: str) -> ClientEvaluation:
-    """The client's evaluation if it is one (matching logits and labels), else ValueError."""
-    if not isinstance(reply, ClientEvaluation):
+def _valid_evaluation(reply: object, client_id: str, round_idx: int) -> EvaluateReply:
+    """The client's evaluation if it is one, for this round and from this client."""
+    if not isinstance(reply, EvaluateReply):
         raise ValueError(f"evaluation reply is a {type(reply).__name__}")
-    if reply.logits.shape != reply.labels.shape or reply.logits.ndim != 1:
-        raise ValueError(f"evaluation logits {tuple(reply.logits.shape)} and labels "
-                         f"{tuple(reply.labels.shape)} disagree")
-    if reply.client_id != client_id:
-        raise ValueError(f"evaluation reply claims to come from {reply.client_id!r}")
+    if reply.site != client_id or reply.round != round_idx:
+        raise ValueError(f"evaluation reply claims site {reply.site!r}, round {reply.round}")
+    if sum(reply.confusion) != reply.count or int(reply.histogram.sum()) != reply.count:
+        raise ValueError("evaluation reply's confusion, histogram and count disagree")
     return reply
 
 
 def evaluate_pooled(
-    clients: Sequence[FederatedClient], payload: bytes
+    clients: Sequence[FederatedClient], payload: bytes, round_idx: int
 ) -> tuple[float, float, float, dict[str, float], list[ClientUpdateError]]:
-    """Pooled loss, accuracy and AUC over the clients' test splits, per-client accuracy, and
-    the clients whose evaluation failed (raised, vanished or replied with something that is
-    not an evaluation): those are left out of this round's figures, the run goes on."""
-    evals: list[ClientEvaluation] = []
+    """Pooled loss, accuracy and AUC over the clients' test splits, from their aggregates;
+    per-client accuracy; and the clients whose evaluation failed (raised, vanished or replied
+    with something that is not an evaluation): those are left out of this round's figures.
+
+    AUC comes from the merged score histograms (:func:`fl_core.metrics.histogram_auc`):
+    pairs of patients whose scores share one of the 4096 bins count as ties.
+    """
+    replies: list[EvaluateReply] = []
     failures: list[ClientUpdateError] = []
     for client in clients:
         try:
-            evals.append(_valid_evaluation(client.evaluate(payload), client.client_id))
+            replies.append(_valid_evaluation(client.evaluate(payload, round_idx),
+                                             client.client_id, round_idx))
         except Exception as exc:  # one bad site never takes down the round
             failures.append(ClientUpdateError(
                 client.client_id, f"evaluation failed ({type(exc).__name__}: {exc})"))
-    if not evals:
+    count = sum(r.count for r in replies)
+    if not count:
         nan = float("nan")
         return nan, nan, nan, {}, failures
-    logits = torch.cat([e.logits for e in evals])
-    labels = torch.cat([e.labels for e in evals])
-    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
-    per_client = {e.client_id: accuracy(e.logits, e.labels) for e in evals}
-    return loss, accuracy(logits, labels), roc_auc(logits, labels), per_client, failures
+    loss = sum(r.loss_sum for r in replies) / count
+    correct = sum(r.confusion[0] + r.confusion[2] for r in replies)
+    auc = histogram_auc(torch.stack([r.histogram for r in replies]).sum(0))
+    per_client = {r.site: (r.confusion[0] + r.confusion[2]) / r.count if r.count
+                  else float("nan") for r in replies}
+    return loss, correct / count, auc, per_client, failures
 
 
 @dataclass
@@ -384,7 +383,7 @@ def run_federated(
         previous = result.aggregate
         params = params + result.aggregate
         test_loss, acc, auc, per_client, eval_failures = evaluate_pooled(
-            clients, dense.encode(params))
+            clients, dense.encode(params), round_idx)
         for failure in eval_failures:
             _fail(failures, failed, failure.client_id, failure.reason)
         losses = torch.tensor([getattr(senders[i], "last_train_loss", float("nan"))

@@ -44,3 +44,18 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     if labels.numel() == 0:
         return float("nan")
     return float(((logits > 0).float() == labels.reshape(-1).float()).float().mean())
+
+
+def histogram_auc(histogram: torch.Tensor) -> float:
+    """AUC from per-label score histograms ``[2, bins]`` (row 0: negatives, row 1: positives),
+    bins in increasing score order: ``Σ_b pos_b · (neg_below_b + ½ neg_b) / (P·N)``.
+
+    The Mann–Whitney statistic with every positive–negative pair that shares a bin counted as
+    a tie (½); it equals the exact AUC when no such pair exists. NaN with one class only.
+    """
+    neg, pos = histogram.double()[0], histogram.double()[1]
+    p, n = float(pos.sum()), float(neg.sum())
+    if p == 0 or n == 0:
+        return float("nan")
+    below = torch.cumsum(neg, 0) - neg
+    return float((pos * (below + 0.5 * neg)).sum()) / (p * n)

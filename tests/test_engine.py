@@ -260,14 +260,14 @@ class BadReplies(InProcessClient):
         return {"c0": None, "c1": "update", "c2": oversized_topk_payload()}.get(
             self.client_id, honest)
 
-    def evaluate(self, global_payload: bytes):  # type: ignore[override]
+    def evaluate(self, global_payload: bytes, round_idx: int):  # type: ignore[override]
         if self.client_id == "c3":
             raise RuntimeError("evaluation crashed")
         if self.client_id == "c4":
             raise ConnectionError("site went away")
         if self.client_id == "c5":
             return None
-        return super().evaluate(global_payload)
+        return super().evaluate(global_payload, round_idx)
 
 
 def test_bad_replies_fail_only_their_sites_with_named_reasons() -> None:

@@ -1,0 +1,149 @@
+"""The federation messages: bytes round trips, refusals that name the site, aggregates only."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_core.federation import (
+    EvaluateReply,
+    Failure,
+    FitInstruction,
+    FitReply,
+    MessageError,
+    decode_message,
+    encode_message,
+)
+from fl_core.federation.messages import FRAME, HISTOGRAM_BINS
+from fl_core.metrics import histogram_auc, roc_auc
+
+names = st.text(min_size=1, max_size=20)
+rounds = st.integers(0, 10_000)
+counts = st.integers(0, 2**31)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@st.composite
+def evaluate_replies(draw: st.DrawFn) -> EvaluateReply:
+    n = draw(st.integers(0, 300))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    logits = torch.randn(n, generator=g) * draw(st.floats(0.1, 20))
+    labels = (torch.rand(n, generator=g) < 0.4).float()
+    return EvaluateReply.from_logits(draw(names), draw(rounds), logits, labels,
+                                     bins=draw(st.sampled_from([8, 256, HISTOGRAM_BINS])))
+
+
+messages = st.one_of(
+    st.builds(FitInstruction, names, rounds, st.binary(max_size=300), st.integers(1, 100)),
+    st.builds(FitReply, names, rounds, st.binary(max_size=300), counts, finite,
+              st.one_of(st.none(), finite), counts),
+    st.builds(Failure, names, rounds, st.text(max_size=200)),
+    evaluate_replies(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages)
+def test_every_message_round_trips_through_bytes(message: object) -> None:
+    data = encode_message(message)  # type: ignore[arg-type]
+    assert isinstance(data, bytes) and b"\x80\x04" not in data[:2]  # not a pickle
+    assert decode_message(data) == message
+
+
+def _reply() -> FitReply:
+    return FitReply("Hungary", 3, b"\x01\x02\x03", 208, 0.61, 0.5, 12)
+
+
+def test_corrupted_truncated_and_wrong_version_are_refused_naming_the_site() -> None:
+    data = encode_message(_reply())
+    flipped = bytearray(data)
+    flipped[-7] ^= 0xFF
+    with pytest.raises(MessageError, match="site 'Hungary': checksum mismatch"):
+        decode_message(bytes(flipped), site="Hungary")
+    with pytest.raises(MessageError, match="site 'Hungary': (declared sizes|truncated)"):
+        decode_message(data[:-3], site="Hungary")
+    future = bytearray(data)
+    future[4] = 9
+    future[-4:] = struct.pack("<I", zlib.crc32(bytes(future[:-4])))
+    with pytest.raises(MessageError, match="site 'Hungary': protocol version 9"):
+        decode_message(bytes(future), site="Hungary")
+    with pytest.raises(MessageError, match="site 'Hungary': a NoneType, not bytes"):
+        decode_message(None, site="Hungary")  # type: ignore[arg-type]
+    with pytest.raises(MessageError, match="claims to come from site 'Hungary'"):
+        decode_message(data, site="Cleveland")
+    with pytest.raises(MessageError, match="unexpected FitReply"):
+        decode_message(data, site="Hungary", expect=EvaluateReply)
+
+
+def _forge(kind: int, meta: bytes, blob: bytes = b"") -> bytes:
+    body = FRAME.pack(b"FPMS", 1, kind, 0, len(meta), len(blob)) + meta + blob
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize(("kind", "meta", "blob", "why"), [
+    (2, b'{"site":"A","round":1,"num_patients":true,"train_loss":0.1,"epsilon":null,'
+        b'"dp_steps":1}', b"x", "field 'num_patients' has type bool"),
+    (2, b'{"site":"A","round":1}', b"", "FitReply fields"),
+    (2, b"\x80\x04\x95", b"", "not JSON"),  # a pickle where JSON belongs
+    (2, b"[1, 2]", b"", "not a JSON object"),
+    (4, b'{"site":"A","round":1,"reason":"x"}', b"blob", "carries no binary field"),
+    (3, b'{"site":"A","round":1,"loss_sum":1.0,"count":5,"confusion":[1,1,1,2],'
+        b'"bins":1000000000}', b"\x00" * 8, "does not hold 2 × 1000000000"),
+    (3, b'{"site":"A","round":1,"loss_sum":1.0,"count":5,"confusion":[1,1,1,1],'
+        b'"bins":1}', struct.pack("<II", 2, 3), "disagree"),
+    (9, b"{}", b"", "unknown message kind 9"),
+    (2, b'{"site":"A","round":1,"num_patients":1,"train_loss":1e999,"epsilon":null,'
+        b'"dp_steps":1}', b"", "infinite"),
+])
+def test_forged_bodies_with_valid_checksums_are_refused(
+    kind: int, meta: bytes, blob: bytes, why: str
+) -> None:
+    with pytest.raises(MessageError, match=why):
+        decode_message(_forge(kind, meta, blob), site="A")
+
+
+def test_a_tiny_header_claiming_a_huge_body_is_refused_before_allocating() -> None:
+    forged = FRAME.pack(b"FPMS", 1, 2, 0, 10, 4_000_000_000) + b"\x00" * 8
+    with pytest.raises(MessageError, match="declared sizes .* do not match the 24 bytes"):
+        decode_message(forged, site="A")
+
+
+def test_evaluation_reply_size_does_not_grow_with_patients_and_holds_no_scores() -> None:
+    sizes = []
+    for n in (10, 1_000, 100_000):
+        logits = torch.linspace(-4, 4, n)
+        labels = (torch.arange(n) % 3 == 0).float()
+        data = encode_message(EvaluateReply.from_logits("A", 1, logits, labels))
+        sizes.append(len(data))
+        assert logits[:4].numpy().astype("<f4").tobytes() not in data
+    # only the digits of the count and loss sum in the metadata change (n grew 10^4-fold)
+    assert max(sizes) - min(sizes) <= 24 and max(sizes) < 2 * 4 * HISTOGRAM_BINS + 200
+
+
+def test_histogram_auc_matches_the_exact_auc_within_0_005() -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = 40 + 10 * trial
+        labels = (torch.rand(n, generator=g) < 0.45).float()
+        logits = labels * (0.2 + trial / 10) + torch.randn(n, generator=g) * 1.5
+        merged = sum(EvaluateReply.from_logits(s, 1, logits[i::4], labels[i::4]).histogram
+                     for i, s in enumerate("ABCD"))
+        assert histogram_auc(merged) == pytest.approx(roc_auc(logits, labels), abs=0.005)
+    # a coarse histogram (one bin) has no power: every pair is a tie
+    one_bin = EvaluateReply.from_logits("A", 1, logits, labels, bins=1).histogram
+    assert histogram_auc(one_bin) == 0.5
+
+
+def test_confusion_counts_match_the_predictions() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0])
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
+    reply = EvaluateReply.from_logits("A", 1, logits, labels)
+    assert reply.confusion == (1, 1, 2, 1)  # tp, fp, tn, fn at logit > 0
+    assert reply.count == 5 and int(reply.histogram.sum()) == 5
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    assert reply.loss_sum == pytest.approx(float(expected))
