@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import emit  # benchmarks/report.py: the script's own folder
+from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,6 +53,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
+    require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
     return FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, seed)[0]
 
 

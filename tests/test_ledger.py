@@ -188,3 +188,26 @@ def test_concurrent_runs_cannot_both_spend_the_last_budget(tmp_path: Path) -> No
     assert sorted(results) == [False, False, False, True]
     entries = PrivacyLedger(path).entries()
     assert len(entries) == 1 and entries[0].epsilon == pytest.approx(EPS)
+
+
+# --- what is not charged ------------------------------------------------------------------------
+
+
+def test_benchmarks_train_only_on_the_public_dataset(tmp_path: Path, raw_csv: Path) -> None:
+    import importlib
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        report = importlib.import_module("report")
+    finally:
+        sys.path.remove(str(bench))
+    report.require_public_dataset(raw_csv)  # the embedded public data: allowed
+    resaved = tmp_path / "heart.csv"
+    resaved.write_bytes(raw_csv.read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(SystemExit, match="not charged to the privacy ledger") as err:
+        report.require_public_dataset(resaved)
+    assert "fedpriv run" in str(err.value.code)
+    for name in ("federated_accuracy", "privacy", "robustness", "compression_accuracy"):
+        assert "require_public_dataset(" in (bench / f"{name}.py").read_text(), name
