@@ -124,8 +124,7 @@ def print_budget(cfg: Any, root: Path, entries: bool) -> None:
     cap, accountant = cfg.privacy.lifetime_epsilon, cfg.privacy.accountant
     console = Console(width=max(Console().width, 140))  # the ledger tables are wide
     table = Table(title=f"privacy budget per site, ledger {ledger.path}\nunit: one patient "
-                        f"(neighbouring datasets differ by adding/removing one patient); "
-                        f"figures of each site's most-exposed patient")
+                        f"(add/remove one patient); each site's most-exposed patient")
     for column in ("site", "runs", "patients", "ε basic (Σ)", "δ basic (Σ)",
                    f"ε composed ({accountant}) at that δ", "lifetime cap", "ε left"):
         table.add_column(column, justify="left" if column == "site" else "right")
