@@ -186,7 +186,8 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
     if metrics.get("epsilon") is not None:
         cap = registration.get("lifetime_epsilon")
         console.print(f"privacy: {registration.get('privacy')}, (ε={metrics['epsilon']:.3f}, "
-                      f"δ={metrics['delta']:g}) per patient; budget spent of ε={cap:g}: "
+                      f"δ={metrics['delta']:g}) per patient; lifetime budget spent of "
+                      f"ε={cap:g} (composed, most-exposed patient): "
                       + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items()))
     else:
         console.print("[red]privacy: this model is NOT differentially private per patient "
