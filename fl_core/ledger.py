@@ -29,7 +29,10 @@ is the maximum over *that run's* patients of the tight composition including the
 
 **The cap** ``privacy.lifetime_epsilon`` is enforced on the tight composition including the
 planned run(s): the tight figure is a valid (ε, Σδ) guarantee for every patient, and capping
-the loose sum instead would refuse runs whose real cost is well within the cap.
+the loose sum instead would refuse runs whose real cost is well within the cap. Note that δ
+grows with every charge and ε is read at that larger δ, so a small run added to a large one
+can *lower* the composed ε (9.49 at δ = 1e-5, then 9.29 at 2e-5 after a run at ε = 1): the
+guarantee is still valid, but δ itself is not capped.
 
 Two operations keep the ledger honest:
 
