@@ -20,10 +20,28 @@ plot ``benchmarks/results/privacy_utility.png``, and logs both with the JSON to 
   pipeline.
 
 Ratios are DP time over ``plain`` (what DP costs the pipeline) and over ``plain_poisson``
-(the per-step overhead). Output: JSON on stdout, Markdown on stderr.
+(the per-step overhead).
+
+**Preprocessing** (issue 11), side by side on the same seeds' partitions, default recipe:
+
+* ``fitted`` — the transform before issue 11, rebuilt here for the baseline only
+  (:func:`fitted_transform`): standardised by the pooled training patients' mean and sd,
+  missing values → training mean / mode. It leaks: those statistics are not accounted;
+* ``declared`` — the pipeline's ``data.reference``: centred on clinical decision thresholds
+  with textbook scales, clipped to the validation ranges; nothing fitted;
+* ``normal`` — declared, the first declaration tried: centred on normal values instead
+  (resting BP 120, cholesterol 200, maximum heart rate 220 − 55 = 165);
+* ``range`` — declared from the validation ranges alone: midpoint and half-width.
+
+Each at ε = 1 with reproducible noise (derived from ``seed``), at ε = 1 with secure noise
+(from the OS: nobody can regenerate it, so those cells vary run to run; ``--secure-draws``
+runs per seed, 8 by default), and without DP.
+
+Output: JSON on stdout, Markdown on stderr.
 
     .venv/bin/python benchmarks/privacy.py                      # 5 seeds, about 4 min
     .venv/bin/python benchmarks/privacy.py --seeds 2 --epsilons 1 --no-mlflow
+    .venv/bin/python benchmarks/privacy.py --skip-utility --skip-timing --no-mlflow  # preproc.
 """
 
 from __future__ import annotations
@@ -39,14 +57,27 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_core.config import PipelineConfig, load_config  # noqa: E402
-from fl_core.data import ClientData, FederatedDataLoader  # noqa: E402
+from fl_core.config import (  # noqa: E402
+    DataConfig,
+    FeatureReference,
+    PipelineConfig,
+    load_config,
+)
+from fl_core.data import (  # noqa: E402
+    NUMERIC_FEATURES,
+    PATIENT_ID,
+    ClientData,
+    FederatedDataLoader,
+    TabularTransform,
+)
+from fl_core.randomness import SeededRandom  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -60,7 +91,9 @@ def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
 def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:
     from tasks.train import federate
 
-    arms: list[tuple[float, list[str]]] = [(e, [f"privacy.epsilon={e}"]) for e in epsilons]
+    # reproducible noise (from each seed): the same command gives the same table
+    arms: list[tuple[float, list[str]]] = [
+        (e, [f"privacy.epsilon={e}", "privacy.randomness=reproducible"]) for e in epsilons]
     arms.append((math.inf, ["privacy.enabled=false"]))
     rows = []
     for epsilon, arm in arms:
@@ -101,6 +134,112 @@ def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> 
                 "gap": gaps[f"{eps:g}"], "at_most": within, "met": gaps[f"{eps:g}"] <= within}
     return {"rows": rows, "non_private": baseline, "gap_to_non_private": gaps,
             "targets": targets}
+
+
+def fitted_transform(config: DataConfig, train: pd.DataFrame) -> TabularTransform:
+    """BASELINE ONLY: the preprocessing before issue 11, fitted on the pooled training patients.
+
+    Numeric x → ``(x − mean) / sd`` with the training mean and population sd (after missing
+    values became the training mean), no clipping (±1e12); a missing category → the training
+    mode. Expressed as a :class:`TabularTransform` whose "declared" constants are these
+    statistics: exactly what the pipeline no longer does, because they are not private.
+    """
+    reference = {}
+    for col in (c for c in config.features if c in NUMERIC_FEATURES):
+        num = pd.to_numeric(train[col], errors="coerce").astype(float)
+        mean = float(num.mean())
+        sd = float(num.fillna(mean).std(ddof=0))
+        reference[col] = FeatureReference(low=-1e12, high=1e12, center=mean,
+                                          scale=sd if sd > 1e-12 else 1.0, fill=mean)
+    modes = {col: str(train[col].dropna().mode().iloc[0])
+             for col in config.missing_category if col in config.features}
+    return TabularTransform(features=tuple(config.features), reference=reference,
+                            missing_category=modes, one_hot=config.one_hot,
+                            zero_as_missing=tuple(config.zero_as_missing))
+
+
+def range_overrides(cfg: PipelineConfig) -> list[str]:
+    """``data.reference`` declared by [low, high] alone: centre and scale midpoint/half-width."""
+    return [f"data.reference.{col}={{low: {r.low:g}, high: {r.high:g}}}"
+            for col, r in cfg.data.reference.items()]
+
+
+# the first declaration tried (README: Preprocessing spends no privacy): normal values as centres
+NORMAL_VALUES = ["data.reference.trestbps={low: 0, high: 250, center: 120, scale: 20}",
+                 "data.reference.chol={low: 0, high: 700, center: 200, scale: 40}",
+                 "data.reference.thalch={low: 50, high: 230, center: 165, scale: 25}"]
+SECURE_NOISE = ["privacy.randomness=secure"]
+
+
+def _encoded(cfg: PipelineConfig, preprocessing: str, seed: int) -> list[ClientData]:
+    """That seed's partition, encoded by the fitted baseline or by the declared transform."""
+    loader = FederatedDataLoader.get(cfg.data, ROOT)
+    partition = loader.partition(cfg.data, seed)
+    if preprocessing == "fitted":
+        train_ids = [i for c in partition.clients for i in c.train_ids]
+        transform = fitted_transform(cfg.data,
+                                     loader.table[loader.table[PATIENT_ID].isin(train_ids)])
+    else:
+        transform = loader.fit_transform(cfg.data, partition)
+    return loader.client_data(partition, transform)
+
+
+def preprocessing_comparison(seeds: int, overrides: list[str],
+                             secure_draws: int) -> dict[str, Any]:
+    """Fitted vs declared preprocessing at ε = 1 (reproducible and secure noise) and no DP.
+
+    A secure cell runs every seed ``secure_draws`` times: each run is a fresh draw of noise
+    nobody can regenerate, so more draws estimate the same expectation more tightly.
+    """
+    from tasks.train import federate
+
+    base = load_config(ROOT / "params.yaml", overrides)
+    preprocessing = {"fitted": [], "declared": [], "normal": NORMAL_VALUES,
+                     "range": range_overrides(base)}
+    privacy = {"epsilon_1": ["privacy.epsilon=1", "privacy.randomness=reproducible"],
+               "epsilon_1_secure": ["privacy.epsilon=1", *SECURE_NOISE],
+               "none": ["privacy.enabled=false"]}
+    rows = []
+    for prep, prep_overrides in preprocessing.items():
+        for arm, arm_overrides in privacy.items():
+            draws = secure_draws if arm.endswith("_secure") else 1
+            per_seed, aucs = [], []
+            for seed in range(seeds):
+                cfg = load_config(ROOT / "params.yaml",
+                                  [*overrides, *prep_overrides, *arm_overrides, f"seed={seed}"])
+                runs = [federate(cfg, _encoded(cfg, prep, seed)).result.history[-1]
+                        for _ in range(draws)]
+                per_seed.append([r.accuracy for r in runs])
+                aucs += [r.auc for r in runs]
+            accuracies = [a for seed_runs in per_seed for a in seed_runs]
+            rows.append({
+                "preprocessing": prep, "privacy": arm, "runs": len(accuracies),
+                "accuracy_mean": round(statistics.fmean(accuracies), 4),
+                "accuracy_sd": round(statistics.stdev(accuracies), 4) if seeds > 1 else 0.0,
+                "auc_mean": round(statistics.fmean(aucs), 4),
+                "per_seed_accuracy": [round(statistics.fmean(a), 4) for a in per_seed],
+            })
+            print(f"{prep:<9} {arm:<17} accuracy {rows[-1]['accuracy_mean']:.4f} ± "
+                  f"{rows[-1]['accuracy_sd']:.4f} ({len(accuracies)} runs)",
+                  file=sys.stderr, flush=True)
+    return {"rows": rows, "targets": _preprocessing_targets(rows),
+            "secure_noise": f"the *_secure cells draw DP noise and sampling from the OS, "
+                            f"{secure_draws} draws per seed: they differ from run to run"}
+
+
+def _preprocessing_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Declared preprocessing at ε = 1 within 2 points of the non-private model."""
+    acc = {(r["preprocessing"], r["privacy"]): r["accuracy_mean"] for r in rows}
+    targets = {}
+    for prep in ("declared", "normal", "range"):
+        for arm in ("epsilon_1", "epsilon_1_secure"):
+            gap = round(acc[(prep, "none")] - acc[(prep, arm)], 4)
+            targets[f"{prep}_{arm}_within_0.02_of_non_private"] = {
+                "gap": gap, "gap_to_fitted_non_private": round(
+                    acc[("fitted", "none")] - acc[(prep, arm)], 4),
+                "gap_to_fitted_same_privacy": round(acc[("fitted", arm)] - acc[(prep, arm)], 4),
+                "at_most": 0.02, "met": gap <= 0.02}
+    return targets
 
 
 def _plain_poisson(model: torch.nn.Module, batches: list[torch.Tensor], patients: Any,
@@ -160,7 +299,7 @@ def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
             for d in data:
                 trainer = PatientDPTrainer(model(), grouped[d.client_id], recipe)
                 for r in range(rounds):
-                    trainer.train(cfg.local_epochs, seed=r)
+                    trainer.train(cfg.local_epochs, SeededRandom(r))
         return arm
 
     arms = {"plain": plain, "plain_poisson": plain_poisson, "dp_hooks": private("hooks"),
@@ -193,6 +332,8 @@ def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
 def write_outputs(result: dict[str, Any], log_mlflow: bool) -> None:
     from tasks.plots import privacy_utility_plot
 
+    if "privacy_utility" not in result:
+        return
     rows = result["privacy_utility"]["rows"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     with (RESULTS / "privacy_utility.csv").open("w", newline="") as fh:
@@ -229,15 +370,23 @@ def write_outputs(result: dict[str, Any], log_mlflow: bool) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    pu = result["privacy_utility"]
-    out = ["| ε (δ = 1e-5) | σ | accuracy (mean ± sd) | AUC | gap to non-private |",
-           "|---|---|---|---|---|"]
-    base = pu["non_private"]["accuracy_mean"]
-    for r in pu["rows"]:
-        eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        sigma = "—" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}"
-        out.append(f"| {eps} | {sigma} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | "
-                   f"{r['auc_mean']:.3f} | {base - r['accuracy_mean']:+.3f} |")
+    out: list[str] = []
+    if "privacy_utility" in result:
+        pu = result["privacy_utility"]
+        out += ["| ε (δ = 1e-5) | σ | accuracy (mean ± sd) | AUC | gap to non-private |",
+                "|---|---|---|---|---|"]
+        base = pu["non_private"]["accuracy_mean"]
+        for r in pu["rows"]:
+            eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:g}"
+            sigma = "—" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}"
+            out.append(f"| {eps} | {sigma} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f}"
+                       f" | {r['auc_mean']:.3f} | {base - r['accuracy_mean']:+.3f} |")
+    if "preprocessing" in result:
+        out += ["", "| preprocessing | privacy | runs | accuracy (mean ± sd) | AUC |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r['preprocessing']} | {r['privacy']} | {r['runs']} | "
+                f"{r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | {r['auc_mean']:.3f} |"
+                for r in result["preprocessing"]["rows"]]
     if "dp_cost" in result:
         c = result["dp_cost"]
         out += ["", "| arm | seconds | DP over plain | DP over plain, same batches |",
@@ -259,13 +408,22 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="KEY=VALUE", help="override a params.yaml key for every arm")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-utility", action="store_true", help="no ε sweep")
+    parser.add_argument("--skip-preprocessing", action="store_true",
+                        help="no fitted-vs-declared preprocessing comparison")
+    parser.add_argument("--secure-draws", type=int, default=8,
+                        help="runs per seed of the secure-noise cells (fresh noise each)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "privacy", "seeds": args.seeds,
                               "overrides": args.overrides, "threads": 1}
-    result["privacy_utility"] = privacy_utility(args.seeds, args.epsilons, args.overrides)
+    if not args.skip_utility:
+        result["privacy_utility"] = privacy_utility(args.seeds, args.epsilons, args.overrides)
+    if not args.skip_preprocessing:
+        result["preprocessing"] = preprocessing_comparison(args.seeds, args.overrides,
+                                                           args.secure_draws)
     if not args.skip_timing:
         result["dp_cost"] = dp_cost(args.repeats, args.overrides)
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from fl_core.config import PipelineConfig
 from fl_core.data import Partition
 from fl_core.ledger import Charge, PrivacyLedger, SiteCharge
-from fl_core.privacy import DPSGDConfig, epsilon_spent, local_steps
+from fl_core.privacy import DPSGDConfig, epsilon_spent, local_steps, replace_one_epsilon
 
 KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
 KIND_AUDIT_SWEEP = "audit-sweep"
@@ -105,7 +105,7 @@ def privacy_summary(
     """
     p = cfg.privacy
     out: dict[str, Any] = {"enabled": p.enabled, "epsilon": None, "delta": None,
-                           "client_level_epsilon": None}
+                           "client_level_epsilon": None, "randomness": p.randomness}
     if p.server.enabled:
         out["client_level_epsilon"] = epsilon_spent(
             p.server.noise_multiplier, cfg.client_fraction, rounds, p.delta, p.accountant)
@@ -115,8 +115,13 @@ def privacy_summary(
     if dp is None:
         return out
     client_epsilon = {c.client_id: float(c.epsilon_spent or 0.0) for c in clients}
+    replace_eps, replace_delta = replace_one_epsilon(
+        dp.noise_multiplier, p.sample_rate, max(c.dp_steps for c in clients), p.delta,
+        p.accountant)
     out.update({
         "epsilon": max(client_epsilon.values()),
+        "epsilon_replace_one": replace_eps,
+        "delta_replace_one": replace_delta,
         "delta": p.delta,
         "target_epsilon": p.epsilon,
         "lifetime_epsilon": p.lifetime_epsilon,
@@ -142,10 +147,15 @@ def describe_privacy(privacy: Mapping[str, Any]) -> str:
     parts = []
     if privacy["epsilon"] is not None:
         parts.append(
-            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) "
+            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) per "
+            f"patient, add/remove one patient (replace-one: ε={privacy['epsilon_replace_one']:.3f}"
+            f", δ={privacy['delta_replace_one']:.2g}) "
             f"[{privacy['accountant']}, σ={privacy['noise_multiplier']:.3f}, "
             f"q={privacy['sample_rate']:g}, C={privacy['max_grad_norm']:g}, "
-            f"{privacy['steps_planned']} steps per client]")
+            f"{privacy['steps_planned']} steps per client; noise {privacy['randomness']}]")
+        if privacy["randomness"] != "secure":
+            parts.append("REPRODUCIBLE NOISE: anyone with params.yaml can regenerate it; "
+                         "this model can never be champion")
         if privacy.get("ledger_run_id"):
             parts.append(f"ledger charged (run {privacy['ledger_run_id']})")
         if privacy["model_fixes"]:

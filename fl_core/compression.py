@@ -79,7 +79,7 @@ class PayloadError(ValueError):
 class Codec(Protocol):
     def encode(self, tensor: torch.Tensor) -> bytes: ...
 
-    def decode(self, payload: bytes) -> torch.Tensor: ...
+    def decode(self, payload: bytes, expected_elements: int | None = None) -> torch.Tensor: ...
 
 
 def check_finite(tensor: torch.Tensor, what: str = "update") -> None:
@@ -116,11 +116,22 @@ def read_header(payload: bytes) -> tuple[int, int, memoryview]:
     return codec, n, view[HEADER.size : len(payload) - CRC.size]
 
 
-def unframe(payload: bytes, codec_id: int) -> tuple[int, memoryview]:
-    """Check header and CRC and that ``codec_id`` wrote it; return (n_elements, body)."""
+def check_elements(n: int, expected_elements: int | None) -> None:
+    """Refuse a declared size other than the model's *before* anything is allocated: a
+    36-byte top-k payload can declare 4·10^9 elements (k = 0 is a valid all-zero update)."""
+    if expected_elements is not None and n != expected_elements:
+        raise PayloadError(f"payload declares {n} elements, the model has {expected_elements}")
+
+
+def unframe(
+    payload: bytes, codec_id: int, expected_elements: int | None = None
+) -> tuple[int, memoryview]:
+    """Check header and CRC, that ``codec_id`` wrote it and (if given) its declared size;
+    return (n_elements, body)."""
     codec, n, body = read_header(payload)
     if codec != codec_id:
         raise PayloadError(f"payload was written by codec {codec}, decoder expects {codec_id}")
+    check_elements(n, expected_elements)
     return n, body
 
 
@@ -136,8 +147,8 @@ class DenseCodec:
         check_finite(flat)
         return frame(CODEC_DENSE, flat.numel(), flat.numpy().tobytes())
 
-    def decode(self, payload: bytes) -> torch.Tensor:
-        n, body = unframe(payload, CODEC_DENSE)
+    def decode(self, payload: bytes, expected_elements: int | None = None) -> torch.Tensor:
+        n, body = unframe(payload, CODEC_DENSE, expected_elements)
         if len(body) != 4 * n:
             raise PayloadError(f"dense body has {len(body)} bytes, header says {n} float32")
         if n == 0:
@@ -331,17 +342,19 @@ class TopKQuantizer:
         q = q.clamp(-self.levels, self.levels).to(torch.int64) + self.levels
         return scales, q.numpy()
 
-    def decode(self, payload: bytes) -> torch.Tensor:
-        n, indices, values, shape = self.decode_sparse(payload)
+    def decode(self, payload: bytes, expected_elements: int | None = None) -> torch.Tensor:
+        """The dense tensor; with ``expected_elements`` a payload declaring another size is
+        refused before the dense tensor is allocated."""
+        n, indices, values, shape = self.decode_sparse(payload, expected_elements)
         out = torch.zeros(n, dtype=torch.float32)
         out[torch.from_numpy(indices)] = values
         return out.reshape(shape) if len(shape) > 1 else out
 
     def decode_sparse(
-        self, payload: bytes
+        self, payload: bytes, expected_elements: int | None = None
     ) -> tuple[int, np.ndarray, torch.Tensor, tuple[int, ...]]:
         """(n, sorted kept indices, dequantized values, shape) without densifying."""
-        n, body = unframe(payload, CODEC_TOPK)
+        n, body = unframe(payload, CODEC_TOPK, expected_elements)
         if len(body) < TOPK_HEAD.size:
             raise PayloadError("top-k body shorter than its header")
         bits, coding, r, ndim, k, chunk = TOPK_HEAD.unpack_from(body)
@@ -395,12 +408,19 @@ class TopKQuantizer:
 _DECODERS: dict[int, Codec] = {CODEC_DENSE: DenseCodec(), CODEC_TOPK: TopKQuantizer()}
 
 
-def decode_payload(payload: bytes) -> torch.Tensor:
-    """Decode a payload written by any fedpriv codec (the codec id is in its header)."""
-    codec, _, _ = read_header(payload)
+def decode_payload(payload: bytes, expected_elements: int | None = None) -> torch.Tensor:
+    """Decode a payload written by any fedpriv codec (the codec id is in its header).
+
+    Whoever knows the model's size passes it as ``expected_elements``: the declared size is
+    checked against it before any allocation. Anything but ``bytes`` is refused too.
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise PayloadError(f"payload is a {type(payload).__name__}, not bytes")
+    codec, n, _ = read_header(payload)
     if codec not in _DECODERS:
         raise PayloadError(f"payload written by unknown codec {codec}")
-    return _DECODERS[codec].decode(payload).reshape(-1)
+    check_elements(n, expected_elements)
+    return _DECODERS[codec].decode(payload, expected_elements).reshape(-1)
 
 
 def is_dense(payload: bytes) -> bool:
@@ -506,11 +526,12 @@ class ModelBroadcast:
 class ModelReplica:
     """Client end of the downlink: a dense payload replaces the copy, a sparse one is added."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_elements: int | None = None) -> None:
         self.params: torch.Tensor | None = None
+        self.num_elements = num_elements  # the model's size: payloads declaring another fail
 
     def apply(self, payload: bytes) -> torch.Tensor:
-        decoded = decode_payload(payload)
+        decoded = decode_payload(payload, self.num_elements)
         if is_dense(payload):
             self.params = decoded
         elif self.params is None or self.params.numel() != decoded.numel():

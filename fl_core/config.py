@@ -12,13 +12,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fl_core.aggregation import check_robustness
+from fl_core.randomness import RANDOMNESS
 
 CORE_FEATURES = (
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak",
 )
+NUMERIC_FEATURES = ("age", "trestbps", "chol", "thalch", "oldpeak")
+BOOLEAN_FEATURES = ("fbs", "exang")
+BOOLEAN_VALUES = ("FALSE", "TRUE")
+# Fixed category lists keep the encoded columns identical on every client.
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "sex": ("Female", "Male"),
+    "cp": ("asymptomatic", "atypical angina", "non-anginal", "typical angina"),
+    "restecg": ("lv hypertrophy", "normal", "st-t abnormality"),
+}
 
 
 class ConfigError(ValueError):
@@ -29,13 +47,101 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FeatureReference(_Section):
+    """A numeric feature's declared preprocessing; nothing in it is computed from patients.
+
+    A value ``x`` becomes ``(clip(x, low, high) − center) / scale``; a missing value is
+    ``fill`` first. The output therefore lies in ``[(low − center)/scale, (high − center)/scale]``
+    whatever the input. Left out, ``center`` is the midpoint ``(low + high)/2``, ``scale`` the
+    half-width ``(high − low)/2`` (so the output lies in [−1, 1]) and ``fill`` is ``center``.
+    """
+
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
+    center: float = Field(allow_inf_nan=False)
+    scale: float = Field(gt=0, allow_inf_nan=False)
+    fill: float = Field(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range_defaults(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        low, high = raw.get("low"), raw.get("high")
+        if not all(isinstance(v, int | float) for v in (low, high)):
+            return raw  # the field checks name what is missing or malformed
+        if not low < high:  # type: ignore[operator]
+            raise ValueError(f"low={low:g} must be below high={high:g}")
+        out = dict(raw)
+        if out.get("center") is None:
+            out["center"] = (low + high) / 2  # type: ignore[operator]
+        if out.get("scale") is None:
+            out["scale"] = (high - low) / 2  # type: ignore[operator]
+        if out.get("fill") is None:
+            out["fill"] = out["center"]
+        return out
+
+    @model_validator(mode="after")
+    def _fill_in_range(self) -> FeatureReference:
+        if not self.low <= self.fill <= self.high:
+            raise ValueError(
+                f"fill={self.fill:g} must lie in [low, high] = [{self.low:g}, {self.high:g}]")
+        return self
+
+
+def _clinical_reference() -> dict[str, FeatureReference]:
+    """The default declared preprocessing: general clinical reference values, NOT this dataset.
+
+    [low, high] are the declared validation ranges (``validation.*_range``): a value outside
+    them is clipped. Each centre is the feature's clinical decision threshold, where a reading
+    turns from normal to abnormal, and each scale a textbook band width:
+
+    * age 55 ± 15 years: the 40–70 span of the ESC SCORE2 risk charts (no threshold exists);
+    * resting systolic BP 130 mmHg, stage-1 hypertension (ACC/AHA 2017), ± 20 mmHg (the
+      normal → stage-2 band, 120 → 140);
+    * total cholesterol 240 mg/dL, "high" (NCEP ATP III), ± 40 (the borderline band 200 → 240);
+    * maximum heart rate 140 bpm, 85 % of the age-predicted maximum 220 − age at age 55 (the
+      target of an adequate stress test), ± 25 (≈ 15 % of that maximum);
+    * ST depression 1 mm, the usual positive exercise-test criterion, ± 1 mm.
+
+    A missing value is the centre. Why thresholds rather than normal values (120 mmHg,
+    200 mg/dL, 165 bpm): under DP-SGD the noise on weight j moves every logit by noise_j times
+    the feature's offset from its centre, so a centre far from typical readings turns the
+    noise into a random intercept shift (README: Preprocessing spends no privacy).
+    """
+    def ref(low: float, high: float, center: float, scale: float) -> FeatureReference:
+        return FeatureReference(low=low, high=high, center=center, scale=scale, fill=center)
+
+    return {
+        "age": ref(18, 100, 55, 15),
+        "trestbps": ref(0, 250, 130, 20),
+        "chol": ref(0, 700, 240, 40),
+        "thalch": ref(50, 230, 140, 25),
+        "oldpeak": ref(-3.0, 7.0, 1.0, 1.0),
+    }
+
+
+def _declared_categories() -> dict[str, str]:
+    # the clinically unremarkable value where one exists (no chest pain, normal ECG, no raised
+    # fasting sugar, no exercise angina); sex has none: the first listed category
+    return {"sex": "Female", "cp": "asymptomatic", "fbs": "FALSE", "restecg": "normal",
+            "exang": "FALSE"}
+
+
+def accepted_values(feature: str) -> tuple[str, ...]:
+    """The values a categorical or boolean feature may take."""
+    return BOOLEAN_VALUES if feature in BOOLEAN_FEATURES else CATEGORIES[feature]
+
+
 class DataConfig(_Section):
     path: str = "data/raw/heart_disease_uci.csv"
     features: list[str] = Field(default_factory=lambda: list(CORE_FEATURES), min_length=1)
     drop_incomplete: bool = True
     zero_as_missing: list[str] = Field(default_factory=lambda: ["chol"])
-    impute: Literal["mean", "median"] = "mean"
-    scale: Literal["standard", "none"] = "standard"
+    # declared preprocessing (never fitted): per numeric feature, and per categorical/boolean
+    # feature the value that stands in for a missing one
+    reference: dict[str, FeatureReference] = Field(default_factory=_clinical_reference)
+    missing_category: dict[str, str] = Field(default_factory=_declared_categories)
     one_hot: bool = True
     partition: Literal["by_site", "by_patient"] = "by_site"
     num_clients: int = Field(20, ge=2, le=1000)
@@ -50,6 +156,38 @@ class DataConfig(_Section):
                 f"unknown feature(s) {unknown}; accepted: {', '.join(CORE_FEATURES)}"
             )
         return self
+
+    @field_validator("reference")
+    @classmethod
+    def _references_are_numeric(
+        cls, value: dict[str, FeatureReference], info: ValidationInfo
+    ) -> dict[str, FeatureReference]:
+        _check_declared(value, NUMERIC_FEATURES, info.data.get("features", []))
+        return value
+
+    @field_validator("missing_category")
+    @classmethod
+    def _defaults_are_categories(cls, value: dict[str, str], info: ValidationInfo
+                                 ) -> dict[str, str]:
+        _check_declared(value, (*CATEGORIES, *BOOLEAN_FEATURES), info.data.get("features", []))
+        bad = {k: v for k, v in value.items() if v not in accepted_values(k)}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise ValueError(f"{k}={v!r} is not a value of {k}; accepted: "
+                             f"{', '.join(accepted_values(k))}")
+        return value
+
+
+def _check_declared(declared: dict[str, Any], kinds: tuple[str, ...],
+                    features: list[str]) -> None:
+    """Every used feature of ``kinds`` is declared, and nothing else is."""
+    unknown = sorted(k for k in declared if k not in kinds)
+    if unknown:
+        raise ValueError(f"unknown feature(s) {unknown} here; accepted: {', '.join(kinds)}")
+    undeclared = [f for f in features if f in kinds and f not in declared]
+    if undeclared:
+        raise ValueError(f"nothing declared for feature(s) {undeclared}; preprocessing is "
+                         f"declared, never fitted on patients: add them")
 
 
 def _sparse_features() -> dict[str, float]:
@@ -151,8 +289,17 @@ class PrivacyConfig(_Section):
     learning_rate: float | None = Field(0.5, gt=0, le=10)  # None = the top-level learning_rate
     lifetime_epsilon: float = Field(10.0, gt=0)  # per site and dataset, over all runs
     ledger: str | None = None  # None = <state_dir>/privacy_ledger.sqlite
-    secure_noise: bool = False  # True: noise and sampling seeded from the OS, not `seed`
+    # where DP noise and sampling come from: secure (OS entropy, promotable) | reproducible
+    randomness: str = "secure"
     server: ServerDPConfig = Field(default_factory=ServerDPConfig)
+
+    @field_validator("randomness")
+    @classmethod
+    def _known_randomness(cls, value: str) -> str:
+        if value not in RANDOMNESS:
+            raise ValueError(f"accepted: {', '.join(RANDOMNESS)} (reproducible noise is for "
+                             f"simulation and tests; such a model is never champion)")
+        return value
 
     @model_validator(mode="after")
     def _run_fits_lifetime(self) -> PrivacyConfig:
@@ -232,10 +379,7 @@ class PipelineConfig(_Section):
                 f"client_fraction={self.client_fraction} with compression.downlink=compressed: "
                 f"a client that sits a round out would miss that round's model delta; use "
                 f"compression.downlink=dense or client_fraction=1")
-        if self.privacy.server.enabled and self.anomaly.enabled:
-            raise ValueError(
-                "privacy.server.enabled=true with anomaly.enabled=true: excluding clients by "
-                "their raw updates sits outside DP-FedAvg's guarantee; set anomaly.enabled=false")
+        _check_server_dp(self)
         return self
 
     @property
@@ -253,6 +397,33 @@ class PipelineConfig(_Section):
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
         return f"sqlite:///{Path(self.state_dir).resolve() / 'mlflow.db'}"
+
+
+def _check_server_dp(cfg: PipelineConfig) -> None:
+    """DP-FedAvg bounds each client's influence on the clipped *sum* by S; anything that acts
+    on the raw updates before it (mixing, bucketing, filtering by other clients' norms,
+    excluding by anomaly score) lets one client move the result by more than S."""
+    if not cfg.privacy.server.enabled:
+        return
+    agg = cfg.aggregation
+    rule = ("client-level DP-FedAvg's guarantee needs every client's update to reach the "
+            "clipped sum unmixed and unfiltered")
+    if agg.pre_aggregation != "none":
+        raise ValueError(
+            f"privacy.server.enabled=true with aggregation.pre_aggregation="
+            f"{agg.pre_aggregation}: {rule} ({agg.pre_aggregation} moves the clipped sum by "
+            f"more than S); set aggregation.pre_aggregation=none")
+    if agg.max_norm_factor > 0:
+        raise ValueError(
+            f"privacy.server.enabled=true with aggregation.max_norm_factor="
+            f"{agg.max_norm_factor:g}: {rule} (rejecting updates by the round's median norm "
+            f"depends on the other clients); set aggregation.max_norm_factor=0 (clipping to "
+            f"privacy.server.clip_norm already bounds every update)")
+    if cfg.anomaly.enabled:
+        raise ValueError(
+            f"privacy.server.enabled=true with anomaly.enabled=true: {rule} (excluding "
+            f"clients by their raw updates sits outside the guarantee); set "
+            f"anomaly.enabled=false")
 
 
 def check_aggregation(agg: AggregationConfig, n_clients: int) -> None:

@@ -5,8 +5,10 @@ key, and is the only global state in ``fl_core`` (a documented cache: a class-le
 instances guarded by a lock). Partitioning works on *patients*: every record of a patient goes
 to exactly one client and to one side of that client's train/test split.
 
-Transforms (imputation, scaling, one-hot encoding) are fitted on the training splits only, so
-no statistic of a test record reaches the model.
+Preprocessing (clipping, scaling, filling missing values, one-hot encoding) is *declared* in
+``data.reference`` and ``data.missing_category``, never fitted: no statistic of any patient,
+training or test, reaches the model through it, so it spends no privacy (README: Preprocessing
+spends no privacy).
 """
 
 from __future__ import annotations
@@ -16,25 +18,23 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fl_core.config import DataConfig
+from fl_core.config import (
+    BOOLEAN_FEATURES,
+    CATEGORIES,
+    NUMERIC_FEATURES,
+    DataConfig,
+    FeatureReference,
+)
 
 PATIENT_ID = "id"
 SITE = "dataset"
 LABEL_SOURCE = "num"
-NUMERIC_FEATURES = ("age", "trestbps", "chol", "thalch", "oldpeak")
-BOOLEAN_FEATURES = ("fbs", "exang")
-# Fixed category lists keep the encoded columns identical on every client.
-CATEGORIES: dict[str, tuple[str, ...]] = {
-    "sex": ("Female", "Male"),
-    "cp": ("asymptomatic", "atypical angina", "non-anginal", "typical angina"),
-    "restecg": ("lv hypertrophy", "normal", "st-t abnormality"),
-}
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 
 
@@ -106,40 +106,67 @@ class ClientData:
         return torch.tensor(self.train_ids, dtype=torch.int64)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TabularTransform:
-    """Imputation, scaling and encoding, fitted on training rows only.
+    """Declared preprocessing: clipping, scaling and encoding with constants fixed in advance.
 
-    Numeric column j becomes ``(x_j - mean_j) / std_j`` after missing values are replaced by the
-    training mean (or median); each column in ``zero_as_missing`` also gets a 0/1 indicator of
-    missingness. Categorical columns become one-hot blocks over :data:`CATEGORIES` (or their
-    ordinal code), booleans 0/1; a missing category becomes the training mode.
+    Numeric column j (declared ``low_j, high_j, center_j, scale_j, fill_j`` in
+    ``data.reference``) becomes ``(clip(x_j, low_j, high_j) − center_j) / scale_j``, a missing
+    value being ``fill_j`` first, so every output lies in ``[(low_j − center_j)/scale_j,
+    (high_j − center_j)/scale_j]``; each column in ``zero_as_missing`` also gets a 0/1
+    indicator of missingness. Categorical columns become one-hot blocks over
+    :data:`CATEGORIES` (or their ordinal code), booleans 0/1; a missing category becomes its
+    ``data.missing_category`` default. Nothing is estimated from rows: each output row is a
+    function of its input row alone, and :meth:`fit` only checks the columns.
     """
 
     features: tuple[str, ...]
-    impute: str = "mean"
-    scale: str = "standard"
+    reference: dict[str, FeatureReference] = field(
+        default_factory=lambda: dict(DataConfig().reference))
+    missing_category: dict[str, str] = field(
+        default_factory=lambda: dict(DataConfig().missing_category))
     one_hot: bool = True
     zero_as_missing: tuple[str, ...] = ()
-    fill_: dict[str, float | str] = field(default_factory=dict)
-    mean_: dict[str, float] = field(default_factory=dict)
-    std_: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        undeclared = [f for f in self.features if f not in (
+            self.reference if f in NUMERIC_FEATURES else self.missing_category)]
+        if undeclared:
+            raise DataError(f"no declared preprocessing for feature(s) {undeclared} "
+                            f"(data.reference / data.missing_category)")
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> TabularTransform:
+        """The transform ``data.*`` declares."""
+        return cls(features=tuple(config.features), reference=dict(config.reference),
+                   missing_category=dict(config.missing_category), one_hot=config.one_hot,
+                   zero_as_missing=tuple(config.zero_as_missing))
 
     def fit(self, train: pd.DataFrame) -> TabularTransform:
-        for col in self.features:
-            values = train[col]
-            if col in NUMERIC_FEATURES:
-                num = pd.to_numeric(values, errors="coerce").astype(float)
-                centre = num.median() if self.impute == "median" else num.mean()
-                self.fill_[col] = float(centre) if np.isfinite(centre) else 0.0
-                filled = num.fillna(self.fill_[col])
-                self.mean_[col] = float(filled.mean())
-                std = float(filled.std(ddof=0))
-                self.std_[col] = std if std > 1e-12 else 1.0
-            else:
-                mode = values.dropna().mode()
-                self.fill_[col] = mode.iloc[0] if len(mode) else _default_category(col)
+        """Check that ``train`` has the declared columns; read no value. Returns ``self``."""
+        self._check_columns(train)
         return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole transform as plain JSON-able data (to save beside a model)."""
+        return {
+            "features": list(self.features),
+            "reference": {k: v.model_dump() for k, v in self.reference.items()},
+            "missing_category": dict(self.missing_category),
+            "one_hot": self.one_hot,
+            "zero_as_missing": list(self.zero_as_missing),
+            "columns": self.columns(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TabularTransform:
+        """Inverse of :meth:`state_dict` (the declared constants are validated again)."""
+        return cls(features=tuple(state["features"]),
+                   reference={k: FeatureReference.model_validate(v)
+                              for k, v in state["reference"].items()},
+                   missing_category=dict(state["missing_category"]),
+                   one_hot=bool(state["one_hot"]),
+                   zero_as_missing=tuple(state["zero_as_missing"]))
 
     def columns(self) -> list[str]:
         names: list[str] = []
@@ -153,42 +180,47 @@ class TabularTransform:
         return names
 
     def transform(self, frame: pd.DataFrame) -> torch.Tensor:
-        if not self.fill_:
-            raise RuntimeError("TabularTransform.transform called before fit")
+        """``[rows, len(columns())]`` float32, row by row as the class docstring states."""
+        self._check_columns(frame)
         blocks: list[np.ndarray] = []
         for col in self.features:
             values = frame[col]
-            missing = values.isna().to_numpy()
             if col in NUMERIC_FEATURES:
-                num = pd.to_numeric(values, errors="coerce").astype(float).fillna(self.fill_[col])
-                arr = num.to_numpy()
-                if self.scale == "standard":
-                    arr = (arr - self.mean_[col]) / self.std_[col]
-                blocks.append(arr[:, None])
+                blocks.append(_scaled(values, self.reference[col])[:, None])
             elif col in BOOLEAN_FEATURES:
-                filled = values.fillna(self.fill_[col])
+                filled = values.fillna(self.missing_category[col])
                 blocks.append(filled.map(_as_bool).to_numpy(dtype=float)[:, None])
             else:
-                cats = CATEGORIES[col]
-                codes = values.fillna(self.fill_[col]).map({c: i for i, c in enumerate(cats)})
-                codes = codes.to_numpy(dtype=float)
-                if self.one_hot:
-                    blocks.append(np.eye(len(cats))[codes.astype(int)])
-                else:
-                    blocks.append(codes[:, None])
+                blocks.append(self._encoded(col, values.fillna(self.missing_category[col])))
             if col in self.zero_as_missing:
-                blocks.append(missing.astype(float)[:, None])
+                blocks.append(values.isna().to_numpy().astype(float)[:, None])
         return torch.tensor(np.hstack(blocks), dtype=torch.float32)
+
+    def _encoded(self, col: str, values: pd.Series) -> np.ndarray:
+        cats = CATEGORIES[col]
+        codes = values.map({c: i for i, c in enumerate(cats)})
+        if codes.isna().any():
+            unknown = sorted(set(values[codes.isna()].astype(str)))
+            raise DataError(f"{col}: unknown categor(y/ies) {unknown}; accepted: {list(cats)}")
+        index = codes.to_numpy(dtype=int)
+        return np.eye(len(cats))[index] if self.one_hot else index[:, None].astype(float)
+
+    def _check_columns(self, frame: pd.DataFrame) -> None:
+        absent = [c for c in self.features if c not in frame.columns]
+        if absent:
+            raise DataError(f"column(s) {absent} missing from the table to transform")
+
+
+def _scaled(values: pd.Series, ref: FeatureReference) -> np.ndarray:
+    """``(clip(x, low, high) − center) / scale``, a missing (or non-numeric) x read as ``fill``."""
+    num = pd.to_numeric(values, errors="coerce").astype(float).fillna(ref.fill).to_numpy()
+    return (np.clip(num, ref.low, ref.high) - ref.center) / ref.scale
 
 
 def _as_bool(value: object) -> float:
     if isinstance(value, str):
         return 1.0 if value.strip().upper() == "TRUE" else 0.0
     return float(bool(value))
-
-
-def _default_category(col: str) -> str:
-    return CATEGORIES[col][0] if col in CATEGORIES else "FALSE"
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -312,18 +344,18 @@ class FederatedDataLoader:
         return Partition(clients=tuple(clients), scheme=cfg.partition, seed=seed)
 
     def fit_transform(self, config: DataConfig, partition: Partition) -> TabularTransform:
-        cfg = config
+        """The declared transform, its columns checked on this partition's training rows.
+
+        No value of any patient enters it: the result is the same for every partition.
+        """
         train_ids = [i for c in partition.clients for i in c.train_ids]
         train = self.table[self.table[PATIENT_ID].isin(train_ids)]
-        return TabularTransform(
-            features=tuple(cfg.features), impute=cfg.impute, scale=cfg.scale,
-            one_hot=cfg.one_hot, zero_as_missing=tuple(cfg.zero_as_missing),
-        ).fit(train)
+        return TabularTransform.from_config(config).fit(train)
 
     def encoded(
         self, config: DataConfig, partition: Partition
     ) -> tuple[list[ClientData], TabularTransform]:
-        """The clients' tensors, with transforms fitted on this partition's training patients."""
+        """The clients' tensors, encoded with the declared transform (nothing fitted)."""
         transform = self.fit_transform(config, partition)
         return self.client_data(partition, transform), transform
 

@@ -11,7 +11,6 @@ round*: the round goes on without it and the failure is recorded. A round with f
 
 from __future__ import annotations
 
-import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from fl_core.data import ClientData
 from fl_core.metrics import accuracy, roc_auc
 from fl_core.models import get_flat_params, set_flat_params
 from fl_core.privacy import DPSGDConfig, PatientDPTrainer, group_records
+from fl_core.randomness import RandomSource, SeededRandom
 
 
 class RoundFailedError(RuntimeError):
@@ -119,8 +119,9 @@ class InProcessClient:
     """A simulated hospital: its data never leaves this object except as codec bytes.
 
     With ``privacy`` it trains by patient-level DP-SGD (:class:`PatientDPTrainer`) and keeps
-    its own accountant; :attr:`epsilon_spent` is what its updates have cost so far. With
-    ``secure_seed`` the DP sampling and noise come from the OS, not from the run's seed.
+    its own accountant; :attr:`epsilon_spent` is what its updates have cost so far. Its DP
+    sampling and noise come from ``randomness`` (one stream per client and round): secret OS
+    entropy for a promotable run, a seeded generator for a reproducible simulation.
     """
 
     def __init__(
@@ -130,7 +131,7 @@ class InProcessClient:
         training: LocalTrainingConfig,
         compressor: UpdateCompressor | None = None,
         privacy: DPSGDConfig | None = None,
-        secure_seed: bool = False,
+        randomness: RandomSource | None = None,
     ) -> None:
         self.client_id = data.client_id
         self.num_train = data.num_train
@@ -138,8 +139,8 @@ class InProcessClient:
         self._model = model_factory()
         self._training = training
         self._compressor = compressor or UpdateCompressor(DenseCodec(), error_feedback=False)
-        self._replica = ModelReplica()
-        self._secure_seed = secure_seed
+        self._replica = ModelReplica(get_flat_params(self._model).numel())
+        self._randomness = randomness or SeededRandom(training.seed)
         self.last_train_loss = float("nan")
         self._dp: PatientDPTrainer | None = None
         if privacy is not None:  # the factory's model must be one Opacus accepts (check_model)
@@ -158,12 +159,11 @@ class InProcessClient:
     def fit(self, global_payload: bytes, round_idx: int) -> bytes:
         global_params = self._replica.apply(global_payload)
         set_flat_params(self._model, global_params)
-        seed = _seed_for(self._training.seed, self.client_id, round_idx)
         if self._dp is not None:
-            if self._secure_seed:
-                seed = int.from_bytes(os.urandom(8), "little") >> 1
-            self.last_train_loss = self._dp.train(self._training.local_epochs, seed)
-        else:
+            random = self._randomness.stream("dp-sgd", self.client_id, round_idx)
+            self.last_train_loss = self._dp.train(self._training.local_epochs, random)
+        else:  # not private: the minibatch order needs no secrecy
+            seed = _seed_for(self._training.seed, self.client_id, round_idx)
             self.last_train_loss = train_local(
                 self._model, self._data.x_train, self._data.y_train, self._training, seed
             )
@@ -172,7 +172,7 @@ class InProcessClient:
         return self._compressor.compress(delta, round_idx)
 
     def evaluate(self, global_payload: bytes) -> ClientEvaluation:
-        set_flat_params(self._model, decode_payload(global_payload))
+        set_flat_params(self._model, decode_payload(global_payload, self._replica.num_elements))
         self._model.eval()
         with torch.no_grad():
             logits = self._model(self._data.x_test)
@@ -210,16 +210,40 @@ class TrainingResult:
     failures: list[ClientUpdateError]
 
 
+def _valid_evaluation(reply: object, client_id: str) -> ClientEvaluation:
+    """The client's evaluation if it is one (matching logits and labels), else ValueError."""
+    if not isinstance(reply, ClientEvaluation):
+        raise ValueError(f"evaluation reply is a {type(reply).__name__}")
+    if reply.logits.shape != reply.labels.shape or reply.logits.ndim != 1:
+        raise ValueError(f"evaluation logits {tuple(reply.logits.shape)} and labels "
+                         f"{tuple(reply.labels.shape)} disagree")
+    if reply.client_id != client_id:
+        raise ValueError(f"evaluation reply claims to come from {reply.client_id!r}")
+    return reply
+
+
 def evaluate_pooled(
     clients: Sequence[FederatedClient], payload: bytes
-) -> tuple[float, float, float, dict[str, float], list[ClientEvaluation]]:
-    """Pooled loss, accuracy and AUC over all clients' test splits, plus per-client accuracy."""
-    evals = [c.evaluate(payload) for c in clients]
+) -> tuple[float, float, float, dict[str, float], list[ClientUpdateError]]:
+    """Pooled loss, accuracy and AUC over the clients' test splits, per-client accuracy, and
+    the clients whose evaluation failed (raised, vanished or replied with something that is
+    not an evaluation): those are left out of this round's figures, the run goes on."""
+    evals: list[ClientEvaluation] = []
+    failures: list[ClientUpdateError] = []
+    for client in clients:
+        try:
+            evals.append(_valid_evaluation(client.evaluate(payload), client.client_id))
+        except Exception as exc:  # one bad site never takes down the round
+            failures.append(ClientUpdateError(
+                client.client_id, f"evaluation failed ({type(exc).__name__}: {exc})"))
+    if not evals:
+        nan = float("nan")
+        return nan, nan, nan, {}, failures
     logits = torch.cat([e.logits for e in evals])
     labels = torch.cat([e.labels for e in evals])
     loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
     per_client = {e.client_id: accuracy(e.logits, e.labels) for e in evals}
-    return loss, accuracy(logits, labels), roc_auc(logits, labels), per_client, evals
+    return loss, accuracy(logits, labels), roc_auc(logits, labels), per_client, failures
 
 
 @dataclass
@@ -266,6 +290,7 @@ def run_federated(
     attack: Attack | None = None,
     seed: int = 0,
     client_fraction: float = 1.0,
+    randomness: RandomSource | None = None,
 ) -> TrainingResult:
     """Run ``rounds`` federated rounds; FedAvg weighted by training-set size by default.
 
@@ -276,7 +301,8 @@ def run_federated(
     simulation and sends the dense model, uncounted. ``attack`` (simulation only) rewrites
     the updates of its malicious clients once the round's honest updates are known.
     ``client_fraction < 1`` asks each client to train with that probability per round
-    (Poisson client sampling, seeded by ``seed``); the others sit the round out.
+    (Poisson client sampling drawn from ``randomness``, by default seeded by ``seed``; the
+    amplification DP-FedAvg claims for it needs a secret source); the others sit it out.
     """
     if client_fraction < 1 and downlink is not None:
         raise ValueError("client sampling with a compressed downlink: a client that sits a "
@@ -286,7 +312,8 @@ def run_federated(
     defense = defense or Defense()
     broadcast = ModelBroadcast(downlink)
     dense = DenseCodec()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # simulated attacks only
+    sampling = (randomness or SeededRandom(seed)).stream("client-sampling")
     params = initial_params.detach().clone().to(torch.float32)
     previous: torch.Tensor | None = None
     n_params = params.numel()
@@ -301,7 +328,7 @@ def run_federated(
         bytes_up, received = 0, 0
         participants = list(clients)
         if client_fraction < 1:
-            picked = torch.rand(len(clients), generator=generator) < client_fraction
+            picked = sampling.uniform(len(clients)) < client_fraction
             participants = [c for c, p in zip(clients, picked.tolist(), strict=True) if p]
         for client in participants:
             try:
@@ -310,10 +337,14 @@ def run_federated(
                 _fail(failures, failed, client.client_id,
                       f"no update ({type(exc).__name__}: {exc})")
                 continue
+            if not isinstance(payload, bytes):
+                _fail(failures, failed, client.client_id,
+                      f"no update (reply is a {type(payload).__name__}, not bytes)")
+                continue
             bytes_up += len(payload)
             received += 1
             try:
-                received_updates.append(decode_payload(payload))
+                received_updates.append(decode_payload(payload, n_params))
                 senders.append(client)
             except PayloadError as exc:
                 _fail(failures, failed, client.client_id, f"undecodable payload: {exc}")
@@ -352,7 +383,10 @@ def run_federated(
         result = defense.aggregate(updates[kept], weights, previous)
         previous = result.aggregate
         params = params + result.aggregate
-        test_loss, acc, auc, per_client, _ = evaluate_pooled(clients, dense.encode(params))
+        test_loss, acc, auc, per_client, eval_failures = evaluate_pooled(
+            clients, dense.encode(params))
+        for failure in eval_failures:
+            _fail(failures, failed, failure.client_id, failure.reason)
         losses = torch.tensor([getattr(senders[i], "last_train_loss", float("nan"))
                                for i in kept])
         train_loss = float((losses * weights).sum() / weights.sum())

@@ -4,8 +4,9 @@ Pure (no MLflow, no Prefect). Each rule is a small function that looks at the fi
 and the thresholds (:func:`gate_thresholds`, keyed by their configuration key) and returns the
 reason it refuses, or ``None``. Adding a rule is one line in :data:`RULES`. A model passes
 only when it is accurate enough, the membership audit found little (AUC and TPR at 0.1 % FPR),
-it is differentially private within the configured ε, and the audit's empirical ε lower bound
-does not contradict the accountant (which would mean a DP or accounting bug).
+it is differentially private within the configured ε with noise nobody can regenerate
+(``privacy.randomness=secure``), and the audit's empirical ε lower bound does not contradict
+the accountant (which would mean a DP or accounting bug).
 """
 
 from __future__ import annotations
@@ -100,11 +101,25 @@ def _audit_agrees_with_accountant(metrics: Metrics, thresholds: Thresholds) -> s
     return None
 
 
+def _noise_is_secret(metrics: Metrics, thresholds: Thresholds) -> str | None:
+    """Noise derived from ``seed`` can be regenerated and subtracted by anyone holding the
+    configuration: such a model carries no DP guarantee against them."""
+    randomness = metrics.get("randomness")
+    if randomness == "secure":
+        return None
+    if randomness is None:
+        return "randomness is missing: the run did not record where its DP noise came from"
+    return (f"privacy.randomness={randomness}: the DP noise and sampling can be regenerated "
+            f"from the configuration's seed, so the model is not private against anyone who "
+            f"has it; reproducible runs are for simulation, tests and benchmarks")
+
+
 RULES: tuple[Rule, ...] = (
     _at_least("accuracy", "gate.min_accuracy"),
     _at_most("mia_auc", "audit.max_auc"),
     _at_most("mia_tpr_at_0_1pct_fpr", "audit.max_tpr_at_0_1pct_fpr"),
     _at_most("epsilon", "privacy.epsilon"),
+    _noise_is_secret,
     _audit_agrees_with_accountant,
 )
 

@@ -13,8 +13,15 @@ so each patient, whatever their number of records, moves the sum by at most ``C`
 (``max_grad_norm``) and the Gaussian mechanism with noise multiplier ``σ`` covers them.
 Opacus computes ``g_i`` (a ``Linear`` layer sums per-sample gradients over the records
 dimension), clips, adds noise and accounts: :class:`PatientDPTrainer` wires Opacus's
-``GradSampleModule``, ``DPOptimizer`` and an accountant (``prv`` or ``rdp``) to our own seeded
-Poisson sampler over the patient tensor.
+``GradSampleModule``, ``DPOptimizer`` and an accountant (``prv`` or ``rdp``) to our own
+Poisson sampler over the patient tensor; sampling and noise come from a
+:class:`~fl_core.randomness.RandomSource` (secret OS entropy unless the run is declared
+reproducible).
+
+**The guarantee.** Unit: the patient (all their records). Neighbouring relation: add or remove
+one patient's records from one site's training set. Covered: every model update a site sends
+and everything computed from them (the global models, the released model). Under the
+replace-one relation the same run is (ε', δ)-DP with ε' from :func:`replace_one_epsilon`.
 
 **Budgeting.** The user sets ``(ε, δ)`` for the whole run. A client takes
 ``rounds × local_epochs × ⌈1/q⌉`` steps, so :func:`calibrate_noise` finds the smallest ``σ``
@@ -40,6 +47,7 @@ import torch
 from torch import nn
 
 from fl_core.aggregation import AggregationResult
+from fl_core.randomness import RandomSource
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
@@ -109,13 +117,22 @@ def patient_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> t
     return per_patient.mean()
 
 
+DELTA_RULE = "δ ≤ 1/(10·n), n = training patients at the largest site"
+
+
 def check_delta(delta: float, num_patients: int, who: str) -> None:
-    """Refuse ``δ ≥ 1/patients``: such a δ allows leaking one patient's data outright."""
-    if num_patients > 0 and delta >= 1.0 / num_patients:
+    """Refuse ``δ > 1/(10 n)``.
+
+    (ε, δ)-DP allows a δ-probability failure per patient; with ``δ ≥ 1/n`` a mechanism that
+    publishes one random patient's records in the clear qualifies. The usual rule takes δ well
+    below ``1/n``; fedpriv requires a factor 10 at the site with the most training patients.
+    """
+    limit = 1.0 / (10 * num_patients) if num_patients > 0 else math.inf
+    if delta > limit:
         raise PrivacyError(
-            f"privacy.delta={delta:g} is not below 1/{num_patients} (the {num_patients} "
-            f"training patients of {who}); a δ that large permits releasing one patient's "
-            f"records in the clear. Use privacy.delta < {1.0 / num_patients:.3g}, e.g. 1e-5"
+            f"privacy.delta={delta:g} breaks the rule {DELTA_RULE}: {who} has {num_patients} "
+            f"training patients, so δ must be ≤ 1/(10·{num_patients}) = {limit:.3g} "
+            f"(a larger δ permits releasing a patient's records in the clear); use e.g. 1e-5"
         )
 
 
@@ -203,6 +220,26 @@ def epsilon_spent(
     return epsilon_for_history(((noise_multiplier, sample_rate, steps),), delta, accountant)
 
 
+def replace_one_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+    accountant: str = "prv",
+) -> tuple[float, float]:
+    """The run's guarantee under the *replace-one* relation, as ``(ε', δ')``.
+
+    Replacing one patient's records moves the clipped sum by up to ``2C`` (remove one
+    gradient, add another). With ``q = 1`` (full-batch DP-GD, the default) every step is a
+    Gaussian mechanism of sensitivity ``2C``, i.e. noise multiplier ``σ/2``: exact,
+    ``δ' = δ``. With Poisson sampling (``q < 1``) we use group privacy over the
+    remove-then-add pair, ``(2ε, (1 + e^ε)·δ)``: an upper bound, not tight.
+    """
+    if steps == 0:
+        return 0.0, delta
+    if sample_rate >= 1.0:
+        return epsilon_spent(noise_multiplier / 2.0, 1.0, steps, delta, accountant), delta
+    epsilon = epsilon_spent(noise_multiplier, sample_rate, steps, delta, accountant)
+    return 2.0 * epsilon, (1.0 + math.exp(epsilon)) * delta
+
+
 # --- client-side DP-SGD ------------------------------------------------------------------------
 
 
@@ -237,15 +274,14 @@ class PatientDPTrainer:
         self.data = data
         self._module = prepare_module(model, cfg.grad_sample_mode, batch_first=True,
                                       loss_reduction="mean")
-        optimizer_class = get_optimizer_class("flat", False, cfg.grad_sample_mode)
-        self._noise = torch.Generator()
+        optimizer_class = _noise_from_source(
+            get_optimizer_class("flat", False, cfg.grad_sample_mode))
         self._optimizer = optimizer_class(
             torch.optim.SGD(model.parameters(), lr=cfg.learning_rate),
             noise_multiplier=cfg.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
             expected_batch_size=max(1, round(cfg.sample_rate * data.num_patients)),
             loss_reduction="mean",
-            generator=self._noise,
         )
         self._accountant = _accountant(cfg.accountant)
         self._optimizer.attach_step_hook(
@@ -260,14 +296,14 @@ class PatientDPTrainer:
         return epsilon_for_history(tuple(self._accountant.history), self.cfg.delta,
                                    self.cfg.accountant)
 
-    def train(self, epochs: int, seed: int) -> float:
+    def train(self, epochs: int, random: RandomSource) -> float:
         """``epochs × ⌈1/q⌉`` DP-SGD steps; returns the mean patient loss over the steps.
 
-        ``seed`` drives both the Poisson sampling and the noise (reproducible runs); pass a
-        seed from ``os.urandom`` where the noise must not be reproducible.
+        ``random`` draws both the Poisson sampling and the noise: a
+        :class:`~fl_core.randomness.SecureRandom` for a model that may be released, a
+        :class:`~fl_core.randomness.SeededRandom` for reproducible simulation.
         """
-        sampling = torch.Generator().manual_seed(seed)
-        self._noise.manual_seed(seed ^ 0x5DEECE66D)
+        self._optimizer.noise_source = random
         d, q = self.data, self.cfg.sample_rate
         self._module.train()
         total, count = 0.0, 0
@@ -275,7 +311,7 @@ class PatientDPTrainer:
             # Opacus hooks the layers; with inputs that need no gradient torch warns every step
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(epochs * steps_per_epoch(q)):
-                batch = torch.nonzero(torch.rand(d.num_patients, generator=sampling) < q)[:, 0]
+                batch = torch.nonzero(random.uniform(d.num_patients) < q)[:, 0]
                 self._optimizer.zero_grad(set_to_none=True)
                 loss = patient_loss(self._module(d.x[batch]), d.y[batch], d.mask[batch])
                 loss.backward()
@@ -290,7 +326,7 @@ class PatientDPTrainer:
 
 def dp_fedavg(
     updates: torch.Tensor, clip_norm: float, noise_multiplier: float,
-    expected_clients: float, generator: torch.Generator | None = None,
+    expected_clients: float, random: RandomSource,
 ) -> AggregationResult:
     """DP-FedAvg: ``(Σ_k u_k · min(1, S/‖u_k‖) + N(0, σ²S² I)) / E[clients]``.
 
@@ -300,5 +336,33 @@ def dp_fedavg(
     norms = updates.norm(dim=1)
     factors = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
     total = (updates * factors.unsqueeze(1)).sum(0)
-    noise = torch.randn(updates.shape[1], generator=generator) * (noise_multiplier * clip_norm)
+    noise = random.normal((updates.shape[1],), noise_multiplier * clip_norm, updates.dtype)
     return AggregationResult((total + noise) / expected_clients, list(range(updates.shape[0])))
+
+
+# --- the noise source inside Opacus ----------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _noise_from_source(optimizer_class: type) -> type:
+    """``optimizer_class`` (an Opacus ``DPOptimizer``) drawing its Gaussian noise from
+    ``self.noise_source`` (a :class:`~fl_core.randomness.RandomSource`) instead of a
+    ``torch.Generator``: the same ``p.grad = Σ clipped + N(0, σ²C²)``, with the noise secret
+    when the source is."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SourcedNoise(optimizer_class):  # type: ignore[misc, valid-type]
+        noise_source: RandomSource | None = None
+
+        def add_noise(self) -> None:
+            if self.noise_source is None:
+                raise RuntimeError("DP-SGD step without a noise source")
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = self.noise_source.normal(p.summed_grad.shape, std, p.summed_grad.dtype)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    SourcedNoise.__name__ = f"SourcedNoise{optimizer_class.__name__}"
+    return SourcedNoise

@@ -30,11 +30,14 @@ outputs:
   Prefect history in .fedpriv/prefect (prefect server start).
 
 privacy:
-  every run is (privacy.epsilon, privacy.delta)-DP per patient (DP-SGD, Opacus). The ledger
-  (.fedpriv/privacy_ledger.sqlite) is keyed by patient and charged when training ends,
-  before the model is written (stage train, the pipeline, audit-sweep); it refuses a run that
-  would take a patient past privacy.lifetime_epsilon (composed ε). `fedpriv budget` shows
-  what each site has spent.
+  every run is (privacy.epsilon, privacy.delta)-DP per patient (DP-SGD, Opacus), neighbouring
+  datasets differing by adding or removing one patient; it covers every model update and the
+  released model, not the audit's statistics or test metrics. DP noise and sampling come from
+  the OS CSPRNG (privacy.randomness=secure); `reproducible` is for tests and is never
+  promoted. The ledger (.fedpriv/privacy_ledger.sqlite) is keyed by patient and charged when
+  training ends, before the model is written (stage train, the pipeline, audit-sweep); it
+  refuses a run that would take a patient past privacy.lifetime_epsilon (composed ε).
+  `fedpriv budget` shows what each site has spent.
 
 audit and gate:
   the audit attacks every model (loss threshold, Shokri shadow models, LiRA) and bounds ε
@@ -169,7 +172,7 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         if isinstance(value, float):
-            shown = f"{value:,.4f}"
+            shown = f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:,.4f}"  # δ = 1e-05
         elif isinstance(value, int):
             shown = f"{value:,}"
         else:
@@ -186,9 +189,14 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
     if metrics.get("epsilon") is not None:
         cap = registration.get("lifetime_epsilon")
         console.print(f"privacy: {registration.get('privacy')}, (ε={metrics['epsilon']:.3f}, "
-                      f"δ={metrics['delta']:g}) per patient; lifetime budget spent of "
-                      f"ε={cap:g} (composed, most-exposed patient): "
+                      f"δ={metrics['delta']:g}) per patient, add/remove one patient "
+                      f"(replace-one ε={metrics.get('epsilon_replace_one') or 0:.3f}); noise "
+                      f"{metrics.get('randomness')}; lifetime budget spent of ε={cap:g} "
+                      f"(composed, most-exposed patient): "
                       + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items()))
+        if metrics.get("randomness") != "secure":
+            console.print("[red]reproducible DP noise: anyone with params.yaml can regenerate "
+                          "it; this model can never be champion[/red]")
     else:
         console.print("[red]privacy: this model is NOT differentially private per patient "
                       "(privacy.enabled=false)[/red]")

@@ -36,7 +36,9 @@ def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> s
     budget = registration.get("budget_spent") or {}
     privacy = (
         f"Privacy: {registration.get('privacy')}, (ε = {fmt(metrics.get('epsilon'))}, "
-        f"δ = {metrics.get('delta'):g}) per patient; lifetime budget spent of "
+        f"δ = {metrics.get('delta'):g}) per patient, add/remove one patient "
+        f"(replace-one ε = {fmt(metrics.get('epsilon_replace_one'))}); DP noise "
+        f"{metrics.get('randomness')}; lifetime budget spent of "
         f"ε = {registration.get('lifetime_epsilon')}: "
         + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items())
         if metrics.get("epsilon") is not None

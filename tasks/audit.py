@@ -6,8 +6,8 @@ Who is who:
   non-members, so the evaluation is balanced;
 * **non-members**: the held-out test patients of every client;
 * **population** (what the shadows train on, never the target's members): the non-members
-  plus the patients ``data.drop_incomplete`` kept out of training (imputed with the target's
-  own fitted transform), capped at ``audit.population_size``.
+  plus the patients ``data.drop_incomplete`` kept out of training (missing values filled by
+  the target's own declared transform), capped at ``audit.population_size``.
 
 Each of ``audit.shadow_models`` shadows is a federated run with the target's own recipe
 (``tasks.train.federate``: same partition scheme, model, rounds, compression, aggregation and

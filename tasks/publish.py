@@ -26,7 +26,7 @@ METRIC_FIELDS = (
     "mia_advantage", "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
     "bytes_downloaded_uncompressed", "compression_ratio", "downlink_compression_ratio",
     "flagged_client_rounds", "rejected_client_rounds", "client_level_epsilon", "rounds",
-    "wall_seconds", "audit_seconds",
+    "wall_seconds", "audit_seconds", "epsilon_replace_one", "randomness",
 )
 
 
@@ -41,7 +41,9 @@ def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str
                 "compression_ratio", "downlink_compression_ratio", "flagged_client_rounds",
                 "rejected_client_rounds", "rounds"):
         metrics[key] = trained.get(key)
-    metrics["client_level_epsilon"] = (trained.get("privacy") or {}).get("client_level_epsilon")
+    privacy = trained.get("privacy") or {}
+    for key in ("client_level_epsilon", "epsilon_replace_one", "randomness"):
+        metrics[key] = privacy.get(key)
     for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
                 "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound", "mia_advantage"):
         metrics[key] = audited.get(key)
@@ -85,13 +87,21 @@ def publish_results(
     return {"metrics": metrics, "registration": registration}
 
 
+GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one site; covers every "
+             "model update and the released model; not the audit's statistics or test metrics")
+
+
 def privacy_tags(privacy: dict[str, Any]) -> dict[str, str]:
     """MLflow run tags stating the model's guarantee (or its absence)."""
+    noise = {"privacy.randomness": str(privacy.get("randomness"))}
     if privacy.get("epsilon") is None:
         return {"privacy": "none" if privacy.get("client_level_epsilon") is None
-                else "client-level DP-FedAvg only"}
+                else "client-level DP-FedAvg only", **noise}
     return {
         "privacy": "patient-level DP-SGD",
+        "privacy.guarantee": GUARANTEE,
+        **noise,
+        "privacy.epsilon_replace_one": f"{privacy['epsilon_replace_one']:.6g}",
         "privacy.epsilon": f"{privacy['epsilon']:.6g}",
         "privacy.delta": f"{privacy['delta']:g}",
         "privacy.accountant": str(privacy["accountant"]),

@@ -102,7 +102,7 @@ def register_model(
         registry_before = _RegistryState.capture(client, name)
         gate_tags = _gate_tags(decision)
         version = client.create_model_version(
-            name=name, source=info.model_uri, run_id=run_id, tags=gate_tags,
+            name=name, source=info.model_uri, run_id=run_id, tags={**gate_tags, **(tags or {})},
             model_id=info.model_id,
         ).version
         client.set_registered_model_alias(name, CHALLENGER, version)

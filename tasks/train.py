@@ -51,6 +51,7 @@ from fl_core.privacy import (
     dp_fedavg,
     local_steps,
 )
+from fl_core.randomness import RandomSource, make_random
 from tasks.common import Paths, atomic_path, task_options, write_json_atomic, write_text_atomic
 from tasks.partition import load_client_data
 from tasks.plots import training_curves
@@ -129,8 +130,9 @@ def describe_compression(c: CompressionConfig) -> str:
     return ", ".join(parts)
 
 
-def make_defense(cfg: PipelineConfig, n_clients: int) -> Defense:
-    """The server's defense as configured under ``aggregation`` and ``anomaly``."""
+def make_defense(cfg: PipelineConfig, n_clients: int, random: RandomSource) -> Defense:
+    """The server's defense as configured under ``aggregation`` and ``anomaly``; DP-FedAvg's
+    noise (``privacy.server``) is drawn from ``random``."""
     agg = cfg.aggregation
     try:
         check_aggregation(agg, n_clients)
@@ -150,7 +152,7 @@ def make_defense(cfg: PipelineConfig, n_clients: int) -> Defense:
     aggregator = make_aggregator(agg.method, f)
     server = cfg.privacy.server
     if server.enabled:
-        noise = torch.Generator().manual_seed(cfg.seed + 7)
+        noise = random.stream("server-dp")
 
         def aggregator(u: torch.Tensor, w: torch.Tensor | None,
                        prev: torch.Tensor | None) -> AggregationResult:
@@ -296,20 +298,21 @@ def federate(
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
     comp = cfg.compression
-    defense = make_defense(cfg, len(data))
+    random = make_random(cfg.privacy.randomness, cfg.seed)
+    defense = make_defense(cfg, len(data), random)
     attack = make_attack(cfg, [d.client_id for d in data])
     if attack is not None and attack.flips_labels:
         data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
     dp = make_dpsgd(cfg, data)
     clients = [InProcessClient(d, factory, local, make_compressor(comp, cfg.seed + i), dp,
-                               secure_seed=cfg.privacy.secure_noise)
+                               randomness=random)
                for i, d in enumerate(data)]
     downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
         else None
     result = run_federated(
         clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients, downlink=downlink,
         on_round=on_round, defense=defense, attack=attack, seed=cfg.seed,
-        client_fraction=cfg.client_fraction,
+        client_fraction=cfg.client_fraction, randomness=random,
     )
     return FederatedRun(result, clients, dp, attack, model_fixes)
 

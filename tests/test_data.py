@@ -130,24 +130,31 @@ def test_too_many_clients_is_a_clear_error(raw_csv: Path) -> None:
         FederatedDataLoader.get(c).partition(c, 0)
 
 
-def test_transform_fitted_on_train_only(raw_csv: Path) -> None:
+def test_declared_transform_encodes_every_client(raw_csv: Path) -> None:
     inst = loader(raw_csv)
     part = inst.partition(inst.config, 0)
     transform = inst.fit_transform(inst.config, part)
-    train_ids = [i for c in part.clients for i in c.train_ids]
-    train_age = inst.table.set_index("id").loc[train_ids, "age"].astype(float)
-    assert transform.mean_["age"] == pytest.approx(float(train_age.mean()))
+    assert transform == TabularTransform.from_config(inst.config)  # nothing fitted
     data = inst.client_data(part, transform)
-    x_train = np.vstack([d.x_train.numpy() for d in data])
-    age_col = transform.columns().index("age")
-    assert abs(x_train[:, age_col].mean()) < 1e-5  # standardised on train exactly
     assert len(transform.columns()) == data[0].x_train.shape[1] == 17
-    # chol == 0 became missing: indicator set, value imputed
+    age = inst.config.reference["age"]
+    cleveland = data[0]
+    raw_age = inst.table.set_index("id").loc[list(cleveland.train_ids), "age"].to_numpy()
+    age_col = transform.columns().index("age")
+    expected = (raw_age - age.center) / age.scale
+    assert np.allclose(cleveland.x_train[:, age_col].numpy(), expected, atol=1e-6)
+    # chol == 0 became missing: indicator set, value the declared fill
     miss_col = transform.columns().index("chol_missing")
+    chol_col = transform.columns().index("chol")
+    chol = inst.config.reference["chol"]
     swiss = next(d for d in data if d.client_id == "Switzerland")
     assert swiss.x_train[:, miss_col].min() == 1.0
+    assert np.allclose(swiss.x_train[:, chol_col].numpy(), (chol.fill - chol.center) / chol.scale)
 
 
-def test_transform_before_fit_refuses() -> None:
-    with pytest.raises(RuntimeError, match="before fit"):
-        TabularTransform(features=("age",)).transform(None)  # type: ignore[arg-type]
+def test_transform_of_a_table_without_a_feature_is_a_clear_error(raw_csv: Path) -> None:
+    table = loader(raw_csv).table.drop(columns=["age"])
+    with pytest.raises(DataError, match=r"\['age'\] missing"):
+        TabularTransform(features=("age", "sex")).transform(table)
+    with pytest.raises(DataError, match=r"\['age'\] missing"):
+        TabularTransform(features=("age", "sex")).fit(table)

@@ -235,3 +235,89 @@ def test_absurd_update_is_rejected_and_flagged_clients_are_reported() -> None:
                            defense=Defense(detect=True))
     assert all("c3" in r.flagged_clients for r in result.history)
     assert "c3" in result.history[-1].excluded_clients  # the third flag in a row excludes it
+
+
+# --- one bad site never takes down a round ------------------------------------------------------
+
+
+def oversized_topk_payload(declared: int = 4_000_000_000) -> bytes:
+    """A well-formed, checksummed top-k payload with k = 0 that declares ``declared``
+    elements: a few dozen bytes that once made the decoder allocate 16 GB."""
+    import struct
+
+    from fl_core.compression import CODEC_TOPK, INDEX_RICE, TOPK_HEAD, frame
+
+    body = TOPK_HEAD.pack(8, INDEX_RICE, 0, 1, 0, 1024) + struct.pack("<I", declared)
+    return frame(CODEC_TOPK, declared, body)
+
+
+class BadReplies(InProcessClient):
+    """c0 replies None, c1 a str, c2 an oversized header; c3 crashes in evaluation, c4
+    vanishes in evaluation, c5 replies to evaluation with something that is not one."""
+
+    def fit(self, global_payload: bytes, round_idx: int):  # type: ignore[override]
+        honest = super().fit(global_payload, round_idx)
+        return {"c0": None, "c1": "update", "c2": oversized_topk_payload()}.get(
+            self.client_id, honest)
+
+    def evaluate(self, global_payload: bytes):  # type: ignore[override]
+        if self.client_id == "c3":
+            raise RuntimeError("evaluation crashed")
+        if self.client_id == "c4":
+            raise ConnectionError("site went away")
+        if self.client_id == "c5":
+            return None
+        return super().evaluate(global_payload)
+
+
+def test_bad_replies_fail_only_their_sites_with_named_reasons() -> None:
+    cs, factory = clients(n_clients=7, cls=BadReplies)
+    result = run_federated(cs, get_flat_params(factory()), rounds=2, min_clients=2)
+    assert len(result.history) == 2
+    for record in result.history:
+        assert sorted(record.failed_clients) == ["c0", "c1", "c2", "c3", "c4", "c5"]
+        assert record.clients_ok == 4  # c3..c6 trained; c3, c4, c5 only failed evaluation
+        assert set(record.client_accuracy) == {"c0", "c1", "c2", "c6"}
+    reasons = {f.client_id: f.reason for f in result.failures[:6]}
+    assert "reply is a NoneType, not bytes" in reasons["c0"]
+    assert "reply is a str, not bytes" in reasons["c1"]
+    assert "declares 4000000000 elements, the model has 4" in reasons["c2"]
+    assert "evaluation failed (RuntimeError: evaluation crashed)" in reasons["c3"]
+    assert "ConnectionError" in reasons["c4"] and "NoneType" in reasons["c5"]
+
+
+def test_oversized_header_is_refused_before_allocating() -> None:
+    """The decode of the forged payload, in a fresh process, must not grow the peak RSS by
+    more than a small multiple of the model (it would by 16 GB if it allocated)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from tests.test_engine import oversized_topk_payload\n"
+        "from fl_core.compression import PayloadError, decode_payload\n"
+        "payload = oversized_topk_payload()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    decode_payload(payload, expected_elements=19)\n"
+        "except PayloadError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: payload declares 4000000000 elements, the model has 19" in out.stdout
+    assert len(oversized_topk_payload()) < 40
+    grew_kib = int(out.stdout.split("grew_kib")[1])
+    assert grew_kib < 64 * 1024  # < 64 MiB: nothing near the declared 16 GB
+
+
+def test_client_refuses_a_broadcast_of_the_wrong_size() -> None:
+    from fl_core.compression import PayloadError
+
+    cs, factory = clients(n_clients=1)
+    with pytest.raises(PayloadError, match="declares 4000000000 elements, the model has 4"):
+        cs[0].fit(oversized_topk_payload(), 1)

@@ -93,14 +93,19 @@ def _run_stages(root: Path) -> dict:
     from tasks.train import train_model
     from tasks.validate import validate_data
 
-    cfg = load_config(root / "params.yaml", ["rounds=3"])
+    # "same seed, same metrics" holds only where the noise is reproducible
+    cfg = load_config(root / "params.yaml", ["rounds=3", "privacy.randomness=reproducible"])
     for stage in (validate_data, partition_data, train_model, audit_model, publish_results):
         stage(cfg, root)
     return json.loads((root / "reports" / "metrics.json").read_text())
 
 
-def test_same_seed_same_metrics(tmp_path: Path, project: Path) -> None:
+def test_same_seed_same_metrics_and_reproducible_noise_is_never_champion(
+    tmp_path: Path, project: Path
+) -> None:
     import shutil
+
+    from mlflow import MlflowClient
 
     twin = tmp_path / "twin"
     shutil.copytree(project, twin)
@@ -108,6 +113,19 @@ def test_same_seed_same_metrics(tmp_path: Path, project: Path) -> None:
     timing = {"wall_seconds", "audit_seconds"}
     assert {k: v for k, v in a.items() if k not in timing} == \
            {k: v for k, v in b.items() if k not in timing}
+    assert a["randomness"] == "reproducible"
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    assert registration["gate_passed"] is False
+    assert registration["aliases"] == ["challenger"]
+    assert any(r.startswith("privacy.randomness=reproducible: the DP noise")
+               for r in registration["gate_reasons"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}")
+    version = client.get_model_version("fedpriv-heart", registration["model_version"])
+    assert version.tags["privacy.randomness"] == "reproducible"
+    assert "add/remove one patient" in version.tags["privacy.guarantee"]
+    run = client.get_run(registration["run_id"])
+    assert run.data.tags["privacy.randomness"] == "reproducible"
+    assert float(run.data.tags["privacy.epsilon_replace_one"]) > a["epsilon"]
 
 
 def test_cli_bad_config_exits_2_naming_key(project: Path, capsys) -> None:

@@ -23,6 +23,7 @@ from fl_core.privacy import (
     group_records,
     patient_loss,
 )
+from fl_core.randomness import SecureRandom, SeededRandom
 
 FEATURES = 5
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -97,7 +98,7 @@ def test_each_patient_moves_the_model_by_at_most_the_clip_norm(records: int) -> 
     raw_norm = float(torch.cat([g.reshape(-1) for g in raw]).norm())
     cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.5, sample_rate=1.0,
                       learning_rate=1.0, delta=1e-5, accountant="rdp")
-    PatientDPTrainer(model, p, cfg).train(epochs=1, seed=0)
+    PatientDPTrainer(model, p, cfg).train(epochs=1, random=SeededRandom(0))
     step = get_flat_params(model) - before
     assert raw_norm > 0.5  # the clip binds
     assert float(step.norm()) == pytest.approx(0.5, rel=1e-4)
@@ -113,7 +114,7 @@ def test_two_patients_contribute_equally_whatever_their_record_counts() -> None:
     before = get_flat_params(model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = DPSGDConfig(0.0, 0.1, 1.0, 1.0, 1e-5, "rdp")
-    PatientDPTrainer(model, p, cfg).train(epochs=1, seed=0)
+    PatientDPTrainer(model, p, cfg).train(epochs=1, random=SeededRandom(0))
     step = get_flat_params(model) - before
     # sum of two clipped gradients over the expected batch (2): at most C in norm
     assert float(step.norm()) <= 0.1 + 1e-6
@@ -138,7 +139,7 @@ def test_reported_epsilon_matches_a_fresh_opacus_accountant(mechanism: str) -> N
     sigma = calibrate_noise(2.0, delta, q, epochs * 5, mechanism)
     trainer = PatientDPTrainer(LogisticRegression(FEATURES), p,
                                DPSGDConfig(sigma, 1.0, q, 0.1, delta, mechanism))
-    trainer.train(epochs=epochs, seed=3)
+    trainer.train(epochs=epochs, random=SeededRandom(3))
     assert trainer.steps == epochs * 5
     fresh = _fresh_epsilon(sigma, q, trainer.steps, delta, mechanism)
     assert trainer.epsilon() == pytest.approx(fresh, rel=1e-9)
@@ -152,17 +153,21 @@ def test_noise_is_reproducible_from_the_seed_and_differs_across_seeds() -> None:
 
     def run(seed: int) -> torch.Tensor:
         model = build_model("logreg", FEATURES, seed=0)
-        PatientDPTrainer(model, p, DPSGDConfig(1.0, 1.0, 0.3, 0.1, 1e-5, "rdp")).train(2, seed)
+        PatientDPTrainer(model, p, DPSGDConfig(1.0, 1.0, 0.3, 0.1, 1e-5, "rdp")).train(
+            2, SeededRandom(seed))
         return get_flat_params(model)
 
     torch.testing.assert_close(run(4), run(4))
     assert not torch.equal(run(4), run(5))
 
 
-def test_delta_must_be_below_one_over_patients() -> None:
-    check_delta(0.009, 100, "client 'a'")
-    with pytest.raises(PrivacyError, match=r"privacy.delta=0.01 .* 1/100 .*client 'a'"):
-        check_delta(0.01, 100, "client 'a'")
+def test_delta_must_be_at_most_one_over_ten_n() -> None:
+    check_delta(0.001, 100, "client 'a'")  # exactly 1/(10·100) is allowed
+    with pytest.raises(PrivacyError,
+                       match=r"privacy.delta=0.0011 .*client 'a' has 100 .*1/\(10·100\)"):
+        check_delta(0.0011, 100, "client 'a'")
+    with pytest.raises(PrivacyError, match=r"δ ≤ 1/\(10·n\)"):
+        check_delta(0.004, 243, "client 'Cleveland'")
 
 
 def test_impossible_budget_is_a_clear_error() -> None:
@@ -191,13 +196,15 @@ def test_dp_fedavg_one_client_moves_the_sum_by_at_most_twice_the_clip(
     updates = torch.randn(n, d, generator=g, dtype=torch.float64).float() * scale
     changed = updates.clone()
     changed[0] = torch.randn(d, generator=g) * scale * 10
-    a = dp_fedavg(updates, clip, 0.0, float(n)).aggregate
-    b = dp_fedavg(changed, clip, 0.0, float(n)).aggregate
+    a = dp_fedavg(updates, clip, 0.0, float(n), SeededRandom(0)).aggregate
+    b = dp_fedavg(changed, clip, 0.0, float(n), SeededRandom(0)).aggregate
     assert float((a - b).norm()) * n <= 2 * clip * (1 + 1e-4)
     assert float(a.norm()) * n <= n * clip * (1 + 1e-4)
 
 
 def test_dp_fedavg_noise_has_the_stated_scale() -> None:
     updates = torch.zeros(4, 20_000)
-    out = dp_fedavg(updates, 2.0, 1.5, 4.0, torch.Generator().manual_seed(0)).aggregate
-    assert float(out.std()) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.03)
+    for random in (SeededRandom(0), SecureRandom()):
+        out = dp_fedavg(updates, 2.0, 1.5, 4.0, random).aggregate
+        assert float(out.std()) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.03)
+

@@ -254,9 +254,10 @@ def test_run_killed_mid_training_spends_nothing(project: Path) -> None:
 
 def test_delta_too_large_for_a_site_is_a_config_error(project: Path) -> None:
     _stages(project, "validate", "partition")
-    # 1/243 (Cleveland, the largest site) is the binding bound, not 1/37 (Switzerland)
-    with pytest.raises(ConfigError, match=r"privacy.delta=0.01 .*1/243 .*client 'Cleveland'"):
-        _stages(project, "train", overrides=("rounds=2", "privacy.delta=0.01"))
+    # 1/(10·243) (Cleveland, the largest site) is the binding bound, not Switzerland's 37
+    with pytest.raises(ConfigError,
+                       match=r"privacy.delta=0.004 .*client 'Cleveland' has 243 .*1/\(10·243\)"):
+        _stages(project, "train", overrides=("rounds=2", "privacy.delta=0.004"))
     assert not (project / "reports" / "train.json").exists()
 
 
@@ -280,7 +281,8 @@ def test_server_side_dp_fedavg_is_accounted_per_round(project: Path) -> None:
 
     overrides = ("rounds=3", "privacy.enabled=false", "privacy.server.enabled=true",
                  "privacy.server.noise_multiplier=2.0", "aggregation.method=fedavg",
-                 "anomaly.enabled=false", "data.partition=by_patient", "client_fraction=0.5")
+                 "anomaly.enabled=false", "aggregation.max_norm_factor=0",
+                 "data.partition=by_patient", "client_fraction=0.5")
     _stages(project, "validate", "partition", "train", overrides=overrides)
     privacy = json.loads((project / "reports" / "train.json").read_text())["privacy"]
     assert privacy["epsilon"] is None and privacy["client_rate"] == 0.5

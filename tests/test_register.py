@@ -16,7 +16,8 @@ from fl_core.models import build_model
 
 GATE = {"gate.min_accuracy": 0.75, "audit.max_auc": 0.60, "audit.max_tpr_at_0_1pct_fpr": 0.05,
         "privacy.epsilon": 1.0}
-PRIVATE = {"epsilon": 0.99, "mia_tpr_at_0_1pct_fpr": 0.0, "empirical_epsilon_lower_bound": 0.0}
+PRIVATE = {"epsilon": 0.99, "mia_tpr_at_0_1pct_fpr": 0.0, "empirical_epsilon_lower_bound": 0.0,
+           "randomness": "secure"}
 PASSING = {"accuracy": 0.82, "auc": 0.80, "mia_auc": 0.52, "delta": None, **PRIVATE}
 REFUSED = {"accuracy": 0.61, "auc": 0.70, "mia_auc": 0.55, "delta": None, **PRIVATE}
 HISTORY = [
@@ -55,6 +56,15 @@ def test_gate_refuses_high_mia_auc_or_low_fpr_tpr() -> None:
         "mia_tpr_at_0_1pct_fpr 0.2 > audit.max_tpr_at_0_1pct_fpr 0.05",)
 
 
+def test_gate_refuses_reproducible_noise_saying_why() -> None:
+    decision = _gate(randomness="reproducible")
+    assert not decision.passed and len(decision.reasons) == 1
+    assert decision.reasons[0].startswith("privacy.randomness=reproducible: the DP noise")
+    assert "regenerated" in decision.reasons[0]
+    assert _gate(randomness=None).reasons == (
+        "randomness is missing: the run did not record where its DP noise came from",)
+
+
 def test_gate_refuses_models_outside_the_privacy_budget() -> None:
     assert _gate(epsilon=2.5).reasons == ("epsilon 2.5 > privacy.epsilon 1",)
     assert _gate(epsilon=None).reasons == (
@@ -81,7 +91,8 @@ def test_gate_reports_every_reason_in_rule_order() -> None:
     decision = evaluate_gate({"accuracy": math.nan, "mia_auc": 0.99}, GATE)
     assert not decision.passed
     assert [r.split(" ")[0] for r in decision.reasons] == [
-        "accuracy", "mia_auc", "mia_tpr_at_0_1pct_fpr", "epsilon", "empirical_epsilon_lower_bound"]
+        "accuracy", "mia_auc", "mia_tpr_at_0_1pct_fpr", "epsilon", "randomness",
+        "empirical_epsilon_lower_bound"]
 
 
 # --- register_model -----------------------------------------------------------------------

@@ -7,9 +7,17 @@ If a mechanism is (ε, δ)-DP, every membership test on it satisfies (Kairouz et
 so an attack that achieves (FPR, FNR) proves ε ≥ ln((1 − δ − FNR) / FPR) and the symmetric
 term. With finitely many members and non-members the rates are estimates; replacing each by
 its one-sided Clopper–Pearson upper bound makes the statement hold with the stated confidence
-(Jagielski et al. 2020, Nasr et al. 2021). The bound is the maximum over the attack's
-thresholds; to keep the confidence for that maximum, the per-threshold confidence is
-Bonferroni-corrected over the thresholds tried (a lower, safer ε_lb).
+(Jagielski et al. 2020, Nasr et al. 2021). The bound is the maximum over the attack's ``T``
+thresholds, and each threshold uses two upper bounds (FPR⁺ and FNR⁺): to keep the stated
+confidence for the maximum, each of the ``2T`` one-sided bounds is taken at level
+``1 − (1 − confidence)/(2T)`` (Bonferroni; a lower, safer ε_lb).
+
+**Independence assumption.** Clopper–Pearson treats the membership guesses as independent
+Bernoulli trials with a common error rate: each evaluated member's and non-member's guess
+must be correct independently of the others given the trained model. That holds when the
+evaluated patients are drawn independently (as here: a random balanced sample of members and
+the held-out non-members) and the model is fixed; it is an assumption, not something this
+module can check, and it does not hold across patients whose records are linked.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ def empirical_epsilon_lower_bound(
     last[:-1] = s[1:] != s[:-1]
     true_pos = torch.cumsum(y, 0)[last]
     false_pos = torch.cumsum(1 - y, 0)[last]
-    alpha = (1.0 - confidence) / max(int(last.sum()), 1)
+    alpha = (1.0 - confidence) / (2 * max(int(last.sum()), 1))  # 2 bounds per threshold
     bounds = epsilon_lower_bound_at(false_pos, negatives, positives - true_pos, positives,
                                     delta, alpha)
     return float(bounds.max())

@@ -1,0 +1,243 @@
+"""Typed, versioned messages between the coordinator and a site, as bytes. No pickle.
+
+Everything that crosses the site boundary is one of these dataclasses, framed as
+
+    magic "FPMS" | version u8 | kind u8 | reserved u16 | meta_len u32 | blob_len u32
+    | meta (UTF-8 JSON object, at most 64 KiB) | blob (raw bytes) | crc32 u32
+
+``meta`` carries scalars only (ids, counts, losses, ε); ``blob`` carries the one binary field
+(a codec payload, or an evaluation histogram as little-endian uint32). :func:`decode_message`
+checks the frame, the declared lengths against the bytes actually present, the checksum and
+every field's type *before* building anything; a message it refuses raises
+:class:`MessageError` naming the site it was attributed to.
+
+**Evaluation replies are aggregates only** (:class:`EvaluateReply`): loss sum, count,
+confusion counts at the 0.5 threshold and, per label, a histogram of predicted probabilities
+in :data:`HISTOGRAM_BINS` equal bins. Its size does not depend on the number of patients, no
+patient's score or label is in it, and the pooled AUC computed from merged histograms
+(:func:`fl_core.metrics.histogram_auc`) differs from the exact AUC only through pairs that
+share a bin (each counted as a tie, ½).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+MAGIC = b"FPMS"
+PROTOCOL_VERSION = 1
+FRAME = struct.Struct("<4sBBHII")
+CRC = struct.Struct("<I")
+MAX_META_BYTES = 64 * 1024
+HISTOGRAM_BINS = 4096
+
+
+class MessageError(ValueError):
+    """A message was refused; the text names the site it came from (when known) and why."""
+
+    def __init__(self, reason: str, site: str | None = None) -> None:
+        super().__init__(f"message from site {site!r}: {reason}" if site else reason)
+        self.site = site
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FitInstruction:
+    """Coordinator → site: train from this global model for round ``round``."""
+
+    KIND: ClassVar[int] = 1
+    run_id: str
+    round: int
+    model: bytes  # a codec payload (fl_core.compression)
+    local_epochs: int
+
+
+@dataclass(frozen=True)
+class FitReply:
+    """Site → coordinator: the encoded update and what it cost."""
+
+    KIND: ClassVar[int] = 2
+    site: str
+    round: int
+    update: bytes  # a codec payload of (local − global)
+    num_patients: int
+    train_loss: float
+    epsilon: float | None  # DP-SGD ε spent so far by this site (None: not private)
+    dp_steps: int
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """Site → coordinator: the global model on the site's held-out patients, aggregated.
+
+    ``confusion`` is (true positives, false positives, true negatives, false negatives) at
+    probability 0.5; ``histogram`` is ``[2, bins]`` counts of predicted probabilities of the
+    label-0 and label-1 patients (bin ``b`` holds ``[b/bins, (b+1)/bins)``, 1.0 in the last).
+    """
+
+    KIND: ClassVar[int] = 3
+    site: str
+    round: int
+    loss_sum: float
+    count: int
+    confusion: tuple[int, int, int, int]
+    histogram: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, site: str, round_idx: int, logits: torch.Tensor,
+                    labels: torch.Tensor, bins: int = HISTOGRAM_BINS) -> EvaluateReply:
+        """Aggregate a site's predictions: the only evaluation a site sends."""
+        logits, labels = logits.detach().reshape(-1).double(), labels.detach().reshape(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.double(), reduction="sum")
+        predicted, actual = logits > 0, labels > 0.5
+        confusion = tuple(int(v) for v in (
+            (predicted & actual).sum(), (predicted & ~actual).sum(),
+            (~predicted & ~actual).sum(), (~predicted & actual).sum()))
+        which = (torch.sigmoid(logits) * bins).long().clamp(0, bins - 1)
+        histogram = torch.bincount(actual.long() * bins + which, minlength=2 * bins)
+        return cls(site, round_idx, float(loss), int(labels.numel()),
+                   confusion, histogram.view(2, bins))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, EvaluateReply) and _scalars(self) == _scalars(other)
+                and torch.equal(self.histogram, other.histogram))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Site → coordinator: the site could not do what it was asked, and why."""
+
+    KIND: ClassVar[int] = 4
+    site: str
+    round: int
+    reason: str
+
+
+Message = FitInstruction | FitReply | EvaluateReply | Failure
+_KINDS: dict[int, type] = {c.KIND: c for c in (FitInstruction, FitReply, EvaluateReply, Failure)}
+_BLOB_FIELD = {FitInstruction: "model", FitReply: "update", EvaluateReply: "histogram"}
+# the JSON type each scalar field must have once decoded (int fields refuse bools and floats)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": (str,), "site": (str,), "reason": (str,), "round": (int,), "local_epochs": (int,),
+    "num_patients": (int,), "dp_steps": (int,), "count": (int,), "train_loss": (float, int),
+    "loss_sum": (float, int), "epsilon": (float, int, type(None)), "confusion": (list,),
+}
+
+
+def _scalars(message: Message) -> dict[str, Any]:
+    blob = _BLOB_FIELD.get(type(message))
+    return {f.name: getattr(message, f.name) for f in fields(message) if f.name != blob}
+
+
+def encode_message(message: Message) -> bytes:
+    """The message as one checksummed frame."""
+    meta = _scalars(message)
+    if isinstance(message, EvaluateReply):
+        meta["bins"] = int(message.histogram.shape[1])
+        blob = message.histogram.to(torch.int64).clamp(0, 2**32 - 1).to(torch.int32)
+        blob_bytes = blob.numpy().astype("<u4").tobytes()
+    else:
+        blob_bytes = getattr(message, _BLOB_FIELD[type(message)], b"") \
+            if type(message) in _BLOB_FIELD else b""
+    meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise MessageError(f"metadata of {len(meta_bytes)} bytes exceeds {MAX_META_BYTES}")
+    head = FRAME.pack(MAGIC, PROTOCOL_VERSION, message.KIND, 0, len(meta_bytes), len(blob_bytes))
+    data = head + meta_bytes + blob_bytes
+    return data + CRC.pack(zlib.crc32(data))
+
+
+def decode_message(data: bytes, *, site: str | None = None,
+                   expect: type | tuple[type, ...] | None = None) -> Message:
+    """Check and decode one frame; ``site`` names the sender in errors (and must match the
+    message's own ``site`` field), ``expect`` the message type(s) acceptable here."""
+    if not isinstance(data, bytes | bytearray):
+        raise MessageError(f"a {type(data).__name__}, not bytes", site)
+    if len(data) < FRAME.size + CRC.size:
+        raise MessageError(f"truncated: {len(data)} bytes, the frame alone needs "
+                           f"{FRAME.size + CRC.size}", site)
+    magic, version, kind, _, meta_len, blob_len = FRAME.unpack_from(data)
+    if magic != MAGIC:
+        raise MessageError(f"bad magic {bytes(magic)!r}: not a fedpriv message", site)
+    if version != PROTOCOL_VERSION:
+        raise MessageError(f"protocol version {version}, this build speaks "
+                           f"{PROTOCOL_VERSION}", site)
+    if kind not in _KINDS:
+        raise MessageError(f"unknown message kind {kind}", site)
+    if meta_len > MAX_META_BYTES or FRAME.size + meta_len + blob_len + CRC.size != len(data):
+        raise MessageError(f"declared sizes (meta {meta_len}, blob {blob_len}) do not match "
+                           f"the {len(data)} bytes received", site)
+    (crc,) = CRC.unpack_from(data, len(data) - CRC.size)
+    if zlib.crc32(memoryview(data)[: len(data) - CRC.size]) != crc:
+        raise MessageError("checksum mismatch: corrupted in transit", site)
+    cls = _KINDS[kind]
+    if expect is not None and not issubclass(cls, expect):
+        raise MessageError(f"unexpected {cls.__name__} here", site)
+    meta = _meta(bytes(data[FRAME.size : FRAME.size + meta_len]), cls, site)
+    blob = bytes(data[FRAME.size + meta_len : FRAME.size + meta_len + blob_len])
+    message = _build(cls, meta, blob, site)
+    claimed = getattr(message, "site", None)
+    if site is not None and claimed is not None and claimed != site:
+        raise MessageError(f"claims to come from site {claimed!r}", site)
+    return message
+
+
+def _meta(raw: bytes, cls: type, site: str | None) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError(f"metadata is not JSON ({exc})", site) from None
+    if not isinstance(meta, dict):
+        raise MessageError("metadata is not a JSON object", site)
+    wanted = {f.name for f in fields(cls)} - {_BLOB_FIELD.get(cls, "")}
+    wanted |= {"bins"} if cls is EvaluateReply else set()
+    if set(meta) != wanted:
+        raise MessageError(f"{cls.__name__} fields {sorted(meta)}, expected {sorted(wanted)}",
+                           site)
+    for name, value in meta.items():
+        allowed = _FIELD_TYPES.get(name, (int,))
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise MessageError(f"field {name!r} has type {type(value).__name__}", site)
+    return meta
+
+
+def _build(cls: type, meta: dict[str, Any], blob: bytes, site: str | None) -> Message:
+    if cls is EvaluateReply:
+        bins = meta.pop("bins")
+        if not 1 <= bins <= 1 << 20 or len(blob) != 2 * bins * 4:
+            raise MessageError(f"histogram of {len(blob)} bytes does not hold 2 × {bins} "
+                               f"uint32 counts", site)
+        confusion = meta["confusion"]
+        if len(confusion) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                      for v in confusion):
+            raise MessageError("confusion must be four non-negative counts", site)
+        counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
+        histogram = (counts & 0xFFFFFFFF).view(2, bins)
+        if int(histogram.sum()) != meta["count"] or sum(confusion) != meta["count"]:
+            raise MessageError("histogram, confusion and count disagree", site)
+        meta["confusion"] = tuple(confusion)
+        return EvaluateReply(histogram=histogram, **meta)
+    if cls in _BLOB_FIELD:
+        meta[_BLOB_FIELD[cls]] = blob
+    elif blob:
+        raise MessageError(f"{cls.__name__} carries no binary field", site)
+    _check_finite(meta, site)
+    return cls(**meta)
+
+
+def _check_finite(meta: dict[str, Any], site: str | None) -> None:
+    for name in ("train_loss", "loss_sum", "epsilon"):
+        value = meta.get(name)
+        if isinstance(value, float) and math.isinf(value):
+            raise MessageError(f"field {name!r} is infinite", site)
+        if name in meta and isinstance(value, int):
+            meta[name] = float(value)
