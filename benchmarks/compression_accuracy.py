@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from report import emit  # benchmarks/report.py: the script's own folder
+from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,6 +61,7 @@ def run(overrides: list[str], seeds: int) -> dict[str, Any]:
         root = Path(scratch)
         shutil.copytree(ROOT / "data" / "raw", root / "data" / "raw")
         shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+        require_public_dataset(root / load_config(root / "params.yaml", overrides).data.path)
         quiet = contextlib.redirect_stdout(io.StringIO())
         with quiet:
             validate_data(load_config(root / "params.yaml", overrides), root)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import emit  # benchmarks/report.py: the script's own folder
+from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 from torch import nn
 
 from fl_core.config import ConfigError, PipelineConfig, load_config
@@ -156,6 +156,7 @@ def _warm_up(cfg: PipelineConfig, num_features: int) -> None:
 
 
 def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
+    require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
     loader = FederatedDataLoader.get(cfg.data, ROOT)
     acc: dict[str, list[float]] = {arm: [] for arm in ARMS}
     auc: dict[str, list[float]] = {arm: [] for arm in ARMS}

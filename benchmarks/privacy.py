@@ -59,7 +59,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from report import emit  # benchmarks/report.py: the script's own folder
+from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -84,6 +84,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
+    require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
     return FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, seed)[0]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import emit, environment  # benchmarks/report.py: the script's own folder
+from report import emit, environment, require_public_dataset  # benchmarks/report.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,6 +72,7 @@ def draw_costs(n: int, repeats: int) -> dict[str, dict[str, float]]:
 def training_costs(repeats: int) -> dict[str, float]:
     """The default recipe's local DP training, every client, 20 rounds, per source."""
     cfg = load_config(ROOT / "params.yaml")
+    require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
     data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, 0)[0]
     p = cfg.privacy
     sigma = calibrate_noise(p.epsilon, p.delta, p.sample_rate,

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
 from pathlib import Path
 from typing import Any
+
+# sha256 of data/raw/heart_disease_uci.csv, the embedded public UCI Heart Disease data
+PUBLIC_DATASET_SHA256 = "574f2fa2b43012fa25fca4fcdb36bd7c6bccdd0af4242f6c0e4c8633c5a072ae"
+
+
+def require_public_dataset(path: Path) -> None:
+    """Exit unless ``path`` is byte-for-byte the embedded public dataset.
+
+    Benchmarks train many models and are not charged to the privacy ledger; that is sound only
+    because they never see real patients. Every benchmark that trains on ``data.path`` calls
+    this first.
+    """
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    if digest != PUBLIC_DATASET_SHA256:
+        raise SystemExit(
+            f"benchmarks: refusing to train on {path} (sha256 {digest[:12]}): benchmarks are not "
+            f"charged to the privacy ledger because they run only on the embedded public "
+            f"dataset data/raw/heart_disease_uci.csv (sha256 {PUBLIC_DATASET_SHA256[:12]}). "
+            f"Real patients go through `fedpriv run`, which charges the ledger.")
 
 
 def environment() -> dict[str, Any]:

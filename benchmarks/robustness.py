@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import emit  # benchmarks/report.py: the script's own folder
+from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,6 +59,7 @@ def run(seeds: int, fractions: list[float], attacks: list[str],
     started = time.perf_counter()
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
     base_cfg = load_config(ROOT / "params.yaml", BASE)
+    require_public_dataset(ROOT / base_cfg.data.path)  # not charged: public data only
     loader = FederatedDataLoader.get(base_cfg.data, ROOT)
     for seed in range(seeds):
         data, _, _ = loader.partitioned(base_cfg.data, seed)

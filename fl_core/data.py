@@ -282,7 +282,7 @@ class FederatedDataLoader:
 
     def _read(self) -> pd.DataFrame:
         self.reads += 1
-        frame = pd.read_csv(self.path, keep_default_na=True)
+        frame = pd.read_csv(self.path, keep_default_na=True, encoding="utf-8-sig")  # BOM-safe
         cfg = self.config
         needed = [PATIENT_ID, SITE, LABEL_SOURCE, *cfg.features]
         missing_cols = [c for c in needed if c not in frame.columns]

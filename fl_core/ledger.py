@@ -1,80 +1,236 @@
-"""The privacy-budget ledger: what every released model has cost each site, across runs.
+"""The privacy-budget ledger: what every use of real patients has cost each patient, across runs.
 
-A run at ``(ε, δ)`` on a dataset spends ``ε`` of each participating site's lifetime budget;
-by sequential composition the costs of all runs on the same data add up (ε and δ both). The
-ledger is one SQLite file (the project state directory by default) with one row per
-(dataset fingerprint, site, run).
+**The account is the patient at a site.** The guarantee is (ε, δ)-DP for the neighbouring
+relation add/remove one patient, so the quantity to cap is what one patient's records have
+been exposed to, over every training that used them. A patient is keyed by
+``sha256(site ‖ 0x00 ‖ patient id)`` (:func:`patient_key`): the same person at the same
+hospital is the same account whatever the file looks like (line endings, a BOM, row order, an
+extra column, a new file name). The dataset label of a charge is for display only.
 
-Two operations keep it honest:
+**A charge** is one training on real patients: run id, kind (``train`` for the pipeline's
+train task and ``fedpriv stage train``, ``audit-sweep``), dataset label, time, and per site
+(:class:`SiteCharge`) δ, the accountant, the mechanism history ``[(σ, q, steps), ...]`` (what
+an Opacus accountant takes as ``history``), the ε the run reports and the patients it trained.
 
-* :meth:`PrivacyLedger.check` — before training: would this run's planned ε, on top of what
-  the ledger holds, stay within the lifetime cap at every site? If not,
-  :class:`BudgetExceededError` and nothing is trained.
-* :meth:`PrivacyLedger.charge` — at release: in one ``BEGIN IMMEDIATE`` transaction, check
-  again with the ε actually spent and insert the rows. Call it as the last step of the
-  registration it pays for (``register_model(on_registered=...)``): if it raises, the
-  registration is rolled back; if the registration fails first, it never runs. A crashed run
-  therefore leaves no entry, and of two concurrent runs that each fit alone but not together,
-  the second to commit is refused (SQLite serialises the write transactions).
+**Composition.** For a patient ``p`` with charges ``C(p)``, two figures:
+
+* basic: ``ε_basic(p) = Σ_{c∈C(p)} ε_c`` and ``δ(p) = Σ_{c∈C(p)} δ_c`` (sequential
+  composition; always valid, loose);
+* tight: ``ε_tight(p)`` = the ε a fresh accountant (``prv`` or ``rdp``) reports at
+  ``δ(p)`` for the concatenated histories ``⊕_{c∈C(p)} history_c``. Every charge is a sequence
+  of subsampled Gaussian steps on ``p``'s data, so their concatenation is exactly the
+  mechanism ``p`` has been exposed to; ``ε_tight(p) ≤ ε_basic(p)`` up to the accountant's
+  numerical error.
+
+Patients with the same set of charges share one computation (grouped by the charges' ids), so
+the accountant runs once per distinct group, never per patient. A site's figure is the
+maximum over its patients (the worst-exposed patient), and what a planned run needs at a site
+is the maximum over *that run's* patients of the tight composition including the run.
+
+**The cap** ``privacy.lifetime_epsilon`` is enforced on the tight composition including the
+planned run(s): the tight figure is a valid (ε, Σδ) guarantee for every patient, and capping
+the loose sum instead would refuse runs whose real cost is well within the cap. Note that δ
+grows with every charge and ε is read at that larger δ, so a small run added to a large one
+can *lower* the composed ε (9.49 at δ = 1e-5, then 9.29 at 2e-5 after a run at ε = 1): the
+guarantee is still valid, but δ itself is not capped.
+
+Two operations keep the ledger honest:
+
+* :meth:`PrivacyLedger.check` — before training: would the planned charge(s) keep every
+  patient within the cap? If not, :class:`BudgetExceededError` and nothing is trained.
+* :meth:`PrivacyLedger.charge` — after training and *before* the model is written: in one
+  ``BEGIN IMMEDIATE`` transaction, check again with what was actually spent and insert. A run
+  killed before the charge leaves no entry and no model; of two concurrent runs that each fit
+  alone but not together, the second to commit is refused (SQLite serialises the write
+  transactions) and writes no model.
+
+Schema: tables ``ledger_charges``, ``ledger_site_charges`` and ``ledger_patients``. An older
+file's dataset-keyed ``budget_entries`` table is left alone and not counted (its rows have no
+patient sets or mechanism histories to compose); :meth:`PrivacyLedger.legacy_entries` counts
+them so ``fedpriv budget`` can say so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_core.privacy import PrivacyError
+from fl_core.privacy import PrivacyError, epsilon_for_history
+
+History = tuple[tuple[float, float, int], ...]  # (noise multiplier σ, sample rate q, steps)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS budget_entries (
+CREATE TABLE IF NOT EXISTS ledger_charges (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    fingerprint TEXT NOT NULL,
+    run_id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_site_charges (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    charge_id INTEGER NOT NULL REFERENCES ledger_charges (id),
     site TEXT NOT NULL,
-    run_id TEXT NOT NULL,
     epsilon REAL NOT NULL CHECK (epsilon >= 0),
     delta REAL NOT NULL CHECK (delta >= 0),
     accountant TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    UNIQUE (fingerprint, site, run_id)
+    history TEXT NOT NULL,
+    patients INTEGER NOT NULL,
+    UNIQUE (charge_id, site)
 );
-CREATE INDEX IF NOT EXISTS budget_by_data ON budget_entries (fingerprint, site);
+CREATE TABLE IF NOT EXISTS ledger_patients (
+    patient_key TEXT NOT NULL,
+    site_charge_id INTEGER NOT NULL REFERENCES ledger_site_charges (id),
+    PRIMARY KEY (patient_key, site_charge_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_site_charges_by_site ON ledger_site_charges (site);
 """
 # float rounding slack: a run that spends exactly what is left must fit
 _TOLERANCE = 1e-9
 
 
 class BudgetExceededError(PrivacyError):
-    """This run's ε plus what the ledger holds would exceed a site's lifetime cap."""
+    """Planned or spent ε would take some patient past the lifetime cap; ``needed_cap`` is
+    the smallest ``privacy.lifetime_epsilon`` that would have allowed it."""
+
+    def __init__(self, message: str, needed_cap: float = float("nan")) -> None:
+        super().__init__(message)
+        self.needed_cap = needed_cap
+
+
+class MissingChargeError(PrivacyError):
+    """A model's ledger charge is not in the ledger: it must not be registered."""
+
+
+def patient_key(site: str, patient_id: object) -> str:
+    """The account of one patient: ``sha256(f"{site}\\x00{patient_id}")`` (hex)."""
+    return hashlib.sha256(f"{site}\x00{patient_id}".encode()).hexdigest()
+
+
+def new_run_id() -> str:
+    """A fresh ledger run id (the charge is made before any MLflow run exists)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class SiteCharge:
+    """One site's part of a charge: the mechanism its patients went through, and who they are.
+
+    ``patients`` holds patient ids at ``site`` (the ledger stores only :func:`patient_key`).
+    """
+
+    site: str
+    epsilon: float
+    delta: float
+    accountant: str
+    history: History
+    patients: frozenset[object]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One training on real patients."""
+
+    run_id: str
+    kind: str
+    dataset: str
+    sites: tuple[SiteCharge, ...]
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    fingerprint: str
-    site: str
+    """One site's part of a recorded charge (patients as a count)."""
+
     run_id: str
+    kind: str
+    dataset: str
+    created_at: float
+    site: str
     epsilon: float
     delta: float
     accountant: str
-    created_at: float
+    history: History
+    patients: int
 
 
 @dataclass(frozen=True)
-class SiteBudget:
-    """One site's account on one dataset."""
+class Composition:
+    """What a group of patients with the same charges has spent (see the module docstring)."""
 
-    fingerprint: str
+    charges: int
+    basic_epsilon: float
+    basic_delta: float
+    tight_epsilon: float
+
+
+@dataclass(frozen=True)
+class GroupBalance:
+    """Patients of one site that share one set of charges, and what they spent."""
+
+    run_ids: tuple[str, ...]
+    patients: int
+    spent: Composition
+
+
+@dataclass(frozen=True)
+class SiteBalance:
+    """A site's account: its worst-exposed patient's figures, and every group's."""
+
     site: str
     runs: int
+    patients: int
+    basic_epsilon: float
+    basic_delta: float
+    tight_epsilon: float
+    accountant: str
+    groups: tuple[GroupBalance, ...]
+
+
+@dataclass(frozen=True)
+class _Past:
+    """A recorded site charge as composition needs it."""
+
+    id: int
+    run_id: str
     epsilon: float
     delta: float
+    history: History
+
+
+@dataclass(frozen=True)
+class SiteNeed:
+    """What planned charges need at one site: before and after, for the worst patient."""
+
+    site: str
+    spent: float  # tight ε already spent by the planned runs' most-exposed patient
+    planned_basic: float  # Σ ε of the planned charges alone
+    planned_tight: float  # the planned charges composed alone (fresh patients)
+    total: Composition  # the worst patient, ledger and planned charges together
+
+
+def compose(charges: Sequence[tuple[float, float, History]], accountant: str) -> Composition:
+    """Basic and tight composition of ``(ε, δ, history)`` charges on one patient.
+
+    basic = (Σ ε, Σ δ); tight = a fresh ``accountant`` on ``⊕ history`` at δ = Σ δ
+    (:func:`fl_core.privacy.epsilon_for_history`, cached by history).
+    """
+    history = tuple(step for _, _, h in charges for step in h)
+    delta = sum(d for _, d, _ in charges)
+    tight = epsilon_for_history(history, delta, accountant) if history else 0.0
+    return Composition(len(charges), sum(e for e, _, _ in charges), delta, tight)
 
 
 class PrivacyLedger:
-    """A persistent, append-only record of privacy spent, per dataset and site."""
+    """A persistent, append-only record of privacy spent, per patient at a site."""
 
     def __init__(self, path: str | Path, timeout: float = 60.0) -> None:
         self.path = Path(path)
@@ -89,44 +245,64 @@ class PrivacyLedger:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def entries(self, fingerprint: str | None = None) -> list[LedgerEntry]:
-        query = ("SELECT fingerprint, site, run_id, epsilon, delta, accountant, created_at "
-                 "FROM budget_entries")
-        args: tuple[str, ...] = ()
-        if fingerprint is not None:
-            query, args = query + " WHERE fingerprint = ?", (fingerprint,)
+    def entries(self) -> list[LedgerEntry]:
+        """Every site charge, oldest first."""
         with closing(self._connect()) as db:
-            rows = db.execute(query + " ORDER BY id", args).fetchall()
-        return [LedgerEntry(*row) for row in rows]
+            rows = db.execute(
+                "SELECT c.run_id, c.kind, c.dataset, c.created_at, s.site, s.epsilon, s.delta, "
+                "s.accountant, s.history, s.patients FROM ledger_site_charges s "
+                "JOIN ledger_charges c ON c.id = s.charge_id ORDER BY s.id").fetchall()
+        return [LedgerEntry(*row[:8], _history(row[8]), row[9]) for row in rows]
 
-    def balances(self, fingerprint: str | None = None) -> list[SiteBudget]:
-        """ε and δ spent so far per (dataset, site), by basic composition (sums)."""
+    def has_run(self, run_id: str) -> bool:
         with closing(self._connect()) as db:
-            return _balances(db, fingerprint)
+            row = db.execute("SELECT 1 FROM ledger_charges WHERE run_id = ?", (run_id,))
+            return row.fetchone() is not None
+
+    def legacy_entries(self) -> int:
+        """Rows of the old dataset-keyed ``budget_entries`` table (not counted)."""
+        with closing(self._connect()) as db:
+            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'budget_entries'").fetchone()
+            return db.execute("SELECT COUNT(*) FROM budget_entries").fetchone()[0] if exists \
+                else 0
+
+    def balances(self, accountant: str = "prv") -> list[SiteBalance]:
+        """Per site: runs, patients, and the worst patient's basic and tight composition."""
+        with closing(self._connect()) as db:
+            sites = [r[0] for r in db.execute(
+                "SELECT DISTINCT site FROM ledger_site_charges ORDER BY site")]
+            return [_site_balance(db, site, accountant) for site in sites]
 
     # --- spending -----------------------------------------------------------------------------
 
-    def check(self, fingerprint: str, planned: Mapping[str, float], cap: float) -> None:
-        """Raise :class:`BudgetExceededError` if ``planned`` ε per site would exceed ``cap``."""
+    def check(self, planned: Charge | Sequence[Charge], cap: float,
+              consequence: str = "Nothing was trained") -> list[SiteNeed]:
+        """Raise :class:`BudgetExceededError` unless every patient of ``planned`` (one charge
+        or several, composed together) stays within ``cap``; returns the needs per site."""
+        charges = [planned] if isinstance(planned, Charge) else list(planned)
         with closing(self._connect()) as db:
-            _refuse_overspend(db, fingerprint, planned, cap, self.path,
-                              "Nothing was trained or registered")
+            return _refuse_overspend(db, charges, cap, self.path, consequence)
 
-    def charge(
-        self, fingerprint: str, spent: Mapping[str, float], delta: float, accountant: str,
-        run_id: str, cap: float,
-    ) -> None:
-        """Record ``spent`` ε per site for ``run_id`` atomically, if it fits under ``cap``."""
+    def charge(self, spent: Charge, cap: float,
+               consequence: str = "Nothing was charged and no model was written") -> None:
+        """Record ``spent`` atomically if every patient stays within ``cap``."""
         with self._transaction() as db:
-            _refuse_overspend(db, fingerprint, spent, cap, self.path,
-                              f"Run {run_id} was not registered")
-            now = time.time()
-            db.executemany(
-                "INSERT INTO budget_entries (fingerprint, site, run_id, epsilon, delta, "
-                "accountant, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(fingerprint, site, run_id, float(eps), float(delta), accountant, now)
-                 for site, eps in sorted(spent.items())],
-            )
+            _refuse_overspend(db, [spent], cap, self.path, f"Run {spent.run_id}: {consequence}")
+            charge_id = db.execute(
+                "INSERT INTO ledger_charges (run_id, kind, dataset, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (spent.run_id, spent.kind, spent.dataset, time.time())).lastrowid
+            for s in sorted(spent.sites, key=lambda s: s.site):
+                site_id = db.execute(
+                    "INSERT INTO ledger_site_charges (charge_id, site, epsilon, delta, "
+                    "accountant, history, patients) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (charge_id, s.site, float(s.epsilon), float(s.delta), s.accountant,
+                     json.dumps([list(step) for step in s.history]), len(s.patients)),
+                ).lastrowid
+                db.executemany(
+                    "INSERT INTO ledger_patients (patient_key, site_charge_id) VALUES (?, ?)",
+                    [(patient_key(s.site, p), site_id) for p in s.patients])
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -140,25 +316,100 @@ class PrivacyLedger:
             db.execute("COMMIT")
 
 
-def _balances(db: sqlite3.Connection, fingerprint: str | None) -> list[SiteBudget]:
-    query = ("SELECT fingerprint, site, COUNT(*), SUM(epsilon), SUM(delta) FROM budget_entries"
-             + (" WHERE fingerprint = ?" if fingerprint is not None else "")
-             + " GROUP BY fingerprint, site ORDER BY fingerprint, site")
-    args = (fingerprint,) if fingerprint is not None else ()
-    return [SiteBudget(*row) for row in db.execute(query, args).fetchall()]
+def _history(text: str) -> History:
+    return tuple((float(s), float(q), int(n)) for s, q, n in json.loads(text))
+
+
+def _site_accounts(db: sqlite3.Connection, site: str) -> tuple[dict[int, _Past],
+                                                                 dict[str, frozenset[int]]]:
+    """A site's recorded charges by id, and each charged patient key's set of charge ids."""
+    past = {row[0]: _Past(row[0], row[1], row[2], row[3], _history(row[4])) for row in db.execute(
+        "SELECT s.id, c.run_id, s.epsilon, s.delta, s.history FROM ledger_site_charges s "
+        "JOIN ledger_charges c ON c.id = s.charge_id WHERE s.site = ?", (site,))}
+    charged: dict[str, set[int]] = defaultdict(set)
+    for key, site_charge in db.execute(
+            "SELECT p.patient_key, p.site_charge_id FROM ledger_patients p "
+            "JOIN ledger_site_charges s ON s.id = p.site_charge_id WHERE s.site = ?", (site,)):
+        charged[key].add(site_charge)
+    return past, {key: frozenset(ids) for key, ids in charged.items()}
+
+
+def _site_balance(db: sqlite3.Connection, site: str, accountant: str) -> SiteBalance:
+    past, charged = _site_accounts(db, site)
+    patients_of: dict[frozenset[int], int] = defaultdict(int)
+    for ids in charged.values():  # group patients by their set of charges
+        patients_of[ids] += 1
+    groups = []
+    for ids, count in patients_of.items():
+        mine = sorted((past[i] for i in ids), key=lambda p: p.id)
+        spent = compose([(p.epsilon, p.delta, p.history) for p in mine], accountant)
+        groups.append(GroupBalance(tuple(p.run_id for p in mine), count, spent))
+    groups.sort(key=lambda g: -g.spent.tight_epsilon)
+    return SiteBalance(
+        site, len(past), len(charged),
+        max((g.spent.basic_epsilon for g in groups), default=0.0),
+        max((g.spent.basic_delta for g in groups), default=0.0),
+        max((g.spent.tight_epsilon for g in groups), default=0.0), accountant, tuple(groups))
+
+
+def _site_need(db: sqlite3.Connection, site: str, planned: Sequence[SiteCharge]) -> SiteNeed:
+    """The worst patient at ``site`` among those the planned site charges train on."""
+    past, charged = _site_accounts(db, site)
+    accountant = planned[0].accountant
+    # a patient's signature: (recorded charge ids, indices of the planned charges on them)
+    signatures: set[tuple[frozenset[int], frozenset[int]]] = set()
+    for key, plans in _planned_patients(site, planned).items():
+        signatures.add((charged.get(key, frozenset()), plans))
+    spent, worst = 0.0, Composition(0, 0.0, 0.0, 0.0)
+    for ids, plans in signatures:
+        before = [(p.epsilon, p.delta, p.history)
+                  for p in sorted((past[i] for i in ids), key=lambda p: p.id)]
+        after = before + [(planned[i].epsilon, planned[i].delta, planned[i].history)
+                          for i in sorted(plans)]
+        spent = max(spent, compose(before, accountant).tight_epsilon)
+        total = compose(after, accountant)
+        worst = max(worst, total, key=lambda c: c.tight_epsilon)
+    alone = [(s.epsilon, s.delta, s.history) for s in planned]
+    return SiteNeed(site, spent, sum(s.epsilon for s in planned),
+                    compose(alone, accountant).tight_epsilon, worst)
+
+
+def _planned_patients(site: str, planned: Sequence[SiteCharge]) -> dict[str, frozenset[int]]:
+    """Patient key → indices of the planned site charges that train on that patient."""
+    plans: dict[str, set[int]] = defaultdict(set)
+    for i, s in enumerate(planned):
+        for p in s.patients:
+            plans[patient_key(site, p)].add(i)
+    return {key: frozenset(idx) for key, idx in plans.items()}
 
 
 def _refuse_overspend(
-    db: sqlite3.Connection, fingerprint: str, planned: Mapping[str, float], cap: float,
-    path: Path, consequence: str,
-) -> None:
-    spent = {b.site: b.epsilon for b in _balances(db, fingerprint)}
-    over = [(site, spent.get(site, 0.0), eps) for site, eps in sorted(planned.items())
-            if spent.get(site, 0.0) + eps > cap + _TOLERANCE]
+    db: sqlite3.Connection, charges: Iterable[Charge], cap: float, path: Path, consequence: str,
+) -> list[SiteNeed]:
+    by_site: dict[str, list[SiteCharge]] = defaultdict(list)
+    for charge in charges:
+        for s in charge.sites:
+            by_site[s.site].append(s)
+    needs = [_site_need(db, site, planned) for site, planned in sorted(by_site.items())]
+    over = [n for n in needs if n.total.tight_epsilon > cap + _TOLERANCE]
     if over:
-        detail = "; ".join(f"site {site!r} has spent ε={used:.4g}, this run needs ε={eps:.4g}, "
-                           f"total {used + eps:.4g} > {cap:g}" for site, used, eps in over)
+        needed_cap = max(n.total.tight_epsilon for n in needs)
+        detail = "; ".join(
+            f"site {n.site!r}: its most-exposed patient has spent ε={n.spent:.4g}, this needs "
+            f"ε={n.planned_tight:.4g} composed ({n.planned_basic:.4g} summed), total "
+            f"ε={n.total.tight_epsilon:.4g} composed ({n.total.basic_epsilon:.4g} summed, "
+            f"δ={n.total.basic_delta:.2g}) > cap {cap:g}" for n in over)
         raise BudgetExceededError(
-            f"privacy budget exhausted (privacy.lifetime_epsilon={cap:g}, ledger {path}, "
-            f"dataset {fingerprint[:12]}): {detail}. {consequence}; lower privacy.epsilon, "
-            f"or see `fedpriv budget`")
+            f"privacy budget exhausted (privacy.lifetime_epsilon={cap:g} per patient, "
+            f"ledger {path}): {detail}. {consequence}. Lower privacy.epsilon; a lifetime cap "
+            f"of privacy.lifetime_epsilon={_round_up(needed_cap):g} or more would allow it "
+            f"(a policy decision); see `fedpriv budget`", needed_cap)
+    return needs
+
+
+def _round_up(x: float) -> float:
+    """``x`` rounded up to 3 significant digits (a cap that surely fits)."""
+    if x <= 0:
+        return 0.0
+    scale = 10 ** (math.floor(math.log10(x)) - 2)
+    return math.ceil(x / scale - 1e-9) * scale

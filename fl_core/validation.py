@@ -169,7 +169,7 @@ def _read_table(path: Path, data: DataConfig
         failure = _file_failure("file_not_empty", None, 0, "the data file is empty (0 bytes)")
         return None, [failure], summary
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         return None, [_file_failure("file_not_empty", None, size,
                                     "the data file has no header and no rows")], summary

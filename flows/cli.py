@@ -4,8 +4,8 @@
     fedpriv run --set rounds=5 --set model=mlp
     fedpriv stage train                      # one stage, no orchestration (what dvc repro calls)
     fedpriv config --set data.partition=by_patient
-    fedpriv budget                           # the privacy-budget ledger: ε spent per site
-    fedpriv audit-sweep --seeds 3            # membership-attack AUC against ε
+    fedpriv budget                           # the privacy ledger: ε spent per patient
+    fedpriv audit-sweep --seeds 2            # attack AUC against ε (charged)
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ privacy:
   datasets differing by adding or removing one patient; it covers every model update and the
   released model, not the audit's statistics or test metrics. DP noise and sampling come from
   the OS CSPRNG (privacy.randomness=secure); `reproducible` is for tests and is never
-  promoted. The ledger (.fedpriv/privacy_ledger.sqlite) refuses a run that would take a site
-  past privacy.lifetime_epsilon. `fedpriv budget` shows what each site has spent.
+  promoted. The ledger (.fedpriv/privacy_ledger.sqlite) is keyed by patient and charged when
+  training ends, before the model is written (stage train, the pipeline, audit-sweep); it
+  refuses a run that would take a patient past privacy.lifetime_epsilon (composed ε).
+  `fedpriv budget` shows what each site has spent.
 
 audit and gate:
   the audit attacks every model (loss threshold, Shokri shadow models, LiRA) and bounds ε
@@ -89,54 +91,76 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Print params.yaml with overrides applied and validated.")
     budget = sub.add_parser(
         "budget", parents=[common], help="show the privacy-budget ledger",
-        description="Show ε (and δ) spent per dataset and site, by basic composition over "
-                    "every registered run, against privacy.lifetime_epsilon; --entries lists "
-                    "the runs.")
-    budget.add_argument("--entries", action="store_true", help="list every ledger entry too")
+        description="Show, per site, what its most-exposed patient has spent over every "
+                    "training on real patients (pipeline/stage train, audit-sweep): ε and δ "
+                    "by basic composition (sums) and ε composed by the accountant at that δ, "
+                    "against privacy.lifetime_epsilon (enforced on the composed ε); "
+                    "--entries lists the charges.")
+    budget.add_argument("--entries", action="store_true", help="list every ledger charge too")
     sweep = sub.add_parser(
         "audit-sweep", parents=[common], help="train and audit at several ε; AUC vs ε",
-        description="For each ε (and without DP) and each seed, train the configured model and "
-                    "run the membership audit (same shadows and attacks as the pipeline). "
-                    "Prints attack AUC and TPR at 0.1 % FPR against ε with their Spearman rank "
-                    "correlation; writes reports/audit_sweep.{json,csv,png}. Registers nothing "
-                    "and spends no ledger budget (the sweep's models are never released).")
+        description="For each ε and each seed, train the configured model with DP-SGD and run "
+                    "the membership audit (same shadows and attacks as the pipeline). Prints "
+                    "attack AUC and TPR at 0.1 % FPR against ε with their Spearman rank "
+                    "correlation (the largest ε is the reference); writes "
+                    "reports/audit_sweep.{json,csv,png}. Registers nothing, but every ε × seed "
+                    "trains on the configured patients and is CHARGED to the privacy ledger: "
+                    "the whole sweep is checked first and refused (exit 5) if the lifetime cap "
+                    "cannot cover it. The default (ε 0.5 1 2, 2 seeds: 6 trainings) costs a "
+                    "patient in all of them at most ε=3.14 composed (prv, δ=6e-5; 7 summed) "
+                    "of the default lifetime cap of 10.")
     sweep.add_argument("--epsilons", nargs="+", type=float, metavar="EPS",
-                       help="ε values (default: 0.5 1 2 4 8 32; no DP is always added)")
-    sweep.add_argument("--seeds", type=int, default=3, help="seeds per ε (default: %(default)s)")
+                       help="ε values (default: 0.5 1 2)")
+    sweep.add_argument("--seeds", type=int, default=None,
+                       help="seeds per ε (default: 2)")
     return parser
 
 
 def print_budget(cfg: Any, root: Path, entries: bool) -> None:
+    """The ledger per site (worst-exposed patient), and with ``entries`` every charge."""
     from rich.console import Console
     from rich.table import Table
 
-    from fl_core.data import file_fingerprint
-    from tasks.train import privacy_ledger
+    from fl_core.accounting import open_ledger
 
-    ledger = privacy_ledger(cfg, root)
-    cap = cfg.privacy.lifetime_epsilon
-    current = file_fingerprint(root / cfg.data.path) if (root / cfg.data.path).is_file() else ""
-    console = Console(width=max(Console().width, 120))  # the ledger table is wide
-    table = Table(title=f"privacy budget ({ledger.path}), lifetime cap ε={cap:g} per site")
-    for column in ("dataset", "site", "runs", "ε spent", "δ spent", "ε left"):
-        table.add_column(column, justify="left" if column in ("dataset", "site") else "right")
-    balances = ledger.balances()
+    ledger = open_ledger(cfg, root)
+    cap, accountant = cfg.privacy.lifetime_epsilon, cfg.privacy.accountant
+    console = Console(width=max(Console().width, 140))  # the ledger tables are wide
+    table = Table(title=f"privacy budget per site, ledger {ledger.path}\nunit: one patient "
+                        f"(add/remove one patient); each site's most-exposed patient")
+    for column in ("site", "runs", "patients", "ε basic (Σ)", "δ basic (Σ)",
+                   f"ε composed ({accountant}) at that δ", "lifetime cap", "ε left"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    balances = ledger.balances(accountant)
     for b in balances:
-        label = b.fingerprint[:12] + (" (data.path)" if b.fingerprint == current else "")
-        table.add_row(label, b.site, str(b.runs), f"{b.epsilon:.4f}", f"{b.delta:.2g}",
-                      f"{max(cap - b.epsilon, 0.0):.4f}")
-    console.print(table if balances else f"privacy ledger {ledger.path}: no runs recorded")
+        table.add_row(b.site, str(b.runs), str(b.patients), f"{b.basic_epsilon:.4f}",
+                      f"{b.basic_delta:.2g}", f"{b.tight_epsilon:.4f}", f"{cap:g}",
+                      f"{max(cap - b.tight_epsilon, 0.0):.4f}")
+    console.print(table if balances else f"privacy ledger {ledger.path}: no charges recorded")
+    legacy = ledger.legacy_entries()
+    if legacy:
+        console.print(f"note: {legacy} row(s) of the old dataset-keyed table budget_entries "
+                      "are not counted (no patient sets or histories to compose)")
     if entries:
-        import datetime
+        print_entries(console, ledger.entries())
 
-        runs = Table(title="ledger entries")
-        for column in ("time (UTC)", "dataset", "site", "run", "ε", "δ", "accountant"):
-            runs.add_column(column)
-        for e in ledger.entries():
-            when = datetime.datetime.fromtimestamp(e.created_at, datetime.UTC)
-            runs.add_row(when.strftime("%Y-%m-%d %H:%M:%S"), e.fingerprint[:12], e.site,
-                         e.run_id, f"{e.epsilon:.4f}", f"{e.delta:g}", e.accountant)
-        console.print(runs)
+
+def print_entries(console: Any, entries: list[Any]) -> None:
+    """Every charge: one row per site of each training on real patients."""
+    import datetime
+
+    from rich.table import Table
+
+    runs = Table(title="ledger charges (one row per site)")
+    for column in ("time (UTC)", "kind", "run", "site", "ε", "δ", "patients",
+                   "history (σ, q, steps)"):
+        runs.add_column(column)
+    for e in entries:
+        when = datetime.datetime.fromtimestamp(e.created_at, datetime.UTC)
+        history = ", ".join(f"({s:.4g}, {q:g}, {n})" for s, q, n in e.history)
+        runs.add_row(when.strftime("%Y-%m-%d %H:%M:%S"), e.kind, e.run_id, e.site,
+                     f"{e.epsilon:.4f}", f"{e.delta:g}", str(e.patients), history)
+    console.print(runs)
 
 
 def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None:
@@ -167,7 +191,8 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
         console.print(f"privacy: {registration.get('privacy')}, (ε={metrics['epsilon']:.3f}, "
                       f"δ={metrics['delta']:g}) per patient, add/remove one patient "
                       f"(replace-one ε={metrics.get('epsilon_replace_one') or 0:.3f}); noise "
-                      f"{metrics.get('randomness')}; budget spent of ε={cap:g}: "
+                      f"{metrics.get('randomness')}; lifetime budget spent of ε={cap:g} "
+                      f"(composed, most-exposed patient): "
                       + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items()))
         if metrics.get("randomness") != "secure":
             console.print("[red]reproducible DP noise: anyone with params.yaml can regenerate "
@@ -187,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.config import ConfigError, load_config
     from fl_core.data import DataError
     from fl_core.engine import RoundFailedError
-    from fl_core.ledger import BudgetExceededError
+    from fl_core.ledger import BudgetExceededError, MissingChargeError
     from fl_core.validation import DataValidationError
 
     try:
@@ -198,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         if args.command == "audit-sweep":
-            from tasks.sweep import DEFAULT_EPSILONS, run_audit_sweep, sweep_markdown
+            from tasks.sweep import DEFAULT_EPSILONS, DEFAULT_SEEDS, run_audit_sweep, sweep_markdown
 
             result = run_audit_sweep(root / args.params, args.overrides, root,
-                                     list(args.epsilons or DEFAULT_EPSILONS), args.seeds)
+                                     list(args.epsilons or DEFAULT_EPSILONS),
+                                     args.seeds or DEFAULT_SEEDS)
             print(sweep_markdown(result))
             return 0
         if args.command == "budget":
@@ -214,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = fl_pipeline(overrides=args.overrides, params_path=args.params, root=str(root))
         print_summary(outcome["metrics"], outcome["registration"])
         return 0
-    except BudgetExceededError as exc:
+    except (BudgetExceededError, MissingChargeError) as exc:
         print(f"fedpriv: privacy refusal: {exc}", file=sys.stderr)
         return 5
     except ConfigError as exc:

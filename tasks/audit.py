@@ -13,6 +13,15 @@ Each of ``audit.shadow_models`` shadows is a federated run with the target's own
 (``tasks.train.federate``: same partition scheme, model, rounds, compression, aggregation and
 DP-SGD at the same ε) on a random half of the population; with ``audit.online`` the evaluated
 members join the shadows' pool too, which online LiRA needs.
+
+**Shadow training is not charged to the privacy ledger.** The shadows train on the audit
+population (test patients and patients dropped as incomplete; with ``audit.online`` also the
+evaluated members), but no shadow model, its parameters or its per-patient scores ever leave
+this process: they are built, scored and discarded here. What is released is the audit's
+statistics (AUCs, TPRs, the empirical ε lower bound, ROC curves) and those are outside the
+stated DP guarantee, which covers the trained model (and everything trained for release) per
+training patient. The ledger charges trainings whose outputs are kept: the train stage and
+``fedpriv audit-sweep``.
 """
 
 from __future__ import annotations

@@ -6,17 +6,18 @@ only after the registration has succeeded, so a failed run never leaves them hal
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
 
+from fl_core.accounting import open_ledger
 from fl_core.config import PipelineConfig
+from fl_core.ledger import MissingChargeError
 from tasks.common import Paths, read_json, task_options, write_json_atomic
 from tasks.register import register_model
-from tasks.train import load_model, privacy_ledger
+from tasks.train import load_model
 
 # The fields every run reports (architecture); a later stage's field stays None until it exists.
 METRIC_FIELDS = (
@@ -60,16 +61,16 @@ def publish_results(
     paths = Paths.of(cfg, root)
     # the MLflow store lives under the project root, wherever the process was started
     cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
+    privacy = read_json(paths.train_summary, "train").get("privacy") or {}
+    require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
     metrics = collect_metrics(paths, wall_seconds)
     model, saved = load_model(paths.model)
     example = torch.zeros(1, saved["num_features"])
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
                              paths.roc_plot, paths.training_plot) if p.exists()]
     history = _read_rounds(paths.rounds_csv)
-    privacy = read_json(paths.train_summary, "train").get("privacy") or {}
     result = register_model(cfg, model, example, metrics, history, artifacts,
-                            tags=privacy_tags(privacy),
-                            on_registered=ledger_charge(cfg, paths.root, privacy))
+                            tags=privacy_tags(privacy))
     registration = {
         "run_id": result.run_id,
         "model_name": result.model_name,
@@ -107,31 +108,36 @@ def privacy_tags(privacy: dict[str, Any]) -> dict[str, str]:
         "privacy.noise_multiplier": f"{privacy['noise_multiplier']:.6g}",
         "privacy.sample_rate": f"{privacy['sample_rate']:g}",
         "privacy.max_grad_norm": f"{privacy['max_grad_norm']:g}",
-        "privacy.dataset": str(privacy["dataset_fingerprint"]),
+        "privacy.dataset": str(privacy.get("dataset")),
+        "privacy.ledger_run": str(privacy.get("ledger_run_id")),
     }
 
 
-def ledger_charge(
-    cfg: PipelineConfig, root: Path, privacy: dict[str, Any]
-) -> Callable[[str], None] | None:
-    """The ledger commit that registration runs last (None for a run without DP-SGD)."""
-    if privacy.get("epsilon") is None:
-        return None
-    ledger = privacy_ledger(cfg, root)
+def require_ledger_charge(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> None:
+    """Refuse to register a DP-SGD model whose training charge is not in the ledger.
 
-    def charge(run_id: str) -> None:
-        ledger.charge(privacy["dataset_fingerprint"], privacy["site_epsilon"],
-                      privacy["delta"], privacy["accountant"], run_id,
-                      cfg.privacy.lifetime_epsilon)
-    return charge
+    The train stage charges the ledger before it writes the model; a model without that
+    charge (trained by an older version, or its ledger moved or deleted) is unaccounted.
+    """
+    if privacy.get("epsilon") is None:
+        return
+    run_id = privacy.get("ledger_run_id")
+    ledger = open_ledger(cfg, root)
+    if not run_id or not ledger.has_run(run_id):
+        raise MissingChargeError(
+            f"the trained model's privacy charge (ledger run {run_id or 'none recorded'}) is "
+            f"not in the ledger {ledger.path}: refusing to register a model whose use of "
+            f"patients is unaccounted. Retrain with `fedpriv stage train` (it charges the "
+            f"ledger), or point privacy.ledger at the ledger it was charged to")
 
 
 def _budget_spent(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> dict[str, float]:
-    """ε each site has now spent on this dataset, all runs included (after this one)."""
+    """Tight composed ε each of this run's sites has now spent (worst patient, all runs)."""
+    sites = privacy.get("site_epsilon") or {}
     if privacy.get("epsilon") is None:
         return {}
-    balances = privacy_ledger(cfg, root).balances(privacy["dataset_fingerprint"])
-    return {b.site: round(b.epsilon, 6) for b in balances}
+    balances = open_ledger(cfg, root).balances(str(privacy["accountant"]))
+    return {b.site: round(b.tight_epsilon, 6) for b in balances if b.site in sites}
 
 
 def _read_rounds(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,12 +57,9 @@ def register_model(
     artifacts: Sequence[Path],
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
-    on_registered: Callable[[str], None] | None = None,
 ) -> RegistrationResult:
     """Log one run; register the model as ``challenger``; if the gate passes, also ``champion``.
 
-    ``on_registered(run_id)`` runs last, once the version and its aliases exist: the privacy
-    ledger commits there, so if it refuses, the registration is undone with everything else.
     Nothing is left half-done: on failure no new model version remains, the aliases are as
     before and the run is ``FAILED``. Exceptions propagate.
     """
@@ -116,8 +113,6 @@ def register_model(
         client.set_tag(run_id, "model_version", str(version))
         for key, value in {**gate_tags, **(tags or {})}.items():
             client.set_tag(run_id, key, value)
-        if on_registered is not None:
-            on_registered(run_id)
         mlflow.end_run(status="FINISHED")
     except BaseException as exc:
         if registry_before is not None:

@@ -1,12 +1,19 @@
 """``fedpriv audit-sweep``: does the audit see more when the model is less private?
 
-For each ε (and without DP) and each seed: partition, train the target with the configured
-recipe at that ε, and audit it (:func:`tasks.audit.audit_trained`, the same shadows and
-attacks as the pipeline). Reported per ε: the worst-case attack AUC and TPR at 0.1 % FPR
-(mean over seeds), the empirical ε lower bound, accuracy, and the Spearman rank correlation
-of each with ε (no DP ranks above every finite ε). Writes ``reports/audit_sweep.json``,
-``reports/audit_sweep.csv`` and ``reports/audit_sweep.png``. Nothing is registered and the
-privacy ledger is not touched: the sweep's models are never released.
+For each ε and each seed: partition, train the target with the configured recipe at that ε,
+and audit it (:func:`tasks.audit.audit_trained`, the same shadows and attacks as the
+pipeline). Reported per ε: the worst-case attack AUC and TPR at 0.1 % FPR (mean over seeds),
+the empirical ε lower bound, accuracy, and the Spearman rank correlation of each with ε (the
+largest ε is the sweep's reference; there is no "no DP" arm: training on real patients without
+DP could not be accounted). Writes ``reports/audit_sweep.json``, ``reports/audit_sweep.csv``
+and ``reports/audit_sweep.png``. Nothing is registered.
+
+**Every arm × seed trains on the configured patients, so each is a ledger charge** (kind
+``audit-sweep``, its own ``(σ, q, steps)`` history). Before anything is trained the whole
+sweep is planned and checked against the ledger as one composition
+(:func:`plan_sweep`); a sweep the lifetime cap cannot cover is refused, naming what it would
+spend per site and the ``privacy.lifetime_epsilon`` that would allow it. Each point is charged
+right after it trains. The audit's shadow models are not charged (see :mod:`tasks.audit`).
 """
 
 from __future__ import annotations
@@ -18,56 +25,111 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_core.accounting import KIND_AUDIT_SWEEP, open_ledger
 from fl_core.config import PipelineConfig, load_config
 from fl_core.data import FederatedDataLoader
+from fl_core.ledger import BudgetExceededError, Charge, SiteNeed, new_run_id
 from tasks.audit import audit_trained
 from tasks.common import Paths, write_json_atomic
 from tasks.plots import audit_sweep_plot
-from tasks.train import build_target_model, federate, privacy_summary
+from tasks.train import build_target_model, charge_and_summarise, federate, plan_charge
 
-DEFAULT_EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, 32.0)
+# 3 ε × 2 seeds = 6 charges: a patient in all of them spends ε = 3.14 composed (prv, default
+# recipe, δ = 6e-5; 7 summed), a third of the default lifetime cap of 10
+DEFAULT_EPSILONS = (0.5, 1.0, 2.0)
+DEFAULT_SEEDS = 2
+
+
+def arm_config(params: Path, overrides: list[str], epsilon: float, seed: int) -> PipelineConfig:
+    """One sweep point's configuration: DP-SGD at ``epsilon``, the partition of ``seed``."""
+    cap = load_config(params, overrides).privacy.lifetime_epsilon
+    # an ε above the cap would fail the config's own check; the sweep plan refuses it with
+    # what the sweep needs instead, so it never trains (and never charges more than ``cap``)
+    arm = ["privacy.enabled=true", f"privacy.epsilon={epsilon}", f"seed={seed}"]
+    if epsilon > cap:
+        arm.append(f"privacy.lifetime_epsilon={epsilon}")
+    return load_config(params, [*overrides, *arm])
+
+
+def plan_sweep(
+    params: Path, overrides: list[str], root: Path, epsilons: list[float], seeds: int,
+) -> list[SiteNeed]:
+    """Refuse (:class:`BudgetExceededError`) unless the ledger can pay for the whole sweep.
+
+    Every (ε, seed) point is one planned charge; all of them and the ledger's history are
+    composed per patient (:meth:`PrivacyLedger.check`). Returns what it needs per site.
+    """
+    base = load_config(params, overrides)
+    cap = base.privacy.lifetime_epsilon
+    planned: list[Charge] = []
+    for epsilon in epsilons:
+        for seed in range(seeds):
+            cfg = arm_config(params, overrides, epsilon, seed)
+            data, _, partition = FederatedDataLoader.get(cfg.data, root).partitioned(
+                cfg.data, cfg.seed)
+            planned.append(plan_charge(cfg, root, partition, data, KIND_AUDIT_SWEEP))
+    ledger = open_ledger(base, root)
+    needs = ledger.check(planned, math.inf)
+    needed = max((n.total.tight_epsilon for n in needs), default=0.0)
+    if needed > cap + 1e-9 or max(epsilons) > cap:
+        least = max(needed, max(epsilons))  # no single run may exceed the cap either
+        raise BudgetExceededError(_refusal(needs, cap, ledger.path, len(planned), least), least)
+    return needs
+
+
+def _refusal(needs: list[SiteNeed], cap: float, ledger: Path, points: int, least: float) -> str:
+    per_site = "; ".join(
+        f"{n.site}: the sweep alone ε={n.planned_tight:.3g} composed ({n.planned_basic:.3g} "
+        f"summed), with the ledger ε={n.total.tight_epsilon:.3g} composed "
+        f"({n.total.basic_epsilon:.3g} summed, δ={n.total.basic_delta:.2g})" for n in needs)
+    allow = math.ceil(least * 100) / 100
+    return (
+        f"audit-sweep refused: its {points} trainings on real patients would take the "
+        f"most-exposed patient past privacy.lifetime_epsilon={cap:g} (ledger {ledger}). "
+        f"It would spend, per site (worst patient): {per_site}. Nothing was trained. "
+        f"--set privacy.lifetime_epsilon={allow:g} would allow it (a policy decision: that "
+        f"budget is then spent for these patients); or sweep fewer/smaller --epsilons or "
+        f"fewer --seeds")
 
 
 def sweep_point(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
-    """Train and audit one model under ``cfg`` (in memory)."""
+    """Train one model under ``cfg``, charge the ledger for it, and audit it (in memory)."""
     from fl_core.models import set_flat_params
 
     data, transform, partition = FederatedDataLoader.get(cfg.data, root).partitioned(
         cfg.data, cfg.seed)
     run = federate(cfg, data)
+    privacy = charge_and_summarise(cfg, root, partition, run, new_run_id(), KIND_AUDIT_SWEEP)
     model, _ = build_target_model(cfg, int(data[0].x_train.shape[1]))
     set_flat_params(model, run.result.params)
-    privacy = privacy_summary(cfg, root, partition, None, run)
     report = audit_trained(cfg, root, data, transform, model, privacy)
     report.pop("curves")
     report["accuracy"] = run.result.history[-1].accuracy
+    report["ledger_run_id"] = privacy["ledger_run_id"]
     return report
 
 
 def spearman(x: list[float], y: list[float]) -> float:
     from scipy.stats import spearmanr
 
-    return float(spearmanr(x, y).statistic) if len(set(y)) > 1 else float("nan")
+    # undefined when either side is constant (e.g. a one-ε sweep)
+    return float(spearmanr(x, y).statistic) if min(len(set(x)), len(set(y))) > 1 \
+        else float("nan")
 
 
 def audit_sweep(
     params: Path, overrides: list[str], root: Path, epsilons: list[float], seeds: int,
 ) -> dict[str, Any]:
+    """Plan (refuse if unaffordable), then train, charge and audit every (ε, seed) point."""
     started = time.perf_counter()
-    cap = load_config(params, overrides).privacy.lifetime_epsilon
-    # the sweep spends no ledger budget, so the lifetime cap must not stop a large ε
-    arms: list[tuple[float, list[str]]] = [
-        (e, [f"privacy.epsilon={e}", f"privacy.lifetime_epsilon={max(e, cap)}"])
-        for e in epsilons]
-    arms.append((math.inf, ["privacy.enabled=false"]))
+    epsilons = sorted(set(epsilons))
+    needs = plan_sweep(params, overrides, root, epsilons, seeds)
     rows = []
-    for epsilon, arm in arms:
-        reports = []
-        for seed in range(seeds):
-            cfg = load_config(params, [*overrides, *arm, f"seed={seed}"])
-            reports.append(sweep_point(cfg, root))
+    for epsilon in epsilons:
+        reports = [sweep_point(arm_config(params, overrides, epsilon, seed), root)
+                   for seed in range(seeds)]
         row = {
-            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "epsilon": epsilon,
             "mia_auc": statistics.fmean(r["mia_auc"] for r in reports),
             "mia_auc_sd": statistics.stdev([r["mia_auc"] for r in reports]) if seeds > 1 else 0,
             "mia_tpr_at_0_1pct_fpr": statistics.fmean(r["mia_tpr_at_0_1pct_fpr"]
@@ -78,18 +140,22 @@ def audit_sweep(
             "accuracy": statistics.fmean(r["accuracy"] for r in reports),
             "privacy_consistent": all(r["privacy_consistent"] for r in reports),
             "per_seed_auc": [round(r["mia_auc"], 4) for r in reports],
+            "ledger_run_ids": [r["ledger_run_id"] for r in reports],
         }
         rows.append(row)
-        label = "no DP" if row["epsilon"] is None else f"ε={epsilon:g}"
-        print(f"{label:<8} attack AUC {row['mia_auc']:.3f} ± {row['mia_auc_sd']:.3f}  "
+        print(f"ε={epsilon:<6g} attack AUC {row['mia_auc']:.3f} ± {row['mia_auc_sd']:.3f}  "
               f"TPR@0.1%FPR {row['mia_tpr_at_0_1pct_fpr']:.3f}  "
               f"ε_lb {row['empirical_epsilon_lower_bound']:.3f}  "
               f"accuracy {row['accuracy']:.3f}", flush=True)
-    ranks = list(range(len(rows)))  # ε ascending, no DP last
     return {
         "epsilons": epsilons, "seeds": seeds, "overrides": overrides, "rows": rows,
-        "spearman_auc_vs_epsilon": spearman(ranks, [r["mia_auc"] for r in rows]),
-        "spearman_tpr_vs_epsilon": spearman(ranks, [r["mia_tpr_at_0_1pct_fpr"] for r in rows]),
+        "spearman_auc_vs_epsilon": spearman(epsilons, [r["mia_auc"] for r in rows]),
+        "spearman_tpr_vs_epsilon": spearman(epsilons,
+                                            [r["mia_tpr_at_0_1pct_fpr"] for r in rows]),
+        "ledger_charged": {n.site: {"planned_tight_epsilon": n.planned_tight,
+                                    "planned_basic_epsilon": n.planned_basic,
+                                    "total_tight_epsilon": n.total.tight_epsilon}
+                           for n in needs},
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -106,8 +172,7 @@ def run_audit_sweep(params: Path, overrides: list[str], root: Path, epsilons: li
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore",
                                 lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**r, "epsilon": r["epsilon"] if r["epsilon"] is not None else "inf"}
-                         for r in result["rows"])
+        writer.writerows(result["rows"])
     audit_sweep_plot(result["rows"], result["spearman_auc_vs_epsilon"],
                      paths.reports / "audit_sweep.png")
     return result
@@ -117,10 +182,10 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     out = ["| ε | attack AUC (worst case) | TPR @ 0.1 % FPR | advantage | ε lower bound | "
            "accuracy |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        out.append(f"| {eps} | {r['mia_auc']:.3f} ± {r['mia_auc_sd']:.3f} | "
+        out.append(f"| {r['epsilon']:g} | {r['mia_auc']:.3f} ± {r['mia_auc_sd']:.3f} | "
                    f"{r['mia_tpr_at_0_1pct_fpr']:.3f} | {r['mia_advantage']:.3f} | "
                    f"{r['empirical_epsilon_lower_bound']:.3f} | {r['accuracy']:.3f} |")
     out.append(f"\nSpearman rank correlation with ε: AUC {result['spearman_auc_vs_epsilon']:.2f},"
-               f" TPR@0.1%FPR {result['spearman_tpr_vs_epsilon']:.2f}")
+               f" TPR@0.1%FPR {result['spearman_tpr_vs_epsilon']:.2f} (reference: the "
+               f"largest ε; every point was charged to the privacy ledger)")
     return "\n".join(out)

@@ -14,6 +14,14 @@ from typing import Any
 import torch
 from prefect import task
 
+from fl_core.accounting import (
+    KIND_TRAIN,
+    describe_privacy,
+    open_ledger,
+    planned_charge,
+    privacy_summary,
+    spent_charge,
+)
 from fl_core.aggregation import (
     AggregationResult,
     bucketing,
@@ -24,7 +32,7 @@ from fl_core.anomaly import Reputation
 from fl_core.attacks import Attack, choose_malicious
 from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
 from fl_core.config import CompressionConfig, ConfigError, PipelineConfig, check_aggregation
-from fl_core.data import ClientData, FederatedDataLoader, Partition, file_fingerprint
+from fl_core.data import ClientData, FederatedDataLoader, Partition
 from fl_core.engine import (
     Defense,
     InProcessClient,
@@ -33,7 +41,7 @@ from fl_core.engine import (
     TrainingResult,
     run_federated,
 )
-from fl_core.ledger import PrivacyLedger
+from fl_core.ledger import Charge, new_run_id
 from fl_core.models import build_model, get_flat_params, set_flat_params
 from fl_core.privacy import (
     DPSGDConfig,
@@ -41,9 +49,7 @@ from fl_core.privacy import (
     check_delta,
     check_model,
     dp_fedavg,
-    epsilon_spent,
     local_steps,
-    replace_one_epsilon,
 )
 from fl_core.randomness import RandomSource, make_random
 from tasks.common import Paths, atomic_path, task_options, write_json_atomic, write_text_atomic
@@ -202,98 +208,47 @@ def make_dpsgd(cfg: PipelineConfig, data: list[ClientData]) -> DPSGDConfig | Non
                        p.grad_sample_mode)
 
 
-def site_epsilons(
-    cfg: PipelineConfig, root: Path, partition: Partition, client_epsilon: dict[str, float]
-) -> dict[str, float]:
-    """ε per hospital: the largest ε of any client that trained on that hospital's patients.
-
-    By site the two coincide; by patient, a hospital's patients are spread over clients.
-    """
+def plan_charge(
+    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData],
+    kind: str = KIND_TRAIN,
+) -> Charge:
+    """What a DP-SGD run of ``cfg`` on ``partition`` will charge, under a fresh ledger run id."""
+    dp = make_dpsgd(cfg, data)  # σ calibrated exactly as the run will (cached)
+    if dp is None:
+        raise ConfigError("only a DP-SGD run (privacy.enabled=true) can be charged")
     site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
-    out: dict[str, float] = {}
-    for split in partition.clients:
-        for site in {site_of[i] for i in split.train_ids}:
-            out[site] = max(out.get(site, 0.0), client_epsilon.get(split.client_id, 0.0))
-    return out
+    return planned_charge(cfg, site_of, partition, dp.noise_multiplier, new_run_id(), kind)
 
 
-def privacy_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
-    path = cfg.ledger_path
-    return PrivacyLedger(path if path.is_absolute() else root / path)
+def check_budget(
+    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData]
+) -> Charge:
+    """Refuse before training if this run would take a patient past the lifetime cap.
+
+    Returns the planned charge; its ``run_id`` is the ledger run id of the charge made after
+    training (:func:`charge_and_summarise`).
+    """
+    planned = plan_charge(cfg, root, partition, data)
+    open_ledger(cfg, root).check(planned, cfg.privacy.lifetime_epsilon)
+    return planned
 
 
-def check_budget(cfg: PipelineConfig, root: Path, partition: Partition) -> str:
-    """Refuse before training if this run's ε would overspend a site; returns the fingerprint."""
-    fingerprint = file_fingerprint(root / cfg.data.path)
-    planned = site_epsilons(cfg, root, partition,
-                            {c.client_id: cfg.privacy.epsilon for c in partition.clients})
-    privacy_ledger(cfg, root).check(fingerprint, planned, cfg.privacy.lifetime_epsilon)
-    return fingerprint
-
-
-def privacy_summary(
-    cfg: PipelineConfig, root: Path, partition: Partition, fingerprint: str | None,
-    run: FederatedRun,
+def charge_and_summarise(
+    cfg: PipelineConfig, root: Path, partition: Partition, run: FederatedRun,
+    run_id: str | None, kind: str = KIND_TRAIN,
 ) -> dict[str, Any]:
-    """What the run spent: per client, per site, and the model's (ε, δ) per patient."""
-    p = cfg.privacy
-    out: dict[str, Any] = {"enabled": p.enabled, "epsilon": None, "delta": None,
-                           "client_level_epsilon": None, "randomness": p.randomness}
-    if p.server.enabled:
-        out["client_level_epsilon"] = epsilon_spent(
-            p.server.noise_multiplier, cfg.client_fraction, len(run.result.history), p.delta,
-            p.accountant)
-        out["client_rate"] = cfg.client_fraction
-        out["server_noise_multiplier"] = p.server.noise_multiplier
-        out["server_clip_norm"] = p.server.clip_norm
-    if run.dp is None:
-        return out
-    clients = run.clients
-    client_epsilon = {c.client_id: float(c.epsilon_spent or 0.0) for c in clients}
-    replace_eps, replace_delta = replace_one_epsilon(
-        run.dp.noise_multiplier, p.sample_rate, max(c.dp_steps for c in clients), p.delta,
-        p.accountant)
-    out.update({
-        "epsilon": max(client_epsilon.values()),
-        "epsilon_replace_one": replace_eps,
-        "delta_replace_one": replace_delta,
-        "delta": p.delta,
-        "target_epsilon": p.epsilon,
-        "lifetime_epsilon": p.lifetime_epsilon,
-        "accountant": p.accountant,
-        "noise_multiplier": run.dp.noise_multiplier,
-        "sample_rate": p.sample_rate,
-        "max_grad_norm": p.max_grad_norm,
-        "grad_sample_mode": p.grad_sample_mode,
-        "steps_planned": local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate),
-        "client_steps": {c.client_id: c.dp_steps for c in clients},
-        "client_epsilon": client_epsilon,
-        "site_epsilon": site_epsilons(cfg, root, partition, client_epsilon),
-        "dataset_fingerprint": fingerprint,
-        "model_fixes": run.model_fixes,
-    })
-    return out
+    """Charge the ledger for a DP-SGD run's patients, then summarise its privacy.
 
-
-def describe_privacy(privacy: dict[str, Any]) -> str:
-    """One line for the log: the guarantee the trained model carries."""
-    parts = []
-    if privacy["epsilon"] is not None:
-        parts.append(
-            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) per "
-            f"patient, add/remove one patient (replace-one: ε={privacy['epsilon_replace_one']:.3f}"
-            f", δ={privacy['delta_replace_one']:.2g}) "
-            f"[{privacy['accountant']}, σ={privacy['noise_multiplier']:.3f}, "
-            f"q={privacy['sample_rate']:g}, C={privacy['max_grad_norm']:g}, "
-            f"{privacy['steps_planned']} steps per client; noise {privacy['randomness']}]")
-        if privacy["randomness"] != "secure":
-            parts.append("REPRODUCIBLE NOISE: anyone with params.yaml can regenerate it; "
-                         "this model can never be champion")
-        if privacy["model_fixes"]:
-            parts.append("model fixed for Opacus: " + "; ".join(privacy["model_fixes"]))
-    if privacy["client_level_epsilon"] is not None:
-        parts.append(f"client-level DP-FedAvg: ε={privacy['client_level_epsilon']:.3f}")
-    return "; ".join(parts) if parts else "NOT DIFFERENTIALLY PRIVATE (privacy.enabled=false)"
+    Call it before anything trained is written: if the charge is refused (a concurrent run
+    took the budget), :class:`BudgetExceededError` propagates and no model exists.
+    """
+    charge = None
+    if run.dp is not None and run_id is not None:
+        site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
+        charge = spent_charge(cfg, site_of, partition, run.dp, run.clients, run_id, kind)
+        open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
+    return privacy_summary(cfg, charge, run.clients, run.dp, run.model_fixes,
+                           len(run.result.history))
 
 
 def build_target_model(cfg: PipelineConfig, num_features: int) -> tuple[torch.nn.Module, list[str]]:
@@ -377,12 +332,11 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
         print(f"SIMULATED ATTACK {cfg.attack.kind} on {cfg.attack.fraction:.0%} of clients")
     p = cfg.privacy
-    fingerprint = None
-    if p.enabled:
-        fingerprint = check_budget(cfg, paths.root, partition)  # refuse before any training
+    # refuse before any training; charge after it, before the model file exists
+    run_id = check_budget(cfg, paths.root, partition, data).run_id if p.enabled else None
     run = federate(cfg, data, lambda rec: print_progress(rec, cfg.rounds))
     result, attack = run.result, run.attack
-    privacy = privacy_summary(cfg, paths.root, partition, fingerprint, run)
+    privacy = charge_and_summarise(cfg, paths.root, partition, run, run_id)
     print(describe_privacy(privacy))
     history = [round_row(r) for r in result.history]
     last = result.history[-1]

@@ -196,9 +196,7 @@ def test_bound_is_nonnegative_and_order_invariant(pairs: list[tuple[float, bool]
     assert empirical_epsilon_lower_bound(scores * 3 + 1, labels, 1e-5) == pytest.approx(b)
 
 
-@pytest.mark.integration
-def test_audit_sweep_cli_writes_table_plot_and_correlation(project) -> None:
-    import json
+def _sweep_cli(project, *args: str):
     import os
     import subprocess
     import sys
@@ -206,15 +204,55 @@ def test_audit_sweep_cli_writes_table_plot_and_correlation(project) -> None:
 
     root = Path(__file__).resolve().parents[1]
     # a subprocess, as users run it (and Prefect's log handlers stay out of pytest's capture)
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "audit-sweep", "--root", str(project), "--seeds",
-         "1", "--epsilons", "1", "--set", "rounds=2", "--set", "audit.shadow_models=2"],
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "audit-sweep", "--root", str(project), *args,
+         "--set", "rounds=2", "--set", "audit.shadow_models=2"],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
         timeout=300)
+
+
+@pytest.mark.integration
+def test_audit_sweep_cli_charges_the_ledger_and_writes_table_plot(project) -> None:
+    import json
+
+    from fl_core.ledger import PrivacyLedger
+
+    out = _sweep_cli(project, "--seeds", "1", "--epsilons", "1")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| ∞ (no DP) |" in out.stdout and "Spearman rank correlation with ε" in out.stdout
+    assert "| 1 |" in out.stdout and "no DP" not in out.stdout
+    assert "Spearman rank correlation with ε" in out.stdout
     result = json.loads((project / "reports" / "audit_sweep.json").read_text())
-    assert [r["epsilon"] for r in result["rows"]] == [1.0, None]
+    assert [r["epsilon"] for r in result["rows"]] == [1.0]
     assert all(0 <= r["mia_auc"] <= 1 for r in result["rows"])
     assert (project / "reports" / "audit_sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (project / ".fedpriv" / "privacy_ledger.sqlite").exists()  # nothing spent
+    # training on the configured patients is a use of them: one charge, every site
+    entries = PrivacyLedger(project / ".fedpriv" / "privacy_ledger.sqlite").entries()
+    assert {(e.kind, e.run_id) for e in entries} == {
+        ("audit-sweep", result["rows"][0]["ledger_run_ids"][0])}
+    assert {e.site for e in entries} == {"Cleveland", "Hungary", "Switzerland",
+                                         "VA Long Beach"}
+    assert all(0.9 < e.epsilon <= 1.0 for e in entries)
+
+
+@pytest.mark.integration
+def test_audit_sweep_the_ledger_cannot_cover_is_refused_before_training(project) -> None:
+    import re
+
+    from fl_core.ledger import PrivacyLedger
+    from tasks.sweep import plan_sweep
+
+    out = _sweep_cli(project, "--seeds", "2", "--epsilons", "1", "2",
+                     "--set", "privacy.lifetime_epsilon=2.5")
+    assert out.returncode == 5, out.stderr[-2000:]
+    for part in ("audit-sweep refused", "privacy.lifetime_epsilon=2.5", "Cleveland",
+                 "composed", "summed", "Nothing was trained"):
+        assert part in out.stderr, part
+    assert not (project / "reports" / "audit_sweep.json").exists()
+    assert PrivacyLedger(project / ".fedpriv" / "privacy_ledger.sqlite").entries() == []
+    # the setting the message names is enough for this sweep, and no less would do
+    allow = float(re.search(r"--set privacy.lifetime_epsilon=([0-9.]+)", out.stderr)[1])
+    assert allow > 2.5
+    overrides = ["rounds=2", "audit.shadow_models=2"]
+    needs = plan_sweep(project / "params.yaml", [*overrides, f"privacy.lifetime_epsilon={allow}"],
+                       project, [1.0, 2.0], 2)
+    assert allow - 0.01 < max(n.total.tight_epsilon for n in needs) <= allow

@@ -27,3 +27,15 @@ def test_tasks_do_not_import_flows() -> None:
     for path in (ROOT / "tasks").glob("*.py"):
         text = path.read_text()
         assert "from flows" not in text and "import flows" not in text, path.name
+
+
+def test_cli_budget_does_not_import_tasks(project: Path) -> None:
+    code = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        f"assert main(['budget', '--root', {str(project)!r}]) == 0\n"
+        "print('tasks:' + ','.join(sorted(n for n in sys.modules if n.split('.')[0] == 'tasks')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.splitlines()[-1] == "tasks:", f"budget imported: {out.stdout}"

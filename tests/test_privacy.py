@@ -1,10 +1,8 @@
-"""Patient-level DP-SGD, its accounting, DP-FedAvg, and the privacy-budget ledger."""
+"""Patient-level DP-SGD, its accounting and DP-FedAvg (the ledger: tests/test_ledger.py)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fl_core.ledger import BudgetExceededError, PrivacyLedger
 from fl_core.models import LogisticRegression, build_model, get_flat_params
 from fl_core.privacy import (
     DPSGDConfig,
@@ -211,58 +208,3 @@ def test_dp_fedavg_noise_has_the_stated_scale() -> None:
         out = dp_fedavg(updates, 2.0, 1.5, 4.0, random).aggregate
         assert float(out.std()) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.03)
 
-
-# --- the ledger -------------------------------------------------------------------------------
-
-
-def test_ledger_accepts_what_fits_and_refuses_overspend(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
-    ledger.charge("data1", {"A": 4.0, "B": 2.0}, 1e-5, "prv", "run-1", cap=10.0)
-    ledger.check("data1", {"A": 6.0, "B": 6.0}, cap=10.0)  # exactly at the cap fits
-    with pytest.raises(BudgetExceededError, match=r"site 'A' has spent ε=4.*needs ε=6.5"):
-        ledger.check("data1", {"A": 6.5, "B": 1.0}, cap=10.0)
-    with pytest.raises(BudgetExceededError, match="run-2 was not registered"):
-        ledger.charge("data1", {"A": 6.5}, 1e-5, "prv", "run-2", cap=10.0)
-    ledger.check("data2", {"A": 10.0}, cap=10.0)  # other data, other account
-    assert [(e.site, e.run_id) for e in ledger.entries()] == [("A", "run-1"), ("B", "run-1")]
-    balances = {b.site: (b.runs, b.epsilon) for b in ledger.balances("data1")}
-    assert balances == {"A": (1, 4.0), "B": (1, 2.0)}
-
-
-def test_failure_inside_the_release_leaves_no_entry(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
-    with pytest.raises(sqlite_integrity()):
-        # the same run twice: the second insert violates the key, the whole charge rolls back
-        ledger.charge("d", {"A": 1.0, "B": 1.0}, 1e-5, "prv", "r", cap=10.0)
-        ledger.charge("d", {"C": 1.0, "A": 1.0}, 1e-5, "prv", "r", cap=10.0)
-    assert {e.site for e in ledger.entries()} == {"A", "B"}  # no C from the failed charge
-
-
-def sqlite_integrity() -> type[Exception]:
-    import sqlite3
-
-    return sqlite3.IntegrityError
-
-
-def _charge(path: str, run: str, barrier: multiprocessing.synchronize.Barrier) -> bool:
-    ledger = PrivacyLedger(path)
-    ledger.check("d", {"A": 0.6}, cap=1.0)  # both pass the early check...
-    barrier.wait()
-    try:
-        ledger.charge("d", {"A": 0.6}, 1e-5, "prv", run, cap=1.0)  # ...one commits
-        return True
-    except BudgetExceededError:
-        return False
-
-
-def test_concurrent_runs_cannot_both_spend_the_last_budget(tmp_path: Path) -> None:
-    path = str(tmp_path / "ledger.sqlite")
-    PrivacyLedger(path)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(4)
-        with ctx.Pool(4) as pool:
-            results = pool.starmap(_charge, [(path, f"run-{i}", barrier) for i in range(4)])
-    assert sorted(results) == [False, False, False, True]
-    entries = PrivacyLedger(path).entries()
-    assert len(entries) == 1 and entries[0].epsilon == 0.6

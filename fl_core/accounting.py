@@ -1,0 +1,165 @@
+"""A training run's privacy accounting as the ledger and the reports see it.
+
+Turns a configuration and a partition into ledger charges (:mod:`fl_core.ledger`) and the
+``privacy`` block of ``train.json``. All DP-SGD clients share one recipe ``(σ, q)`` and differ
+at most in their number of steps; a client's patients went through ``steps`` subsampled
+Gaussian steps, so the mechanism history of its patients is ``[(σ, q, steps)]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from fl_core.config import PipelineConfig
+from fl_core.data import Partition
+from fl_core.ledger import Charge, PrivacyLedger, SiteCharge
+from fl_core.privacy import DPSGDConfig, epsilon_spent, local_steps, replace_one_epsilon
+
+KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
+KIND_AUDIT_SWEEP = "audit-sweep"
+
+
+class DPClient(Protocol):
+    """What accounting reads from a federated client (``fl_core.engine.InProcessClient``)."""
+
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def epsilon_spent(self) -> float | None: ...
+    @property
+    def dp_steps(self) -> int: ...
+
+
+def open_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
+    """The ledger at ``privacy.ledger`` (relative to the project root) or in the state dir."""
+    path = cfg.ledger_path
+    return PrivacyLedger(path if path.is_absolute() else root / path)
+
+
+def dataset_label(cfg: PipelineConfig) -> str:
+    """How a charge names its data, for display only (the key is the patient)."""
+    return Path(cfg.data.path).name
+
+
+def site_charges(
+    cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, sigma: float,
+    spent: Mapping[str, tuple[float, int]],
+) -> tuple[SiteCharge, ...]:
+    """Per site, the training patients and what they went through.
+
+    ``spent`` maps client id → (ε, steps). A site's patients may be spread over clients
+    (``data.partition=by_patient``): the site's history is ``[(σ, q, max steps)]`` and its ε
+    the largest client ε, a bound for every patient of the site (more steps never cost
+    less). Clients that took no step charge nothing.
+    """
+    p = cfg.privacy
+    patients: dict[str, set[int]] = {}
+    worst: dict[str, tuple[float, int]] = {}
+    for split in partition.clients:
+        eps, steps = spent.get(split.client_id, (0.0, 0))
+        if steps <= 0:
+            continue
+        for pid in split.train_ids:
+            site = site_of[pid]
+            patients.setdefault(site, set()).add(pid)
+            old_eps, old_steps = worst.get(site, (0.0, 0))
+            worst[site] = (max(old_eps, eps), max(old_steps, steps))
+    return tuple(
+        SiteCharge(site, worst[site][0], p.delta, p.accountant,
+                   ((sigma, p.sample_rate, worst[site][1]),), frozenset(patients[site]))
+        for site in sorted(patients))
+
+
+def planned_charge(
+    cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, sigma: float,
+    run_id: str, kind: str,
+) -> Charge:
+    """What a run of ``cfg`` will charge if every client takes its planned steps at ``σ``."""
+    p = cfg.privacy
+    steps = local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate)
+    spent = {c.client_id: (p.epsilon, steps) for c in partition.clients}
+    return Charge(run_id, kind, dataset_label(cfg),
+                  site_charges(cfg, site_of, partition, sigma, spent))
+
+
+def spent_charge(
+    cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, dp: DPSGDConfig,
+    clients: Sequence[DPClient], run_id: str, kind: str,
+) -> Charge:
+    """What a finished run actually spent: each client's accountant ε and its steps."""
+    spent = {c.client_id: (float(c.epsilon_spent or 0.0), c.dp_steps) for c in clients}
+    return Charge(run_id, kind, dataset_label(cfg),
+                  site_charges(cfg, site_of, partition, dp.noise_multiplier, spent))
+
+
+def privacy_summary(
+    cfg: PipelineConfig, charge: Charge | None, clients: Sequence[DPClient],
+    dp: DPSGDConfig | None, model_fixes: Sequence[str], rounds: int,
+) -> dict[str, Any]:
+    """What the run spent: per client, per site, and the model's (ε, δ) per patient.
+
+    The model's ε is the largest client ε: patients live at one client, so by parallel
+    composition ``max_c ε_c`` bounds any one patient's exposure in this run.
+    """
+    p = cfg.privacy
+    out: dict[str, Any] = {"enabled": p.enabled, "epsilon": None, "delta": None,
+                           "client_level_epsilon": None, "randomness": p.randomness}
+    if p.server.enabled:
+        out["client_level_epsilon"] = epsilon_spent(
+            p.server.noise_multiplier, cfg.client_fraction, rounds, p.delta, p.accountant)
+        out["client_rate"] = cfg.client_fraction
+        out["server_noise_multiplier"] = p.server.noise_multiplier
+        out["server_clip_norm"] = p.server.clip_norm
+    if dp is None:
+        return out
+    client_epsilon = {c.client_id: float(c.epsilon_spent or 0.0) for c in clients}
+    replace_eps, replace_delta = replace_one_epsilon(
+        dp.noise_multiplier, p.sample_rate, max(c.dp_steps for c in clients), p.delta,
+        p.accountant)
+    out.update({
+        "epsilon": max(client_epsilon.values()),
+        "epsilon_replace_one": replace_eps,
+        "delta_replace_one": replace_delta,
+        "delta": p.delta,
+        "target_epsilon": p.epsilon,
+        "lifetime_epsilon": p.lifetime_epsilon,
+        "accountant": p.accountant,
+        "noise_multiplier": dp.noise_multiplier,
+        "sample_rate": p.sample_rate,
+        "max_grad_norm": p.max_grad_norm,
+        "grad_sample_mode": p.grad_sample_mode,
+        "steps_planned": local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate),
+        "client_steps": {c.client_id: c.dp_steps for c in clients},
+        "client_epsilon": client_epsilon,
+        "site_epsilon": {s.site: s.epsilon for s in charge.sites} if charge else {},
+        "site_patients": {s.site: len(s.patients) for s in charge.sites} if charge else {},
+        "ledger_run_id": charge.run_id if charge else None,
+        "dataset": dataset_label(cfg),
+        "model_fixes": list(model_fixes),
+    })
+    return out
+
+
+def describe_privacy(privacy: Mapping[str, Any]) -> str:
+    """One line for the log: the guarantee the trained model carries."""
+    parts = []
+    if privacy["epsilon"] is not None:
+        parts.append(
+            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) per "
+            f"patient, add/remove one patient (replace-one: ε={privacy['epsilon_replace_one']:.3f}"
+            f", δ={privacy['delta_replace_one']:.2g}) "
+            f"[{privacy['accountant']}, σ={privacy['noise_multiplier']:.3f}, "
+            f"q={privacy['sample_rate']:g}, C={privacy['max_grad_norm']:g}, "
+            f"{privacy['steps_planned']} steps per client; noise {privacy['randomness']}]")
+        if privacy["randomness"] != "secure":
+            parts.append("REPRODUCIBLE NOISE: anyone with params.yaml can regenerate it; "
+                         "this model can never be champion")
+        if privacy.get("ledger_run_id"):
+            parts.append(f"ledger charged (run {privacy['ledger_run_id']})")
+        if privacy["model_fixes"]:
+            parts.append("model fixed for Opacus: " + "; ".join(privacy["model_fixes"]))
+    if privacy["client_level_epsilon"] is not None:
+        parts.append(f"client-level DP-FedAvg: ε={privacy['client_level_epsilon']:.3f}")
+    return "; ".join(parts) if parts else "NOT DIFFERENTIALLY PRIVATE (privacy.enabled=false)"
