@@ -4,12 +4,12 @@ For each seed 0..N-1 the data are partitioned as configured (by default one clie
 the 740 complete-case patients, a stratified 80/20 train/test split per client, by patient) and
 the transforms are fitted on the pooled training splits. On that one split, in one process:
 
-* ``federated``   FedAvg as ``tasks/train.py`` runs it (an ``InProcessClient`` per client,
-                  ``run_federated``; the model, rounds, local epochs, batch size and learning
+* ``federated``   FedAvg as ``tasks/train.py`` runs it (a ``SiteClient`` per client,
+                  ``simulate``; the model, rounds, local epochs, batch size and learning
                   rate of the config; the seed as model and training seed); the figures are the
                   last round's pooled test accuracy and AUC.
 * ``centralised`` the same model class, same initial weights and the same minibatch SGD
-                  (``fl_core.engine.train_local``: batch size, learning rate) on the pooled
+                  (``fl_core.federation.site.train_local``: batch size, learning rate) on the pooled
                   training rows of all clients, for ``rounds x local_epochs`` epochs by default
                   (the passes over each training patient that FedAvg makes).
 * ``local_only``  per client, the same model and SGD on that client's training rows alone, scored
@@ -41,7 +41,9 @@ from torch import nn
 
 from fl_core.config import ConfigError, PipelineConfig, load_config
 from fl_core.data import ClientData, DataError, FederatedDataLoader
-from fl_core.engine import InProcessClient, LocalTrainingConfig, run_federated, train_local
+from fl_core.engine import FederationSettings
+from fl_core.federation.simulation import simulate
+from fl_core.federation.site import LocalTrainingConfig, SiteClient, train_local
 from fl_core.metrics import accuracy, roc_auc
 from fl_core.models import build_model, get_flat_params
 
@@ -92,8 +94,10 @@ def run_federated_arm(
 ) -> tuple[float, float]:
     """FedAvg exactly as ``tasks/train.py`` wires it; the last round's pooled accuracy/AUC."""
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, seed)
-    clients = [InProcessClient(d, factory, local) for d in data]
-    result = run_federated(clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients)
+    settings = FederationSettings(rounds=cfg.rounds, local_epochs=cfg.local_epochs,
+                                  min_clients=cfg.min_clients)
+    result = simulate([SiteClient(d, factory, local) for d in data],
+                      initial_params=get_flat_params(factory()), settings=settings)
     last = result.history[-1]
     return last.accuracy, last.auc
 

@@ -107,7 +107,7 @@ def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> 
             accuracies.append(last.accuracy)
             aucs.append(last.auc)
             if run.dp is not None:
-                spent.append(max(float(c.epsilon_spent or 0.0) for c in run.clients))
+                spent.append(max(run.result.site_epsilon.values(), default=0.0))
                 sigmas.append(run.dp.noise_multiplier)
         row = {
             "epsilon": epsilon if math.isfinite(epsilon) else None,
@@ -255,7 +255,7 @@ def _plain_poisson(model: torch.nn.Module, batches: list[torch.Tensor], patients
 
 def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
     """Seconds of local training for 20 rounds on every client, per arm (best of repeats)."""
-    from fl_core.engine import LocalTrainingConfig, train_local
+    from fl_core.federation.site import LocalTrainingConfig, train_local
     from fl_core.models import build_model
     from fl_core.privacy import PatientDPTrainer, group_records, steps_per_epoch
     from tasks.train import make_dpsgd

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fl_core.config import PipelineConfig
 from fl_core.data import Partition
@@ -21,15 +21,11 @@ KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the
 KIND_AUDIT_SWEEP = "audit-sweep"
 
 
-class DPClient(Protocol):
-    """What accounting reads from a federated client (``fl_core.engine.InProcessClient``)."""
-
-    @property
-    def client_id(self) -> str: ...
-    @property
-    def epsilon_spent(self) -> float | None: ...
-    @property
-    def dp_steps(self) -> int: ...
+def client_spending(
+    site_epsilon: Mapping[str, float], site_dp_steps: Mapping[str, int]
+) -> dict[str, tuple[float, int]]:
+    """client id → (ε, DP steps) as the clients reported them in their fit replies."""
+    return {c: (float(site_epsilon.get(c, 0.0)), int(steps)) for c, steps in site_dp_steps.items()}
 
 
 def open_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
@@ -86,16 +82,16 @@ def planned_charge(
 
 def spent_charge(
     cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, dp: DPSGDConfig,
-    clients: Sequence[DPClient], run_id: str, kind: str,
+    spent: Mapping[str, tuple[float, int]], run_id: str, kind: str,
 ) -> Charge:
-    """What a finished run actually spent: each client's accountant ε and its steps."""
-    spent = {c.client_id: (float(c.epsilon_spent or 0.0), c.dp_steps) for c in clients}
+    """What a finished run actually spent: each client's reported ε and steps
+    (:func:`client_spending`)."""
     return Charge(run_id, kind, dataset_label(cfg),
                   site_charges(cfg, site_of, partition, dp.noise_multiplier, spent))
 
 
 def privacy_summary(
-    cfg: PipelineConfig, charge: Charge | None, clients: Sequence[DPClient],
+    cfg: PipelineConfig, charge: Charge | None, spent: Mapping[str, tuple[float, int]],
     dp: DPSGDConfig | None, model_fixes: Sequence[str], rounds: int,
 ) -> dict[str, Any]:
     """What the run spent: per client, per site, and the model's (ε, δ) per patient.
@@ -114,12 +110,12 @@ def privacy_summary(
         out["server_clip_norm"] = p.server.clip_norm
     if dp is None:
         return out
-    client_epsilon = {c.client_id: float(c.epsilon_spent or 0.0) for c in clients}
+    client_epsilon = {c: eps for c, (eps, _) in spent.items()}
     replace_eps, replace_delta = replace_one_epsilon(
-        dp.noise_multiplier, p.sample_rate, max(c.dp_steps for c in clients), p.delta,
-        p.accountant)
+        dp.noise_multiplier, p.sample_rate, max((n for _, n in spent.values()), default=0),
+        p.delta, p.accountant)
     out.update({
-        "epsilon": max(client_epsilon.values()),
+        "epsilon": max(client_epsilon.values(), default=0.0),
         "epsilon_replace_one": replace_eps,
         "delta_replace_one": replace_delta,
         "delta": p.delta,
@@ -131,7 +127,7 @@ def privacy_summary(
         "max_grad_norm": p.max_grad_norm,
         "grad_sample_mode": p.grad_sample_mode,
         "steps_planned": local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate),
-        "client_steps": {c.client_id: c.dp_steps for c in clients},
+        "client_steps": {c: n for c, (_, n) in spent.items()},
         "client_epsilon": client_epsilon,
         "site_epsilon": {s.site: s.epsilon for s in charge.sites} if charge else {},
         "site_patients": {s.site: len(s.patients) for s in charge.sites} if charge else {},

@@ -279,6 +279,13 @@ class TopKQuantizer:
                              f"{self.chunk_size}")
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    def generator_state(self) -> torch.Tensor:
+        """The stochastic-rounding generator's state (travels in a site's state_dict)."""
+        return self._generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        self._generator.set_state(state)
+
     @property
     def levels(self) -> int:
         """``L``: quantized values lie in ``[-L, L]``."""

@@ -322,6 +322,13 @@ class AuditConfig(_Section):
     max_tpr_at_0_1pct_fpr: float = Field(0.05, ge=0, le=1)
 
 
+class FederationConfig(_Section):
+    """How the coordinator talks to sites."""
+
+    # a site that has not replied by then is failed for that round only
+    round_timeout_s: float = Field(300.0, gt=0, le=86_400)
+
+
 class GateConfig(_Section):
     min_accuracy: float = Field(0.75, ge=0, le=1)
 
@@ -351,6 +358,7 @@ class PipelineConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     reports_dir: str = "reports"
     state_dir: str = ".fedpriv"

@@ -1,24 +1,25 @@
-"""The round engine: broadcast → local training → encoded updates → aggregate → evaluate.
+"""The round engine (the coordinator): sample → dispatch → decode and sanitise → defend →
+aggregate → evaluate → record, once per round.
 
-The server talks to clients only through :class:`FederatedClient`, and clients answer only in
-bytes produced by a codec, so the same round runs in-process (the default simulation) or with
-clients behind a queue or a work pool. Byte counts are the lengths of those byte strings.
+The engine reaches sites only through a :class:`~fl_core.federation.transport.Transport` and
+the typed messages of :mod:`fl_core.federation.messages`, so the same round runs in-process
+(the default simulation) or with sites behind a work pool. Byte counts are the lengths of the
+codec payloads that cross.
 
-A client that raises, vanishes, or sends a payload that does not decode is *failed for the
-round*: the round goes on without it and the failure is recorded. A round with fewer than
-``min_clients`` usable updates raises :class:`RoundFailedError`.
+A site that raises, stalls past ``round_timeout_s``, vanishes, replies with something that is
+not the expected message, or sends an update that does not decode to the model's size is
+*failed for the round*: the round goes on without it and the failure is recorded with its
+reason. A round with fewer than ``min_clients`` usable updates raises
+:class:`RoundFailedError`. Evaluation works the same way and only ever sees aggregates.
 """
 
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
-from torch import nn
 
 from fl_core.aggregation import AggregationResult, Aggregator, fedavg
 from fl_core.anomaly import Reputation, detect_anomalies, sanitize
@@ -26,19 +27,23 @@ from fl_core.attacks import Attack
 from fl_core.compression import (
     DenseCodec,
     ModelBroadcast,
-    ModelReplica,
     PayloadError,
     TopKQuantizer,
-    UpdateCompressor,
-    check_finite,
     decode_payload,
     dense_size,
 )
-from fl_core.data import ClientData
-from fl_core.federation.messages import EvaluateReply
+from fl_core.federation.messages import (
+    EvaluateInstruction,
+    EvaluateReply,
+    Failure,
+    FitInstruction,
+    FitReply,
+    MessageError,
+    decode_message,
+    encode_message,
+)
+from fl_core.federation.transport import Transport, TransportFailure
 from fl_core.metrics import histogram_auc
-from fl_core.models import get_flat_params, set_flat_params
-from fl_core.privacy import DPSGDConfig, PatientDPTrainer, group_records
 from fl_core.randomness import RandomSource, SeededRandom
 
 
@@ -47,130 +52,12 @@ class RoundFailedError(RuntimeError):
 
 
 class ClientUpdateError(ValueError):
-    """One client's update was refused; the message names the client and the reason."""
+    """One client's reply was refused; the message names the client and the reason."""
 
     def __init__(self, client_id: str, reason: str) -> None:
         super().__init__(f"client {client_id!r}: {reason}")
         self.client_id = client_id
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class LocalTrainingConfig:
-    local_epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 0.1
-    seed: int = 0
-
-
-class FederatedClient(Protocol):
-    """What the server may ask of a client. Everything crossing the boundary is bytes."""
-
-    client_id: str
-    num_train: int
-
-    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
-        """Train from the broadcast model; return the encoded update (local − global)."""
-        ...
-
-    def evaluate(self, global_payload: bytes, round_idx: int) -> EvaluateReply:
-        """Score the broadcast model on the client's held-out test split; reply with
-        aggregates only (loss sum, count, confusion counts, score histograms per label)."""
-        ...
-
-
-def _seed_for(seed: int, client_id: str, round_idx: int) -> int:
-    # stable across processes (unlike hash()), distinct per client and round
-    return (seed * 1_000_003 + zlib.crc32(client_id.encode()) * 7919 + round_idx) % (2**63 - 1)
-
-
-def train_local(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainingConfig, seed: int
-) -> float:
-    """Plain minibatch SGD on binary cross-entropy; returns the mean loss of the last epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
-    loss_fn = nn.BCEWithLogitsLoss()
-    model.train()
-    last = float("nan")
-    n = x.shape[0]
-    for _ in range(cfg.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        last = total / max(count, 1)
-    return last
-
-
-class InProcessClient:
-    """A simulated hospital: its data never leaves this object except as codec bytes.
-
-    With ``privacy`` it trains by patient-level DP-SGD (:class:`PatientDPTrainer`) and keeps
-    its own accountant; :attr:`epsilon_spent` is what its updates have cost so far. Its DP
-    sampling and noise come from ``randomness`` (one stream per client and round): secret OS
-    entropy for a promotable run, a seeded generator for a reproducible simulation.
-    """
-
-    def __init__(
-        self,
-        data: ClientData,
-        model_factory: Callable[[], nn.Module],
-        training: LocalTrainingConfig,
-        compressor: UpdateCompressor | None = None,
-        privacy: DPSGDConfig | None = None,
-        randomness: RandomSource | None = None,
-    ) -> None:
-        self.client_id = data.client_id
-        self.num_train = data.num_train
-        self._data = data
-        self._model = model_factory()
-        self._training = training
-        self._compressor = compressor or UpdateCompressor(DenseCodec(), error_feedback=False)
-        self._replica = ModelReplica(get_flat_params(self._model).numel())
-        self._randomness = randomness or SeededRandom(training.seed)
-        self.last_train_loss = float("nan")
-        self._dp: PatientDPTrainer | None = None
-        if privacy is not None:  # the factory's model must be one Opacus accepts (check_model)
-            patients = group_records(data.x_train, data.y_train, data.patient_ids())
-            self._dp = PatientDPTrainer(self._model, patients, privacy)
-
-    @property
-    def epsilon_spent(self) -> float | None:
-        """ε this client's DP-SGD has spent so far (None without DP)."""
-        return None if self._dp is None else self._dp.epsilon()
-
-    @property
-    def dp_steps(self) -> int:
-        return 0 if self._dp is None else self._dp.steps
-
-    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
-        global_params = self._replica.apply(global_payload)
-        set_flat_params(self._model, global_params)
-        if self._dp is not None:
-            random = self._randomness.stream("dp-sgd", self.client_id, round_idx)
-            self.last_train_loss = self._dp.train(self._training.local_epochs, random)
-        else:  # not private: the minibatch order needs no secrecy
-            seed = _seed_for(self._training.seed, self.client_id, round_idx)
-            self.last_train_loss = train_local(
-                self._model, self._data.x_train, self._data.y_train, self._training, seed
-            )
-        delta = get_flat_params(self._model) - global_params
-        check_finite(delta, f"update of client {self.client_id!r}")
-        return self._compressor.compress(delta, round_idx)
-
-    def evaluate(self, global_payload: bytes, round_idx: int) -> EvaluateReply:
-        set_flat_params(self._model, decode_payload(global_payload, self._replica.num_elements))
-        self._model.eval()
-        with torch.no_grad():
-            logits = self._model(self._data.x_test)
-        return EvaluateReply.from_logits(self.client_id, round_idx, logits, self._data.y_test)
 
 
 @dataclass
@@ -192,8 +79,11 @@ class RoundRecord:
     rejected_clients: list[str] = field(default_factory=list)
     excluded_clients: list[str] = field(default_factory=list)
     client_accuracy: dict[str, float] = field(default_factory=dict)
-    epsilon: float | None = None  # DP-SGD: the largest ε any client has spent so far
+    epsilon: float | None = None  # DP-SGD: the largest ε any client has reported so far
     seconds: float = 0.0
+
+
+RoundSink = Callable[[RoundRecord], None]  # per-round output: progress, MLflow, Prometheus
 
 
 @dataclass
@@ -201,48 +91,8 @@ class TrainingResult:
     params: torch.Tensor
     history: list[RoundRecord]
     failures: list[ClientUpdateError]
-
-
-def _valid_evaluation(reply: object, client_id: str, round_idx: int) -> EvaluateReply:
-    """The client's evaluation if it is one, for this round and from this client."""
-    if not isinstance(reply, EvaluateReply):
-        raise ValueError(f"evaluation reply is a {type(reply).__name__}")
-    if reply.site != client_id or reply.round != round_idx:
-        raise ValueError(f"evaluation reply claims site {reply.site!r}, round {reply.round}")
-    if sum(reply.confusion) != reply.count or int(reply.histogram.sum()) != reply.count:
-        raise ValueError("evaluation reply's confusion, histogram and count disagree")
-    return reply
-
-
-def evaluate_pooled(
-    clients: Sequence[FederatedClient], payload: bytes, round_idx: int
-) -> tuple[float, float, float, dict[str, float], list[ClientUpdateError]]:
-    """Pooled loss, accuracy and AUC over the clients' test splits, from their aggregates;
-    per-client accuracy; and the clients whose evaluation failed (raised, vanished or replied
-    with something that is not an evaluation): those are left out of this round's figures.
-
-    AUC comes from the merged score histograms (:func:`fl_core.metrics.histogram_auc`):
-    pairs of patients whose scores share one of the 4096 bins count as ties.
-    """
-    replies: list[EvaluateReply] = []
-    failures: list[ClientUpdateError] = []
-    for client in clients:
-        try:
-            replies.append(_valid_evaluation(client.evaluate(payload, round_idx),
-                                             client.client_id, round_idx))
-        except Exception as exc:  # one bad site never takes down the round
-            failures.append(ClientUpdateError(
-                client.client_id, f"evaluation failed ({type(exc).__name__}: {exc})"))
-    count = sum(r.count for r in replies)
-    if not count:
-        nan = float("nan")
-        return nan, nan, nan, {}, failures
-    loss = sum(r.loss_sum for r in replies) / count
-    correct = sum(r.confusion[0] + r.confusion[2] for r in replies)
-    auc = histogram_auc(torch.stack([r.histogram for r in replies]).sum(0))
-    per_client = {r.site: (r.confusion[0] + r.confusion[2]) / r.count if r.count
-                  else float("nan") for r in replies}
-    return loss, correct / count, auc, per_client, failures
+    site_epsilon: dict[str, float] = field(default_factory=dict)  # last ε each site reported
+    site_dp_steps: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,143 +123,253 @@ class Defense:
         return self.aggregator(updates, weights, previous)
 
 
-def _fail(failures: list[ClientUpdateError], failed: list[str], cid: str, reason: str) -> None:
-    failures.append(ClientUpdateError(cid, reason))
-    failed.append(cid)
+@dataclass(frozen=True)
+class FederationSettings:
+    """How the coordinator runs rounds (``federation.*`` and the round-level config)."""
+
+    rounds: int
+    local_epochs: int = 2
+    min_clients: int = 1
+    round_timeout_s: float = 300.0
+    client_fraction: float = 1.0
+    run_id: str = "simulation"
+
+
+@dataclass
+class _Round:
+    """One round's working state, filled in step by step."""
+
+    index: int
+    started: float
+    participants: list[str]
+    failures: list[ClientUpdateError] = field(default_factory=list)
+    replies: list[FitReply] = field(default_factory=list)
+    updates: torch.Tensor | None = None
+    bytes_up: int = 0
+    received: int = 0
+
+    def fail(self, site: str, reason: str) -> None:
+        self.failures.append(ClientUpdateError(site, reason))
+
+
+def _reply_or_reason(site: str, raw: object, expected: type, round_idx: int) -> object:
+    """The decoded, checked reply of ``site``, or the reason it is refused (a str)."""
+    if isinstance(raw, TransportFailure):
+        return raw.reason
+    try:
+        message = decode_message(raw, site=site)  # type: ignore[arg-type]
+    except MessageError as exc:
+        return f"unreadable reply: {exc.reason}"
+    if isinstance(message, Failure):
+        return f"site reported failure: {message.reason}"
+    if not isinstance(message, expected):
+        return f"replied with a {type(message).__name__}, expected a {expected.__name__}"
+    if message.round != round_idx:  # type: ignore[attr-defined]
+        return f"reply for round {message.round}, expected {round_idx}"  # type: ignore
+    return message
+
+
+def _dispatch_fit(transport: Transport, rnd: _Round, payload: bytes,
+                  settings: FederationSettings) -> None:
+    request = encode_message(FitInstruction(settings.run_id, rnd.index, payload,
+                                            settings.local_epochs))
+    answers = transport.exchange({s: request for s in rnd.participants},
+                                 settings.round_timeout_s)
+    for site, raw in answers.items():
+        reply = _reply_or_reason(site, raw, FitReply, rnd.index)
+        if isinstance(reply, str):
+            rnd.fail(site, f"no update ({reply})")
+        else:
+            rnd.replies.append(reply)  # type: ignore[arg-type]
+
+
+def _decode_updates(rnd: _Round, n_params: int) -> None:
+    """Decode each update at the model's size; refuse undecodable and non-finite ones."""
+    decoded: list[torch.Tensor] = []
+    senders: list[FitReply] = []
+    for reply in rnd.replies:
+        rnd.bytes_up += len(reply.update)
+        rnd.received += 1
+        try:
+            decoded.append(decode_payload(reply.update, n_params))
+            senders.append(reply)
+        except PayloadError as exc:
+            rnd.fail(reply.site, f"undecodable payload: {exc}")
+    kept, reasons = sanitize(decoded, n_params, max_norm_factor=0)
+    for i, reason in reasons.items():
+        rnd.fail(senders[i].site, reason)
+    rnd.replies = [senders[i] for i in kept]
+    rnd.updates = torch.stack([decoded[i] for i in kept]) if kept else torch.zeros(0, n_params)
+
+
+@dataclass(frozen=True)
+class _Defended:
+    kept: list[int]
+    rejected: list[str]
+    flagged: list[str]
+    excluded: list[str]
+
+
+def _defend(rnd: _Round, defense: Defense, n_params: int) -> _Defended:
+    """Absurd norms, anomalies and reputation: who is rejected, flagged, excluded."""
+    assert rnd.updates is not None
+    ids = [r.site for r in rnd.replies]
+    kept, reasons = sanitize(list(rnd.updates), n_params, defense.max_norm_factor)
+    rejected = [ids[i] for i in sorted(reasons)]
+    flagged: list[str] = []
+    if defense.detect and len(kept) >= defense.detect_min_clients:
+        report = detect_anomalies(rnd.updates[kept], defense.z_threshold)
+        flagged = [ids[kept[i]] for i in report.flagged]
+        defense.reputation.update([ids[i] for i in kept], set(flagged))
+        kept = [i for i in kept if not defense.reputation.excluded(ids[i])]
+    excluded = [ids[i] for i in range(len(ids)) if ids[i] not in rejected and i not in kept]
+    return _Defended(kept, rejected, flagged, excluded)
+
+
+def _check_enough(rnd: _Round, defended: _Defended, min_clients: int) -> None:
+    if len(defended.kept) >= min_clients:
+        return
+    lost = [str(f) for f in rnd.failures]
+    lost += [f"{cid}: rejected" for cid in defended.rejected]
+    lost += [f"{cid}: excluded by reputation" for cid in defended.excluded]
+    raise RoundFailedError(
+        f"round {rnd.index}: {len(defended.kept)} usable update(s) from "
+        f"{len(rnd.participants)} client(s) asked, min_clients={min_clients}"
+        + (f" ({'; '.join(lost)})" if lost else ""))
+
+
+def evaluate_sites(
+    transport: Transport, sites: Sequence[str], params: torch.Tensor, round_idx: int,
+    settings: FederationSettings,
+) -> tuple[float, float, float, dict[str, float], list[ClientUpdateError]]:
+    """Pooled loss, accuracy and AUC over the sites' test splits, from their aggregates;
+    per-site accuracy; and the sites whose evaluation failed (left out of the figures).
+
+    AUC comes from the merged score histograms (:func:`fl_core.metrics.histogram_auc`):
+    pairs of patients whose scores share one of the 4096 bins count as ties.
+    """
+    request = encode_message(EvaluateInstruction(settings.run_id, round_idx,
+                                                 DenseCodec().encode(params)))
+    answers = transport.exchange({s: request for s in sites}, settings.round_timeout_s)
+    replies: list[EvaluateReply] = []
+    failures: list[ClientUpdateError] = []
+    for site, raw in answers.items():
+        reply = _reply_or_reason(site, raw, EvaluateReply, round_idx)
+        if isinstance(reply, str):
+            failures.append(ClientUpdateError(site, f"evaluation failed ({reply})"))
+        else:
+            replies.append(reply)  # type: ignore[arg-type]
+    count = sum(r.count for r in replies)
+    if not count:
+        nan = float("nan")
+        return nan, nan, nan, {}, failures
+    loss = sum(r.loss_sum for r in replies) / count
+    correct = sum(r.confusion[0] + r.confusion[2] for r in replies)
+    auc = histogram_auc(torch.stack([r.histogram for r in replies]).sum(0))
+    per_site = {r.site: (r.confusion[0] + r.confusion[2]) / r.count if r.count
+                else float("nan") for r in replies}
+    return loss, correct / count, auc, per_site, failures
+
+
+def _sample(sites: Sequence[str], fraction: float, sampling: RandomSource) -> list[str]:
+    """Poisson client sampling: each site is asked with probability ``fraction``."""
+    if fraction >= 1:
+        return list(sites)
+    picked = sampling.uniform(len(sites)) < fraction
+    return [s for s, p in zip(sites, picked.tolist(), strict=True) if p]
 
 
 def run_federated(
-    clients: Sequence[FederatedClient],
+    *,
+    transport: Transport,
+    sites: Sequence[str],
     initial_params: torch.Tensor,
-    rounds: int,
-    min_clients: int = 1,
+    settings: FederationSettings,
     downlink: TopKQuantizer | None = None,
-    on_round: Callable[[RoundRecord], None] | None = None,
+    sinks: Sequence[RoundSink] = (),
     defense: Defense | None = None,
     attack: Attack | None = None,
     seed: int = 0,
-    client_fraction: float = 1.0,
     randomness: RandomSource | None = None,
+    first_round: int = 1,
 ) -> TrainingResult:
-    """Run ``rounds`` federated rounds; FedAvg weighted by training-set size by default.
+    """Run ``settings.rounds`` rounds over ``sites``; FedAvg weighted by patients by default.
 
-    Updates are decoded with whichever fedpriv codec wrote them. The broadcast is the dense
-    model each round, or with ``downlink`` the dense model once and compressed deltas after
-    (:class:`ModelBroadcast`). Byte counts are payload lengths; the uncompressed figures are
-    what dense float32 payloads would have been. Evaluation is a measurement of the
-    simulation and sends the dense model, uncounted. ``attack`` (simulation only) rewrites
-    the updates of its malicious clients once the round's honest updates are known.
-    ``client_fraction < 1`` asks each client to train with that probability per round
-    (Poisson client sampling drawn from ``randomness``, by default seeded by ``seed``; the
-    amplification DP-FedAvg claims for it needs a secret source); the others sit it out.
+    The broadcast is the dense model each round, or with ``downlink`` the dense model once and
+    compressed deltas after (:class:`ModelBroadcast`). Byte counts are payload lengths; the
+    uncompressed figures are what dense float32 payloads would have been. Evaluation sends the
+    dense model, uncounted. ``attack`` (simulation only) rewrites the updates of its malicious
+    clients once the round's honest updates are known. ``settings.client_fraction < 1`` asks
+    each site with that probability per round (Poisson sampling drawn from ``randomness``;
+    the amplification DP-FedAvg claims for it needs a secret source). ``first_round > 1``
+    resumes a run from its round-``first_round − 1`` model (sites restored from their
+    ``state_dict``).
     """
-    if client_fraction < 1 and downlink is not None:
+    if settings.client_fraction < 1 and downlink is not None:
         raise ValueError("client sampling with a compressed downlink: a client that sits a "
                          "round out would miss that round's model delta")
-    if min_clients > len(clients):
-        raise ValueError(f"min_clients={min_clients} but only {len(clients)} clients exist")
+    if settings.min_clients > len(sites):
+        raise ValueError(f"min_clients={settings.min_clients} but only {len(sites)} clients "
+                         f"exist")
     defense = defense or Defense()
     broadcast = ModelBroadcast(downlink)
-    dense = DenseCodec()
     generator = torch.Generator().manual_seed(seed)  # simulated attacks only
     sampling = (randomness or SeededRandom(seed)).stream("client-sampling")
     params = initial_params.detach().clone().to(torch.float32)
-    previous: torch.Tensor | None = None
     n_params = params.numel()
-    history: list[RoundRecord] = []
-    failures: list[ClientUpdateError] = []
-    for round_idx in range(1, rounds + 1):
-        started = time.perf_counter()
-        global_payload = broadcast.payload(params)
-        received_updates: list[torch.Tensor] = []
-        senders: list[FederatedClient] = []
-        failed: list[str] = []
-        bytes_up, received = 0, 0
-        participants = list(clients)
-        if client_fraction < 1:
-            picked = sampling.uniform(len(clients)) < client_fraction
-            participants = [c for c, p in zip(clients, picked.tolist(), strict=True) if p]
-        for client in participants:
-            try:
-                payload = client.fit(global_payload, round_idx)
-            except Exception as exc:  # a client that crashes or vanishes fails only its round
-                _fail(failures, failed, client.client_id,
-                      f"no update ({type(exc).__name__}: {exc})")
-                continue
-            if not isinstance(payload, bytes):
-                _fail(failures, failed, client.client_id,
-                      f"no update (reply is a {type(payload).__name__}, not bytes)")
-                continue
-            bytes_up += len(payload)
-            received += 1
-            try:
-                received_updates.append(decode_payload(payload, n_params))
-                senders.append(client)
-            except PayloadError as exc:
-                _fail(failures, failed, client.client_id, f"undecodable payload: {exc}")
-        kept, reasons = sanitize(received_updates, n_params, max_norm_factor=0)
-        for i, reason in reasons.items():
-            _fail(failures, failed, senders[i].client_id, reason)
-        senders = [senders[i] for i in kept]
-        ids = [c.client_id for c in senders]
-        updates = (torch.stack([received_updates[i] for i in kept]) if kept
-                   else torch.zeros(0, n_params))
-        if attack is not None and kept:
-            rows = [i for i, cid in enumerate(ids) if cid in attack.malicious]
-            updates = attack.craft(updates, rows, generator)
+    result = TrainingResult(params, [], [])
+    previous: torch.Tensor | None = None
+    for round_idx in range(first_round, settings.rounds + 1):
+        rnd = _Round(round_idx, time.perf_counter(),
+                     _sample(sites, settings.client_fraction, sampling))
+        payload = broadcast.payload(params)
+        _dispatch_fit(transport, rnd, payload, settings)
+        _decode_updates(rnd, n_params)
+        assert rnd.updates is not None
+        if attack is not None and rnd.replies:
+            rows = [i for i, r in enumerate(rnd.replies) if r.site in attack.malicious]
+            rnd.updates = attack.craft(rnd.updates, rows, generator)
+        defended = _defend(rnd, defense, n_params)
+        _check_enough(rnd, defended, settings.min_clients)
+        kept = [rnd.replies[i] for i in defended.kept]
+        weights = torch.tensor([float(r.num_patients) for r in kept])
+        aggregate = defense.aggregate(rnd.updates[defended.kept], weights, previous).aggregate
+        previous, params = aggregate, params + aggregate
+        for reply in rnd.replies:
+            if reply.epsilon is not None:
+                result.site_epsilon[reply.site] = reply.epsilon
+            result.site_dp_steps[reply.site] = reply.dp_steps
+        record = _record(rnd, defended, kept, weights, payload, n_params, result,
+                         evaluate_sites(transport, sites, params, round_idx, settings))
+        result.history.append(record)
+        for sink in sinks:
+            sink(record)
+    result.params = params
+    return result
 
-        # absurd norms, anomalies and reputation: rejected, flagged, excluded
-        kept, reasons = sanitize(list(updates), n_params, defense.max_norm_factor)
-        rejected = [ids[i] for i in sorted(reasons)]
-        flagged: list[str] = []
-        if defense.detect and len(kept) >= defense.detect_min_clients:
-            report = detect_anomalies(updates[kept], defense.z_threshold)
-            flagged = [ids[kept[i]] for i in report.flagged]
-            defense.reputation.update([ids[i] for i in kept], set(flagged))
-            kept = [i for i in kept if not defense.reputation.excluded(ids[i])]
-        excluded = [ids[i] for i in range(len(ids))
-                    if ids[i] not in rejected and i not in kept]
-        if len(kept) < min_clients:
-            lost = [str(f) for f in failures[-len(failed):]] if failed else []
-            lost += [f"{cid}: rejected" for cid in rejected]
-            lost += [f"{cid}: excluded by reputation" for cid in excluded]
-            raise RoundFailedError(
-                f"round {round_idx}: {len(kept)} usable update(s) from {len(participants)} "
-                f"client(s) asked, min_clients={min_clients}"
-                + (f" ({'; '.join(lost)})" if lost else "")
-            )
-        weights = torch.tensor([float(senders[i].num_train) for i in kept])
-        result = defense.aggregate(updates[kept], weights, previous)
-        previous = result.aggregate
-        params = params + result.aggregate
-        test_loss, acc, auc, per_client, eval_failures = evaluate_pooled(
-            clients, dense.encode(params), round_idx)
-        for failure in eval_failures:
-            _fail(failures, failed, failure.client_id, failure.reason)
-        losses = torch.tensor([getattr(senders[i], "last_train_loss", float("nan"))
-                               for i in kept])
-        train_loss = float((losses * weights).sum() / weights.sum())
-        spent = [e for c in clients if (e := getattr(c, "epsilon_spent", None)) is not None]
-        record = RoundRecord(
-            round=round_idx,
-            train_loss=train_loss,
-            test_loss=test_loss,
-            accuracy=acc,
-            auc=auc,
-            bytes_uploaded=bytes_up,
-            bytes_downloaded=len(global_payload) * len(participants),
-            bytes_uploaded_uncompressed=dense_size(n_params) * received,
-            bytes_downloaded_uncompressed=dense_size(n_params) * len(participants),
-            clients_ok=len(kept),
-            failed_clients=failed,
-            flagged_clients=flagged,
-            rejected_clients=rejected,
-            excluded_clients=excluded,
-            client_accuracy=per_client,
-            epsilon=max(spent) if spent else None,
-            seconds=time.perf_counter() - started,
-        )
-        history.append(record)
-        if on_round is not None:
-            on_round(record)
-    return TrainingResult(params=params, history=history, failures=failures)
+
+def _record(
+    rnd: _Round, defended: _Defended, kept: list[FitReply], weights: torch.Tensor,
+    payload: bytes, n_params: int, result: TrainingResult,
+    evaluation: tuple[float, float, float, dict[str, float], list[ClientUpdateError]],
+) -> RoundRecord:
+    test_loss, acc, auc, per_site, eval_failures = evaluation
+    rnd.failures += eval_failures
+    result.failures += rnd.failures
+    losses = torch.tensor([r.train_loss for r in kept])
+    spent = result.site_epsilon.values()
+    return RoundRecord(
+        round=rnd.index,
+        train_loss=float((losses * weights).sum() / weights.sum()),
+        test_loss=test_loss, accuracy=acc, auc=auc,
+        bytes_uploaded=rnd.bytes_up,
+        bytes_downloaded=len(payload) * len(rnd.participants),
+        bytes_uploaded_uncompressed=dense_size(n_params) * rnd.received,
+        bytes_downloaded_uncompressed=dense_size(n_params) * len(rnd.participants),
+        clients_ok=len(kept),
+        failed_clients=list(dict.fromkeys(f.client_id for f in rnd.failures)),  # unique
+        flagged_clients=defended.flagged, rejected_clients=defended.rejected,
+        excluded_clients=defended.excluded, client_accuracy=per_site,
+        epsilon=max(spent) if spent else None,
+        seconds=time.perf_counter() - rnd.started,
+    )

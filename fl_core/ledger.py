@@ -16,11 +16,14 @@ an Opacus accountant takes as ``history``), the ε the run reports and the patie
 
 * basic: ``ε_basic(p) = Σ_{c∈C(p)} ε_c`` and ``δ(p) = Σ_{c∈C(p)} δ_c`` (sequential
   composition; always valid, loose);
-* tight: ``ε_tight(p)`` = the ε a fresh accountant (``prv`` or ``rdp``) reports at
-  ``δ(p)`` for the concatenated histories ``⊕_{c∈C(p)} history_c``. Every charge is a sequence
-  of subsampled Gaussian steps on ``p``'s data, so their concatenation is exactly the
-  mechanism ``p`` has been exposed to; ``ε_tight(p) ≤ ε_basic(p)`` up to the accountant's
-  numerical error.
+* tight: ``ε_tight(p)`` = the ε a fresh accountant (``prv`` or ``rdp``) reports for the
+  concatenated histories ``⊕_{c∈C(p)} history_c`` at ``δ_tight(p) = min_{c∈C(p)} δ_c``.
+  Every charge is a sequence of subsampled Gaussian steps on ``p``'s data, so their
+  concatenation is exactly the mechanism ``p`` has been exposed to, and that mechanism is
+  (ε(δ), δ)-DP for every δ: no δ needs adding up. Reading it at the *smallest* δ any charge
+  used makes the figure monotone: a new charge lengthens the history and can only keep or
+  lower that δ, so the composed ε never decreases (read at Σδ, a small run added to a large
+  one could lower it). ``ε_tight(p) ≤ ε_basic(p)`` up to the accountant's numerical error.
 
 Patients with the same set of charges share one computation (grouped by the charges' ids), so
 the accountant runs once per distinct group, never per patient. A site's figure is the
@@ -28,11 +31,8 @@ maximum over its patients (the worst-exposed patient), and what a planned run ne
 is the maximum over *that run's* patients of the tight composition including the run.
 
 **The cap** ``privacy.lifetime_epsilon`` is enforced on the tight composition including the
-planned run(s): the tight figure is a valid (ε, Σδ) guarantee for every patient, and capping
-the loose sum instead would refuse runs whose real cost is well within the cap. Note that δ
-grows with every charge and ε is read at that larger δ, so a small run added to a large one
-can *lower* the composed ε (9.49 at δ = 1e-5, then 9.29 at 2e-5 after a run at ε = 1): the
-guarantee is still valid, but δ itself is not capped.
+planned run(s): the tight figure is a valid (ε, min δ) guarantee for every patient, and
+capping the loose sum instead would refuse runs whose real cost is well within the cap.
 
 Two operations keep the ledger honest:
 
@@ -170,6 +170,7 @@ class Composition:
     basic_epsilon: float
     basic_delta: float
     tight_epsilon: float
+    tight_delta: float  # the smallest δ of the charges: where the tight ε is read
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ class SiteBalance:
     basic_epsilon: float
     basic_delta: float
     tight_epsilon: float
+    tight_delta: float
     accountant: str
     groups: tuple[GroupBalance, ...]
 
@@ -220,13 +222,14 @@ class SiteNeed:
 def compose(charges: Sequence[tuple[float, float, History]], accountant: str) -> Composition:
     """Basic and tight composition of ``(ε, δ, history)`` charges on one patient.
 
-    basic = (Σ ε, Σ δ); tight = a fresh ``accountant`` on ``⊕ history`` at δ = Σ δ
+    basic = (Σ ε, Σ δ); tight = a fresh ``accountant`` on ``⊕ history`` at δ = min δ
     (:func:`fl_core.privacy.epsilon_for_history`, cached by history).
     """
     history = tuple(step for _, _, h in charges for step in h)
-    delta = sum(d for _, d, _ in charges)
-    tight = epsilon_for_history(history, delta, accountant) if history else 0.0
-    return Composition(len(charges), sum(e for e, _, _ in charges), delta, tight)
+    tight_delta = min((d for _, d, _ in charges), default=0.0)
+    tight = epsilon_for_history(history, tight_delta, accountant) if history else 0.0
+    return Composition(len(charges), sum(e for e, _, _ in charges),
+                       sum(d for _, d, _ in charges), tight, tight_delta)
 
 
 class PrivacyLedger:
@@ -349,7 +352,8 @@ def _site_balance(db: sqlite3.Connection, site: str, accountant: str) -> SiteBal
         site, len(past), len(charged),
         max((g.spent.basic_epsilon for g in groups), default=0.0),
         max((g.spent.basic_delta for g in groups), default=0.0),
-        max((g.spent.tight_epsilon for g in groups), default=0.0), accountant, tuple(groups))
+        max((g.spent.tight_epsilon for g in groups), default=0.0),
+        min((g.spent.tight_delta for g in groups), default=0.0), accountant, tuple(groups))
 
 
 def _site_need(db: sqlite3.Connection, site: str, planned: Sequence[SiteCharge]) -> SiteNeed:
@@ -360,7 +364,7 @@ def _site_need(db: sqlite3.Connection, site: str, planned: Sequence[SiteCharge])
     signatures: set[tuple[frozenset[int], frozenset[int]]] = set()
     for key, plans in _planned_patients(site, planned).items():
         signatures.add((charged.get(key, frozenset()), plans))
-    spent, worst = 0.0, Composition(0, 0.0, 0.0, 0.0)
+    spent, worst = 0.0, Composition(0, 0.0, 0.0, 0.0, 0.0)
     for ids, plans in signatures:
         before = [(p.epsilon, p.delta, p.history)
                   for p in sorted((past[i] for i in ids), key=lambda p: p.id)]

@@ -291,8 +291,18 @@ class PatientDPTrainer:
     def steps(self) -> int:
         return sum(s for _, _, s in self._accountant.history)
 
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant's ``(σ, q, steps)`` history: what a resumed site must restore."""
+        return [tuple(h) for h in self._accountant.history]  # type: ignore[misc]
+
+    def load_history(self, history: list[tuple[float, float, int]]) -> None:
+        self._accountant.history = [tuple(h) for h in history]
+
     def epsilon(self) -> float:
-        """ε spent by this client so far, from its own accountant's history."""
+        """ε spent by this client so far, from its own accountant's history (∞ once a
+        noiseless step was taken: σ = 0 is no privacy at all)."""
+        if self.cfg.noise_multiplier == 0 and self.steps:
+            return math.inf
         return epsilon_for_history(tuple(self._accountant.history), self.cfg.delta,
                                    self.cfg.accountant)
 

@@ -129,12 +129,13 @@ def print_budget(cfg: Any, root: Path, entries: bool) -> None:
     table = Table(title=f"privacy budget per site, ledger {ledger.path}\nunit: one patient "
                         f"(add/remove one patient); each site's most-exposed patient")
     for column in ("site", "runs", "patients", "ε basic (Σ)", "δ basic (Σ)",
-                   f"ε composed ({accountant}) at that δ", "lifetime cap", "ε left"):
+                   f"ε composed ({accountant})", "at δ (min)", "lifetime cap", "ε left"):
         table.add_column(column, justify="left" if column == "site" else "right")
     balances = ledger.balances(accountant)
     for b in balances:
         table.add_row(b.site, str(b.runs), str(b.patients), f"{b.basic_epsilon:.4f}",
-                      f"{b.basic_delta:.2g}", f"{b.tight_epsilon:.4f}", f"{cap:g}",
+                      f"{b.basic_delta:.2g}", f"{b.tight_epsilon:.4f}", f"{b.tight_delta:.2g}",
+                      f"{cap:g}",
                       f"{max(cap - b.tight_epsilon, 0.0):.4f}")
     console.print(table if balances else f"privacy ledger {ledger.path}: no charges recorded")
     legacy = ledger.legacy_entries()

@@ -16,6 +16,7 @@ from prefect import task
 
 from fl_core.accounting import (
     KIND_TRAIN,
+    client_spending,
     describe_privacy,
     open_ledger,
     planned_charge,
@@ -33,14 +34,9 @@ from fl_core.attacks import Attack, choose_malicious
 from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
 from fl_core.config import CompressionConfig, ConfigError, PipelineConfig, check_aggregation
 from fl_core.data import ClientData, FederatedDataLoader, Partition
-from fl_core.engine import (
-    Defense,
-    InProcessClient,
-    LocalTrainingConfig,
-    RoundRecord,
-    TrainingResult,
-    run_federated,
-)
+from fl_core.engine import Defense, FederationSettings, RoundRecord, TrainingResult
+from fl_core.federation.simulation import simulate
+from fl_core.federation.site import LocalTrainingConfig, SiteClient
 from fl_core.ledger import Charge, new_run_id
 from fl_core.models import build_model, get_flat_params, set_flat_params
 from fl_core.privacy import (
@@ -245,9 +241,9 @@ def charge_and_summarise(
     charge = None
     if run.dp is not None and run_id is not None:
         site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
-        charge = spent_charge(cfg, site_of, partition, run.dp, run.clients, run_id, kind)
+        charge = spent_charge(cfg, site_of, partition, run.dp, run.spent, run_id, kind)
         open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
-    return privacy_summary(cfg, charge, run.clients, run.dp, run.model_fixes,
+    return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,
                            len(run.result.history))
 
 
@@ -274,13 +270,17 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class FederatedRun:
-    """A finished federated run and what made it: clients, their DP recipe, the attack."""
+    """A finished federated run and what made it: its DP recipe and the attack."""
 
     result: TrainingResult
-    clients: list[InProcessClient]
     dp: DPSGDConfig | None
     attack: Attack | None
     model_fixes: list[str]  # what ModuleValidator.fix changed for Opacus (usually nothing)
+
+    @property
+    def spent(self) -> dict[str, tuple[float, int]]:
+        """client id → (ε, DP steps), as the clients reported them."""
+        return client_spending(self.result.site_epsilon, self.result.site_dp_steps)
 
 
 def federate(
@@ -304,17 +304,17 @@ def federate(
     if attack is not None and attack.flips_labels:
         data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
     dp = make_dpsgd(cfg, data)
-    clients = [InProcessClient(d, factory, local, make_compressor(comp, cfg.seed + i), dp,
-                               randomness=random)
-               for i, d in enumerate(data)]
+    sites = [SiteClient(d, factory, local, make_compressor(comp, cfg.seed + i), dp,
+                        randomness=random) for i, d in enumerate(data)]
     downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
         else None
-    result = run_federated(
-        clients, get_flat_params(factory()), cfg.rounds, cfg.min_clients, downlink=downlink,
-        on_round=on_round, defense=defense, attack=attack, seed=cfg.seed,
-        client_fraction=cfg.client_fraction, randomness=random,
-    )
-    return FederatedRun(result, clients, dp, attack, model_fixes)
+    settings = FederationSettings(
+        rounds=cfg.rounds, local_epochs=cfg.local_epochs, min_clients=cfg.min_clients,
+        round_timeout_s=cfg.federation.round_timeout_s, client_fraction=cfg.client_fraction)
+    result = simulate(sites, initial_params=get_flat_params(factory()), settings=settings,
+                      downlink=downlink, sinks=[on_round] if on_round else (),
+                      defense=defense, attack=attack, seed=cfg.seed, randomness=random)
+    return FederatedRun(result, dp, attack, model_fixes)
 
 
 def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:

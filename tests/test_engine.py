@@ -1,3 +1,6 @@
+import dataclasses
+import time
+
 import pytest
 import torch
 
@@ -9,13 +12,26 @@ from fl_core.compression import (
     dense_size,
 )
 from fl_core.data import ClientData
-from fl_core.engine import (
-    InProcessClient,
-    LocalTrainingConfig,
-    RoundFailedError,
-    run_federated,
+from fl_core.engine import FederationSettings, RoundFailedError, TrainingResult
+from fl_core.federation import (
+    EvaluateInstruction,
+    FitInstruction,
+    FitReply,
+    decode_message,
+    encode_message,
 )
+from fl_core.federation.simulation import simulate
+from fl_core.federation.site import LocalTrainingConfig, SiteClient
 from fl_core.models import build_model, get_flat_params, set_flat_params
+
+
+def run(sites: list[SiteClient], init: torch.Tensor, rounds: int, min_clients: int = 1,
+        timeout: float = 60.0, **options: object) -> TrainingResult:
+    """The engine over in-process sites, local epochs as the sites were built with."""
+    settings = FederationSettings(rounds=rounds, min_clients=min_clients,
+                                  local_epochs=sites[0]._training.local_epochs,
+                                  round_timeout_s=timeout)
+    return simulate(sites, initial_params=init, settings=settings, **options)  # type: ignore
 
 
 def make_client(cid: str, n: int, seed: int) -> ClientData:
@@ -27,7 +43,7 @@ def make_client(cid: str, n: int, seed: int) -> ClientData:
     return ClientData(cid, x[:k], y[:k], x[k:], y[k:], tuple(range(k)), tuple(range(k, n)))
 
 
-def clients(n_clients: int = 3, cls=InProcessClient, **kw):
+def clients(n_clients: int = 3, cls=SiteClient, **kw):
     def factory():
         return build_model("logreg", 3, seed=0)
 
@@ -41,7 +57,7 @@ def clients(n_clients: int = 3, cls=InProcessClient, **kw):
 def test_federated_training_learns_and_counts_bytes() -> None:
     cs, factory = clients()
     init = get_flat_params(factory())
-    result = run_federated(cs, init, rounds=5, min_clients=2)
+    result = run(cs, init, 5, 2)
     assert result.history[-1].accuracy > 0.9
     assert result.history[-1].accuracy > result.history[0].accuracy - 0.05
     size = len(DenseCodec().encode(init))
@@ -56,8 +72,8 @@ def test_same_seed_same_result() -> None:
     a, factory = clients()
     b, _ = clients()
     init = get_flat_params(factory())
-    ra = run_federated(a, init, rounds=3)
-    rb = run_federated(b, init, rounds=3)
+    ra = run(a, init, 3)
+    rb = run(b, init, 3)
     assert torch.equal(ra.params, rb.params)
     assert [r.accuracy for r in ra.history] == [r.accuracy for r in rb.history]
 
@@ -66,42 +82,47 @@ def test_fedavg_weights_by_training_size() -> None:
     # one round with one local step each: aggregate = size-weighted mean of client deltas
     cs, factory = clients()
     init = get_flat_params(factory())
-    result = run_federated(cs, init, rounds=1)
+    result = run(cs, init, 1)
     deltas, sizes = [], []
     for c in clients()[0]:
-        deltas.append(DenseCodec().decode(c.fit(DenseCodec().encode(init), 1)))
-        sizes.append(c.num_train)
+        reply = c.fit(FitInstruction("r", 1, DenseCodec().encode(init), 2))
+        deltas.append(DenseCodec().decode(reply.update))
+        sizes.append(reply.num_patients)
     w = torch.tensor(sizes, dtype=torch.float32)
     expected = init + (torch.stack(deltas) * (w / w.sum())[:, None]).sum(0)
     assert torch.allclose(result.params, expected, atol=1e-6)
 
 
-class Vanishing(InProcessClient):
-    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
-        if self.client_id == "c1" and round_idx == 2:
+class Vanishing(SiteClient):
+    def fit(self, instruction: FitInstruction) -> FitReply:
+        if self.client_id == "c1" and instruction.round == 2:
             raise ConnectionError("hospital c1 went offline")
-        return super().fit(global_payload, round_idx)
+        return super().fit(instruction)
 
 
-class Corrupting(InProcessClient):
-    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
-        payload = bytearray(super().fit(global_payload, round_idx))
+class Corrupting(SiteClient):
+    def fit(self, instruction: FitInstruction) -> FitReply:
+        reply = super().fit(instruction)
         if self.client_id == "c2":
+            payload = bytearray(reply.update)
             payload[20] ^= 0xFF
-        return bytes(payload)
+            return dataclasses.replace(reply, update=bytes(payload))
+        return reply
 
 
-class NaNClient(InProcessClient):
-    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
+class NaNClient(SiteClient):
+    def fit(self, instruction: FitInstruction) -> FitReply:
+        reply = super().fit(instruction)
         if self.client_id == "c0":
             set_flat_params(self._model, torch.full((4,), float("nan")))
-            return DenseCodec().encode(get_flat_params(self._model))
-        return super().fit(global_payload, round_idx)
+            return dataclasses.replace(
+                reply, update=DenseCodec().encode(get_flat_params(self._model)))
+        return reply
 
 
 def test_vanished_client_fails_only_its_round() -> None:
     cs, factory = clients(cls=Vanishing)
-    result = run_federated(cs, get_flat_params(factory()), rounds=3, min_clients=2)
+    result = run(cs, get_flat_params(factory()), 3, 2)
     assert [r.failed_clients for r in result.history] == [[], ["c1"], []]
     assert result.history[1].clients_ok == 2
     assert "c1" in str(result.failures[0]) and "offline" in str(result.failures[0])
@@ -109,14 +130,14 @@ def test_vanished_client_fails_only_its_round() -> None:
 
 def test_corrupted_payload_names_client_and_round_goes_on() -> None:
     cs, factory = clients(cls=Corrupting)
-    result = run_federated(cs, get_flat_params(factory()), rounds=2, min_clients=2)
+    result = run(cs, get_flat_params(factory()), 2, 2)
     assert all(r.failed_clients == ["c2"] for r in result.history)
     assert "client 'c2'" in str(result.failures[0]) and "checksum" in str(result.failures[0])
 
 
 def test_nan_update_refused_at_client() -> None:
     cs, factory = clients(cls=NaNClient)
-    result = run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=2)
+    result = run(cs, get_flat_params(factory()), 1, 2)
     assert result.history[0].failed_clients == ["c0"]
     assert "non-finite" in str(result.failures[0])
     assert torch.isfinite(result.params).all()
@@ -125,14 +146,15 @@ def test_nan_update_refused_at_client() -> None:
 def test_too_few_clients_fails_the_round() -> None:
     cs, factory = clients(cls=Corrupting, n_clients=3)
     with pytest.raises(RoundFailedError, match="min_clients=3"):
-        run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=3)
+        run(cs, get_flat_params(factory()), 1, 3)
     with pytest.raises(ValueError, match="only 3 clients"):
-        run_federated(cs, get_flat_params(factory()), rounds=1, min_clients=4)
+        run(cs, get_flat_params(factory()), 1, 4)
 
 
-class WrongVersion(InProcessClient):
-    def fit(self, global_payload: bytes, round_idx: int) -> bytes:
-        payload = bytearray(super().fit(global_payload, round_idx))
+class WrongVersion(SiteClient):
+    def fit(self, instruction: FitInstruction) -> FitReply:
+        reply = super().fit(instruction)
+        payload = bytearray(reply.update)
         if self.client_id == "c0":
             payload[4] = 7  # a future format version; CRC recomputed so only the version is wrong
             import zlib
@@ -140,13 +162,13 @@ class WrongVersion(InProcessClient):
             payload[-4:] = zlib.crc32(bytes(payload[:-4])).to_bytes(4, "little")
         if self.client_id == "c1":
             payload = payload[: len(payload) // 2]
-        return bytes(payload)
+        return dataclasses.replace(reply, update=bytes(payload))
 
 
 def test_wrong_version_and_truncated_payloads_fail_only_their_clients() -> None:
     cs, factory = clients(cls=WrongVersion, compressor_factory=lambda: UpdateCompressor(
         TopKQuantizer(0.5, 8)))
-    result = run_federated(cs, get_flat_params(factory()), rounds=2, min_clients=1)
+    result = run(cs, get_flat_params(factory()), 2, 1)
     assert [r.failed_clients for r in result.history] == [["c0", "c1"]] * 2
     messages = [str(f) for f in result.failures[:2]]
     assert "client 'c0'" in messages[0] and "version 7" in messages[0]
@@ -169,8 +191,8 @@ def wide_clients(compressor_factory=None, n_clients: int = 3):
         return build_model("logreg", 20, seed=0)
 
     cfg = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.2, seed=1)
-    return [InProcessClient(data(i), factory, cfg,
-                            compressor_factory() if compressor_factory else None)
+    return [SiteClient(data(i), factory, cfg,
+                       compressor_factory() if compressor_factory else None)
             for i in range(n_clients)], factory
 
 
@@ -178,8 +200,8 @@ def test_compressed_training_sends_fewer_bytes_and_still_learns() -> None:
     dense, factory = wide_clients()
     sparse, _ = wide_clients(lambda: UpdateCompressor(TopKQuantizer(0.2, 8)))
     init = get_flat_params(factory())
-    a = run_federated(dense, init, rounds=15)
-    b = run_federated(sparse, init, rounds=15)
+    a = run(dense, init, 15)
+    b = run(sparse, init, 15)
     assert b.history[-1].accuracy > 0.9
     assert b.history[-1].accuracy > a.history[-1].accuracy - 0.05
     up_dense = sum(r.bytes_uploaded for r in a.history)
@@ -191,7 +213,7 @@ def test_compressed_training_sends_fewer_bytes_and_still_learns() -> None:
 def test_compressed_downlink_counts_deltas_and_keeps_clients_in_step() -> None:
     cs, factory = wide_clients(lambda: UpdateCompressor(TopKQuantizer(0.2, 8)))
     init = get_flat_params(factory())
-    result = run_federated(cs, init, rounds=10, downlink=TopKQuantizer(0.2, 8))
+    result = run(cs, init, 10, downlink=TopKQuantizer(0.2, 8))
     first, later = result.history[0], result.history[1]
     assert first.bytes_downloaded == first.bytes_downloaded_uncompressed  # the full model once
     assert later.bytes_downloaded < later.bytes_downloaded_uncompressed / 2
@@ -210,8 +232,8 @@ def test_sign_flip_attack_breaks_fedavg_but_not_multi_krum() -> None:
     plain, factory = wide_clients(n_clients=7)
     robust, _ = wide_clients(n_clients=7)
     init = get_flat_params(factory())
-    broken = run_federated(plain, init, rounds=8, attack=attack)
-    defended = run_federated(robust, init, rounds=8, attack=attack,
+    broken = run(plain, init, 8, attack=attack)
+    defended = run(robust, init, 8, attack=attack,
                              defense=Defense(aggregator=make_aggregator("multi_krum", 2)))
     assert broken.history[-1].accuracy < 0.7
     assert defended.history[-1].accuracy > 0.9
@@ -223,7 +245,7 @@ def test_absurd_update_is_rejected_and_flagged_clients_are_reported() -> None:
 
     cs, factory = wide_clients(n_clients=7)
     attack = Attack("scaling", frozenset({"c3"}), scale=1e6)  # an absurd norm
-    result = run_federated(cs, get_flat_params(factory()), rounds=3, attack=attack,
+    result = run(cs, get_flat_params(factory()), 3, attack=attack,
                            defense=Defense(detect=True))
     assert all(r.rejected_clients == ["c3"] for r in result.history)
     assert all(r.clients_ok == 6 for r in result.history)
@@ -231,7 +253,7 @@ def test_absurd_update_is_rejected_and_flagged_clients_are_reported() -> None:
 
     cs, factory = wide_clients(n_clients=7)
     attack = Attack("scaling", frozenset({"c3"}), scale=20.0)  # large, but not absurd
-    result = run_federated(cs, get_flat_params(factory()), rounds=4, attack=attack,
+    result = run(cs, get_flat_params(factory()), 4, attack=attack,
                            defense=Defense(detect=True))
     assert all("c3" in r.flagged_clients for r in result.history)
     assert "c3" in result.history[-1].excluded_clients  # the third flag in a row excludes it
@@ -251,36 +273,38 @@ def oversized_topk_payload(declared: int = 4_000_000_000) -> bytes:
     return frame(CODEC_TOPK, declared, body)
 
 
-class BadReplies(InProcessClient):
-    """c0 replies None, c1 a str, c2 an oversized header; c3 crashes in evaluation, c4
-    vanishes in evaluation, c5 replies to evaluation with something that is not one."""
+class BadReplies(SiteClient):
+    """c0 replies None, c1 a str, c2 an oversized update header; c3 crashes in evaluation, c4
+    vanishes in evaluation, c5 replies to evaluation with something that is not bytes."""
 
-    def fit(self, global_payload: bytes, round_idx: int):  # type: ignore[override]
-        honest = super().fit(global_payload, round_idx)
-        return {"c0": None, "c1": "update", "c2": oversized_topk_payload()}.get(
-            self.client_id, honest)
-
-    def evaluate(self, global_payload: bytes, round_idx: int):  # type: ignore[override]
-        if self.client_id == "c3":
-            raise RuntimeError("evaluation crashed")
-        if self.client_id == "c4":
-            raise ConnectionError("site went away")
-        if self.client_id == "c5":
-            return None
-        return super().evaluate(global_payload, round_idx)
+    def handle(self, request: bytes) -> object:  # type: ignore[override]
+        instruction = decode_message(request)
+        if isinstance(instruction, EvaluateInstruction):
+            if self.client_id == "c3":
+                raise RuntimeError("evaluation crashed")
+            if self.client_id == "c4":
+                raise ConnectionError("site went away")
+            if self.client_id == "c5":
+                return None
+            return super().handle(request)
+        reply = super().handle(request)
+        if self.client_id == "c2":
+            forged = dataclasses.replace(decode_message(reply), update=oversized_topk_payload())
+            return encode_message(forged)
+        return {"c0": None, "c1": "update"}.get(self.client_id, reply)
 
 
 def test_bad_replies_fail_only_their_sites_with_named_reasons() -> None:
     cs, factory = clients(n_clients=7, cls=BadReplies)
-    result = run_federated(cs, get_flat_params(factory()), rounds=2, min_clients=2)
+    result = run(cs, get_flat_params(factory()), 2, 2)
     assert len(result.history) == 2
     for record in result.history:
         assert sorted(record.failed_clients) == ["c0", "c1", "c2", "c3", "c4", "c5"]
         assert record.clients_ok == 4  # c3..c6 trained; c3, c4, c5 only failed evaluation
         assert set(record.client_accuracy) == {"c0", "c1", "c2", "c6"}
     reasons = {f.client_id: f.reason for f in result.failures[:6]}
-    assert "reply is a NoneType, not bytes" in reasons["c0"]
-    assert "reply is a str, not bytes" in reasons["c1"]
+    assert "a NoneType, not bytes" in reasons["c0"]
+    assert "a str, not bytes" in reasons["c1"]
     assert "declares 4000000000 elements, the model has 4" in reasons["c2"]
     assert "evaluation failed (RuntimeError: evaluation crashed)" in reasons["c3"]
     assert "ConnectionError" in reasons["c4"] and "NoneType" in reasons["c5"]
@@ -320,4 +344,121 @@ def test_client_refuses_a_broadcast_of_the_wrong_size() -> None:
 
     cs, factory = clients(n_clients=1)
     with pytest.raises(PayloadError, match="declares 4000000000 elements, the model has 4"):
-        cs[0].fit(oversized_topk_payload(), 1)
+        cs[0].fit(FitInstruction("r", 1, oversized_topk_payload(), 1))
+
+
+# --- deadlines, state that travels ---------------------------------------------------------------
+
+
+class Sleepy(SiteClient):
+    """c1 sleeps past the round deadline in round 2 only."""
+
+    def fit(self, instruction: FitInstruction) -> FitReply:
+        if self.client_id == "c1" and instruction.round == 2:
+            time.sleep(1.0)
+        return super().fit(instruction)
+
+
+def test_a_site_past_the_deadline_fails_only_that_round() -> None:
+    cs, factory = clients(cls=Sleepy)
+    started = time.perf_counter()
+    # a sink that takes 0.7 s per round: by round 3 the straggler has finished its nap
+    result = run(cs, get_flat_params(factory()), 4, 2, timeout=0.5,
+                 sinks=[lambda record: time.sleep(0.7)])
+    assert len(result.history) == 4
+    assert [r.failed_clients for r in result.history] == [[], ["c1"], [], []]
+    assert result.history[1].clients_ok == 2 and result.history[2].clients_ok == 3
+    assert "missed the round deadline of 0.5 s" in str(result.failures[0])
+    assert "busy with an earlier request" in str(result.failures[1])  # its evaluation
+    assert time.perf_counter() - started < 10
+
+
+def test_sites_run_concurrently() -> None:
+    class Slow(SiteClient):
+        def fit(self, instruction: FitInstruction) -> FitReply:
+            time.sleep(0.4)
+            return super().fit(instruction)
+
+    cs, factory = clients(n_clients=4, cls=Slow)
+    started = time.perf_counter()
+    run(cs, get_flat_params(factory()), 2)
+    assert time.perf_counter() - started < 2 * 4 * 0.4 * 0.75  # well under sequential time
+
+
+def _dp_sites(compressor: bool) -> tuple[list[SiteClient], object]:
+    from fl_core.privacy import DPSGDConfig
+    from fl_core.randomness import SeededRandom
+
+    dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                     learning_rate=0.5, delta=1e-5, accountant="rdp")
+    cs, factory = clients(compressor_factory=(lambda: UpdateCompressor(
+        TopKQuantizer(0.5, 8, stochastic=True, seed=3), momentum=0.5)) if compressor else None,
+        privacy=dp, randomness=SeededRandom(7))
+    return cs, factory
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_site_stopped_after_round_k_and_restored_is_bit_identical() -> None:
+    """DP-SGD (accountant), error feedback with momentum and stochastic rounding (generator):
+    sites stopped after round 2, rebuilt from scratch, restored from their state_dict, and the
+    coordinator continuing from the round-2 model give the uninterrupted run's parameters."""
+    from fl_core.engine import run_federated
+    from fl_core.federation.transport import InProcessTransport
+
+    uninterrupted, factory = _dp_sites(compressor=True)
+    init = get_flat_params(factory())
+    whole = run(uninterrupted, init, 5)
+
+    first, _ = _dp_sites(compressor=True)
+    part1 = run(first, init, 2)
+    states = [site.state_dict() for site in first]
+    assert all(s["accountant_history"] and s["residual"] is not None for s in states)
+    resumed, _ = _dp_sites(compressor=True)  # a fresh process: nothing but the saved state
+    for site, state in zip(resumed, states, strict=True):
+        site.load_state_dict(state)
+    transport = InProcessTransport({s.client_id: s.handle for s in resumed})
+    try:
+        rest = run_federated(
+            transport=transport, sites=[s.client_id for s in resumed],
+            initial_params=part1.params, first_round=3,
+            settings=FederationSettings(rounds=5, local_epochs=2, min_clients=1))
+    finally:
+        transport.close()
+    torch.testing.assert_close(rest.params, whole.params, rtol=0, atol=0)
+    assert rest.site_epsilon == whole.site_epsilon and rest.site_dp_steps == whole.site_dp_steps
+
+    not_restored, _ = _dp_sites(compressor=True)  # the same without the state: it differs
+    transport = InProcessTransport({s.client_id: s.handle for s in not_restored})
+    try:
+        cold = run_federated(
+            transport=transport, sites=[s.client_id for s in not_restored],
+            initial_params=part1.params, first_round=3,
+            settings=FederationSettings(rounds=5, local_epochs=2, min_clients=1))
+    finally:
+        transport.close()
+    assert not torch.equal(cold.params, whole.params)
+
+
+def test_downlink_replica_travels_in_the_state_dict() -> None:
+    cs, factory = clients(n_clients=1)
+    site, init = cs[0], get_flat_params(factory())
+    broadcast_codec = TopKQuantizer(0.5, 8)
+    site.fit(FitInstruction("r", 1, DenseCodec().encode(init), 1))
+    delta = broadcast_codec.encode(torch.ones_like(init))
+    copy, _ = clients(n_clients=1)
+    copy[0].load_state_dict(site.state_dict())
+    a = site.fit(FitInstruction("r", 2, delta, 1))
+    b = copy[0].fit(FitInstruction("r", 2, delta, 1))
+    assert a.update == b.update
+    with pytest.raises(ValueError, match="state of site 'c0' loaded into site 'c1'"):
+        clients(n_clients=2)[0][1].load_state_dict(site.state_dict())
+
+
+def test_a_busy_site_refuses_a_second_request() -> None:
+    cs, factory = clients(n_clients=1)
+    site = cs[0]
+    request = encode_message(FitInstruction("r", 1, DenseCodec().encode(
+        get_flat_params(factory())), 1))
+    with site._busy:
+        reply = decode_message(site.handle(request))
+    assert reply.reason == "busy with an earlier request"  # type: ignore[union-attr]

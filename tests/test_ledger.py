@@ -83,8 +83,8 @@ def test_tight_composition_is_a_fresh_accountant_on_the_concatenated_histories(
     fresh.history = [(2.0, 1.0, 10), (3.0, 1.0, 20)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = fresh.get_epsilon(delta=2e-5)
-    assert site.tight_epsilon == pytest.approx(expected, rel=1e-9)
+        expected = fresh.get_epsilon(delta=1e-5)  # the smallest δ of the two charges
+    assert site.tight_epsilon == pytest.approx(expected, rel=1e-9) and site.tight_delta == 1e-5
     basic = first.sites[0].epsilon + second.sites[0].epsilon
     assert site.basic_epsilon == pytest.approx(basic) and site.basic_delta == pytest.approx(2e-5)
     assert site.tight_epsilon <= basic
@@ -97,6 +97,19 @@ def test_two_identical_runs_compose_to_strictly_less_than_twice(accountant: str)
     twice = compose([run, run], accountant)
     assert twice.basic_epsilon == pytest.approx(2 * run[0])
     assert run[0] < twice.tight_epsilon < 2 * run[0]
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_composed_epsilon_never_decreases_when_a_charge_is_added(accountant: str) -> None:
+    """Read at Σδ, a small run after a large one lowered the composed ε (9.49 → 9.29): the
+    cap could be crept past with small runs. Read at the smallest δ, it only grows."""
+    big = (9.0, 1e-5, ((0.6, 1.0, 40),))
+    small = (0.5, 1e-5, ((8.0, 1.0, 10),))
+    before = compose([big], accountant).tight_epsilon
+    after = compose([big, small], accountant).tight_epsilon
+    assert after > before
+    larger_delta = (0.5, 1e-4, ((8.0, 1.0, 10),))
+    assert compose([big, larger_delta], accountant).tight_epsilon > before
 
 
 def test_patients_sharing_their_charges_share_one_accountant_call(

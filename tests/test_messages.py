@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_core.federation import (
+    EvaluateInstruction,
     EvaluateReply,
     Failure,
     FitInstruction,
@@ -43,6 +44,7 @@ messages = st.one_of(
     st.builds(FitReply, names, rounds, st.binary(max_size=300), counts, finite,
               st.one_of(st.none(), finite), counts),
     st.builds(Failure, names, rounds, st.text(max_size=200)),
+    st.builds(EvaluateInstruction, names, rounds, st.binary(max_size=300)),
     evaluate_replies(),
 )
 

@@ -20,7 +20,8 @@ from scipy import stats
 from fl_core.compression import decode_payload
 from fl_core.config import ConfigError, load_config
 from fl_core.data import FederatedDataLoader
-from fl_core.engine import InProcessClient, LocalTrainingConfig
+from fl_core.federation import FitInstruction
+from fl_core.federation.site import LocalTrainingConfig, SiteClient
 from fl_core.models import build_model, get_flat_params
 from fl_core.privacy import DPSGDConfig, epsilon_spent, replace_one_epsilon
 from fl_core.randomness import RANDOMNESS, SecureRandom, SeededRandom, make_random
@@ -69,7 +70,7 @@ def test_randomness_registry_and_config() -> None:
 # --- the attack ---------------------------------------------------------------------------------
 
 
-def _client(randomness: object, sigma: float) -> tuple[InProcessClient, torch.Tensor, int]:
+def _client(randomness: object, sigma: float) -> tuple[SiteClient, torch.Tensor, int]:
     cfg = load_config(ROOT / "params.yaml")
     data, _, _ = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)
     cleveland = next(d for d in data if d.client_id == "Cleveland")
@@ -81,7 +82,7 @@ def _client(randomness: object, sigma: float) -> tuple[InProcessClient, torch.Te
     dp = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=1.0,
                      learning_rate=0.5, delta=1e-5)
     local = LocalTrainingConfig(local_epochs=1, seed=cfg.seed)
-    client = InProcessClient(cleveland, factory, local, privacy=dp, randomness=randomness)
+    client = SiteClient(cleveland, factory, local, privacy=dp, randomness=randomness)
     return client, get_flat_params(factory()), int(cleveland.patient_ids().unique().numel())
 
 
@@ -91,8 +92,9 @@ def _noise_in_update(randomness: object) -> tuple[torch.Tensor, int]:
 
     noisy, start, patients = _client(randomness, sigma=1.0)
     clean, _, _ = _client(SeededRandom(0), sigma=0.0)
-    payload = DenseCodec().encode(start)
-    diff = decode_payload(noisy.fit(payload, 1)) - decode_payload(clean.fit(payload, 1))
+    instruction = FitInstruction("r", 1, DenseCodec().encode(start), 1)
+    diff = decode_payload(noisy.fit(instruction).update) - decode_payload(
+        clean.fit(instruction).update)
     # θ ← θ − η/(q·N)·(Σ clipped + noise): the noise is −diff·N/η
     return -diff * patients / 0.5, patients
 

@@ -1,6 +1,7 @@
 """The federation protocol: typed messages between the coordinator and the sites."""
 
 from fl_core.federation.messages import (
+    EvaluateInstruction,
     EvaluateReply,
     Failure,
     FitInstruction,
@@ -10,5 +11,5 @@ from fl_core.federation.messages import (
     encode_message,
 )
 
-__all__ = ["EvaluateReply", "Failure", "FitInstruction", "FitReply", "MessageError",
-           "decode_message", "encode_message"]
+__all__ = ["EvaluateInstruction", "EvaluateReply", "Failure", "FitInstruction", "FitReply",
+           "MessageError", "decode_message", "encode_message"]

@@ -59,6 +59,16 @@ class FitInstruction:
 
 
 @dataclass(frozen=True)
+class EvaluateInstruction:
+    """Coordinator → site: score this (dense) global model on your held-out patients."""
+
+    KIND: ClassVar[int] = 5
+    run_id: str
+    round: int
+    model: bytes  # a dense codec payload
+
+
+@dataclass(frozen=True)
 class FitReply:
     """Site → coordinator: the encoded update and what it cost."""
 
@@ -122,9 +132,11 @@ class Failure:
     reason: str
 
 
-Message = FitInstruction | FitReply | EvaluateReply | Failure
-_KINDS: dict[int, type] = {c.KIND: c for c in (FitInstruction, FitReply, EvaluateReply, Failure)}
-_BLOB_FIELD = {FitInstruction: "model", FitReply: "update", EvaluateReply: "histogram"}
+Message = FitInstruction | EvaluateInstruction | FitReply | EvaluateReply | Failure
+_KINDS: dict[int, type] = {c.KIND: c for c in (FitInstruction, EvaluateInstruction, FitReply,
+                                              EvaluateReply, Failure)}
+_BLOB_FIELD = {FitInstruction: "model", EvaluateInstruction: "model", FitReply: "update",
+               EvaluateReply: "histogram"}
 # the JSON type each scalar field must have once decoded (int fields refuse bools and floats)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "site": (str,), "reason": (str,), "round": (int,), "local_epochs": (int,),

@@ -1,0 +1,209 @@
+"""The site side of a federation: one hospital's client, built from its own data.
+
+A :class:`SiteClient` answers the coordinator's instructions with typed replies
+(:mod:`fl_core.federation.messages`); :meth:`SiteClient.handle` is the whole boundary, bytes in
+and bytes out, and it never raises: whatever goes wrong at the site becomes a
+:class:`~fl_core.federation.messages.Failure` message. The patients' records never leave the
+object; what leaves is a codec payload of the model update, counts, losses, ε, and the
+evaluation aggregates.
+
+The client owns the state that must survive between rounds and can save and restore it
+(:meth:`SiteClient.state_dict` / :meth:`SiteClient.load_state_dict`): the downlink replica,
+the error-feedback residual and momentum, the stochastic-rounding generator and the DP
+accountant's history. Model parameters are not state (every round starts from the broadcast)
+and per-round randomness is drawn from a stream derived from (client, round), so a site
+stopped after round ``k`` and restored continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from fl_core.compression import (
+    DenseCodec,
+    ModelReplica,
+    TopKQuantizer,
+    UpdateCompressor,
+    check_finite,
+    decode_payload,
+)
+from fl_core.data import ClientData
+from fl_core.federation.messages import (
+    EvaluateInstruction,
+    EvaluateReply,
+    Failure,
+    FitInstruction,
+    FitReply,
+    Message,
+    MessageError,
+    decode_message,
+    encode_message,
+)
+from fl_core.models import get_flat_params, set_flat_params
+from fl_core.privacy import DPSGDConfig, PatientDPTrainer, group_records
+from fl_core.randomness import RandomSource, SeededRandom
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    seed: int = 0
+
+
+def seed_for(seed: int, client_id: str, round_idx: int) -> int:
+    """A per-(client, round) seed for non-private minibatch shuffling: stable across
+    processes (unlike ``hash()``)."""
+    return (seed * 1_000_003 + zlib.crc32(client_id.encode()) * 7919 + round_idx) % (2**63 - 1)
+
+
+def train_local(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainingConfig, seed: int
+) -> float:
+    """Plain minibatch SGD on binary cross-entropy; returns the mean loss of the last epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    last = float("nan")
+    n = x.shape[0]
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = total / max(count, 1)
+    return last
+
+
+class SiteClient:
+    """One hospital: its data, its model replica, its codec state and its DP accountant.
+
+    With ``privacy`` it trains by patient-level DP-SGD (:class:`PatientDPTrainer`); its DP
+    sampling and noise come from ``randomness`` (one stream per client and round): secret OS
+    entropy for a promotable run, a seeded generator for a reproducible simulation.
+    """
+
+    def __init__(
+        self,
+        data: ClientData,
+        model_factory: Callable[[], nn.Module],
+        training: LocalTrainingConfig,
+        compressor: UpdateCompressor | None = None,
+        privacy: DPSGDConfig | None = None,
+        randomness: RandomSource | None = None,
+    ) -> None:
+        self.client_id = data.client_id
+        self._data = data
+        self._model = model_factory()
+        self._training = training
+        self._compressor = compressor or UpdateCompressor(DenseCodec(), error_feedback=False)
+        self._replica = ModelReplica(get_flat_params(self._model).numel())
+        self._randomness = randomness or SeededRandom(training.seed)
+        self._num_patients = int(data.patient_ids().unique().numel())
+        self._busy = threading.Lock()  # a straggler still training refuses the next request
+        self._dp: PatientDPTrainer | None = None
+        if privacy is not None:  # the factory's model must be one Opacus accepts (check_model)
+            patients = group_records(data.x_train, data.y_train, data.patient_ids())
+            self._dp = PatientDPTrainer(self._model, patients, privacy)
+
+    # --- the boundary -------------------------------------------------------------------------
+
+    def handle(self, request: bytes) -> bytes:
+        """Decode an instruction, act on it, encode the reply; failures become messages."""
+        if not self._busy.acquire(blocking=False):
+            return encode_message(Failure(self.client_id, -1, "busy with an earlier request"))
+        try:
+            instruction = decode_message(request, expect=(FitInstruction, EvaluateInstruction))
+            return encode_message(self.answer(instruction))
+        except Exception as exc:  # the coordinator gets a message, never a traceback
+            round_idx = getattr(locals().get("instruction"), "round", -1)
+            return encode_message(Failure(self.client_id, round_idx,
+                                          f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._busy.release()
+
+    def answer(self, instruction: Message) -> Message:
+        if isinstance(instruction, FitInstruction):
+            return self.fit(instruction)
+        if isinstance(instruction, EvaluateInstruction):
+            return self.evaluate(instruction)
+        raise MessageError(f"cannot answer a {type(instruction).__name__}", self.client_id)
+
+    # --- what the site does ---------------------------------------------------------------------
+
+    def fit(self, instruction: FitInstruction) -> FitReply:
+        """Train from the broadcast model; reply with the encoded update (local − global)."""
+        round_idx = instruction.round
+        global_params = self._replica.apply(instruction.model)
+        set_flat_params(self._model, global_params)
+        if self._dp is not None:
+            random = self._randomness.stream("dp-sgd", self.client_id, round_idx)
+            loss = self._dp.train(instruction.local_epochs, random)
+        else:  # not private: the minibatch order needs no secrecy
+            seed = seed_for(self._training.seed, self.client_id, round_idx)
+            training = replace(self._training, local_epochs=instruction.local_epochs)
+            loss = train_local(self._model, self._data.x_train, self._data.y_train,
+                               training, seed)
+        delta = get_flat_params(self._model) - global_params
+        check_finite(delta, f"update of client {self.client_id!r}")
+        return FitReply(
+            site=self.client_id, round=round_idx,
+            update=self._compressor.compress(delta, round_idx),
+            num_patients=self._num_patients, train_loss=float(loss),
+            epsilon=None if self._dp is None else self._dp.epsilon(),
+            dp_steps=0 if self._dp is None else self._dp.steps)
+
+    def evaluate(self, instruction: EvaluateInstruction) -> EvaluateReply:
+        """Score the broadcast model on the held-out patients; aggregates only."""
+        set_flat_params(self._model,
+                        decode_payload(instruction.model, self._replica.num_elements))
+        self._model.eval()
+        with torch.no_grad():
+            logits = self._model(self._data.x_test)
+        return EvaluateReply.from_logits(self.client_id, instruction.round, logits,
+                                         self._data.y_test)
+
+    # --- state that must travel -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the site needs to resume: tensors and plain values (no objects)."""
+        feedback = self._compressor.feedback
+        codec = self._compressor.codec
+        return {
+            "client_id": self.client_id,
+            "replica": self._replica.params,
+            "residual": None if feedback is None else feedback.residual,
+            "velocity": None if feedback is None else feedback.velocity,
+            "rounding_rng": codec.generator_state() if isinstance(codec, TopKQuantizer)
+            else None,
+            "accountant_history": [] if self._dp is None else self._dp.history(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["client_id"] != self.client_id:
+            raise ValueError(f"state of site {state['client_id']!r} loaded into site "
+                             f"{self.client_id!r}")
+        self._replica.params = state["replica"]
+        feedback = self._compressor.feedback
+        if feedback is not None:
+            feedback.residual, feedback.velocity = state["residual"], state["velocity"]
+        codec = self._compressor.codec
+        if isinstance(codec, TopKQuantizer) and state["rounding_rng"] is not None:
+            codec.set_generator_state(state["rounding_rng"])
+        if self._dp is not None:
+            self._dp.load_history(state["accountant_history"])
