@@ -216,6 +216,12 @@ def rice_decode(unary: memoryview, remainders: memoryview, count: int, r: int) -
     ones_at = np.flatnonzero(np.unpackbits(np.frombuffer(unary, dtype=np.uint8)))
     if ones_at.size != count:
         raise PayloadError(f"index stream holds {ones_at.size} entries, header says {count}")
+    # the stream ends in the byte of its last 1-bit: padding bytes would let a forged body
+    # shift the value block by a byte and still decode
+    needed = (int(ones_at[-1]) + 8) // 8 if count else 0
+    if len(unary) != needed:
+        raise PayloadError(f"index stream has {len(unary)} bytes, its {count} entries need "
+                           f"{needed}")
     quotients = np.diff(ones_at, prepend=-1) - 1
     return (quotients << r) | unpack_fixed(remainders, count, r)
 

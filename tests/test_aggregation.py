@@ -214,3 +214,217 @@ def test_attacks_leave_honest_rows_alone_and_are_seeded() -> None:
     ids = [f"c{i}" for i in range(20)]
     assert choose_malicious(ids, 0.3, 1) == choose_malicious(ids, 0.3, 1)
     assert len(choose_malicious(ids, 0.3, 1)) == 6
+
+
+# --- client weights: every rule that documents them must use them -----------------------------
+
+positive_weights = st.floats(0.1, 50, allow_nan=False)
+
+
+@st.composite
+def weighted_stacks(draw, min_n: int = 2, max_n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    u = draw(stacks(min_n=min_n, max_n=max_n))
+    w = draw(st.lists(positive_weights, min_size=u.shape[0], max_size=u.shape[0]))
+    return u, torch.tensor(w, dtype=u.dtype)
+
+
+@SETTINGS
+@given(uw=weighted_stacks(min_n=5))
+def test_multi_krum_averages_the_selected_with_their_weights(
+    uw: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """``Σ_{i∈S} w_i u_i / Σ_{i∈S} w_i`` over the selected ``S``; the selection ignores w."""
+    u, w = uw
+    f = (u.shape[0] - 3) // 2
+    result = multi_krum(u, f, weights=w)
+    chosen = result.selected
+    assert chosen == multi_krum(u, f).selected
+    expected = sum(w[i] * u[i] for i in chosen) / w[chosen].sum()
+    assert torch.allclose(result.aggregate, expected, atol=1e-9)
+
+
+def test_multi_krum_moves_to_the_client_holding_the_weight() -> None:
+    u = torch.randn(9, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    f = 2
+    chosen = multi_krum(u, f).selected
+    heavy = chosen[2]
+    w = torch.full((9,), 1e-9, dtype=u.dtype)
+    w[heavy] = 1.0
+    assert torch.allclose(multi_krum(u, f, weights=w).aggregate, u[heavy], atol=1e-7)
+
+
+def _weighted_distance_sum(u: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> float:
+    return float((w * torch.linalg.vector_norm(u - z, dim=1)).sum())
+
+
+@SETTINGS
+@given(uw=weighted_stacks())
+def test_geometric_median_minimises_the_weighted_sum_of_distances(
+    uw: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """``argmin_z Σ α_i ‖u_i − z‖``: no input row and not the weighted mean does better.
+
+    Weiszfeld converges linearly, slowly where two sides nearly balance (then the objective
+    is flat too): hence 1e-3 relative."""
+    u, w = uw
+    z = geometric_median(u, w, max_iter=1000, tol=1e-12).aggregate
+    rivals = [*u, (w @ u) / w.sum()]
+    best = min(_weighted_distance_sum(u, w, p) for p in rivals)
+    assert _weighted_distance_sum(u, w, z) <= best * (1 + 1e-3) + 1e-4
+
+
+@SETTINGS
+@given(u=stacks(min_n=2, max_n=6), data=st.data())
+def test_geometric_median_integer_weights_equal_repeated_clients(
+    u: torch.Tensor, data
+) -> None:
+    """Weight 3 on a client is the same objective as that client sent three times."""
+    n = u.shape[0]
+    counts = torch.tensor(data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n)))
+    weighted = geometric_median(u, counts.to(u.dtype), max_iter=500, tol=1e-12).aggregate
+    repeated = geometric_median(u.repeat_interleave(counts, 0), max_iter=500,
+                                tol=1e-12).aggregate
+    scale = 1 + float(u.abs().max())
+    assert torch.allclose(weighted, repeated, atol=1e-5 * scale)
+
+
+def test_geometric_median_sits_on_a_client_with_most_of_the_weight() -> None:
+    # a point carrying at least half the weight is the weighted geometric median
+    u = torch.randn(7, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = torch.ones(7, dtype=u.dtype)
+    w[4] = 7.0  # 7 of 13
+    z = geometric_median(u, w, max_iter=1000, tol=1e-14).aggregate
+    assert torch.allclose(z, u[4], atol=1e-4)
+    assert float(torch.linalg.vector_norm(geometric_median(u).aggregate - u[4])) > 0.1
+
+
+def _clipping_reference(u: torch.Tensor, w: torch.Tensor, center: torch.Tensor,
+                        tau: float | None) -> torch.Tensor:
+    alpha = w / w.sum()
+    v = center.clone()
+    for _ in range(3):
+        dists = [float(torch.linalg.vector_norm(row - v)) for row in u]
+        radius = sorted(dists)[(len(u) - 1) // 2] if tau is None else tau
+        step = torch.zeros_like(v)
+        for a, row, dist in zip(alpha, u, dists, strict=True):
+            step += a * (row - v) * min(1.0, radius / max(dist, 1e-12))
+        v = v + step
+    return v
+
+
+@SETTINGS
+@given(uw=weighted_stacks(), tau=st.one_of(st.none(), st.floats(0.1, 50)))
+def test_centered_clipping_weights_each_clipped_step(
+    uw: tuple[torch.Tensor, torch.Tensor], tau: float | None
+) -> None:
+    """``v ← v + Σ_i α_i clip_τ(u_i − v)`` with ``α = w / Σ w`` (and the median radius)."""
+    u, w = uw
+    center = u.mean(0) * 0.5
+    got = centered_clipping(u, center, tau=tau, weights=w).aggregate
+    assert torch.allclose(got, _clipping_reference(u, w, center, tau), atol=1e-8)
+
+
+def test_centered_clipping_moves_toward_the_heavy_client() -> None:
+    u = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([1e-9, 1.0, 1e-9], dtype=u.dtype)
+    # radius = median distance 10 from 0: nothing is clipped, one step lands on client 1
+    got = centered_clipping(u, iterations=1, weights=w).aggregate
+    assert torch.allclose(got, u[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "multi_krum", "geometric_median",
+                                    "centered_clipping"])
+def test_configured_rules_pass_the_client_weights_on(method: str) -> None:
+    """``make_aggregator`` hands weights to each rule that has them (the default included)."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    w = torch.rand(9, generator=g, dtype=torch.float64) * 100 + 1
+    w[0] = 1000.0
+    previous = torch.randn(6, generator=g, dtype=torch.float64) * 0.1
+    agg = make_aggregator(method, 2)
+    direct = {
+        "fedavg": lambda: fedavg(u, w),
+        "multi_krum": lambda: multi_krum(u, 2, 7, w),
+        "geometric_median": lambda: geometric_median(u, w),
+        "centered_clipping": lambda: centered_clipping(u, previous, weights=w),
+    }[method]()
+    weighted = agg(u, w, previous).aggregate
+    assert torch.allclose(weighted, direct.aggregate)
+    assert not torch.allclose(weighted, agg(u, None, previous).aggregate, atol=1e-3)
+
+
+# --- pre-aggregation: NNM and bucketing --------------------------------------------------------
+
+
+def nnm_reference(u: np.ndarray, f: int) -> np.ndarray:
+    """Brute force: each row → the mean of its ``n − f`` nearest rows (itself included)."""
+    n = len(u)
+    out = np.empty_like(u)
+    for i in range(n):
+        dists = [float(((u[i] - u[j]) ** 2).sum()) for j in range(n)]
+        nearest = sorted(range(n), key=lambda j: dists[j])[: max(n - f, 1)]
+        out[i] = u[nearest].mean(0)
+    return out
+
+
+@SETTINGS
+@given(n=st.integers(1, 9), d=st.integers(1, 5), seed=st.integers(0, 2**31),
+       data=st.data())
+def test_nnm_is_the_mean_of_each_rows_nearest_neighbours(n: int, d: int, seed: int,
+                                                         data) -> None:
+    f = data.draw(st.integers(0, n - 1))
+    # continuous random rows: distance ties (an ambiguous neighbour set) have probability 0
+    u = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u = u * data.draw(st.sampled_from([1e-3, 1.0, 100.0]))
+    got = nearest_neighbour_mixing(u, f).numpy()
+    assert np.allclose(got, nnm_reference(u.numpy(), f), rtol=1e-9, atol=1e-12)
+
+
+def test_nnm_on_a_line_by_hand() -> None:
+    u = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]], dtype=torch.float64)
+    # f = 2: each point averages itself and its 2 nearest
+    expected = torch.tensor([[1.0], [1.0], [1.0], [23 / 3], [23 / 3]], dtype=torch.float64)
+    assert torch.allclose(nearest_neighbour_mixing(u, 2), expected)
+
+
+def bucket_groups(n: int, bucket_size: int, generator: torch.Generator) -> list[frozenset[int]]:
+    """Which inputs each bucket averages: one-hot rows make the bucket means readable."""
+    out = bucketing(torch.eye(n, dtype=torch.float64), bucket_size, generator)
+    return [frozenset(torch.nonzero(row).flatten().tolist()) for row in out]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 30), bucket_size=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_bucketing_uses_every_row_exactly_once(n: int, bucket_size: int, seed: int) -> None:
+    u = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out = bucketing(u, bucket_size, torch.Generator().manual_seed(seed))
+    groups = bucket_groups(n, bucket_size, torch.Generator().manual_seed(seed))
+    assert sorted(i for g in groups for i in g) == list(range(n))  # a partition of the rows
+    expected_sizes = [bucket_size] * (n // bucket_size) + ([n % bucket_size] if n % bucket_size
+                                                            else [])
+    assert sorted(len(g) for g in groups) == sorted(expected_sizes)
+    # each output row is the plain mean of its bucket's updates
+    for row, group in zip(out, groups, strict=True):
+        assert torch.allclose(row, u[sorted(group)].mean(0))
+
+
+def test_bucketing_is_shuffled_by_its_generator() -> None:
+    n, size = 12, 3
+    fixed = [bucket_groups(n, size, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert fixed[0] == fixed[1]  # a fixed seed is reproducible
+    groupings = {frozenset(bucket_groups(n, size, torch.Generator().manual_seed(s)))
+                 for s in range(20)}
+    assert len(groupings) >= 15  # 15400 groupings: 20 seeds almost never repeat one
+    # one generator across rounds: each call draws a fresh shuffle
+    g = torch.Generator().manual_seed(7)
+    assert bucket_groups(n, size, g) != bucket_groups(n, size, g)
+
+
+def test_bucketing_pairs_clients_uniformly() -> None:
+    """Two given clients share a bucket of 2 among 6 with probability 1/5: the shuffle is a
+    uniform permutation, not a fixed pairing (which would pair them always or never)."""
+    g = torch.Generator().manual_seed(0)
+    trials = 2000
+    together = sum(any({0, 1} <= grp for grp in bucket_groups(6, 2, g)) for _ in range(trials))
+    # binomial(2000, 0.2): sd ≈ 17.9, the band is ± 5 sd
+    assert abs(together - trials / 5) <= 90, together

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_core.audit import (
@@ -182,18 +182,98 @@ def test_bound_holds_with_its_stated_confidence_on_a_mechanism_of_known_epsilon(
     assert point_over >= 0.5 * trials
 
 
-@given(st.lists(st.tuples(st.floats(-5, 5), st.booleans()), min_size=4, max_size=80))
-def test_bound_is_nonnegative_and_order_invariant(pairs: list[tuple[float, bool]]) -> None:
-    scores = torch.tensor([s for s, _ in pairs], dtype=torch.float64)
-    labels = torch.tensor([float(m) for _, m in pairs])
-    if labels.min() == labels.max():
-        return
+def _bound_by_brute_force(scores: list[float], members: list[bool], delta: float,
+                          confidence: float = 0.95) -> float:
+    """The documented bound, one threshold at a time: "member if score ≥ t" for each distinct
+    t; Clopper–Pearson upper bounds at 1 − (1 − confidence)/(2T); both terms; 0 if none."""
+    from scipy.stats import beta
+
+    positives = sum(members)
+    negatives = len(members) - positives
+    thresholds = sorted(set(scores))
+    alpha = (1 - confidence) / (2 * len(thresholds))
+
+    def upper(errors: int, trials: int) -> float:
+        return 1.0 if errors >= trials else float(beta.ppf(1 - alpha, errors + 1, trials - errors))
+
+    best = 0.0
+    for t in thresholds:
+        fp = sum(s >= t and not m for s, m in zip(scores, members, strict=True))
+        fn = sum(s < t and m for s, m in zip(scores, members, strict=True))
+        fpr, fnr = upper(fp, negatives), upper(fn, positives)
+        for numerator, denominator in ((fnr, fpr), (fpr, fnr)):
+            if 1 - delta - numerator > 0:
+                best = max(best, math.log((1 - delta - numerator) / denominator))
+    return best
+
+
+scores_st = st.one_of(st.integers(-5, 5), st.floats(-5, 5)).map(float)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(scores_st, min_size=1, max_size=120), st.lists(scores_st, min_size=1,
+                                                               max_size=120),
+       st.sampled_from([0.0, 2.0, 20.0]))
+def test_bound_matches_a_brute_force_reference_and_is_order_invariant(
+    member_scores: list[float], other_scores: list[float], separation: float
+) -> None:
+    # members shifted by `separation`: from chance to perfectly separated (a positive bound);
+    # integer scores tie, and a tie group is one threshold
+    raw = [s + separation for s in member_scores] + other_scores
+    members = [True] * len(member_scores) + [False] * len(other_scores)
+    pairs = list(zip(raw, members, strict=True))
+    scores = torch.tensor(raw, dtype=torch.float64)
+    labels = torch.tensor([float(m) for m in members])
     b = empirical_epsilon_lower_bound(scores, labels, delta=1e-5)
-    assert b >= 0
+    assert b == pytest.approx(_bound_by_brute_force(raw, members, 1e-5), rel=1e-9, abs=1e-12)
     perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(len(pairs)))
     assert empirical_epsilon_lower_bound(scores[perm], labels[perm], 1e-5) == pytest.approx(b)
-    # a monotone transform of the scores changes nothing
-    assert empirical_epsilon_lower_bound(scores * 3 + 1, labels, 1e-5) == pytest.approx(b)
+    # a strictly monotone transform of the scores changes nothing (× 4 is exact in floating
+    # point; × 3 + 1 would merge 0 and 1e-300 into one threshold)
+    assert empirical_epsilon_lower_bound(scores * 4, labels, 1e-5) == pytest.approx(b)
+
+
+def test_bound_with_tied_scores_by_brute_force() -> None:
+    """Overlapping integer scores, 200 + 200: a positive bound where every threshold is a tie
+    group (so T, and with it the Bonferroni level, counts distinct scores)."""
+    g = torch.Generator().manual_seed(0)
+    members = torch.randint(3, 10, (200,), generator=g).double()
+    others = torch.randint(0, 6, (200,), generator=g).double()
+    scores = torch.cat([members, others])
+    labels = torch.cat([torch.ones(200), torch.zeros(200)])
+    b = empirical_epsilon_lower_bound(scores, labels, delta=1e-5)
+    assert b > 0.5
+    assert b == pytest.approx(_bound_by_brute_force(scores.tolist(), [True] * 200 + [False] * 200,
+                                                    1e-5), rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-6, 6), st.booleans()), min_size=2, max_size=80),
+       st.sampled_from([0, 3]))
+def test_attack_report_figures_agree_with_their_definitions(
+    pairs: list[tuple[int, bool]], shift: int
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from fl_core.audit.report import attack_report
+
+    members = [m for _, m in pairs]
+    if all(members) or not any(members):
+        return
+    raw = [float(s + shift * m) for s, m in pairs]
+    report = attack_report("x", torch.tensor(raw), torch.tensor([float(m) for m in members]),
+                           delta=1e-5)
+    positives, negatives = sum(members), len(members) - sum(members)
+    # max over thresholds "member if score ≥ t" (t above every score: TPR = FPR = 0)
+    advantage = max([0.0] + [
+        sum(s >= t and m for s, m in zip(raw, members, strict=True)) / positives
+        - sum(s >= t and not m for s, m in zip(raw, members, strict=True)) / negatives
+        for t in set(raw)])
+    assert report.advantage == pytest.approx(advantage, abs=1e-12)
+    assert report.accuracy == pytest.approx((1 + advantage) / 2, abs=1e-12)
+    assert report.auc == pytest.approx(roc_auc_score(members, raw), abs=1e-12)
+    assert report.auc <= 0.5 + advantage - advantage**2 / 2 + 1e-12
+    assert (report.members, report.non_members) == (positives, negatives)
 
 
 def _sweep_cli(project, *args: str):
@@ -223,7 +303,13 @@ def test_audit_sweep_cli_charges_the_ledger_and_writes_table_plot(project) -> No
     assert "Spearman rank correlation with ε" in out.stdout
     result = json.loads((project / "reports" / "audit_sweep.json").read_text())
     assert [r["epsilon"] for r in result["rows"]] == [1.0]
-    assert all(0 <= r["mia_auc"] <= 1 for r in result["rows"])
+    for r in result["rows"]:
+        # one seed: no spread; a ROC with max(TPR − FPR) = A has AUC at most 1/2 + A − A²/2
+        assert r["mia_auc_sd"] == 0 and r["per_seed_auc"] == [round(r["mia_auc"], 4)]
+        adv = r["mia_advantage"]
+        assert r["mia_auc"] <= 0.5 + adv - adv**2 / 2 + 1e-9, r
+    dp_row = result["rows"][0]
+    assert dp_row["privacy_consistent"] and dp_row["empirical_epsilon_lower_bound"] <= 1.0
     assert (project / "reports" / "audit_sweep.png").read_bytes()[:4] == b"\x89PNG"
     # training on the configured patients is a use of them: one charge, every site
     entries = PrivacyLedger(project / ".fedpriv" / "privacy_ledger.sqlite").entries()
