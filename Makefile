@@ -27,7 +27,7 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check fl_core tasks flows tests benchmarks
+	$(BIN)/ruff check fl_core adapters tasks flows tests benchmarks
 
 # The same stages through DVC (fedpriv must be on PATH for dvc.yaml's commands).
 repro: $(STAMP)

@@ -53,9 +53,9 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def run(overrides: list[str], seeds: int) -> dict[str, Any]:
     overrides = ["privacy.enabled=false", *overrides]
-    from tasks.partition import partition_data
-    from tasks.train import train_model
-    from tasks.validate import validate_data
+    from adapters.partition import partition_data
+    from adapters.train import train_model
+    from adapters.validate import validate_data
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

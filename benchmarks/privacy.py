@@ -89,7 +89,7 @@ def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
 
 
 def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:
-    from tasks.train import federate
+    from fl_core.federation.build import federate
 
     # reproducible noise (from each seed): the same command gives the same table
     arms: list[tuple[float, list[str]]] = [
@@ -191,7 +191,7 @@ def preprocessing_comparison(seeds: int, overrides: list[str],
     A secure cell runs every seed ``secure_draws`` times: each run is a fresh draw of noise
     nobody can regenerate, so more draws estimate the same expectation more tightly.
     """
-    from tasks.train import federate
+    from fl_core.federation.build import federate
 
     base = load_config(ROOT / "params.yaml", overrides)
     preprocessing = {"fitted": [], "declared": [], "normal": NORMAL_VALUES,
@@ -255,10 +255,10 @@ def _plain_poisson(model: torch.nn.Module, batches: list[torch.Tensor], patients
 
 def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
     """Seconds of local training for 20 rounds on every client, per arm (best of repeats)."""
+    from fl_core.federation.build import make_dpsgd
     from fl_core.federation.site import LocalTrainingConfig, train_local
     from fl_core.models import build_model
     from fl_core.privacy import PatientDPTrainer, group_records, steps_per_epoch
-    from tasks.train import make_dpsgd
 
     cfg = load_config(ROOT / "params.yaml", [*overrides, "seed=0"])
     data = client_data(cfg, 0)
@@ -330,7 +330,7 @@ def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
 
 
 def write_outputs(result: dict[str, Any], log_mlflow: bool) -> None:
-    from tasks.plots import privacy_utility_plot
+    from adapters.plots import privacy_utility_plot
 
     if "privacy_utility" not in result:
         return

@@ -53,7 +53,7 @@ BASE = ["data.partition=by_patient", "data.num_clients=20", "anomaly.enabled=fal
 
 def run(seeds: int, fractions: list[float], attacks: list[str],
         defenses: list[str]) -> dict[str, Any]:
-    from tasks.train import federate
+    from fl_core.federation.build import federate
 
     torch.set_num_threads(1)
     started = time.perf_counter()

@@ -12,20 +12,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_core.config import PipelineConfig
-from fl_core.data import Partition
-from fl_core.ledger import Charge, PrivacyLedger, SiteCharge
+from fl_core.config import ConfigError, PipelineConfig
+from fl_core.data import ClientData, FederatedDataLoader, Partition
+from fl_core.federation.build import FederatedRun, make_dpsgd
+from fl_core.ledger import Charge, PrivacyLedger, SiteCharge, new_run_id
 from fl_core.privacy import DPSGDConfig, epsilon_spent, local_steps, replace_one_epsilon
 
 KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
 KIND_AUDIT_SWEEP = "audit-sweep"
-
-
-def client_spending(
-    site_epsilon: Mapping[str, float], site_dp_steps: Mapping[str, int]
-) -> dict[str, tuple[float, int]]:
-    """client id → (ε, DP steps) as the clients reported them in their fit replies."""
-    return {c: (float(site_epsilon.get(c, 0.0)), int(steps)) for c, steps in site_dp_steps.items()}
 
 
 def open_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
@@ -159,3 +153,47 @@ def describe_privacy(privacy: Mapping[str, Any]) -> str:
     if privacy["client_level_epsilon"] is not None:
         parts.append(f"client-level DP-FedAvg: ε={privacy['client_level_epsilon']:.3f}")
     return "; ".join(parts) if parts else "NOT DIFFERENTIALLY PRIVATE (privacy.enabled=false)"
+
+
+def plan_charge(
+    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData],
+    kind: str = KIND_TRAIN,
+) -> Charge:
+    """What a DP-SGD run of ``cfg`` on ``partition`` will charge, under a fresh ledger run id."""
+    dp = make_dpsgd(cfg, data)  # σ calibrated exactly as the run will (cached)
+    if dp is None:
+        raise ConfigError("only a DP-SGD run (privacy.enabled=true) can be charged")
+    site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
+    return planned_charge(cfg, site_of, partition, dp.noise_multiplier, new_run_id(), kind)
+
+
+def check_budget(
+    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData]
+) -> Charge:
+    """Refuse before training if this run would take a patient past the lifetime cap.
+
+    Returns the planned charge; its ``run_id`` is the ledger run id of the charge made after
+    training (:func:`charge_and_summarise`).
+    """
+    planned = plan_charge(cfg, root, partition, data)
+    open_ledger(cfg, root).check(planned, cfg.privacy.lifetime_epsilon)
+    return planned
+
+
+def charge_and_summarise(
+    cfg: PipelineConfig, root: Path, partition: Partition, run: FederatedRun,
+    run_id: str | None, kind: str = KIND_TRAIN,
+) -> dict[str, Any]:
+    """Charge the ledger for a DP-SGD run's patients, then summarise its privacy.
+
+    Call it before anything trained is written: if the charge is refused (a concurrent run
+    took the budget), :class:`BudgetExceededError` propagates and no model exists.
+    """
+    charge = None
+    if run.dp is not None and run_id is not None:
+        site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
+        charge = spent_charge(cfg, site_of, partition, run.dp, run.spent, run_id, kind)
+        open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
+    return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,
+                           len(run.result.history))
+

@@ -224,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         if args.command == "audit-sweep":
-            from tasks.sweep import DEFAULT_EPSILONS, DEFAULT_SEEDS, run_audit_sweep, sweep_markdown
+            from adapters.sweep import (
+                DEFAULT_EPSILONS,
+                DEFAULT_SEEDS,
+                run_audit_sweep,
+                sweep_markdown,
+            )
 
             result = run_audit_sweep(root / args.params, args.overrides, root,
                                      list(args.epsilons or DEFAULT_EPSILONS),
@@ -260,23 +265,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:
     if name == "validate":
-        from tasks.validate import validate_data
+        from adapters.validate import validate_data
 
         validate_data(cfg, root)
     elif name == "partition":
-        from tasks.partition import partition_data
+        from adapters.partition import partition_data
 
         partition_data(cfg, root)
     elif name == "train":
-        from tasks.train import train_model
+        from adapters.train import train_model
 
         train_model(cfg, root)
     elif name == "audit":
-        from tasks.audit import audit_model
+        from adapters.audit import audit_model
 
         audit_model(cfg, root)
     else:
-        from tasks.publish import publish_results
+        from adapters.publish import publish_results
 
         outcome = publish_results(cfg, root)
         print_summary(outcome["metrics"], outcome["registration"])

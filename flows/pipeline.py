@@ -13,9 +13,9 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from adapters.artifacts import Paths
 from fl_core.config import load_config
 from tasks.audit import audit
-from tasks.common import Paths
 from tasks.partition import partition
 from tasks.publish import publish
 from tasks.train import train

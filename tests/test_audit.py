@@ -324,8 +324,8 @@ def test_audit_sweep_cli_charges_the_ledger_and_writes_table_plot(project) -> No
 def test_audit_sweep_the_ledger_cannot_cover_is_refused_before_training(project) -> None:
     import re
 
+    from adapters.sweep import plan_sweep
     from fl_core.ledger import PrivacyLedger
-    from tasks.sweep import plan_sweep
 
     out = _sweep_cli(project, "--seeds", "2", "--epsilons", "1", "2",
                      "--set", "privacy.lifetime_epsilon=2.5")

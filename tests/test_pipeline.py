@@ -99,11 +99,11 @@ def test_validation_failure_stops_before_training(project: Path, prefect_harness
 
 
 def _run_stages(root: Path) -> dict:
-    from tasks.audit import audit_model
-    from tasks.partition import partition_data
-    from tasks.publish import publish_results
-    from tasks.train import train_model
-    from tasks.validate import validate_data
+    from adapters.audit import audit_model
+    from adapters.partition import partition_data
+    from adapters.publish import publish_results
+    from adapters.train import train_model
+    from adapters.validate import validate_data
 
     # "same seed, same metrics" holds only where the noise is reproducible
     cfg = load_config(root / "params.yaml", ["rounds=3", "privacy.randomness=reproducible"])

@@ -31,11 +31,11 @@ SITES = {"Cleveland", "Hungary", "Switzerland", "VA Long Beach"}
 
 
 def _stages(root: Path, *names: str, overrides: tuple[str, ...] = ("rounds=2",)) -> None:
-    from tasks.audit import audit_model
-    from tasks.partition import partition_data
-    from tasks.publish import publish_results
-    from tasks.train import train_model
-    from tasks.validate import validate_data
+    from adapters.audit import audit_model
+    from adapters.partition import partition_data
+    from adapters.publish import publish_results
+    from adapters.train import train_model
+    from adapters.validate import validate_data
 
     stages = {"validate": validate_data, "partition": partition_data, "train": train_model,
               "audit": audit_model, "register": publish_results}
@@ -139,16 +139,16 @@ def test_charge_refused_after_training_leaves_no_model(
     project: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two runs each fit alone; the one charging second is refused and writes no model."""
-    import tasks.train
+    import adapters.train
 
-    real_federate = tasks.train.federate
+    real_federate = adapters.train.federate
 
     def federate_while_another_run_charges(*args: object, **kwargs: object) -> object:
         run = real_federate(*args, **kwargs)
         _spend(project, "Cleveland", 9.5, "other")  # commits between our check and charge
         return run
 
-    monkeypatch.setattr(tasks.train, "federate", federate_while_another_run_charges)
+    monkeypatch.setattr(adapters.train, "federate", federate_while_another_run_charges)
     _stages(project, "validate", "partition")
     with pytest.raises(BudgetExceededError, match="Nothing was charged and no model was written"):
         _stages(project, "train", overrides=("rounds=2", "privacy.epsilon=5"))

@@ -122,7 +122,7 @@ def test_reproducible_noise_is_regenerated_from_the_config_and_secure_noise_is_n
 
 
 def test_two_secure_runs_with_the_same_seed_differ_and_reproducible_runs_agree() -> None:
-    from tasks.train import federate
+    from fl_core.federation.build import federate
 
     def params(randomness: str) -> torch.Tensor:
         cfg = load_config(ROOT / "params.yaml", ["rounds=2", f"privacy.randomness={randomness}"])

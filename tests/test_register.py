@@ -144,7 +144,7 @@ def _client(cfg: PipelineConfig) -> Any:
 
 def _register(cfg: PipelineConfig, model: torch.nn.Module, metrics: dict[str, Any],
               artifacts: list[Path] | None = None) -> Any:
-    from tasks.register import register_model
+    from adapters.mlflow_registry import register_model
 
     return register_model(cfg, model, EXAMPLE, metrics, HISTORY, artifacts or [], run_name="t")
 
@@ -280,7 +280,7 @@ def test_failure_restores_previous_aliases(
 
 
 def test_bad_inputs_fail_before_any_run(cfg: PipelineConfig, model: torch.nn.Module) -> None:
-    from tasks.register import register_model
+    from adapters.mlflow_registry import register_model
 
     with pytest.raises(ValueError, match="round"):
         register_model(cfg, model, EXAMPLE, PASSING, [{"accuracy": 0.8}], [])

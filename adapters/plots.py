@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from tasks.common import atomic_path  # noqa: E402
+from adapters.artifacts import atomic_path  # noqa: E402
 
 
 def training_curves(history: Sequence[dict], target: Path) -> None:

@@ -1,7 +1,7 @@
 """``fedpriv audit-sweep``: does the audit see more when the model is less private?
 
 For each ε and each seed: partition, train the target with the configured recipe at that ε,
-and audit it (:func:`tasks.audit.audit_trained`, the same shadows and attacks as the
+and audit it (:func:`adapters.audit.audit_trained`, the same shadows and attacks as the
 pipeline). Reported per ε: the worst-case attack AUC and TPR at 0.1 % FPR (mean over seeds),
 the empirical ε lower bound, accuracy, and the Spearman rank correlation of each with ε (the
 largest ε is the sweep's reference; there is no "no DP" arm: training on real patients without
@@ -13,7 +13,7 @@ and ``reports/audit_sweep.png``. Nothing is registered.
 sweep is planned and checked against the ledger as one composition
 (:func:`plan_sweep`); a sweep the lifetime cap cannot cover is refused, naming what it would
 spend per site and the ``privacy.lifetime_epsilon`` that would allow it. Each point is charged
-right after it trains. The audit's shadow models are not charged (see :mod:`tasks.audit`).
+right after it trains. The audit's shadow models are not charged (see :mod:`adapters.audit`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fl_core.accounting import KIND_AUDIT_SWEEP, open_ledger
+from adapters.artifacts import Paths, write_json_atomic
+from adapters.audit import audit_trained
+from adapters.plots import audit_sweep_plot
+from fl_core.accounting import KIND_AUDIT_SWEEP, charge_and_summarise, open_ledger, plan_charge
 from fl_core.config import PipelineConfig, load_config
 from fl_core.data import FederatedDataLoader
+from fl_core.federation.build import build_target_model, federate
 from fl_core.ledger import BudgetExceededError, Charge, SiteNeed, new_run_id
-from tasks.audit import audit_trained
-from tasks.common import Paths, write_json_atomic
-from tasks.plots import audit_sweep_plot
-from tasks.train import build_target_model, charge_and_summarise, federate, plan_charge
 
 # 3 ε × 2 seeds = 6 charges: a patient in all of them spends ε = 3.14 composed (prv, default
 # recipe, δ = 6e-5; 7 summed), a third of the default lifetime cap of 10

@@ -1,0 +1,208 @@
+"""Stage 4: membership-inference audit of the trained model; writes the report and ROC plot.
+
+Who is who:
+
+* **members**: the target's training patients; as many are drawn at random as there are
+  non-members, so the evaluation is balanced;
+* **non-members**: the held-out test patients of every client;
+* **population** (what the shadows train on, never the target's members): the non-members
+  plus the patients ``data.drop_incomplete`` kept out of training (missing values filled by
+  the target's own declared transform), capped at ``audit.population_size``.
+
+Each of ``audit.shadow_models`` shadows is a federated run with the target's own recipe
+(``fl_core.federation.build.federate``: same partition scheme, model, rounds, compression,
+aggregation and DP-SGD at the same ε) on a random half of the population; with
+``audit.online`` the evaluated members join the shadows' pool too, which online LiRA needs.
+
+**Shadow training is not charged to the privacy ledger.** The shadows train on the audit
+population (test patients and patients dropped as incomplete; with ``audit.online`` also the
+evaluated members), but no shadow model, its parameters or its per-patient scores ever leave
+this process: they are built, scored and discarded here. What is released is the audit's
+statistics (AUCs, TPRs, the empirical ε lower bound, ROC curves) and those are outside the
+stated DP guarantee, which covers the trained model (and everything trained for release) per
+training patient. The ledger charges trainings whose outputs are kept: the train stage and
+``fedpriv audit-sweep``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.artifacts import Paths, read_json, write_json_atomic
+from adapters.partition import load_client_data
+from adapters.plots import roc_plot
+from adapters.train import load_model
+from fl_core.audit import ShadowOutputs, balanced_indices, half_splits, membership_audit
+from fl_core.config import PipelineConfig
+from fl_core.data import SITE, ClientData, FederatedDataLoader, TabularTransform
+from fl_core.federation.build import build_target_model, federate
+from fl_core.models import set_flat_params
+
+
+@dataclass(frozen=True)
+class AuditPool:
+    """Every patient the audit touches: features, labels, site; who is trainable by shadows."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    site: list[str]
+    trainable: torch.Tensor  # bool: may be in a shadow's training half
+    eval_index: torch.Tensor  # the evaluated patients' rows
+    is_member: torch.Tensor  # per evaluated patient
+
+
+def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
+               transform: TabularTransform) -> AuditPool:
+    """Members (sampled to balance), non-members and the population, as one pool."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    loader = FederatedDataLoader.get(cfg.data, root)
+    site_of = loader.site_of_patient()
+    x_mem = torch.cat([d.x_train for d in data])
+    y_mem = torch.cat([d.y_train for d in data])
+    mem_site = [site_of[int(i)] for d in data for i in d.patient_ids()]
+    x_out = torch.cat([d.x_test for d in data])
+    y_out = torch.cat([d.y_test for d in data])
+    out_site = [site_of[int(i)] for d in data for i in d.test_ids]
+    m_idx, o_idx = balanced_indices(len(y_mem), len(y_out), g)
+    incomplete = loader.incomplete_table
+    x_inc = transform.transform(incomplete) if len(incomplete) else torch.zeros(0, x_mem.shape[1])
+    y_inc = torch.tensor(incomplete["label"].to_numpy(), dtype=torch.float32)
+    inc_site = incomplete[SITE].astype(str).tolist()
+    extra = torch.randperm(len(y_inc), generator=g)
+    cap = cfg.audit.population_size
+    if cap is not None:  # the non-members stay; the incomplete patients fill up to the cap
+        extra = extra[: max(cap - len(o_idx), 0)]
+    x = torch.cat([x_mem[m_idx], x_out[o_idx], x_inc[extra]])
+    y = torch.cat([y_mem[m_idx], y_out[o_idx], y_inc[extra]])
+    site = ([mem_site[i] for i in m_idx.tolist()] + [out_site[i] for i in o_idx.tolist()]
+            + [inc_site[i] for i in extra.tolist()])
+    k = len(m_idx)
+    trainable = torch.arange(len(y)) >= (0 if cfg.audit.online else k)
+    eval_index = torch.arange(2 * k)
+    return AuditPool(x, y, site, trainable, eval_index, (eval_index < k).float())
+
+
+def _shadow_clients(cfg: PipelineConfig, pool: AuditPool, trained: torch.Tensor,
+                    g: torch.Generator) -> list[ClientData]:
+    """The shadow's half split into clients like the target's: by site, or at random."""
+    rows = torch.nonzero(trained)[:, 0]
+    rest = torch.nonzero(~trained)[:, 0]
+    if cfg.data.partition == "by_site":
+        groups = {s: [int(r) for r in rows if pool.site[r] == s] for s in sorted(set(pool.site))}
+        tests = {s: [int(r) for r in rest if pool.site[r] == s] for s in groups}
+    else:
+        k = cfg.data.num_clients
+        order = rows[torch.randperm(len(rows), generator=g)]
+        groups = {f"client-{c:03d}": order[c::k].tolist() for c in range(k)}
+        tests = {c: rest[i::k].tolist() for i, c in enumerate(groups)}
+    clients = []
+    for cid, idx in groups.items():
+        if len(idx) < 2:  # a site with (almost) no population patients sits this shadow out
+            continue
+        test = tests[cid] or idx[:1]
+        clients.append(ClientData(cid, pool.x[idx], pool.y[idx], pool.x[test], pool.y[test],
+                                  tuple(idx), tuple(test)))
+    return clients
+
+
+def shadow_outputs(cfg: PipelineConfig, pool: AuditPool) -> ShadowOutputs:
+    """Train ``audit.shadow_models`` shadows with the target's recipe; their logits on the pool."""
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    n = cfg.audit.shadow_models
+    trained_on = torch.zeros(n, len(pool.y), dtype=torch.bool)
+    trained_on[:, pool.trainable] = half_splits(int(pool.trainable.sum()), n, g)
+    shadow_cfg = cfg.model_copy(update={
+        "attack": cfg.attack.model_copy(update={"kind": "none", "fraction": 0.0})})
+    logits = []
+    for s in range(n):
+        clients = _shadow_clients(cfg, pool, trained_on[s], g)
+        # a shadow whose clients are fewer than min_clients still trains
+        run_cfg = shadow_cfg.model_copy(update={
+            "seed": cfg.seed + 1000 + s, "min_clients": min(cfg.min_clients, len(clients))})
+        run = federate(run_cfg, clients)
+        model, _ = build_target_model(cfg, pool.x.shape[1])
+        set_flat_params(model, run.result.params)
+        model.eval()
+        with torch.no_grad():
+            logits.append(model(pool.x))
+    return ShadowOutputs(torch.stack(logits), pool.y, trained_on)
+
+
+def audit_trained(
+    cfg: PipelineConfig, root: Path, data: list[ClientData], transform: TabularTransform,
+    model: torch.nn.Module, privacy: dict[str, Any],
+) -> dict[str, Any]:
+    """Audit ``model`` (trained on ``data`` under ``cfg``): the report ``audit.json`` holds,
+    with the per-attack ROC curves under ``"curves"``."""
+    started = time.perf_counter()
+    pool = audit_pool(cfg, root, data, transform)
+    print(f"audit: {int(pool.is_member.sum())} members vs {int((1 - pool.is_member).sum())} "
+          f"non-members; {cfg.audit.shadow_models} shadow models on halves of "
+          f"{int(pool.trainable.sum())} population patients"
+          + (" (online LiRA: members included)" if cfg.audit.online else ""), flush=True)
+    shadows = shadow_outputs(cfg, pool)
+    model.eval()
+    with torch.no_grad():
+        target_logits = model(pool.x[pool.eval_index])
+    delta = float(privacy.get("delta") or cfg.privacy.delta)
+    result = membership_audit(target_logits, pool.is_member, pool.eval_index, shadows, delta,
+                              cfg.audit.confidence)
+    headline = result.metrics()
+    epsilon = privacy.get("epsilon")
+    consistent = epsilon is None or headline["empirical_epsilon_lower_bound"] <= epsilon
+    return {
+        "enabled": True,
+        **headline,
+        "attacks": [r.summary() for r in result.reports],
+        "members": int(pool.is_member.sum()),
+        "non_members": int((1 - pool.is_member).sum()),
+        "population": int(pool.trainable.sum()),
+        "shadow_models": cfg.audit.shadow_models,
+        "online": cfg.audit.online,
+        "delta": delta,
+        "confidence": cfg.audit.confidence,
+        "accountant_epsilon": epsilon,
+        "privacy_consistent": consistent,
+        "seconds": round(time.perf_counter() - started, 3),
+        "curves": {r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports},
+    }
+
+
+def describe_audit(report: dict[str, Any]) -> str:
+    lines = [f"  {a['attack']:<15} AUC {a['auc']:.3f}  TPR@1%FPR {a['tpr_at_1pct_fpr']:.3f}  "
+             f"TPR@0.1%FPR {a['tpr_at_0_1pct_fpr']:.3f}  advantage {a['advantage']:.3f}  "
+             f"ε_lb {a['epsilon_lower_bound']:.3f}" for a in report["attacks"]]
+    epsilon = report["accountant_epsilon"]
+    lines.append(
+        f"audit: worst case AUC {report['mia_auc']:.3f} ({report['mia_strongest_attack']}), "
+        f"ε_lb {report['empirical_epsilon_lower_bound']:.3f}"
+        + (f" vs accountant ε {epsilon:.3f}" if epsilon is not None else "")
+        + ("" if report["privacy_consistent"]
+           else "  PRIVACY FAILURE: the attack beats the DP guarantee")
+        + f"; {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def audit_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
+    """Attack the final model with every attack; the worst case is what the gate reads."""
+    paths = Paths.of(cfg, root)
+    if not cfg.audit.enabled:
+        report: dict[str, Any] = {"enabled": False, "seconds": 0.0}
+        write_json_atomic(paths.audit, report)
+        print("audit disabled (audit.enabled=false): MIA metrics stay null; the gate refuses")
+        return report
+    data, transform, _ = load_client_data(cfg, paths)
+    model, _ = load_model(paths.model)
+    privacy = read_json(paths.train_summary, "train").get("privacy") or {}
+    report = audit_trained(cfg, paths.root, data, transform, model, privacy)
+    roc_plot(report.pop("curves"), "Membership inference on the target", paths.roc_plot)
+    write_json_atomic(paths.audit, report)
+    print(describe_audit(report))
+    return report
+
+

@@ -1,0 +1,41 @@
+"""Stage 2: patients → clients, and an 80/20 train/test split per client (by patient)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from adapters.artifacts import Paths, read_json, write_text_atomic
+from fl_core.config import PipelineConfig
+from fl_core.data import ClientData, FederatedDataLoader, Partition, TabularTransform
+
+
+def partition_data(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, object]:
+    """Write ``data/processed/partition.json``; return a per-client summary."""
+    paths = Paths.of(cfg, root)
+    read_json(paths.validation, "validate")  # validation must have run
+    started = time.perf_counter()
+    loader = FederatedDataLoader.get(cfg.data, paths.root)
+    partition = loader.partition(cfg.data, cfg.seed)
+    write_text_atomic(paths.partition, partition.to_json())
+    clients = {c.client_id: {"train": len(c.train_ids), "test": len(c.test_ids)}
+               for c in partition.clients}
+    print(f"partition {partition.scheme}: {len(clients)} clients, "
+          f"{sum(v['train'] for v in clients.values())} train / "
+          f"{sum(v['test'] for v in clients.values())} test patients")
+    return {"scheme": partition.scheme, "clients": clients,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def load_client_data(
+    cfg: PipelineConfig, paths: Paths
+) -> tuple[list[ClientData], TabularTransform, Partition]:
+    """The partition written by the partition stage, encoded with transforms fitted on train."""
+    if not paths.partition.exists():
+        raise FileNotFoundError(f"{paths.partition} not found: run the 'partition' stage first")
+    partition = Partition.from_json(paths.partition.read_text())
+    loader = FederatedDataLoader.get(cfg.data, paths.root)
+    data, transform = loader.encoded(cfg.data, partition)
+    return data, transform, partition
+
+

@@ -1,0 +1,158 @@
+"""Stage 5: assemble the run's metrics, register the model in MLflow, apply the promotion gate.
+
+``reports/metrics.json`` (the DVC metrics file) and ``reports/registration.json`` are written
+only after the registration has succeeded, so a failed run never leaves them half-updated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.artifacts import Paths, read_json, write_json_atomic
+from adapters.mlflow_registry import register_model
+from adapters.train import load_model
+from fl_core.accounting import open_ledger
+from fl_core.config import PipelineConfig
+from fl_core.ledger import MissingChargeError
+
+# The fields every run reports (architecture); a later stage's field stays None until it exists.
+METRIC_FIELDS = (
+    "accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accuracy",
+    "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
+    "mia_advantage", "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
+    "bytes_downloaded_uncompressed", "compression_ratio", "downlink_compression_ratio",
+    "flagged_client_rounds", "rejected_client_rounds", "client_level_epsilon", "rounds",
+    "wall_seconds", "audit_seconds", "epsilon_replace_one", "randomness",
+)
+
+
+def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str, Any]:
+    """Merge the stage reports into the flat metrics dict of ``reports/metrics.json``."""
+    validation = read_json(paths.validation, "validate")
+    trained = read_json(paths.train_summary, "train")
+    audited = read_json(paths.audit, "audit")
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_FIELDS)
+    for key in ("accuracy", "auc", "epsilon", "delta", "bytes_uploaded",
+                "bytes_uploaded_uncompressed", "bytes_downloaded", "bytes_downloaded_uncompressed",
+                "compression_ratio", "downlink_compression_ratio", "flagged_client_rounds",
+                "rejected_client_rounds", "rounds"):
+        metrics[key] = trained.get(key)
+    privacy = trained.get("privacy") or {}
+    for key in ("client_level_epsilon", "epsilon_replace_one", "randomness"):
+        metrics[key] = privacy.get(key)
+    for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
+                "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound", "mia_advantage"):
+        metrics[key] = audited.get(key)
+    metrics["audit_seconds"] = audited.get("seconds")
+    if wall_seconds is None:  # stage by stage (dvc repro): the stages' own times
+        wall_seconds = validation["seconds"] + trained["seconds"] + audited["seconds"]
+    metrics["wall_seconds"] = round(wall_seconds, 3)
+    return metrics
+
+
+def publish_results(
+    cfg: PipelineConfig, root: str | Path = ".", wall_seconds: float | None = None
+) -> dict[str, Any]:
+    """Register the trained model with its metrics and reports; write metrics.json."""
+    paths = Paths.of(cfg, root)
+    # the MLflow store lives under the project root, wherever the process was started
+    cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
+    privacy = read_json(paths.train_summary, "train").get("privacy") or {}
+    require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
+    metrics = collect_metrics(paths, wall_seconds)
+    model, saved = load_model(paths.model)
+    example = torch.zeros(1, saved["num_features"])
+    artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
+                             paths.roc_plot, paths.training_plot) if p.exists()]
+    history = _read_rounds(paths.rounds_csv)
+    result = register_model(cfg, model, example, metrics, history, artifacts,
+                            tags=privacy_tags(privacy))
+    registration = {
+        "run_id": result.run_id,
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "aliases": list(result.aliases),
+        "gate_passed": result.gate.passed,
+        "gate_reasons": list(result.gate.reasons),
+        "privacy": privacy_tags(privacy)["privacy"],
+        "budget_spent": _budget_spent(cfg, paths.root, privacy),
+        "lifetime_epsilon": cfg.privacy.lifetime_epsilon,
+    }
+    write_json_atomic(paths.metrics, metrics)
+    write_json_atomic(paths.registration, registration)
+    return {"metrics": metrics, "registration": registration}
+
+
+GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one site; covers every "
+             "model update and the released model; not the audit's statistics or test metrics")
+
+
+def privacy_tags(privacy: dict[str, Any]) -> dict[str, str]:
+    """MLflow run tags stating the model's guarantee (or its absence)."""
+    noise = {"privacy.randomness": str(privacy.get("randomness"))}
+    if privacy.get("epsilon") is None:
+        return {"privacy": "none" if privacy.get("client_level_epsilon") is None
+                else "client-level DP-FedAvg only", **noise}
+    return {
+        "privacy": "patient-level DP-SGD",
+        "privacy.guarantee": GUARANTEE,
+        **noise,
+        "privacy.epsilon_replace_one": f"{privacy['epsilon_replace_one']:.6g}",
+        "privacy.epsilon": f"{privacy['epsilon']:.6g}",
+        "privacy.delta": f"{privacy['delta']:g}",
+        "privacy.accountant": str(privacy["accountant"]),
+        "privacy.noise_multiplier": f"{privacy['noise_multiplier']:.6g}",
+        "privacy.sample_rate": f"{privacy['sample_rate']:g}",
+        "privacy.max_grad_norm": f"{privacy['max_grad_norm']:g}",
+        "privacy.dataset": str(privacy.get("dataset")),
+        "privacy.ledger_run": str(privacy.get("ledger_run_id")),
+    }
+
+
+def require_ledger_charge(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> None:
+    """Refuse to register a DP-SGD model whose training charge is not in the ledger.
+
+    The train stage charges the ledger before it writes the model; a model without that
+    charge (trained by an older version, or its ledger moved or deleted) is unaccounted.
+    """
+    if privacy.get("epsilon") is None:
+        return
+    run_id = privacy.get("ledger_run_id")
+    ledger = open_ledger(cfg, root)
+    if not run_id or not ledger.has_run(run_id):
+        raise MissingChargeError(
+            f"the trained model's privacy charge (ledger run {run_id or 'none recorded'}) is "
+            f"not in the ledger {ledger.path}: refusing to register a model whose use of "
+            f"patients is unaccounted. Retrain with `fedpriv stage train` (it charges the "
+            f"ledger), or point privacy.ledger at the ledger it was charged to")
+
+
+def _budget_spent(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> dict[str, float]:
+    """Tight composed ε each of this run's sites has now spent (worst patient, all runs)."""
+    sites = privacy.get("site_epsilon") or {}
+    if privacy.get("epsilon") is None:
+        return {}
+    balances = open_ledger(cfg, root).balances(str(privacy["accountant"]))
+    return {b.site: round(b.tight_epsilon, 6) for b in balances if b.site in sites}
+
+
+def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    import csv
+
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for row in rows:
+        parsed: dict[str, Any] = {}
+        for key, value in row.items():
+            try:
+                parsed[key] = int(value) if key == "round" else float(value)
+            except (TypeError, ValueError):
+                parsed[key] = value
+        out.append(parsed)
+    return out
+
+

@@ -1,0 +1,209 @@
+"""Building a federated run from the configuration: model, sites, codec, defense, DP, attack.
+
+Everything :func:`federate` needs is chosen here from ``params.yaml`` (the pipeline's train
+stage, the audit's shadow models, the audit sweep and the benchmarks all run the same
+wiring): the model (Opacus-compatible when DP-SGD is on), one :class:`SiteClient` per client
+with its codec and DP-SGD recipe, the server's defense (robust aggregator, pre-aggregation,
+anomaly detection, DP-FedAvg), the simulated attack, and the randomness source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fl_core.aggregation import (
+    AggregationResult,
+    bucketing,
+    make_aggregator,
+    nearest_neighbour_mixing,
+)
+from fl_core.anomaly import Reputation
+from fl_core.attacks import Attack, choose_malicious
+from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
+from fl_core.config import CompressionConfig, ConfigError, PipelineConfig, check_aggregation
+from fl_core.data import ClientData
+from fl_core.engine import Defense, FederationSettings, RoundRecord, TrainingResult
+from fl_core.federation.simulation import simulate
+from fl_core.federation.site import LocalTrainingConfig, SiteClient
+from fl_core.models import build_model, get_flat_params
+from fl_core.privacy import (
+    DPSGDConfig,
+    calibrate_noise,
+    check_delta,
+    check_model,
+    dp_fedavg,
+    local_steps,
+)
+from fl_core.randomness import RandomSource, make_random
+
+
+def client_spending(
+    site_epsilon: Mapping[str, float], site_dp_steps: Mapping[str, int]
+) -> dict[str, tuple[float, int]]:
+    """client id → (ε, DP steps) as the clients reported them in their fit replies."""
+    return {c: (float(site_epsilon.get(c, 0.0)), int(steps)) for c, steps in site_dp_steps.items()}
+
+
+def quantizer(c: CompressionConfig, seed: int) -> TopKQuantizer:
+    return TopKQuantizer(c.ratio, c.bits, c.chunk_size, c.stochastic_rounding, seed)
+
+
+def make_compressor(c: CompressionConfig, seed: int) -> UpdateCompressor:
+    """A client's uplink pipeline as configured under ``compression``."""
+    if not c.enabled:
+        return UpdateCompressor(DenseCodec(), error_feedback=False)
+    return UpdateCompressor(quantizer(c, seed), c.error_feedback, c.momentum, c.warmup_rounds)
+
+
+def describe_compression(c: CompressionConfig) -> str:
+    if not c.enabled:
+        return "uplink dense float32"
+    parts = [f"uplink top-{c.ratio:.3g} {c.bits}-bit",
+             "error feedback" if c.error_feedback else "no error feedback"]
+    if c.momentum:
+        parts.append(f"momentum {c.momentum}")
+    if c.warmup_rounds:
+        parts.append(f"warm-up {c.warmup_rounds} rounds")
+    parts.append(f"downlink {c.downlink}")
+    return ", ".join(parts)
+
+
+def make_defense(cfg: PipelineConfig, n_clients: int, random: RandomSource) -> Defense:
+    """The server's defense as configured under ``aggregation`` and ``anomaly``; DP-FedAvg's
+    noise (``privacy.server``) is drawn from ``random``."""
+    agg = cfg.aggregation
+    try:
+        check_aggregation(agg, n_clients)
+    except ValueError as exc:  # by_site: the number of clients is only known now
+        raise ConfigError(str(exc)) from None
+    f = agg.num_byzantine(n_clients)
+    pre = None
+    if agg.pre_aggregation == "nnm":
+        def pre(u: torch.Tensor) -> torch.Tensor:
+            return nearest_neighbour_mixing(u, min(f, u.shape[0] - 1))
+    elif agg.pre_aggregation == "bucketing":
+        generator = torch.Generator().manual_seed(cfg.seed)
+
+        def pre(u: torch.Tensor) -> torch.Tensor:
+            return bucketing(u, agg.bucket_size, generator)
+    an = cfg.anomaly
+    aggregator = make_aggregator(agg.method, f)
+    server = cfg.privacy.server
+    if server.enabled:
+        noise = random.stream("server-dp")
+
+        def aggregator(u: torch.Tensor, w: torch.Tensor | None,
+                       prev: torch.Tensor | None) -> AggregationResult:
+            # divide by the *expected* number of clients: the sensitivity stays S / (q·n)
+            return dp_fedavg(u, server.clip_norm, server.noise_multiplier,
+                             cfg.client_fraction * n_clients, noise)
+    return Defense(
+        aggregator=aggregator,
+        pre_aggregation=pre,
+        detect=an.enabled,
+        detect_min_clients=an.min_clients,
+        z_threshold=an.z_threshold,
+        reputation=Reputation(an.reputation_decay, an.exclude_at),
+        max_norm_factor=agg.max_norm_factor,
+    )
+
+
+def make_attack(cfg: PipelineConfig, client_ids: list[str]) -> Attack | None:
+    a = cfg.attack
+    if a.kind == "none" or a.fraction == 0:
+        return None
+    malicious = choose_malicious(client_ids, a.fraction, cfg.seed)
+    return Attack(a.kind, malicious, a.scale, a.noise_std, a.ipm_epsilon)
+
+
+def poisoned(data: ClientData) -> ClientData:
+    """The client's data with its training labels flipped (data poisoning)."""
+    return dataclasses.replace(data, y_train=1.0 - data.y_train)
+
+
+def make_dpsgd(cfg: PipelineConfig, data: list[ClientData]) -> DPSGDConfig | None:
+    """Every client's DP-SGD recipe, σ calibrated so the whole run costs ``privacy.epsilon``.
+
+    All clients share the sample rate and the number of steps, hence one σ. Raises
+    :class:`ConfigError` when ``privacy.delta`` is not below 1/patients at some client.
+    """
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    patients = {d.client_id: int(d.patient_ids().unique().numel()) for d in data}
+    largest = max(patients, key=patients.__getitem__)  # the binding bound: 1/most patients
+    try:
+        check_delta(p.delta, patients[largest], f"client {largest!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    steps = local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate)
+    try:
+        sigma = calibrate_noise(p.epsilon, p.delta, p.sample_rate, steps, p.accountant)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return DPSGDConfig(sigma, p.max_grad_norm, p.sample_rate,
+                       p.learning_rate or cfg.learning_rate, p.delta, p.accountant,
+                       p.grad_sample_mode)
+
+
+def build_target_model(cfg: PipelineConfig, num_features: int) -> tuple[torch.nn.Module, list[str]]:
+    """The configured model, initialised from ``seed``; with DP-SGD, one Opacus accepts
+    (server, clients and audit shadows share it). Returns the model and Opacus's fixes."""
+    model = build_model(cfg.model, num_features, cfg.hidden_units, seed=cfg.seed)
+    if cfg.privacy.enabled:
+        return check_model(model)
+    return model, []
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """A finished federated run and what made it: its DP recipe and the attack."""
+
+    result: TrainingResult
+    dp: DPSGDConfig | None
+    attack: Attack | None
+    model_fixes: list[str]  # what ModuleValidator.fix changed for Opacus (usually nothing)
+
+    @property
+    def spent(self) -> dict[str, tuple[float, int]]:
+        """client id → (ε, DP steps), as the clients reported them."""
+        return client_spending(self.result.site_epsilon, self.result.site_dp_steps)
+
+
+def federate(
+    cfg: PipelineConfig, data: list[ClientData],
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> FederatedRun:
+    """The configured federated run on ``data``: clients, DP, compression, defense, attack."""
+    num_features = int(data[0].x_train.shape[1])
+    model_fixes: list[str] = []
+
+    def factory() -> torch.nn.Module:
+        model, fixes = build_target_model(cfg, num_features)
+        model_fixes[:] = fixes
+        return model
+
+    local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
+    comp = cfg.compression
+    random = make_random(cfg.privacy.randomness, cfg.seed)
+    defense = make_defense(cfg, len(data), random)
+    attack = make_attack(cfg, [d.client_id for d in data])
+    if attack is not None and attack.flips_labels:
+        data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
+    dp = make_dpsgd(cfg, data)
+    sites = [SiteClient(d, factory, local, make_compressor(comp, cfg.seed + i), dp,
+                        randomness=random) for i, d in enumerate(data)]
+    downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
+        else None
+    settings = FederationSettings(
+        rounds=cfg.rounds, local_epochs=cfg.local_epochs, min_clients=cfg.min_clients,
+        round_timeout_s=cfg.federation.round_timeout_s, client_fraction=cfg.client_fraction)
+    result = simulate(sites, initial_params=get_flat_params(factory()), settings=settings,
+                      downlink=downlink, sinks=[on_round] if on_round else (),
+                      defense=defense, attack=attack, seed=cfg.seed, randomness=random)
+    return FederatedRun(result, dp, attack, model_fixes)
+
