@@ -28,10 +28,11 @@ from report import emit, require_public_dataset  # benchmarks/report.py: the scr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fl_core.attacks import ATTACKS as ATTACK_REGISTRY  # noqa: E402
 from fl_core.config import load_config  # noqa: E402
 from fl_core.data import FederatedDataLoader  # noqa: E402
 
-ATTACKS = ("none", "sign_flip", "gaussian", "scaling", "label_flip", "alie", "ipm")
+ATTACKS = tuple(ATTACK_REGISTRY)  # every registered attack, ``none`` (the baseline) first
 DEFENSES: dict[str, list[str]] = {
     "fedavg": ["aggregation.method=fedavg"],
     "fedavg+anomaly": ["aggregation.method=fedavg", "anomaly.enabled=true"],

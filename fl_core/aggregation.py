@@ -4,6 +4,11 @@ Every aggregator returns an :class:`AggregationResult`: the combined update and 
 used. ``f`` is the number of Byzantine clients a rule is configured to tolerate;
 :func:`check_robustness` says, before a run starts, whether a rule can tolerate ``f`` of ``n``.
 
+Configured rules are chosen by name: :data:`AGGREGATORS` (``aggregation.method``) maps a name to
+a rule ``(updates, weights, previous, f) → AggregationResult`` and :func:`make_aggregator` binds
+``f``; :data:`PRE_AGGREGATIONS` (``aggregation.pre_aggregation``) maps a name to the mixing step
+that runs before the rule (:func:`make_pre_aggregation`).
+
 Pairwise distances come from one Gram matrix, ``‖u_i − u_j‖² = ‖u_i‖² + ‖u_j‖² − 2⟨u_i, u_j⟩``
 (clamped at 0 against rounding), so no ``[n, n, d]`` tensor is ever built.
 """
@@ -15,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-AGGREGATORS = ("fedavg", "multi_krum", "krum", "trimmed_mean", "median", "geometric_median",
-               "centered_clipping")
+from fl_core.registry import lookup
 
 
 @dataclass(frozen=True)
@@ -203,28 +207,125 @@ def bucketing(updates: torch.Tensor, bucket_size: int, generator: torch.Generato
 
 Aggregator = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
                       AggregationResult]
+"""``aggregate(updates, weights, previous_aggregate)``: what the server's defense calls."""
+
+Rule = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", int],
+                AggregationResult]
+"""``rule(updates, weights, previous_aggregate, f)``: a registered aggregation rule."""
+
+PreAggregation = Callable[[torch.Tensor], torch.Tensor]
 
 
-def make_aggregator(method: str, f: int) -> Aggregator:
-    """``aggregate(updates, weights, previous_aggregate)`` for a configured rule."""
-    if method not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {method!r}; accepted: {', '.join(AGGREGATORS)}")
+def _tolerable_krum(n: int, f: int) -> int:
+    # a round that lost clients tolerates fewer: never more than the rule allows of n
+    return min(f, max((n - 3) // 2, 0))
 
-    def aggregate(updates: torch.Tensor, weights: torch.Tensor | None,
-                  previous: torch.Tensor | None) -> AggregationResult:
-        n = updates.shape[0]
-        # a round that lost clients tolerates fewer: never more than the rule allows of n
-        if method == "fedavg":
-            return fedavg(updates, weights)
-        if method in ("multi_krum", "krum"):
-            fr = min(f, max((n - 3) // 2, 0))
-            return multi_krum(updates, fr, 1 if method == "krum" else n - fr, weights)
-        if method == "trimmed_mean":
-            return trimmed_mean(updates, min(f, (n - 1) // 2))
-        if method == "median":
-            return coordinate_median(updates)
-        if method == "geometric_median":
-            return geometric_median(updates, weights)
-        return centered_clipping(updates, previous, weights=weights)
 
-    return aggregate
+def _fedavg_rule(u: torch.Tensor, w: torch.Tensor | None, prev: torch.Tensor | None,
+                 f: int) -> AggregationResult:
+    return fedavg(u, w)
+
+
+def _multi_krum_rule(u: torch.Tensor, w: torch.Tensor | None, prev: torch.Tensor | None,
+                     f: int) -> AggregationResult:
+    fr = _tolerable_krum(u.shape[0], f)
+    return multi_krum(u, fr, u.shape[0] - fr, w)
+
+
+def _krum_rule(u: torch.Tensor, w: torch.Tensor | None, prev: torch.Tensor | None,
+               f: int) -> AggregationResult:
+    return multi_krum(u, _tolerable_krum(u.shape[0], f), 1, w)
+
+
+def _trimmed_mean_rule(u: torch.Tensor, w: torch.Tensor | None, prev: torch.Tensor | None,
+                       f: int) -> AggregationResult:
+    return trimmed_mean(u, min(f, (u.shape[0] - 1) // 2))
+
+
+def _median_rule(u: torch.Tensor, w: torch.Tensor | None, prev: torch.Tensor | None,
+                 f: int) -> AggregationResult:
+    return coordinate_median(u)
+
+
+def _geometric_median_rule(u: torch.Tensor, w: torch.Tensor | None, prev: torch.Tensor | None,
+                           f: int) -> AggregationResult:
+    return geometric_median(u, w)
+
+
+def _centered_clipping_rule(u: torch.Tensor, w: torch.Tensor | None,
+                            prev: torch.Tensor | None, f: int) -> AggregationResult:
+    return centered_clipping(u, prev, weights=w)
+
+
+AGGREGATORS: dict[str, Rule] = {
+    "fedavg": _fedavg_rule,
+    "multi_krum": _multi_krum_rule,
+    "krum": _krum_rule,
+    "trimmed_mean": _trimmed_mean_rule,
+    "median": _median_rule,
+    "geometric_median": _geometric_median_rule,
+    "centered_clipping": _centered_clipping_rule,
+}
+"""``aggregation.method`` → rule. Weights reach the rules that have them (fedavg, Multi-Krum,
+Krum, geometric median, centered clipping); ``f`` is capped at what ``n`` allows each round."""
+
+
+@dataclass(frozen=True)
+class ConfiguredAggregator:
+    """A registered rule with its ``f`` bound; called as an :data:`Aggregator`.
+
+    ``method`` stays readable so that a wrapper (server-side DP-FedAvg) can check what it
+    wraps.
+    """
+
+    method: str
+    f: int
+
+    def __post_init__(self) -> None:
+        lookup(AGGREGATORS, self.method, "aggregation.method")
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor | None,
+                 previous: torch.Tensor | None) -> AggregationResult:
+        return AGGREGATORS[self.method](updates, weights, previous, self.f)
+
+
+def make_aggregator(method: str, f: int) -> ConfiguredAggregator:
+    """``aggregate(updates, weights, previous_aggregate)`` for the rule registered as
+    ``method``, tolerating up to ``f`` Byzantine clients."""
+    return ConfiguredAggregator(method, f)
+
+
+def _no_pre_aggregation(f: int, bucket_size: int, seed: int) -> PreAggregation | None:
+    return None
+
+
+def _nnm(f: int, bucket_size: int, seed: int) -> PreAggregation:
+    def mix(u: torch.Tensor) -> torch.Tensor:
+        return nearest_neighbour_mixing(u, min(f, u.shape[0] - 1))
+
+    return mix
+
+
+def _bucketing(f: int, bucket_size: int, seed: int) -> PreAggregation:
+    generator = torch.Generator().manual_seed(seed)
+
+    def bucket(u: torch.Tensor) -> torch.Tensor:
+        return bucketing(u, bucket_size, generator)
+
+    return bucket
+
+
+PRE_AGGREGATIONS: dict[str, Callable[[int, int, int], PreAggregation | None]] = {
+    "none": _no_pre_aggregation,
+    "nnm": _nnm,
+    "bucketing": _bucketing,
+}
+"""``aggregation.pre_aggregation`` → ``factory(f, bucket_size, seed)`` of the mixing step
+(``None``: the rule sees the updates as sent). Bucketing's shuffles come from one generator
+seeded once, so a run's sequence of shuffles is reproducible."""
+
+
+def make_pre_aggregation(name: str, f: int, bucket_size: int = 2,
+                         seed: int = 0) -> PreAggregation | None:
+    """The pre-aggregation step registered as ``name`` (``None`` for ``"none"``)."""
+    return lookup(PRE_AGGREGATIONS, name, "aggregation.pre_aggregation")(f, bucket_size, seed)

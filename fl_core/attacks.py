@@ -13,17 +13,78 @@ known, so the omniscient attacks (ALIE, IPM) see exactly what the defense will s
                the honest updates, ``z = Φ⁻¹((n − s)/n)``, ``s = ⌊n/2 + 1⌋ − f``
 ``ipm``        inner-product manipulation (Xie et al. 2020): ``u = −ε·μ``
 =============  ===================================================================
+
+The kinds are registered in :data:`ATTACKS` (``attack.kind``); ``none`` sends every update
+as trained.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-ATTACKS = ("none", "sign_flip", "gaussian", "scaling", "label_flip", "alie", "ipm")
-DATA_POISONING = ("label_flip", "scaling")
+from fl_core.registry import lookup
+
+Craft = Callable[["Attack", torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+"""``craft(attack, updates, bad, generator)``: the rows the malicious clients (boolean mask
+``bad`` over the ``[n, d]`` round) send instead, ``[n_bad, d]`` or one ``[d]`` row for all."""
+
+
+@dataclass(frozen=True)
+class AttackKind:
+    """A registered attack: what it does to a malicious client's update (``craft``; ``None``
+    leaves the update as trained) and whether the client trains on flipped labels."""
+
+    craft: Craft | None = None
+    flips_labels: bool = False
+
+
+def _sign_flip(a: Attack, updates: torch.Tensor, bad: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+    return -a.scale * updates[bad]
+
+
+def _scaling(a: Attack, updates: torch.Tensor, bad: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+    return a.scale * updates[bad]
+
+
+def _gaussian(a: Attack, updates: torch.Tensor, bad: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+    return a.noise_std * torch.randn(int(bad.sum()), updates.shape[1], generator=generator)
+
+
+def _alie(a: Attack, updates: torch.Tensor, bad: torch.Tensor,
+          generator: torch.Generator) -> torch.Tensor:
+    honest = updates[~bad]
+    if honest.shape[0] == 0:  # nothing to hide among: send as trained
+        return updates[bad]
+    return alie_update(honest, updates.shape[0], int(bad.sum()))
+
+
+def _ipm(a: Attack, updates: torch.Tensor, bad: torch.Tensor,
+         generator: torch.Generator) -> torch.Tensor:
+    honest = updates[~bad]
+    if honest.shape[0] == 0:
+        return updates[bad]
+    return -a.ipm_epsilon * honest.mean(0)
+
+
+ATTACKS: dict[str, AttackKind] = {
+    "none": AttackKind(),
+    "sign_flip": AttackKind(_sign_flip),
+    "gaussian": AttackKind(_gaussian),
+    "scaling": AttackKind(_scaling, flips_labels=True),
+    "label_flip": AttackKind(flips_labels=True),
+    "alie": AttackKind(_alie),
+    "ipm": AttackKind(_ipm),
+}
+"""``attack.kind`` → what a malicious client does (the table above)."""
+
+DATA_POISONING = tuple(name for name, kind in ATTACKS.items() if kind.flips_labels)
 
 
 @dataclass(frozen=True)
@@ -35,35 +96,22 @@ class Attack:
     ipm_epsilon: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.kind not in ATTACKS:
-            raise ValueError(f"unknown attack {self.kind!r}; accepted: {', '.join(ATTACKS)}")
+        lookup(ATTACKS, self.kind, "attack.kind")
 
     @property
     def flips_labels(self) -> bool:
-        return self.kind in DATA_POISONING
+        return ATTACKS[self.kind].flips_labels
 
     def craft(self, updates: torch.Tensor, malicious_rows: list[int],
               generator: torch.Generator) -> torch.Tensor:
         """``updates`` with the malicious rows replaced; honest rows are never changed."""
-        if self.kind in ("none", "label_flip") or not malicious_rows:
+        craft = ATTACKS[self.kind].craft
+        if craft is None or not malicious_rows:
             return updates
-        n, d = updates.shape
-        bad = torch.zeros(n, dtype=torch.bool)
+        bad = torch.zeros(updates.shape[0], dtype=torch.bool)
         bad[malicious_rows] = True
-        honest = updates[~bad]
         out = updates.clone()
-        if self.kind == "sign_flip":
-            out[bad] = -self.scale * updates[bad]
-        elif self.kind == "scaling":
-            out[bad] = self.scale * updates[bad]
-        elif self.kind == "gaussian":
-            out[bad] = self.noise_std * torch.randn(int(bad.sum()), d, generator=generator)
-        elif honest.shape[0] == 0:
-            return out
-        elif self.kind == "alie":
-            out[bad] = alie_update(honest, n, len(malicious_rows))
-        elif self.kind == "ipm":
-            out[bad] = -self.ipm_epsilon * honest.mean(0)
+        out[bad] = craft(self, updates, bad, generator)
         return out
 
 

@@ -6,7 +6,8 @@ Every payload is self-describing and checks its own integrity::
 
 The CRC-32 covers everything before it, so truncation, bit flips and a wrong version are all
 refused with a :class:`PayloadError` before any value is used. :func:`decode_payload` reads
-any fedpriv payload, whichever codec wrote it.
+any fedpriv payload, whichever codec wrote it: the codecs are registered by name in
+:data:`CODECS`, and the decoder for each header id is derived from that registry.
 
 Codecs
 ------
@@ -53,7 +54,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -77,6 +78,8 @@ class PayloadError(ValueError):
 
 
 class Codec(Protocol):
+    codec_id: ClassVar[int]  # written in every payload's header
+
     def encode(self, tensor: torch.Tensor) -> bytes: ...
 
     def decode(self, payload: bytes, expected_elements: int | None = None) -> torch.Tensor: ...
@@ -141,6 +144,8 @@ def _flat32(tensor: torch.Tensor) -> torch.Tensor:
 
 class DenseCodec:
     """Uncompressed float32: 4 bytes per element plus a 16-byte frame. The baseline."""
+
+    codec_id: ClassVar[int] = CODEC_DENSE
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         flat = _flat32(tensor)
@@ -268,6 +273,7 @@ class TopKQuantizer:
     part, which makes the quantizer unbiased at twice the worst-case error.
     """
 
+    codec_id: ClassVar[int] = CODEC_TOPK
     ratio: float = 0.1
     bits: int = 8
     chunk_size: int = 1024
@@ -418,7 +424,16 @@ class TopKQuantizer:
         return n, indices.astype(np.int64), values, tuple(shape)
 
 
-_DECODERS: dict[int, Codec] = {CODEC_DENSE: DenseCodec(), CODEC_TOPK: TopKQuantizer()}
+CODECS: dict[str, type[DenseCodec] | type[TopKQuantizer]] = {
+    "dense": DenseCodec,
+    "topk": TopKQuantizer,
+}
+"""Codec name → class; each class's ``codec_id`` is the byte its payloads carry."""
+
+# the decoder table is derived from the registry: a new codec is readable once registered
+_DECODERS: dict[int, Codec] = {cls.codec_id: cls() for cls in CODECS.values()}
+if len(_DECODERS) != len(CODECS):
+    raise RuntimeError("two registered codecs share a codec id")
 
 
 def decode_payload(payload: bytes, expected_elements: int | None = None) -> torch.Tensor:

@@ -8,11 +8,13 @@ key, what was given and what is accepted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,8 +24,12 @@ from pydantic import (
     model_validator,
 )
 
-from fl_core.aggregation import check_robustness
+from fl_core.aggregation import AGGREGATORS, PRE_AGGREGATIONS, check_robustness
+from fl_core.attacks import ATTACKS
+from fl_core.models import MODELS
+from fl_core.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_core.randomness import RANDOMNESS
+from fl_core.registry import registered, unknown
 
 CORE_FEATURES = (
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak",
@@ -41,6 +47,26 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value is not accepted."""
+
+
+# A pluggable part is named by a key of its registry: the registry is the one list of names.
+ModelName = Annotated[str, AfterValidator(registered(MODELS))]
+AggregatorName = Annotated[str, AfterValidator(registered(AGGREGATORS))]
+PreAggregationName = Annotated[str, AfterValidator(registered(PRE_AGGREGATIONS))]
+AttackName = Annotated[str, AfterValidator(registered(ATTACKS))]
+AccountantName = Annotated[str, AfterValidator(registered(ACCOUNTANTS))]
+GradSampleModeName = Annotated[str, AfterValidator(registered(GRAD_SAMPLE_MODES))]
+
+REGISTRIES: dict[str, Mapping[str, Any]] = {
+    "model": MODELS,
+    "aggregation.method": AGGREGATORS,
+    "aggregation.pre_aggregation": PRE_AGGREGATIONS,
+    "attack.kind": ATTACKS,
+    "privacy.accountant": ACCOUNTANTS,
+    "privacy.grad_sample_mode": GRAD_SAMPLE_MODES,
+    "privacy.randomness": RANDOMNESS,
+}
+"""Dotted config key → the registry its value is checked against."""
 
 
 class _Section(BaseModel):
@@ -237,10 +263,9 @@ class CompressionConfig(_Section):
 class AggregationConfig(_Section):
     """How the server combines updates, and how many Byzantine clients it is built to tolerate."""
 
-    method: Literal["fedavg", "multi_krum", "krum", "trimmed_mean", "median",
-                    "geometric_median", "centered_clipping"] = "centered_clipping"
+    method: AggregatorName = "centered_clipping"
     byzantine_fraction: float = Field(0.3, ge=0, lt=0.5)
-    pre_aggregation: Literal["none", "nnm", "bucketing"] = "none"
+    pre_aggregation: PreAggregationName = "none"
     bucket_size: int = Field(2, ge=1)
     max_norm_factor: float = Field(100.0, ge=0)
 
@@ -260,8 +285,7 @@ class AnomalyConfig(_Section):
 class AttackConfig(_Section):
     """Simulated Byzantine clients (benchmarks and drills; ``none`` in production)."""
 
-    kind: Literal["none", "sign_flip", "gaussian", "scaling", "label_flip", "alie",
-                  "ipm"] = "none"
+    kind: AttackName = "none"
     fraction: float = Field(0.0, ge=0, lt=1)
     scale: float = Field(4.0, gt=0)
     noise_std: float = Field(1.0, gt=0)
@@ -284,8 +308,8 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)  # per-patient clipping bound C
     sample_rate: float = Field(1.0, gt=0, le=1)  # Poisson sampling rate of patients
-    accountant: Literal["prv", "rdp"] = "prv"
-    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    accountant: AccountantName = "prv"
+    grad_sample_mode: GradSampleModeName = "hooks"
     learning_rate: float | None = Field(0.5, gt=0, le=10)  # None = the top-level learning_rate
     lifetime_epsilon: float = Field(10.0, gt=0)  # per site and dataset, over all runs
     ledger: str | None = None  # None = <state_dir>/privacy_ledger.sqlite
@@ -297,7 +321,7 @@ class PrivacyConfig(_Section):
     @classmethod
     def _known_randomness(cls, value: str) -> str:
         if value not in RANDOMNESS:
-            raise ValueError(f"accepted: {', '.join(RANDOMNESS)} (reproducible noise is for "
+            raise ValueError(f"{unknown(RANDOMNESS, value)} (reproducible noise is for "
                              f"simulation and tests; such a model is never champion)")
         return value
 
@@ -343,7 +367,7 @@ class PipelineConfig(_Section):
     seed: int = Field(42, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    model: Literal["logreg", "mlp"] = "logreg"
+    model: ModelName = "logreg"
     hidden_units: int = Field(32, ge=1, le=4096)
     rounds: int = Field(20, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)

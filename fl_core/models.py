@@ -1,9 +1,16 @@
-"""Torch models for binary classification on tabular features. They output one logit."""
+"""Torch models for binary classification on tabular features. They output one logit.
+
+Models are chosen by name (config key ``model``) from :data:`MODELS`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from fl_core.registry import lookup
 
 
 class LogisticRegression(nn.Module):
@@ -30,18 +37,22 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "logreg": lambda num_features, hidden_units: LogisticRegression(num_features),
+    "mlp": MLP,
+}
+"""``model`` → ``factory(num_features, hidden_units)`` (``logreg`` has no hidden layer)."""
+
+
 def build_model(kind: str, num_features: int, hidden_units: int = 32, seed: int = 0) -> nn.Module:
     """A freshly initialised model; the same ``seed`` gives the same weights."""
+    factory = lookup(MODELS, kind, "model")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        if kind == "logreg":
-            return LogisticRegression(num_features)
-        if kind == "mlp":
-            return MLP(num_features, hidden_units)
+        return factory(num_features, hidden_units)
     finally:
         torch.random.set_rng_state(generator_state)
-    raise ValueError(f"model: unknown kind {kind!r}; accepted: 'logreg', 'mlp'")
 
 
 def get_flat_params(model: nn.Module) -> torch.Tensor:

@@ -32,7 +32,8 @@ respect to any one patient.
 
 **Client-level DP-FedAvg (server side, McMahan et al. 2018).** Each client's update is clipped
 to ``S``, the clipped updates are summed and ``N(0, σ²S²)`` is added before dividing by the
-expected number of clients (:func:`dp_fedavg`); accounting composes one Gaussian mechanism per
+expected number of clients (:func:`dp_fedavg`; :class:`DPFedAvg` is the same mechanism as a
+wrapper around the server's aggregation strategy); accounting composes one Gaussian mechanism per
 round at the client sampling rate (:func:`epsilon_spent` again).
 """
 
@@ -40,17 +41,41 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
 
-from fl_core.aggregation import AggregationResult
+from fl_core.aggregation import AggregationResult, Aggregator, ConfiguredAggregator, make_aggregator
 from fl_core.randomness import RandomSource
+from fl_core.registry import lookup
 
-ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+def _opacus_accountant(mechanism: str) -> Callable[[], Any]:
+    def create() -> Any:  # opacus' IAccountant; imported late, config must not need opacus
+        from opacus.accountants import create_accountant
+
+        return create_accountant(mechanism=mechanism)
+
+    return create
+
+
+ACCOUNTANTS: dict[str, Callable[[], Any]] = {
+    "prv": _opacus_accountant("prv"),  # privacy random variables (Gopi et al. 2021): tight
+    "rdp": _opacus_accountant("rdp"),  # Rényi DP (Mironov 2017): an upper bound, looser
+}
+"""``privacy.accountant`` → a fresh accountant. The names are Opacus's mechanism names, which
+:func:`calibrate_noise` also hands to Opacus's ``get_noise_multiplier``."""
+
+GRAD_SAMPLE_MODES: dict[str, str] = {
+    "hooks": "per-layer backward hooks (Opacus's GradSampleModule, the default)",
+    "functorch": "torch.func per-sample gradients (any layer, more memory)",
+}
+"""``privacy.grad_sample_mode`` → what computes the per-patient gradients ``g_i``; the names
+are Opacus's ``grad_sample_mode`` values."""
 
 
 class PrivacyError(ValueError):
@@ -167,12 +192,12 @@ def steps_per_epoch(sample_rate: float) -> int:
     return math.ceil(1.0 / sample_rate - 1e-9)
 
 
-def _accountant(mechanism: str):  # noqa: ANN202 - opacus' IAccountant
-    from opacus.accountants import create_accountant
-
-    if mechanism not in ACCOUNTANTS:
-        raise PrivacyError(f"privacy.accountant={mechanism!r}; accepted: {', '.join(ACCOUNTANTS)}")
-    return create_accountant(mechanism=mechanism)
+def _accountant(mechanism: str) -> Any:  # opacus' IAccountant
+    try:
+        create = lookup(ACCOUNTANTS, mechanism, "privacy.accountant")
+    except ValueError as exc:
+        raise PrivacyError(str(exc)) from None
+    return create()
 
 
 @lru_cache(maxsize=256)
@@ -267,9 +292,10 @@ class PatientDPTrainer:
         from opacus.grad_sample.utils import prepare_module
         from opacus.optimizers import get_optimizer_class
 
-        if cfg.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise PrivacyError(f"privacy.grad_sample_mode={cfg.grad_sample_mode!r}; "
-                               f"accepted: {', '.join(GRAD_SAMPLE_MODES)}")
+        try:
+            lookup(GRAD_SAMPLE_MODES, cfg.grad_sample_mode, "privacy.grad_sample_mode")
+        except ValueError as exc:
+            raise PrivacyError(str(exc)) from None
         self.cfg = cfg
         self.data = data
         self._module = prepare_module(model, cfg.grad_sample_mode, batch_first=True,
@@ -334,6 +360,20 @@ class PatientDPTrainer:
 # --- server-side client-level DP ---------------------------------------------------------------
 
 
+def clip_updates(updates: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Each row ``u_k`` scaled to ``u_k · min(1, S/‖u_k‖)``: no client's row exceeds ``S``."""
+    norms = updates.norm(dim=1)
+    factors = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
+    return updates * factors.unsqueeze(1)
+
+
+def _noised_mean(total: torch.Tensor, clip_norm: float, noise_multiplier: float,
+                 expected_clients: float, random: RandomSource) -> torch.Tensor:
+    """``(total + N(0, σ²S² I)) / E[clients]``: one draw of ``total.numel()`` values."""
+    noise = random.normal(tuple(total.shape), noise_multiplier * clip_norm, total.dtype)
+    return (total + noise) / expected_clients
+
+
 def dp_fedavg(
     updates: torch.Tensor, clip_norm: float, noise_multiplier: float,
     expected_clients: float, random: RandomSource,
@@ -343,11 +383,62 @@ def dp_fedavg(
     Each client's influence on the sum is at most ``S = clip_norm``; dividing by the
     *expected* number of clients (not the realised one) keeps the sensitivity fixed.
     """
-    norms = updates.norm(dim=1)
-    factors = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
-    total = (updates * factors.unsqueeze(1)).sum(0)
-    noise = random.normal((updates.shape[1],), noise_multiplier * clip_norm, updates.dtype)
-    return AggregationResult((total + noise) / expected_clients, list(range(updates.shape[0])))
+    total = clip_updates(updates, clip_norm).sum(0)
+    aggregate = _noised_mean(total, clip_norm, noise_multiplier, expected_clients, random)
+    return AggregationResult(aggregate, list(range(updates.shape[0])))
+
+
+SUM_COMPATIBLE = frozenset({"fedavg"})
+"""Rules DP-FedAvg may wrap: the unweighted rule must be the plain mean of the rows, so that
+``n · mean`` is the clipped sum whose sensitivity is ``S``."""
+
+
+@dataclass(frozen=True)
+class DPFedAvg:
+    """Server-side client-level DP as a wrapper around an aggregation strategy (McMahan et al.
+    2018; the shape of Flower's server-side fixed-clipping wrapper).
+
+    Called like any :data:`~fl_core.aggregation.Aggregator`, on the ``n`` updates of a round::
+
+        c_k  = u_k · min(1, S / ‖u_k‖)                 clip each client to S
+        m    = inner(c_1..c_n, weights=None)           the wrapped rule: the plain mean
+        out  = (n · m + N(0, σ²S² I)) / E[clients]     = dp_fedavg(u, S, σ, E)
+
+    ``weights`` are ignored: every client counts once, which is what the sensitivity ``S``
+    assumes (a weight would let a large site move the sum by more). Dividing by the expected
+    number of clients ``E = q·N`` rather than the realised ``n`` keeps the sensitivity of the
+    released mean at ``S/E`` whoever shows up. The inner rule must be in
+    :data:`SUM_COMPATIBLE`; anything that selects, trims or reweights clients by their values
+    would move the sum by more than ``S`` per client and is refused when the wrapper is built.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    expected_clients: float
+    random: RandomSource
+    inner: Aggregator = field(default_factory=lambda: make_aggregator("fedavg", 0))
+
+    def __post_init__(self) -> None:
+        method = getattr(self.inner, "method", None)
+        if not isinstance(self.inner, ConfiguredAggregator) or method not in SUM_COMPATIBLE:
+            raise PrivacyError(
+                f"server-side DP-FedAvg cannot wrap aggregation.method={method or self.inner!r}:"
+                f" its guarantee covers the clipped sum of updates only, which only "
+                f"{', '.join(sorted(SUM_COMPATIBLE))} computes; set aggregation.method=fedavg")
+        if self.clip_norm <= 0 or self.noise_multiplier < 0 or self.expected_clients <= 0:
+            raise PrivacyError(
+                f"DP-FedAvg needs clip_norm > 0, noise_multiplier >= 0 and expected_clients > 0,"
+                f" got S={self.clip_norm:g}, σ={self.noise_multiplier:g}, "
+                f"E={self.expected_clients:g}")
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor | None,
+                 previous: torch.Tensor | None) -> AggregationResult:
+        clipped = clip_updates(updates, self.clip_norm)
+        mean = self.inner(clipped, None, previous)
+        total = mean.aggregate * clipped.shape[0]
+        aggregate = _noised_mean(total, self.clip_norm, self.noise_multiplier,
+                                 self.expected_clients, self.random)
+        return AggregationResult(aggregate, mean.selected)
 
 
 # --- the noise source inside Opacus ----------------------------------------------------------

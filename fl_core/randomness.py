@@ -30,6 +30,8 @@ from typing import Protocol
 
 import torch
 
+from fl_core.registry import lookup
+
 _TWO_PI = 2.0 * math.pi
 _INV_2_53 = 1.0 / float(1 << 53)
 
@@ -124,9 +126,4 @@ RANDOMNESS: dict[str, Callable[[int], RandomSource]] = {
 
 def make_random(kind: str, seed: int) -> RandomSource:
     """The source registered as ``kind`` (``seed`` is ignored by ``secure``)."""
-    try:
-        factory = RANDOMNESS[kind]
-    except KeyError:
-        raise ValueError(f"privacy.randomness={kind!r}; accepted: "
-                         f"{', '.join(RANDOMNESS)}") from None
-    return factory(seed)
+    return lookup(RANDOMNESS, kind, "privacy.randomness")(seed)

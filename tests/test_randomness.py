@@ -63,7 +63,7 @@ def test_randomness_registry_and_config() -> None:
     assert set(RANDOMNESS) == {"secure", "reproducible"}
     assert isinstance(make_random("secure", 1), SecureRandom)
     assert load_config(ROOT / "params.yaml").privacy.randomness == "secure"  # the default
-    with pytest.raises(ConfigError, match=r"privacy.randomness: .*secure, reproducible"):
+    with pytest.raises(ConfigError, match=r"privacy.randomness: .*'secure', 'reproducible'"):
         load_config(ROOT / "params.yaml", ["privacy.randomness=mersenne"])
 
 
