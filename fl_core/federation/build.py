@@ -15,12 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.aggregation import (
-    AggregationResult,
-    bucketing,
-    make_aggregator,
-    nearest_neighbour_mixing,
-)
+from fl_core.aggregation import Aggregator, make_aggregator, make_pre_aggregation
 from fl_core.anomaly import Reputation
 from fl_core.attacks import Attack, choose_malicious
 from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
@@ -31,11 +26,11 @@ from fl_core.federation.simulation import simulate
 from fl_core.federation.site import LocalTrainingConfig, SiteClient
 from fl_core.models import build_model, get_flat_params
 from fl_core.privacy import (
+    DPFedAvg,
     DPSGDConfig,
     calibrate_noise,
     check_delta,
     check_model,
-    dp_fedavg,
     local_steps,
 )
 from fl_core.randomness import RandomSource, make_random
@@ -81,29 +76,17 @@ def make_defense(cfg: PipelineConfig, n_clients: int, random: RandomSource) -> D
     except ValueError as exc:  # by_site: the number of clients is only known now
         raise ConfigError(str(exc)) from None
     f = agg.num_byzantine(n_clients)
-    pre = None
-    if agg.pre_aggregation == "nnm":
-        def pre(u: torch.Tensor) -> torch.Tensor:
-            return nearest_neighbour_mixing(u, min(f, u.shape[0] - 1))
-    elif agg.pre_aggregation == "bucketing":
-        generator = torch.Generator().manual_seed(cfg.seed)
-
-        def pre(u: torch.Tensor) -> torch.Tensor:
-            return bucketing(u, agg.bucket_size, generator)
-    an = cfg.anomaly
-    aggregator = make_aggregator(agg.method, f)
+    aggregator: Aggregator = make_aggregator(agg.method, f)
     server = cfg.privacy.server
-    if server.enabled:
-        noise = random.stream("server-dp")
-
-        def aggregator(u: torch.Tensor, w: torch.Tensor | None,
-                       prev: torch.Tensor | None) -> AggregationResult:
-            # divide by the *expected* number of clients: the sensitivity stays S / (q·n)
-            return dp_fedavg(u, server.clip_norm, server.noise_multiplier,
-                             cfg.client_fraction * n_clients, noise)
+    if server.enabled:  # a wrapper strategy around the (fedavg) rule; config checked the rest
+        # divide by the *expected* number of clients: the sensitivity stays S / (q·n)
+        aggregator = DPFedAvg(server.clip_norm, server.noise_multiplier,
+                              cfg.client_fraction * n_clients, random.stream("server-dp"),
+                              inner=aggregator)
+    an = cfg.anomaly
     return Defense(
         aggregator=aggregator,
-        pre_aggregation=pre,
+        pre_aggregation=make_pre_aggregation(agg.pre_aggregation, f, agg.bucket_size, cfg.seed),
         detect=an.enabled,
         detect_min_clients=an.min_clients,
         z_threshold=an.z_threshold,
