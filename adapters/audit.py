@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adapters.artifacts import Paths, read_json, write_json_atomic
@@ -39,7 +40,7 @@ from adapters.plots import roc_plot
 from adapters.train import load_model
 from fl_core.audit import ShadowOutputs, balanced_indices, half_splits, membership_audit
 from fl_core.config import PipelineConfig
-from fl_core.data import SITE, ClientData, FederatedDataLoader, TabularTransform
+from fl_core.data import SITE, ClientData, FederatedDataLoader, TabularTransform, assign_clients
 from fl_core.federation.build import build_target_model, federate
 from fl_core.models import set_flat_params
 
@@ -89,22 +90,17 @@ def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
 
 def _shadow_clients(cfg: PipelineConfig, pool: AuditPool, trained: torch.Tensor,
                     g: torch.Generator) -> list[ClientData]:
-    """The shadow's half split into clients like the target's: by site, or at random."""
-    rows = torch.nonzero(trained)[:, 0]
-    rest = torch.nonzero(~trained)[:, 0]
-    if cfg.data.partition == "by_site":
-        groups = {s: [int(r) for r in rows if pool.site[r] == s] for s in sorted(set(pool.site))}
-        tests = {s: [int(r) for r in rest if pool.site[r] == s] for s in groups}
-    else:
-        k = cfg.data.num_clients
-        order = rows[torch.randperm(len(rows), generator=g)]
-        groups = {f"client-{c:03d}": order[c::k].tolist() for c in range(k)}
-        tests = {c: rest[i::k].tolist() for i, c in enumerate(groups)}
+    """The shadow's federation, partitioned like the target's (:func:`assign_clients`):
+    every pool patient goes to a client; it trains there if it is in the shadow's half."""
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=g)))
+    groups = assign_clients(np.arange(len(pool.y)), np.asarray(pool.site),
+                            pool.y.numpy().astype(np.int64), cfg.data, rng)
     clients = []
-    for cid, idx in groups.items():
+    for cid, rows in groups.items():
+        idx = [int(r) for r in rows if trained[r]]
         if len(idx) < 2:  # a site with (almost) no population patients sits this shadow out
             continue
-        test = tests[cid] or idx[:1]
+        test = [int(r) for r in rows if not trained[r]] or idx[:1]
         clients.append(ClientData(cid, pool.x[idx], pool.y[idx], pool.x[test], pool.y[test],
                                   tuple(idx), tuple(test)))
     return clients

@@ -326,16 +326,8 @@ class FederatedDataLoader:
         cfg = config
         patients = self.table.groupby(PATIENT_ID).agg(site=(SITE, "first"), label=("label", "max"))
         rng = np.random.default_rng(seed)
-        if cfg.partition == "by_site":
-            groups = {
-                str(site): np.sort(patients.index[patients["site"] == site].to_numpy())
-                for site in sorted(patients["site"].unique())
-            }
-        else:
-            groups = _split_patients(
-                patients.index.to_numpy(), patients["label"].to_numpy(),
-                cfg.num_clients, cfg.dirichlet_alpha, rng,
-            )
+        groups = assign_clients(patients.index.to_numpy(), patients["site"].to_numpy(),
+                                patients["label"].to_numpy(), cfg, rng)
         clients = []
         for client_id, ids in groups.items():
             labels = patients.loc[ids, "label"].to_numpy()
@@ -386,6 +378,20 @@ class FederatedDataLoader:
                 )
             )
         return out
+
+
+def assign_clients(
+    ids: np.ndarray, sites: np.ndarray, labels: np.ndarray, config: DataConfig,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Patients → clients as ``data.partition`` says: one client per hospital (``by_site``) or
+    ``data.num_clients`` clients, IID or label-skewed Dirichlet(``data.dirichlet_alpha``)
+    (``by_patient``). ``ids``, ``sites`` and ``labels`` are per patient; each client's ids
+    come sorted. The one partitioning rule: the pipeline's split and the audit's shadow
+    federations both use it."""
+    if config.partition == "by_site":
+        return {str(site): np.sort(ids[sites == site]) for site in sorted(np.unique(sites))}
+    return _split_patients(ids, labels, config.num_clients, config.dirichlet_alpha, rng)
 
 
 def _split_patients(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,3 +343,29 @@ def test_audit_sweep_the_ledger_cannot_cover_is_refused_before_training(project)
     needs = plan_sweep(project / "params.yaml", [*overrides, f"privacy.lifetime_epsilon={allow}"],
                        project, [1.0, 2.0], 2)
     assert allow - 0.01 < max(n.total.tight_epsilon for n in needs) <= allow
+
+
+def test_shadow_federations_are_partitioned_by_the_pipelines_own_rule() -> None:
+    """By site: one client per hospital holding exactly that hospital's trained pool rows;
+    by patient: data.num_clients clients. No second copy of the partitioning."""
+    from adapters.audit import AuditPool, _shadow_clients
+    from fl_core.config import load_config
+
+    n = 60
+    sites = ["A"] * 30 + ["B"] * 20 + ["C"] * 10
+    pool = AuditPool(torch.randn(n, 3), (torch.arange(n) % 3 == 0).float(), sites,
+                     torch.ones(n, dtype=torch.bool), torch.arange(10), torch.ones(10))
+    trained = torch.arange(n) % 2 == 0
+    root = Path(__file__).resolve().parents[1]
+    by_site = _shadow_clients(load_config(root / "params.yaml"), pool, trained,
+                              torch.Generator().manual_seed(0))
+    assert [c.client_id for c in by_site] == ["A", "B", "C"]
+    for c in by_site:
+        assert all(sites[i] == c.client_id and trained[i] for i in c.train_ids)
+        assert all(sites[i] == c.client_id and not trained[i] for i in c.test_ids)
+    assert sum(len(c.train_ids) for c in by_site) == int(trained.sum())
+    cfg = load_config(root / "params.yaml", ["data.partition=by_patient", "data.num_clients=4"])
+    by_patient = _shadow_clients(cfg, pool, trained, torch.Generator().manual_seed(0))
+    assert len(by_patient) == 4
+    assert sorted(i for c in by_patient for i in c.train_ids) == \
+        torch.nonzero(trained)[:, 0].tolist()
