@@ -17,40 +17,25 @@ from adapters.train import load_model
 from fl_core.accounting import open_ledger
 from fl_core.config import PipelineConfig
 from fl_core.ledger import MissingChargeError
-
-# The fields every run reports (architecture); a later stage's field stays None until it exists.
-METRIC_FIELDS = (
-    "accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accuracy",
-    "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
-    "mia_advantage", "bytes_uploaded", "bytes_uploaded_uncompressed", "bytes_downloaded",
-    "bytes_downloaded_uncompressed", "compression_ratio", "downlink_compression_ratio",
-    "flagged_client_rounds", "rejected_client_rounds", "client_level_epsilon", "rounds",
-    "wall_seconds", "audit_seconds", "epsilon_replace_one", "randomness",
-)
+from fl_core.reports import TrainingSummary, run_metrics
 
 
 def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str, Any]:
-    """Merge the stage reports into the flat metrics dict of ``reports/metrics.json``."""
+    """The flat ``reports/metrics.json`` of the run (:data:`fl_core.reports.RUN_METRICS`)."""
     validation = read_json(paths.validation, "validate")
-    trained = read_json(paths.train_summary, "train")
+    trained = read_training(paths)
     audited = read_json(paths.audit, "audit")
-    metrics: dict[str, Any] = dict.fromkeys(METRIC_FIELDS)
-    for key in ("accuracy", "auc", "epsilon", "delta", "bytes_uploaded",
-                "bytes_uploaded_uncompressed", "bytes_downloaded", "bytes_downloaded_uncompressed",
-                "compression_ratio", "downlink_compression_ratio", "flagged_client_rounds",
-                "rejected_client_rounds", "rounds"):
-        metrics[key] = trained.get(key)
-    privacy = trained.get("privacy") or {}
-    for key in ("client_level_epsilon", "epsilon_replace_one", "randomness"):
-        metrics[key] = privacy.get(key)
-    for key in ("mia_auc", "mia_attack_accuracy", "mia_tpr_at_1pct_fpr",
-                "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound", "mia_advantage"):
-        metrics[key] = audited.get(key)
-    metrics["audit_seconds"] = audited.get("seconds")
     if wall_seconds is None:  # stage by stage (dvc repro): the stages' own times
-        wall_seconds = validation["seconds"] + trained["seconds"] + audited["seconds"]
-    metrics["wall_seconds"] = round(wall_seconds, 3)
-    return metrics
+        wall_seconds = validation["seconds"] + trained.seconds + audited["seconds"]
+    return run_metrics(trained, audited, wall_seconds)
+
+
+def read_training(paths: Paths) -> TrainingSummary:
+    """The train stage's typed result (``train.json``)."""
+    try:
+        return TrainingSummary.from_dict(read_json(paths.train_summary, "train"))
+    except ValueError as exc:
+        raise FileNotFoundError(f"{paths.train_summary}: {exc}") from None
 
 
 def publish_results(
@@ -60,15 +45,15 @@ def publish_results(
     paths = Paths.of(cfg, root)
     # the MLflow store lives under the project root, wherever the process was started
     cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
-    privacy = read_json(paths.train_summary, "train").get("privacy") or {}
+    trained = read_training(paths)
+    privacy = trained.privacy
     require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
     metrics = collect_metrics(paths, wall_seconds)
     model, saved = load_model(paths.model)
     example = torch.zeros(1, saved["num_features"])
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
                              paths.roc_plot, paths.training_plot) if p.exists()]
-    history = _read_rounds(paths.rounds_csv)
-    result = register_model(cfg, model, example, metrics, history, artifacts,
+    result = register_model(cfg, model, example, metrics, trained.history, artifacts,
                             tags=privacy_tags(privacy))
     registration = {
         "run_id": result.run_id,
@@ -137,22 +122,3 @@ def _budget_spent(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> d
         return {}
     balances = open_ledger(cfg, root).balances(str(privacy["accountant"]))
     return {b.site: round(b.tight_epsilon, 6) for b in balances if b.site in sites}
-
-
-def _read_rounds(path: Path) -> list[dict[str, Any]]:
-    import csv
-
-    with path.open() as fh:
-        rows = list(csv.DictReader(fh))
-    out = []
-    for row in rows:
-        parsed: dict[str, Any] = {}
-        for key, value in row.items():
-            try:
-                parsed[key] = int(value) if key == "round" else float(value)
-            except (TypeError, ValueError):
-                parsed[key] = value
-        out.append(parsed)
-    return out
-
-

@@ -25,35 +25,7 @@ from fl_core.models import build_model, set_flat_params
 from fl_core.privacy import (
     check_model,
 )
-
-
-def round_row(record: RoundRecord) -> dict[str, Any]:
-    """One ``rounds.csv`` row: pooled figures, then each client's test accuracy."""
-    row: dict[str, Any] = {
-        "round": record.round,
-        "train_loss": round(record.train_loss, 6),
-        "test_loss": round(record.test_loss, 6),
-        "accuracy": round(record.accuracy, 6),
-        "auc": round(record.auc, 6),
-        "bytes_uploaded": record.bytes_uploaded,
-        "bytes_downloaded": record.bytes_downloaded,
-        "bytes_uploaded_uncompressed": record.bytes_uploaded_uncompressed,
-        "bytes_downloaded_uncompressed": record.bytes_downloaded_uncompressed,
-        "compression_ratio": round(
-            record.bytes_uploaded_uncompressed / max(record.bytes_uploaded, 1), 4),
-        "downlink_compression_ratio": round(
-            record.bytes_downloaded_uncompressed / max(record.bytes_downloaded, 1), 4),
-        "clients_ok": record.clients_ok,
-        "failed_clients": ";".join(record.failed_clients),
-        "flagged_clients": ";".join(record.flagged_clients),
-        "rejected_clients": ";".join(record.rejected_clients),
-        "excluded_clients": ";".join(record.excluded_clients),
-        "n_flagged": len(record.flagged_clients),
-        "epsilon": "" if record.epsilon is None else round(record.epsilon, 6),
-        "seconds": round(record.seconds, 4),
-    }
-    row.update({f"accuracy_{cid}": round(acc, 6) for cid, acc in record.client_accuracy.items()})
-    return row
+from fl_core.reports import TrainingSummary
 
 
 def _kib(n: int) -> str:
@@ -109,53 +81,23 @@ def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
     result, attack = run.result, run.attack
     privacy = charge_and_summarise(cfg, paths.root, partition, run, run_id)
     print(describe_privacy(privacy))
-    history = [round_row(r) for r in result.history]
-    last = result.history[-1]
-
+    summary = TrainingSummary.of_run(
+        result, clients=len(data), partition=partition.scheme,
+        compression=describe_compression(cfg.compression), aggregation=cfg.aggregation.method,
+        malicious=sorted(attack.malicious) if attack else [], privacy=privacy,
+        seconds=time.perf_counter() - started)
     with atomic_path(paths.model) as tmp:
         torch.save({
             "kind": cfg.model, "num_features": num_features, "hidden_units": cfg.hidden_units,
             "params": result.params, "columns": transform.columns(),
             "opacus_fixed": bool(run.model_fixes),
         }, tmp)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    buffer = io.StringIO()  # for people and DVC plots; later stages read train.json
+    writer = csv.DictWriter(buffer, fieldnames=list(summary.history[0]), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(history)
+    writer.writerows(summary.history)
     write_text_atomic(paths.rounds_csv, buffer.getvalue())
-    training_curves(history, paths.training_plot)
-
-    bytes_up = sum(r.bytes_uploaded for r in result.history)
-    bytes_up_raw = sum(r.bytes_uploaded_uncompressed for r in result.history)
-    bytes_down = sum(r.bytes_downloaded for r in result.history)
-    bytes_down_raw = sum(r.bytes_downloaded_uncompressed for r in result.history)
-    summary = {
-        "accuracy": last.accuracy,
-        "auc": last.auc,
-        "test_loss": last.test_loss,
-        "rounds": len(result.history),
-        "clients": len(data),
-        "partition": partition.scheme,
-        "bytes_uploaded": bytes_up,
-        "bytes_downloaded": bytes_down,
-        "bytes_uploaded_uncompressed": bytes_up_raw,
-        "bytes_downloaded_uncompressed": bytes_down_raw,
-        "compression_ratio": bytes_up_raw / max(bytes_up, 1),
-        "downlink_compression_ratio": bytes_down_raw / max(bytes_down, 1),
-        "compression": describe_compression(cfg.compression),
-        "client_accuracy": last.client_accuracy,
-        "client_failures": [str(f) for f in result.failures],
-        "flagged_clients": sorted({c for r in result.history for c in r.flagged_clients}),
-        "flagged_client_rounds": sum(len(r.flagged_clients) for r in result.history),
-        "rejected_client_rounds": sum(len(r.rejected_clients) for r in result.history),
-        "excluded_clients": sorted({c for r in result.history for c in r.excluded_clients}),
-        "malicious_clients": sorted(attack.malicious) if attack else [],
-        "aggregation": cfg.aggregation.method,
-        "privacy": privacy,
-        "epsilon": privacy["epsilon"],
-        "delta": privacy["delta"],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json_atomic(paths.train_summary, summary)
-    return summary
+    training_curves(summary.history, paths.training_plot)
+    write_json_atomic(paths.train_summary, summary.to_dict())
+    return summary.to_dict()
 

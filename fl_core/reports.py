@@ -1,0 +1,157 @@
+"""Typed stage results, and the one table of the figures a run reports.
+
+:class:`TrainingSummary` is what the train stage hands to the later stages (``train.json``):
+built from the finished run, written as JSON, read back typed; its ``history`` carries every
+round, so registration logs the per-round curves from it (``rounds.csv`` stays a file for
+people and DVC plots, never parsed back). :data:`RUN_METRICS` lists every field of
+``reports/metrics.json`` once, with the report it comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fl_core.engine import RoundRecord, TrainingResult
+
+
+def round_row(record: RoundRecord) -> dict[str, Any]:
+    """One round as a flat row (``rounds.csv``, MLflow step metrics): pooled figures, then
+    each client's test accuracy."""
+    row: dict[str, Any] = {
+        "round": record.round,
+        "train_loss": round(record.train_loss, 6),
+        "test_loss": round(record.test_loss, 6),
+        "accuracy": round(record.accuracy, 6),
+        "auc": round(record.auc, 6),
+        "bytes_uploaded": record.bytes_uploaded,
+        "bytes_downloaded": record.bytes_downloaded,
+        "bytes_uploaded_uncompressed": record.bytes_uploaded_uncompressed,
+        "bytes_downloaded_uncompressed": record.bytes_downloaded_uncompressed,
+        "compression_ratio": round(
+            record.bytes_uploaded_uncompressed / max(record.bytes_uploaded, 1), 4),
+        "downlink_compression_ratio": round(
+            record.bytes_downloaded_uncompressed / max(record.bytes_downloaded, 1), 4),
+        "clients_ok": record.clients_ok,
+        "failed_clients": ";".join(record.failed_clients),
+        "flagged_clients": ";".join(record.flagged_clients),
+        "rejected_clients": ";".join(record.rejected_clients),
+        "excluded_clients": ";".join(record.excluded_clients),
+        "n_flagged": len(record.flagged_clients),
+        "epsilon": "" if record.epsilon is None else round(record.epsilon, 6),
+        "seconds": round(record.seconds, 4),
+    }
+    row.update({f"accuracy_{cid}": round(acc, 6) for cid, acc in record.client_accuracy.items()})
+    return row
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What a federated training run produced, as the later stages read it (``train.json``)."""
+
+    accuracy: float
+    auc: float
+    test_loss: float
+    rounds: int
+    clients: int
+    partition: str
+    bytes_uploaded: int
+    bytes_downloaded: int
+    bytes_uploaded_uncompressed: int
+    bytes_downloaded_uncompressed: int
+    compression_ratio: float
+    downlink_compression_ratio: float
+    compression: str
+    aggregation: str
+    client_accuracy: dict[str, float]
+    client_failures: list[str]
+    flagged_clients: list[str]
+    flagged_client_rounds: int
+    rejected_client_rounds: int
+    excluded_clients: list[str]
+    malicious_clients: list[str]
+    privacy: dict[str, Any]  # fl_core.accounting.privacy_summary
+    epsilon: float | None
+    delta: float | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)  # round_row per round
+
+    @classmethod
+    def of_run(cls, result: TrainingResult, *, clients: int, partition: str, compression: str,
+               aggregation: str, malicious: list[str], privacy: dict[str, Any],
+               seconds: float) -> TrainingSummary:
+        h, last = result.history, result.history[-1]
+        up = sum(r.bytes_uploaded for r in h)
+        up_raw = sum(r.bytes_uploaded_uncompressed for r in h)
+        down = sum(r.bytes_downloaded for r in h)
+        down_raw = sum(r.bytes_downloaded_uncompressed for r in h)
+        return cls(
+            accuracy=last.accuracy, auc=last.auc, test_loss=last.test_loss, rounds=len(h),
+            clients=clients, partition=partition, bytes_uploaded=up, bytes_downloaded=down,
+            bytes_uploaded_uncompressed=up_raw, bytes_downloaded_uncompressed=down_raw,
+            compression_ratio=up_raw / max(up, 1), downlink_compression_ratio=down_raw / max(
+                down, 1),
+            compression=compression, aggregation=aggregation,
+            client_accuracy=dict(last.client_accuracy),
+            client_failures=[str(f) for f in result.failures],
+            flagged_clients=sorted({c for r in h for c in r.flagged_clients}),
+            flagged_client_rounds=sum(len(r.flagged_clients) for r in h),
+            rejected_client_rounds=sum(len(r.rejected_clients) for r in h),
+            excluded_clients=sorted({c for r in h for c in r.excluded_clients}),
+            malicious_clients=sorted(malicious), privacy=privacy,
+            epsilon=privacy.get("epsilon"), delta=privacy.get("delta"),
+            seconds=round(seconds, 3), history=[round_row(r) for r in h])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainingSummary:
+        """Read back ``train.json``; a file missing fields (an older run) is an error that
+        says to re-run the train stage."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(raw))
+        if missing:
+            raise ValueError(f"train.json lacks {', '.join(missing)}: re-run the 'train' stage")
+        return cls(**{k: raw[k] for k in names})
+
+
+# Every field of reports/metrics.json, once: name → (report, key in that report). Reports:
+# "train" (TrainingSummary), "privacy" (its privacy block), "audit" (audit.json), "run".
+RUN_METRICS: dict[str, tuple[str, str]] = {
+    "accuracy": ("train", "accuracy"),
+    "auc": ("train", "auc"),
+    "epsilon": ("train", "epsilon"),
+    "delta": ("train", "delta"),
+    "mia_auc": ("audit", "mia_auc"),
+    "mia_attack_accuracy": ("audit", "mia_attack_accuracy"),
+    "mia_tpr_at_1pct_fpr": ("audit", "mia_tpr_at_1pct_fpr"),
+    "mia_tpr_at_0_1pct_fpr": ("audit", "mia_tpr_at_0_1pct_fpr"),
+    "empirical_epsilon_lower_bound": ("audit", "empirical_epsilon_lower_bound"),
+    "mia_advantage": ("audit", "mia_advantage"),
+    "bytes_uploaded": ("train", "bytes_uploaded"),
+    "bytes_uploaded_uncompressed": ("train", "bytes_uploaded_uncompressed"),
+    "bytes_downloaded": ("train", "bytes_downloaded"),
+    "bytes_downloaded_uncompressed": ("train", "bytes_downloaded_uncompressed"),
+    "compression_ratio": ("train", "compression_ratio"),
+    "downlink_compression_ratio": ("train", "downlink_compression_ratio"),
+    "flagged_client_rounds": ("train", "flagged_client_rounds"),
+    "rejected_client_rounds": ("train", "rejected_client_rounds"),
+    "client_level_epsilon": ("privacy", "client_level_epsilon"),
+    "rounds": ("train", "rounds"),
+    "wall_seconds": ("run", "wall_seconds"),
+    "audit_seconds": ("audit", "seconds"),
+    "epsilon_replace_one": ("privacy", "epsilon_replace_one"),
+    "randomness": ("privacy", "randomness"),
+}
+
+
+def run_metrics(train: TrainingSummary, audit: Mapping[str, Any],
+                wall_seconds: float) -> dict[str, Any]:
+    """The flat ``metrics.json`` of a run; a stage that did not run leaves its fields None."""
+    sources: dict[str, Mapping[str, Any]] = {
+        "train": train.to_dict(), "privacy": train.privacy, "audit": audit,
+        "run": {"wall_seconds": round(wall_seconds, 3)}}
+    return {name: sources[report].get(key) for name, (report, key) in RUN_METRICS.items()}

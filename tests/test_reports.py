@@ -1,0 +1,63 @@
+"""Typed stage results and the one table of run metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fl_core.engine import RoundRecord, TrainingResult
+from fl_core.reports import RUN_METRICS, TrainingSummary, run_metrics
+
+# reports/metrics.json must keep at least these (shared/ARCHITECTURE.md)
+ARCHITECTURE_METRICS = {
+    "accuracy", "auc", "epsilon", "delta", "mia_auc", "mia_attack_accuracy",
+    "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr", "empirical_epsilon_lower_bound",
+    "bytes_uploaded", "bytes_uploaded_uncompressed", "compression_ratio", "rounds",
+    "wall_seconds"}
+
+
+def _summary() -> TrainingSummary:
+    records = [RoundRecord(round=r, train_loss=0.5 / r, test_loss=0.6 / r, accuracy=0.7,
+                           auc=0.8, bytes_uploaded=100, bytes_downloaded=400,
+                           bytes_uploaded_uncompressed=400, bytes_downloaded_uncompressed=400,
+                           clients_ok=2, flagged_clients=["b"] if r == 2 else [],
+                           client_accuracy={"a": 0.6, "b": 0.8}, epsilon=0.1 * r)
+               for r in (1, 2, 3)]
+    result = TrainingResult(torch.zeros(3), records, [])
+    privacy = {"epsilon": 0.3, "delta": 1e-5, "randomness": "secure",
+               "epsilon_replace_one": 0.7, "client_level_epsilon": None}
+    return TrainingSummary.of_run(result, clients=2, partition="by_site", compression="dense",
+                                  aggregation="fedavg", malicious=[], privacy=privacy,
+                                  seconds=1.23456)
+
+
+def test_training_summary_round_trips_through_json_with_its_history() -> None:
+    summary = _summary()
+    again = TrainingSummary.from_dict(json.loads(json.dumps(summary.to_dict())))
+    assert again == summary
+    assert [row["round"] for row in again.history] == [1, 2, 3]
+    assert again.bytes_uploaded == 300 and again.compression_ratio == 4.0
+    assert again.flagged_clients == ["b"] and again.flagged_client_rounds == 1
+    assert again.history[2]["epsilon"] == pytest.approx(0.3)
+
+
+def test_an_old_train_json_is_refused_saying_what_to_do() -> None:
+    raw = _summary().to_dict()
+    del raw["history"]
+    with pytest.raises(ValueError, match="lacks history: re-run the 'train' stage"):
+        TrainingSummary.from_dict(raw)
+
+
+def test_run_metrics_has_every_field_once_with_its_source() -> None:
+    assert ARCHITECTURE_METRICS <= set(RUN_METRICS)
+    audit = {"mia_auc": 0.55, "mia_attack_accuracy": 0.58, "mia_tpr_at_1pct_fpr": 0.02,
+             "mia_tpr_at_0_1pct_fpr": 0.0, "empirical_epsilon_lower_bound": 0.0,
+             "mia_advantage": 0.16, "seconds": 5.0}
+    metrics = run_metrics(_summary(), audit, 12.3456)
+    assert list(metrics) == list(RUN_METRICS)
+    assert metrics["accuracy"] == 0.7 and metrics["mia_auc"] == 0.55
+    assert metrics["epsilon_replace_one"] == 0.7 and metrics["randomness"] == "secure"
+    assert metrics["wall_seconds"] == 12.346 and metrics["audit_seconds"] == 5.0
+    assert run_metrics(_summary(), {}, 1.0)["mia_auc"] is None  # audit did not run
