@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_core.config import PipelineConfig
+from fl_core.reports import TrainingSummary
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,11 @@ def read_json(path: Path, stage: str) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the '{stage}' stage first")
     return json.loads(path.read_text())
+
+
+def read_training(paths: Paths) -> TrainingSummary:
+    """The train stage's typed result (``train.json``)."""
+    try:
+        return TrainingSummary.from_dict(read_json(paths.train_summary, "train"))
+    except ValueError as exc:
+        raise FileNotFoundError(f"{paths.train_summary}: {exc}") from None

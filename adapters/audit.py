@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.artifacts import Paths, read_json, write_json_atomic
+from adapters.artifacts import Paths, read_training, write_json_atomic
 from adapters.partition import load_client_data
 from adapters.plots import roc_plot
 from adapters.train import load_model
@@ -43,6 +43,10 @@ from fl_core.config import PipelineConfig
 from fl_core.data import SITE, ClientData, FederatedDataLoader, TabularTransform, assign_clients
 from fl_core.federation.build import build_target_model, federate
 from fl_core.models import set_flat_params
+from fl_core.reports import AuditReport, PrivacyReport
+
+# attack → (FPR, TPR, AUC) of its ROC curve, for the plot
+Curves = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,8 @@ def shadow_outputs(cfg: PipelineConfig, pool: AuditPool) -> ShadowOutputs:
 
 def audit_trained(
     cfg: PipelineConfig, root: Path, data: list[ClientData], transform: TabularTransform,
-    model: torch.nn.Module, privacy: dict[str, Any],
-) -> dict[str, Any]:
+    model: torch.nn.Module, privacy: PrivacyReport,
+) -> tuple[AuditReport, Curves]:
     """Audit ``model`` (trained on ``data`` under ``cfg``): the report ``audit.json`` holds,
     with the per-attack ROC curves under ``"curves"``."""
     started = time.perf_counter()
@@ -145,60 +149,51 @@ def audit_trained(
     model.eval()
     with torch.no_grad():
         target_logits = model(pool.x[pool.eval_index])
-    delta = float(privacy.get("delta") or cfg.privacy.delta)
+    delta = float(privacy.delta or cfg.privacy.delta)
     result = membership_audit(target_logits, pool.is_member, pool.eval_index, shadows, delta,
                               cfg.audit.confidence)
     headline = result.metrics()
-    epsilon = privacy.get("epsilon")
-    consistent = epsilon is None or headline["empirical_epsilon_lower_bound"] <= epsilon
-    return {
-        "enabled": True,
-        **headline,
-        "attacks": [r.summary() for r in result.reports],
-        "members": int(pool.is_member.sum()),
-        "non_members": int((1 - pool.is_member).sum()),
-        "population": int(pool.trainable.sum()),
-        "shadow_models": cfg.audit.shadow_models,
-        "online": cfg.audit.online,
-        "delta": delta,
-        "confidence": cfg.audit.confidence,
-        "accountant_epsilon": epsilon,
-        "privacy_consistent": consistent,
-        "seconds": round(time.perf_counter() - started, 3),
-        "curves": {r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports},
-    }
+    epsilon = privacy.epsilon
+    report = AuditReport(
+        enabled=True, seconds=round(time.perf_counter() - started, 3), **headline,
+        attacks=[r.summary() for r in result.reports],
+        members=int(pool.is_member.sum()), non_members=int((1 - pool.is_member).sum()),
+        population=int(pool.trainable.sum()), shadow_models=cfg.audit.shadow_models,
+        online=cfg.audit.online, delta=delta, confidence=cfg.audit.confidence,
+        accountant_epsilon=epsilon,
+        privacy_consistent=epsilon is None or headline["empirical_epsilon_lower_bound"] <= epsilon)
+    return report, {r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports}
 
 
-def describe_audit(report: dict[str, Any]) -> str:
+def describe_audit(report: AuditReport) -> str:
     lines = [f"  {a['attack']:<15} AUC {a['auc']:.3f}  TPR@1%FPR {a['tpr_at_1pct_fpr']:.3f}  "
              f"TPR@0.1%FPR {a['tpr_at_0_1pct_fpr']:.3f}  advantage {a['advantage']:.3f}  "
-             f"ε_lb {a['epsilon_lower_bound']:.3f}" for a in report["attacks"]]
-    epsilon = report["accountant_epsilon"]
+             f"ε_lb {a['epsilon_lower_bound']:.3f}" for a in report.attacks]
+    epsilon = report.accountant_epsilon
     lines.append(
-        f"audit: worst case AUC {report['mia_auc']:.3f} ({report['mia_strongest_attack']}), "
-        f"ε_lb {report['empirical_epsilon_lower_bound']:.3f}"
+        f"audit: worst case AUC {report.mia_auc:.3f} ({report.mia_strongest_attack}), "
+        f"ε_lb {report.empirical_epsilon_lower_bound:.3f}"
         + (f" vs accountant ε {epsilon:.3f}" if epsilon is not None else "")
-        + ("" if report["privacy_consistent"]
+        + ("" if report.privacy_consistent
            else "  PRIVACY FAILURE: the attack beats the DP guarantee")
-        + f"; {report['seconds']:.1f} s")
+        + f"; {report.seconds:.1f} s")
     return "\n".join(lines)
 
 
 def audit_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
-    """Attack the final model with every attack; the worst case is what the gate reads."""
+    """Attack the final model with every attack; the worst case is what the gate reads.
+    Returns ``audit.json`` as a dict (the flow's summary reads it)."""
     paths = Paths.of(cfg, root)
     if not cfg.audit.enabled:
-        report: dict[str, Any] = {"enabled": False, "seconds": 0.0}
-        write_json_atomic(paths.audit, report)
+        report = AuditReport(enabled=False, seconds=0.0)
+        write_json_atomic(paths.audit, report.to_dict())
         print("audit disabled (audit.enabled=false): MIA metrics stay null; the gate refuses")
-        return report
+        return report.to_dict()
     data, transform, _ = load_client_data(cfg, paths)
     model, _ = load_model(paths.model)
-    privacy = read_json(paths.train_summary, "train").get("privacy") or {}
-    report = audit_trained(cfg, paths.root, data, transform, model, privacy)
-    roc_plot(report.pop("curves"), "Membership inference on the target", paths.roc_plot)
-    write_json_atomic(paths.audit, report)
+    privacy = read_training(paths).privacy
+    report, curves = audit_trained(cfg, paths.root, data, transform, model, privacy)
+    roc_plot(curves, "Membership inference on the target", paths.roc_plot)
+    write_json_atomic(paths.audit, report.to_dict())
     print(describe_audit(report))
-    return report
-
-
+    return report.to_dict()

@@ -11,31 +11,23 @@ from typing import Any
 
 import torch
 
-from adapters.artifacts import Paths, read_json, write_json_atomic
+from adapters.artifacts import Paths, read_json, read_training, write_json_atomic
 from adapters.mlflow_registry import register_model
 from adapters.train import load_model
 from fl_core.accounting import open_ledger
 from fl_core.config import PipelineConfig
 from fl_core.ledger import MissingChargeError
-from fl_core.reports import TrainingSummary, run_metrics
+from fl_core.reports import AuditReport, PrivacyReport, run_metrics
 
 
 def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str, Any]:
     """The flat ``reports/metrics.json`` of the run (:data:`fl_core.reports.RUN_METRICS`)."""
     validation = read_json(paths.validation, "validate")
     trained = read_training(paths)
-    audited = read_json(paths.audit, "audit")
+    audited = AuditReport.from_dict(read_json(paths.audit, "audit"))
     if wall_seconds is None:  # stage by stage (dvc repro): the stages' own times
-        wall_seconds = validation["seconds"] + trained.seconds + audited["seconds"]
+        wall_seconds = validation["seconds"] + trained.seconds + audited.seconds
     return run_metrics(trained, audited, wall_seconds)
-
-
-def read_training(paths: Paths) -> TrainingSummary:
-    """The train stage's typed result (``train.json``)."""
-    try:
-        return TrainingSummary.from_dict(read_json(paths.train_summary, "train"))
-    except ValueError as exc:
-        raise FileNotFoundError(f"{paths.train_summary}: {exc}") from None
 
 
 def publish_results(
@@ -75,37 +67,37 @@ GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one s
              "model update and the released model; not the audit's statistics or test metrics")
 
 
-def privacy_tags(privacy: dict[str, Any]) -> dict[str, str]:
-    """MLflow run tags stating the model's guarantee (or its absence)."""
-    noise = {"privacy.randomness": str(privacy.get("randomness"))}
-    if privacy.get("epsilon") is None:
-        return {"privacy": "none" if privacy.get("client_level_epsilon") is None
+def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:
+    """MLflow run and version tags stating the model's guarantee (or its absence)."""
+    noise = {"privacy.randomness": privacy.randomness}
+    if privacy.epsilon is None:
+        return {"privacy": "none" if privacy.client_level_epsilon is None
                 else "client-level DP-FedAvg only", **noise}
     return {
         "privacy": "patient-level DP-SGD",
         "privacy.guarantee": GUARANTEE,
         **noise,
-        "privacy.epsilon_replace_one": f"{privacy['epsilon_replace_one']:.6g}",
-        "privacy.epsilon": f"{privacy['epsilon']:.6g}",
-        "privacy.delta": f"{privacy['delta']:g}",
-        "privacy.accountant": str(privacy["accountant"]),
-        "privacy.noise_multiplier": f"{privacy['noise_multiplier']:.6g}",
-        "privacy.sample_rate": f"{privacy['sample_rate']:g}",
-        "privacy.max_grad_norm": f"{privacy['max_grad_norm']:g}",
-        "privacy.dataset": str(privacy.get("dataset")),
-        "privacy.ledger_run": str(privacy.get("ledger_run_id")),
+        "privacy.epsilon_replace_one": f"{privacy.epsilon_replace_one:.6g}",
+        "privacy.epsilon": f"{privacy.epsilon:.6g}",
+        "privacy.delta": f"{privacy.delta:g}",
+        "privacy.accountant": str(privacy.accountant),
+        "privacy.noise_multiplier": f"{privacy.noise_multiplier:.6g}",
+        "privacy.sample_rate": f"{privacy.sample_rate:g}",
+        "privacy.max_grad_norm": f"{privacy.max_grad_norm:g}",
+        "privacy.dataset": str(privacy.dataset),
+        "privacy.ledger_run": str(privacy.ledger_run_id),
     }
 
 
-def require_ledger_charge(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> None:
+def require_ledger_charge(cfg: PipelineConfig, root: Path, privacy: PrivacyReport) -> None:
     """Refuse to register a DP-SGD model whose training charge is not in the ledger.
 
     The train stage charges the ledger before it writes the model; a model without that
     charge (trained by an older version, or its ledger moved or deleted) is unaccounted.
     """
-    if privacy.get("epsilon") is None:
+    if privacy.epsilon is None:
         return
-    run_id = privacy.get("ledger_run_id")
+    run_id = privacy.ledger_run_id
     ledger = open_ledger(cfg, root)
     if not run_id or not ledger.has_run(run_id):
         raise MissingChargeError(
@@ -115,10 +107,9 @@ def require_ledger_charge(cfg: PipelineConfig, root: Path, privacy: dict[str, An
             f"ledger), or point privacy.ledger at the ledger it was charged to")
 
 
-def _budget_spent(cfg: PipelineConfig, root: Path, privacy: dict[str, Any]) -> dict[str, float]:
+def _budget_spent(cfg: PipelineConfig, root: Path, privacy: PrivacyReport) -> dict[str, float]:
     """Tight composed ε each of this run's sites has now spent (worst patient, all runs)."""
-    sites = privacy.get("site_epsilon") or {}
-    if privacy.get("epsilon") is None:
+    if privacy.epsilon is None:
         return {}
-    balances = open_ledger(cfg, root).balances(str(privacy["accountant"]))
-    return {b.site: round(b.tight_epsilon, 6) for b in balances if b.site in sites}
+    balances = open_ledger(cfg, root).balances(str(privacy.accountant))
+    return {b.site: round(b.tight_epsilon, 6) for b in balances if b.site in privacy.site_epsilon}

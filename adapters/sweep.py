@@ -102,11 +102,9 @@ def sweep_point(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     privacy = charge_and_summarise(cfg, root, partition, run, new_run_id(), KIND_AUDIT_SWEEP)
     model, _ = build_target_model(cfg, int(data[0].x_train.shape[1]))
     set_flat_params(model, run.result.params)
-    report = audit_trained(cfg, root, data, transform, model, privacy)
-    report.pop("curves")
-    report["accuracy"] = run.result.history[-1].accuracy
-    report["ledger_run_id"] = privacy["ledger_run_id"]
-    return report
+    report, _ = audit_trained(cfg, root, data, transform, model, privacy)
+    return {**report.to_dict(), "accuracy": run.result.history[-1].accuracy,
+            "ledger_run_id": privacy.ledger_run_id}
 
 
 def spearman(x: list[float], y: list[float]) -> float:

@@ -17,6 +17,7 @@ from fl_core.data import ClientData, FederatedDataLoader, Partition
 from fl_core.federation.build import FederatedRun, make_dpsgd
 from fl_core.ledger import Charge, PrivacyLedger, SiteCharge, new_run_id
 from fl_core.privacy import DPSGDConfig, epsilon_spent, local_steps, replace_one_epsilon
+from fl_core.reports import PrivacyReport
 
 KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
 KIND_AUDIT_SWEEP = "audit-sweep"
@@ -87,71 +88,63 @@ def spent_charge(
 def privacy_summary(
     cfg: PipelineConfig, charge: Charge | None, spent: Mapping[str, tuple[float, int]],
     dp: DPSGDConfig | None, model_fixes: Sequence[str], rounds: int,
-) -> dict[str, Any]:
+) -> PrivacyReport:
     """What the run spent: per client, per site, and the model's (ε, δ) per patient.
 
     The model's ε is the largest client ε: patients live at one client, so by parallel
     composition ``max_c ε_c`` bounds any one patient's exposure in this run.
     """
     p = cfg.privacy
-    out: dict[str, Any] = {"enabled": p.enabled, "epsilon": None, "delta": None,
-                           "client_level_epsilon": None, "randomness": p.randomness}
+    server: dict[str, Any] = {}
     if p.server.enabled:
-        out["client_level_epsilon"] = epsilon_spent(
-            p.server.noise_multiplier, cfg.client_fraction, rounds, p.delta, p.accountant)
-        out["client_rate"] = cfg.client_fraction
-        out["server_noise_multiplier"] = p.server.noise_multiplier
-        out["server_clip_norm"] = p.server.clip_norm
+        server = {"client_level_epsilon": epsilon_spent(
+                      p.server.noise_multiplier, cfg.client_fraction, rounds, p.delta,
+                      p.accountant),
+                  "client_rate": cfg.client_fraction,
+                  "server_noise_multiplier": p.server.noise_multiplier,
+                  "server_clip_norm": p.server.clip_norm}
     if dp is None:
-        return out
+        return PrivacyReport(enabled=p.enabled, randomness=p.randomness, **server)
     client_epsilon = {c: eps for c, (eps, _) in spent.items()}
     replace_eps, replace_delta = replace_one_epsilon(
         dp.noise_multiplier, p.sample_rate, max((n for _, n in spent.values()), default=0),
         p.delta, p.accountant)
-    out.update({
-        "epsilon": max(client_epsilon.values(), default=0.0),
-        "epsilon_replace_one": replace_eps,
-        "delta_replace_one": replace_delta,
-        "delta": p.delta,
-        "target_epsilon": p.epsilon,
-        "lifetime_epsilon": p.lifetime_epsilon,
-        "accountant": p.accountant,
-        "noise_multiplier": dp.noise_multiplier,
-        "sample_rate": p.sample_rate,
-        "max_grad_norm": p.max_grad_norm,
-        "grad_sample_mode": p.grad_sample_mode,
-        "steps_planned": local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate),
-        "client_steps": {c: n for c, (_, n) in spent.items()},
-        "client_epsilon": client_epsilon,
-        "site_epsilon": {s.site: s.epsilon for s in charge.sites} if charge else {},
-        "site_patients": {s.site: len(s.patients) for s in charge.sites} if charge else {},
-        "ledger_run_id": charge.run_id if charge else None,
-        "dataset": dataset_label(cfg),
-        "model_fixes": list(model_fixes),
-    })
-    return out
+    return PrivacyReport(
+        enabled=p.enabled, randomness=p.randomness, **server,
+        epsilon=max(client_epsilon.values(), default=0.0),
+        epsilon_replace_one=replace_eps, delta_replace_one=replace_delta, delta=p.delta,
+        target_epsilon=p.epsilon, lifetime_epsilon=p.lifetime_epsilon,
+        accountant=p.accountant, noise_multiplier=dp.noise_multiplier,
+        sample_rate=p.sample_rate, max_grad_norm=p.max_grad_norm,
+        grad_sample_mode=p.grad_sample_mode,
+        steps_planned=local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate),
+        client_steps={c: n for c, (_, n) in spent.items()}, client_epsilon=client_epsilon,
+        site_epsilon={s.site: s.epsilon for s in charge.sites} if charge else {},
+        site_patients={s.site: len(s.patients) for s in charge.sites} if charge else {},
+        ledger_run_id=charge.run_id if charge else None, dataset=dataset_label(cfg),
+        model_fixes=list(model_fixes))
 
 
-def describe_privacy(privacy: Mapping[str, Any]) -> str:
+def describe_privacy(privacy: PrivacyReport) -> str:
     """One line for the log: the guarantee the trained model carries."""
     parts = []
-    if privacy["epsilon"] is not None:
+    if privacy.epsilon is not None:
         parts.append(
-            f"patient-level DP-SGD: (ε={privacy['epsilon']:.3f}, δ={privacy['delta']:g}) per "
-            f"patient, add/remove one patient (replace-one: ε={privacy['epsilon_replace_one']:.3f}"
-            f", δ={privacy['delta_replace_one']:.2g}) "
-            f"[{privacy['accountant']}, σ={privacy['noise_multiplier']:.3f}, "
-            f"q={privacy['sample_rate']:g}, C={privacy['max_grad_norm']:g}, "
-            f"{privacy['steps_planned']} steps per client; noise {privacy['randomness']}]")
-        if privacy["randomness"] != "secure":
+            f"patient-level DP-SGD: (ε={privacy.epsilon:.3f}, δ={privacy.delta:g}) per "
+            f"patient, add/remove one patient (replace-one: ε={privacy.epsilon_replace_one:.3f}"
+            f", δ={privacy.delta_replace_one:.2g}) "
+            f"[{privacy.accountant}, σ={privacy.noise_multiplier:.3f}, "
+            f"q={privacy.sample_rate:g}, C={privacy.max_grad_norm:g}, "
+            f"{privacy.steps_planned} steps per client; noise {privacy.randomness}]")
+        if privacy.randomness != "secure":
             parts.append("REPRODUCIBLE NOISE: anyone with params.yaml can regenerate it; "
                          "this model can never be champion")
-        if privacy.get("ledger_run_id"):
-            parts.append(f"ledger charged (run {privacy['ledger_run_id']})")
-        if privacy["model_fixes"]:
-            parts.append("model fixed for Opacus: " + "; ".join(privacy["model_fixes"]))
-    if privacy["client_level_epsilon"] is not None:
-        parts.append(f"client-level DP-FedAvg: ε={privacy['client_level_epsilon']:.3f}")
+        if privacy.ledger_run_id:
+            parts.append(f"ledger charged (run {privacy.ledger_run_id})")
+        if privacy.model_fixes:
+            parts.append("model fixed for Opacus: " + "; ".join(privacy.model_fixes))
+    if privacy.client_level_epsilon is not None:
+        parts.append(f"client-level DP-FedAvg: ε={privacy.client_level_epsilon:.3f}")
     return "; ".join(parts) if parts else "NOT DIFFERENTIALLY PRIVATE (privacy.enabled=false)"
 
 
@@ -183,7 +176,7 @@ def check_budget(
 def charge_and_summarise(
     cfg: PipelineConfig, root: Path, partition: Partition, run: FederatedRun,
     run_id: str | None, kind: str = KIND_TRAIN,
-) -> dict[str, Any]:
+) -> PrivacyReport:
     """Charge the ledger for a DP-SGD run's patients, then summarise its privacy.
 
     Call it before anything trained is written: if the charge is refused (a concurrent run

@@ -1,5 +1,7 @@
 """Typed stage results, and the one table of the figures a run reports.
 
+:class:`PrivacyReport` is what a training run spent and the guarantee its model carries;
+:class:`AuditReport` what the membership audit found (``audit.json``);
 :class:`TrainingSummary` is what the train stage hands to the later stages (``train.json``):
 built from the finished run, written as JSON, read back typed; its ``history`` carries every
 round, so registration logs the per-round curves from it (``rounds.csv`` stays a file for
@@ -47,6 +49,100 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
     return row
 
 
+def _from_dict(cls: type, raw: Mapping[str, Any], stage: str) -> Any:
+    """``cls(**raw)`` for a report read back from JSON; missing fields (a report written by
+    an older version) are an error that says which stage to re-run."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(raw))
+    if missing:
+        raise ValueError(f"{cls.__name__} lacks {', '.join(missing)}: re-run the "
+                         f"'{stage}' stage")
+    return cls(**{k: raw[k] for k in names if k in raw})
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """A training run's privacy: what it spent and what its model's guarantee is.
+
+    ``epsilon`` is None when the run had no patient-level DP-SGD (the model is not private
+    per patient); ``client_level_epsilon`` is set with server-side DP-FedAvg. The guarantee:
+    (``epsilon``, ``delta``)-DP per patient, add/remove one patient; ``epsilon_replace_one``
+    at ``delta_replace_one`` under replace-one (:func:`fl_core.privacy.replace_one_epsilon`).
+    """
+
+    enabled: bool
+    randomness: str
+    epsilon: float | None = None
+    delta: float | None = None
+    client_level_epsilon: float | None = None
+    client_rate: float | None = None
+    server_noise_multiplier: float | None = None
+    server_clip_norm: float | None = None
+    epsilon_replace_one: float | None = None
+    delta_replace_one: float | None = None
+    target_epsilon: float | None = None
+    lifetime_epsilon: float | None = None
+    accountant: str | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    max_grad_norm: float | None = None
+    grad_sample_mode: str | None = None
+    steps_planned: int | None = None
+    client_steps: dict[str, int] = field(default_factory=dict)
+    client_epsilon: dict[str, float] = field(default_factory=dict)
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    site_patients: dict[str, int] = field(default_factory=dict)
+    ledger_run_id: str | None = None
+    dataset: str | None = None
+    model_fixes: list[str] = field(default_factory=list)
+
+    @property
+    def patient_level(self) -> bool:
+        return self.epsilon is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> PrivacyReport:
+        return _from_dict(cls, raw, "train")
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The membership-inference audit of one model (``audit.json``); the ``mia_*`` figures
+    and the ε lower bound are the worst case over the attacks in ``attacks``."""
+
+    enabled: bool
+    seconds: float
+    mia_auc: float | None = None
+    mia_attack_accuracy: float | None = None
+    mia_tpr_at_1pct_fpr: float | None = None
+    mia_tpr_at_0_1pct_fpr: float | None = None
+    mia_advantage: float | None = None
+    empirical_epsilon_lower_bound: float | None = None
+    mia_strongest_attack: str | None = None
+    attacks: list[dict[str, Any]] = field(default_factory=list)
+    members: int = 0
+    non_members: int = 0
+    population: int = 0
+    shadow_models: int = 0
+    online: bool = False
+    delta: float | None = None
+    confidence: float | None = None
+    accountant_epsilon: float | None = None
+    privacy_consistent: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> AuditReport:
+        return _from_dict(cls, raw, "audit")
+
+
 @dataclass(frozen=True)
 class TrainingSummary:
     """What a federated training run produced, as the later stages read it (``train.json``)."""
@@ -72,15 +168,15 @@ class TrainingSummary:
     rejected_client_rounds: int
     excluded_clients: list[str]
     malicious_clients: list[str]
-    privacy: dict[str, Any]  # fl_core.accounting.privacy_summary
+    privacy: PrivacyReport
     epsilon: float | None
     delta: float | None
     seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)  # round_row per round
+    history: list[dict[str, Any]]  # round_row per round
 
     @classmethod
     def of_run(cls, result: TrainingResult, *, clients: int, partition: str, compression: str,
-               aggregation: str, malicious: list[str], privacy: dict[str, Any],
+               aggregation: str, malicious: list[str], privacy: PrivacyReport,
                seconds: float) -> TrainingSummary:
         h, last = result.history, result.history[-1]
         up = sum(r.bytes_uploaded for r in h)
@@ -101,7 +197,7 @@ class TrainingSummary:
             rejected_client_rounds=sum(len(r.rejected_clients) for r in h),
             excluded_clients=sorted({c for r in h for c in r.excluded_clients}),
             malicious_clients=sorted(malicious), privacy=privacy,
-            epsilon=privacy.get("epsilon"), delta=privacy.get("delta"),
+            epsilon=privacy.epsilon, delta=privacy.delta,
             seconds=round(seconds, 3), history=[round_row(r) for r in h])
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,13 +205,9 @@ class TrainingSummary:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TrainingSummary:
-        """Read back ``train.json``; a file missing fields (an older run) is an error that
-        says to re-run the train stage."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(raw))
-        if missing:
-            raise ValueError(f"train.json lacks {', '.join(missing)}: re-run the 'train' stage")
-        return cls(**{k: raw[k] for k in names})
+        """Read back ``train.json`` (an older file is an error saying to re-run the stage)."""
+        summary = _from_dict(cls, raw, "train")
+        return dataclasses.replace(summary, privacy=PrivacyReport.from_dict(summary.privacy))
 
 
 # Every field of reports/metrics.json, once: name → (report, key in that report). Reports:
@@ -148,10 +240,10 @@ RUN_METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def run_metrics(train: TrainingSummary, audit: Mapping[str, Any],
+def run_metrics(train: TrainingSummary, audit: AuditReport,
                 wall_seconds: float) -> dict[str, Any]:
     """The flat ``metrics.json`` of a run; a stage that did not run leaves its fields None."""
     sources: dict[str, Mapping[str, Any]] = {
-        "train": train.to_dict(), "privacy": train.privacy, "audit": audit,
+        "train": train.to_dict(), "privacy": train.privacy.to_dict(), "audit": audit.to_dict(),
         "run": {"wall_seconds": round(wall_seconds, 3)}}
     return {name: sources[report].get(key) for name, (report, key) in RUN_METRICS.items()}

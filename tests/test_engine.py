@@ -397,14 +397,25 @@ def _dp_sites(compressor: bool) -> tuple[list[SiteClient], object]:
     return cs, factory
 
 
+def _rounds_3_to_5(sites: list[SiteClient], params: torch.Tensor) -> TrainingResult:
+    """The coordinator resuming a 5-round run at round 3 from the round-2 model."""
+    from fl_core.engine import run_federated
+    from fl_core.federation.transport import InProcessTransport
+
+    transport = InProcessTransport({s.client_id: s.handle for s in sites})
+    try:
+        return run_federated(
+            transport=transport, sites=[s.client_id for s in sites], initial_params=params,
+            first_round=3, settings=FederationSettings(rounds=5, local_epochs=2, min_clients=1))
+    finally:
+        transport.close()
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_site_stopped_after_round_k_and_restored_is_bit_identical() -> None:
     """DP-SGD (accountant), error feedback with momentum and stochastic rounding (generator):
     sites stopped after round 2, rebuilt from scratch, restored from their state_dict, and the
     coordinator continuing from the round-2 model give the uninterrupted run's parameters."""
-    from fl_core.engine import run_federated
-    from fl_core.federation.transport import InProcessTransport
-
     uninterrupted, factory = _dp_sites(compressor=True)
     init = get_flat_params(factory())
     whole = run(uninterrupted, init, 5)
@@ -416,26 +427,12 @@ def test_site_stopped_after_round_k_and_restored_is_bit_identical() -> None:
     resumed, _ = _dp_sites(compressor=True)  # a fresh process: nothing but the saved state
     for site, state in zip(resumed, states, strict=True):
         site.load_state_dict(state)
-    transport = InProcessTransport({s.client_id: s.handle for s in resumed})
-    try:
-        rest = run_federated(
-            transport=transport, sites=[s.client_id for s in resumed],
-            initial_params=part1.params, first_round=3,
-            settings=FederationSettings(rounds=5, local_epochs=2, min_clients=1))
-    finally:
-        transport.close()
+    rest = _rounds_3_to_5(resumed, part1.params)
     torch.testing.assert_close(rest.params, whole.params, rtol=0, atol=0)
     assert rest.site_epsilon == whole.site_epsilon and rest.site_dp_steps == whole.site_dp_steps
 
     not_restored, _ = _dp_sites(compressor=True)  # the same without the state: it differs
-    transport = InProcessTransport({s.client_id: s.handle for s in not_restored})
-    try:
-        cold = run_federated(
-            transport=transport, sites=[s.client_id for s in not_restored],
-            initial_params=part1.params, first_round=3,
-            settings=FederationSettings(rounds=5, local_epochs=2, min_clients=1))
-    finally:
-        transport.close()
+    cold = _rounds_3_to_5(not_restored, part1.params)
     assert not torch.equal(cold.params, whole.params)
 
 

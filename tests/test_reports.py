@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fl_core.engine import RoundRecord, TrainingResult
-from fl_core.reports import RUN_METRICS, TrainingSummary, run_metrics
+from fl_core.reports import RUN_METRICS, AuditReport, PrivacyReport, TrainingSummary, run_metrics
 
 # reports/metrics.json must keep at least these (shared/ARCHITECTURE.md)
 ARCHITECTURE_METRICS = {
@@ -26,8 +26,8 @@ def _summary() -> TrainingSummary:
                            client_accuracy={"a": 0.6, "b": 0.8}, epsilon=0.1 * r)
                for r in (1, 2, 3)]
     result = TrainingResult(torch.zeros(3), records, [])
-    privacy = {"epsilon": 0.3, "delta": 1e-5, "randomness": "secure",
-               "epsilon_replace_one": 0.7, "client_level_epsilon": None}
+    privacy = PrivacyReport(enabled=True, epsilon=0.3, delta=1e-5, randomness="secure",
+                            epsilon_replace_one=0.7)
     return TrainingSummary.of_run(result, clients=2, partition="by_site", compression="dense",
                                   aggregation="fedavg", malicious=[], privacy=privacy,
                                   seconds=1.23456)
@@ -41,6 +41,7 @@ def test_training_summary_round_trips_through_json_with_its_history() -> None:
     assert again.bytes_uploaded == 300 and again.compression_ratio == 4.0
     assert again.flagged_clients == ["b"] and again.flagged_client_rounds == 1
     assert again.history[2]["epsilon"] == pytest.approx(0.3)
+    assert isinstance(again.privacy, PrivacyReport) and again.privacy.epsilon_replace_one == 0.7
 
 
 def test_an_old_train_json_is_refused_saying_what_to_do() -> None:
@@ -51,13 +52,21 @@ def test_an_old_train_json_is_refused_saying_what_to_do() -> None:
 
 
 def test_run_metrics_has_every_field_once_with_its_source() -> None:
-    assert ARCHITECTURE_METRICS <= set(RUN_METRICS)
-    audit = {"mia_auc": 0.55, "mia_attack_accuracy": 0.58, "mia_tpr_at_1pct_fpr": 0.02,
-             "mia_tpr_at_0_1pct_fpr": 0.0, "empirical_epsilon_lower_bound": 0.0,
-             "mia_advantage": 0.16, "seconds": 5.0}
+    assert set(RUN_METRICS) >= ARCHITECTURE_METRICS
+    audit = AuditReport(enabled=True, mia_auc=0.55, mia_attack_accuracy=0.58,
+                        mia_tpr_at_1pct_fpr=0.02, mia_tpr_at_0_1pct_fpr=0.0,
+                        empirical_epsilon_lower_bound=0.0, mia_advantage=0.16, seconds=5.0)
     metrics = run_metrics(_summary(), audit, 12.3456)
     assert list(metrics) == list(RUN_METRICS)
     assert metrics["accuracy"] == 0.7 and metrics["mia_auc"] == 0.55
     assert metrics["epsilon_replace_one"] == 0.7 and metrics["randomness"] == "secure"
     assert metrics["wall_seconds"] == 12.346 and metrics["audit_seconds"] == 5.0
-    assert run_metrics(_summary(), {}, 1.0)["mia_auc"] is None  # audit did not run
+    disabled = AuditReport(enabled=False, seconds=0.0)  # the audit did not run
+    assert run_metrics(_summary(), disabled, 1.0)["mia_auc"] is None
+
+
+def test_audit_report_round_trips_and_an_old_one_is_refused() -> None:
+    report = AuditReport(enabled=True, seconds=1.0, mia_auc=0.5, attacks=[{"attack": "x"}])
+    assert AuditReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    with pytest.raises(ValueError, match="AuditReport lacks seconds: re-run the 'audit' stage"):
+        AuditReport.from_dict({"enabled": True})
