@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Kill safety: a run records its owner (host, pid) and the aliases it found; its version is
+# tagged pending until the last step marks it complete. The next registration reaps the runs
+# whose owner died: compare-and-set undo of their aliases, delete their versions, mark FAILED.
+OWNER_HOST, OWNER_PID = "fedpriv.host", "fedpriv.pid"
+ALIASES_BEFORE = "fedpriv.aliases_before"
+STATE, PENDING, COMPLETE = "fedpriv.state", "pending", "complete"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 ALIASES = (CHALLENGER, CHAMPION)
@@ -80,9 +87,11 @@ def register_model(
     client = open_store(uri)
     experiment_id = _ensure_experiment(client, cfg.mlflow.experiment, artifact_root.as_uri())
     name = cfg.mlflow.model_name
+    reap_killed_runs(client, experiment_id, name)
 
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
+        experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None,
+        tags={OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())},
     )
     run_id = run.info.run_id
     registry_before: _RegistryState | None = None
@@ -101,9 +110,11 @@ def register_model(
 
         registry_before = _RegistryState.capture(client, name)
         gate_tags = _gate_tags(decision)
+        # what a reaper needs to undo this version if the process dies from here on
+        client.set_tag(run_id, ALIASES_BEFORE, json.dumps(dict(registry_before.aliases)))
         version = client.create_model_version(
-            name=name, source=info.model_uri, run_id=run_id, tags={**gate_tags, **(tags or {})},
-            model_id=info.model_id,
+            name=name, source=info.model_uri, run_id=run_id,
+            tags={**gate_tags, **(tags or {}), STATE: PENDING}, model_id=info.model_id,
         ).version
         registry_before.version = str(version)
         aliases: tuple[str, ...] = ()
@@ -114,6 +125,7 @@ def register_model(
         client.set_tag(run_id, "model_version", str(version))
         for key, value in {**gate_tags, **(tags or {})}.items():
             client.set_tag(run_id, key, value)
+        client.set_model_version_tag(name, str(version), STATE, COMPLETE)  # the final mark
         mlflow.end_run(status="FINISHED")
     except BaseException as exc:
         if registry_before is not None:
@@ -321,6 +333,43 @@ class _RegistryState:
     def _delete_if_empty(self, client: MlflowClient) -> None:
         if not client.search_model_versions(f"name='{self.name}'", max_results=1):
             client.delete_registered_model(self.name)
+
+
+def _owner_is_dead(tags: Mapping[str, str]) -> bool:
+    """Whether the process that owns a run is gone (only decidable on its own host)."""
+    if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
+        return False
+    try:
+        os.kill(int(tags[OWNER_PID]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def reap_killed_runs(client: MlflowClient, experiment_id: str, name: str) -> list[str]:
+    """Clean up after registrations whose process was killed: for every RUNNING run whose
+    owner is dead, undo its aliases (compare-and-set against the aliases it recorded before
+    aliasing), delete its versions that never got the final mark, and mark it FAILED.
+    Returns the reaped run ids."""
+    reaped = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if not _owner_is_dead(tags):
+            continue
+        before = json.loads(tags.get(ALIASES_BEFORE, "{}"))
+        for mv in client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'"):
+            if mv.tags.get(STATE) == COMPLETE:
+                continue
+            state = _RegistryState(name, True, before, str(mv.version), list(ALIASES))
+            state._restore_aliases(client)
+            client.delete_model_version(name, mv.version)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log.warning("reaped run %s of a killed process (pid %s)", run.info.run_id,
+                    tags.get(OWNER_PID))
+        reaped.append(run.info.run_id)
+    return reaped
 
 
 def open_store(uri: str) -> MlflowClient:
