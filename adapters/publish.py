@@ -16,8 +16,9 @@ from adapters.mlflow_registry import register_model
 from adapters.train import load_model
 from fl_core.accounting import open_ledger
 from fl_core.config import PipelineConfig
+from fl_core.gate import evaluate_gate, gate_thresholds
 from fl_core.ledger import MissingChargeError
-from fl_core.reports import AuditReport, PrivacyReport, run_metrics
+from fl_core.reports import AuditReport, PrivacyReport, TrainingSummary, run_metrics
 
 
 def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str, Any]:
@@ -31,33 +32,29 @@ def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str
 
 
 def publish_results(
-    cfg: PipelineConfig, root: str | Path = ".", wall_seconds: float | None = None
+    cfg: PipelineConfig, root: str | Path = ".", wall_seconds: float | None = None,
+    register: bool = True,
 ) -> dict[str, Any]:
-    """Register the trained model with its metrics and reports; write metrics.json."""
+    """Write metrics.json and, with ``register``, register the trained model with its metrics
+    and reports in MLflow (challenger; champion if the gate passes). Without ``register``
+    (the DVC pipeline unless ``mlflow.register_from_dvc``) the gate's verdict is still
+    computed and reported, and nothing is registered."""
     paths = Paths.of(cfg, root)
     # the MLflow store lives under the project root, wherever the process was started
     cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
     trained = read_training(paths)
     privacy = trained.privacy
-    require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
     metrics = collect_metrics(paths, wall_seconds)
-    model, saved = load_model(paths.model)
-    example = torch.zeros(1, saved["num_features"])
-    artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
-                             paths.roc_plot, paths.training_plot) if p.exists()]
-    result = register_model(cfg, model, example, metrics, trained.history, artifacts,
-                            tags=privacy_tags(privacy))
-    registration = {
-        "run_id": result.run_id,
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-        "aliases": list(result.aliases),
-        "gate_passed": result.gate.passed,
-        "gate_reasons": list(result.gate.reasons),
-        "privacy": privacy_tags(privacy)["privacy"],
-        "budget_spent": _budget_spent(cfg, paths.root, privacy),
-        "lifetime_epsilon": cfg.privacy.lifetime_epsilon,
-    }
+    common = {"privacy": privacy_tags(privacy)["privacy"],
+              "budget_spent": _budget_spent(cfg, paths.root, privacy),
+              "lifetime_epsilon": cfg.privacy.lifetime_epsilon}
+    if register:
+        registration = {"registered": True, **_register(cfg, paths, trained, metrics), **common}
+    else:
+        decision = evaluate_gate(metrics, gate_thresholds(cfg))
+        registration = {"registered": False, "model_name": cfg.mlflow.model_name,
+                        "model_version": None, "aliases": [], "gate_passed": decision.passed,
+                        "gate_reasons": list(decision.reasons), **common}
     write_json_atomic(paths.metrics, metrics)
     write_json_atomic(paths.registration, registration)
     return {"metrics": metrics, "registration": registration}
@@ -65,6 +62,22 @@ def publish_results(
 
 GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one site; covers every "
              "model update and the released model; not the audit's statistics or test metrics")
+
+
+def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingSummary,
+              metrics: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow registration of the trained model; refuses an unaccounted one."""
+    privacy = trained.privacy
+    require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
+    model, saved = load_model(paths.model)
+    example = torch.zeros(1, saved["num_features"])
+    artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
+                             paths.roc_plot, paths.training_plot) if p.exists()]
+    result = register_model(cfg, model, example, metrics, trained.history, artifacts,
+                            tags=privacy_tags(privacy))
+    return {"run_id": result.run_id, "model_name": result.model_name,
+            "model_version": result.model_version, "aliases": list(result.aliases),
+            "gate_passed": result.gate.passed, "gate_reasons": list(result.gate.reasons)}
 
 
 def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:

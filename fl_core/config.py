@@ -361,6 +361,9 @@ class MlflowConfig(_Section):
     tracking_uri: str | None = None
     experiment: str = Field("fedpriv", min_length=1)
     model_name: str = Field("fedpriv-heart", min_length=1)
+    # the DVC pipeline's last stage (`fedpriv stage publish`) registers only when true;
+    # `fedpriv run`, the Prefect deployment and `fedpriv stage register` always register
+    register_from_dvc: bool = False
 
 
 class PipelineConfig(_Section):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-STAGES = ("validate", "partition", "train", "audit", "register")
+STAGES = ("validate", "partition", "train", "audit", "register", "publish")
 
 EPILOG = """\
 configuration:
@@ -182,10 +182,16 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
     console = Console()
     console.print(table)
     reasons = "; ".join(registration.get("gate_reasons", []))
-    verdict = ("[green]passed: alias champion set[/green]" if registration.get("gate_passed")
-               else f"[yellow]refused: {reasons}[/yellow]")
-    console.print(f"model {registration.get('model_name')} v{registration.get('model_version')} "
-                  f"(challenger); promotion gate {verdict}")
+    if registration.get("registered", True):
+        verdict = ("[green]passed: alias champion set[/green]" if registration.get("gate_passed")
+                   else f"[yellow]refused: {reasons}[/yellow]")
+        console.print(f"model {registration.get('model_name')} "
+                      f"v{registration.get('model_version')} (challenger); promotion gate "
+                      f"{verdict}")
+    else:
+        verdict = "would pass" if registration.get("gate_passed") else f"would refuse: {reasons}"
+        console.print(f"not registered (DVC pipeline; set mlflow.register_from_dvc=true to "
+                      f"register); promotion gate {verdict}")
     budget = registration.get("budget_spent") or {}
     if metrics.get("epsilon") is not None:
         cap = registration.get("lifetime_epsilon")
@@ -280,10 +286,11 @@ def run_stage(name: str, cfg: Any, root: Path) -> int:
         from adapters.audit import audit_model
 
         audit_model(cfg, root)
-    else:
+    else:  # register: always; publish (DVC): only with mlflow.register_from_dvc
         from adapters.publish import publish_results
 
-        outcome = publish_results(cfg, root)
+        register = name == "register" or cfg.mlflow.register_from_dvc
+        outcome = publish_results(cfg, root, register=register)
         print_summary(outcome["metrics"], outcome["registration"])
     return 0
 

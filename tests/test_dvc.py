@@ -41,7 +41,7 @@ def test_dvc_repro_twice(tmp_path: Path) -> None:
 
     first = dvc("repro")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("validate", "partition", "train", "audit", "register"):
+    for stage in ("validate", "partition", "train", "audit", "publish"):
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["rounds"] == 20 and metrics["accuracy"] > 0.5
@@ -53,3 +53,32 @@ def test_dvc_repro_twice(tmp_path: Path) -> None:
 
     shown = dvc("metrics", "show", "--json")
     assert shown.returncode == 0 and "mia_auc" in shown.stdout
+    # the DVC pipeline does not register unless mlflow.register_from_dvc (it still charges)
+    registration = json.loads((repo / "reports" / "registration.json").read_text())
+    assert registration["registered"] is False and registration["model_version"] is None
+    assert not (repo / ".fedpriv" / "mlflow.db").exists()
+
+    # an experiment compares: its metrics show in `dvc exp show`
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=env)
+    exp = dvc("exp", "run", "-S", "rounds=3", "-S", "audit.shadow_models=2")
+    assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-2000:]
+    table = dvc("exp", "show", "--json")
+    assert table.returncode == 0, table.stderr[-2000:]
+    rounds = [m["rounds"] for m in _metrics_of(json.loads(table.stdout))]
+    assert 3 in rounds and 20 in rounds, table.stdout[:3000]
+
+
+def _metrics_of(node: object) -> list[dict]:
+    """Every metrics.json payload anywhere in `dvc exp show --json` (its layout differs
+    between DVC versions): dicts that carry a "rounds" figure."""
+    found: list[dict] = []
+    if isinstance(node, dict):
+        if "rounds" in node and "accuracy" in node:
+            found.append(node)
+        for value in node.values():
+            found += _metrics_of(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _metrics_of(value)
+    return found
