@@ -44,6 +44,8 @@ def publish_results(
     cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
     trained = read_training(paths)
     privacy = trained.privacy
+    if register:
+        require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
     metrics = collect_metrics(paths, wall_seconds)
     common = {"privacy": privacy_tags(privacy)["privacy"],
               "budget_spent": _budget_spent(cfg, paths.root, privacy),
@@ -66,9 +68,8 @@ GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one s
 
 def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingSummary,
               metrics: dict[str, Any]) -> dict[str, Any]:
-    """The MLflow registration of the trained model; refuses an unaccounted one."""
+    """The MLflow registration of the trained model (its ledger charge already checked)."""
     privacy = trained.privacy
-    require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
     model, saved = load_model(paths.model)
     example = torch.zeros(1, saved["num_features"])
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,

@@ -139,7 +139,9 @@ def geometric_median(
     """Smoothed Weiszfeld (Pillutla et al., RFA 2022): ``argmin_z Σ_i α_i max(ε, ‖u_i − z‖)``.
 
     Each step ``z ← Σ_i β_i u_i / Σ_i β_i`` with ``β_i = α_i / max(ε, ‖u_i − z‖)``; stops when
-    the objective improves by less than ``tol`` relative.
+    the objective improves by less than ``tol`` relative. When the minimiser is one of the
+    updates (e.g. two clients sent the same one), Weiszfeld only creeps towards it, so the
+    update nearest the last iterate is tried too and the better of the two returned.
     """
     _check(updates)
     n = updates.shape[0]
@@ -154,6 +156,13 @@ def geometric_median(
         objective = new_objective
         beta = alpha / dist
         z = (beta / beta.sum()) @ updates
+    nearest = updates[int(torch.cdist(updates, z[None, :]).argmin())]
+
+    def weighted_distance(point: torch.Tensor) -> float:
+        return float((alpha * torch.cdist(updates, point[None, :]).squeeze(1)).sum())
+
+    if weighted_distance(nearest) < weighted_distance(z):
+        z = nearest.clone()
     return AggregationResult(z, list(range(n)))
 
 

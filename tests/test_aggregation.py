@@ -94,6 +94,15 @@ def test_geometric_median_minimises_the_sum_of_distances(u: torch.Tensor) -> Non
     assert objective(z) <= min(best_input, objective(u.mean(0))) * (1 + 1e-4) + 1e-4
 
 
+def test_geometric_median_on_an_update_is_found_exactly() -> None:
+    """Hypothesis's falsifying example: two clients send 0, so the median is 0 (the pull of
+    the other two, |(1,1)/√2 + (2,3)/√13| ≈ 1.99, is below their weight 2); plain Weiszfeld
+    stopped at (0.04, 0.05), 0.0007 worse."""
+    u = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [2.0, 3.0]], dtype=torch.float64)
+    assert torch.equal(geometric_median(u, max_iter=500, tol=1e-12).aggregate,
+                       torch.zeros(2, dtype=torch.float64))
+
+
 @SETTINGS
 @given(u=stacks(min_n=2), tau=st.floats(0.1, 50))
 def test_centered_clipping_matches_a_loop_reference(u: torch.Tensor, tau: float) -> None:
