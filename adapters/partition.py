@@ -7,13 +7,22 @@ from pathlib import Path
 
 from adapters.artifacts import Paths, read_json, write_text_atomic
 from fl_core.config import PipelineConfig, check_min_clients
-from fl_core.data import ClientData, FederatedDataLoader, Partition, TabularTransform
+from fl_core.data import (
+    ClientData,
+    DataError,
+    FederatedDataLoader,
+    Partition,
+    TabularTransform,
+)
 
 
 def partition_data(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, object]:
     """Write ``data/processed/partition.json``; return a per-client summary."""
     paths = Paths.of(cfg, root)
-    read_json(paths.validation, "validate")  # validation must have run
+    validated = read_json(paths.validation, "validate")  # validation must have run
+    if not validated.get("success"):
+        raise DataError(f"{paths.validation}: the data failed validation; fix "
+                        f"{cfg.data.path} and run the 'validate' stage again")
     started = time.perf_counter()
     loader = FederatedDataLoader.get(cfg.data, paths.root)
     partition = loader.partition(cfg.data, cfg.seed)
