@@ -6,11 +6,14 @@ it never raises for bad data (callers decide, e.g. with :func:`raise_if_failed`)
 1. **File-level** (plain Python, site ``"<all>"``): the file exists, is not empty, parses as
    CSV, has at least one row and every required column (``id``, ``dataset``, ``num`` and each
    feature of ``data.features``). If one of these fails, GX is not run.
-2. **Table-level** (GX, site ``"<all>"``): ``id`` is present, an integer and unique across the
-   whole table; ``dataset`` is one of the known :data:`~fl_core.data.SITES`; ``num`` is 0-4.
-3. **Per site** (GX, one run per known site): numeric features are numbers (a text value such
+2. **Table-level** (GX, site ``"<all>"``): ``id`` is present and unique across the whole
+   table; ``dataset`` is one of the known :data:`~fl_core.data.SITES`; ``num`` is 0-4.
+3. **Per site** (GX, one run per known site): ``id`` is an integer in [0, 2**63 − 1] (it must
+   fit int64: a 20-digit id fails here, naming the site, instead of overflowing the loader);
+   numeric features are numbers (a text value such
    as ``"abc"`` fails with the offending values), lie within the ranges of
-   :class:`~fl_core.config.ValidationConfig` (missing values are ignored there),
+   :class:`~fl_core.config.ValidationConfig` (missing values are ignored there; a number too
+   large for float64, ``1e400``, reads as inf and fails its range),
    categorical features are in :data:`~fl_core.data.CATEGORIES`, booleans are ``TRUE``/
    ``FALSE``, and each feature is missing (empty cell) in at most ``max_missing_rate`` of the
    site's rows. ``chol == 0`` ("not measured") is allowed by the range check and is *not*
