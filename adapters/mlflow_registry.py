@@ -15,9 +15,10 @@ import logging
 import math
 import numbers
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Kill safety: a run records its owner (host, pid) and the aliases it found; its version is
+# tagged pending until the last step marks it complete. The next registration reaps the runs
+# whose owner died: compare-and-set undo of their aliases, delete their versions, mark FAILED.
+OWNER_HOST, OWNER_PID = "fedpriv.host", "fedpriv.pid"
+ALIASES_BEFORE = "fedpriv.aliases_before"
+STATE, PENDING, COMPLETE = "fedpriv.state", "pending", "complete"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 ALIASES = (CHALLENGER, CHAMPION)
@@ -77,12 +84,14 @@ def register_model(
     artifact_root.mkdir(parents=True, exist_ok=True)
     uri = cfg.mlflow_tracking_uri
     mlflow.set_tracking_uri(uri)  # mlflow.pytorch.log_model resolves the store globally
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = open_store(uri)
     experiment_id = _ensure_experiment(client, cfg.mlflow.experiment, artifact_root.as_uri())
     name = cfg.mlflow.model_name
+    reap_killed_runs(client, experiment_id, name)
 
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None
+        experiment_id=experiment_id, run_name=run_name, nested=mlflow.active_run() is not None,
+        tags={OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())},
     )
     run_id = run.info.run_id
     registry_before: _RegistryState | None = None
@@ -101,18 +110,22 @@ def register_model(
 
         registry_before = _RegistryState.capture(client, name)
         gate_tags = _gate_tags(decision)
+        # what a reaper needs to undo this version if the process dies from here on
+        client.set_tag(run_id, ALIASES_BEFORE, json.dumps(dict(registry_before.aliases)))
         version = client.create_model_version(
-            name=name, source=info.model_uri, run_id=run_id, tags={**gate_tags, **(tags or {})},
-            model_id=info.model_id,
+            name=name, source=info.model_uri, run_id=run_id,
+            tags={**gate_tags, **(tags or {}), STATE: PENDING}, model_id=info.model_id,
         ).version
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        aliases: tuple[str, ...] = (CHALLENGER,)
-        if decision.passed:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            aliases += (CHAMPION,)
+        registry_before.version = str(version)
+        aliases: tuple[str, ...] = ()
+        for alias in (CHALLENGER, CHAMPION) if decision.passed else (CHALLENGER,):
+            client.set_registered_model_alias(name, alias, version)
+            aliases += (alias,)
+            registry_before.set_by_us.append(alias)
         client.set_tag(run_id, "model_version", str(version))
         for key, value in {**gate_tags, **(tags or {})}.items():
             client.set_tag(run_id, key, value)
+        client.set_model_version_tag(name, str(version), STATE, COMPLETE)  # the final mark
         mlflow.end_run(status="FINISHED")
     except BaseException as exc:
         if registry_before is not None:
@@ -254,13 +267,19 @@ def _gate_tags(decision: GateDecision) -> dict[str, str]:
 # --- undo -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class _RegistryState:
-    """The registered model as it was before this registration touched it."""
+    """The registered model as this registration found it, and what the registration changed.
+
+    Undo is compare-and-set: an alias is put back only if it still points at *this* run's
+    version; if a concurrent run moved it since, that run's promotion stands.
+    """
 
     name: str
     existed: bool
-    aliases: Mapping[str, str]  # alias -> version
+    aliases: Mapping[str, str]  # alias -> version, before this registration
+    version: str | None = None  # the version this registration created
+    set_by_us: list[str] = field(default_factory=list)
 
     @classmethod
     def capture(cls, client: MlflowClient, name: str) -> _RegistryState:
@@ -271,15 +290,21 @@ class _RegistryState:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            client.create_registered_model(name)  # created concurrently: let it raise
+            try:
+                client.create_registered_model(name)
+            except MlflowException as created:  # created concurrently by another run
+                if created.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                return cls.capture(client, name)
             return cls(name, existed=False, aliases={})
         aliases = {a: v for a, v in (model.aliases or {}).items() if a in ALIASES}
         return cls(name, existed=True, aliases=aliases)
 
     def restore(self, client: MlflowClient, run_id: str, error: BaseException) -> None:
-        """Delete this run's versions and put the aliases back; never masks ``error``."""
-        steps = [("delete versions", lambda: self._delete_versions(client, run_id)),
-                 ("restore aliases", lambda: self._restore_aliases(client))]
+        """Undo this run's aliases (compare-and-set), then delete its versions; never masks
+        ``error``."""
+        steps = [("restore aliases", lambda: self._restore_aliases(client)),
+                 ("delete versions", lambda: self._delete_versions(client, run_id))]
         if not self.existed:
             steps.append(("delete empty model", lambda: self._delete_if_empty(client)))
         for what, undo in steps:
@@ -289,20 +314,82 @@ class _RegistryState:
                 log.error("rollback of %s failed (%s): %r", self.name, what, undo_error)
                 error.add_note(f"rollback step '{what}' also failed: {undo_error!r}")
 
+    def _restore_aliases(self, client: MlflowClient) -> None:
+        current = client.get_registered_model(self.name).aliases or {}
+        for alias in self.set_by_us:
+            if str(current.get(alias)) != self.version:  # SQLite returns versions as ints
+                continue  # moved by a concurrent run since: theirs stands
+            previous = self.aliases.get(alias)
+            if previous is None:
+                client.delete_registered_model_alias(self.name, alias)
+            else:
+                client.set_registered_model_alias(self.name, alias, previous)
+
     def _delete_versions(self, client: MlflowClient, run_id: str) -> None:
         for mv in client.search_model_versions(f"name='{self.name}' and run_id='{run_id}'"):
             client.delete_model_version(self.name, mv.version)
             log.warning("deleted %s version %s of failed run %s", self.name, mv.version, run_id)
 
-    def _restore_aliases(self, client: MlflowClient) -> None:
-        current = client.get_registered_model(self.name).aliases or {}
-        for alias, version in self.aliases.items():
-            if current.get(alias) != version:
-                client.set_registered_model_alias(self.name, alias, version)
-
     def _delete_if_empty(self, client: MlflowClient) -> None:
         if not client.search_model_versions(f"name='{self.name}'", max_results=1):
             client.delete_registered_model(self.name)
+
+
+def _owner_is_dead(tags: Mapping[str, str]) -> bool:
+    """Whether the process that owns a run is gone (only decidable on its own host)."""
+    if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
+        return False
+    try:
+        os.kill(int(tags[OWNER_PID]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def reap_killed_runs(client: MlflowClient, experiment_id: str, name: str) -> list[str]:
+    """Clean up after registrations whose process was killed: for every RUNNING run whose
+    owner is dead, undo its aliases (compare-and-set against the aliases it recorded before
+    aliasing), delete its versions that never got the final mark, and mark it FAILED.
+    Returns the reaped run ids."""
+    reaped = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if not _owner_is_dead(tags):
+            continue
+        before = json.loads(tags.get(ALIASES_BEFORE, "{}"))
+        for mv in client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'"):
+            if mv.tags.get(STATE) == COMPLETE:
+                continue
+            state = _RegistryState(name, True, before, str(mv.version), list(ALIASES))
+            state._restore_aliases(client)
+            client.delete_model_version(name, mv.version)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log.warning("reaped run %s of a killed process (pid %s)", run.info.run_id,
+                    tags.get(OWNER_PID))
+        reaped.append(run.info.run_id)
+    return reaped
+
+
+def open_store(uri: str) -> MlflowClient:
+    """An MLflow client on ``uri``; a SQLite store is created (schema migrations) under an
+    exclusive file lock, so two first runs in a fresh checkout never race on table creation.
+    """
+    import fcntl
+
+    import mlflow
+
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with (db.parent / f".{db.name}.init.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # creates/migrates the tracking tables
+        client.search_registered_models(max_results=1)  # ... and the registry's
+    return client
 
 
 def _end_failed(run_id: str, error: BaseException) -> None:

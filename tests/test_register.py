@@ -279,6 +279,74 @@ def test_failure_restores_previous_aliases(
     assert statuses == ["FAILED", "FINISHED"]
 
 
+def test_rollback_leaves_a_concurrent_runs_promotion(
+    cfg: PipelineConfig, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run B creates version 2 and makes it challenger and champion; before B finishes, run C
+    promotes version 3; then B fails. B's undo is compare-and-set: it puts back only what
+    still points at its own version, so C's champion stays."""
+    from mlflow import MlflowClient
+
+    _register(cfg, model, PASSING)  # version 1
+    name = cfg.mlflow.model_name
+    original_set_tag = MlflowClient.set_tag
+    state = {"done": False}
+
+    def concurrent_promotion_then_crash(self: Any, run_id: str, key: str, value: Any) -> None:
+        if key == "model_version" and not state["done"]:
+            state["done"] = True
+            monkeypatch.setattr(MlflowClient, "set_tag", original_set_tag)
+            _register(cfg, model, PASSING)  # run C: version 3, challenger + champion
+            raise ConnectionError("run B lost the tracking server")
+        original_set_tag(self, run_id, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_tag", concurrent_promotion_then_crash)
+    with pytest.raises(ConnectionError, match="run B lost"):
+        _register(cfg, model, PASSING)  # run B: version 2
+    client = _client(cfg)
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) \
+        == ["1", "3"]  # B's version is gone
+    assert _aliases(client, name) == {"challenger": "3", "champion": "3"}  # C's stand
+
+
+def test_rollback_puts_back_what_still_points_at_its_version(
+    cfg: PipelineConfig, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    _register(cfg, model, PASSING)  # version 1: challenger + champion
+    original_set_tag = MlflowClient.set_tag
+
+    def crash(self: Any, run_id: str, key: str, value: Any) -> None:
+        if key == "model_version":
+            raise ConnectionError("tracking server gone")
+        original_set_tag(self, run_id, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_tag", crash)
+    with pytest.raises(ConnectionError):
+        _register(cfg, model, PASSING)  # version 2 got both aliases, then the run failed
+    assert _aliases(_client(cfg), cfg.mlflow.model_name) == {"challenger": "1", "champion": "1"}
+
+
+def test_two_first_runs_initialise_a_fresh_store_without_a_race(tmp_path: Path) -> None:
+    """Four processes open the same fresh SQLite store at once: all succeed and see one
+    schema (before the lock, MLflow's table creation raced: `table ... already exists`)."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = ("from adapters.mlflow_registry import open_store\n"
+            f"c = open_store({uri!r})\n"
+            "print(len(c.search_experiments()))\n")
+    from tests.conftest import ROOT
+
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [e[-800:] for _, e in outs]
+    assert all(o.strip().splitlines()[-1] == "1" for o, _ in outs)  # the Default experiment
+
+
 def test_bad_inputs_fail_before_any_run(cfg: PipelineConfig, model: torch.nn.Module) -> None:
     from adapters.mlflow_registry import register_model
 

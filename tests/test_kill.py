@@ -1,0 +1,94 @@
+"""SIGKILL inside registration, at several points: afterwards, and after the next start, every
+version that carries an alias is complete (its own run FINISHED with params and metrics, the
+audit among its artifacts, the ledger charge of its training present), no run is left RUNNING,
+and a rerun succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl_core.config import load_config
+from tests.killing import kill_when, rows
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["rounds=2", "audit.shadow_models=2", "gate.min_accuracy=0"]
+
+# the moments to kill at: (what appeared in the MLflow store, extra delay in seconds)
+KILL_POINTS = [
+    ("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING'", 0.0),
+    ("SELECT COUNT(*) FROM model_versions", 0.0),
+    ("SELECT COUNT(*) FROM registered_model_aliases", 0.0),
+    ("SELECT COUNT(*) FROM registered_model_aliases", 0.15),
+]
+
+
+def _prepare(project: Path) -> None:
+    from adapters.audit import audit_model
+    from adapters.partition import partition_data
+    from adapters.train import train_model
+    from adapters.validate import validate_data
+
+    cfg = load_config(project / "params.yaml", OVERRIDES)
+    for stage in (validate_data, partition_data, train_model, audit_model):
+        stage(cfg, project)
+
+
+def _register_command(project: Path) -> list[str]:
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    return [sys.executable, "-m", "flows.cli", "stage", "register", "--root", str(project), *sets]
+
+
+def _check_invariant(project: Path) -> list[str]:
+    """Every aliased version is complete and accounted; returns the aliased versions."""
+    from mlflow import MlflowClient
+
+    from fl_core.ledger import PrivacyLedger
+
+    uri = f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    ledger = PrivacyLedger(project / ".fedpriv" / "privacy_ledger.sqlite")
+    aliased = []
+    for model in client.search_registered_models():
+        for alias, version in (model.aliases or {}).items():
+            mv = client.get_model_version(model.name, str(version))
+            assert mv.tags.get("fedpriv.state") == "complete", (alias, version, mv.tags)
+            run = client.get_run(mv.run_id)
+            assert run.info.status == "FINISHED"
+            assert run.data.params["rounds"] == "2" and "accuracy" in run.data.metrics
+            artifacts = {a.path for a in client.list_artifacts(mv.run_id, "reports")}
+            assert "reports/audit.json" in artifacts
+            assert ledger.has_run(mv.tags["privacy.ledger_run"])
+            aliased.append(str(version))
+    experiment = client.get_experiment_by_name("fedpriv")
+    if experiment is not None:
+        running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+        assert running == [], [r.info.run_id for r in running]
+    return aliased
+
+
+def test_sigkill_inside_registration_leaves_a_consistent_registry(project: Path) -> None:
+    _prepare(project)
+    db = project / ".fedpriv" / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = 0
+    for query, delay in KILL_POINTS:
+        before = rows(db, query)
+        hit, _ = kill_when(_register_command(project), lambda q=query, b=before: rows(db, q) > b,
+                           delay=delay, cwd=ROOT, env=env)
+        killed += hit
+    assert killed >= 3  # the kills happened inside registration, not after it
+    # the next start reaps what the killed runs left, then registers
+    from subprocess import run
+
+    done = run(_register_command(project), cwd=ROOT, env=env, capture_output=True, text=True,
+               timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    aliased = _check_invariant(project)
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    assert registration["model_version"] in aliased
