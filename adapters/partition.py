@@ -6,17 +6,30 @@ import time
 from pathlib import Path
 
 from adapters.artifacts import Paths, read_json, write_text_atomic
-from fl_core.config import PipelineConfig
-from fl_core.data import ClientData, FederatedDataLoader, Partition, TabularTransform
+from fl_core.config import PipelineConfig, check_min_clients
+from fl_core.data import (
+    ClientData,
+    DataError,
+    FederatedDataLoader,
+    Partition,
+    TabularTransform,
+)
 
 
 def partition_data(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, object]:
     """Write ``data/processed/partition.json``; return a per-client summary."""
     paths = Paths.of(cfg, root)
-    read_json(paths.validation, "validate")  # validation must have run
+    validated = read_json(paths.validation, "validate")  # validation must have run
+    if not validated.get("success"):
+        raise DataError(f"{paths.validation}: the data failed validation; fix "
+                        f"{cfg.data.path} and run the 'validate' stage again")
     started = time.perf_counter()
     loader = FederatedDataLoader.get(cfg.data, paths.root)
     partition = loader.partition(cfg.data, cfg.seed)
+    # by_site: the number of clients is the number of sites, known only now
+    check_min_clients(cfg.min_clients, len(partition.clients),
+                      f"data.partition={partition.scheme}: one per site in {cfg.data.path}"
+                      if partition.scheme == "by_site" else "data.partition=by_patient")
     write_text_atomic(paths.partition, partition.to_json())
     clients = {c.client_id: {"train": len(c.train_ids), "test": len(c.test_ids)}
                for c in partition.clients}

@@ -49,6 +49,14 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value is not accepted."""
 
 
+MAX_SEED = 2**32 - 1
+"""Largest ``seed``: numpy's legacy seeding (``RandomState``, and libraries that call it) takes
+at most 2**32 − 1, ``torch.Generator().manual_seed`` at most 2**64 − 1 and
+``numpy.random.default_rng`` any size; derived seeds (``seed + 1000 + shadow``,
+``seed + client``) stay far below torch's limit."""
+MAX_COUNT = 2**31 - 1  # a size or count torch and numpy index with int32 or int64 alike
+
+
 # A pluggable part is named by a key of its registry: the registry is the one list of names.
 ModelName = Annotated[str, AfterValidator(registered(MODELS))]
 AggregatorName = Annotated[str, AfterValidator(registered(AGGREGATORS))]
@@ -70,7 +78,8 @@ REGISTRIES: dict[str, Mapping[str, Any]] = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and ±inf satisfy no bound that matters (nan compares False, inf passes ge=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FeatureReference(_Section):
@@ -252,11 +261,11 @@ class CompressionConfig(_Section):
     enabled: bool = True
     ratio: float = Field(0.1, gt=0, le=1)
     bits: int = Field(8, ge=2, le=8)
-    chunk_size: int = Field(1024, ge=0)
+    chunk_size: int = Field(1024, ge=0, le=MAX_COUNT)
     stochastic_rounding: bool = False
     error_feedback: bool = True
     momentum: float = Field(0.0, ge=0, lt=1)
-    warmup_rounds: int = Field(0, ge=0)
+    warmup_rounds: int = Field(0, ge=0, le=10_000)
     downlink: Literal["dense", "compressed"] = "dense"
 
 
@@ -266,7 +275,7 @@ class AggregationConfig(_Section):
     method: AggregatorName = "centered_clipping"
     byzantine_fraction: float = Field(0.3, ge=0, lt=0.5)
     pre_aggregation: PreAggregationName = "none"
-    bucket_size: int = Field(2, ge=1)
+    bucket_size: int = Field(2, ge=1, le=1000)
     max_norm_factor: float = Field(100.0, ge=0)
 
     def num_byzantine(self, n_clients: int) -> int:
@@ -276,7 +285,8 @@ class AggregationConfig(_Section):
 
 class AnomalyConfig(_Section):
     enabled: bool = True
-    min_clients: int = Field(5, ge=3)  # robust z-scores of fewer updates flag honest outliers
+    # robust z-scores of fewer updates flag honest outliers
+    min_clients: int = Field(5, ge=3, le=1000)
     z_threshold: float = Field(3.0, gt=0)
     reputation_decay: float = Field(0.8, ge=0, lt=1)
     exclude_at: float = Field(2.0, gt=0)
@@ -339,7 +349,8 @@ class AuditConfig(_Section):
 
     enabled: bool = True
     shadow_models: int = Field(8, ge=2, le=256)
-    population_size: int | None = Field(None, ge=10)  # cap on population patients; None = all
+    # cap on population patients; None = all
+    population_size: int | None = Field(None, ge=10, le=MAX_COUNT)
     online: bool = False  # LiRA online: shadows also train on the target's evaluated members
     confidence: float = Field(0.95, gt=0.5, lt=1)  # of the empirical ε lower bound
     max_auc: float = Field(0.60, ge=0, le=1)
@@ -367,16 +378,16 @@ class MlflowConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     model: ModelName = "logreg"
     hidden_units: int = Field(32, ge=1, le=4096)
     rounds: int = Field(20, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=MAX_COUNT)
     learning_rate: float = Field(0.1, gt=0, le=10)
-    min_clients: int = Field(2, ge=1)
+    min_clients: int = Field(2, ge=1, le=1000)  # at most data.num_clients' upper bound
     client_fraction: float = Field(1.0, gt=0, le=1)  # Poisson share of clients per round
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
@@ -395,6 +406,7 @@ class PipelineConfig(_Section):
         # by_patient fixes the number of clients here; by_site is checked once the sites are known
         if self.data.partition == "by_patient":
             check_aggregation(self.aggregation, self.data.num_clients)
+            check_min_clients(self.min_clients, self.data.num_clients, "data.num_clients")
         coordinate_wise = self.aggregation.method in ("trimmed_mean", "median")
         if coordinate_wise and self.compression.enabled and self.compression.ratio < 0.5:
             raise ValueError(
@@ -459,6 +471,14 @@ def _check_server_dp(cfg: PipelineConfig) -> None:
             f"privacy.server.enabled=true with anomaly.enabled=true: {rule} (excluding "
             f"clients by their raw updates sits outside the guarantee); set "
             f"anomaly.enabled=false")
+
+
+def check_min_clients(min_clients: int, n_clients: int, source: str) -> None:
+    """Raise :class:`ConfigError` if no round could ever have ``min_clients`` clients."""
+    if min_clients > n_clients:
+        raise ConfigError(
+            f"min_clients={min_clients} exceeds the {n_clients} clients ({source}): no "
+            f"round could succeed; lower min_clients to at most {n_clients}")
 
 
 def check_aggregation(agg: AggregationConfig, n_clients: int) -> None:

@@ -6,11 +6,14 @@ it never raises for bad data (callers decide, e.g. with :func:`raise_if_failed`)
 1. **File-level** (plain Python, site ``"<all>"``): the file exists, is not empty, parses as
    CSV, has at least one row and every required column (``id``, ``dataset``, ``num`` and each
    feature of ``data.features``). If one of these fails, GX is not run.
-2. **Table-level** (GX, site ``"<all>"``): ``id`` is present, an integer and unique across the
-   whole table; ``dataset`` is one of the known :data:`~fl_core.data.SITES`; ``num`` is 0-4.
-3. **Per site** (GX, one run per known site): numeric features are numbers (a text value such
+2. **Table-level** (GX, site ``"<all>"``): ``id`` is present and unique across the whole
+   table; ``dataset`` is one of the known :data:`~fl_core.data.SITES`; ``num`` is 0-4.
+3. **Per site** (GX, one run per known site): ``id`` is an integer in [0, 2**63 − 1] (it must
+   fit int64: a 20-digit id fails here, naming the site, instead of overflowing the loader);
+   numeric features are numbers (a text value such
    as ``"abc"`` fails with the offending values), lie within the ranges of
-   :class:`~fl_core.config.ValidationConfig` (missing values are ignored there),
+   :class:`~fl_core.config.ValidationConfig` (missing values are ignored there; a number too
+   large for float64, ``1e400``, reads as inf and fails its range),
    categorical features are in :data:`~fl_core.data.CATEGORIES`, booleans are ``TRUE``/
    ``FALSE``, and each feature is missing (empty cell) in at most ``max_missing_rate`` of the
    site's rows. ``chol == 0`` ("not measured") is allowed by the range check and is *not*
@@ -58,7 +61,26 @@ LABEL_VALUES = ("0", "1", "2", "3", "4")
 BOOLEAN_VALUES = ("TRUE", "FALSE")
 # A decimal number, optionally signed, with an optional exponent; surrounding blanks allowed.
 NUMBER_REGEX = r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$"
-INTEGER_REGEX = r"^\s*\d+\s*$"
+INT64_MAX = 2**63 - 1
+
+
+def _at_most_regex(limit: int) -> str:
+    """A regex for the decimal integers in [0, ``limit``] (leading zeros and blanks allowed)."""
+    digits = str(limit)
+    n = len(digits)
+    options = [rf"\d{{1,{n - 1}}}"] if n > 1 else []
+    for i, d in enumerate(digits):
+        if d != "0":
+            low = "0" if i else "1"  # the full-length number has no leading zero
+            if int(d) > int(low):
+                rest = rf"\d{{{n - i - 1}}}" if n - i - 1 else ""
+                options.append(f"{digits[:i]}[{low}-{int(d) - 1}]{rest}")
+    options.append(digits)
+    return rf"^\s*0*(?:{'|'.join(options)})\s*$"
+
+
+# A patient id: a non-negative integer that fits int64 (a 20-digit id does not).
+PATIENT_ID_REGEX = _at_most_regex(INT64_MAX)
 SAMPLE_SIZE = 5  # distinct unexpected values quoted in a failure
 # BASIC gives counts and a sample of unexpected values at about half the cost of SUMMARY
 # (which adds value counts and row indices).
@@ -197,7 +219,6 @@ def _read_table(path: Path, data: DataConfig
 def _table_expectations(gxe: Any) -> list[Any]:
     return [
         gxe.ExpectColumnValuesToNotBeNull(column=PATIENT_ID),
-        gxe.ExpectColumnValuesToMatchRegex(column=PATIENT_ID, regex=INTEGER_REGEX),
         gxe.ExpectColumnValuesToBeUnique(column=PATIENT_ID),
         gxe.ExpectColumnValuesToNotBeNull(column=SITE),
         gxe.ExpectColumnValuesToBeInSet(column=SITE, value_set=list(SITES)),
@@ -208,7 +229,8 @@ def _table_expectations(gxe: Any) -> list[Any]:
 
 def _value_expectations(gxe: Any, validation: ValidationConfig, data: DataConfig) -> list[Any]:
     """Per-site checks on the text columns: types, categories, booleans, missing rates."""
-    out: list[Any] = []
+    out: list[Any] = [gxe.ExpectColumnValuesToMatchRegex(column=PATIENT_ID,
+                                                         regex=PATIENT_ID_REGEX)]
     for col in _features(data):
         mostly = round(1.0 - validation.missing_limit(col), 12)
         out.append(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
@@ -259,7 +281,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def _sample(values: Iterable[Any]) -> list[Any]:
-    distinct = dict.fromkeys(v for v in _jsonable(list(values)) if v is not None)
+    # a non-finite number ("1e400" reads as inf) is quoted as text: strict JSON has no inf
+    shown = [str(v) if isinstance(v, float) and not math.isfinite(v) else v for v in values]
+    distinct = dict.fromkeys(v for v in _jsonable(shown) if v is not None)
     return list(distinct)[:SAMPLE_SIZE]
 
 
@@ -295,7 +319,8 @@ def _describe(site: str, res: ExpectationValidationResult, validation: Validatio
         detail = f"{column!r} must never be empty {where}; {bad} of {total} rows are empty"
     elif kind == _REGEX:
         observed = sample
-        what = "an integer" if kwargs.get("regex") == INTEGER_REGEX else "a number"
+        what = (f"an integer in [0, {INT64_MAX}] (int64)"
+                if kwargs.get("regex") == PATIENT_ID_REGEX else "a number")
         detail = (f"every value of {column!r} must be {what} {where}; {bad} of {total} "
                   f"are not, e.g. {sample}")
     elif kind == _BETWEEN:
@@ -401,7 +426,8 @@ def validate_file(path: str | Path, validation: ValidationConfig, data: DataConf
             continue
         sites[site] = int(mask.sum())
         site_results: dict[str, Any] = {}
-        site_results["values"], found = runner.run("values", site, frame.loc[mask, _features(data)])
+        site_results["values"], found = runner.run(
+            "values", site, frame.loc[mask, [PATIENT_ID, *_features(data)]])
         failures += found
         site_results["ranges"], found = runner.run("ranges", site, numeric.loc[mask])
         failures += found

@@ -44,8 +44,15 @@ audit and gate:
   from below; champion needs accuracy, attack AUC / TPR@0.1%FPR within audit.*, ε within
   privacy.epsilon, and ε_lb <= ε. `fedpriv audit-sweep` plots attack AUC against ε.
 
-exit codes: 0 ok, 2 bad configuration, 3 data failed validation, 4 training failed,
-  5 privacy budget exhausted, 1 other.
+preflight:
+  before any training (run, stage train, stage register) the MLflow store
+  (mlflow.tracking_uri: a server answers GET /health within 5 s; a sqlite or file store's
+  directory is writable), the privacy ledger and reports_dir are checked, in seconds.
+
+exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI),
+  3 data failed validation, 4 training failed, 5 privacy budget exhausted,
+  6 preflight: the MLflow store, the ledger or reports_dir unreachable or not writable,
+  1 other.
 """
 
 
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).resolve()
     _environment(root)
 
+    from adapters.preflight import PreflightError, preflight
     from fl_core.config import ConfigError, load_config
     from fl_core.data import DataError
     from fl_core.engine import RoundFailedError
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "stage":
             return run_stage(args.name, cfg, root)
+        preflight(cfg, root)  # before Prefect starts its server: seconds, not minutes
         from flows.pipeline import fl_pipeline
 
         outcome = fl_pipeline(overrides=args.overrides, params_path=args.params, root=str(root))
@@ -264,12 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     except RoundFailedError as exc:
         print(f"fedpriv: training failed: {exc}", file=sys.stderr)
         return 4
+    except PreflightError as exc:
+        print(f"fedpriv: preflight failed: {exc}", file=sys.stderr)
+        return 6
     except FileNotFoundError as exc:
         print(f"fedpriv: {exc}", file=sys.stderr)
         return 1
 
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:
+    if name in ("train", "register"):
+        from adapters.preflight import preflight
+
+        preflight(cfg, root)
     if name == "validate":
         from adapters.validate import validate_data
 

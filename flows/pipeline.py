@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from adapters.artifacts import Paths
+from adapters.preflight import preflight
 from fl_core.config import load_config
 from tasks.audit import audit
 from tasks.partition import partition
@@ -77,6 +78,7 @@ def fl_pipeline(
     started = time.perf_counter()
     root_path = Path(root).resolve()
     cfg = load_config(root_path / params_path, overrides or [])
+    preflight(cfg, root_path)  # MLflow store, ledger, reports: before anything is trained
     validate(cfg, root_path)
     partition(cfg, root_path)
     train(cfg, root_path)

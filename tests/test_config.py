@@ -80,3 +80,61 @@ def test_flat_params_are_dotted() -> None:
     flat = load_config(ROOT / "params.yaml").flat()
     assert flat["data.partition"] == "by_site"
     assert flat["audit.max_auc"] == 0.6 and flat["privacy.epsilon"] == 1.0
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("seed=123456789012345678901", "seed: Input should be less than or equal to 4294967295"),
+    (f"seed={2**32}", "seed: Input should be less than or equal to 4294967295"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("batch_size=100000000000000000000", "batch_size: Input should be less than or equal"),
+    ("min_clients=1001", "min_clients: Input should be less than or equal to 1000"),
+    ("compression.chunk_size=99999999999", "compression.chunk_size"),
+    ("aggregation.bucket_size=5000", "aggregation.bucket_size"),
+    ("audit.population_size=10000000000000", "audit.population_size"),
+    ("privacy.lifetime_epsilon=.inf", "privacy.lifetime_epsilon: Input should be a finite"),
+    ("aggregation.max_norm_factor=.nan", "aggregation.max_norm_factor: Input should be a finite"),
+])
+def test_values_that_cannot_work_are_refused_at_load(item: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(ROOT / "params.yaml", [item])
+
+
+def test_seed_bound_is_accepted_by_torch_and_numpy() -> None:
+    import numpy as np
+    import torch
+
+    from fl_core.config import MAX_SEED
+
+    cfg = load_config(ROOT / "params.yaml", [f"seed={MAX_SEED}"])
+    assert cfg.seed == 2**32 - 1
+    # the largest derived seed (audit shadows: seed + 1000 + shadow) still seeds both
+    torch.Generator().manual_seed(cfg.seed + 1000 + 256)
+    np.random.default_rng(cfg.seed + 1000 + 256)
+    np.random.RandomState(cfg.seed)  # the legacy API's limit is the bound itself
+
+
+def test_min_clients_above_num_clients_refused_for_by_patient() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml",
+                    ["data.partition=by_patient", "data.num_clients=4", "min_clients=5"])
+    assert "min_clients=5 exceeds the 4 clients (data.num_clients)" in str(err.value)
+    cfg = load_config(ROOT / "params.yaml",
+                      ["data.partition=by_patient", "data.num_clients=5", "min_clients=5"])
+    assert cfg.min_clients == 5
+    # by_site: the number of sites is known only from the data (the partition stage refuses)
+    assert load_config(ROOT / "params.yaml", ["min_clients=5"]).min_clients == 5
+
+
+def test_min_clients_above_the_sites_refused_at_partition(project: Path) -> None:
+    from adapters.partition import partition_data
+    from adapters.validate import validate_data
+
+    cfg = load_config(project / "params.yaml", ["min_clients=5"])
+    validate_data(cfg, project)
+    with pytest.raises(ConfigError) as err:
+        partition_data(cfg, project)
+    msg = str(err.value)
+    assert "min_clients=5 exceeds the 4 clients" in msg and "by_site" in msg
+    assert not (project / "data" / "processed" / "partition.json").exists()
+    partition_data(load_config(project / "params.yaml", ["min_clients=4"]), project)
+    assert (project / "data" / "processed" / "partition.json").exists()

@@ -263,3 +263,56 @@ def test_data_validation_error_carries_report(tmp_path: Path, raw: pd.DataFrame)
 
 def test_raise_if_failed_passes_a_good_report(real_report: ValidationReport) -> None:
     assert raise_if_failed(REAL, real_report) is real_report
+
+
+# ------------------------------------------------------------------------------ representable
+@pytest.mark.parametrize("bad", ["123456789012345678901", "9223372036854775808", "12.5", "-3"])
+def test_patient_id_that_does_not_fit_int64_names_the_site(
+    tmp_path: Path, raw: pd.DataFrame, bad: str
+) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Hungary")[5], "id"] = bad
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    failure = only(report)
+    assert (failure.site, failure.column, failure.expectation) == ("Hungary", "id", REGEX)
+    assert failure.observed == [bad]
+    assert "9223372036854775807" in failure.detail and "int64" in failure.detail
+    assert "[Hungary] id" in report.message()
+
+
+def test_the_largest_int64_id_passes(tmp_path: Path, raw: pd.DataFrame) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Hungary")[5], "id"] = "9223372036854775807"
+    assert validate_file(write(tmp_path, frame), VALIDATION, DATA).success
+
+
+@pytest.mark.parametrize("bad", ["1e400", "inf", "-Infinity", "NaN1"])
+def test_numeric_values_that_are_not_finite_are_refused(
+    tmp_path: Path, raw: pd.DataFrame, bad: str
+) -> None:
+    frame = raw.copy()
+    frame.loc[rows(frame, "Switzerland")[2], "chol"] = bad
+    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    assert not report.success
+    assert {(f.site, f.column) for f in report.failures} == {("Switzerland", "chol")}, \
+        report.message()
+    if bad == "1e400":  # a number too large for float64: caught by the range, quoted as inf
+        assert only(report).observed == ["inf"]
+
+
+def test_cli_validate_refuses_a_20_digit_patient_id_with_exit_3(project: Path, capsys) -> None:
+    from flows.cli import main
+
+    csv_path = project / "data" / "raw" / "heart_disease_uci.csv"
+    lines = csv_path.read_text().splitlines()
+    fields = lines[400].split(",")  # a Hungary row
+    fields[0] = "123456789012345678901"
+    lines[400] = ",".join(fields)
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert main(["stage", "validate", "--root", str(project)]) == 3
+    err = capsys.readouterr().err
+    assert "[Hungary] id" in err and "123456789012345678901" in err and "int64" in err
+    assert "Traceback" not in err
+    assert main(["stage", "partition", "--root", str(project)]) == 3  # nothing to partition
+    assert "failed validation" in capsys.readouterr().err
+    assert not (project / "data" / "processed" / "partition.json").exists()
