@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,16 +20,35 @@ from fl_core.reports import TrainingSummary
 
 @dataclass(frozen=True)
 class Paths:
-    """Where each stage reads and writes, relative to the project root."""
+    """Where each stage reads and writes.
+
+    Without a ``run_id`` these are the *published* locations (``reports/``, ``data/processed``,
+    ``data/models``): what ``dvc repro`` and ``fedpriv stage`` use (DVC's own lock serialises
+    its runs). A flow run passes its ``run_id`` and works in its own workspace
+    ``<state_dir>/runs/<run_id>/``, so two runs in one checkout never see each other's files;
+    :func:`publish_run` copies a successful run's outputs to the published locations at the
+    end. The MLflow store and the ledger (``state``) are shared by design.
+    """
 
     root: Path
     reports: Path
     state: Path
+    data: Path
 
     @classmethod
-    def of(cls, cfg: PipelineConfig, root: str | Path = ".") -> Paths:
+    def of(cls, cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None) -> Paths:
         root = Path(root).resolve()
-        return cls(root=root, reports=root / cfg.reports_dir, state=root / cfg.state_dir)
+        state = root / cfg.state_dir
+        if run_id is None:
+            return cls(root=root, reports=root / cfg.reports_dir, state=state, data=root / "data")
+        if not run_id.isalnum():
+            raise ValueError(f"run id {run_id!r} must be alphanumeric")
+        work = state / "runs" / run_id
+        return cls(root=root, reports=work / "reports", state=state, data=work / "data")
+
+    @property
+    def workspace(self) -> Path:
+        return self.reports.parent
 
     @property
     def validation(self) -> Path:
@@ -34,11 +56,11 @@ class Paths:
 
     @property
     def partition(self) -> Path:
-        return self.root / "data" / "processed" / "partition.json"
+        return self.data / "processed" / "partition.json"
 
     @property
     def model(self) -> Path:
-        return self.root / "data" / "models" / "model.pt"
+        return self.data / "models" / "model.pt"
 
     @property
     def train_summary(self) -> Path:
@@ -115,3 +137,31 @@ def read_training(paths: Paths) -> TrainingSummary:
         return TrainingSummary.from_dict(read_json(paths.train_summary, "train"))
     except ValueError as exc:
         raise FileNotFoundError(f"{paths.train_summary}: {exc}") from None
+
+
+def new_run_id() -> str:
+    """A fresh workspace id: time-ordered, unique across processes."""
+    return f"{time.strftime('%Y%m%d%H%M%S')}{uuid.uuid4().hex[:8]}"
+
+
+def publish_run(cfg: PipelineConfig, root: str | Path, run_id: str) -> Paths:
+    """Make a finished run's outputs the published view: each file copied atomically (temp
+    file + rename) under an exclusive lock, so two runs finishing together publish one after
+    the other, never interleaved; then the workspace is removed. Returns the published paths.
+    """
+    import fcntl
+
+    work, published = Paths.of(cfg, root, run_id), Paths.of(cfg, root)
+    pairs = [(work.partition, published.partition), (work.model, published.model)]
+    pairs += [(f, published.reports / f.name) for f in sorted(work.reports.glob("*"))
+              if f.is_file() and not f.name.startswith(".")]
+    published.state.mkdir(parents=True, exist_ok=True)
+    with (published.state / "publish.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for source, target in pairs:
+            if source.exists():
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(source, tmp)
+    if work.workspace.parent == published.state / "runs":  # never anything but a workspace
+        shutil.rmtree(work.workspace, ignore_errors=True)
+    return published

@@ -180,10 +180,12 @@ def describe_audit(report: AuditReport) -> str:
     return "\n".join(lines)
 
 
-def audit_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
+def audit_model(
+    cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
+) -> dict[str, Any]:
     """Attack the final model with every attack; the worst case is what the gate reads.
     Returns ``audit.json`` as a dict (the flow's summary reads it)."""
-    paths = Paths.of(cfg, root)
+    paths = Paths.of(cfg, root, run_id)
     if not cfg.audit.enabled:
         report = AuditReport(enabled=False, seconds=0.0)
         write_json_atomic(paths.audit, report.to_dict())

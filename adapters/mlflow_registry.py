@@ -84,6 +84,7 @@ def register_model(
     artifact_root.mkdir(parents=True, exist_ok=True)
     uri = cfg.mlflow_tracking_uri
     mlflow.set_tracking_uri(uri)  # mlflow.pytorch.log_model resolves the store globally
+    mlflow.set_registry_uri(uri)  # ... and models:/ URIs the registry: never another's
     client = open_store(uri)
     experiment_id = _ensure_experiment(client, cfg.mlflow.experiment, artifact_root.as_uri())
     name = cfg.mlflow.model_name

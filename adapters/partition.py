@@ -16,9 +16,11 @@ from fl_core.data import (
 )
 
 
-def partition_data(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, object]:
+def partition_data(
+    cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
+) -> dict[str, object]:
     """Write ``data/processed/partition.json``; return a per-client summary."""
-    paths = Paths.of(cfg, root)
+    paths = Paths.of(cfg, root, run_id)
     validated = read_json(paths.validation, "validate")  # validation must have run
     if not validated.get("success"):
         raise DataError(f"{paths.validation}: the data failed validation; fix "

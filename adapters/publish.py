@@ -33,13 +33,13 @@ def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str
 
 def publish_results(
     cfg: PipelineConfig, root: str | Path = ".", wall_seconds: float | None = None,
-    register: bool = True,
+    register: bool = True, run_id: str | None = None,
 ) -> dict[str, Any]:
     """Write metrics.json and, with ``register``, register the trained model with its metrics
     and reports in MLflow (challenger; champion if the gate passes). Without ``register``
     (the DVC pipeline unless ``mlflow.register_from_dvc``) the gate's verdict is still
     computed and reported, and nothing is registered."""
-    paths = Paths.of(cfg, root)
+    paths = Paths.of(cfg, root, run_id)
     # the MLflow store lives under the project root, wherever the process was started
     cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
     trained = read_training(paths)

@@ -60,9 +60,11 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, saved
 
 
-def train_model(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
+def train_model(
+    cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
+) -> dict[str, Any]:
     """Run the federated rounds on the partition; write model, rounds.csv, train.json, plot."""
-    paths = Paths.of(cfg, root)
+    paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
     data, transform, partition = load_client_data(cfg, paths)
     num_features = int(data[0].x_train.shape[1])

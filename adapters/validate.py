@@ -12,9 +12,11 @@ from fl_core.data import file_fingerprint
 from fl_core.validation import raise_if_failed, validate_file
 
 
-def validate_data(cfg: PipelineConfig, root: str | Path = ".") -> dict[str, Any]:
+def validate_data(
+    cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
+) -> dict[str, Any]:
     """Validate ``data.path``; write ``reports/validation.json``; raise if it failed."""
-    paths = Paths.of(cfg, root)
+    paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
     source = paths.root / cfg.data.path
     report = validate_file(source, cfg.validation, cfg.data)

@@ -161,7 +161,9 @@ def geometric_median(
     def weighted_distance(point: torch.Tensor) -> float:
         return float((alpha * torch.cdist(updates, point[None, :]).squeeze(1)).sum())
 
-    if weighted_distance(nearest) < weighted_distance(z):
+    # strictly better only: where the objective is flat (several minimisers) floating-point
+    # noise must not pick a different point for a reordering of the same updates
+    if weighted_distance(nearest) < weighted_distance(z) * (1 - 1e-9):
         z = nearest.clone()
     return AggregationResult(z, list(range(n)))
 

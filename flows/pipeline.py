@@ -1,7 +1,8 @@
 """The Prefect flow ``fl-pipeline``: validate → partition → train → audit → register.
 
 Each stage is a task from ``tasks/`` with retries for transient faults only; the stages pass
-files (the same files ``dvc repro`` tracks), so a flow run and a DVC run are one pipeline.
+files in the run's own workspace (``<state_dir>/runs/<run_id>/``), published to ``reports/``
+and ``data/`` (the files ``dvc repro`` tracks) once the run has succeeded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from adapters.artifacts import Paths
+from adapters.artifacts import Paths, new_run_id, publish_run
 from adapters.preflight import preflight
 from fl_core.config import load_config
 from tasks.audit import audit
@@ -79,11 +80,15 @@ def fl_pipeline(
     root_path = Path(root).resolve()
     cfg = load_config(root_path / params_path, overrides or [])
     preflight(cfg, root_path)  # MLflow store, ledger, reports: before anything is trained
-    validate(cfg, root_path)
-    partition(cfg, root_path)
-    train(cfg, root_path)
-    audited = audit(cfg, root_path)
-    outcome = publish(cfg, root_path, wall_seconds=time.perf_counter() - started)
+    # this run's own workspace: a concurrent run in the same checkout never sees its files
+    run_id = new_run_id()
+    print(f"run {run_id}: workspace {Paths.of(cfg, root_path, run_id).workspace}")
+    validate(cfg, root_path, run_id=run_id)
+    partition(cfg, root_path, run_id=run_id)
+    train(cfg, root_path, run_id=run_id)
+    audited = audit(cfg, root_path, run_id=run_id)
+    outcome = publish(cfg, root_path, wall_seconds=time.perf_counter() - started, run_id=run_id)
+    publish_run(cfg, root_path, run_id)  # reports/ and data/ now show this run
     create_markdown_artifact(
         key="fl-pipeline-summary",
         markdown=summary_markdown(outcome["metrics"], outcome["registration"])

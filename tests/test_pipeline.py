@@ -68,6 +68,10 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
             "compression_ratio", "flagged_clients", "accuracy_Cleveland"} <= set(rows[0])
     for png in ("training_curves.png", "mia_roc.png"):
         assert (project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+    # published from the run's workspace, which is gone once published
+    assert list((project / ".fedpriv" / "runs").iterdir()) == []
+    assert (project / "data" / "models" / "model.pt").exists()
+    assert (project / "data" / "processed" / "partition.json").exists()
     registration = outcome["registration"]
     versions = registered_versions(project)
     assert [str(v.version) for v in versions] == [registration["model_version"]]
@@ -90,10 +94,12 @@ def test_validation_failure_stops_before_training(project: Path, prefect_harness
     with pytest.raises(DataValidationError) as err:
         fl_pipeline(overrides=["rounds=2"], root=str(project))
     assert "age" in str(err.value) and "Hungary" in str(err.value)
-    reports = project / "reports"
-    assert json.loads((reports / "validation.json").read_text())["success"] is False
+    # the failed run's report stays in its own workspace; nothing was published
+    (workspace,) = (project / ".fedpriv" / "runs").iterdir()
+    assert json.loads((workspace / "reports" / "validation.json").read_text())["success"] is False
     for later in ("train.json", "rounds.csv", "metrics.json", "audit.json"):
-        assert not (reports / later).exists()
+        assert not (workspace / "reports" / later).exists()
+    assert not (project / "reports").exists()
     assert not (project / "data" / "models" / "model.pt").exists()
     assert not (project / ".fedpriv" / "mlflow.db").exists()  # registration never started
 
