@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -165,3 +166,54 @@ def publish_run(cfg: PipelineConfig, root: str | Path, run_id: str) -> Paths:
     if work.workspace.parent == published.state / "runs":  # never anything but a workspace
         shutil.rmtree(work.workspace, ignore_errors=True)
     return published
+
+
+OWNER_FILE = "owner.json"
+
+
+def claim_workspace(paths: Paths, flow_run_id: str | None) -> None:
+    """Create the run's workspace and record who owns it (host, pid, orchestrator run id), so
+    that a later run can tell a killed run's leftovers from a live one's."""
+    paths.workspace.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(paths.workspace / OWNER_FILE, {
+        "host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": flow_run_id})
+
+
+def end_workspace(paths: Paths, how: str) -> None:
+    """Record that the run ended (``failed``): its workspace stays for its reports and is
+    never mistaken for a killed run's."""
+    owner_file = paths.workspace / OWNER_FILE
+    if owner_file.exists():
+        owner = json.loads(owner_file.read_text())
+        write_json_atomic(owner_file, {**owner, "ended": how})
+
+
+def reap_dead_workspaces(cfg: PipelineConfig, root: str | Path) -> list[dict[str, Any]]:
+    """Remove the workspaces of runs whose process died (same host, pid gone); returns their
+    owner records (the caller marks their orchestrator runs crashed). Workspaces without an
+    owner record or owned elsewhere are left alone."""
+    runs = Paths.of(cfg, root).state / "runs"
+    reaped = []
+    for workspace in sorted(runs.glob("*")) if runs.is_dir() else []:
+        try:
+            owner = json.loads((workspace / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        ended = owner.get("ended") is not None  # failed, and kept for its reports
+        if ended or owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", 0))):
+            continue
+        shutil.rmtree(workspace, ignore_errors=True)
+        reaped.append({**owner, "workspace": str(workspace)})
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -11,10 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from adapters.artifacts import Paths, new_run_id, publish_run
+from adapters.artifacts import (
+    Paths,
+    claim_workspace,
+    end_workspace,
+    new_run_id,
+    publish_run,
+    reap_dead_workspaces,
+)
 from adapters.preflight import preflight
 from fl_core.config import load_config
 from tasks.audit import audit
@@ -71,6 +78,29 @@ def audit_markdown(report: dict[str, Any]) -> str:
             f"TPR@0.1%FPR | advantage | ε lower bound |\n|---|---|---|---|---|---|\n{rows}\n")
 
 
+def mark_crashed(reaped: list[dict[str, Any]]) -> None:
+    """Mark the Prefect flow runs of killed runs CRASHED (their workspaces are gone)."""
+    if not reaped:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        for owner in reaped:
+            print(f"reaped the workspace of a killed run (pid {owner['pid']}): "
+                  f"{owner['workspace']}")
+            if not owner.get("flow_run_id"):
+                continue
+            try:
+                if client.read_flow_run(owner["flow_run_id"]).state.is_final():
+                    continue  # it ended on its own: keep its state
+                client.set_flow_run_state(owner["flow_run_id"], Crashed(
+                    message=f"process {owner['pid']} was killed; found by a later run"),
+                    force=True)
+            except Exception as exc:  # the record may be gone: cleaning up must not fail runs
+                print(f"could not mark flow run {owner['flow_run_id']} crashed: {exc}")
+
+
 @flow(name="fl-pipeline", log_prints=True)
 def fl_pipeline(
     overrides: list[str] | None = None, params_path: str = "params.yaml", root: str = "."
@@ -81,13 +111,21 @@ def fl_pipeline(
     cfg = load_config(root_path / params_path, overrides or [])
     preflight(cfg, root_path)  # MLflow store, ledger, reports: before anything is trained
     # this run's own workspace: a concurrent run in the same checkout never sees its files
+    mark_crashed(reap_dead_workspaces(cfg, root_path))  # what killed runs left behind
     run_id = new_run_id()
-    print(f"run {run_id}: workspace {Paths.of(cfg, root_path, run_id).workspace}")
-    validate(cfg, root_path, run_id=run_id)
-    partition(cfg, root_path, run_id=run_id)
-    train(cfg, root_path, run_id=run_id)
-    audited = audit(cfg, root_path, run_id=run_id)
-    outcome = publish(cfg, root_path, wall_seconds=time.perf_counter() - started, run_id=run_id)
+    workspace = Paths.of(cfg, root_path, run_id)
+    claim_workspace(workspace, str(runtime.flow_run.id))
+    print(f"run {run_id}: workspace {workspace.workspace}")
+    try:
+        validate(cfg, root_path, run_id=run_id)
+        partition(cfg, root_path, run_id=run_id)
+        train(cfg, root_path, run_id=run_id)
+        audited = audit(cfg, root_path, run_id=run_id)
+        outcome = publish(cfg, root_path, wall_seconds=time.perf_counter() - started,
+                          run_id=run_id)
+    except BaseException:
+        end_workspace(workspace, "failed")  # kept for its reports; not a killed run's
+        raise
     publish_run(cfg, root_path, run_id)  # reports/ and data/ now show this run
     create_markdown_artifact(
         key="fl-pipeline-summary",

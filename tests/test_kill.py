@@ -92,3 +92,36 @@ def test_sigkill_inside_registration_leaves_a_consistent_registry(project: Path)
     aliased = _check_invariant(project)
     registration = json.loads((project / "reports" / "registration.json").read_text())
     assert registration["model_version"] in aliased
+
+
+def test_sigkill_of_a_whole_run_is_cleaned_up_by_the_next_start(project: Path) -> None:
+    """Kill `fedpriv run` (its process group: CLI, Prefect's server) once its workspace has a
+    validation report; the next run reaps the workspace, marks the killed flow run CRASHED,
+    publishes its own results and leaves no workspace behind."""
+    import subprocess
+
+    home = project / ".fedpriv" / "prefect"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)})
+    command = [sys.executable, "-m", "flows.cli", "run", "--root", str(project),
+               *[a for o in OVERRIDES for a in ("--set", o)]]
+    runs = project / ".fedpriv" / "runs"
+
+    def validated() -> bool:
+        return any(runs.glob("*/reports/validation.json"))
+
+    killed, _ = kill_when(command, validated, delay=0.5, cwd=ROOT, env=env)
+    assert killed
+    assert len(list(runs.iterdir())) == 1  # the killed run's workspace is left over
+    prefect_db = home / "prefect.db"
+    assert rows(prefect_db, "SELECT COUNT(*) FROM flow_run WHERE state_type = 'RUNNING'") == 1
+
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reaped the workspace of a killed run" in done.stdout + done.stderr
+    assert list(runs.iterdir()) == []
+    assert rows(prefect_db, "SELECT COUNT(*) FROM flow_run WHERE state_type = 'RUNNING'") == 0
+    assert rows(prefect_db, "SELECT COUNT(*) FROM flow_run WHERE state_type = 'CRASHED'") == 1
+    assert json.loads((project / "reports" / "metrics.json").read_text())["rounds"] == 2
+    _check_invariant(project)
