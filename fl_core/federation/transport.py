@@ -70,7 +70,7 @@ class InProcessTransport:
                     f"missed the round deadline of {deadline_s:g} s")
             elif (error := future.exception()) is not None:
                 out[site] = TransportFailure(f"{type(error).__name__}: {error}")
-            else:
+            else:  # an in-process thread's return value: nothing is deserialised here
                 out[site] = future.result()
         return {site: out[site] for site in requests}  # in request order
 
