@@ -200,20 +200,22 @@ def reap_dead_workspaces(cfg: PipelineConfig, root: str | Path) -> list[dict[str
         except (OSError, ValueError):
             continue
         ended = owner.get("ended") is not None  # failed, and kept for its reports
-        if ended or owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", 0))):
+        if ended or not owner_is_dead(owner.get("host"), owner.get("pid")):
             continue
         shutil.rmtree(workspace, ignore_errors=True)
         reaped.append({**owner, "workspace": str(workspace)})
     return reaped
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
+def owner_is_dead(host: object, pid: object) -> bool:
+    """Whether the process that owned a run is gone: decidable only on its own host, and only
+    ``True`` when that pid no longer exists (a pid we may not signal is alive)."""
+    if host != socket.gethostname() or not str(pid).isdigit():
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(int(str(pid)), 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adapters.artifacts import owner_is_dead
 from fl_core.config import PipelineConfig
 from fl_core.gate import GateDecision, evaluate_gate, gate_thresholds
 
@@ -336,19 +337,6 @@ class _RegistryState:
             client.delete_registered_model(self.name)
 
 
-def _owner_is_dead(tags: Mapping[str, str]) -> bool:
-    """Whether the process that owns a run is gone (only decidable on its own host)."""
-    if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
-        return False
-    try:
-        os.kill(int(tags[OWNER_PID]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
-
-
 def reap_killed_runs(client: MlflowClient, experiment_id: str, name: str) -> list[str]:
     """Clean up after registrations whose process was killed: for every RUNNING run whose
     owner is dead, undo its aliases (compare-and-set against the aliases it recorded before
@@ -357,7 +345,7 @@ def reap_killed_runs(client: MlflowClient, experiment_id: str, name: str) -> lis
     reaped = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if not _owner_is_dead(tags):
+        if not owner_is_dead(tags.get(OWNER_HOST), tags.get(OWNER_PID)):
             continue
         before = json.loads(tags.get(ALIASES_BEFORE, "{}"))
         for mv in client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'"):
