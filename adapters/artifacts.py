@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -92,6 +94,11 @@ class Paths:
         return self.reports / "registration.json"
 
 
+TEMP_SUFFIX = ".tmp"
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; move it into place only if the block succeeds.
@@ -99,7 +106,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     A crash mid-write leaves the previous file (or none), never a half-written one.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # the writer's host and pid are in the name: a later run removes a killed writer's temps
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_HOST_TAG}-{os.getpid()}.",
+                               suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -146,26 +155,74 @@ def new_run_id() -> str:
 
 
 def publish_run(cfg: PipelineConfig, root: str | Path, run_id: str) -> Paths:
-    """Make a finished run's outputs the published view: each file copied atomically (temp
-    file + rename) under an exclusive lock, so two runs finishing together publish one after
-    the other, never interleaved; then the workspace is removed. Returns the published paths.
+    """Make a finished run's outputs the published view, then remove its workspace.
+
+    Under an exclusive lock (two runs finishing together publish one after the other), a
+    journal names the run before anything is copied; each file is copied atomically (temp
+    file + rename); the workspace is renamed away, the journal removed, the workspace deleted.
+    A kill anywhere in between is rolled forward by the next start
+    (:func:`finish_interrupted_publish`): the published view ends up wholly this run's.
+    Returns the published paths.
     """
+    published = Paths.of(cfg, root)
+    published.state.mkdir(parents=True, exist_ok=True)
+    with _publish_lock(published):
+        write_json_atomic(published.state / PUBLISH_JOURNAL, {"run_id": run_id})
+        _copy_and_retire(cfg, root, run_id)
+    return published
+
+
+PUBLISH_JOURNAL = "publish.json"
+_RETIRED = ".retired-"
+
+
+@contextmanager
+def _publish_lock(published: Paths) -> Iterator[None]:
     import fcntl
 
-    work, published = Paths.of(cfg, root, run_id), Paths.of(cfg, root)
-    pairs = [(work.partition, published.partition), (work.model, published.model)]
-    pairs += [(f, published.reports / f.name) for f in sorted(work.reports.glob("*"))
-              if f.is_file() and not f.name.startswith(".")]
-    published.state.mkdir(parents=True, exist_ok=True)
     with (published.state / "publish.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _copy_and_retire(cfg: PipelineConfig, root: str | Path, run_id: str) -> None:
+    """The journaled part of :func:`publish_run` (idempotent: rerun after a kill)."""
+    work, published = Paths.of(cfg, root, run_id), Paths.of(cfg, root)
+    runs = published.state / "runs"
+    if work.workspace.is_dir():
+        pairs = [(work.partition, published.partition), (work.model, published.model)]
+        pairs += [(f, published.reports / f.name) for f in sorted(work.reports.glob("*"))
+                  if f.is_file() and not f.name.startswith(".")]
         for source, target in pairs:
             if source.exists():
                 with atomic_path(target) as tmp:
                     shutil.copyfile(source, tmp)
-    if work.workspace.parent == published.state / "runs":  # never anything but a workspace
-        shutil.rmtree(work.workspace, ignore_errors=True)
-    return published
+        os.replace(work.workspace, runs / f"{_RETIRED}{run_id}")  # one atomic step
+    (published.state / PUBLISH_JOURNAL).unlink(missing_ok=True)
+    shutil.rmtree(runs / f"{_RETIRED}{run_id}", ignore_errors=True)
+
+
+def finish_interrupted_publish(cfg: PipelineConfig, root: str | Path) -> str | None:
+    """Roll forward a :func:`publish_run` that a kill interrupted (its journal is still
+    there) and delete retired workspaces; returns the run id it finished, if any."""
+    published = Paths.of(cfg, root)
+    journal = published.state / PUBLISH_JOURNAL
+    if not published.state.is_dir():
+        return None
+    with _publish_lock(published):
+        finished = None
+        if journal.exists():
+            try:
+                finished = str(json.loads(journal.read_text())["run_id"])
+                Paths.of(cfg, root, finished)  # an alphanumeric id, or ValueError
+            except (OSError, ValueError, KeyError, TypeError):
+                journal.unlink(missing_ok=True)  # unreadable: written by no publish of ours
+                finished = None
+            if finished is not None:
+                _copy_and_retire(cfg, root, finished)
+        for retired in (published.state / "runs").glob(f"{_RETIRED}*"):
+            shutil.rmtree(retired, ignore_errors=True)
+    return finished
 
 
 OWNER_FILE = "owner.json"
@@ -189,12 +246,17 @@ def end_workspace(paths: Paths, how: str) -> None:
 
 
 def reap_dead_workspaces(cfg: PipelineConfig, root: str | Path) -> list[dict[str, Any]]:
-    """Remove the workspaces of runs whose process died (same host, pid gone); returns their
-    owner records (the caller marks their orchestrator runs crashed). Workspaces without an
-    owner record or owned elsewhere are left alone."""
+    """Clean up after killed runs, at the start of a run: finish an interrupted publish;
+    publish the workspace of a killed run whose registration had completed (its
+    ``registration.json`` is written once the registry is final, so the published view then
+    agrees with the registry); remove the other workspaces of runs whose process died (same
+    host, pid gone); remove dead writers' temp files. Returns the killed runs' owner records,
+    ``published`` set for those rolled forward (the caller marks their orchestrator runs
+    crashed). Workspaces without an owner record or owned elsewhere are left alone."""
+    finish_interrupted_publish(cfg, root)
     runs = Paths.of(cfg, root).state / "runs"
     reaped = []
-    for workspace in sorted(runs.glob("*")) if runs.is_dir() else []:
+    for workspace in sorted(runs.glob("[!.]*")) if runs.is_dir() else []:
         try:
             owner = json.loads((workspace / OWNER_FILE).read_text())
         except (OSError, ValueError):
@@ -202,9 +264,32 @@ def reap_dead_workspaces(cfg: PipelineConfig, root: str | Path) -> list[dict[str
         ended = owner.get("ended") is not None  # failed, and kept for its reports
         if ended or not owner_is_dead(owner.get("host"), owner.get("pid")):
             continue
-        shutil.rmtree(workspace, ignore_errors=True)
-        reaped.append({**owner, "workspace": str(workspace)})
+        registered = (workspace / "reports" / "registration.json").exists()
+        if registered:
+            publish_run(cfg, root, workspace.name)
+        else:
+            shutil.rmtree(workspace, ignore_errors=True)
+        reaped.append({**owner, "workspace": str(workspace), "published": registered})
+    reap_dead_temp_files(cfg, root)
     return reaped
+
+
+def reap_dead_temp_files(cfg: PipelineConfig, root: str | Path) -> list[Path]:
+    """Remove the temp files of :func:`atomic_path` in the published locations whose writer
+    (this host, that pid) is gone: what a kill in the middle of a stage's write or of
+    :func:`publish_run` leaves. Returns what was removed."""
+    published = Paths.of(cfg, root)
+    removed = []
+    for directory in (published.reports, published.partition.parent, published.model.parent,
+                      published.state):
+        for path in directory.glob(f".*{TEMP_SUFFIX}") if directory.is_dir() else []:
+            match = _TEMP_NAME.match(path.name)
+            if match is None or match["host"] != _HOST_TAG:
+                continue
+            if owner_is_dead(socket.gethostname(), match["pid"]):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def owner_is_dead(host: object, pid: object) -> bool:

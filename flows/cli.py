@@ -71,6 +71,36 @@ def _environment(root: Path) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
+def prepare_prefect_database() -> None:
+    """Create or migrate the temporary Prefect server's SQLite database once, under a lock.
+
+    Without ``PREFECT_API_URL`` each ``fedpriv run`` starts its own temporary server on
+    ``$PREFECT_HOME/prefect.db``, and each server migrates the database at start: two first
+    runs at once raced on it (``duplicate column name`` and a server that failed to start).
+    Migrating here under an exclusive file lock makes the servers' own migration a no-op. A
+    marker per Prefect version skips the work (and the server import) afterwards.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return  # a real server owns its database
+    import asyncio
+    import fcntl
+    from importlib.metadata import version
+
+    home = Path(os.environ["PREFECT_HOME"])
+    marker = home / f".fedpriv-db-migrated-{version('prefect')}"
+    if marker.exists():
+        return
+    with (home / ".fedpriv-db.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():  # another run migrated while this one waited
+            return
+        print("preparing Prefect's local database (first run only) …", file=sys.stderr)
+        from prefect.server.database import provide_database_interface
+
+        asyncio.run(provide_database_interface().create_db())
+        marker.touch()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml",
@@ -256,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             return run_stage(args.name, cfg, root)
         preflight(cfg, root)  # before Prefect starts its server: seconds, not minutes
+        prepare_prefect_database()
         from flows.pipeline import fl_pipeline
 
         outcome = fl_pipeline(overrides=args.overrides, params_path=args.params, root=str(root))
@@ -282,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:
+    from adapters.artifacts import finish_interrupted_publish, reap_dead_temp_files
+
+    finish_interrupted_publish(cfg, root)  # the published view is one whole run's
+    reap_dead_temp_files(cfg, root)  # what a killed stage or run left half-written
     if name in ("train", "register"):
         from adapters.preflight import preflight
 

@@ -87,8 +87,9 @@ def mark_crashed(reaped: list[dict[str, Any]]) -> None:
 
     with get_client(sync_client=True) as client:
         for owner in reaped:
-            print(f"reaped the workspace of a killed run (pid {owner['pid']}): "
-                  f"{owner['workspace']}")
+            done = ("its registration had completed: published its results"
+                    if owner.get("published") else "removed its workspace")
+            print(f"reaped a killed run (pid {owner['pid']}, {owner['workspace']}): {done}")
             if not owner.get("flow_run_id"):
                 continue
             try:

@@ -104,3 +104,27 @@ def _check_published(project: Path, results: list[dict]) -> None:
     digest = hashlib.sha256(published["params"].to(torch.float32).numpy().tobytes()).hexdigest()
     assert digest == next(r["digest"] for r in results if r["rounds"] == metrics["rounds"])
     assert list((project / ".fedpriv" / "runs").iterdir()) == []
+
+
+def test_two_first_runs_in_a_fresh_clone_share_prefects_database_cleanly(
+        project: Path) -> None:
+    """Two first `fedpriv run` at once, with no Prefect database yet: each starts its own
+    temporary server on the same SQLite file. Both complete with no error in their logs (the
+    servers used to race on the migrations: `duplicate column name`, a server that failed to
+    start), and both flow runs are COMPLETED."""
+    from tests.killing import rows
+
+    home = project / ".fedpriv" / "prefect"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)})
+    command = [sys.executable, "-m", "flows.cli", "run", "--root", str(project),
+               "--set", "rounds=2", "--set", "audit.shadow_models=2",
+               "--set", "gate.min_accuracy=0"]
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [out[-1500:] for out in outs]
+    for out in outs:
+        assert "Traceback" not in out and "| ERROR" not in out, out[-3000:]
+    completed = "SELECT COUNT(*) FROM flow_run WHERE state_type = 'COMPLETED'"
+    assert rows(home / "prefect.db", completed) == 2

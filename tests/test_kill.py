@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,34 +95,72 @@ def test_sigkill_inside_registration_leaves_a_consistent_registry(project: Path)
     assert registration["model_version"] in aliased
 
 
-def test_sigkill_of_a_whole_run_is_cleaned_up_by_the_next_start(project: Path) -> None:
-    """Kill `fedpriv run` (its process group: CLI, Prefect's server) once its workspace has a
-    validation report; the next run reaps the workspace, marks the killed flow run CRASHED,
-    publishes its own results and leaves no workspace behind."""
+# where `fedpriv run` is killed, one run after another: (the file or row that appeared, delay)
+RUN_KILL_POINTS = [
+    ("runs/*/reports/validation.json", 0.0),
+    ("runs/*/data/processed/partition.json", 0.2),
+    ("runs/*/data/models/model.pt", 0.0),
+    ("runs/*/reports/audit.json", 0.0),
+    ("SELECT COUNT(*) FROM model_versions", 0.05),
+    ("publish.json", 0.0),
+    ("runs/*/reports/registration.json", 0.0),  # registered, not yet published
+]
+
+
+def test_sigkill_of_whole_runs_at_every_stage_is_cleaned_up_by_the_next_start(
+        project: Path) -> None:
+    """Kill `fedpriv run` (its process group: CLI and Prefect's server) at every stage, each
+    kill in a new run; then one clean run. Afterwards: no workspace, journal or temp file is
+    left; every killed flow run is CRASHED and none RUNNING; every aliased version is complete
+    and charged; the published view is one whole run's and agrees with the registry; the run
+    killed after its registration had its results published, not discarded."""
     import subprocess
 
-    home = project / ".fedpriv" / "prefect"
+    state = project / ".fedpriv"
+    home = state / "prefect"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)})
     command = [sys.executable, "-m", "flows.cli", "run", "--root", str(project),
                *[a for o in OVERRIDES for a in ("--set", o)]]
-    runs = project / ".fedpriv" / "runs"
 
-    def validated() -> bool:
-        return any(runs.glob("*/reports/validation.json"))
+    def appeared(point: str) -> Callable[[], bool]:
+        if point.startswith("SELECT"):
+            before = rows(state / "mlflow.db", point)
+            return lambda: rows(state / "mlflow.db", point) > before
+        return lambda: any(state.glob(point))
 
-    killed, _ = kill_when(command, validated, delay=0.5, cwd=ROOT, env=env)
-    assert killed
-    assert len(list(runs.iterdir())) == 1  # the killed run's workspace is left over
-    prefect_db = home / "prefect.db"
-    assert rows(prefect_db, "SELECT COUNT(*) FROM flow_run WHERE state_type = 'RUNNING'") == 1
+    killed = sum(kill_when(command, appeared(point), delay=delay, cwd=ROOT, env=env)[0]
+                 for point, delay in RUN_KILL_POINTS)
+    assert killed >= len(RUN_KILL_POINTS) - 1  # the journal lives for milliseconds
 
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "reaped the workspace of a killed run" in done.stdout + done.stderr
-    assert list(runs.iterdir()) == []
+    assert "its registration had completed: published its results" in done.stdout + done.stderr
+    assert list((state / "runs").iterdir()) == []
+    assert not (state / "publish.json").exists()
+    leftovers = [p for d in (project / "reports", project / "data", state)
+                 for p in d.rglob(".*.tmp")]
+    assert leftovers == []
+    prefect_db = home / "prefect.db"
     assert rows(prefect_db, "SELECT COUNT(*) FROM flow_run WHERE state_type = 'RUNNING'") == 0
-    assert rows(prefect_db, "SELECT COUNT(*) FROM flow_run WHERE state_type = 'CRASHED'") == 1
-    assert json.loads((project / "reports" / "metrics.json").read_text())["rounds"] == 2
+    assert rows(prefect_db, "SELECT COUNT(*) FROM flow_run WHERE state_type = 'CRASHED'") \
+        == killed
     _check_invariant(project)
+    _check_published_view(project)
+
+
+def _check_published_view(project: Path) -> None:
+    """reports/ is the last run's, whole: its metrics are its MLflow run's, its version is
+    the newest complete one."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    logged = client.get_run(registration["run_id"]).data.metrics
+    assert logged["accuracy"] == pytest.approx(metrics["accuracy"])
+    versions = client.search_model_versions(f"name = '{registration['model_name']}'")
+    complete = [int(v.version) for v in versions if v.tags.get("fedpriv.state") == "complete"]
+    assert int(registration["model_version"]) == max(complete)
