@@ -172,7 +172,13 @@ def publish_run(cfg: PipelineConfig, root: str | Path, run_id: str) -> Paths:
     return published
 
 
+class UnpublishedError(RuntimeError):
+    """The model is registered (the registry is final) but the published view could not be
+    updated; the run's workspace is kept and published by the next start."""
+
+
 PUBLISH_JOURNAL = "publish.json"
+LAST_PUBLISHED = "published.json"
 _RETIRED = ".retired-"
 
 
@@ -198,80 +204,157 @@ def _copy_and_retire(cfg: PipelineConfig, root: str | Path, run_id: str) -> None
                 with atomic_path(target) as tmp:
                     shutil.copyfile(source, tmp)
         os.replace(work.workspace, runs / f"{_RETIRED}{run_id}")  # one atomic step
+    write_json_atomic(published.state / LAST_PUBLISHED, {"run_id": run_id})
     (published.state / PUBLISH_JOURNAL).unlink(missing_ok=True)
     shutil.rmtree(runs / f"{_RETIRED}{run_id}", ignore_errors=True)
 
 
 def finish_interrupted_publish(cfg: PipelineConfig, root: str | Path) -> str | None:
-    """Roll forward a :func:`publish_run` that a kill interrupted (its journal is still
-    there) and delete retired workspaces; returns the run id it finished, if any."""
+    """Roll forward a :func:`publish_run` that was interrupted (its journal is still there:
+    its process was killed, or it failed and marked its run ``unpublished``) and delete
+    retired workspaces. Returns the run id it finished, or None. A publish whose owner is
+    alive and has not ended is left alone."""
     published = Paths.of(cfg, root)
-    journal = published.state / PUBLISH_JOURNAL
     if not published.state.is_dir():
         return None
     with _publish_lock(published):
-        finished = None
-        if journal.exists():
+        finished = _journaled_run(published.state / PUBLISH_JOURNAL)
+        if finished is not None:
+            owner = _read_owner(owner_record(Paths.of(cfg, root, finished)))
+            if owner and owner.get("ended") is None and not _dead(owner):
+                finished = None  # a live publisher (it holds the lock only while copying)
+        if finished is not None:
             try:
-                finished = str(json.loads(journal.read_text())["run_id"])
-                Paths.of(cfg, root, finished)  # an alphanumeric id, or ValueError
-            except (OSError, ValueError, KeyError, TypeError):
-                journal.unlink(missing_ok=True)  # unreadable: written by no publish of ours
-                finished = None
-            if finished is not None:
                 _copy_and_retire(cfg, root, finished)
+            except OSError as exc:  # still failing: keep the journal, try again next time
+                print(f"run {finished} is registered but still cannot be published: {exc}")
+                finished = None
         for retired in (published.state / "runs").glob(f"{_RETIRED}*"):
             shutil.rmtree(retired, ignore_errors=True)
     return finished
 
 
-OWNER_FILE = "owner.json"
+def _journaled_run(journal: Path) -> str | None:
+    """The run id in the publish journal; a garbled journal is removed (no publish of ours
+    wrote it)."""
+    if not journal.exists():
+        return None
+    try:
+        run_id = json.loads(journal.read_text())["run_id"]
+        if isinstance(run_id, str) and run_id.isalnum():
+            return run_id
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    journal.unlink(missing_ok=True)
+    return None
+
+
+def owner_record(paths: Paths) -> Path:
+    """Where a flow run's owner record lives: outside its workspace, so that it outlives the
+    workspace's publication and a run killed after publishing is still found."""
+    return paths.state / "owners" / f"{paths.workspace.name}.json"
+
+
+def _read_owner(record: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _dead(owner: dict[str, Any]) -> bool:
+    return owner_is_dead(owner.get("host"), owner.get("pid"))
 
 
 def claim_workspace(paths: Paths, flow_run_id: str | None) -> None:
     """Create the run's workspace and record who owns it (host, pid, orchestrator run id), so
     that a later run can tell a killed run's leftovers from a live one's."""
     paths.workspace.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(paths.workspace / OWNER_FILE, {
+    write_json_atomic(owner_record(paths), {
         "host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": flow_run_id})
 
 
 def end_workspace(paths: Paths, how: str) -> None:
-    """Record that the run ended (``failed``): its workspace stays for its reports and is
-    never mistaken for a killed run's."""
-    owner_file = paths.workspace / OWNER_FILE
-    if owner_file.exists():
-        owner = json.loads(owner_file.read_text())
-        write_json_atomic(owner_file, {**owner, "ended": how})
+    """Record how the run ended early (``failed``: its workspace stays for its reports;
+    ``unpublished``: registered, to be published by the next start), so that it is never
+    mistaken for a killed run."""
+    owner = _read_owner(owner_record(paths))
+    if owner is not None:
+        write_json_atomic(owner_record(paths), {**owner, "ended": how})
+
+
+def release_workspace(paths: Paths) -> None:
+    """The run finished and published: forget its owner record (its workspace is gone)."""
+    owner_record(paths).unlink(missing_ok=True)
 
 
 def reap_dead_workspaces(cfg: PipelineConfig, root: str | Path) -> list[dict[str, Any]]:
-    """Clean up after killed runs, at the start of a run: finish an interrupted publish;
-    publish the workspace of a killed run whose registration had completed (its
-    ``registration.json`` is written once the registry is final, so the published view then
-    agrees with the registry); remove the other workspaces of runs whose process died (same
-    host, pid gone); remove dead writers' temp files. Returns the killed runs' owner records,
-    ``published`` set for those rolled forward (the caller marks their orchestrator runs
-    crashed). Workspaces without an owner record or owned elsewhere are left alone."""
+    """Clean up after killed runs, at the start of a run, from the owner records: finish an
+    interrupted publish; publish the workspace of a killed run whose registration had
+    completed (its ``registration.json`` is written once the registry is final, so the
+    published view agrees with the registry); remove the other workspaces of runs whose
+    process died (same host, pid gone); publish a registered run that could not publish
+    (unless a later run has been published since); remove dead writers' temp files. Returns
+    the owner records of the runs dealt with, with ``workspace``, ``published`` and
+    ``killed`` (the caller marks killed runs' orchestrator runs crashed). Records owned
+    elsewhere, live, or of failed runs are left alone."""
     finish_interrupted_publish(cfg, root)
-    runs = Paths.of(cfg, root).state / "runs"
+    owners = Paths.of(cfg, root).state / "owners"
     reaped = []
-    for workspace in sorted(runs.glob("[!.]*")) if runs.is_dir() else []:
-        try:
-            owner = json.loads((workspace / OWNER_FILE).read_text())
-        except (OSError, ValueError):
+    for record in sorted(owners.glob("[!.]*.json")) if owners.is_dir() else []:
+        owner, run_id = _read_owner(record), record.stem
+        if owner is None or not run_id.isalnum():
             continue
-        ended = owner.get("ended") is not None  # failed, and kept for its reports
-        if ended or not owner_is_dead(owner.get("host"), owner.get("pid")):
+        workspace = Paths.of(cfg, root, run_id).workspace
+        if owner.get("ended") == "unpublished":
+            if _superseded(cfg, root, run_id):  # a later run published since: drop it
+                shutil.rmtree(workspace, ignore_errors=True)
+            elif _try_publish(cfg, root, run_id):
+                reaped.append({**owner, "workspace": str(workspace), "published": True,
+                               "killed": False})
+            else:
+                continue
+        elif owner.get("ended") is not None or not _dead(owner):
             continue
-        registered = (workspace / "reports" / "registration.json").exists()
-        if registered:
-            publish_run(cfg, root, workspace.name)
         else:
-            shutil.rmtree(workspace, ignore_errors=True)
-        reaped.append({**owner, "workspace": str(workspace), "published": registered})
+            reaped.append({**owner, "workspace": str(workspace),
+                           "published": _roll_forward_or_remove(cfg, root, workspace),
+                           "killed": True})
+        record.unlink(missing_ok=True)
     reap_dead_temp_files(cfg, root)
     return reaped
+
+
+def _roll_forward_or_remove(cfg: PipelineConfig, root: str | Path, workspace: Path) -> bool:
+    """A killed run's workspace: published if its registration had completed, else removed.
+    Returns whether its results are published (also when it died after publishing)."""
+    if not workspace.exists():
+        return True  # killed after its publish: the workspace went last
+    if (workspace / "reports" / "registration.json").exists():
+        publish_run(cfg, root, workspace.name)
+        return True
+    shutil.rmtree(workspace, ignore_errors=True)
+    return False
+
+
+def _superseded(cfg: PipelineConfig, root: str | Path, run_id: str) -> bool:
+    """Whether a later run (ids are time-ordered) has been published since ``run_id``."""
+    try:
+        last = json.loads((Paths.of(cfg, root).state / LAST_PUBLISHED).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return str(last) > run_id
+
+
+def _try_publish(cfg: PipelineConfig, root: str | Path, run_id: str) -> bool:
+    """Publish a registered run left unpublished; if that fails again, keep it for later."""
+    try:
+        publish_run(cfg, root, run_id)
+    except OSError as exc:
+        print(f"run {run_id} is registered but still cannot be published: {exc}")
+        return False
+    return True
 
 
 def reap_dead_temp_files(cfg: PipelineConfig, root: str | Path) -> list[Path]:

@@ -52,6 +52,7 @@ preflight:
 exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI),
   3 data failed validation, 4 training failed, 5 privacy budget exhausted,
   6 preflight: the MLflow store, the ledger or reports_dir unreachable or not writable,
+  7 the model is registered but reports/ could not be updated (the next run publishes it),
   1 other.
 """
 
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).resolve()
     _environment(root)
 
+    from adapters.artifacts import UnpublishedError
     from adapters.preflight import PreflightError, preflight
     from fl_core.config import ConfigError, load_config
     from fl_core.data import DataError
@@ -307,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as exc:
         print(f"fedpriv: preflight failed: {exc}", file=sys.stderr)
         return 6
+    except UnpublishedError as exc:
+        print(f"fedpriv: registered, not published: {exc}", file=sys.stderr)
+        return 7
     except FileNotFoundError as exc:
         print(f"fedpriv: {exc}", file=sys.stderr)
         return 1

@@ -16,11 +16,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from adapters.artifacts import (
     Paths,
+    UnpublishedError,
     claim_workspace,
     end_workspace,
     new_run_id,
     publish_run,
     reap_dead_workspaces,
+    release_workspace,
 )
 from adapters.preflight import preflight
 from fl_core.config import load_config
@@ -89,7 +91,8 @@ def mark_crashed(reaped: list[dict[str, Any]]) -> None:
         for owner in reaped:
             done = ("its registration had completed: published its results"
                     if owner.get("published") else "removed its workspace")
-            print(f"reaped a killed run (pid {owner['pid']}, {owner['workspace']}): {done}")
+            how = "a killed" if owner.get("killed", True) else "an unpublished"
+            print(f"reaped {how} run (pid {owner['pid']}, {owner['workspace']}): {done}")
             if not owner.get("flow_run_id"):
                 continue
             try:
@@ -127,7 +130,17 @@ def fl_pipeline(
     except BaseException:
         end_workspace(workspace, "failed")  # kept for its reports; not a killed run's
         raise
-    publish_run(cfg, root_path, run_id)  # reports/ and data/ now show this run
+    try:
+        publish_run(cfg, root_path, run_id)  # reports/ and data/ now show this run
+    except OSError as exc:  # the registry is final: say so, and publish at the next start
+        end_workspace(workspace, "unpublished")
+        registration = outcome["registration"]
+        raise UnpublishedError(
+            f"model {registration.get('model_name')} v{registration.get('model_version')} is "
+            f"registered (aliases: {', '.join(registration.get('aliases') or []) or 'none'}) "
+            f"but the published reports could not be updated ({exc}); they still show the "
+            f"previous run. The next run publishes this one's from {workspace.workspace}"
+        ) from exc
     create_markdown_artifact(
         key="fl-pipeline-summary",
         markdown=summary_markdown(outcome["metrics"], outcome["registration"])
@@ -139,4 +152,5 @@ def fl_pipeline(
         create_link_artifact(key="fl-pipeline-mia-roc", link=roc.as_uri(),
                              link_text="membership-inference ROC, every attack (log scale)",
                              description="also in the MLflow run under reports/")
+    release_workspace(workspace)  # finished: nothing left for a later run to clean up
     return outcome

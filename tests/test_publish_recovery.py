@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from adapters.artifacts import (
-    OWNER_FILE,
     PUBLISH_JOURNAL,
     Paths,
     atomic_path,
     finish_interrupted_publish,
+    owner_record,
     reap_dead_temp_files,
     reap_dead_workspaces,
     write_json_atomic,
@@ -46,8 +46,8 @@ def _workspace(project: Path, run_id: str, tag: str, owner_pid: int | None = Non
     write_json_atomic(work.partition, {"run": tag})
     write_json_atomic(work.model, {"run": tag})
     if owner_pid is not None:
-        write_json_atomic(work.workspace / OWNER_FILE, {"host": socket.gethostname(),
-                                                        "pid": owner_pid, "flow_run_id": None})
+        write_json_atomic(owner_record(work), {"host": socket.gethostname(),
+                                               "pid": owner_pid, "flow_run_id": None})
     return work
 
 
@@ -125,6 +125,22 @@ def test_killed_runs_are_published_only_if_their_registration_completed(project:
     assert not registered.workspace.exists() and not unregistered.workspace.exists()
     assert alive.workspace.exists()  # a live run's workspace is never touched
     assert _published_runs(project) == {"registered"}
+    assert reap_dead_workspaces(cfg, project) == []  # the records of reaped runs are gone
+
+
+def test_an_unpublished_run_superseded_by_a_later_publish_is_dropped(project: Path) -> None:
+    """A registered run that could not publish is published later, unless a newer run has
+    been published since (the newer run's registration is the registry's latest)."""
+    from adapters.artifacts import end_workspace, publish_run
+
+    cfg = load_config(project / "params.yaml", [])
+    older = _workspace(project, "20260101000000aaaa", "older", owner_pid=_dead_pid())
+    end_workspace(older, "unpublished")
+    _workspace(project, "20260102000000bbbb", "newer")
+    publish_run(cfg, project, "20260102000000bbbb")
+    assert reap_dead_workspaces(cfg, project) == []
+    assert not older.workspace.exists()
+    assert _published_runs(project) == {"newer"}
 
 
 HOLD_A_TEMP = """
@@ -158,3 +174,37 @@ def test_temp_files_of_killed_writers_are_removed_and_no_others(project: Path) -
         assert live.exists()  # this (live) process's temp stays
     assert users_own.exists() and foreign_host.exists()
     assert not (reports / "metrics.json").exists()
+
+
+def test_a_registered_run_that_cannot_publish_exits_7_and_is_published_later(
+        project: Path) -> None:
+    """reports/ breaks after registration (here metrics.json is a directory): the run exits 7
+    naming the registered version, keeps its workspace, and the next start publishes it, so
+    reports/ and the registry agree."""
+    from mlflow import MlflowClient
+
+    cfg = load_config(project / "params.yaml", [])
+    (project / "reports" / "metrics.json").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(project / ".fedpriv" / "prefect")})
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--root", str(project), "--set", "rounds=2",
+         "--set", "audit.shadow_models=2", "--set", "gate.min_accuracy=0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 7, done.stderr[-2000:]
+    assert "fedpriv: registered, not published: model fedpriv-heart v1 is registered " \
+           "(aliases: challenger, champion)" in done.stderr
+    uri = f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert str(client.get_model_version_by_alias("fedpriv-heart", "champion").version) == "1"
+    (workspace,) = (project / ".fedpriv" / "runs").iterdir()
+    cfg_paths = Paths.of(cfg, project, workspace.name)
+    assert json.loads(owner_record(cfg_paths).read_text())["ended"] == "unpublished"
+
+    (project / "reports" / "metrics.json").rmdir()
+    (reaped,) = reap_dead_workspaces(cfg, project)
+    assert reaped["published"] and not reaped["killed"]
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    assert str(registration["model_version"]) == "1"
+    assert json.loads((project / "reports" / "metrics.json").read_text())["rounds"] == 2
+    assert not workspace.exists()
