@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -291,6 +292,10 @@ class FederatedDataLoader:
         frame = frame[needed].copy()
         for col in cfg.zero_as_missing:
             if col in frame:
+                if pd.api.types.is_integer_dtype(frame[col]):
+                    # a file with no empty cell in col (one site's) reads it as int64, which
+                    # cannot hold the marker below; as float it encodes the same
+                    frame[col] = frame[col].astype(float)
                 # a zero is "not measured" only where a value was recorded at all
                 frame.loc[pd.to_numeric(frame[col], errors="coerce") == 0, col] = -np.inf
         complete = frame[list(cfg.features)].notna().all(axis=1)
@@ -321,7 +326,10 @@ class FederatedDataLoader:
         """Assign patients to clients and split each client's patients 80/20, stratified.
 
         ``config`` gives the scheme (it is per call: the loader is shared by every caller of
-        the same file, whatever partitioning each of them wants).
+        the same file, whatever partitioning each of them wants). Under ``by_site`` each
+        site's split uses :func:`site_rng` (seed, site name): it depends on that site's
+        patients alone, so a hospital holding only its own rows gets the same split
+        (:func:`fl_core.site_data.site_client_data`).
         """
         cfg = config
         patients = self.table.groupby(PATIENT_ID).agg(site=(SITE, "first"), label=("label", "max"))
@@ -331,7 +339,10 @@ class FederatedDataLoader:
         clients = []
         for client_id, ids in groups.items():
             labels = patients.loc[ids, "label"].to_numpy()
-            train, test = _stratified_split(ids, labels, cfg.test_fraction, rng)
+            # by_site: each hospital's split draws from its own generator, so a site can
+            # compute it alone from its own file (sites mode); by_patient: the shared one
+            split_rng = site_rng(seed, client_id) if cfg.partition == "by_site" else rng
+            train, test = _stratified_split(ids, labels, cfg.test_fraction, split_rng)
             clients.append(ClientSplit(client_id, tuple(map(int, train)), tuple(map(int, test))))
         return Partition(clients=tuple(clients), scheme=cfg.partition, seed=seed)
 
@@ -378,6 +389,13 @@ class FederatedDataLoader:
                 )
             )
         return out
+
+
+def site_rng(seed: int, site: str) -> np.random.Generator:
+    """The generator of ``site``'s train/test split under ``by_site``: a function of the seed
+    and the site's name only, so the split of a site depends on (seed, its patients) and not
+    on any other site's data (a hospital computes it alone, README: Data)."""
+    return np.random.default_rng([seed, zlib.crc32(site.encode("utf-8"))])
 
 
 def assign_clients(

@@ -1,0 +1,132 @@
+"""Sites mode, the site's side: one hospital's data from the one CSV it holds.
+
+In sites mode each hospital runs its own worker that sees only its own file (the rows of the
+embedded CSV whose ``dataset`` is that hospital; ``fedpriv split-sites`` writes them). Under
+``data.partition=by_site`` a site's train/test split depends only on the seed and its own
+patients (:func:`fl_core.data.site_rng`), so :func:`site_client_data` on the site's file gives
+exactly the :class:`~fl_core.data.ClientData` the simulation builds for it from the full file:
+same train/test patients, same tensors. Loading and encoding are the simulation's own
+(:class:`~fl_core.data.FederatedDataLoader`, :class:`~fl_core.data.TabularTransform`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fl_core.config import ConfigError, PipelineConfig
+from fl_core.data import PATIENT_ID, SITE, ClientData, DataError, FederatedDataLoader
+
+
+def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> ClientData:
+    """The encoded train/test data of ``site_id`` from ``csv_path``, a file of its rows only.
+
+    Equal to the simulation's client ``site_id`` (full file, same config and seed). Raises
+    :class:`~fl_core.data.DataError` (one line naming the site and the file) if the file is
+    missing or empty, cannot be read, holds a row of another site, or has no complete patient;
+    :class:`~fl_core.config.ConfigError` unless ``data.partition`` is ``by_site``.
+    """
+    if cfg.data.partition != "by_site":
+        raise ConfigError(f"data.partition={cfg.data.partition}: a site's own data needs "
+                          f"data.partition=by_site (one client per hospital)")
+    path = Path(csv_path).resolve()
+    where = f"site {site_id!r}, file {path}"
+    if not path.is_file():
+        raise DataError(f"{where}: the data file does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}: the data file is empty (0 bytes)")
+    data_cfg = cfg.data.model_copy(update={"path": str(path)})
+    loader = FederatedDataLoader.get(data_cfg)
+    try:
+        sites = [*loader.table[SITE].astype(str), *loader.incomplete_table[SITE].astype(str)]
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            csv.Error, ValueError) as exc:
+        raise DataError(f"{where}: cannot be read as the clinical CSV "
+                        f"({type(exc).__name__})") from None
+    if not sites:
+        raise DataError(f"{where}: the data file has no rows")
+    foreign = sum(s != site_id for s in sites)
+    if foreign:
+        # the count only: a worker's error may travel, the other site's values must not
+        raise DataError(f"{where}: {foreign} of {len(sites)} row(s) belong to another site "
+                        f"(column {SITE!r}); a site's file holds its own rows only")
+    if loader.table.empty:
+        raise DataError(f"{where}: no complete patient (all {len(sites)} row(s) miss a core "
+                        f"feature; data.drop_incomplete)")
+    (client,), _, _ = loader.partitioned(data_cfg, cfg.seed)
+    return client
+
+
+# ------------------------------------------------------------------------- split-sites
+@dataclass(frozen=True)
+class SiteFile:
+    """One site's rows of a CSV: what ``fedpriv split-sites`` writes for it."""
+
+    site: str
+    slug: str
+    header: list[str]
+    rows: list[list[str]]
+
+    @property
+    def patients(self) -> int:
+        column = self.header.index(PATIENT_ID) if PATIENT_ID in self.header else None
+        if column is None:
+            return len(self.rows)
+        return len({r[column] for r in self.rows if column < len(r)})
+
+    def text(self) -> str:
+        """The CSV text: the original header, then this site's rows in their original order."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.header)
+        writer.writerows(self.rows)
+        return out.getvalue()
+
+
+def site_slug(site: str) -> str:
+    """A folder name for ``site``: lowercase, each run of non-alphanumerics one ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", site.lower()).strip("-")
+
+
+def split_by_site(path: Path) -> list[SiteFile]:
+    """The rows of the CSV at ``path`` grouped by site (column ``dataset``), sites in order of
+    first appearance. Cells are kept as text, exactly as read. Raises
+    :class:`~fl_core.data.DataError` if the file has no ``dataset`` column or no rows, a row
+    has no site, or two sites would share a folder name."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            records = list(csv.reader(handle))
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found (data.path)") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot be read as CSV ({type(exc).__name__})") from None
+    if not records or SITE not in records[0]:
+        raise DataError(f"{path}: no {SITE!r} column in the header: cannot split by site")
+    header, body = records[0], [r for r in records[1:] if r]  # blank lines carry no row
+    if not body:
+        raise DataError(f"{path}: the data file has no rows")
+    column = header.index(SITE)
+    groups: dict[str, list[list[str]]] = {}
+    for line, row in enumerate(body, start=2):
+        site = row[column] if column < len(row) else ""
+        if not site.strip():
+            raise DataError(f"{path}: row {line} has no site (column {SITE!r})")
+        groups.setdefault(site, []).append(row)
+    files = [SiteFile(site, site_slug(site), header, rows) for site, rows in groups.items()]
+    slugs: dict[str, str] = {}
+    for f in files:
+        if not f.slug:
+            raise DataError(f"{path}: site {f.site!r} gives no folder name (no letter or digit)")
+        if f.slug in slugs:
+            raise DataError(f"{path}: sites {slugs[f.slug]!r} and {f.site!r} would share the "
+                            f"folder {f.slug!r}")
+        slugs[f.slug] = f.site
+    return files
