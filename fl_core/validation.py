@@ -33,13 +33,13 @@ import csv
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from fl_core.config import DataConfig, ValidationConfig
+from fl_core.config import DataConfig, PipelineConfig, ValidationConfig
 from fl_core.data import (
     BOOLEAN_FEATURES,
     CATEGORIES,
@@ -101,7 +101,10 @@ class FailedExpectation:
     ``site`` is the hospital, or ``"<all>"`` for file- and table-level checks; ``expectation``
     the GX expectation type (e.g. ``expect_column_values_to_be_between``) or, for file-level
     checks, a name such as ``file_exists``; ``observed`` is JSON-able: the observed value, a
-    sample of the unexpected values, or a count.
+    sample of the unexpected values, or a count. ``detail`` may quote cell values (it stays at
+    the site); ``public_detail`` says the same without any cell value, path or parser message,
+    and ``unexpected_count`` / ``element_count`` are the counts where the check has them: these
+    three are what :func:`site_validation_summary` lets leave a site.
     """
 
     site: str
@@ -109,6 +112,9 @@ class FailedExpectation:
     column: str | None
     observed: object
     detail: str
+    public_detail: str = ""
+    unexpected_count: int | None = None
+    element_count: int | None = None
 
     def line(self) -> str:
         """One line: site, column, expectation, observed value and the explanation."""
@@ -123,7 +129,9 @@ class FailedExpectation:
 class ValidationReport:
     """The outcome of :func:`validate_file`.
 
-    ``sites`` maps each known site found in the file to the number of rows validated for it;
+    ``sites`` maps each known site found in the file to the number of rows validated for it,
+    ``patients`` to its number of distinct patient ids; ``site`` is the hospital whose own file
+    this is (set by :func:`validate_site_file`, else None);
     ``results`` is JSON-able: ``results["file"]`` holds the file-level checks,
     ``results["<all>"]`` the GX result of the table-level suite and ``results[site]`` the GX
     results of that site's two suites (``"values"``: types, categories, missing rates;
@@ -134,6 +142,8 @@ class ValidationReport:
     failures: tuple[FailedExpectation, ...]
     sites: dict[str, int]
     results: dict = field(repr=False)
+    patients: dict[str, int] = field(default_factory=dict)
+    site: str | None = None
 
     def message(self) -> str:
         """Multi-line summary: one line per failed expectation, or one line saying it passed."""
@@ -163,9 +173,11 @@ def raise_if_failed(path: str | Path, report: ValidationReport) -> ValidationRep
 
 
 # ------------------------------------------------------------------------------ file level
-def _file_failure(expectation: str, column: str | None, observed: object, detail: str
-                  ) -> FailedExpectation:
-    return FailedExpectation(ALL_SITES, expectation, column, observed, detail)
+def _file_failure(expectation: str, column: str | None, observed: object, detail: str,
+                  public: str | None = None) -> FailedExpectation:
+    """A file-level failure; ``public`` is ``detail`` without values (default: ``detail``)."""
+    return FailedExpectation(ALL_SITES, expectation, column, observed, detail,
+                             detail if public is None else public)
 
 
 def _features(data: DataConfig) -> list[str]:
@@ -183,7 +195,8 @@ def _read_table(path: Path, data: DataConfig
     summary: dict[str, Any] = {"path": str(path)}
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
-        failure = _file_failure("file_exists", None, str(path), f"the data file {path} {what}")
+        failure = _file_failure("file_exists", None, str(path), f"the data file {path} {what}",
+                                f"the data file {what}")
         return None, [failure], summary
     size = path.stat().st_size
     summary["bytes"] = size
@@ -198,7 +211,8 @@ def _read_table(path: Path, data: DataConfig
     except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, [_file_failure("file_parses_as_csv", None, reason,
-                                    f"the data file cannot be parsed as CSV: {reason}")], summary
+                                    f"the data file cannot be parsed as CSV: {reason}",
+                                    "the data file cannot be parsed as CSV")], summary
     summary["rows"] = len(frame)
     summary["columns"] = [str(c) for c in frame.columns]
     failures: list[FailedExpectation] = []
@@ -291,6 +305,41 @@ def _fmt_rate(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+# expectations whose failure quotes a sample of the unexpected values (site-side detail only)
+_QUOTES_SAMPLE = (_REGEX, _BETWEEN, _IN_SET, _UNIQUE)
+
+
+def _explain(kind: str, kwargs: dict[str, Any], where: str, bad: int, total: int,
+             validation: ValidationConfig) -> str:
+    """Why a GX expectation failed, in words and counts: no cell value."""
+    column = kwargs.get("column")
+    if kind == _NOT_NULL and kwargs.get("mostly") is not None:
+        rate = bad / total if total else 0.0
+        limit = validation.missing_limit(str(column))
+        return (f"{column!r} may be missing in at most {_fmt_rate(limit)}"
+                f" of the rows {where}; {bad} of {total} ({_fmt_rate(rate)}) are missing")
+    if kind == _NOT_NULL:
+        return f"{column!r} must never be empty {where}; {bad} of {total} rows are empty"
+    if kind == _REGEX:
+        what = (f"an integer in [0, {INT64_MAX}] (int64)"
+                if kwargs.get("regex") == PATIENT_ID_REGEX else "a number")
+        return f"every value of {column!r} must be {what} {where}; {bad} of {total} are not"
+    if kind == _BETWEEN:
+        return (f"{column!r} must lie in [{kwargs.get('min_value')}, "
+                f"{kwargs.get('max_value')}] {where}; {bad} of {total} values are outside")
+    if kind == _IN_SET:
+        allowed = list(kwargs.get("value_set") or [])
+        return f"{column!r} must be one of {allowed} {where}; {bad} of {total} values are not"
+    if kind == _UNIQUE:
+        return f"{column!r} must be unique {where}; {bad} rows share a value with another row"
+    return f"{kind} on {column!r} failed {where}"
+
+
+def _count(result: Mapping[str, Any], key: str) -> int | None:
+    value = result.get(key)
+    return None if value is None else int(value)
+
+
 def _describe(site: str, res: ExpectationValidationResult, validation: ValidationConfig
               ) -> FailedExpectation:
     """Turn one failed GX expectation result into a :class:`FailedExpectation`."""
@@ -302,45 +351,26 @@ def _describe(site: str, res: ExpectationValidationResult, validation: Validatio
     info = res.exception_info or {}
     if info.get("raised_exception"):
         msg = str(info.get("exception_message") or "unknown error")
-        return FailedExpectation(site, kind, column, msg,
-                                 f"GX could not evaluate {kind} on {column!r} {where}: {msg}")
+        public = f"GX could not evaluate {kind} on {column!r} {where}"
+        return FailedExpectation(site, kind, column, msg, f"{public}: {msg}", public)
     result = res.result or {}
     total = int(result.get("element_count") or 0)
     bad = int(result.get("unexpected_count") or 0)
     sample = _sample(result.get("partial_unexpected_list") or [])
-    if kind == _NOT_NULL and kwargs.get("mostly") is not None:
-        rate = bad / total if total else 0.0
-        observed: object = round(rate, 4)
-        limit = validation.missing_limit(str(column))
-        detail = (f"{column!r} may be missing in at most {_fmt_rate(limit)}"
-                  f" of the rows {where}; {bad} of {total} ({_fmt_rate(rate)}) are missing")
-    elif kind == _NOT_NULL:
-        observed = bad
-        detail = f"{column!r} must never be empty {where}; {bad} of {total} rows are empty"
-    elif kind == _REGEX:
+    public = _explain(kind, kwargs, where, bad, total, validation)
+    observed: object
+    if kind == _NOT_NULL:
+        detail = public
+        observed = (round(bad / total if total else 0.0, 4)
+                    if kwargs.get("mostly") is not None else bad)
+    elif kind in _QUOTES_SAMPLE:
         observed = sample
-        what = (f"an integer in [0, {INT64_MAX}] (int64)"
-                if kwargs.get("regex") == PATIENT_ID_REGEX else "a number")
-        detail = (f"every value of {column!r} must be {what} {where}; {bad} of {total} "
-                  f"are not, e.g. {sample}")
-    elif kind == _BETWEEN:
-        observed = sample
-        detail = (f"{column!r} must lie in [{kwargs.get('min_value')}, "
-                  f"{kwargs.get('max_value')}] {where}; {bad} of {total} values are outside, "
-                  f"e.g. {sample}")
-    elif kind == _IN_SET:
-        observed = sample
-        allowed = list(kwargs.get("value_set") or [])
-        detail = (f"{column!r} must be one of {allowed} {where}; {bad} of {total} values are "
-                  f"not, e.g. {sample}")
-    elif kind == _UNIQUE:
-        observed = sample
-        detail = (f"{column!r} must be unique {where}; {bad} rows share a value with another "
-                  f"row, e.g. {sample}")
+        detail = f"{public}, e.g. {sample}"
     else:
         observed = _jsonable(result.get("observed_value", sample))
-        detail = f"{kind} on {column!r} failed {where} (observed {observed!r})"
-    return FailedExpectation(site, kind, column, observed, detail)
+        detail = f"{public} (observed {observed!r})"
+    return FailedExpectation(site, kind, column, observed, detail, public,
+                             _count(result, "unexpected_count"), _count(result, "element_count"))
 
 
 def _failures(site: str, result: ExpectationSuiteValidationResult,
@@ -389,8 +419,9 @@ class _Runner:
                 )
         except Exception as exc:  # GX itself failed: report it instead of raising
             msg = f"{type(exc).__name__}: {exc}"
+            public = f"GX could not run the {name} suite"
             failure = FailedExpectation(site, f"suite_heart-{name}", None, msg,
-                                        f"GX could not run the {name} suite: {msg}")
+                                        f"{public}: {msg}", public)
             return {"success": False, "exception": msg}, [failure]
         return _jsonable(result.to_json_dict()), _failures(site, result, self.validation)
 
@@ -420,11 +451,13 @@ def validate_file(path: str | Path, validation: ValidationConfig, data: DataConf
 
     numeric = _numeric_frame(frame, data)
     sites: dict[str, int] = {}
+    patients: dict[str, int] = {}
     for site in SITES:
         mask = (frame[SITE] == site).fillna(False).to_numpy(dtype=bool)
         if not mask.any():
             continue
         sites[site] = int(mask.sum())
+        patients[site] = int(frame.loc[mask, PATIENT_ID].nunique())
         site_results: dict[str, Any] = {}
         site_results["values"], found = runner.run(
             "values", site, frame.loc[mask, [PATIENT_ID, *_features(data)]])
@@ -432,4 +465,51 @@ def validate_file(path: str | Path, validation: ValidationConfig, data: DataConf
         site_results["ranges"], found = runner.run("ranges", site, numeric.loc[mask])
         failures += found
         results[site] = site_results
-    return ValidationReport(not failures, tuple(failures), sites, results)
+    return ValidationReport(not failures, tuple(failures), sites, results, patients)
+
+
+# ------------------------------------------------------------------------------ sites mode
+def validate_site_file(cfg: PipelineConfig, csv_path: str | Path, site_id: str
+                       ) -> tuple[ValidationReport, dict[str, Any]]:
+    """Validate one hospital's own file (sites mode): :func:`validate_file`, and every row
+    must be ``site_id``'s. Returns the full report (it stays at the site) and
+    :func:`site_validation_summary` of it (what may go to the coordinator)."""
+    report = validate_file(csv_path, cfg.validation, cfg.data)
+    file_rows = report.results.get("file", {}).get("rows")
+    failures = list(report.failures)
+    if file_rows:  # the file was read and has rows
+        foreign = int(file_rows) - report.sites.get(site_id, 0)
+        if foreign:
+            public = (f"every row must belong to site {site_id!r} (column {SITE!r}); "
+                      f"{foreign} of {file_rows} rows do not")
+            failures.append(FailedExpectation(site_id, "file_rows_of_one_site", SITE, foreign,
+                                              public, public, foreign, int(file_rows)))
+    report = replace(report, success=not failures, failures=tuple(failures), site=site_id)
+    return report, site_validation_summary(report)
+
+
+def site_validation_summary(report: ValidationReport) -> dict[str, Any]:
+    """What a site may tell the coordinator about its validation: no cell value.
+
+    ``passed``; ``site`` (the report's site, else its only site, else None); ``rows`` (data
+    rows in the file, None if it could not be read) and ``patients`` (distinct patient ids of
+    the known sites, None if no site was validated); per failed expectation its type, column, counts and
+    ``FailedExpectation.public_detail``. Observed values, samples, paths and parser
+    messages stay in the full report at the site.
+    """
+    site = report.site
+    if site is None and len(report.sites) == 1:
+        (site,) = report.sites
+    rows = report.results.get("file", {}).get("rows")
+    return {
+        "passed": bool(report.success),
+        "site": site,
+        "rows": None if rows is None else int(rows),
+        "patients": int(sum(report.patients.values())) if report.sites else None,
+        "failures": [
+            {"expectation": f.expectation, "column": f.column,
+             "unexpected_count": f.unexpected_count, "element_count": f.element_count,
+             "detail": f.public_detail}
+            for f in report.failures
+        ],
+    }
