@@ -493,9 +493,9 @@ def site_validation_summary(report: ValidationReport) -> dict[str, Any]:
 
     ``passed``; ``site`` (the report's site, else its only site, else None); ``rows`` (data
     rows in the file, None if it could not be read) and ``patients`` (distinct patient ids of
-    the known sites, None if no site was validated); per failed expectation its type, column, counts and
-    ``FailedExpectation.public_detail``. Observed values, samples, paths and parser
-    messages stay in the full report at the site.
+    the known sites, None if no site was validated); per failed expectation its type,
+    column, counts and ``FailedExpectation.public_detail``. Observed values, samples, paths
+    and parser messages stay in the full report at the site.
     """
     site = report.site
     if site is None and len(report.sites) == 1:

@@ -6,6 +6,7 @@
     fedpriv config --set data.partition=by_patient
     fedpriv budget                           # the privacy ledger: ε spent per patient
     fedpriv audit-sweep --seeds 2            # attack AUC against ε (charged)
+    fedpriv split-sites --out sites/         # one CSV per hospital (sites mode)
 """
 
 from __future__ import annotations
@@ -151,7 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ε values (default: 0.5 1 2)")
     sweep.add_argument("--seeds", type=int, default=None,
                        help="seeds per ε (default: 2)")
+    split = sub.add_parser(
+        "split-sites", parents=[common], help="write one CSV per hospital (sites mode)",
+        description="Split data.path by hospital (column 'dataset') into OUT/<site>/<file "
+                    "name>, <site> the hospital's name in lower case with '-' for anything "
+                    "but letters and digits (e.g. va-long-beach). Each file keeps the header "
+                    "and that hospital's rows in their original order. Each folder is what "
+                    "one hospital's worker sees in sites mode: its own patients and nobody "
+                    "else's (the worker loads it with fl_core.site_data.site_client_data and "
+                    "gets the same train/test split as the simulation). Existing files are "
+                    "replaced. Exit 3 if the file cannot be split (no 'dataset' column, a row "
+                    "without a site).")
+    split.add_argument("--out", default="sites",
+                       help="output folder, relative to --root (default: %(default)s/)")
     return parser
+
+
+def split_sites(cfg: Any, root: Path, out: str) -> None:
+    """``fedpriv split-sites``: write and list one CSV per site."""
+    from adapters.artifacts import write_text_atomic
+    from fl_core.site_data import split_by_site
+
+    source = root / cfg.data.path
+    target = root / out
+    for site in split_by_site(source):
+        path = target / site.slug / source.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, site.text())
+        print(f"{site.site}: {len(site.rows)} rows, {site.patients} patients -> {path}")
 
 
 def print_budget(cfg: Any, root: Path, entries: bool) -> None:
@@ -284,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "budget":
             print_budget(cfg, root, args.entries)
+            return 0
+        if args.command == "split-sites":
+            split_sites(cfg, root, args.out)
             return 0
         if args.command == "stage":
             return run_stage(args.name, cfg, root)
