@@ -492,10 +492,10 @@ def site_validation_summary(report: ValidationReport) -> dict[str, Any]:
     """What a site may tell the coordinator about its validation: no cell value.
 
     ``passed``; ``site`` (the report's site, else its only site, else None); ``rows`` (data
-    rows in the file, None if it could not be read) and ``patients`` (distinct patient ids of
-    the known sites, None if no site was validated); per failed expectation its type,
-    column, counts and ``FailedExpectation.public_detail``. Observed values, samples, paths
-    and parser messages stay in the full report at the site.
+    rows in the file, None if it could not be read); ``patients`` (distinct patient ids of
+    that site, or of every known site if there is no site; None if no site was validated);
+    per failed expectation its type, column, counts and ``FailedExpectation.public_detail``.
+    Observed values, samples, paths and parser messages stay in the full report at the site.
     """
     site = report.site
     if site is None and len(report.sites) == 1:
@@ -505,7 +505,8 @@ def site_validation_summary(report: ValidationReport) -> dict[str, Any]:
         "passed": bool(report.success),
         "site": site,
         "rows": None if rows is None else int(rows),
-        "patients": int(sum(report.patients.values())) if report.sites else None,
+        "patients": (report.patients.get(site, 0) if site is not None
+                     else sum(report.patients.values())) if report.sites else None,
         "failures": [
             {"expectation": f.expectation, "column": f.column,
              "unexpected_count": f.unexpected_count, "element_count": f.element_count,
