@@ -350,27 +350,31 @@ def _build_audit_reply(meta: dict[str, Any], blob: bytes, site: str | None) -> A
     return AuditReply(histograms=histograms, **meta)
 
 
+def _build_evaluate_reply(meta: dict[str, Any], blob: bytes, site: str | None) -> EvaluateReply:
+    bins = meta.pop("bins")
+    if not 1 <= bins <= MAX_BINS or len(blob) != 2 * bins * 4:
+        raise MessageError(f"histogram of {len(blob)} bytes does not hold 2 × {bins} "
+                           f"uint32 counts", site)
+    confusion = meta["confusion"]
+    if len(confusion) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                  for v in confusion):
+        raise MessageError("confusion must be four non-negative counts", site)
+    counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
+    histogram = (counts & 0xFFFFFFFF).view(2, bins)
+    if int(histogram.sum()) != meta["count"] or sum(confusion) != meta["count"]:
+        raise MessageError("histogram, confusion and count disagree", site)
+    meta["confusion"] = tuple(confusion)
+    return EvaluateReply(histogram=histogram, **meta)
+
+
 def _build(cls: type, meta: dict[str, Any], blob: bytes, site: str | None) -> Message:
     if cls is AuditReply:
         return _build_audit_reply(meta, blob, site)
+    if cls is EvaluateReply:
+        return _build_evaluate_reply(meta, blob, site)
     if cls is AuditInstruction and meta["shadow_models"] < 2:
         raise MessageError(f"shadow_models={meta['shadow_models']}: LiRA needs at least 2",
                            site)
-    if cls is EvaluateReply:
-        bins = meta.pop("bins")
-        if not 1 <= bins <= MAX_BINS or len(blob) != 2 * bins * 4:
-            raise MessageError(f"histogram of {len(blob)} bytes does not hold 2 × {bins} "
-                               f"uint32 counts", site)
-        confusion = meta["confusion"]
-        if len(confusion) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
-                                      for v in confusion):
-            raise MessageError("confusion must be four non-negative counts", site)
-        counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
-        histogram = (counts & 0xFFFFFFFF).view(2, bins)
-        if int(histogram.sum()) != meta["count"] or sum(confusion) != meta["count"]:
-            raise MessageError("histogram, confusion and count disagree", site)
-        meta["confusion"] = tuple(confusion)
-        return EvaluateReply(histogram=histogram, **meta)
     if cls in _BLOB_FIELD:
         meta[_BLOB_FIELD[cls]] = blob
     elif blob:
