@@ -36,6 +36,8 @@ from fl_core.compression import (
     rice_decode,
     rice_encode,
 )
+from fl_core.federation import AuditReply, MessageError, decode_message
+from fl_core.federation.messages import FRAME
 
 N = 20
 INDICES = np.array([2, 5, 17], dtype=np.int64)
@@ -270,3 +272,32 @@ def test_values_bytes_follow_k_and_bits() -> None:
     expected = torch.zeros(N)
     expected[torch.from_numpy(INDICES)] = torch.tensor([0.0, 3.5, -3.5])
     assert torch.equal(values, expected)
+
+
+# --- audit replies (sites mode): a valid frame around counts that lie ---------------------------
+
+
+def _audit_frame(counts: torch.Tensor, members: int, non_members: int) -> bytes:
+    """An AuditReply frame built by hand (the layout of fl_core.federation.messages)."""
+    meta = (f'{{"site":"A","round":1,"members":{members},"non_members":{non_members},'
+            f'"bins":{counts.shape[-1]}}}').encode()
+    blob = counts.to(torch.int64).numpy().astype("<i4").tobytes()
+    body = FRAME.pack(b"FPMS", 1, 7, 0, len(meta), len(blob)) + meta + blob
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), cell=st.integers(0, 4 * 16 - 1),
+       change=st.integers(-5, 5).filter(bool))
+def test_any_changed_audit_count_is_refused(seed: int, cell: int, change: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(2, 2, 16, dtype=torch.int64)
+    for a in range(2):
+        counts[a, 0] = torch.bincount(torch.randint(0, 16, (30,), generator=g), minlength=16)
+        counts[a, 1] = torch.bincount(torch.randint(0, 16, (12,), generator=g), minlength=16)
+    good = decode_message(_audit_frame(counts, 30, 12), site="A")
+    assert isinstance(good, AuditReply) and torch.equal(good.histograms, counts)
+    forged_counts = counts.clone()
+    forged_counts.view(-1)[cell] += change  # one count changed: negative or not adding up
+    with pytest.raises(MessageError, match="negative count|sum to"):
+        decode_message(_audit_frame(forged_counts, 30, 12), site="A")

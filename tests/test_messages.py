@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_core.federation import (
+    AuditInstruction,
+    AuditReply,
     EvaluateInstruction,
     EvaluateReply,
     Failure,
@@ -20,7 +22,7 @@ from fl_core.federation import (
     decode_message,
     encode_message,
 )
-from fl_core.federation.messages import FRAME, HISTOGRAM_BINS
+from fl_core.federation.messages import AUDIT_ATTACKS, AUDIT_BINS, FRAME, HISTOGRAM_BINS
 from fl_core.metrics import histogram_auc, roc_auc
 
 names = st.text(min_size=1, max_size=20)
@@ -39,6 +41,16 @@ def evaluate_replies(draw: st.DrawFn) -> EvaluateReply:
                                      bins=draw(st.sampled_from([8, 256, HISTOGRAM_BINS])))
 
 
+@st.composite
+def audit_replies(draw: st.DrawFn) -> AuditReply:
+    members, non_members = draw(st.integers(0, 300)), draw(st.integers(0, 300))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    scores = {a: (torch.rand(members, generator=g), torch.rand(non_members, generator=g) ** 2)
+              for a in AUDIT_ATTACKS}
+    return AuditReply.from_unit_scores(draw(names), draw(rounds), scores,
+                                       bins=draw(st.sampled_from([1, 8, AUDIT_BINS])))
+
+
 messages = st.one_of(
     st.builds(FitInstruction, names, rounds, st.binary(max_size=300), st.integers(1, 100)),
     st.builds(FitReply, names, rounds, st.binary(max_size=300), counts, finite,
@@ -46,6 +58,9 @@ messages = st.one_of(
     st.builds(Failure, names, rounds, st.text(max_size=200)),
     st.builds(EvaluateInstruction, names, rounds, st.binary(max_size=300)),
     evaluate_replies(),
+    st.builds(AuditInstruction, names, rounds, st.binary(max_size=300), st.integers(2, 64),
+              st.integers(-(2**62), 2**62)),
+    audit_replies(),
 )
 
 
@@ -149,3 +164,91 @@ def test_confusion_counts_match_the_predictions() -> None:
     assert reply.count == 5 and int(reply.histogram.sum()) == 5
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
     assert reply.loss_sum == pytest.approx(float(expected))
+
+
+# --- the membership-audit messages (sites mode) ---------------------------------------------------
+
+def _audit_meta(members: int = 3, non_members: int = 2, bins: int = 2, site: str = "A") -> bytes:
+    return (f'{{"site":"{site}","round":1,"members":{members},"non_members":{non_members},'
+            f'"bins":{bins}}}').encode()
+
+
+def _audit_blob(counts: list[int]) -> bytes:
+    return struct.pack(f"<{len(counts)}i", *counts)
+
+
+GOOD_AUDIT = [3, 0, 1, 1, 2, 1, 0, 2]  # [loss members, loss non-members, lira ..] × 2 bins
+
+
+def test_a_hand_built_audit_reply_decodes() -> None:
+    reply = decode_message(_forge(7, _audit_meta(), _audit_blob(GOOD_AUDIT)), site="A")
+    assert isinstance(reply, AuditReply)
+    assert reply.members == 3 and reply.non_members == 2
+    assert reply.histograms.tolist() == [[[3, 0], [1, 1]], [[2, 1], [0, 2]]]
+
+
+@pytest.mark.parametrize(("meta", "blob", "why"), [
+    (_audit_meta(), _audit_blob([2, 0, 1, 1, 2, 1, 0, 2]), "sum to .* not members 3"),
+    (_audit_meta(), _audit_blob([3, 0, 1, 1, 2, 1, 0, 1]), "non-members 2"),
+    (_audit_meta(), _audit_blob([4, -1, 1, 1, 2, 1, 0, 2]), "negative count"),
+    (_audit_meta(), _audit_blob(GOOD_AUDIT[:-1]), "do not hold 2 × 2 × 2 int32"),
+    (_audit_meta(), _audit_blob(GOOD_AUDIT) + b"\x00", "do not hold"),
+    (_audit_meta(bins=3), _audit_blob(GOOD_AUDIT), "do not hold 2 × 2 × 3"),
+    (_audit_meta(bins=0), b"", "do not hold 2 × 2 × 0"),
+    (_audit_meta(bins=2**40), _audit_blob(GOOD_AUDIT), "do not hold"),
+    (_audit_meta(members=-3), _audit_blob([-3, 0, 1, 1, -3, 0, 0, 2]), "negative"),
+    (_audit_meta().replace(b'"members":3', b'"members":3.0'), _audit_blob(GOOD_AUDIT),
+     "field 'members' has type float"),
+    (_audit_meta().replace(b'"members":3', b'"members":true'), _audit_blob(GOOD_AUDIT),
+     "field 'members' has type bool"),
+    (_audit_meta().replace(b',"bins":2', b""), _audit_blob(GOOD_AUDIT), "AuditReply fields"),
+    (_audit_meta().replace(b"}", b',"scores":[0.1]}'), _audit_blob(GOOD_AUDIT),
+     "AuditReply fields"),  # a per-patient field has no place in the reply
+    (_audit_meta().replace(b"}", b',"members":9}'), _audit_blob(GOOD_AUDIT),
+     "sum to .* not members 9"),  # JSON's last duplicate wins; it must still add up
+])
+def test_forged_audit_replies_are_refused(meta: bytes, blob: bytes, why: str) -> None:
+    with pytest.raises(MessageError, match=why) as refused:
+        decode_message(_forge(7, meta, blob), site="A")
+    assert str(refused.value).startswith("message from site 'A': ")
+
+
+@pytest.mark.parametrize(("meta", "why"), [
+    (b'{"site":"A","round":1,"shadow_models":1,"seed":0}', "shadow_models=1"),
+    (b'{"site":"A","round":1,"shadow_models":4,"seed":0.5}', "field 'seed' has type float"),
+    (b'{"site":"A","round":1,"shadow_models":4}', "AuditInstruction fields"),
+    (b'{"site":"A","round":1,"shadow_models":"4","seed":0}', "'shadow_models' has type str"),
+])
+def test_forged_audit_instructions_are_refused(meta: bytes, why: str) -> None:
+    with pytest.raises(MessageError, match=why):
+        decode_message(_forge(6, meta, b"payload"), site="A")
+
+
+def test_audit_reply_refuses_to_build_or_send_inconsistent_histograms() -> None:
+    ok = torch.tensor(GOOD_AUDIT).view(2, 2, 2)
+    assert AuditReply("A", 1, 3, 2, ok).histograms is ok
+    with pytest.raises(MessageError, match="sum to"):
+        AuditReply("A", 1, 4, 2, ok)
+    with pytest.raises(MessageError, match="shape"):
+        AuditReply("A", 1, 3, 2, ok[:1])
+    with pytest.raises(MessageError, match="dtype"):
+        AuditReply("A", 1, 3, 2, ok.double())
+    huge = torch.zeros(2, 2, 1, dtype=torch.int64)
+    huge[:, 0] = 2**31
+    with pytest.raises(MessageError, match="exceeds 2"):
+        encode_message(AuditReply("A", 1, 2**31, 0, huge))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        AuditReply.from_unit_scores("A", 1, {a: (torch.tensor([1.5]), torch.tensor([0.2]))
+                                             for a in AUDIT_ATTACKS})
+    with pytest.raises(ValueError, match="expected"):
+        AuditReply.from_unit_scores("A", 1, {"loss_threshold": (ok, ok)})
+
+
+def test_audit_reply_size_does_not_grow_with_patients() -> None:
+    sizes = set()
+    for n in (10, 1_000, 100_000):
+        u = torch.linspace(0, 1, n)
+        reply = AuditReply.from_unit_scores("A", 1, {a: (u, u.flip(0)[: n // 3])
+                                                     for a in AUDIT_ATTACKS})
+        sizes.add(len(encode_message(reply)) - len(str(n)) - len(str(n // 3)))
+    assert len(sizes) == 1 and sizes.pop() < 4 * 4 * AUDIT_BINS + 200

@@ -6,6 +6,9 @@ attack model), :mod:`~fl_core.audit.lira` (offline / online LiRA), :mod:`~fl_cor
 :mod:`~fl_core.audit.baseline` (the loss-threshold attack) and
 :mod:`~fl_core.audit.membership` (all attacks on one target). Training the shadows is the
 caller's: they must follow the target's own recipe.
+
+:mod:`~fl_core.audit.federated` is the sites-mode audit (attacks at each site, histograms to
+the coordinator); import it from there (it needs the site's training, ``fl_core.federation``).
 """
 
 from fl_core.audit.baseline import balanced_indices, loss_threshold_attack, per_example_loss
@@ -13,10 +16,11 @@ from fl_core.audit.bounds import (
     clopper_pearson_upper,
     empirical_epsilon_lower_bound,
     epsilon_lower_bound_at,
+    epsilon_lower_bound_from_counts,
 )
 from fl_core.audit.lira import lira_offline, lira_online
 from fl_core.audit.membership import AuditResult, membership_audit
-from fl_core.audit.report import AttackReport, attack_report, tpr_at_fpr
+from fl_core.audit.report import AttackReport, attack_report, report_from_roc, tpr_at_fpr
 from fl_core.audit.shadow import (
     ShadowOutputs,
     attack_features,
@@ -28,7 +32,7 @@ from fl_core.audit.shadow import (
 __all__ = [
     "AttackReport", "AuditResult", "ShadowOutputs", "attack_features", "attack_report",
     "balanced_indices", "clopper_pearson_upper", "empirical_epsilon_lower_bound",
-    "epsilon_lower_bound_at", "half_splits", "lira_offline", "lira_online",
-    "loss_threshold_attack", "membership_audit", "per_example_loss", "shokri_attack",
-    "tpr_at_fpr", "true_class_logit",
+    "epsilon_lower_bound_at", "epsilon_lower_bound_from_counts", "half_splits",
+    "lira_offline", "lira_online", "loss_threshold_attack", "membership_audit",
+    "per_example_loss", "report_from_roc", "shokri_attack", "tpr_at_fpr", "true_class_logit",
 ]

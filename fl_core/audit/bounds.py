@@ -74,7 +74,21 @@ def empirical_epsilon_lower_bound(
     last[:-1] = s[1:] != s[:-1]
     true_pos = torch.cumsum(y, 0)[last]
     false_pos = torch.cumsum(1 - y, 0)[last]
-    alpha = (1.0 - confidence) / (2 * max(int(last.sum()), 1))  # 2 bounds per threshold
-    bounds = epsilon_lower_bound_at(false_pos, negatives, positives - true_pos, positives,
-                                    delta, alpha)
+    return epsilon_lower_bound_from_counts(true_pos, false_pos, positives, negatives, delta,
+                                           confidence)
+
+
+def epsilon_lower_bound_from_counts(
+    true_pos: torch.Tensor, false_pos: torch.Tensor, positives: int, negatives: int,
+    delta: float, confidence: float = 0.95,
+) -> float:
+    """ε that an attack proves with ``confidence`` from its ROC counts alone: ``true_pos[t]``
+    members and ``false_pos[t]`` non-members called "member" at each of its ``T`` thresholds
+    (Bonferroni over the ``2T`` one-sided bounds). Histograms merged from several sites give
+    these counts without any per-patient score (:mod:`fl_core.audit.federated`)."""
+    if positives == 0 or negatives == 0:
+        raise ValueError("the bound needs at least one member and one non-member")
+    alpha = (1.0 - confidence) / (2 * max(int(true_pos.numel()), 1))  # 2 bounds per threshold
+    bounds = epsilon_lower_bound_at(false_pos.double(), negatives,
+                                    positives - true_pos.double(), positives, delta, alpha)
     return float(bounds.max())

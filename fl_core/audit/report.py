@@ -55,16 +55,28 @@ def attack_report(
     if not bool(torch.isfinite(scores).all()):
         raise ValueError(f"attack {attack!r} produced non-finite scores")
     fpr, tpr = roc_curve(scores, is_member)
+    return report_from_roc(
+        attack, fpr, tpr, auc=roc_auc(scores, is_member),
+        epsilon_lower_bound=empirical_epsilon_lower_bound(scores, is_member, delta, confidence),
+        members=int(is_member.sum()), non_members=int((1 - is_member).sum()))
+
+
+def report_from_roc(
+    attack: str, fpr: torch.Tensor, tpr: torch.Tensor, *, auc: float,
+    epsilon_lower_bound: float, members: int, non_members: int,
+) -> AttackReport:
+    """The report of an attack whose ROC curve (from (0, 0) to (1, 1)), AUC and ε lower bound
+    are known: from per-patient scores (:func:`attack_report`) or from merged histograms."""
     return AttackReport(
         attack=attack,
-        auc=roc_auc(scores, is_member),
+        auc=auc,
         accuracy=float(((tpr + 1 - fpr) / 2).max()),  # balanced accuracy at the best threshold
         tpr_at_1pct_fpr=tpr_at_fpr(fpr, tpr, 0.01),
         tpr_at_0_1pct_fpr=tpr_at_fpr(fpr, tpr, 0.001),
         advantage=float((tpr - fpr).max()),
-        epsilon_lower_bound=empirical_epsilon_lower_bound(scores, is_member, delta, confidence),
-        members=int(is_member.sum()),
-        non_members=int((1 - is_member).sum()),
+        epsilon_lower_bound=epsilon_lower_bound,
+        members=members,
+        non_members=non_members,
         fpr=fpr.tolist(),
         tpr=tpr.tolist(),
     )

@@ -17,6 +17,13 @@ in :data:`HISTOGRAM_BINS` equal bins. Its size does not depend on the number of 
 patient's score or label is in it, and the pooled AUC computed from merged histograms
 (:func:`fl_core.metrics.histogram_auc`) differs from the exact AUC only through pairs that
 share a bin (each counted as a tie, ½).
+
+**Membership-audit replies are aggregates too** (:class:`AuditReply`, the answer to an
+:class:`AuditInstruction` in sites mode): for each attack in :data:`AUDIT_ATTACKS` and each
+population (the site's members, its non-members) a histogram of the attack's score mapped to
+``[0, 1]`` by a fixed monotone map (:mod:`fl_core.audit.federated` documents the maps), in
+``bins`` equal bins. The counts are signed 32-bit on the wire so that a negative count is
+representable and refused; each population's histogram must sum to its declared count.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ FRAME = struct.Struct("<4sBBHII")
 CRC = struct.Struct("<I")
 MAX_META_BYTES = 64 * 1024
 HISTOGRAM_BINS = 4096
+AUDIT_BINS = 4096
+AUDIT_ATTACKS = ("loss_threshold", "lira")  # the histograms' first axis, in this order
+AUDIT_POPULATIONS = ("members", "non_members")  # their second axis
+MAX_BINS = 1 << 20
 
 
 class MessageError(ValueError):
@@ -132,11 +143,104 @@ class Failure:
     reason: str
 
 
-Message = FitInstruction | EvaluateInstruction | FitReply | EvaluateReply | Failure
+@dataclass(frozen=True)
+class AuditInstruction:
+    """Coordinator → site: audit this (dense) final model on your own patients, with
+    ``shadow_models`` shadows trained at the site; ``seed`` fixes the shadows' halves."""
+
+    KIND: ClassVar[int] = 6
+    site: str
+    round: int
+    model: bytes  # a dense codec payload, as EvaluateInstruction carries
+    shadow_models: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.shadow_models < 2:
+            raise MessageError(f"shadow_models={self.shadow_models}: LiRA needs at least 2",
+                               self.site)
+
+
+@dataclass(frozen=True)
+class AuditReply:
+    """Site → coordinator: the membership attacks' scores on the site's patients, aggregated.
+
+    ``histograms[a, p, b]`` counts the patients of population ``p`` (0: the ``members``
+    training patients, 1: the ``non_members`` held-out patients) whose score under attack
+    ``AUDIT_ATTACKS[a]``, mapped to ``[0, 1]``, falls in bin ``b`` (``[b/bins,
+    (b+1)/bins)``, 1.0 in the last). Its size depends on ``bins`` only, never on the patients.
+    """
+
+    KIND: ClassVar[int] = 7
+    site: str
+    round: int
+    members: int
+    non_members: int
+    histograms: torch.Tensor  # int64 [len(AUDIT_ATTACKS), 2, bins]
+
+    def __post_init__(self) -> None:
+        problem = audit_histogram_problem(self.histograms, self.members, self.non_members)
+        if problem:
+            raise MessageError(problem, self.site)
+
+    @classmethod
+    def from_unit_scores(
+        cls, site: str, round_idx: int, scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        bins: int = AUDIT_BINS,
+    ) -> AuditReply:
+        """Histogram per-patient scores already in ``[0, 1]``: ``scores[attack]`` is
+        (members' scores, non-members' scores) for every attack of :data:`AUDIT_ATTACKS`."""
+        if set(scores) != set(AUDIT_ATTACKS):
+            raise ValueError(f"scores for {sorted(scores)}, expected {list(AUDIT_ATTACKS)}")
+        rows = []
+        for attack in AUDIT_ATTACKS:
+            rows.append(torch.stack([unit_histogram(u, bins) for u in scores[attack]]))
+        members, non_members = (int(t.numel()) for t in scores[AUDIT_ATTACKS[0]])
+        return cls(site, round_idx, members, non_members, torch.stack(rows))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, AuditReply) and _scalars(self) == _scalars(other)
+                and torch.equal(self.histograms, other.histograms))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def unit_histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of ``values`` in ``[0, 1]`` over ``bins`` equal bins (1.0 in the last)."""
+    values = values.detach().double().reshape(-1)
+    if not bool(((values >= 0) & (values <= 1)).all()):  # NaN fails too
+        raise ValueError("scores to histogram must lie in [0, 1]")
+    which = (values * bins).long().clamp(0, bins - 1)
+    return torch.bincount(which, minlength=bins)
+
+
+def audit_histogram_problem(histograms: torch.Tensor, members: int, non_members: int) -> str:
+    """Why ``histograms`` is not a valid :class:`AuditReply` payload ("" when it is)."""
+    shape = tuple(histograms.shape)
+    if len(shape) != 3 or shape[:2] != (len(AUDIT_ATTACKS), 2) or not 1 <= shape[2] <= MAX_BINS:
+        return f"audit histograms of shape {shape}, expected ({len(AUDIT_ATTACKS)}, 2, bins)"
+    if histograms.dtype.is_floating_point or histograms.dtype == torch.bool:
+        return f"audit histograms of dtype {histograms.dtype}, expected integer counts"
+    if members < 0 or non_members < 0:
+        return f"negative population size (members {members}, non-members {non_members})"
+    if bool((histograms < 0).any()):
+        return "audit histograms hold a negative count"
+    sums = histograms.sum(dim=2)
+    expected = torch.tensor([members, non_members], dtype=sums.dtype)
+    if not bool((sums == expected).all()):
+        return (f"audit histograms sum to {sums.tolist()} per attack, not members "
+                f"{members} / non-members {non_members}")
+    return ""
+
+
+Message = (FitInstruction | EvaluateInstruction | FitReply | EvaluateReply | Failure
+           | AuditInstruction | AuditReply)
 _KINDS: dict[int, type] = {c.KIND: c for c in (FitInstruction, EvaluateInstruction, FitReply,
-                                              EvaluateReply, Failure)}
+                                              EvaluateReply, Failure, AuditInstruction,
+                                              AuditReply)}
 _BLOB_FIELD = {FitInstruction: "model", EvaluateInstruction: "model", FitReply: "update",
-               EvaluateReply: "histogram"}
+               EvaluateReply: "histogram", AuditInstruction: "model", AuditReply: "histograms"}
+_BINNED = (EvaluateReply, AuditReply)  # their metadata also declares "bins"
 # the JSON type each scalar field must have once decoded (int fields refuse bools and floats)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "site": (str,), "reason": (str,), "round": (int,), "local_epochs": (int,),
@@ -150,16 +254,26 @@ def _scalars(message: Message) -> dict[str, Any]:
     return {f.name: getattr(message, f.name) for f in fields(message) if f.name != blob}
 
 
-def encode_message(message: Message) -> bytes:
-    """The message as one checksummed frame."""
-    meta = _scalars(message)
+def _blob(message: Message, meta: dict[str, Any]) -> bytes:
+    """The message's binary field as bytes (histograms: declaring ``bins`` in ``meta``)."""
     if isinstance(message, EvaluateReply):
         meta["bins"] = int(message.histogram.shape[1])
         blob = message.histogram.to(torch.int64).clamp(0, 2**32 - 1).to(torch.int32)
-        blob_bytes = blob.numpy().astype("<u4").tobytes()
-    else:
-        blob_bytes = getattr(message, _BLOB_FIELD[type(message)], b"") \
-            if type(message) in _BLOB_FIELD else b""
+        return bytes(blob.numpy().astype("<u4").tobytes())
+    if isinstance(message, AuditReply):
+        meta["bins"] = int(message.histograms.shape[2])
+        counts = message.histograms.to(torch.int64)
+        if bool((counts > 2**31 - 1).any()):
+            raise MessageError("an audit histogram count exceeds 2^31 - 1", message.site)
+        return bytes(counts.numpy().astype("<i4").tobytes())
+    field_name = _BLOB_FIELD.get(type(message))
+    return getattr(message, field_name) if field_name else b""
+
+
+def encode_message(message: Message) -> bytes:
+    """The message as one checksummed frame."""
+    meta = _scalars(message)
+    blob_bytes = _blob(message, meta)
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     if len(meta_bytes) > MAX_META_BYTES:
         raise MessageError(f"metadata of {len(meta_bytes)} bytes exceeds {MAX_META_BYTES}")
@@ -211,7 +325,7 @@ def _meta(raw: bytes, cls: type, site: str | None) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise MessageError("metadata is not a JSON object", site)
     wanted = {f.name for f in fields(cls)} - {_BLOB_FIELD.get(cls, "")}
-    wanted |= {"bins"} if cls is EvaluateReply else set()
+    wanted |= {"bins"} if cls in _BINNED else set()
     if set(meta) != wanted:
         raise MessageError(f"{cls.__name__} fields {sorted(meta)}, expected {sorted(wanted)}",
                            site)
@@ -222,22 +336,45 @@ def _meta(raw: bytes, cls: type, site: str | None) -> dict[str, Any]:
     return meta
 
 
+def _build_audit_reply(meta: dict[str, Any], blob: bytes, site: str | None) -> AuditReply:
+    bins = meta.pop("bins")
+    cells = len(AUDIT_ATTACKS) * 2 * bins
+    if not 1 <= bins <= MAX_BINS or len(blob) != cells * 4:
+        raise MessageError(f"audit histograms of {len(blob)} bytes do not hold "
+                           f"{len(AUDIT_ATTACKS)} × 2 × {bins} int32 counts", site)
+    counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
+    histograms = counts.view(len(AUDIT_ATTACKS), 2, bins)
+    problem = audit_histogram_problem(histograms, meta["members"], meta["non_members"])
+    if problem:
+        raise MessageError(problem, site)
+    return AuditReply(histograms=histograms, **meta)
+
+
+def _build_evaluate_reply(meta: dict[str, Any], blob: bytes, site: str | None) -> EvaluateReply:
+    bins = meta.pop("bins")
+    if not 1 <= bins <= MAX_BINS or len(blob) != 2 * bins * 4:
+        raise MessageError(f"histogram of {len(blob)} bytes does not hold 2 × {bins} "
+                           f"uint32 counts", site)
+    confusion = meta["confusion"]
+    if len(confusion) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                  for v in confusion):
+        raise MessageError("confusion must be four non-negative counts", site)
+    counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
+    histogram = (counts & 0xFFFFFFFF).view(2, bins)
+    if int(histogram.sum()) != meta["count"] or sum(confusion) != meta["count"]:
+        raise MessageError("histogram, confusion and count disagree", site)
+    meta["confusion"] = tuple(confusion)
+    return EvaluateReply(histogram=histogram, **meta)
+
+
 def _build(cls: type, meta: dict[str, Any], blob: bytes, site: str | None) -> Message:
+    if cls is AuditReply:
+        return _build_audit_reply(meta, blob, site)
     if cls is EvaluateReply:
-        bins = meta.pop("bins")
-        if not 1 <= bins <= 1 << 20 or len(blob) != 2 * bins * 4:
-            raise MessageError(f"histogram of {len(blob)} bytes does not hold 2 × {bins} "
-                               f"uint32 counts", site)
-        confusion = meta["confusion"]
-        if len(confusion) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
-                                      for v in confusion):
-            raise MessageError("confusion must be four non-negative counts", site)
-        counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
-        histogram = (counts & 0xFFFFFFFF).view(2, bins)
-        if int(histogram.sum()) != meta["count"] or sum(confusion) != meta["count"]:
-            raise MessageError("histogram, confusion and count disagree", site)
-        meta["confusion"] = tuple(confusion)
-        return EvaluateReply(histogram=histogram, **meta)
+        return _build_evaluate_reply(meta, blob, site)
+    if cls is AuditInstruction and meta["shadow_models"] < 2:
+        raise MessageError(f"shadow_models={meta['shadow_models']}: LiRA needs at least 2",
+                           site)
     if cls in _BLOB_FIELD:
         meta[_BLOB_FIELD[cls]] = blob
     elif blob:

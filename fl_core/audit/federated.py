@@ -1,0 +1,300 @@
+"""The membership audit in sites mode: the attacks run at each site, only histograms leave.
+
+In sites mode each hospital's process holds only its own patients, and the coordinator may
+receive aggregates only. So the audit is split:
+
+* **at the site** (:func:`site_attack_scores`, :func:`site_audit_reply`): the final model's
+  attack scores for each of the site's *members* (its training patients) and *non-members*
+  (its held-out test patients), one score per patient; then, per attack and population, a
+  histogram of the score mapped to ``[0, 1]`` (:class:`~fl_core.federation.messages.AuditReply`,
+  :data:`~fl_core.federation.messages.AUDIT_BINS` bins). No score, label or patient id leaves.
+* **at the coordinator** (:func:`merge_audit_replies`): the sites' histograms summed, and per
+  attack the figures of :class:`~fl_core.audit.report.AttackReport` computed from the merged
+  counts: AUC (Mann–Whitney, a member and a non-member in the same bin count ½), the ROC at
+  every occupied bin edge, TPR at 1 % and 0.1 % FPR, advantage, best balanced accuracy and
+  the Clopper–Pearson ε lower bound (:func:`~fl_core.audit.bounds.epsilon_lower_bound_from_counts`,
+  which needs only the error counts at each threshold).
+
+**The maps to [0, 1]** (fixed and monotone, so binning only merges neighbouring scores):
+
+* ``loss_threshold``: the score is ``−ℓ`` with ``ℓ`` the patient's mean cross-entropy over
+  their records; mapped to ``u = 1 / (1 + ℓ^¼) = sigmoid(−ln ℓ / 4)``. On the log-loss scale a
+  bin is ``≈ 0.004`` wide at ``ℓ = 1`` and ``≈ 0.1`` at ``ℓ = 10⁻⁸``: a memorised member's tiny
+  loss is still resolved (a map on ``p_y = e^{−ℓ}`` would put every ``ℓ < 2.4·10⁻⁴`` in the
+  last bin, exactly where low-FPR attacks live).
+* ``lira``: the score is online LiRA's log-likelihood ratio ``Λ``; mapped to
+  ``u = sigmoid(Λ / 8)`` (:data:`LIRA_TEMPERATURE`): bins ``≈ 0.008`` wide at ``Λ = 0``,
+  saturation only beyond ``|Λ| ≈ 66``.
+
+The merged histogram of several sites equals the histogram of their pooled scores (binning is
+per score), so the coordinator's figures are those of a pooled audit whose scores were
+rounded to bins; the AUC differs from the exact one only through member/non-member pairs that
+share a bin. Unlike the pooled audit (:mod:`adapters.audit`), members are not subsampled to
+balance the non-members: every figure here is a rate within a population, so it needs no
+balance, and each site audits all its patients.
+
+**What is not available in sites mode** (:data:`NOT_IN_SITES_MODE`): Shokri's attack model
+learns "trained on" from shadows' features over a pooled population and scores every
+patient's features with it; its training set and its inputs are per-patient features from
+every site, which may not leave a site. Offline LiRA is not reported separately: with the
+site's own patients in its shadows' pool every patient has in- and out-models, so the site
+runs the stronger online test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fl_core.audit.bounds import epsilon_lower_bound_from_counts
+from fl_core.audit.lira import lira_online
+from fl_core.audit.report import AttackReport, report_from_roc
+from fl_core.audit.shadow import ShadowOutputs, half_splits, true_class_logit
+from fl_core.compression import decode_payload
+from fl_core.data import ClientData
+from fl_core.federation.messages import (
+    AUDIT_ATTACKS,
+    AUDIT_BINS,
+    AuditInstruction,
+    AuditReply,
+)
+from fl_core.federation.site import LocalTrainingConfig, seed_for, train_local
+from fl_core.metrics import histogram_auc
+from fl_core.models import get_flat_params, set_flat_params
+
+SITE_ATTACKS = AUDIT_ATTACKS  # what a site computes: ("loss_threshold", "lira")
+NOT_IN_SITES_MODE: dict[str, str] = {
+    "shokri_shadow": "Shokri's attack model is trained on shadows' per-patient features over a "
+                     "pooled population and applied to every patient's features; in sites mode "
+                     "no per-patient feature may leave its site, so it is not available",
+    "lira_offline": "sites run online LiRA (reported as 'lira'): the site's own patients are "
+                    "in its shadows' pool, so every patient has in- and out-models",
+}
+LOSS_EXPONENT = 0.25  # loss_threshold: u = 1 / (1 + ℓ^LOSS_EXPONENT)
+LIRA_TEMPERATURE = 8.0  # lira: u = sigmoid(Λ / LIRA_TEMPERATURE)
+
+ModelFactory = Callable[[], nn.Module]
+Scores = dict[str, tuple[torch.Tensor, torch.Tensor]]  # attack → (members, non-members)
+
+
+def check_site_attacks(attacks: Iterable[str]) -> None:
+    """Refuse, with the reason, any attack a site cannot run in sites mode."""
+    for attack in attacks:
+        if attack in NOT_IN_SITES_MODE:
+            raise ValueError(f"attack {attack!r} in sites mode: {NOT_IN_SITES_MODE[attack]}")
+        if attack not in SITE_ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}; sites run {list(SITE_ATTACKS)}")
+
+
+def loss_to_unit(score: torch.Tensor) -> torch.Tensor:
+    """``loss_threshold`` score ``−ℓ`` → ``1 / (1 + ℓ^¼)`` in ``[0, 1]``, increasing."""
+    loss = (-score.double()).clamp(min=0)
+    return 1.0 / (1.0 + loss.pow(LOSS_EXPONENT))
+
+
+def lira_to_unit(score: torch.Tensor) -> torch.Tensor:
+    """LiRA log-likelihood ratio ``Λ`` → ``sigmoid(Λ / 8)`` in ``[0, 1]``, increasing."""
+    return torch.sigmoid(score.double() / LIRA_TEMPERATURE)
+
+
+UNIT_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "loss_threshold": loss_to_unit, "lira": lira_to_unit}
+
+
+# --- at the site ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SitePool:
+    """The site's records, members' then non-members', and each record's patient (0..U−1)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    patient: torch.Tensor  # int64 [records]
+    members: int  # patients 0..members−1 are members, the rest non-members
+    patients: int
+
+
+def _site_pool(data: ClientData) -> _SitePool:
+    """Group the training rows by patient (``data.patient_ids()``); one test row per patient."""
+    if data.x_test.shape[0] != len(data.test_ids):
+        raise ValueError(f"site {data.client_id!r}: {data.x_test.shape[0]} test rows for "
+                         f"{len(data.test_ids)} test patients; non-members cannot be grouped")
+    _, member_of_row = torch.unique(data.patient_ids(), return_inverse=True)
+    members = int(member_of_row.max()) + 1 if member_of_row.numel() else 0
+    non_members = data.x_test.shape[0]
+    if members == 0 or non_members == 0:
+        raise ValueError(f"site {data.client_id!r}: the audit needs members and non-members "
+                         f"({members} and {non_members})")
+    patient = torch.cat([member_of_row.reshape(-1), members + torch.arange(non_members)])
+    return _SitePool(torch.cat([data.x_train, data.x_test]),
+                     torch.cat([data.y_train, data.y_test]), patient, members,
+                     members + non_members)
+
+
+def _per_patient_mean(values: torch.Tensor, pool: _SitePool) -> torch.Tensor:
+    """``[..., records]`` → ``[..., patients]``: the mean over each patient's records."""
+    sums = torch.zeros(*values.shape[:-1], pool.patients, dtype=values.dtype)
+    sums.index_add_(-1, pool.patient, values)
+    return sums / torch.bincount(pool.patient, minlength=pool.patients).to(values.dtype)
+
+
+def _phi(model: nn.Module, pool: _SitePool) -> torch.Tensor:
+    """Per record, the logit-scaled confidence of the true class (float64)."""
+    model.eval()
+    with torch.no_grad():
+        return true_class_logit(model(pool.x), pool.y)
+
+
+def _shadow_phi(model_factory: ModelFactory, pool: _SitePool, trained_on: torch.Tensor,
+                training: LocalTrainingConfig, seed: int, site: str) -> torch.Tensor:
+    """``[S, records]``: shadow ``s`` trained by :func:`train_local` on the records of the
+    patients ``trained_on[s]`` marks, then scored on every record of the site."""
+    phis = []
+    for s, patients in enumerate(trained_on):
+        model = model_factory()
+        rows = patients[pool.patient]
+        train_local(model, pool.x[rows], pool.y[rows], training, seed_for(seed, site, s))
+        phis.append(_phi(model, pool))
+    return torch.stack(phis)
+
+
+def site_attack_scores(
+    model_factory: ModelFactory, params: torch.Tensor, data: ClientData, *,
+    shadow_models: int, seed: int, training: LocalTrainingConfig,
+) -> Scores:
+    """Per-patient attack scores at one site: ``attack → (members, non-members)``, higher
+    meaning "more likely a member", for ``loss_threshold`` and ``lira``. Stays at the site.
+
+    *Members* are the patients of ``data.x_train`` (rows grouped by ``data.patient_ids()``:
+    a patient with several records is one member), *non-members* those of ``data.x_test``.
+
+    * ``loss_threshold``: ``−ℓ``, ``ℓ`` the patient's mean cross-entropy over their records
+      under the model ``params`` (built by ``model_factory``).
+    * ``lira``: online LiRA (:func:`~fl_core.audit.lira.lira_online`). ``shadow_models``
+      shadows are trained *locally at the site*, each by :func:`train_local` with
+      ``training`` from ``model_factory()``'s initialisation on the records of a random half
+      of the site's own patients, members and non-members alike
+      (:func:`~fl_core.audit.shadow.half_splits`, seeded by ``seed`` and the site: every
+      patient is in exactly ``⌊S/2⌋`` shadows). A patient's ``φ`` is the mean over their
+      records of the logit-scaled confidence of the true class; the score is
+      ``log N(φ; μ_in, σ_in²) − log N(φ; μ_out, σ_out²)`` with per-patient means and pooled
+      variances.
+
+    **What the site-local LiRA assumes, and how it differs from the pooled one.** The pooled
+    audit's shadows are federated runs with the target's own recipe (every site, the rounds,
+    compression, aggregation, DP-SGD at the same ε) on halves of a population disjoint from
+    the members, and offline LiRA is its default. Here each shadow is one site's centralised,
+    non-private SGD on half of that site's patients; that needs no data to leave the site,
+    but it assumes that such a model's confidence on a patient, with and without that
+    patient, is distributed like the federated target's. It is not (the target also learned
+    from the other sites and, when private, was trained with clipping and noise), so the
+    reference Gaussians are miscalibrated to an unknown degree: the score is still a valid
+    membership test (the shadows' halves are drawn independently of the target's membership,
+    so the ε lower bound keeps its meaning), but a weaker one than with faithful shadows, and
+    a low LiRA figure in sites mode is weaker evidence of privacy than the pooled audit's.
+    ``training`` is the caller's choice; ``local_epochs`` near the target's
+    ``rounds × local_epochs`` mimics the target's total training. The shadows are never
+    released. As in the pooled audit, the patients' guesses share the shadows (pooled
+    variance), which the Clopper–Pearson independence assumption overlooks.
+    """
+    pool = _site_pool(data)
+    target = model_factory()
+    set_flat_params(target, params)
+    phi = _phi(target, pool)
+    loss = _per_patient_mean(nn.functional.softplus(-phi), pool)
+    generator = torch.Generator().manual_seed(seed_for(seed, data.client_id, -1))
+    trained_on = half_splits(pool.patients, shadow_models, generator)
+    shadow_phi = _per_patient_mean(
+        _shadow_phi(model_factory, pool, trained_on, training, seed, data.client_id), pool)
+    # φ is already the true class's logit: with label 1 everywhere LiRA reads it as is
+    shadows = ShadowOutputs(shadow_phi, torch.ones(pool.patients, dtype=torch.float64),
+                            trained_on)
+    llr = lira_online(shadows, _per_patient_mean(phi, pool), torch.arange(pool.patients))
+    m = pool.members
+    return {"loss_threshold": (-loss[:m], -loss[m:]), "lira": (llr[:m], llr[m:])}
+
+
+def audit_reply_from_scores(site: str, round_idx: int, scores: Scores,
+                            bins: int = AUDIT_BINS) -> AuditReply:
+    """Map each attack's scores to ``[0, 1]`` (:data:`UNIT_MAPS`) and histogram them."""
+    check_site_attacks(scores)
+    for attack, (members, non_members) in scores.items():
+        if not bool(torch.isfinite(members).all() and torch.isfinite(non_members).all()):
+            raise ValueError(f"attack {attack!r} produced non-finite scores")
+    unit = {a: (UNIT_MAPS[a](m), UNIT_MAPS[a](o)) for a, (m, o) in scores.items()}
+    return AuditReply.from_unit_scores(site, round_idx, unit, bins)
+
+
+def site_audit_reply(
+    instruction: AuditInstruction, model_factory: ModelFactory, data: ClientData, *,
+    training: LocalTrainingConfig, bins: int = AUDIT_BINS,
+) -> AuditReply:
+    """The site's answer to an :class:`AuditInstruction`: :func:`site_attack_scores` on the
+    instruction's (dense) model, histogrammed. Nothing per patient is in it."""
+    if instruction.site != data.client_id:
+        raise ValueError(f"an audit instruction for site {instruction.site!r} reached site "
+                         f"{data.client_id!r}")
+    params = decode_payload(instruction.model, get_flat_params(model_factory()).numel())
+    scores = site_attack_scores(model_factory, params, data,
+                                shadow_models=instruction.shadow_models,
+                                seed=instruction.seed, training=training)
+    return audit_reply_from_scores(data.client_id, instruction.round, scores, bins)
+
+
+# --- at the coordinator ------------------------------------------------------------------------
+
+
+def histogram_attack_report(attack: str, histogram: torch.Tensor, *, delta: float,
+                            alpha: float = 0.05) -> AttackReport:
+    """An attack's report from ``[2, bins]`` counts (row 0: members, row 1: non-members).
+
+    Thresholds are the occupied bins' lower edges ("member if the bin is ≥ b"); the ε lower
+    bound holds with confidence ``1 − alpha`` (Bonferroni over those thresholds).
+    """
+    members, non_members = histogram.to(torch.float64)
+    positives, negatives = int(members.sum()), int(non_members.sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"attack {attack!r}: the audit needs at least one member and one "
+                         f"non-member ({positives} and {negatives})")
+    occupied = (members + non_members).flip(0) > 0
+    true_pos = torch.cumsum(members.flip(0), 0)[occupied]
+    false_pos = torch.cumsum(non_members.flip(0), 0)[occupied]
+    zero = torch.zeros(1, dtype=torch.float64)
+    return report_from_roc(
+        attack, torch.cat([zero, false_pos / negatives]), torch.cat([zero, true_pos / positives]),
+        auc=histogram_auc(torch.stack([non_members, members])),
+        epsilon_lower_bound=epsilon_lower_bound_from_counts(
+            true_pos, false_pos, positives, negatives, delta, 1.0 - alpha),
+        members=positives, non_members=negatives)
+
+
+def merge_histograms(replies: Sequence[AuditReply]) -> torch.Tensor:
+    """The sites' histograms summed, ``[attacks, 2, bins]``; refuses replies that cannot be
+    merged (none, a site twice, different rounds or bin counts)."""
+    if not replies:
+        raise ValueError("no audit replies to merge")
+    sites = [r.site for r in replies]
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"audit replies from the same site more than once: {sorted(sites)}")
+    if len({r.round for r in replies}) != 1:
+        raise ValueError(f"audit replies of different rounds: {[r.round for r in replies]}")
+    if len({tuple(r.histograms.shape) for r in replies}) != 1:
+        raise ValueError("audit replies with different numbers of bins")
+    return torch.stack([r.histograms.to(torch.int64) for r in replies]).sum(0)
+
+
+def merge_audit_replies(
+    replies: Sequence[AuditReply], *, delta: float, alpha: float = 0.05,
+) -> list[AttackReport]:
+    """Per attack of :data:`SITE_ATTACKS`, the report of the sites' merged histograms.
+
+    ``AuditResult(tuple(reports)).metrics()`` (:mod:`fl_core.audit.membership`) gives the
+    worst case the gate reads. Shokri's attack is not among them (:data:`NOT_IN_SITES_MODE`).
+    """
+    merged = merge_histograms(replies)
+    return [histogram_attack_report(attack, merged[i], delta=delta, alpha=alpha)
+            for i, attack in enumerate(SITE_ATTACKS)]

@@ -1,0 +1,270 @@
+"""The membership audit in sites mode: per-site scores, histogram replies, merged figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_core.audit import attack_report, per_example_loss
+from fl_core.audit.federated import (
+    LIRA_TEMPERATURE,
+    NOT_IN_SITES_MODE,
+    SITE_ATTACKS,
+    audit_reply_from_scores,
+    check_site_attacks,
+    lira_to_unit,
+    loss_to_unit,
+    merge_audit_replies,
+    merge_histograms,
+    site_attack_scores,
+    site_audit_reply,
+)
+from fl_core.compression import DenseCodec
+from fl_core.config import DataConfig
+from fl_core.data import ClientData, FederatedDataLoader
+from fl_core.engine import FederationSettings
+from fl_core.federation import AuditInstruction, AuditReply, decode_message, encode_message
+from fl_core.federation.messages import AUDIT_BINS
+from fl_core.federation.simulation import simulate
+from fl_core.federation.site import LocalTrainingConfig, SiteClient
+from fl_core.metrics import roc_auc
+from fl_core.models import build_model, get_flat_params, set_flat_params
+
+DELTA = 1e-5
+SHADOW_TRAINING = LocalTrainingConfig(local_epochs=40, batch_size=32, learning_rate=0.1, seed=0)
+
+
+def _labels(members: torch.Tensor, non_members: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.ones(len(members)), torch.zeros(len(non_members))])
+
+
+@st.composite
+def site_scores(draw: st.DrawFn) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random scores in each attack's natural range: log-losses and log-likelihood ratios."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    m, o = draw(st.integers(50, 400)), draw(st.integers(50, 400))  # a tie moves AUC ≤ 1/(2mo)
+    log_loss = draw(st.floats(-8, 2))
+    spread, shift = draw(st.floats(0.5, 3)), draw(st.floats(-2, 2))
+    llr_scale, llr_shift = draw(st.floats(1, 15)), draw(st.floats(-5, 5))
+    return {
+        "loss_threshold": (-torch.exp(log_loss + spread * torch.randn(m, generator=g)),
+                           -torch.exp(log_loss + shift + spread * torch.randn(o, generator=g))),
+        "lira": (llr_shift + llr_scale * torch.randn(m, generator=g, dtype=torch.float64),
+                 llr_scale * torch.randn(o, generator=g, dtype=torch.float64)),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(site_scores())
+def test_histogram_auc_is_within_0_005_of_the_exact_auc(
+    scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    reports = merge_audit_replies([audit_reply_from_scores("A", 1, scores)], delta=DELTA)
+    for report in reports:
+        members, non_members = scores[report.attack]
+        exact = roc_auc(torch.cat([members, non_members]), _labels(members, non_members))
+        assert report.auc == pytest.approx(exact, abs=0.005)
+        assert (report.members, report.non_members) == (len(members), len(non_members))
+
+
+@settings(max_examples=40, deadline=None)
+@given(site_scores(), site_scores())
+def test_merging_two_sites_equals_the_histogram_of_the_pooled_scores(
+    a: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    b: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    pooled = {k: (torch.cat([a[k][0], b[k][0]]), torch.cat([a[k][1], b[k][1]])) for k in a}
+    replies = [audit_reply_from_scores("A", 2, a), audit_reply_from_scores("B", 2, b)]
+    one = audit_reply_from_scores("pool", 2, pooled)
+    assert torch.equal(merge_histograms(replies), one.histograms)
+    assert merge_audit_replies(replies, delta=DELTA) == merge_audit_replies([one], delta=DELTA)
+
+
+def test_bin_centred_scores_give_the_per_patient_report_exactly() -> None:
+    """When binning loses nothing (one score per bin centre), the merged histograms give the
+    same ROC, AUC, TPRs, advantage and ε lower bound as the per-patient report."""
+    g = torch.Generator().manual_seed(3)
+    bins = torch.randint(0, AUDIT_BINS, (700,), generator=g)
+    bins[:300] = (bins[:300] + 1500).clamp(max=AUDIT_BINS - 1)  # members score higher
+    u = (bins.double() + 0.5) / AUDIT_BINS
+    llr = LIRA_TEMPERATURE * torch.log(u / (1 - u))
+    members, non_members = llr[:300], llr[300:]
+    scores = {"loss_threshold": (-torch.rand(300, generator=g), -torch.rand(400, generator=g)),
+              "lira": (members, non_members)}
+    merged = merge_audit_replies([audit_reply_from_scores("A", 1, scores)], delta=DELTA)[1]
+    exact = attack_report("lira", llr, _labels(members, non_members), DELTA)
+    assert merged.summary() == pytest.approx(exact.summary())
+    assert merged.fpr == pytest.approx(exact.fpr) and merged.tpr == pytest.approx(exact.tpr)
+    assert exact.epsilon_lower_bound > 0.5
+
+
+def test_the_maps_are_monotone_and_land_in_the_unit_interval() -> None:
+    loss = torch.tensor([0.0, 1e-300, 1e-12, 1e-4, 0.5, 1.0, 10.0, 1e6, float("inf")],
+                        dtype=torch.float64)
+    u = loss_to_unit(-loss)
+    assert bool((u[1:] <= u[:-1]).all()) and u[0] == 1 and u[-1] == 0
+    assert bool((u[3:-1] < u[2:-2]).all())  # strictly between 10⁻¹² and 10⁶
+    llr = torch.tensor([-1e9, -60.0, -1.0, 0.0, 1.0, 60.0, 1e9], dtype=torch.float64)
+    v = lira_to_unit(llr)
+    assert bool((v[2:-1] > v[1:-2]).all()) and v[0] == 0 and v[-1] == 1 and v[3] == 0.5
+    assert float(loss_to_unit(torch.tensor(-1.0))) == 0.5
+
+
+def test_shokri_is_refused_in_sites_mode_with_the_reason() -> None:
+    check_site_attacks(SITE_ATTACKS)
+    with pytest.raises(ValueError, match="per-patient feature may leave its site"):
+        check_site_attacks(["loss_threshold", "shokri_shadow"])
+    assert set(NOT_IN_SITES_MODE) == {"shokri_shadow", "lira_offline"}
+    with pytest.raises(ValueError, match="unknown attack"):
+        check_site_attacks(["made_up"])
+
+
+def test_merge_refuses_replies_that_cannot_be_merged() -> None:
+    u = torch.linspace(-1, 0, 5)
+    scores = {a: (u, u) for a in SITE_ATTACKS}
+    a, b = audit_reply_from_scores("A", 1, scores), audit_reply_from_scores("B", 1, scores)
+    with pytest.raises(ValueError, match="same site"):
+        merge_audit_replies([a, a], delta=DELTA)
+    with pytest.raises(ValueError, match="different rounds"):
+        merge_audit_replies([a, audit_reply_from_scores("B", 2, scores)], delta=DELTA)
+    with pytest.raises(ValueError, match="bins"):
+        merge_audit_replies([a, audit_reply_from_scores("B", 1, scores, bins=8)], delta=DELTA)
+    with pytest.raises(ValueError, match="no audit replies"):
+        merge_audit_replies([], delta=DELTA)
+    counts = torch.zeros(2, 2, AUDIT_BINS, dtype=torch.int64)
+    counts[:, 1, 0] = 5
+    empty = AuditReply("C", 1, 0, 5, counts)  # a site with non-members only
+    with pytest.raises(ValueError, match="at least one member"):
+        merge_audit_replies([empty], delta=DELTA)
+    assert len(merge_audit_replies([a, b, empty], delta=DELTA)) == 2
+
+
+# --- on the heart data ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heart(raw_csv: Path) -> list[ClientData]:
+    config = DataConfig(path=str(raw_csv))
+    data, _, _ = FederatedDataLoader.get(config).partitioned(config, 0)
+    return data
+
+
+def _mlp(num_features: int, hidden: int = 256):  # noqa: ANN202
+    return lambda: build_model("mlp", num_features, hidden, seed=0)
+
+
+def _site_replies(factory, params: torch.Tensor, data: list[ClientData]) -> list[AuditReply]:  # noqa: ANN001
+    payload = DenseCodec().encode(params)
+    replies = []
+    for d in data:
+        instruction = decode_message(encode_message(
+            AuditInstruction(d.client_id, 7, payload, shadow_models=4, seed=11)))
+        assert isinstance(instruction, AuditInstruction)
+        reply = site_audit_reply(instruction, factory, d, training=SHADOW_TRAINING)
+        replies.append(decode_message(encode_message(reply), site=d.client_id,
+                                      expect=AuditReply))  # type: ignore[arg-type]
+    return replies  # type: ignore[return-value]
+
+
+def test_an_overfit_mlp_is_caught_by_the_site_path(heart: list[ClientData]) -> None:
+    factory = _mlp(heart[0].x_train.shape[1])
+    model = factory()
+    x = torch.cat([d.x_train for d in heart])
+    y = torch.cat([d.y_train for d in heart])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(1000):  # full batch, no regularisation: memorises the training patients
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        optimizer.step()
+    replies = _site_replies(factory, get_flat_params(model), heart)
+    reports = {r.attack: r for r in merge_audit_replies(replies, delta=DELTA)}
+    assert reports["loss_threshold"].auc > 0.58
+    assert reports["loss_threshold"].members == sum(d.num_train for d in heart)
+    assert reports["loss_threshold"].non_members == sum(len(d.test_ids) for d in heart)
+    assert 0.0 <= reports["lira"].auc <= 1.0
+
+
+def test_the_site_audit_of_a_simulated_federation_matches_the_pooled_baseline(
+    heart: list[ClientData],
+) -> None:
+    factory = _mlp(heart[0].x_train.shape[1], hidden=128)
+    local = LocalTrainingConfig(local_epochs=20, batch_size=16, learning_rate=0.2, seed=0)
+    sites = [SiteClient(d, factory, local) for d in heart]
+    result = simulate(sites, initial_params=get_flat_params(factory()),
+                      settings=FederationSettings(rounds=5, local_epochs=20))
+    replies = _site_replies(factory, result.params, heart)
+    site_loss = merge_audit_replies(replies, delta=DELTA)[0]
+
+    model = factory()  # the pooled baseline sees every member's and non-member's loss
+    set_flat_params(model, result.params)
+    members = -per_example_loss(model, torch.cat([d.x_train for d in heart]),
+                                torch.cat([d.y_train for d in heart]))
+    non_members = -per_example_loss(model, torch.cat([d.x_test for d in heart]),
+                                    torch.cat([d.y_test for d in heart]))
+    pooled = attack_report("loss_threshold", torch.cat([members, non_members]),
+                           _labels(members, non_members), DELTA)
+    assert site_loss.auc == pytest.approx(pooled.auc, abs=0.02)
+    assert (site_loss.members, site_loss.non_members) == (pooled.members, pooled.non_members)
+    assert site_loss.advantage == pytest.approx(pooled.advantage, abs=0.05)
+
+
+def test_a_reply_holds_nothing_per_patient(heart: list[ClientData]) -> None:
+    """The encoded reply's length does not depend on the number of patients."""
+    factory = _mlp(heart[0].x_train.shape[1], hidden=16)
+    params = get_flat_params(factory())
+    cleveland = heart[0]
+    sizes = set()
+    for n_train, n_test in ((20, 5), (120, 30), (243, 61)):
+        part = ClientData(cleveland.client_id, cleveland.x_train[:n_train],
+                          cleveland.y_train[:n_train], cleveland.x_test[:n_test],
+                          cleveland.y_test[:n_test], cleveland.train_ids[:n_train],
+                          cleveland.test_ids[:n_test])
+        scores = site_attack_scores(factory, params, part, shadow_models=2, seed=0,
+                                    training=LocalTrainingConfig(2, 32, 0.1, 0))
+        reply = audit_reply_from_scores(part.client_id, 1, scores)
+        assert (reply.members, reply.non_members) == (n_train, n_test)
+        data = encode_message(reply)
+        # only the digits of the two counts in the metadata may differ
+        sizes.add(len(data) - len(str(n_train)) - len(str(n_test)))
+        for members, _ in scores.values():
+            assert members[:2].numpy().astype("<f8").tobytes() not in data
+    assert len(sizes) == 1
+
+
+def test_patients_with_several_records_are_one_member_each(heart: list[ClientData]) -> None:
+    d = heart[3]
+    rows = torch.cat([torch.arange(d.num_train), torch.arange(10)])  # 10 patients twice
+    doubled = ClientData(d.client_id, d.x_train[rows], d.y_train[rows], d.x_test, d.y_test,
+                         d.train_ids, d.test_ids, train_patients=d.patient_ids()[rows])
+    factory = _mlp(d.x_train.shape[1], hidden=16)
+    params = get_flat_params(factory())
+    kwargs = {"shadow_models": 2, "seed": 0, "training": LocalTrainingConfig(1, 32, 0.1, 0)}
+    once = site_attack_scores(factory, params, d, **kwargs)  # type: ignore[arg-type]
+    twice = site_attack_scores(factory, params, doubled, **kwargs)  # type: ignore[arg-type]
+    assert len(twice["loss_threshold"][0]) == d.num_train
+    # a patient's records are identical here, so the mean loss is the single record's
+    assert torch.allclose(twice["loss_threshold"][0], once["loss_threshold"][0])
+    with pytest.raises(ValueError, match="test rows"):
+        site_attack_scores(factory, params, ClientData(
+            d.client_id, d.x_train, d.y_train, d.x_test, d.y_test, d.train_ids,
+            d.test_ids[:-1]), **kwargs)  # type: ignore[arg-type]
+
+
+def test_site_attack_scores_are_seeded_and_finite(heart: list[ClientData]) -> None:
+    factory = _mlp(heart[0].x_train.shape[1], hidden=32)
+    params = get_flat_params(factory())
+
+    def scores(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return site_attack_scores(factory, params, heart[0], shadow_models=4, seed=seed,
+                                  training=SHADOW_TRAINING)
+
+    first, again, other = scores(0), scores(0), scores(1)
+    for attack in SITE_ATTACKS:
+        assert all(bool(torch.isfinite(t).all()) for t in first[attack])
+        assert all(torch.equal(a, b) for a, b in zip(first[attack], again[attack], strict=True))
+    assert torch.equal(first["loss_threshold"][0], other["loss_threshold"][0])  # no shadows
+    assert not torch.equal(first["lira"][0], other["lira"][0])  # other halves, other shadows
