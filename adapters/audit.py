@@ -39,10 +39,23 @@ from adapters.partition import load_client_data
 from adapters.plots import roc_plot
 from adapters.train import load_model
 from fl_core.audit import ShadowOutputs, balanced_indices, half_splits, membership_audit
+from fl_core.audit.federated import merge_audit_replies
+from fl_core.audit.membership import AuditResult
+from fl_core.compression import DenseCodec
 from fl_core.config import PipelineConfig
 from fl_core.data import SITE, ClientData, FederatedDataLoader, TabularTransform, assign_clients
+from fl_core.engine import RoundFailedError
 from fl_core.federation.build import build_target_model, federate
-from fl_core.models import set_flat_params
+from fl_core.federation.messages import (
+    AuditInstruction,
+    AuditReply,
+    Failure,
+    MessageError,
+    decode_message,
+    encode_message,
+)
+from fl_core.federation.transport import Transport
+from fl_core.models import get_flat_params, set_flat_params
 from fl_core.reports import AuditReport, PrivacyReport
 
 # attack → (FPR, TPR, AUC) of its ROC curve, for the plot
@@ -152,17 +165,25 @@ def audit_trained(
     delta = float(privacy.delta or cfg.privacy.delta)
     result = membership_audit(target_logits, pool.is_member, pool.eval_index, shadows, delta,
                               cfg.audit.confidence)
+    report = _report(cfg, result, privacy, delta, started, members=int(pool.is_member.sum()),
+                     non_members=int((1 - pool.is_member).sum()),
+                     population=int(pool.trainable.sum()), online=cfg.audit.online)
+    return report, {r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports}
+
+
+def _report(cfg: PipelineConfig, result: AuditResult, privacy: PrivacyReport, delta: float,
+            started: float, *, members: int, non_members: int, population: int,
+            online: bool) -> AuditReport:
+    """``audit.json``: the worst case over the attacks, checked against the accountant."""
     headline = result.metrics()
     epsilon = privacy.epsilon
-    report = AuditReport(
+    return AuditReport(
         enabled=True, seconds=round(time.perf_counter() - started, 3), **headline,
-        attacks=[r.summary() for r in result.reports],
-        members=int(pool.is_member.sum()), non_members=int((1 - pool.is_member).sum()),
-        population=int(pool.trainable.sum()), shadow_models=cfg.audit.shadow_models,
-        online=cfg.audit.online, delta=delta, confidence=cfg.audit.confidence,
-        accountant_epsilon=epsilon,
+        attacks=[r.summary() for r in result.reports], members=members,
+        non_members=non_members, population=population,
+        shadow_models=cfg.audit.shadow_models, online=online, delta=delta,
+        confidence=cfg.audit.confidence, accountant_epsilon=epsilon,
         privacy_consistent=epsilon is None or headline["empirical_epsilon_lower_bound"] <= epsilon)
-    return report, {r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports}
 
 
 def describe_audit(report: AuditReport) -> str:
@@ -187,15 +208,64 @@ def audit_model(
     Returns ``audit.json`` as a dict (the flow's summary reads it)."""
     paths = Paths.of(cfg, root, run_id)
     if not cfg.audit.enabled:
-        report = AuditReport(enabled=False, seconds=0.0)
-        write_json_atomic(paths.audit, report.to_dict())
-        print("audit disabled (audit.enabled=false): MIA metrics stay null; the gate refuses")
-        return report.to_dict()
+        return _disabled(paths)
     data, transform, _ = load_client_data(cfg, paths)
     model, _ = load_model(paths.model)
     privacy = read_training(paths).privacy
     report, curves = audit_trained(cfg, paths.root, data, transform, model, privacy)
     roc_plot(curves, "Membership inference on the target", paths.roc_plot)
+    write_json_atomic(paths.audit, report.to_dict())
+    print(describe_audit(report))
+    return report.to_dict()
+
+
+def _disabled(paths: Paths) -> dict[str, Any]:
+    report = AuditReport(enabled=False, seconds=0.0)
+    write_json_atomic(paths.audit, report.to_dict())
+    print("audit disabled (audit.enabled=false): MIA metrics stay null; the gate refuses")
+    return report.to_dict()
+
+
+def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
+                   transport: Transport) -> dict[str, Any]:
+    """``federation.mode=sites``: every site attacks the final model on its own patients
+    (loss threshold, and online LiRA with shadows trained at the site on halves of its own
+    patients) and returns score histograms only; the coordinator merges them
+    (:func:`fl_core.audit.federated.merge_audit_replies`). Shokri's attack needs pooled
+    patient-level features and runs in simulation only. Members are every training patient,
+    non-members every held-out one (not balanced: the ROC does not need it)."""
+    paths = Paths.of(cfg, root, run_id)
+    if not cfg.audit.enabled:
+        return _disabled(paths)
+    started = time.perf_counter()
+    model, _ = load_model(paths.model)
+    privacy = read_training(paths).privacy
+    payload = DenseCodec().encode(get_flat_params(model).detach())
+    sites = list(privacy.site_patients or privacy.client_steps)
+    requests = {s: encode_message(AuditInstruction(s, -1, payload, cfg.audit.shadow_models,
+                                                   cfg.seed + 2)) for s in sites}
+    print(f"audit at {len(sites)} sites: loss threshold and site-local online LiRA "
+          f"({cfg.audit.shadow_models} shadows per site); score histograms only", flush=True)
+    replies = []
+    for site, answer in transport.exchange(requests, cfg.federation.round_timeout_s).items():
+        try:
+            reply = decode_message(answer, site=site, expect=(AuditReply, Failure))
+        except MessageError as exc:
+            reply = Failure(site, -1, str(exc))
+        if isinstance(reply, Failure) or not isinstance(answer, bytes):
+            print(f"audit: site {site} gave no audit ({getattr(reply, 'reason', answer)})")
+            continue
+        replies.append(reply)
+    if not replies:
+        raise RoundFailedError("the audit got no answer from any site: nothing to gate on")
+    delta = float(privacy.delta or cfg.privacy.delta)
+    result = AuditResult(tuple(merge_audit_replies(replies, delta=delta,
+                                                   alpha=1 - cfg.audit.confidence)))
+    report = _report(cfg, result, privacy, delta, started,
+                     members=sum(r.members for r in replies),
+                     non_members=sum(r.non_members for r in replies), population=0, online=True)
+    roc_plot({r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports},
+             "Membership inference at the sites (merged histograms)", paths.roc_plot)
     write_json_atomic(paths.audit, report.to_dict())
     print(describe_audit(report))
     return report.to_dict()

@@ -36,8 +36,9 @@ def training_curves(history: Sequence[dict], target: Path) -> None:
     ax_loss.legend()
     ax_acc.plot(rounds, [r["accuracy"] for r in history], lw=2.5, label="accuracy (pooled)")
     ax_acc.plot(rounds, [r["auc"] for r in history], lw=2.5, label="AUC (pooled)")
-    for key in sorted(k for k in history[0] if k.startswith("accuracy_")):
-        ax_acc.plot(rounds, [r[key] for r in history], lw=0.8, alpha=0.7,
+    # a site that failed a round's evaluation has no figure for it: a gap in its line
+    for key in sorted({k for r in history for k in r if k.startswith("accuracy_")}):
+        ax_acc.plot(rounds, [r.get(key, float("nan")) for r in history], lw=0.8, alpha=0.7,
                     label=key.removeprefix("accuracy_"))
     ax_acc.set_xlabel("round")
     ax_acc.set_ylim(0, 1)

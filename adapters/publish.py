@@ -49,7 +49,8 @@ def publish_results(
     metrics = collect_metrics(paths, wall_seconds)
     common = {"privacy": privacy_tags(privacy)["privacy"],
               "budget_spent": _budget_spent(cfg, paths.root, privacy),
-              "lifetime_epsilon": cfg.privacy.lifetime_epsilon}
+              "lifetime_epsilon": cfg.privacy.lifetime_epsilon,
+              "charged_at_sites": sorted(privacy.site_ledger_runs)}
     if register:
         registration = {"registered": True, **_register(cfg, paths, trained, metrics), **common}
     else:
@@ -60,6 +61,19 @@ def publish_results(
     write_json_atomic(paths.metrics, metrics)
     write_json_atomic(paths.registration, registration)
     return {"metrics": metrics, "registration": registration}
+
+
+def describe_budget(registration: dict[str, Any]) -> str:
+    """What the run cost against the lifetime cap: the coordinator's ledger, or (sites mode)
+    each site's own ledger, which only the site reads."""
+    cap = registration.get("lifetime_epsilon")
+    at_sites = registration.get("charged_at_sites")
+    if at_sites:
+        return (f"charged to each site's own ledger ({', '.join(at_sites)}; `fedpriv budget` "
+                f"at the site), lifetime cap ε={cap:g}")
+    budget = registration.get("budget_spent") or {}
+    return (f"lifetime budget spent of ε={cap:g} (composed, most-exposed patient): "
+            + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items()))
 
 
 GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one site; covers every "
@@ -99,7 +113,8 @@ def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:
         "privacy.sample_rate": f"{privacy.sample_rate:g}",
         "privacy.max_grad_norm": f"{privacy.max_grad_norm:g}",
         "privacy.dataset": str(privacy.dataset),
-        "privacy.ledger_run": str(privacy.ledger_run_id),
+        "privacy.ledger_run": str(privacy.ledger_run_id or ",".join(
+            f"{site}:{run}" for site, run in privacy.site_ledger_runs.items())),
     }
 
 
@@ -110,6 +125,14 @@ def require_ledger_charge(cfg: PipelineConfig, root: Path, privacy: PrivacyRepor
     charge (trained by an older version, or its ledger moved or deleted) is unaccounted.
     """
     if privacy.epsilon is None:
+        return
+    if privacy.site_ledger_runs:  # sites mode: each site charged its own ledger, at the site
+        uncharged = sorted(s for s, steps in privacy.client_steps.items()
+                           if steps > 0 and not privacy.site_ledger_runs.get(s))
+        if uncharged:
+            raise MissingChargeError(
+                f"site(s) {', '.join(uncharged)} trained without reporting a charge of their "
+                f"own privacy ledger: refusing to register")
         return
     run_id = privacy.ledger_run_id
     ledger = open_ledger(cfg, root)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,14 @@ from fl_core.accounting import (
     charge_and_summarise,
     check_budget,
     describe_privacy,
+    privacy_summary,
 )
 from fl_core.config import PipelineConfig
+from fl_core.data import DataError, TabularTransform
 from fl_core.engine import RoundRecord
-from fl_core.federation.build import describe_compression, federate
+from fl_core.federation.build import FederatedRun, describe_compression, federate, federate_over
+from fl_core.federation.messages import SiteReady
+from fl_core.federation.transport import Transport
 from fl_core.models import build_model, set_flat_params
 from fl_core.privacy import (
     check_model,
@@ -80,26 +86,73 @@ def train_model(
     # refuse before any training; charge after it, before the model file exists
     run_id = check_budget(cfg, paths.root, partition, data).run_id if p.enabled else None
     run = federate(cfg, data, lambda rec: print_progress(rec, cfg.rounds))
-    result, attack = run.result, run.attack
+    attack = run.attack
     privacy = charge_and_summarise(cfg, paths.root, partition, run, run_id)
     print(describe_privacy(privacy))
     summary = TrainingSummary.of_run(
-        result, clients=len(data), partition=partition.scheme,
+        run.result, clients=len(data), partition=partition.scheme,
         compression=describe_compression(cfg.compression), aggregation=cfg.aggregation.method,
         malicious=sorted(attack.malicious) if attack else [], privacy=privacy,
         seconds=time.perf_counter() - started)
+    write_training_outputs(cfg, paths, summary, run, num_features, transform.columns())
+    return summary.to_dict()
+
+
+def write_training_outputs(cfg: PipelineConfig, paths: Paths, summary: TrainingSummary,
+                           run: FederatedRun, num_features: int, columns: list[str]) -> None:
+    """The model file, ``rounds.csv``, the curves and ``train.json`` (read by later stages)."""
     with atomic_path(paths.model) as tmp:
         torch.save({
             "kind": cfg.model, "num_features": num_features, "hidden_units": cfg.hidden_units,
-            "params": result.params, "columns": transform.columns(),
+            "params": run.result.params, "columns": columns,
             "opacus_fixed": bool(run.model_fixes),
         }, tmp)
-    buffer = io.StringIO()  # for people and DVC plots; later stages read train.json
-    writer = csv.DictWriter(buffer, fieldnames=list(summary.history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary.history)
-    write_text_atomic(paths.rounds_csv, buffer.getvalue())
+    write_text_atomic(paths.rounds_csv, rounds_csv_text(summary.history))
     training_curves(summary.history, paths.training_plot)
     write_json_atomic(paths.train_summary, summary.to_dict())
-    return summary.to_dict()
 
+
+def rounds_csv_text(history: Sequence[Mapping[str, Any]]) -> str:
+    """``rounds.csv`` (for people and DVC plots; later stages read ``train.json``): one row
+    per round; a site missing from a round (it failed its evaluation) leaves its cell empty."""
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def train_at_sites(
+    cfg: PipelineConfig, root: str | Path, run_id: str, transport: Transport,
+    ready: Mapping[str, SiteReady], sinks: Sequence[Callable[[RoundRecord], None]] = (),
+) -> dict[str, Any]:
+    """``federation.mode=sites``: the rounds with every site behind ``transport``; ``ready``
+    holds what each site reported at the start (its feature count, patients and its own
+    ledger charge). Writes the same outputs as :func:`train_model`."""
+    paths = Paths.of(cfg, root, run_id)
+    started = time.perf_counter()
+    features = {m.num_features for m in ready.values()}
+    if len(features) != 1:
+        raise DataError(f"the sites encode different feature counts {sorted(features)}: "
+                        f"they run different fedpriv versions or configurations")
+    num_features = features.pop()
+    patients = {site: m.train_patients for site, m in ready.items()}
+    print(f"training {cfg.model} at {len(ready)} sites ({', '.join(ready)}), {cfg.rounds} "
+          f"rounds through the message store; {describe_compression(cfg.compression)}")
+    run = federate_over(cfg, transport, patients, num_features,
+                        [lambda rec: print_progress(rec, cfg.rounds), *sinks])
+    privacy = privacy_summary(cfg, None, run.spent, run.dp, run.model_fixes,
+                              len(run.result.history))
+    if privacy.epsilon is not None:
+        privacy = dataclasses.replace(
+            privacy, site_epsilon=dict(privacy.client_epsilon), site_patients=patients,
+            site_ledger_runs={s: m.ledger_run_id for s, m in ready.items()})
+    print(describe_privacy(privacy))
+    summary = TrainingSummary.of_run(
+        run.result, clients=len(ready), partition="by_site",
+        compression=describe_compression(cfg.compression), aggregation=cfg.aggregation.method,
+        malicious=[], privacy=privacy, seconds=time.perf_counter() - started)
+    columns = TabularTransform.from_config(cfg.data).columns()
+    write_training_outputs(cfg, paths, summary, run, num_features, columns)
+    return summary.to_dict()

@@ -8,6 +8,7 @@ key, what was given and what is accepted.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -357,11 +358,54 @@ class AuditConfig(_Section):
     max_tpr_at_0_1pct_fpr: float = Field(0.05, ge=0, le=1)
 
 
-class FederationConfig(_Section):
-    """How the coordinator talks to sites."""
+class SiteSpec(_Section):
+    """One hospital in ``federation.mode=sites``: its id (the value of its rows' site column)
+    and the Prefect work pool its own worker polls (default ``site-<id slug>``)."""
 
+    id: str = Field(min_length=1, max_length=200)
+    work_pool: str | None = None
+
+    @property
+    def pool(self) -> str:
+        return self.work_pool or f"site-{site_slug(self.id)}"
+
+
+def site_slug(site: str) -> str:
+    """A site's name as a folder or pool name: lower case, each run of characters other
+    than ASCII letters and digits one ``-`` (``VA Long Beach`` → ``va-long-beach``)."""
+    return re.sub(r"[^a-z0-9]+", "-", site.lower()).strip("-")
+
+
+class FederationConfig(_Section):
+    """How the coordinator talks to sites.
+
+    ``mode=simulation`` (the default): every site in the coordinator's process.
+    ``mode=sites``: each site is a Prefect flow run on its own work pool, started once per
+    run, reading only its own file; coordinator and sites exchange fedpriv's framed messages
+    through ``message_store`` (a folder both reach; see README "Sites mode").
+    """
+
+    mode: Literal["simulation", "sites"] = "simulation"
+    sites: list[SiteSpec] = Field(default_factory=list)
+    # a folder both the coordinator and the sites' workers reach (relative: to the root)
+    message_store: str = ".fedpriv/messages"
     # a site that has not replied by then is failed for that round only
     round_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    # how long a site's session may take to start (worker pick-up, imports, validation)
+    site_start_timeout_s: float = Field(180.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _sites_named_once(self) -> FederationConfig:
+        ids = [s.id for s in self.sites]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"federation.sites names a site twice: {ids}")
+        if self.mode == "sites" and not self.sites:
+            raise ValueError("federation.mode=sites needs federation.sites: [{id, work_pool}]")
+        if "://" in self.message_store:
+            raise ValueError(
+                f"federation.message_store={self.message_store!r}: this build reads and writes "
+                f"a folder (a shared volume or a mounted bucket); see README 'Sites mode'")
+        return self
 
 
 class GateConfig(_Section):
@@ -400,6 +444,19 @@ class PipelineConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     reports_dir: str = "reports"
     state_dir: str = ".fedpriv"
+
+    @model_validator(mode="after")
+    def _sites_mode_supported(self) -> PipelineConfig:
+        if self.federation.mode != "sites":
+            return self
+        if self.data.partition != "by_site":
+            raise ValueError("federation.mode=sites needs data.partition=by_site: each site "
+                             "trains on its own patients")
+        if self.attack.kind != "none" and self.attack.fraction > 0:
+            raise ValueError("attack.*: simulated attacks run in federation.mode=simulation "
+                             "only")
+        check_min_clients(self.min_clients, len(self.federation.sites), "federation.sites")
+        return self
 
     @model_validator(mode="after")
     def _aggregator_can_tolerate(self) -> PipelineConfig:

@@ -95,6 +95,8 @@ class PrivacyReport:
     site_epsilon: dict[str, float] = field(default_factory=dict)
     site_patients: dict[str, int] = field(default_factory=dict)
     ledger_run_id: str | None = None
+    # federation.mode=sites: each site charged its own ledger (site → its ledger run id)
+    site_ledger_runs: dict[str, str] = field(default_factory=dict)
     dataset: str | None = None
     model_fixes: list[str] = field(default_factory=list)
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from fl_core.config import ConfigError, PipelineConfig
+from fl_core.config import ConfigError, PipelineConfig, site_slug
 from fl_core.data import PATIENT_ID, SITE, ClientData, DataError, FederatedDataLoader
 
 
@@ -88,11 +87,6 @@ class SiteFile:
         writer.writerow(self.header)
         writer.writerows(self.rows)
         return out.getvalue()
-
-
-def site_slug(site: str) -> str:
-    """A folder name for ``site``: lowercase, each run of non-alphanumerics one ``-``."""
-    return re.sub(r"[^a-z0-9]+", "-", site.lower()).strip("-")
 
 
 def split_by_site(path: Path) -> list[SiteFile]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "one hospital's worker sees in sites mode: its own patients and nobody "
                     "else's (the worker loads it with fl_core.site_data.site_client_data and "
                     "gets the same train/test split as the simulation). Existing files are "
-                    "replaced. Exit 3 if the file cannot be split (no 'dataset' column, a row "
-                    "without a site).")
+                    "replaced. Beside each folder, OUT/<site>.env sets FEDPRIV_SITE_ID and "
+                    "FEDPRIV_SITE_DATA for that hospital's Prefect worker (`make site-worker "
+                    "SITE=<site>`). Exit 3 if the file cannot be split (no 'dataset' column, a "
+                    "row without a site).")
     split.add_argument("--out", default="sites",
                        help="output folder, relative to --root (default: %(default)s/)")
     return parser
@@ -179,6 +182,10 @@ def split_sites(cfg: Any, root: Path, out: str) -> None:
         path = target / site.slug / source.name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, site.text())
+        # what the site's worker needs to know, outside the folder it reads
+        write_text_atomic(target / f"{site.slug}.env",
+                          f"FEDPRIV_SITE_ID={shlex.quote(site.site)}\n"
+                          f"FEDPRIV_SITE_DATA={shlex.quote(str(path.resolve()))}\n")
         print(f"{site.site}: {len(site.rows)} rows, {site.patients} patients -> {path}")
 
 
@@ -234,6 +241,8 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
     from rich.console import Console
     from rich.table import Table
 
+    from adapters.publish import describe_budget
+
     table = Table(title="fedpriv run summary", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -258,15 +267,11 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
         verdict = "would pass" if registration.get("gate_passed") else f"would refuse: {reasons}"
         console.print(f"not registered (DVC pipeline; set mlflow.register_from_dvc=true to "
                       f"register); promotion gate {verdict}")
-    budget = registration.get("budget_spent") or {}
     if metrics.get("epsilon") is not None:
-        cap = registration.get("lifetime_epsilon")
         console.print(f"privacy: {registration.get('privacy')}, (ε={metrics['epsilon']:.3f}, "
                       f"δ={metrics['delta']:g}) per patient, add/remove one patient "
                       f"(replace-one ε={metrics.get('epsilon_replace_one') or 0:.3f}); noise "
-                      f"{metrics.get('randomness')}; lifetime budget spent of ε={cap:g} "
-                      f"(composed, most-exposed patient): "
-                      + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items()))
+                      f"{metrics.get('randomness')}; " + describe_budget(registration))
         if metrics.get("randomness") != "secure":
             console.print("[red]reproducible DP noise: anyone with params.yaml can regenerate "
                           "it; this model can never be champion[/red]")

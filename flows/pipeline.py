@@ -21,11 +21,14 @@ from adapters.artifacts import (
     end_workspace,
     new_run_id,
     publish_run,
+    read_training,
     reap_dead_workspaces,
     release_workspace,
 )
 from adapters.preflight import preflight
+from adapters.publish import describe_budget
 from fl_core.config import load_config
+from flows.sites import run_at_sites
 from tasks.audit import audit
 from tasks.partition import partition
 from tasks.publish import publish
@@ -44,14 +47,11 @@ def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> s
         return str(value)
 
     rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in metrics.items())
-    budget = registration.get("budget_spent") or {}
     privacy = (
         f"Privacy: {registration.get('privacy')}, (ε = {fmt(metrics.get('epsilon'))}, "
         f"δ = {metrics.get('delta'):g}) per patient, add/remove one patient "
         f"(replace-one ε = {fmt(metrics.get('epsilon_replace_one'))}); DP noise "
-        f"{metrics.get('randomness')}; lifetime budget spent of "
-        f"ε = {registration.get('lifetime_epsilon')}: "
-        + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items())
+        f"{metrics.get('randomness')}; {describe_budget(registration)}"
         if metrics.get("epsilon") is not None
         else "Privacy: **not differentially private** (privacy.enabled=false)")
     gate = "passed → **champion**" if registration.get("gate_passed") else (
@@ -62,6 +62,20 @@ def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> s
         f"{privacy}.\n\nMLflow run `{registration.get('run_id')}`.\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n"
     )
+
+
+def failures_markdown(history: list[dict[str, Any]]) -> str:
+    """The sites that failed a round, and which rounds (from ``train.json``'s history)."""
+    failed: dict[str, list[int]] = {}
+    for row in history:
+        for site in filter(None, str(row.get("failed_clients", "")).split(";")):
+            failed.setdefault(site, []).append(int(row["round"]))
+    if not failed:
+        return ""
+    lines = "\n".join(f"| {site} | {', '.join(map(str, rounds))} |"
+                      for site, rounds in failed.items())
+    return (f"\n## Sites that failed a round\n\nThe rounds went on without them (see "
+            f"`rounds.csv` and the log for why).\n\n| site | rounds |\n|---|---|\n{lines}\n")
 
 
 def audit_markdown(report: dict[str, Any]) -> str:
@@ -121,10 +135,14 @@ def fl_pipeline(
     claim_workspace(workspace, str(runtime.flow_run.id))
     print(f"run {run_id}: workspace {workspace.workspace}")
     try:
-        validate(cfg, root_path, run_id=run_id)
-        partition(cfg, root_path, run_id=run_id)
-        train(cfg, root_path, run_id=run_id)
-        audited = audit(cfg, root_path, run_id=run_id)
+        if cfg.federation.mode == "sites":  # each site in its own session, at the site
+            audited = run_at_sites(cfg, root_path, run_id,
+                                   charge_key=str(runtime.flow_run.id).replace("-", ""))
+        else:
+            validate(cfg, root_path, run_id=run_id)
+            partition(cfg, root_path, run_id=run_id)
+            train(cfg, root_path, run_id=run_id)
+            audited = audit(cfg, root_path, run_id=run_id)
         outcome = publish(cfg, root_path, wall_seconds=time.perf_counter() - started,
                           run_id=run_id)
     except BaseException:
@@ -144,6 +162,7 @@ def fl_pipeline(
     create_markdown_artifact(
         key="fl-pipeline-summary",
         markdown=summary_markdown(outcome["metrics"], outcome["registration"])
+        + failures_markdown(read_training(Paths.of(cfg, root_path)).history)
         + audit_markdown(audited),
         description="fedpriv run summary",
     )

@@ -98,7 +98,8 @@ def test_validation_failure_stops_before_training(project: Path, prefect_harness
     (workspace,) = (project / ".fedpriv" / "runs").iterdir()
     assert json.loads((workspace / "reports" / "validation.json").read_text())["success"] is False
     # marked as ended, so a later run keeps it (for its reports) instead of reaping it
-    assert json.loads((workspace / "owner.json").read_text())["ended"] == "failed"
+    record = project / ".fedpriv" / "owners" / f"{workspace.name}.json"
+    assert json.loads(record.read_text())["ended"] == "failed"
     for later in ("train.json", "rounds.csv", "metrics.json", "audit.json"):
         assert not (workspace / "reports" / later).exists()
     assert not (project / "reports").exists()

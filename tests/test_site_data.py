@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_core.config import ConfigError, PipelineConfig, load_config
+from fl_core.config import ConfigError, PipelineConfig, load_config, site_slug
 from fl_core.data import SITES, DataError, FederatedDataLoader, Partition
-from fl_core.site_data import SiteFile, site_client_data, site_slug, split_by_site
+from fl_core.site_data import SiteFile, site_client_data, split_by_site
 from fl_core.validation import validate_site_file
 
 ROOT = Path(__file__).resolve().parents[1]

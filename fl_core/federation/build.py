@@ -10,7 +10,7 @@ anomaly detection, DP-FedAvg), the simulated attack, and the randomness source.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +21,16 @@ from fl_core.attacks import Attack, choose_malicious
 from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
 from fl_core.config import CompressionConfig, ConfigError, PipelineConfig, check_aggregation
 from fl_core.data import ClientData
-from fl_core.engine import Defense, FederationSettings, RoundRecord, TrainingResult
+from fl_core.engine import (
+    Defense,
+    FederationSettings,
+    RoundRecord,
+    TrainingResult,
+    run_federated,
+)
 from fl_core.federation.simulation import simulate
 from fl_core.federation.site import LocalTrainingConfig, SiteClient
+from fl_core.federation.transport import Transport
 from fl_core.models import build_model, get_flat_params
 from fl_core.privacy import (
     DPFedAvg,
@@ -109,7 +116,13 @@ def poisoned(data: ClientData) -> ClientData:
 
 
 def make_dpsgd(cfg: PipelineConfig, data: list[ClientData]) -> DPSGDConfig | None:
-    """Every client's DP-SGD recipe, σ calibrated so the whole run costs ``privacy.epsilon``.
+    """Every client's DP-SGD recipe, σ calibrated so the whole run costs ``privacy.epsilon``
+    (:func:`dp_recipe` with each client's number of patients)."""
+    return dp_recipe(cfg, {d.client_id: int(d.patient_ids().unique().numel()) for d in data})
+
+
+def dp_recipe(cfg: PipelineConfig, patients: Mapping[str, int]) -> DPSGDConfig | None:
+    """The DP-SGD recipe of a run whose clients hold ``patients`` (client → count).
 
     All clients share the sample rate and the number of steps, hence one σ. Raises
     :class:`ConfigError` when ``privacy.delta`` is not below 1/patients at some client.
@@ -117,7 +130,6 @@ def make_dpsgd(cfg: PipelineConfig, data: list[ClientData]) -> DPSGDConfig | Non
     p = cfg.privacy
     if not p.enabled:
         return None
-    patients = {d.client_id: int(d.patient_ids().unique().numel()) for d in data}
     largest = max(patients, key=patients.__getitem__)  # the binding bound: 1/most patients
     try:
         check_delta(p.delta, patients[largest], f"client {largest!r}")
@@ -157,6 +169,17 @@ class FederatedRun:
         return client_spending(self.result.site_epsilon, self.result.site_dp_steps)
 
 
+def federation_settings(cfg: PipelineConfig) -> FederationSettings:
+    return FederationSettings(
+        rounds=cfg.rounds, local_epochs=cfg.local_epochs, min_clients=cfg.min_clients,
+        round_timeout_s=cfg.federation.round_timeout_s, client_fraction=cfg.client_fraction)
+
+
+def make_downlink(cfg: PipelineConfig) -> TopKQuantizer | None:
+    comp = cfg.compression
+    return quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" else None
+
+
 def federate(
     cfg: PipelineConfig, data: list[ClientData],
     on_round: Callable[[RoundRecord], None] | None = None,
@@ -171,22 +194,33 @@ def federate(
         return model
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
-    comp = cfg.compression
     random = make_random(cfg.privacy.randomness, cfg.seed)
     defense = make_defense(cfg, len(data), random)
     attack = make_attack(cfg, [d.client_id for d in data])
     if attack is not None and attack.flips_labels:
         data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
     dp = make_dpsgd(cfg, data)
-    sites = [SiteClient(d, factory, local, make_compressor(comp, cfg.seed + i), dp,
+    sites = [SiteClient(d, factory, local, make_compressor(cfg.compression, cfg.seed + i), dp,
                         randomness=random) for i, d in enumerate(data)]
-    downlink = quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" \
-        else None
-    settings = FederationSettings(
-        rounds=cfg.rounds, local_epochs=cfg.local_epochs, min_clients=cfg.min_clients,
-        round_timeout_s=cfg.federation.round_timeout_s, client_fraction=cfg.client_fraction)
-    result = simulate(sites, initial_params=get_flat_params(factory()), settings=settings,
-                      downlink=downlink, sinks=[on_round] if on_round else (),
-                      defense=defense, attack=attack, seed=cfg.seed, randomness=random)
+    result = simulate(sites, initial_params=get_flat_params(factory()),
+                      settings=federation_settings(cfg), downlink=make_downlink(cfg),
+                      sinks=[on_round] if on_round else (), defense=defense, attack=attack,
+                      seed=cfg.seed, randomness=random)
     return FederatedRun(result, dp, attack, model_fixes)
 
+
+def federate_over(
+    cfg: PipelineConfig, transport: Transport, patients: Mapping[str, int], num_features: int,
+    sinks: Sequence[Callable[[RoundRecord], None]] = (),
+) -> FederatedRun:
+    """The configured federated run with the sites behind ``transport`` (``patients``: site →
+    training patients, as the sites reported them): the same coordinator as :func:`federate`
+    (model initialisation, defense, downlink, DP recipe), the sites elsewhere."""
+    model, fixes = build_target_model(cfg, num_features)
+    random = make_random(cfg.privacy.randomness, cfg.seed)
+    result = run_federated(
+        transport=transport, sites=list(patients), initial_params=get_flat_params(model),
+        settings=federation_settings(cfg), downlink=make_downlink(cfg), sinks=sinks,
+        defense=make_defense(cfg, len(patients), random), attack=None, seed=cfg.seed,
+        randomness=random)
+    return FederatedRun(result, dp_recipe(cfg, patients), None, fixes)

@@ -233,11 +233,41 @@ def audit_histogram_problem(histograms: torch.Tensor, members: int, non_members:
     return ""
 
 
+@dataclass(frozen=True)
+class SiteReady:
+    """Site → coordinator, once per session: the site checked and split its own data.
+
+    ``validation`` is a JSON summary of the site's GX validation (pass/fail, counts, the
+    failed expectations without any cell value; the full result stays at the site). The
+    coordinator treats it as untrusted text: it parses it as JSON and only reports it.
+    """
+
+    KIND: ClassVar[int] = 10
+    site: str
+    round: int  # -1: not a round's message
+    passed: bool
+    num_features: int
+    train_patients: int
+    test_patients: int
+    validation: str
+    ledger_run_id: str  # the site's own ledger charge for this run ("" when not private)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Coordinator → site: the run is over (or abandoned); end the session."""
+
+    KIND: ClassVar[int] = 11
+    run_id: str
+    round: int
+    reason: str
+
+
 Message = (FitInstruction | EvaluateInstruction | FitReply | EvaluateReply | Failure
-           | AuditInstruction | AuditReply)
+           | AuditInstruction | AuditReply | SiteReady | Shutdown)
 _KINDS: dict[int, type] = {c.KIND: c for c in (FitInstruction, EvaluateInstruction, FitReply,
                                               EvaluateReply, Failure, AuditInstruction,
-                                              AuditReply)}
+                                              AuditReply, SiteReady, Shutdown)}
 _BLOB_FIELD = {FitInstruction: "model", EvaluateInstruction: "model", FitReply: "update",
                EvaluateReply: "histogram", AuditInstruction: "model", AuditReply: "histograms"}
 _BINNED = (EvaluateReply, AuditReply)  # their metadata also declares "bins"
@@ -246,6 +276,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "site": (str,), "reason": (str,), "round": (int,), "local_epochs": (int,),
     "num_patients": (int,), "dp_steps": (int,), "count": (int,), "train_loss": (float, int),
     "loss_sum": (float, int), "epsilon": (float, int, type(None)), "confusion": (list,),
+    "passed": (bool,), "validation": (str,), "ledger_run_id": (str,),
 }
 
 
@@ -331,7 +362,7 @@ def _meta(raw: bytes, cls: type, site: str | None) -> dict[str, Any]:
                            site)
     for name, value in meta.items():
         allowed = _FIELD_TYPES.get(name, (int,))
-        if isinstance(value, bool) or not isinstance(value, allowed):
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             raise MessageError(f"field {name!r} has type {type(value).__name__}", site)
     return meta
 

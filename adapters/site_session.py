@@ -1,0 +1,191 @@
+"""A hospital's side of ``federation.mode=sites``: one session per training run, at the site.
+
+:func:`serve_site` runs where the site's data lives (the Prefect flow ``fl-site`` on the
+site's own work pool calls it; nothing here imports Prefect). It reads only the site's own
+file, validates it with GX (the full result stays at the site; the coordinator gets a summary
+without cell values), splits its patients 80/20 as the simulation would, charges the site's
+own privacy ledger for the planned run before any update leaves, then answers the
+coordinator's instructions from the message store until told to stop. Its state (model
+replica, error feedback, DP accountant history) is saved at the site after every answer, so a
+session started again for the same run (a crashed worker, a cancelled straggler) rejoins
+where it left off.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.message_store import POLL_S, READY, FolderStore
+from fl_core.accounting import open_ledger, planned_charge
+from fl_core.audit.federated import site_audit_reply
+from fl_core.config import PipelineConfig, site_slug
+from fl_core.data import ClientData, ClientSplit, Partition
+from fl_core.federation.build import build_target_model, make_compressor, make_dpsgd
+from fl_core.federation.messages import (
+    AuditInstruction,
+    AuditReply,
+    Failure,
+    MessageError,
+    Shutdown,
+    SiteReady,
+    decode_message,
+    encode_message,
+)
+from fl_core.federation.site import LocalTrainingConfig, SiteClient
+from fl_core.randomness import make_random
+from fl_core.site_data import site_client_data
+from fl_core.validation import validate_site_file
+
+KIND_SITE_TRAIN = "site-train"
+
+
+@dataclass(frozen=True)
+class SiteSession:
+    """Where one site's session talks and keeps its state."""
+
+    store: FolderStore
+    site: str
+    state_dir: Path  # at the site: its own files only
+    charge_key: str  # the coordinator's run, stable across retries: one charge per run
+
+
+def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
+               session: SiteSession, idle_timeout_s: float) -> str:
+    """Validate, split, charge, then answer instructions until :class:`Shutdown` (or no
+    instruction for ``idle_timeout_s``). ``index`` is the site's position in
+    ``federation.sites`` (its codec seed, as in simulation). Returns why it stopped."""
+    report, summary = validate_site_file(cfg, csv_path, site)
+    if not summary["passed"]:
+        _ready(session, passed=False, summary=summary)
+        return "validation failed"
+    data = site_client_data(cfg, csv_path, site)
+    try:
+        ledger_run = charge_site_ledger(cfg, session, data)
+    except Exception as exc:  # a refusal (budget) or a broken ledger: the coordinator is told
+        session.store.put(site, "up", READY, encode_message(
+            Failure(site, -1, f"{type(exc).__name__}: {exc}")))
+        return "ledger refused"
+    client = build_site_client(cfg, data, index)
+    restore_state(client, session)
+    _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run)
+    return _answer_until_shutdown(SiteAnswerer(cfg, client, data, session), session,
+                                  idle_timeout_s)
+
+
+class SiteAnswerer:
+    """Bytes in, bytes out: rounds go to the :class:`SiteClient`, the membership audit to
+    :func:`fl_core.audit.federated.site_audit_reply` (aggregates only); anything else, or any
+    error, becomes a :class:`Failure` message."""
+
+    def __init__(self, cfg: PipelineConfig, client: SiteClient, data: ClientData,
+                 session: SiteSession) -> None:
+        self.cfg, self.client, self.data, self.session = cfg, client, data, session
+
+    def __call__(self, request: bytes) -> bytes:
+        try:
+            message = decode_message(request, expect=AuditInstruction)
+        except MessageError:  # a round's instruction (or garbage): the client decides
+            reply = self.client.handle(request)
+            save_state(self.client, self.session)
+            return reply
+        try:
+            return encode_message(self.audit(message))
+        except Exception as exc:  # the coordinator gets a message, never a traceback
+            return encode_message(Failure(self.session.site, message.round,
+                                          f"{type(exc).__name__}: {exc}"))
+
+    def audit(self, instruction: AuditInstruction) -> AuditReply:
+        """Attack the final model on this site's own patients; shadows trained here, as long
+        as the target trained (rounds × local epochs), not privately."""
+        cfg = self.cfg
+        shadows = LocalTrainingConfig(cfg.rounds * cfg.local_epochs, cfg.batch_size,
+                                      cfg.learning_rate, cfg.seed)
+        num_features = int(self.data.x_train.shape[1])
+        return site_audit_reply(instruction, lambda: build_target_model(cfg, num_features)[0],
+                                self.data, training=shadows)
+
+
+def _ready(session: SiteSession, *, passed: bool, summary: dict, data: ClientData | None = None,
+           ledger_run: str = "") -> None:
+    message = SiteReady(
+        site=session.site, round=-1, passed=passed,
+        num_features=0 if data is None else int(data.x_train.shape[1]),
+        train_patients=0 if data is None else len(data.train_ids),
+        test_patients=0 if data is None else len(data.test_ids),
+        validation=json.dumps(summary, default=str), ledger_run_id=ledger_run)
+    session.store.put(session.site, "up", READY, encode_message(message))
+
+
+def build_site_client(cfg: PipelineConfig, data: ClientData, index: int) -> SiteClient:
+    """The site's client exactly as :func:`fl_core.federation.build.federate` builds it."""
+    num_features = int(data.x_train.shape[1])
+    local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
+    return SiteClient(data, lambda: build_target_model(cfg, num_features)[0], local,
+                      make_compressor(cfg.compression, cfg.seed + index), make_dpsgd(cfg, [data]),
+                      randomness=make_random(cfg.privacy.randomness, cfg.seed))
+
+
+def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData) -> str:
+    """Charge the site's own ledger for the planned run, once per session (idempotent: a
+    session started again for the same run does not charge twice). Returns the ledger run
+    id ("" when the run is not private)."""
+    dp = make_dpsgd(cfg, [data])
+    if dp is None:
+        return ""
+    run_id = f"{session.charge_key}{site_slug(session.site).replace('-', '')}"
+    cfg = cfg.model_copy(update={"state_dir": str(session.state_dir)})
+    ledger = open_ledger(cfg, session.state_dir)
+    if not ledger.has_run(run_id):
+        split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
+                          "by_site", cfg.seed)
+        site_of = {int(i): session.site for i in data.train_ids}
+        charge = planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id,
+                                KIND_SITE_TRAIN)
+        ledger.charge(charge, cfg.privacy.lifetime_epsilon)
+    return run_id
+
+
+def _state_file(session: SiteSession) -> Path:
+    return session.state_dir / "sessions" / session.store.session / "state.pt"
+
+
+def restore_state(client: SiteClient, session: SiteSession) -> None:
+    path = _state_file(session)
+    if path.exists():  # the site's own file, written by save_state below
+        client.load_state_dict(torch.load(path, weights_only=True))
+
+
+def save_state(client: SiteClient, session: SiteSession) -> None:
+    path = _state_file(session)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    torch.save(client.state_dict(), tmp)
+    tmp.replace(path)
+
+
+def _answer_until_shutdown(answer: Callable[[bytes], bytes], session: SiteSession,
+                           idle_timeout_s: float) -> str:
+    """Answer the newest unanswered instruction (older unanswered ones are stale: their
+    round is over) until a :class:`Shutdown` arrives or nothing comes for a while."""
+    store, site = session.store, session.site
+    answered, last_seen = store.newest(site, "up"), time.monotonic()
+    while time.monotonic() - last_seen < idle_timeout_s:
+        newest = store.newest(site, "down")
+        if newest <= answered:
+            time.sleep(POLL_S)
+            continue
+        last_seen, answered = time.monotonic(), newest
+        request = session.store.get(session.site, "down", f"{newest:06d}") or b""
+        try:
+            if isinstance(decode_message(request, expect=Shutdown), Shutdown):
+                return "shutdown"
+        except ValueError:
+            pass  # not a shutdown: the client decodes (and refuses) it itself
+        session.store.put(session.site, "up", f"{newest:06d}", answer(request))
+    return f"no instruction for {idle_timeout_s:g} s"

@@ -1,0 +1,64 @@
+"""``federation.mode=sites`` at the coordinator, without Prefect: what the sites reported at
+the start becomes the run's ``validation.json`` and ``partition.json`` (summaries and counts
+only: no patient id or cell value reaches the coordinator), and the run goes on only with the
+sites that are ready."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from adapters.artifacts import Paths, write_json_atomic
+from fl_core.config import PipelineConfig
+from fl_core.data import DataError
+from fl_core.engine import RoundFailedError
+from fl_core.federation.messages import SiteReady
+
+
+def _summary(message: SiteReady) -> dict[str, Any]:
+    try:
+        parsed = json.loads(message.validation)
+    except ValueError:
+        return {"passed": message.passed, "unreadable": True}
+    return parsed if isinstance(parsed, dict) else {"passed": message.passed}
+
+
+def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
+                 ready: Mapping[str, SiteReady], refused: Mapping[str, str],
+                 seconds: float) -> list[str]:
+    """Write the sites' validation summaries and split counts; return the sites that train.
+
+    A site whose data failed validation stops the run (exit 3, like a failed file in
+    simulation); a site that never came up or refused (no worker, its ledger's cap) is left
+    out and named; fewer than ``min_clients`` sites left fails the run (exit 4)."""
+    paths = Paths.of(cfg, root, run_id)
+    started = time.perf_counter()
+    invalid = {s: m for s, m in ready.items() if not m.passed}
+    write_json_atomic(paths.validation, {
+        "success": not invalid, "mode": "sites", "seconds": round(seconds, 3),
+        "sites": {s: _summary(m) for s, m in ready.items()},
+        "unavailable": dict(refused)})
+    if invalid:
+        raise DataError(
+            "; ".join(f"[{s}] {refused.get(s, 'failed validation')}" for s in invalid))
+    # in the configured order (the simulation's), not the order the sites came up in
+    usable = [spec.id for spec in cfg.federation.sites
+              if spec.id in ready and spec.id not in refused]
+    for site, why in refused.items():
+        if site not in invalid:
+            print(f"site {site} is left out of this run: {why}")
+    write_json_atomic(paths.partition, {
+        "scheme": "by_site", "mode": "sites", "seed": cfg.seed,
+        "sites": {s: {"train": ready[s].train_patients, "test": ready[s].test_patients}
+                  for s in usable}})
+    if len(usable) < cfg.min_clients:
+        raise RoundFailedError(
+            f"only {len(usable)} site(s) ready ({', '.join(usable) or 'none'}), min_clients="
+            f"{cfg.min_clients}: " + "; ".join(f"{s}: {w}" for s, w in refused.items()))
+    counts = ", ".join(f"{s} ({ready[s].train_patients} train / {ready[s].test_patients} test "
+                       f"patients)" for s in usable)
+    print(f"sites ready: {counts} in {seconds + time.perf_counter() - started:.1f} s")
+    return usable

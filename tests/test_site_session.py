@@ -1,0 +1,204 @@
+"""Site sessions and the message store without Prefect: four sites, each reading only its own
+file, serve a coordinator through a folder; the result is the simulation's, message for
+message; what a site writes is read as bytes and decoded by fedpriv's format only."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.message_store import READY, FolderStore, StoreTransport
+from adapters.site_session import SiteSession, serve_site
+from fl_core.config import load_config
+from fl_core.federation.messages import (
+    Failure,
+    FitInstruction,
+    Shutdown,
+    SiteReady,
+    decode_message,
+    encode_message,
+)
+from fl_core.site_data import split_by_site
+
+OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models=2"]
+
+
+def _site_files(project: Path, out: Path) -> dict[str, Path]:
+    files = {}
+    for site_file in split_by_site(project / "data" / "raw" / "heart_disease_uci.csv"):
+        path = out / site_file.slug / "heart_disease_uci.csv"
+        path.parent.mkdir(parents=True)
+        path.write_text(site_file.text())
+        files[site_file.site] = path
+    return files
+
+
+def _start_sessions(cfg, files: dict[str, Path], store: FolderStore,
+                    tmp: Path) -> list[threading.Thread]:
+    threads = []
+    for index, (site, path) in enumerate(files.items()):
+        session = SiteSession(store, site, tmp / "state" / site, "run1")
+        thread = threading.Thread(target=serve_site, args=(cfg,), kwargs={
+            "csv_path": path, "site": site, "index": index, "session": session,
+            "idle_timeout_s": 60}, daemon=True)
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _wait_ready(store: FolderStore, sites: list[str], timeout: float = 60) -> dict:
+    import time
+
+    end, ready = time.monotonic() + timeout, {}
+    while time.monotonic() < end and len(ready) < len(sites):
+        for site in sites:
+            raw = store.get(site, "up", READY)
+            if raw is not None and site not in ready:
+                ready[site] = decode_message(raw, site=site, expect=(SiteReady, Failure))
+        time.sleep(0.05)
+    assert len(ready) == len(sites), ready
+    return ready
+
+
+def _shutdown(store: FolderStore, sites: list[str]) -> None:
+    for site in sites:
+        seq = max(store.newest(site, "down"), store.newest(site, "up")) + 1
+        store.put(site, "down", f"{seq:06d}", encode_message(Shutdown("run1", -1, "done")))
+
+
+def test_sessions_over_a_folder_train_exactly_the_simulations_model(
+        project: Path, tmp_path: Path) -> None:
+    from adapters.audit import audit_at_sites
+    from adapters.partition import partition_data
+    from adapters.train import train_at_sites, train_model
+    from adapters.validate import validate_data
+
+    cfg = load_config(project / "params.yaml", OVERRIDES)
+    validate_data(cfg, project)
+    partition_data(cfg, project)
+    simulated = train_model(cfg, project)
+
+    files = _site_files(project, tmp_path / "sites")
+    store = FolderStore(tmp_path / "store", "run1")
+    threads = _start_sessions(cfg, files, store, tmp_path)
+    ready = _wait_ready(store, list(files))
+    assert all(isinstance(m, SiteReady) and m.passed for m in ready.values())
+    summary = json.loads(ready["Hungary"].validation)
+    assert summary["passed"] and summary["site"] == "Hungary"
+    coordinator = tmp_path / "coordinator"
+    transport = StoreTransport(store, list(files))
+    try:
+        at_sites = train_at_sites(cfg, coordinator, "run1", transport, ready)
+        audited = audit_at_sites(cfg, coordinator, "run1", transport)
+    finally:
+        _shutdown(store, list(files))
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert at_sites["accuracy"] == pytest.approx(simulated["accuracy"], abs=1e-9)
+    assert at_sites["auc"] == pytest.approx(simulated["auc"], abs=1e-9)
+    sim_model = torch.load(project / "data" / "models" / "model.pt", weights_only=True)
+    site_model = torch.load(coordinator / ".fedpriv" / "runs" / "run1" / "data" / "models"
+                            / "model.pt", weights_only=True)
+    assert torch.allclose(sim_model["params"], site_model["params"], atol=1e-6)
+    # every site charged its own ledger, once, at the site
+    assert set(at_sites["privacy"]["site_ledger_runs"]) == set(files)
+    # the audit, from the sites' histograms: every training and held-out patient
+    assert [a["attack"] for a in audited["attacks"]] == ["loss_threshold", "lira"]
+    assert audited["members"] == sum(m.train_patients for m in ready.values())
+    assert audited["non_members"] == sum(m.test_patients for m in ready.values())
+    assert 0.3 < audited["mia_auc"] < 0.8 and audited["privacy_consistent"]
+
+
+def test_the_coordinator_never_unpickles_what_a_site_writes(tmp_path: Path) -> None:
+    """A site that writes a pickle (which would run code if unpickled), garbage or an
+    oversized file in place of its reply: the transport hands raw bytes to the decoder, which
+    refuses them; the file that would have been executed never is."""
+    store = FolderStore(tmp_path / "store", "run1")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # unpickling this would create the marker file
+            return (marker.touch, ())
+
+    transport = StoreTransport(store, ["A", "B", "C"])
+    request = encode_message(FitInstruction("run1", 1, b"\x00" * 8, 1))
+
+    def reply_badly() -> None:
+        import time
+
+        while store.newest("A", "down") < 1:
+            time.sleep(0.01)
+        store.put("A", "up", "000001", pickle.dumps(Exploit()))
+        store.put("B", "up", "000001", b"\x00" * 100)
+        big = store.folder("C", "up") / "000001.msg"
+        big.parent.mkdir(parents=True, exist_ok=True)
+        with big.open("wb") as f:  # a sparse file claiming 100 MB
+            f.truncate(100 * 1024 * 1024)
+
+    writer = threading.Thread(target=reply_badly)
+    writer.start()
+    replies = transport.exchange({"A": request, "B": request, "C": request}, deadline_s=5)
+    writer.join()
+    for site in ("A", "B"):
+        with pytest.raises(ValueError):
+            decode_message(replies[site], site=site)  # type: ignore[arg-type]
+    assert "refused unread" in str(replies["C"])
+    assert not marker.exists()
+
+
+def test_a_site_that_misses_the_deadline_fails_the_round_only(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path / "store", "run1")
+    transport = StoreTransport(store, ["A", "B"], alive=lambda s: "its session ended"
+                               if s == "B" else None)
+    request = encode_message(FitInstruction("run1", 1, b"", 1))
+    replies = transport.exchange({"A": request, "B": request}, deadline_s=0.3)
+    assert "missed the round deadline of 0.3 s" in str(replies["A"])
+    assert "its session ended" in str(replies["B"])  # known gone: fails at once
+    assert (store.folder("A", "down") / "000001.msg").read_bytes() == request
+
+
+def test_a_site_missing_from_later_rounds_leaves_gaps_not_errors(tmp_path: Path) -> None:
+    """A site that fails a round's evaluation has no per-site accuracy that round (and one
+    that appears late has none before): rounds.csv leaves the cells empty, the curves a gap."""
+    import csv
+    import io
+
+    from adapters.plots import training_curves
+    from adapters.train import rounds_csv_text
+
+    base = {"train_loss": 0.6, "test_loss": 0.6, "accuracy": 0.7, "auc": 0.7, "epsilon": "",
+            "bytes_uploaded": 10, "bytes_downloaded": 10, "bytes_uploaded_uncompressed": 20,
+            "bytes_downloaded_uncompressed": 20}
+    history = [{"round": 1, **base, "accuracy_A": 0.7},
+               {"round": 2, **base, "accuracy_A": 0.7, "accuracy_B": 0.6},
+               {"round": 3, **base, "accuracy_B": 0.65}]
+    rows = list(csv.DictReader(io.StringIO(rounds_csv_text(history))))
+    assert [r["accuracy_A"] for r in rows] == ["0.7", "0.7", ""]
+    assert [r["accuracy_B"] for r in rows] == ["", "0.6", "0.65"]
+    training_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_site_still_busy_with_a_missed_request_is_not_waited_for_again(
+        tmp_path: Path) -> None:
+    """Fit missed its deadline: the same round's evaluation fails at once for that site
+    (no second wait); once it answers (late, or a restarted session answers the newest
+    request), it is waited for as usual."""
+    import time
+
+    store = FolderStore(tmp_path / "store", "run1")
+    transport = StoreTransport(store, ["A"])
+    request = encode_message(FitInstruction("run1", 1, b"", 1))
+    assert "missed the round deadline" in str(transport.exchange({"A": request}, 0.2)["A"])
+    started = time.monotonic()
+    busy = transport.exchange({"A": request}, deadline_s=5)["A"]
+    assert "still busy with request 1" in str(busy) and time.monotonic() - started < 1
+    store.put("A", "up", "000002", b"late answer to the newest request")
+    threading.Timer(0.2, store.put, ("A", "up", "000003", b"answer")).start()
+    assert transport.exchange({"A": request}, deadline_s=5)["A"] == b"answer"
