@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.fedpriv/prefect
 
-.PHONY: run test install lint repro ui mlflow-ui deploy worker clean
+.PHONY: run test install lint repro ui mlflow-ui deploy worker clean sites site-worker run-sites sites-demo
 
 install: $(STAMP)
 
@@ -55,3 +55,27 @@ deploy: $(STAMP)
 worker: $(STAMP)
 	FEDPRIV_ROOT=$(CURDIR) PREFECT_API_URL=$(PREFECT_URL) PATH="$(CURDIR)/$(BIN):$$PATH" \
 	  $(BIN)/prefect worker start --pool local --type process
+
+# Sites mode on one machine (README "Sites mode"): each hospital's worker polls its own pool
+# from a folder holding only its own CSV; the coordinator has no data file.
+#   make ui                              (shell 1: the Prefect server)
+#   make sites                           (once: sites/<site>/ and sites/<site>.env)
+#   make site-worker SITE=cleveland      (one shell per site: cleveland hungary switzerland
+#                                         va-long-beach)
+#   make run-sites                       (the pipeline in federation.mode=sites)
+# or all of it in one command, everything it started stopped afterwards: make sites-demo
+SITES_DIR ?= sites
+SITE ?= cleveland
+sites: $(STAMP)
+	$(BIN)/fedpriv split-sites --out $(SITES_DIR)
+
+site-worker: $(STAMP)
+	set -a && . $(SITES_DIR)/$(SITE).env && set +a && cd $(SITES_DIR)/$(SITE) && \
+	  PREFECT_API_URL=$(PREFECT_URL) PREFECT_WORKER_QUERY_SECONDS=1 \
+	  $(abspath $(BIN))/prefect worker start --pool site-$(SITE) --type process
+
+run-sites: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_URL) $(BIN)/fedpriv run --set federation.mode=sites $(ARGS)
+
+sites-demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/sites-demo.sh $(ARGS)

@@ -250,10 +250,10 @@ def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
     for site, answer in transport.exchange(requests, cfg.federation.round_timeout_s).items():
         try:
             reply = decode_message(answer, site=site, expect=(AuditReply, Failure))
-        except MessageError as exc:
-            reply = Failure(site, -1, str(exc))
-        if isinstance(reply, Failure) or not isinstance(answer, bytes):
-            print(f"audit: site {site} gave no audit ({getattr(reply, 'reason', answer)})")
+        except MessageError as exc:  # a transport failure (no bytes) says why itself
+            reply = Failure(site, -1, getattr(answer, "reason", str(exc)))
+        if isinstance(reply, Failure):
+            print(f"audit: site {site} gave no audit ({reply.reason})")
             continue
         replies.append(reply)
     if not replies:

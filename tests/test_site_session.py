@@ -202,3 +202,53 @@ def test_a_site_still_busy_with_a_missed_request_is_not_waited_for_again(
     store.put("A", "up", "000002", b"late answer to the newest request")
     threading.Timer(0.2, store.put, ("A", "up", "000003", b"answer")).start()
     assert transport.exchange({"A": request}, deadline_s=5)["A"] == b"answer"
+
+
+def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
+        project: Path, tmp_path: Path) -> None:
+    """The ledger charge is keyed by the coordinator's flow run (the same when Prefect
+    retries the flow): a second session for that run (a retry, a restart) charges nothing."""
+    from fl_core.accounting import open_ledger
+
+    cfg = load_config(project / "params.yaml", OVERRIDES)
+    files = _site_files(project, tmp_path / "sites")
+    site, path = next(iter(files.items()))
+    state = tmp_path / "state"
+    for attempt in ("try1", "try2"):
+        store = FolderStore(tmp_path / "store", attempt)
+        _shutdown(store, [site])  # answer nothing: stop right after start-up
+        why = serve_site(cfg, csv_path=path, site=site, index=0,
+                         session=SiteSession(store, site, state, "flowrun1"), idle_timeout_s=5)
+        assert why == "shutdown"
+        (ready,) = _wait_ready(store, [site]).values()
+        assert ready.ledger_run_id == "flowrun1cleveland"
+    ledger = open_ledger(cfg.model_copy(update={"state_dir": str(state)}), state)
+    assert len(ledger.entries()) == 1 and ledger.has_run("flowrun1cleveland")
+
+
+def test_sites_that_fail_to_start_are_named_and_too_few_fail_the_run(tmp_path: Path) -> None:
+    from adapters.sites import record_sites
+    from fl_core.data import DataError
+    from fl_core.engine import RoundFailedError
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml",
+                      ["federation.mode=sites", "min_clients=3"])
+
+    def ready(site: str, passed: bool = True) -> SiteReady:
+        summary = {"passed": passed, "site": site, "failures": [] if passed else [
+            {"column": "age", "detail": "values outside [18, 100]", "unexpected_count": 1}]}
+        return SiteReady(site, -1, passed, 17, 100, 25, json.dumps(summary), "x")
+
+    up = {"Cleveland": ready("Cleveland"), "Hungary": ready("Hungary"),
+          "VA Long Beach": ready("VA Long Beach")}
+    usable = record_sites(cfg, tmp_path, "r1", up, {"Switzerland": "no session within 180 s"}, 1)
+    assert usable == ["Cleveland", "Hungary", "VA Long Beach"]  # configured order
+    validation = json.loads((tmp_path / ".fedpriv/runs/r1/reports/validation.json").read_text())
+    assert validation["unavailable"] == {"Switzerland": "no session within 180 s"}
+    with pytest.raises(RoundFailedError, match="only 2 site.*min_clients=3.*Switzerland"):
+        record_sites(cfg, tmp_path, "r2", {k: up[k] for k in ("Cleveland", "Hungary")},
+                     {"Switzerland": "no session", "VA Long Beach": "its session ended"}, 1)
+    bad = {**up, "Hungary": ready("Hungary", passed=False)}
+    with pytest.raises(DataError, match="Hungary"):
+        record_sites(cfg, tmp_path, "r3", bad, {"Hungary": "data failed validation: values "
+                                                "outside [18, 100]"}, 1)
