@@ -41,6 +41,12 @@ privacy:
   refuses a run that would take a patient past privacy.lifetime_epsilon (composed ε).
   `fedpriv budget` shows what each site has spent.
 
+sites mode (--set federation.mode=sites; README "Sites mode"):
+  each hospital's Prefect worker runs the flow fl-site on its own pool, from a folder holding
+  only its own CSV (FEDPRIV_SITE_ID, FEDPRIV_SITE_DATA in the worker's environment); the
+  coordinator needs PREFECT_API_URL and no data file. One session per site per run,
+  messages through federation.message_store; `make sites-demo` runs it all on one machine.
+
 audit and gate:
   the audit attacks every model (loss threshold, Shokri shadow models, LiRA) and bounds ε
   from below; champion needs accuracy, attack AUC / TPR@0.1%FPR within audit.*, ε within
@@ -324,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             return run_stage(args.name, cfg, root)
         preflight(cfg, root)  # before Prefect starts its server: seconds, not minutes
+        if cfg.federation.mode == "sites" and not os.environ.get("PREFECT_API_URL"):
+            raise ConfigError("federation.mode=sites needs the Prefect server the sites' "
+                              "workers poll: set PREFECT_API_URL (README 'Sites mode')")
         prepare_prefect_database()
         from flows.pipeline import fl_pipeline
 
@@ -354,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:
+    if cfg.federation.mode == "sites" and name in ("validate", "partition", "train", "audit"):
+        from fl_core.config import ConfigError
+
+        raise ConfigError(f"federation.mode=sites: the '{name}' stage runs at the sites, "
+                          f"within `fedpriv run` (the Prefect flow); `fedpriv stage` and DVC "
+                          f"run federation.mode=simulation")
     from adapters.artifacts import finish_interrupted_publish, reap_dead_temp_files
 
     finish_interrupted_publish(cfg, root)  # the published view is one whole run's

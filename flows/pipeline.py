@@ -7,6 +7,7 @@ and ``data/`` (the files ``dvc repro`` tracks) once the run has succeeded.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,18 @@ def fl_pipeline(
     started = time.perf_counter()
     root_path = Path(root).resolve()
     cfg = load_config(root_path / params_path, overrides or [])
-    preflight(cfg, root_path)  # MLflow store, ledger, reports: before anything is trained
-    # this run's own workspace: a concurrent run in the same checkout never sees its files
-    mark_crashed(reap_dead_workspaces(cfg, root_path))  # what killed runs left behind
+    # this run's own workspace, claimed first: a kill from here on is found by a later run;
+    # a concurrent run in the same checkout never sees its files
     run_id = new_run_id()
     workspace = Paths.of(cfg, root_path, run_id)
     claim_workspace(workspace, str(runtime.flow_run.id))
+    try:
+        preflight(cfg, root_path)  # MLflow store, ledger, reports: before anything is trained
+    except BaseException:
+        shutil.rmtree(workspace.workspace, ignore_errors=True)  # nothing in it yet
+        release_workspace(workspace)
+        raise
+    mark_crashed(reap_dead_workspaces(cfg, root_path))  # what killed runs left behind
     print(f"run {run_id}: workspace {workspace.workspace}")
     try:
         if cfg.federation.mode == "sites":  # each site in its own session, at the site

@@ -68,6 +68,19 @@ class PrefectServer:
         self.workers[name] = proc
         return proc
 
+    def kill_flow_runs(self, name: str) -> int:
+        """SIGKILL the flow-run processes the worker started, not the worker: the session
+        crashes, the worker stays up. Returns how many were killed."""
+        import psutil
+
+        killed = 0
+        for child in psutil.Process(self.workers[name].pid).children(recursive=True):
+            with suppress(psutil.NoSuchProcess):
+                if "prefect.engine" in " ".join(child.cmdline()):
+                    child.kill()
+                    killed += 1
+        return killed
+
     def kill_worker(self, name: str) -> None:
         """SIGKILL the worker and every process it started (its flow runs may run in their
         own process groups): the site's machine going down."""

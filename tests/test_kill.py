@@ -124,10 +124,13 @@ def test_sigkill_of_whole_runs_at_every_stage_is_cleaned_up_by_the_next_start(
                *[a for o in OVERRIDES for a in ("--set", o)]]
 
     def appeared(point: str) -> Callable[[], bool]:
+        """True once the row or file appears anew (a file left by an earlier run, such as a
+        journal the next start rolls forward, does not count until it is written again)."""
         if point.startswith("SELECT"):
             before = rows(state / "mlflow.db", point)
             return lambda: rows(state / "mlflow.db", point) > before
-        return lambda: any(state.glob(point))
+        seen = {p: _mtime(p) for p in state.glob(point)}
+        return lambda: any(seen.get(p) != _mtime(p) for p in state.glob(point))
 
     killed = sum(kill_when(command, appeared(point), delay=delay, cwd=ROOT, env=env)[0]
                  for point, delay in RUN_KILL_POINTS)
@@ -148,6 +151,13 @@ def test_sigkill_of_whole_runs_at_every_stage_is_cleaned_up_by_the_next_start(
         == killed
     _check_invariant(project)
     _check_published_view(project)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _check_published_view(project: Path) -> None:

@@ -252,3 +252,30 @@ def test_sites_that_fail_to_start_are_named_and_too_few_fail_the_run(tmp_path: P
     with pytest.raises(DataError, match="Hungary"):
         record_sites(cfg, tmp_path, "r3", bad, {"Hungary": "data failed validation: values "
                                                 "outside [18, 100]"}, 1)
+
+
+def test_dvc_stages_refuse_sites_mode_clearly(project: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "train", "--root",
+                           str(project), "--set", "federation.mode=sites"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "federation.mode=sites: the 'train' stage runs at the sites" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sites_mode_without_a_prefect_server_is_refused_at_once(project: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--root", str(project),
+                           "--set", "federation.mode=sites"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "set PREFECT_API_URL" in done.stderr and "Traceback" not in done.stderr

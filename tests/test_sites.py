@@ -124,6 +124,25 @@ def test_sites_mode_on_a_real_server_with_one_worker_per_hospital(
         assert "Hungary" in _summary_artifact(server)  # so does the Prefect summary
         assert _site_run_states(server, "hungary") & {"CANCELLED", "CANCELLING"}
 
+        # --- Hungary's worker is still down: left out at start, named. Switzerland's session
+        # crashes in round 3 (its worker stays up): restarted, it rejoins a later round
+        earlier = set(store.iterdir())
+        proc = _run_sites(server, coordinator, tmp_path / "run-rejoin.log", [
+            "rounds=300", "federation.site_start_timeout_s=40"])
+        while time.monotonic() < deadline + 300 and not [
+                p for p in store.glob("*/switzerland/down/000005.msg")
+                if p.parents[2] not in earlier]:
+            time.sleep(0.05)
+        assert server.kill_flow_runs("switzerland") >= 1
+        assert proc.wait(timeout=600) == 0, (tmp_path / "run-rejoin.log").read_text()[-4000:]
+        rejoin_log = (tmp_path / "run-rejoin.log").read_text()
+        assert "site Hungary is left out of this run: no session within 40 s" in rejoin_log
+        assert "site Switzerland rejoined" in rejoin_log
+        rows = list(csv.DictReader((coordinator / "reports" / "rounds.csv").open()))
+        missed = [int(r["round"]) for r in rows if "Switzerland" in r["failed_clients"]]
+        assert missed and missed[0] >= 3 and missed[-1] < 300  # failed, then back
+        assert rows[-1]["accuracy_Switzerland"] != ""
+
 
 def _post(server: PrefectServer, path: str, body: dict) -> list[dict]:
     import urllib.request
