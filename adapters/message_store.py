@@ -100,10 +100,9 @@ class StoreTransport:
                 out[site] = TransportFailure("no such site on this transport")
                 continue
             self.store.put(site, "down", name, request)  # a rejoining session answers it
-            missed = self._missed.get(site, 0)
-            if missed and self.store.newest(site, "up") < missed:
-                out[site] = TransportFailure(  # like a busy SiteClient: no second wait
-                    f"still busy with request {missed}, which missed its deadline")
+            if self.straggling(site):  # like a busy SiteClient: no second wait
+                out[site] = TransportFailure(f"still busy with request {self._missed[site]}, "
+                                             f"which missed its deadline")
         waiting = [s for s in requests if s not in out]
         end, next_check = time.monotonic() + deadline_s, 0.0
         while waiting and time.monotonic() < end:
@@ -132,6 +131,11 @@ class StoreTransport:
             if isinstance(out[site], bytes):
                 self._missed.pop(site, None)
         return {site: out[site] for site in requests}
+
+    def straggling(self, site: str) -> bool:
+        """Whether the site still owes the answer to a request that missed its deadline."""
+        missed = self._missed.get(site, 0)
+        return bool(missed) and self.store.newest(site, "up") < missed
 
     def skip_to(self, seq: int) -> None:
         """Continue numbering after ``seq`` (a site rejoining reads from the next one)."""

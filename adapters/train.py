@@ -45,6 +45,9 @@ def print_progress(record: RoundRecord, total: int) -> None:
             ("failed", record.failed_clients), ("rejected", record.rejected_clients),
             ("flagged", record.flagged_clients), ("excluded", record.excluded_clients))
         if ids)
+    if record.failure_reasons:
+        failed += " (" + "; ".join(f"{site}: {why}" for site, why
+                                   in record.failure_reasons.items()) + ")"
     print(
         f"round {record.round:>3}/{total}  loss {record.test_loss:.4f}  "
         f"acc {record.accuracy:.3f}  auc {record.auc:.3f}  "

@@ -75,6 +75,8 @@ class RoundRecord:
     bytes_downloaded_uncompressed: int
     clients_ok: int
     failed_clients: list[str] = field(default_factory=list)
+    # why each failed client failed (its first reason this round)
+    failure_reasons: dict[str, str] = field(default_factory=dict)
     flagged_clients: list[str] = field(default_factory=list)
     rejected_clients: list[str] = field(default_factory=list)
     excluded_clients: list[str] = field(default_factory=list)
@@ -368,6 +370,7 @@ def _record(
         bytes_downloaded_uncompressed=dense_size(n_params) * len(rnd.participants),
         clients_ok=len(kept),
         failed_clients=list(dict.fromkeys(f.client_id for f in rnd.failures)),  # unique
+        failure_reasons={f.client_id: f.reason for f in reversed(rnd.failures)},
         flagged_clients=defended.flagged, rejected_clients=defended.rejected,
         excluded_clients=defended.excluded, client_accuracy=per_site,
         epsilon=max(spent) if spent else None,

@@ -38,6 +38,7 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
             record.bytes_downloaded_uncompressed / max(record.bytes_downloaded, 1), 4),
         "clients_ok": record.clients_ok,
         "failed_clients": ";".join(record.failed_clients),
+        "failure_reasons": "; ".join(f"{c}: {why}" for c, why in record.failure_reasons.items()),
         "flagged_clients": ";".join(record.flagged_clients),
         "rejected_clients": ";".join(record.rejected_clients),
         "excluded_clients": ";".join(record.excluded_clients),

@@ -137,10 +137,14 @@ class SiteSessions:
                 return "restarted: its new session is not up yet"
             del self._rejoining[site]
             print(f"site {site} rejoined")
-        state = self._state_name(site)
-        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED", "CANCELLING"):
-            return f"its session ended ({state.lower()})"
+        if self.ended(site):
+            return f"its session ended ({str(self._state_name(site)).lower()})"
         return None
+
+    def ended(self, site: str, max_age_s: float = 0.5) -> bool:
+        """Whether the site's current session run has ended (or is being cancelled)."""
+        return self._state_name(site, max_age_s) in (
+            "COMPLETED", "FAILED", "CRASHED", "CANCELLED", "CANCELLING")
 
     def _state_name(self, site: str, max_age_s: float = 0.5) -> str | None:
         """The site's flow run state, read at most every ``max_age_s``."""
@@ -244,8 +248,10 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
         transport = StoreTransport(store, usable, alive=sessions.gone)
 
         def rejoin(record: Any) -> None:
+            # restart a session that ended or straggles, not one that is merely coming up
             for site in record.failed_clients:
-                if sessions.restart(site):
+                if (sessions.ended(site, max_age_s=0) or transport.straggling(site)) \
+                        and sessions.restart(site):
                     print(f"site {site} failed round {record.round}: its session was "
                           f"cancelled and started again (it rejoins once up)")
 
