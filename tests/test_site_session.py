@@ -138,8 +138,10 @@ def test_the_coordinator_never_unpickles_what_a_site_writes(tmp_path: Path) -> N
         store.put("B", "up", "000001", b"\x00" * 100)
         big = store.folder("C", "up") / "000001.msg"
         big.parent.mkdir(parents=True, exist_ok=True)
-        with big.open("wb") as f:  # a sparse file claiming 100 MB
+        part = big.with_name(".000001.msg.part")
+        with part.open("wb") as f:  # a sparse file of 100 MB, renamed into place whole
             f.truncate(100 * 1024 * 1024)
+        part.replace(big)
 
     writer = threading.Thread(target=reply_badly)
     writer.start()
