@@ -205,7 +205,7 @@ def as_model_input(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataF
         values = frame[col]
         if col in NUMERIC_FEATURES:
             kind = values.dtype.kind
-            out[col] = values.astype(float) if kind in "iub" else values
+            out[col] = values.astype(float) if kind in "iu" else values
         else:
             out[col] = values.astype(object).map(
                 lambda v: None if _missing(v) else _bool_text(v) if isinstance(
