@@ -188,6 +188,8 @@ def test_mlflow_models_serve_answers_raw_rows(registered: dict[str, Any], tmp_pa
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"],
            "MLFLOW_REGISTRY_URI": registered["uri"], "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("PYTHONPATH", None)  # the model carries its own code (code_paths)
+    # the server runs `uvicorn` by name: the venv's bin/ must be on PATH (an activated venv)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     log_path = tmp_path / "serve.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
@@ -206,8 +208,12 @@ def test_mlflow_models_serve_answers_raw_rows(registered: dict[str, Any], tmp_pa
 
         bad = [records[0], {**records[1], "cp": "banana"}]
         status, answer = _post(f"{base}/invocations", bad)
-        assert 400 <= status < 600, answer
+        assert status == 400, answer  # INVALID_PARAMETER_VALUE: the client's rows
         assert "row 1, column 'cp'" in answer["message"] and "banana" in answer["message"]
+        status, answer = _post(f"{base}/invocations", [{**records[0], "thalch": None}])
+        assert status == 400 and "row 0, column 'thalch': missing value" in answer["message"]
+        status, answer = _post(f"{base}/invocations", [{**records[0], "age": 300}])
+        assert status == 400 and "row 0, column 'age': 300.0 is outside" in answer["message"]
     finally:
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
