@@ -250,9 +250,11 @@ def log_served_model(served: ServedModel, step: int) -> Any:
     import mlflow
     import mlflow.pyfunc
 
+    # what importing this module and fl_core.data pulls in (for env managers other than
+    # local; opacus only to rebuild a model that ModuleValidator.fix rewrote)
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                     f"numpy=={np.__version__}", f"pandas=={pd.__version__}", "pydantic", "pyyaml",
-                    "scipy", "opacus", "great_expectations"]
+                    "scipy", *(["opacus"] if served.saved.get("opacus_fixed") else [])]
     with tempfile.TemporaryDirectory(prefix="fedpriv-model-") as tmp:
         weights, transform = Path(tmp) / "model.pt", Path(tmp) / "transform.json"
         torch.save(dict(served.saved), weights)
