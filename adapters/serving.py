@@ -145,7 +145,7 @@ def _numeric(values: pd.Series, col: str, transform: TabularTransform,
     ref = transform.reference[col]
     imputed = col in transform.zero_as_missing
     out = pd.Series(np.nan, index=values.index, dtype=float)
-    for row, value in values.items():
+    for pos, (row, value) in enumerate(values.items()):
         if _missing(value):
             if not imputed:
                 problems.append(f"row {row}, column {col!r}: missing value (required)")
@@ -159,7 +159,7 @@ def _numeric(values: pd.Series, col: str, transform: TabularTransform,
             problems.append(f"row {row}, column {col!r}: {value!r} is outside the declared "
                             f"range [{ref.low:g}, {ref.high:g}]")
         else:
-            out[row] = number
+            out.iloc[pos] = number
     return out
 
 
@@ -177,7 +177,7 @@ def _category(values: pd.Series, col: str, problems: list[str]) -> pd.Series:
     """Accepted category strings; None where missing (the transform's declared default)."""
     accepted = BOOLEAN_VALUES if col in BOOLEAN_FEATURES else CATEGORIES[col]
     out = pd.Series(None, index=values.index, dtype=object)
-    for row, value in values.items():
+    for pos, (row, value) in enumerate(values.items()):
         if _missing(value):
             continue  # data.missing_category's default, applied by the transform
         text = _bool_text(value) if col in BOOLEAN_FEATURES else value
@@ -185,7 +185,7 @@ def _category(values: pd.Series, col: str, problems: list[str]) -> pd.Series:
             problems.append(f"row {row}, column {col!r}: unknown value {value!r}; accepted: "
                             f"{', '.join(accepted)}")
         else:
-            out[row] = text
+            out.iloc[pos] = text
     return out
 
 
