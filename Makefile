@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.fedpriv/prefect
 
-.PHONY: run test install lint repro ui mlflow-ui deploy worker clean sites site-worker run-sites sites-demo
+.PHONY: run test install lint repro ui mlflow-ui serve deploy worker clean sites site-worker run-sites sites-demo
 
 install: $(STAMP)
 
@@ -40,6 +40,15 @@ ui: $(STAMP)
 # MLflow UI over the embedded store (http://127.0.0.1:5000).
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///.fedpriv/mlflow.db --host 127.0.0.1 --port 5000
+
+# The registered champion behind MLflow's scoring server (README: Serving the champion).
+# PATH: the server starts `uvicorn` by name, from this venv.
+MODEL ?= models:/fedpriv-heart@champion
+PORT ?= 5001
+serve: $(STAMP)
+	PATH="$(BIN):$$PATH" MLFLOW_TRACKING_URI=sqlite:///.fedpriv/mlflow.db \
+	  MLFLOW_REGISTRY_URI=sqlite:///.fedpriv/mlflow.db \
+	  $(BIN)/mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf reports data/processed data/models .fedpriv

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from adapters.artifacts import owner_is_dead
 from fl_core.config import PipelineConfig
 from fl_core.gate import GateDecision, evaluate_gate, gate_thresholds
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+    from adapters.serving import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ class RegistrationResult:
 
 def register_model(
     cfg: PipelineConfig,
-    model: torch.nn.Module,
-    input_example: torch.Tensor,
+    served: ServedModel,
     metrics: Mapping[str, float | int | None],
     history: Sequence[Mapping[str, object]],
     artifacts: Sequence[Path],
@@ -67,6 +66,10 @@ def register_model(
     tags: Mapping[str, str] | None = None,
 ) -> RegistrationResult:
     """Log one run; register the model as ``challenger``; if the gate passes, also ``champion``.
+
+    The registered model is ``served`` as an MLflow pyfunc (:mod:`adapters.serving`): raw
+    clinical rows in, the probability of disease out, the declared transform among its
+    artifacts.
 
     Nothing is left half-done: on failure no new model version remains, the aliases are as
     before and the run is ``FAILED``. Exceptions propagate.
@@ -84,7 +87,7 @@ def register_model(
     artifact_root = state_dir / "mlartifacts"
     artifact_root.mkdir(parents=True, exist_ok=True)
     uri = cfg.mlflow_tracking_uri
-    mlflow.set_tracking_uri(uri)  # mlflow.pytorch.log_model resolves the store globally
+    mlflow.set_tracking_uri(uri)  # mlflow.pyfunc.log_model resolves the store globally
     mlflow.set_registry_uri(uri)  # ... and models:/ URIs the registry: never another's
     client = open_store(uri)
     experiment_id = _ensure_experiment(client, cfg.mlflow.experiment, artifact_root.as_uri())
@@ -108,7 +111,9 @@ def register_model(
                 client.log_artifacts(run_id, str(path), artifact_path=f"reports/{path.name}")
             else:
                 client.log_artifact(run_id, str(path), artifact_path="reports")
-        info = _log_torch_model(model, input_example, step=last_round)
+        from adapters.serving import log_served_model
+
+        info = log_served_model(served, step=last_round)
 
         registry_before = _RegistryState.capture(client, name)
         gate_tags = _gate_tags(decision)
@@ -229,35 +234,6 @@ def _log_final_metrics(
     batch = [Metric(k, v, timestamp, step) for k, v in values.items() if v is not None]
     if batch:
         client.log_batch(run_id, metrics=batch)
-
-
-def _log_torch_model(model: torch.nn.Module, input_example: torch.Tensor, step: int) -> Any:
-    """Log the model (pt2, traced on ``input_example``) into the active run; return ModelInfo."""
-    import mlflow.pytorch
-    import numpy
-    from mlflow.models import infer_signature
-
-    example = input_example.detach().cpu()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(example).detach().cpu().numpy()
-        return mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=example.numpy(),
-            signature=infer_signature(example.numpy(), output),
-            step=step,
-            # Explicit: MLflow's inference imports the model in a subprocess (~20 s here).
-            pip_requirements=[
-                f"mlflow=={mlflow.__version__}",
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"numpy=={numpy.__version__}",
-            ],
-        )
-    finally:
-        model.train(was_training)
 
 
 def _gate_tags(decision: GateDecision) -> dict[str, str]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adapters.artifacts import Paths, read_json, read_training, write_json_atomic
 from adapters.mlflow_registry import register_model
 from adapters.train import load_model
 from fl_core.accounting import open_ledger
 from fl_core.config import PipelineConfig
+from fl_core.data import TabularTransform
 from fl_core.gate import evaluate_gate, gate_thresholds
 from fl_core.ledger import MissingChargeError
 from fl_core.reports import AuditReport, PrivacyReport, TrainingSummary, run_metrics
@@ -83,12 +82,14 @@ GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one s
 def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingSummary,
               metrics: dict[str, Any]) -> dict[str, Any]:
     """The MLflow registration of the trained model (its ledger charge already checked)."""
+    from adapters.serving import ServedModel
+
     privacy = trained.privacy
-    model, saved = load_model(paths.model)
-    example = torch.zeros(1, saved["num_features"])
+    _, saved = load_model(paths.model)
+    served = ServedModel(saved, TabularTransform.from_config(cfg.data))
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
                              paths.roc_plot, paths.training_plot) if p.exists()]
-    result = register_model(cfg, model, example, metrics, trained.history, artifacts,
+    result = register_model(cfg, served, metrics, trained.history, artifacts,
                             tags=privacy_tags(privacy))
     return {"run_id": result.run_id, "model_name": result.model_name,
             "model_version": result.model_version, "aliases": list(result.aliases),

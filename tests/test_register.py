@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from fl_core.config import PipelineConfig
+from fl_core.config import DataConfig, PipelineConfig
+from fl_core.data import TabularTransform
 from fl_core.gate import GateDecision, evaluate_gate
-from fl_core.models import build_model
+from fl_core.models import build_model, get_flat_params
 
 GATE = {"gate.min_accuracy": 0.75, "audit.max_auc": 0.60, "audit.max_tpr_at_0_1pct_fpr": 0.05,
         "privacy.epsilon": 1.0}
@@ -128,12 +129,20 @@ def report(tmp_path: Path) -> Path:
     return path
 
 
+TRANSFORM = TabularTransform.from_config(DataConfig())
+
+
 @pytest.fixture
 def model() -> torch.nn.Module:
-    return build_model("mlp", 6, hidden_units=8, seed=3)
+    return build_model("mlp", len(TRANSFORM.columns()), hidden_units=8, seed=3)
 
 
-EXAMPLE = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+def _served(model: torch.nn.Module) -> Any:
+    from adapters.serving import ServedModel
+
+    return ServedModel({"kind": "mlp", "num_features": len(TRANSFORM.columns()),
+                        "hidden_units": 8, "params": get_flat_params(model),
+                        "columns": TRANSFORM.columns(), "opacus_fixed": False}, TRANSFORM)
 
 
 def _client(cfg: PipelineConfig) -> Any:
@@ -146,7 +155,7 @@ def _register(cfg: PipelineConfig, model: torch.nn.Module, metrics: dict[str, An
               artifacts: list[Path] | None = None) -> Any:
     from adapters.mlflow_registry import register_model
 
-    return register_model(cfg, model, EXAMPLE, metrics, HISTORY, artifacts or [], run_name="t")
+    return register_model(cfg, _served(model), metrics, HISTORY, artifacts or [], run_name="t")
 
 
 def _aliases(client: Any, name: str) -> dict[str, str]:
@@ -165,7 +174,9 @@ def _only_run(cfg: PipelineConfig) -> Any:
 def test_passing_model_becomes_champion(
     cfg: PipelineConfig, model: torch.nn.Module, report: Path
 ) -> None:
-    import mlflow.pytorch
+    import mlflow.pyfunc
+
+    from adapters.serving import as_model_input, declared_example
 
     result = _register(cfg, model, PASSING, [report])
     assert result.gate.passed
@@ -180,11 +191,18 @@ def test_passing_model_becomes_champion(
     assert version.tags["gate"] == "passed"
     assert version.run_id == result.run_id
 
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
     mlflow.set_registry_uri(cfg.mlflow_tracking_uri)
-    loaded = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    rows = as_model_input(declared_example(TRANSFORM), TRANSFORM)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(EXAMPLE), model(EXAMPLE))
+        expected = torch.sigmoid(model(TRANSFORM.transform(rows))).double().numpy()
+    assert loaded.predict(rows) == pytest.approx(expected, abs=1e-6)
 
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -351,8 +369,8 @@ def test_bad_inputs_fail_before_any_run(cfg: PipelineConfig, model: torch.nn.Mod
     from adapters.mlflow_registry import register_model
 
     with pytest.raises(ValueError, match="round"):
-        register_model(cfg, model, EXAMPLE, PASSING, [{"accuracy": 0.8}], [])
+        register_model(cfg, _served(model), PASSING, [{"accuracy": 0.8}], [])
     with pytest.raises(FileNotFoundError):
-        register_model(cfg, model, EXAMPLE, PASSING, HISTORY, [Path(cfg.state_dir) / "nope"])
+        register_model(cfg, _served(model), PASSING, HISTORY, [Path(cfg.state_dir) / "nope"])
     client = _client(cfg)
     assert client.get_experiment_by_name(cfg.mlflow.experiment) is None

@@ -1,0 +1,273 @@
+"""The registered model: an MLflow pyfunc that takes raw clinical rows and returns P(disease).
+
+:class:`HeartDiseaseModel` carries two artifacts, the trained weights (``model.pt``'s dict) and
+the declared preprocessing (:meth:`fl_core.data.TabularTransform.state_dict` as JSON), and the
+code that uses them (``adapters`` and ``fl_core`` as MLflow ``code_paths``, so
+``mlflow models serve --env-manager local`` needs nothing but the project's environment).
+
+Input: a DataFrame with the raw feature columns exactly as in the CSV (``data.features``):
+numbers for the numeric ones (``age``, ``trestbps``, ``chol``, ``thalch``, ``oldpeak``), the
+category strings for the others (``sex`` "Male"/"Female", ``cp`` "asymptomatic", ...,
+``fbs``/``exang`` "TRUE"/"FALSE"). Any number of rows. Output: one float64 per row, the
+probability of heart disease (``sigmoid`` of the network's logit), in [0, 1].
+
+Bad rows are refused, never scored: :class:`InvalidRowsError` (an ``MlflowException`` with
+``INVALID_PARAMETER_VALUE``, so the scoring server answers HTTP 400) names every bad row's
+index, column and value:
+
+* a numeric value that is missing, not a number or outside the declared range
+  ``data.reference.<col>.low/high`` (the transform would clip it: a silently wrong score);
+* a category or boolean that is not one of the accepted values;
+* a missing column.
+
+Two documented imputations of the declared transform are applied, not refused:
+
+* ``data.zero_as_missing`` (default ``chol``): a missing value *or 0* means "not measured",
+  as in the training data; the value becomes the declared ``fill`` and the column's
+  ``<col>_missing`` indicator is 1;
+* ``data.missing_category``: a missing categorical or boolean value becomes its declared
+  default (``sex`` Female, ``cp`` asymptomatic, ``fbs`` FALSE, ``restecg`` normal, ``exang``
+  FALSE), the same rule the transform applies in training.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+from fl_core.config import BOOLEAN_FEATURES, BOOLEAN_VALUES, CATEGORIES, NUMERIC_FEATURES
+from fl_core.data import TabularTransform
+from fl_core.models import build_model, set_flat_params
+
+WEIGHTS, TRANSFORM = "weights", "transform"
+_ROOT = Path(__file__).resolve().parent.parent
+CODE_PATHS = [str(_ROOT / "adapters"), str(_ROOT / "fl_core")]
+_MAX_LISTED = 20  # problems named in one error message
+
+
+class InvalidRowsError(MlflowException):
+    """Rows that cannot be scored; the message names each row index, column and value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        listed = problems[:_MAX_LISTED]
+        more = f"; and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+        super().__init__("cannot score: " + "; ".join(listed) + more,
+                         error_code=INVALID_PARAMETER_VALUE)
+        self.problems = problems
+
+
+def model_from_saved(saved: Mapping[str, Any]) -> torch.nn.Module:
+    """The torch model ``model.pt``'s dict describes, in eval mode."""
+    model = build_model(saved["kind"], saved["num_features"], saved["hidden_units"])
+    if saved.get("opacus_fixed"):  # trained as ModuleValidator.fix rewrote it
+        from fl_core.privacy import check_model
+
+        model, _ = check_model(model)
+    set_flat_params(model, saved["params"])
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What gets registered: the trained weights and the transform they were trained behind."""
+
+    saved: Mapping[str, Any]  # model.pt's dict: kind, num_features, hidden_units, params, ...
+    transform: TabularTransform
+
+    def __post_init__(self) -> None:
+        columns = self.saved.get("columns")
+        if columns is not None and list(columns) != self.transform.columns():
+            raise ValueError(f"the model was trained on columns {list(columns)}, the transform "
+                             f"gives {self.transform.columns()}")
+
+
+class HeartDiseaseModel(PythonModel):
+    """Raw rows → validated → declared transform → network → probability (module docstring)."""
+
+    def load_context(self, context: Any) -> None:
+        saved = torch.load(context.artifacts[WEIGHTS], weights_only=True)
+        state = json.loads(Path(context.artifacts[TRANSFORM]).read_text(encoding="utf-8"))
+        self.transform = TabularTransform.from_state_dict(state)
+        ServedModel(saved, self.transform)  # the columns agree
+        self.model = model_from_saved(saved)
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> np.ndarray:
+        """P(disease) per row (float64 in [0, 1]); :class:`InvalidRowsError` for bad rows."""
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(
+            model_input)
+        clean = validated_rows(frame, self.transform)
+        with torch.no_grad():
+            logits = self.model(self.transform.transform(clean))
+        return torch.sigmoid(logits).reshape(-1).double().numpy()
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def validated_rows(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataFrame:
+    """``frame``'s feature columns ready for ``transform``; raises :class:`InvalidRowsError`
+    naming every bad (row, column, value). Applies the two declared imputations only."""
+    absent = [c for c in transform.features if c not in frame.columns]
+    if absent:
+        raise InvalidRowsError([f"column {c!r} is missing" for c in absent])
+    problems: list[str] = []
+    clean = {}
+    for col in transform.features:
+        if col in NUMERIC_FEATURES:
+            clean[col] = _numeric(frame[col], col, transform, problems)
+        else:
+            clean[col] = _category(frame[col], col, problems)
+    if problems:
+        raise InvalidRowsError(problems)
+    return pd.DataFrame(clean, index=frame.index)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        not isinstance(value, str) and bool(pd.isna(value)))
+
+
+def _numeric(values: pd.Series, col: str, transform: TabularTransform,
+             problems: list[str]) -> pd.Series:
+    """Floats; NaN only where ``zero_as_missing`` declares the value not measured."""
+    ref = transform.reference[col]
+    imputed = col in transform.zero_as_missing
+    out = pd.Series(np.nan, index=values.index, dtype=float)
+    for pos, (row, value) in enumerate(values.items()):
+        if _missing(value):
+            if not imputed:
+                problems.append(f"row {row}, column {col!r}: missing value (required)")
+            continue
+        number = _as_number(value)
+        if number is None:
+            problems.append(f"row {row}, column {col!r}: {value!r} is not a number")
+        elif imputed and number == 0:
+            continue  # declared "not measured" (data.zero_as_missing)
+        elif not ref.low <= number <= ref.high:
+            problems.append(f"row {row}, column {col!r}: {value!r} is outside the declared "
+                            f"range [{ref.low:g}, {ref.high:g}]")
+        else:
+            out.iloc[pos] = number
+    return out
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _category(values: pd.Series, col: str, problems: list[str]) -> pd.Series:
+    """Accepted category strings; None where missing (the transform's declared default)."""
+    accepted = BOOLEAN_VALUES if col in BOOLEAN_FEATURES else CATEGORIES[col]
+    out = pd.Series(None, index=values.index, dtype=object)
+    for pos, (row, value) in enumerate(values.items()):
+        if _missing(value):
+            continue  # data.missing_category's default, applied by the transform
+        text = _bool_text(value) if col in BOOLEAN_FEATURES else value
+        if text not in accepted:
+            problems.append(f"row {row}, column {col!r}: unknown value {value!r}; accepted: "
+                            f"{', '.join(accepted)}")
+        else:
+            out.iloc[pos] = text
+    return out
+
+
+def _bool_text(value: Any) -> Any:
+    if isinstance(value, bool | np.bool_):
+        return "TRUE" if value else "FALSE"
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def as_model_input(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataFrame:
+    """``frame``'s feature columns typed as the signature declares, values unchanged: integer
+    columns (``pd.read_csv`` reads ``age`` as int64, which MLflow's schema check will not
+    widen to double in-process) as float, booleans (``TRUE``/``FALSE`` cells read as bool) as
+    "TRUE"/"FALSE", missing cells as None. The scoring server does this itself from JSON."""
+    out = {}
+    for col in transform.features:
+        values = frame[col]
+        if col in NUMERIC_FEATURES:
+            kind = values.dtype.kind
+            out[col] = values.astype(float) if kind in "iu" else values
+        else:
+            out[col] = values.astype(object).map(
+                lambda v: None if _missing(v) else _bool_text(v) if isinstance(
+                    v, bool | np.bool_) else v)
+    return pd.DataFrame(out, index=frame.index)
+
+
+# --- logging --------------------------------------------------------------------------------
+
+
+def signature(transform: TabularTransform) -> Any:
+    """Raw columns in (double for numeric, string for categorical/boolean); one double out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("double" if c in NUMERIC_FEATURES else "string", c)
+                     for c in transform.features])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")]))
+
+
+def declared_example(transform: TabularTransform, rows: int = 3) -> pd.DataFrame:
+    """An input example made of declared constants, no patient's record (the registry is not
+    covered by the privacy guarantee's data handling): numeric values at the declared centre
+    and half a scale either side, categories in turn."""
+    records = []
+    for i in range(rows):
+        record: dict[str, Any] = {}
+        for col in transform.features:
+            if col in NUMERIC_FEATURES:
+                ref = transform.reference[col]
+                value = ref.center + (i - 1) * ref.scale / 2
+                record[col] = float(min(max(value, ref.low), ref.high))
+            else:
+                accepted = BOOLEAN_VALUES if col in BOOLEAN_FEATURES else CATEGORIES[col]
+                record[col] = accepted[i % len(accepted)]
+        records.append(record)
+    return pd.DataFrame(records, columns=list(transform.features))
+
+
+def log_served_model(served: ServedModel, step: int) -> Any:
+    """Log ``served`` as the pyfunc ``model`` of the active run; return its ModelInfo."""
+    import mlflow
+    import mlflow.pyfunc
+
+    # what importing this module and fl_core.data pulls in (for env managers other than
+    # local; opacus only to rebuild a model that ModuleValidator.fix rewrote)
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                    f"numpy=={np.__version__}", f"pandas=={pd.__version__}", "pydantic", "pyyaml",
+                    "scipy", *(["opacus"] if served.saved.get("opacus_fixed") else [])]
+    with tempfile.TemporaryDirectory(prefix="fedpriv-model-") as tmp:
+        weights, transform = Path(tmp) / "model.pt", Path(tmp) / "transform.json"
+        torch.save(dict(served.saved), weights)
+        transform.write_text(json.dumps(served.transform.state_dict(), indent=1) + "\n",
+                             encoding="utf-8")
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=HeartDiseaseModel(),
+            artifacts={WEIGHTS: str(weights), TRANSFORM: str(transform)},
+            code_paths=CODE_PATHS,
+            signature=signature(served.transform),
+            input_example=declared_example(served.transform),
+            pip_requirements=requirements,
+            step=step,
+        )
+

@@ -1,0 +1,225 @@
+"""The registered model as MLflow serves it: raw CSV rows in, P(disease) out, bad rows refused.
+
+One pipeline run (validate → partition → train → audit → publish, 2 rounds) registers
+``fedpriv-heart@challenger`` in a temporary project; the tests load it through ``models:/``
+(in-process, and behind ``mlflow models serve``) and compare with the torch network applied
+to the declared transform directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import RAW_CSV, ROOT
+from tests.servers import BIN, free_port
+
+URI = "models:/fedpriv-heart@challenger"
+OVERRIDES = ["rounds=2", "audit.shadow_models=2", "gate.min_accuracy=0"]
+NUMERIC = ["age", "trestbps", "chol", "thalch", "oldpeak"]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A temp project with one registered run; its store URI, config and model file."""
+    from adapters.artifacts import Paths
+    from adapters.audit import audit_model
+    from adapters.partition import partition_data
+    from adapters.publish import publish_results
+    from adapters.train import train_model
+    from adapters.validate import validate_data
+    from fl_core.config import load_config
+
+    project = tmp_path_factory.mktemp("serving-project")
+    (project / "data" / "raw").mkdir(parents=True)
+    shutil.copy(RAW_CSV, project / "data" / "raw" / RAW_CSV.name)
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    cfg = load_config(project / "params.yaml", OVERRIDES)
+    for stage in (validate_data, partition_data, train_model, audit_model):
+        stage(cfg, project)
+    out = publish_results(cfg, project)
+    assert "challenger" in out["registration"]["aliases"]
+    uri = f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}"
+    return {"project": project, "cfg": cfg, "uri": uri,
+            "model_file": Paths.of(cfg, project).model}
+
+
+@contextmanager
+def store(uri: str) -> Iterator[None]:
+    """``models:/`` resolves through MLflow's global URIs: set them, then put them back."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def raw_rows(n: int, start: int = 0) -> pd.DataFrame:
+    """``n`` complete rows of the CSV, the feature columns as the file has them."""
+    from fl_core.config import CORE_FEATURES
+
+    frame = pd.read_csv(RAW_CSV)[list(CORE_FEATURES)].dropna()
+    return frame.iloc[start:start + n].reset_index(drop=True)
+
+
+def test_registered_model_scores_raw_rows_like_the_network(registered: dict[str, Any]) -> None:
+    import mlflow.pyfunc
+
+    from adapters.serving import as_model_input
+    from adapters.train import load_model
+    from fl_core.data import TabularTransform
+
+    with store(registered["uri"]):
+        loaded = mlflow.pyfunc.load_model(URI)
+    rows = raw_rows(5)
+    model_input = as_model_input(rows, loaded.unwrap_python_model().transform)
+    assert model_input["sex"].tolist() == rows["sex"].tolist()  # raw strings, not encodings
+    probabilities = loaded.predict(model_input)
+    assert len(probabilities) == 5
+    assert all(0.0 <= p <= 1.0 for p in probabilities)
+
+    network, _ = load_model(registered["model_file"])
+    transform = TabularTransform.from_config(registered["cfg"].data)
+    with torch.no_grad():
+        expected = torch.sigmoid(network.eval()(transform.transform(rows))).double().numpy()
+    assert list(probabilities) == pytest.approx(list(expected), abs=1e-5)
+    assert loaded.metadata.get_input_schema().input_names() == list(transform.features)
+
+
+def test_chol_zero_is_the_declared_not_measured(registered: dict[str, Any]) -> None:
+    import mlflow.pyfunc
+
+    from adapters.serving import as_model_input
+
+    with store(registered["uri"]):
+        loaded = mlflow.pyfunc.load_model(URI)
+    transform = loaded.unwrap_python_model().transform
+    rows = as_model_input(raw_rows(2), transform)
+    zero, empty = rows.copy(), rows.copy().astype({"chol": object})
+    zero["chol"] = 0.0
+    empty["chol"] = None
+    missing_sex = rows.copy()
+    missing_sex["sex"] = None
+    female = rows.copy()
+    female["sex"] = "Female"  # data.missing_category.sex
+    assert list(loaded.predict(zero)) == pytest.approx(list(loaded.predict(empty)), abs=1e-12)
+    assert list(loaded.predict(missing_sex)) == pytest.approx(list(loaded.predict(female)))
+
+
+@pytest.mark.parametrize(("column", "value", "says"), [
+    ("age", 300.0, "outside the declared range [18, 100]"),
+    ("cp", "banana", "unknown value 'banana'"),
+    ("thalch", None, "missing value (required)"),
+    ("exang", "maybe", "unknown value 'maybe'"),
+])
+def test_bad_rows_are_refused_naming_row_and_column(
+    registered: dict[str, Any], column: str, value: Any, says: str
+) -> None:
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    from adapters.serving import as_model_input
+
+    with store(registered["uri"]):
+        loaded = mlflow.pyfunc.load_model(URI)
+    rows = as_model_input(raw_rows(3), loaded.unwrap_python_model().transform).astype(
+        {column: object})
+    rows.loc[1, column] = value
+    with pytest.raises(MlflowException) as caught:
+        loaded.predict(rows)
+    message = str(caught.value)
+    assert f"row 1, column '{column}'" in message and says in message
+    assert "row 0" not in message and "row 2" not in message
+
+
+# --- the scoring server ---------------------------------------------------------------------
+
+
+def _post(url: str, records: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    body = json.dumps({"dataframe_records": records}).encode()
+    request = urllib.request.Request(url, data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _wait_ping(base: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited with {proc.returncode}:\n"
+                               + log.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{base}/ping not answering after {timeout}s")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_raw_rows(registered: dict[str, Any], tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"],
+           "MLFLOW_REGISTRY_URI": registered["uri"], "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("PYTHONPATH", None)  # the model carries its own code (code_paths)
+    # the server runs `uvicorn` by name: the venv's bin/ must be on PATH (an activated venv)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", URI, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        started = _wait_ping(base, proc, log_path)
+        print(f"mlflow models serve answered /ping after {started:.1f} s")
+        records = json.loads(raw_rows(2).to_json(orient="records"))  # ints, "Male", true ...
+        records[1]["fbs"] = "TRUE"  # strings as in the CSV
+        status, answer = _post(f"{base}/invocations", records)
+        assert status == 200, answer
+        predictions = answer["predictions"]
+        assert len(predictions) == 2 and all(0.0 <= p <= 1.0 for p in predictions)
+
+        bad = [records[0], {**records[1], "cp": "banana"}]
+        status, answer = _post(f"{base}/invocations", bad)
+        assert status == 400, answer  # INVALID_PARAMETER_VALUE: the client's rows
+        assert "row 1, column 'cp'" in answer["message"] and "banana" in answer["message"]
+        status, answer = _post(f"{base}/invocations", [{**records[0], "thalch": None}])
+        assert status == 400 and "row 0, column 'thalch': missing value" in answer["message"]
+        status, answer = _post(f"{base}/invocations", [{**records[0], "age": 300}])
+        assert status == 400 and "row 0, column 'age': 300.0 is outside" in answer["message"]
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
