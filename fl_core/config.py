@@ -42,6 +42,7 @@ from fl_core.schema import (
     resolve_schema_path,
 )
 
+
 class ConfigError(ValueError):
     """A configuration key is unknown or its value is not accepted."""
 

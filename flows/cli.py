@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds per ε (default: 2)")
     split = sub.add_parser(
         "split-sites", parents=[common], help="write one CSV per hospital (sites mode)",
-        description="Split data.path by hospital (column 'dataset') into OUT/<site>/<file "
+        description="Split data.path by hospital (the schema's site column) into OUT/<site>/<file "
                     "name>, <site> the hospital's name in lower case with '-' for anything "
                     "but letters and digits (e.g. va-long-beach). Each file keeps the header "
                     "and that hospital's rows in their original order. Each folder is what "
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "gets the same train/test split as the simulation). Existing files are "
                     "replaced. Beside each folder, OUT/<site>.env sets FEDPRIV_SITE_ID and "
                     "FEDPRIV_SITE_DATA for that hospital's Prefect worker (`make site-worker "
-                    "SITE=<site>`). Exit 3 if the file cannot be split (no 'dataset' column, a "
+                    "SITE=<site>`). Exit 3 if the file cannot be split (no site column, a "
                     "row without a site).")
     split.add_argument("--out", default="sites",
                        help="output folder, relative to --root (default: %(default)s/)")
@@ -184,7 +184,7 @@ def split_sites(cfg: Any, root: Path, out: str) -> None:
 
     source = root / cfg.data.path
     target = root / out
-    for site in split_by_site(source):
+    for site in split_by_site(source, cfg.data.spec):
         path = target / site.slug / source.name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, site.text())
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             import yaml
 
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            print(yaml.safe_dump(cfg.dumped(schema=False), sort_keys=False), end="")
             return 0
         if args.command == "audit-sweep":
             from adapters.sweep import (
