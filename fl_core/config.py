@@ -539,6 +539,15 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+MOVED_TO_SCHEMA = {
+    "data.reference": "a numeric feature's low/high/center/scale/fill",
+    "data.missing_category": "a categorical or boolean feature's fill",
+    "data.zero_as_missing": "a feature's missing_values",
+    "validation": "each feature's valid range and max_missing_rate",
+}
+"""Keys of earlier ``params.yaml`` versions → what of the dataset schema replaced them."""
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
     if error["type"] == "extra_forbidden":
@@ -549,6 +558,10 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
                 break
             section = field.annotation
         known = ", ".join(sorted(f.alias or name for name, f in section.model_fields.items()))
+        if loc in MOVED_TO_SCHEMA:
+            return (f"{loc}: unknown key; {MOVED_TO_SCHEMA[loc]} is declared in the dataset "
+                    f"schema (data.schema) now: set it there or with --set schema.<key>=<value>"
+                    f" (`fedpriv schema show`)")
         return f"{loc}: unknown key; accepted keys here: {known}"
     given = error.get("input")
     msg = error["msg"].removeprefix("Value error, ")
