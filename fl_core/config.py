@@ -310,7 +310,7 @@ class SiteSpec(_Section):
 
 def site_slug(site: str) -> str:
     """A site's name as a folder or pool name: lower case, each run of characters other
-    than ASCII letters and digits one ``-`` (``VA Long Beach`` → ``va-long-beach``)."""
+    than ASCII letters and digits one ``-`` (``St. Mary's North`` → ``st-mary-s-north``)."""
     return re.sub(r"[^a-z0-9]+", "-", site.lower()).strip("-")
 
 

@@ -175,7 +175,8 @@ class TabularTransform:
                    missing_indicators=tuple(state["missing_indicators"]))
 
     def columns(self) -> list[str]:
-        """The encoded model input columns, in order (``cp=asymptomatic``, ``chol_missing``)."""
+        """The encoded model input columns, in order (``<feature>=<category>``,
+        ``<feature>_missing``)."""
         names: list[str] = []
         for col in self.features:
             if col in self.categories and self.one_hot:

@@ -100,8 +100,9 @@ class FeatureSpec(_Part):
     * ``boolean``: ``true``/``false`` tokens (``true_value``/``false_value``); ``fill`` the
       token that stands in for a missing value.
 
-    ``missing_values`` are recorded values that mean "not measured" (``chol: [0]``): read as
-    missing by the loader, which also adds a ``<name>_missing`` 0/1 input column.
+    ``missing_values`` are recorded values that mean "not measured" (a cholesterol of
+    ``0``): read as missing by the loader, which also adds a ``<name>_missing`` 0/1 input
+    column.
     ``max_missing_rate`` is the largest share of empty cells allowed at one site (default:
     the schema's ``max_missing_rate``).
     """

@@ -4,27 +4,30 @@
 it never raises for bad data (callers decide, e.g. with :func:`raise_if_failed`):
 
 1. **File-level** (plain Python, site ``"<all>"``): the file exists, is not empty, parses as
-   CSV, has at least one row and every required column (``id``, ``dataset``, ``num`` and each
-   feature of ``data.features``). If one of these fails, GX is not run.
-2. **Table-level** (GX, site ``"<all>"``): ``id`` is present and unique across the whole
-   table; ``dataset`` is one of the known :data:`~fl_core.data.SITES`; ``num`` is 0-4.
-3. **Per site** (GX, one run per known site): ``id`` is an integer in [0, 2**63 − 1] (it must
-   fit int64: a 20-digit id fails here, naming the site, instead of overflowing the loader);
-   numeric features are numbers (a text value such
-   as ``"abc"`` fails with the offending values), lie within the ranges of
-   :class:`~fl_core.config.ValidationConfig` (missing values are ignored there; a number too
-   large for float64, ``1e400``, reads as inf and fails its range),
-   categorical features are in :data:`~fl_core.data.CATEGORIES`, booleans are ``TRUE``/
-   ``FALSE``, and each feature is missing (empty cell) in at most ``max_missing_rate`` of the
-   site's rows. ``chol == 0`` ("not measured") is allowed by the range check and is *not*
-   counted as missing: on the real file it would make Switzerland's ``chol`` 100 % missing.
+   CSV, has at least one row and every required column (the dataset schema's patient-id, site
+   and label columns and each feature of ``data.features``). If one of these fails, GX is not
+   run.
+2. **Table-level** (GX, site ``"<all>"``): the patient id is present and unique across the
+   whole table; the site is one of the schema's ``sites``; the label is present (and one of
+   the schema's label ``values`` where it lists them).
+3. **Per site** (GX, one run per known site): the patient id is an integer in
+   [0, 2**63 − 1] (it must fit int64: a 20-digit id fails here, naming the site, instead of
+   overflowing the loader); numeric features are numbers (``integer`` ones integers; a text
+   value such as ``"abc"`` fails with the offending values), lie within the schema's
+   ``[low, high]`` (missing values are ignored there; a number too large for float64,
+   ``1e400``, reads as inf and fails its range), categorical features are in their declared
+   ``categories``, booleans one of their two tokens, and each feature is missing (empty cell)
+   in at most its ``max_missing_rate`` of the site's rows. A "not measured" token
+   (``missing_values``) is allowed by the range check and is *not* counted as missing: it is
+   a recorded value, which the loader reads as missing and flags in its own input column.
 
 The file is read with every column as text, so that a non-numeric value stays visible instead
 of turning a whole column into ``object`` dtype; numeric columns are coerced only for the
 range checks. The GX context is ephemeral and built once per call: one pandas datasource, one
 dataframe asset with a whole-dataframe batch definition, and three suites (table, per-site
-text checks, per-site ranges). ``great_expectations`` is imported on first use (the import
-alone takes several seconds), so importing this module stays cheap.
+text checks, per-site ranges), named after the schema's ``id``. ``great_expectations`` is
+imported on first use (the import alone takes several seconds), so importing this module
+stays cheap.
 """
 
 from __future__ import annotations

@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=STAGES, help="the stage to run")
     sub.add_parser("config", parents=[common], help="print the resolved configuration",
                    description="Print params.yaml with overrides applied and validated.")
+    schema = sub.add_parser(
+        "schema", parents=[common], help="show the dataset schema (data.schema)",
+        description="show: print the dataset schema data.schema selects, resolved (with "
+                    "--set schema.<key>=<value> overrides): per column its role or type, unit, "
+                    "valid range, categories or boolean tokens, missing-value tokens, largest "
+                    "missing rate per site and declared preprocessing; then the encoded model "
+                    "input columns. Exit 2 if the schema is invalid.")
+    schema.add_argument("action", choices=["show"], help="what to do with the schema")
     budget = sub.add_parser(
         "budget", parents=[common], help="show the privacy-budget ledger",
         description="Show, per site, what its most-exposed patient has spent over every "
@@ -175,6 +183,37 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", default="sites",
                        help="output folder, relative to --root (default: %(default)s/)")
     return parser
+
+
+def schema_text(data: Any) -> str:
+    """``fedpriv schema show``: the resolved schema as a table, then the model input columns."""
+    from fl_core.data import TabularTransform
+
+    spec = data.spec
+    head = ["column", "type", "unit", "range", "values", "missing tokens", "max missing",
+            "center/scale/fill"]
+    rows = [[spec.patient_id, "patient id", "", "", "unique", "", "0 %", ""],
+            [spec.site, "site", "", "", ", ".join(spec.sites), "", "0 %", ""],
+            [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
+             "", "0 %", spec.label.positive_if
+             or "positive: " + ", ".join(spec.label.positive_values or [])]]
+    for name in data.features:
+        f = spec.feature(name)
+        ranged = f"[{f.low:g}, {f.high:g}]" if f.numeric else ""
+        constants = f"{f.center:g} / {f.scale:g} / {f.fill:g}" if f.numeric else f"fill {f.fill}"
+        rows.append([name, f.type, f.unit or "", ranged,
+                     "" if f.numeric else ", ".join(f.accepted()),
+                     ", ".join(f"{v:g}" if isinstance(v, float) else str(v)
+                               for v in f.missing_values),
+                     f"{100 * spec.missing_limit(name):g} %", constants])
+    rows += [[name, "ignored", "", "", "", "", "", ""] for name in spec.ignore]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [head, *rows]]
+    columns = TabularTransform.from_config(data).columns()
+    return (f"dataset {spec.id} ({data.schema_path}): {spec.description or ''}\n"
+            + "\n".join(lines)
+            + f"\n\nmodel input ({len(columns)} columns): {', '.join(columns)}\n")
 
 
 def split_sites(cfg: Any, root: Path, out: str) -> None:
@@ -320,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                                      list(args.epsilons or DEFAULT_EPSILONS),
                                      args.seeds or DEFAULT_SEEDS)
             print(sweep_markdown(result))
+            return 0
+        if args.command == "schema":
+            print(schema_text(cfg.data), end="")
             return 0
         if args.command == "budget":
             print_budget(cfg, root, args.entries)
