@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -217,7 +216,6 @@ def test_heart_train_metrics_unchanged(project: Path) -> None:
     from adapters.train import train_model
     from adapters.validate import validate_data
 
-    shutil.copytree(ROOT / "data" / "schemas", project / "data" / "schemas", dirs_exist_ok=True)
     cfg = load_config(project / "params.yaml", ["rounds=3", "privacy.randomness=reproducible"])
     validate_data(cfg, project)
     partition_data(cfg, project)
