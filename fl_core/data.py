@@ -5,8 +5,9 @@ key, and is the only global state in ``fl_core`` (a documented cache: a class-le
 instances guarded by a lock). Partitioning works on *patients*: every record of a patient goes
 to exactly one client and to one side of that client's train/test split.
 
-Preprocessing (clipping, scaling, filling missing values, one-hot encoding) is *declared* in
-``data.reference`` and ``data.missing_category``, never fitted: no statistic of any patient,
+Column names, the label rule and "not measured" tokens come from the dataset schema
+(``data.schema``, :mod:`fl_core.schema`). Preprocessing (clipping, scaling, filling missing
+values, one-hot encoding) is *declared* there too, never fitted: no statistic of any patient,
 training or test, reaches the model through it, so it spends no privacy (README: Preprocessing
 spends no privacy).
 """
