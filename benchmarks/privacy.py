@@ -28,7 +28,8 @@ Ratios are DP time over ``plain`` (what DP costs the pipeline) and over ``plain_
   (:func:`fitted_transform`): standardised by the pooled training patients' mean and sd,
   missing values → training mean / mode. It leaks: those statistics are not accounted;
 * ``declared`` — the pipeline's declared preprocessing (the dataset schema): centred on
-  clinical decision thresholds with textbook scales, clipped to the validation ranges; nothing fitted;
+  clinical decision thresholds with textbook scales, clipped to the validation ranges;
+  nothing fitted;
 * ``normal`` — declared, the first declaration tried: centred on normal values instead
   (resting BP 120, cholesterol 200, maximum heart rate 220 − 55 = 165);
 * ``range`` — declared from the validation ranges alone: midpoint and half-width.
