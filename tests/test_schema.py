@@ -224,3 +224,19 @@ def test_heart_train_metrics_unchanged(project: Path) -> None:
            for r in summary["history"]]
     assert got == BEFORE
     assert {k: summary[k] for k in EXPECTED_FINAL} == EXPECTED_FINAL
+
+
+def test_an_integer_feature_refuses_a_fraction(tmp_path: Path, raw_csv: Path) -> None:
+    import pandas as pd
+
+    from fl_core.validation import validate_file
+
+    frame = pd.read_csv(raw_csv, dtype=str, keep_default_na=False)
+    frame.loc[0, "age"] = "40.5"
+    frame.to_csv(tmp_path / "fraction.csv", index=False)
+    tree = heart_tree()
+    tree["features"]["age"]["type"] = "integer"
+    data = DataConfig(spec=parse_schema(tree, "integer-age"))
+    report = validate_file(tmp_path / "fraction.csv", data)
+    assert [(f.site, f.column) for f in report.failures] == [("Cleveland", "age")]
+    assert "must be an integer" in report.failures[0].public_detail
