@@ -43,7 +43,13 @@ from fl_core.audit.federated import merge_audit_replies
 from fl_core.audit.membership import AuditResult
 from fl_core.compression import DenseCodec
 from fl_core.config import PipelineConfig
-from fl_core.data import SITE, ClientData, FederatedDataLoader, TabularTransform, assign_clients
+from fl_core.data import (
+    LABEL,
+    ClientData,
+    FederatedDataLoader,
+    TabularTransform,
+    assign_clients,
+)
 from fl_core.engine import RoundFailedError
 from fl_core.federation.build import build_target_model, federate
 from fl_core.federation.messages import (
@@ -89,8 +95,8 @@ def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
     m_idx, o_idx = balanced_indices(len(y_mem), len(y_out), g)
     incomplete = loader.incomplete_table
     x_inc = transform.transform(incomplete) if len(incomplete) else torch.zeros(0, x_mem.shape[1])
-    y_inc = torch.tensor(incomplete["label"].to_numpy(), dtype=torch.float32)
-    inc_site = incomplete[SITE].astype(str).tolist()
+    y_inc = torch.tensor(incomplete[LABEL].to_numpy(), dtype=torch.float32)
+    inc_site = incomplete[cfg.data.spec.site].astype(str).tolist()
     extra = torch.randperm(len(y_inc), generator=g)
     cap = cfg.audit.population_size
     if cap is not None:  # the non-members stay; the incomplete patients fill up to the cap

@@ -15,19 +15,19 @@ Bad rows are refused, never scored: :class:`InvalidRowsError` (an ``MlflowExcept
 ``INVALID_PARAMETER_VALUE``, so the scoring server answers HTTP 400) names every bad row's
 index, column and value:
 
-* a numeric value that is missing, not a number or outside the declared range
-  ``data.reference.<col>.low/high`` (the transform would clip it: a silently wrong score);
+* a numeric value that is missing, not a number or outside the declared range (the dataset
+  schema's ``low``/``high``; the transform would clip it: a silently wrong score);
 * a category or boolean that is not one of the accepted values;
 * a missing column.
 
 Two documented imputations of the declared transform are applied, not refused:
 
-* ``data.zero_as_missing`` (default ``chol``): a missing value *or 0* means "not measured",
-  as in the training data; the value becomes the declared ``fill`` and the column's
-  ``<col>_missing`` indicator is 1;
-* ``data.missing_category``: a missing categorical or boolean value becomes its declared
-  default (``sex`` Female, ``cp`` asymptomatic, ``fbs`` FALSE, ``restecg`` normal, ``exang``
-  FALSE), the same rule the transform applies in training.
+* a feature with "not measured" tokens in the schema (``missing_values``; heart: ``chol``
+  0): a missing value *or a token* means "not measured", as in the training data; the value
+  becomes the declared ``fill`` and the column's ``<col>_missing`` indicator is 1;
+* a missing categorical or boolean value becomes the schema's ``fill`` for it (heart:
+  ``sex`` Female, ``cp`` asymptomatic, ``fbs`` FALSE, ``restecg`` normal, ``exang`` FALSE),
+  the same rule the transform applies in training.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from fl_core.config import BOOLEAN_FEATURES, BOOLEAN_VALUES, CATEGORIES, NUMERIC_FEATURES
 from fl_core.data import TabularTransform
 from fl_core.models import build_model, set_flat_params
 
@@ -125,10 +124,10 @@ def validated_rows(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataF
     problems: list[str] = []
     clean = {}
     for col in transform.features:
-        if col in NUMERIC_FEATURES:
+        if col in transform.reference:
             clean[col] = _numeric(frame[col], col, transform, problems)
         else:
-            clean[col] = _category(frame[col], col, problems)
+            clean[col] = _category(frame[col], col, transform, problems)
     if problems:
         raise InvalidRowsError(problems)
     return pd.DataFrame(clean, index=frame.index)
@@ -141,9 +140,11 @@ def _missing(value: Any) -> bool:
 
 def _numeric(values: pd.Series, col: str, transform: TabularTransform,
              problems: list[str]) -> pd.Series:
-    """Floats; NaN only where ``zero_as_missing`` declares the value not measured."""
+    """Floats; NaN only where the schema declares the value not measured (its
+    ``missing_values``, e.g. chol 0)."""
     ref = transform.reference[col]
-    imputed = col in transform.zero_as_missing
+    imputed = col in transform.missing_indicators
+    tokens = transform.missing_tokens.get(col, ())
     out = pd.Series(np.nan, index=values.index, dtype=float)
     for pos, (row, value) in enumerate(values.items()):
         if _missing(value):
@@ -153,8 +154,8 @@ def _numeric(values: pd.Series, col: str, transform: TabularTransform,
         number = _as_number(value)
         if number is None:
             problems.append(f"row {row}, column {col!r}: {value!r} is not a number")
-        elif imputed and number == 0:
-            continue  # declared "not measured" (data.zero_as_missing)
+        elif imputed and number in tokens:
+            continue  # declared "not measured" (the schema's missing_values)
         elif not ref.low <= number <= ref.high:
             problems.append(f"row {row}, column {col!r}: {value!r} is outside the declared "
                             f"range [{ref.low:g}, {ref.high:g}]")
@@ -173,14 +174,16 @@ def _as_number(value: Any) -> float | None:
     return number if np.isfinite(number) else None
 
 
-def _category(values: pd.Series, col: str, problems: list[str]) -> pd.Series:
+def _category(values: pd.Series, col: str, transform: TabularTransform,
+              problems: list[str]) -> pd.Series:
     """Accepted category strings; None where missing (the transform's declared default)."""
-    accepted = BOOLEAN_VALUES if col in BOOLEAN_FEATURES else CATEGORIES[col]
+    boolean = col in transform.booleans
+    accepted = transform.booleans[col] if boolean else transform.categories[col]
     out = pd.Series(None, index=values.index, dtype=object)
     for pos, (row, value) in enumerate(values.items()):
         if _missing(value):
-            continue  # data.missing_category's default, applied by the transform
-        text = _bool_text(value) if col in BOOLEAN_FEATURES else value
+            continue  # the schema's fill, applied by the transform
+        text = _bool_text(value, accepted) if boolean else value
         if text not in accepted:
             problems.append(f"row {row}, column {col!r}: unknown value {value!r}; accepted: "
                             f"{', '.join(accepted)}")
@@ -189,10 +192,16 @@ def _category(values: pd.Series, col: str, problems: list[str]) -> pd.Series:
     return out
 
 
-def _bool_text(value: Any) -> Any:
+def _bool_text(value: Any, tokens: tuple[str, str]) -> Any:
+    """A boolean cell as its declared token (``tokens``: false, true): JSON true/false, or
+    the token in any case."""
     if isinstance(value, bool | np.bool_):
-        return "TRUE" if value else "FALSE"
-    return value.strip().upper() if isinstance(value, str) else value
+        return tokens[1] if value else tokens[0]
+    if isinstance(value, str):
+        for token in tokens:
+            if value.strip().upper() == token.strip().upper():
+                return token
+    return value
 
 
 def as_model_input(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataFrame:
@@ -203,12 +212,13 @@ def as_model_input(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataF
     out = {}
     for col in transform.features:
         values = frame[col]
-        if col in NUMERIC_FEATURES:
+        if col in transform.reference:
             kind = values.dtype.kind
             out[col] = values.astype(float) if kind in "iu" else values
         else:
+            tokens = transform.booleans.get(col, ("FALSE", "TRUE"))
             out[col] = values.astype(object).map(
-                lambda v: None if _missing(v) else _bool_text(v) if isinstance(
+                lambda v, t=tokens: None if _missing(v) else _bool_text(v, t) if isinstance(
                     v, bool | np.bool_) else v)
     return pd.DataFrame(out, index=frame.index)
 
@@ -221,7 +231,7 @@ def signature(transform: TabularTransform) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    inputs = Schema([ColSpec("double" if c in NUMERIC_FEATURES else "string", c)
+    inputs = Schema([ColSpec("double" if c in transform.reference else "string", c)
                      for c in transform.features])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")]))
 
@@ -234,12 +244,12 @@ def declared_example(transform: TabularTransform, rows: int = 3) -> pd.DataFrame
     for i in range(rows):
         record: dict[str, Any] = {}
         for col in transform.features:
-            if col in NUMERIC_FEATURES:
+            if col in transform.reference:
                 ref = transform.reference[col]
                 value = ref.center + (i - 1) * ref.scale / 2
                 record[col] = float(min(max(value, ref.low), ref.high))
             else:
-                accepted = BOOLEAN_VALUES if col in BOOLEAN_FEATURES else CATEGORIES[col]
+                accepted = transform.booleans.get(col) or transform.categories[col]
                 record[col] = accepted[i % len(accepted)]
         records.append(record)
     return pd.DataFrame(records, columns=list(transform.features))

@@ -19,7 +19,7 @@ def validate_data(
     paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
     source = paths.root / cfg.data.path
-    report = validate_file(source, cfg.validation, cfg.data)
+    report = validate_file(source, cfg.data)
     summary = {
         "file": str(cfg.data.path),
         "sha256": file_fingerprint(source) if source.is_file() else None,

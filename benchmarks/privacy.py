@@ -27,8 +27,9 @@ Ratios are DP time over ``plain`` (what DP costs the pipeline) and over ``plain_
 * ``fitted`` — the transform before issue 11, rebuilt here for the baseline only
   (:func:`fitted_transform`): standardised by the pooled training patients' mean and sd,
   missing values → training mean / mode. It leaks: those statistics are not accounted;
-* ``declared`` — the pipeline's ``data.reference``: centred on clinical decision thresholds
-  with textbook scales, clipped to the validation ranges; nothing fitted;
+* ``declared`` — the pipeline's declared preprocessing (the dataset schema): centred on
+  clinical decision thresholds with textbook scales, clipped to the validation ranges;
+  nothing fitted;
 * ``normal`` — declared, the first declaration tried: centred on normal values instead
   (resting BP 120, cholesterol 200, maximum heart rate 220 − 55 = 165);
 * ``range`` — declared from the validation ranges alone: midpoint and half-width.
@@ -54,6 +55,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,6 @@ from fl_core.config import (  # noqa: E402
     load_config,
 )
 from fl_core.data import (  # noqa: E402
-    NUMERIC_FEATURES,
-    PATIENT_ID,
     ClientData,
     FederatedDataLoader,
     TabularTransform,
@@ -145,7 +145,7 @@ def fitted_transform(config: DataConfig, train: pd.DataFrame) -> TabularTransfor
     statistics: exactly what the pipeline no longer does, because they are not private.
     """
     reference = {}
-    for col in (c for c in config.features if c in NUMERIC_FEATURES):
+    for col in (c for c in config.features if config.spec.feature(c).numeric):
         num = pd.to_numeric(train[col], errors="coerce").astype(float)
         mean = float(num.mean())
         sd = float(num.fillna(mean).std(ddof=0))
@@ -153,21 +153,22 @@ def fitted_transform(config: DataConfig, train: pd.DataFrame) -> TabularTransfor
                                           scale=sd if sd > 1e-12 else 1.0, fill=mean)
     modes = {col: str(train[col].dropna().mode().iloc[0])
              for col in config.missing_category if col in config.features}
-    return TabularTransform(features=tuple(config.features), reference=reference,
-                            missing_category=modes, one_hot=config.one_hot,
-                            zero_as_missing=tuple(config.zero_as_missing))
+    declared = TabularTransform.from_config(config)
+    return replace(declared, reference=reference, missing_category=modes)
 
 
 def range_overrides(cfg: PipelineConfig) -> list[str]:
-    """``data.reference`` declared by [low, high] alone: centre and scale midpoint/half-width."""
-    return [f"data.reference.{col}={{low: {r.low:g}, high: {r.high:g}}}"
-            for col, r in cfg.data.reference.items()]
+    """The schema's numeric features declared by [low, high] alone: centre and scale the
+    midpoint/half-width, fill the centre."""
+    return [f"schema.features.{col}.{key}={value:g}" for col, r in cfg.data.reference.items()
+            for key, value in (("center", (r.low + r.high) / 2), ("scale", (r.high - r.low) / 2),
+                               ("fill", (r.low + r.high) / 2))]
 
 
 # the first declaration tried (README: Preprocessing spends no privacy): normal values as centres
-NORMAL_VALUES = ["data.reference.trestbps={low: 0, high: 250, center: 120, scale: 20}",
-                 "data.reference.chol={low: 0, high: 700, center: 200, scale: 40}",
-                 "data.reference.thalch={low: 50, high: 230, center: 165, scale: 25}"]
+NORMAL_VALUES = [f"schema.features.{col}.{key}={value}"
+                 for col, center in (("trestbps", 120), ("chol", 200), ("thalch", 165))
+                 for key, value in (("center", center), ("fill", center))]
 SECURE_NOISE = ["privacy.randomness=secure"]
 
 
@@ -178,7 +179,7 @@ def _encoded(cfg: PipelineConfig, preprocessing: str, seed: int) -> list[ClientD
     if preprocessing == "fitted":
         train_ids = [i for c in partition.clients for i in c.train_ids]
         transform = fitted_transform(cfg.data,
-                                     loader.table[loader.table[PATIENT_ID].isin(train_ids)])
+                                     loader.table[loader.table[cfg.data.spec.patient_id].isin(train_ids)])
     else:
         transform = loader.fit_transform(cfg.data, partition)
     return loader.client_data(partition, transform)

@@ -69,7 +69,7 @@ def simulation(cfg: PipelineConfig) -> tuple[list[float], float]:
 def sites(cfg: PipelineConfig, overrides: list[str], tmp: Path) -> tuple[list[float], float,
                                                                           float]:
     files = {}
-    for site_file in split_by_site(ROOT / cfg.data.path):
+    for site_file in split_by_site(ROOT / cfg.data.path, cfg.data.spec):
         path = tmp / "sites" / site_file.slug / "data.csv"
         path.parent.mkdir(parents=True)
         path.write_text(site_file.text())

@@ -8,6 +8,7 @@ key, what was given and what is accepted.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,19 +31,16 @@ from fl_core.models import MODELS
 from fl_core.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_core.randomness import RANDOMNESS
 from fl_core.registry import registered, unknown
-
-CORE_FEATURES = (
-    "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak",
+from fl_core.schema import (
+    DEFAULT_SCHEMA,
+    DatasetSchema,
+    FeatureSpec,
+    SchemaError,
+    load_schema,
+    parse_schema,
+    read_schema_tree,
+    resolve_schema_path,
 )
-NUMERIC_FEATURES = ("age", "trestbps", "chol", "thalch", "oldpeak")
-BOOLEAN_FEATURES = ("fbs", "exang")
-BOOLEAN_VALUES = ("FALSE", "TRUE")
-# Fixed category lists keep the encoded columns identical on every client.
-CATEGORIES: dict[str, tuple[str, ...]] = {
-    "sex": ("Female", "Male"),
-    "cp": ("asymptomatic", "atypical angina", "non-anginal", "typical angina"),
-    "restecg": ("lv hypertrophy", "normal", "st-t abnormality"),
-}
 
 
 class ConfigError(ValueError):
@@ -125,135 +122,76 @@ class FeatureReference(_Section):
         return self
 
 
-def _clinical_reference() -> dict[str, FeatureReference]:
-    """The default declared preprocessing: general clinical reference values, NOT this dataset.
-
-    [low, high] are the declared validation ranges (``validation.*_range``): a value outside
-    them is clipped. Each centre is the feature's clinical decision threshold, where a reading
-    turns from normal to abnormal, and each scale a textbook band width:
-
-    * age 55 ± 15 years: the 40–70 span of the ESC SCORE2 risk charts (no threshold exists);
-    * resting systolic BP 130 mmHg, stage-1 hypertension (ACC/AHA 2017), ± 20 mmHg (the
-      normal → stage-2 band, 120 → 140);
-    * total cholesterol 240 mg/dL, "high" (NCEP ATP III), ± 40 (the borderline band 200 → 240);
-    * maximum heart rate 140 bpm, 85 % of the age-predicted maximum 220 − age at age 55 (the
-      target of an adequate stress test), ± 25 (≈ 15 % of that maximum);
-    * ST depression 1 mm, the usual positive exercise-test criterion, ± 1 mm.
-
-    A missing value is the centre. Why thresholds rather than normal values (120 mmHg,
-    200 mg/dL, 165 bpm): under DP-SGD the noise on weight j moves every logit by noise_j times
-    the feature's offset from its centre, so a centre far from typical readings turns the
-    noise into a random intercept shift (README: Preprocessing spends no privacy).
-    """
-    def ref(low: float, high: float, center: float, scale: float) -> FeatureReference:
-        return FeatureReference(low=low, high=high, center=center, scale=scale, fill=center)
-
-    return {
-        "age": ref(18, 100, 55, 15),
-        "trestbps": ref(0, 250, 130, 20),
-        "chol": ref(0, 700, 240, 40),
-        "thalch": ref(50, 230, 140, 25),
-        "oldpeak": ref(-3.0, 7.0, 1.0, 1.0),
-    }
-
-
-def _declared_categories() -> dict[str, str]:
-    # the clinically unremarkable value where one exists (no chest pain, normal ECG, no raised
-    # fasting sugar, no exercise angina); sex has none: the first listed category
-    return {"sex": "Female", "cp": "asymptomatic", "fbs": "FALSE", "restecg": "normal",
-            "exang": "FALSE"}
-
-
-def accepted_values(feature: str) -> tuple[str, ...]:
-    """The values a categorical or boolean feature may take."""
-    return BOOLEAN_VALUES if feature in BOOLEAN_FEATURES else CATEGORIES[feature]
-
-
 class DataConfig(_Section):
+    """Which table, which dataset schema, which features, and how patients become clients.
+
+    ``schema`` (``data.schema``) is the dataset schema file (relative: to the project root):
+    column names, label rule, feature types, valid ranges and the declared preprocessing all
+    come from it (:mod:`fl_core.schema`). ``spec`` is that schema, loaded: filled in by
+    :func:`load_config` (or from ``schema`` when a ``DataConfig`` is built directly), and
+    carried in the dumped configuration so that a site needs no schema file of its own.
+    ``features`` selects some of the schema's features (default: all of them).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
+                              populate_by_name=True)
+
     path: str = "data/raw/heart_disease_uci.csv"
-    features: list[str] = Field(default_factory=lambda: list(CORE_FEATURES), min_length=1)
+    schema_path: str = Field(DEFAULT_SCHEMA, alias="schema", min_length=1)
+    spec: DatasetSchema
+    features: list[str] = Field(min_length=1)
     drop_incomplete: bool = True
-    zero_as_missing: list[str] = Field(default_factory=lambda: ["chol"])
-    # declared preprocessing (never fitted): per numeric feature, and per categorical/boolean
-    # feature the value that stands in for a missing one
-    reference: dict[str, FeatureReference] = Field(default_factory=_clinical_reference)
-    missing_category: dict[str, str] = Field(default_factory=_declared_categories)
     one_hot: bool = True
     partition: Literal["by_site", "by_patient"] = "by_site"
     num_clients: int = Field(20, ge=2, le=1000)
     dirichlet_alpha: float | None = Field(None, gt=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_and_features(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        out = dict(raw)
+        if out.get("spec") is None:  # built directly: read the schema file (cwd, then checkout)
+            out["spec"] = load_schema(out.get("schema", out.get("schema_path", DEFAULT_SCHEMA)))
+        if out.get("features") is None:
+            spec = out["spec"]
+            names = spec.features if isinstance(spec, DatasetSchema) else spec.get("features")
+            out["features"] = list(names or [])
+        return out
+
     @model_validator(mode="after")
     def _known_features(self) -> DataConfig:
-        unknown = [f for f in self.features if f not in CORE_FEATURES]
+        unknown = [f for f in self.features if f not in self.spec.features]
         if unknown:
             raise ValueError(
-                f"unknown feature(s) {unknown}; accepted: {', '.join(CORE_FEATURES)}"
-            )
+                f"unknown feature(s) {unknown}; accepted (data.schema "
+                f"{self.schema_path}): {', '.join(self.spec.features)}")
         return self
 
-    @field_validator("reference")
-    @classmethod
-    def _references_are_numeric(
-        cls, value: dict[str, FeatureReference], info: ValidationInfo
-    ) -> dict[str, FeatureReference]:
-        _check_declared(value, NUMERIC_FEATURES, info.data.get("features", []))
-        return value
+    @property
+    def reference(self) -> dict[str, FeatureReference]:
+        """The declared preprocessing of each selected numeric feature (from the schema)."""
+        return {name: feature_reference(self.spec.feature(name)) for name in self.features
+                if self.spec.feature(name).numeric}
 
-    @field_validator("missing_category")
-    @classmethod
-    def _defaults_are_categories(cls, value: dict[str, str], info: ValidationInfo
-                                 ) -> dict[str, str]:
-        _check_declared(value, (*CATEGORIES, *BOOLEAN_FEATURES), info.data.get("features", []))
-        bad = {k: v for k, v in value.items() if v not in accepted_values(k)}
-        if bad:
-            k, v = next(iter(bad.items()))
-            raise ValueError(f"{k}={v!r} is not a value of {k}; accepted: "
-                             f"{', '.join(accepted_values(k))}")
-        return value
+    @property
+    def missing_category(self) -> dict[str, str]:
+        """The value standing in for a missing one, per selected categorical/boolean feature."""
+        return {name: str(self.spec.feature(name).fill) for name in self.features
+                if not self.spec.feature(name).numeric}
+
+    @property
+    def missing_indicators(self) -> tuple[str, ...]:
+        """Selected features with "not measured" tokens: each gets a 0/1 missing column."""
+        return tuple(n for n in self.features if self.spec.feature(n).missing_values)
 
 
-def _check_declared(declared: dict[str, Any], kinds: tuple[str, ...],
-                    features: list[str]) -> None:
-    """Every used feature of ``kinds`` is declared, and nothing else is."""
-    unknown = sorted(k for k in declared if k not in kinds)
-    if unknown:
-        raise ValueError(f"unknown feature(s) {unknown} here; accepted: {', '.join(kinds)}")
-    undeclared = [f for f in features if f in kinds and f not in declared]
-    if undeclared:
-        raise ValueError(f"nothing declared for feature(s) {undeclared}; preprocessing is "
-                         f"declared, never fitted on patients: add them")
-
-
-def _sparse_features() -> dict[str, float]:
-    # measured on the raw file: Switzerland leaves fbs empty for 61 % of patients, VA Long Beach
-    # trestbps/thalch/exang/oldpeak for 26-28 %; every other core feature is under 8 % missing
-    return {"fbs": 0.65, "trestbps": 0.35, "thalch": 0.35, "exang": 0.35, "oldpeak": 0.35}
-
-
-class ValidationConfig(_Section):
-    max_missing_rate: float = Field(0.1, ge=0, le=1)
-    missing_rate_limits: dict[str, float] = Field(default_factory=_sparse_features)
-    age_range: tuple[float, float] = (18, 100)
-    trestbps_range: tuple[float, float] = (0, 250)
-    chol_range: tuple[float, float] = (0, 700)
-    thalch_range: tuple[float, float] = (50, 230)
-    oldpeak_range: tuple[float, float] = (-3.0, 7.0)
-
-    def missing_limit(self, column: str) -> float:
-        """Largest share of empty cells allowed for ``column`` at one site."""
-        return self.missing_rate_limits.get(column, self.max_missing_rate)
-
-    @model_validator(mode="after")
-    def _limits_are_rates(self) -> ValidationConfig:
-        bad = {k: v for k, v in self.missing_rate_limits.items() if not 0 <= v <= 1}
-        if bad:
-            raise ValueError(f"missing_rate_limits must be rates in [0, 1], got {bad}")
-        unknown = [k for k in self.missing_rate_limits if k not in CORE_FEATURES]
-        if unknown:
-            raise ValueError(f"missing_rate_limits: unknown feature(s) {unknown}")
-        return self
+def feature_reference(spec: FeatureSpec) -> FeatureReference:
+    """A numeric feature's declared preprocessing, from its schema entry."""
+    return FeatureReference(low=spec.low, high=spec.high, center=spec.center, scale=spec.scale,
+                            fill=spec.fill)
 
 
 class CompressionConfig(_Section):
@@ -372,7 +310,7 @@ class SiteSpec(_Section):
 
 def site_slug(site: str) -> str:
     """A site's name as a folder or pool name: lower case, each run of characters other
-    than ASCII letters and digits one ``-`` (``VA Long Beach`` → ``va-long-beach``)."""
+    than ASCII letters and digits one ``-`` (``St. Mary's North`` → ``st-mary-s-north``)."""
     return re.sub(r"[^a-z0-9]+", "-", site.lower()).strip("-")
 
 
@@ -424,7 +362,6 @@ class MlflowConfig(_Section):
 class PipelineConfig(_Section):
     seed: int = Field(42, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     model: ModelName = "logreg"
     hidden_units: int = Field(32, ge=1, le=4096)
     rounds: int = Field(20, ge=1, le=10_000)
@@ -494,7 +431,13 @@ class PipelineConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Dotted key → value, for logging as run parameters."""
-        return _flatten(self.model_dump(mode="json"))
+        return _flatten(self.dumped(schema=False))
+
+    def dumped(self, schema: bool = True) -> dict[str, Any]:
+        """The configuration as JSON-able data (keys as in ``params.yaml``); ``schema=False``
+        leaves out the loaded dataset schema (``data.spec``) and keeps its path."""
+        exclude = None if schema else {"data": {"spec"}}
+        return self.model_dump(mode="json", by_alias=True, exclude=exclude)
 
     @property
     def mlflow_tracking_uri(self) -> str:
@@ -581,7 +524,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``tree`` with each ``key=value`` override applied."""
-    result = yaml.safe_load(yaml.safe_dump(tree)) or {}
+    result = copy.deepcopy(tree)  # keeps key order: a schema's features are ordered
     for item in overrides:
         path, value = parse_override(item)
         node = result
@@ -596,6 +539,15 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+MOVED_TO_SCHEMA = {
+    "data.reference": "a numeric feature's low/high/center/scale/fill",
+    "data.missing_category": "a categorical or boolean feature's fill",
+    "data.zero_as_missing": "a feature's missing_values",
+    "validation": "each feature's valid range and max_missing_rate",
+}
+"""Keys of earlier ``params.yaml`` versions → what of the dataset schema replaced them."""
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
     if error["type"] == "extra_forbidden":
@@ -605,7 +557,11 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
             if field is None or not isinstance(field.annotation, type):
                 break
             section = field.annotation
-        known = ", ".join(sorted(section.model_fields))
+        known = ", ".join(sorted(f.alias or name for name, f in section.model_fields.items()))
+        if loc in MOVED_TO_SCHEMA:
+            return (f"{loc}: unknown key; {MOVED_TO_SCHEMA[loc]} is declared in the dataset "
+                    f"schema (data.schema) now: set it there or with --set schema.<key>=<value>"
+                    f" (`fedpriv schema show`)")
         return f"{loc}: unknown key; accepted keys here: {known}"
     given = error.get("input")
     msg = error["msg"].removeprefix("Value error, ")
@@ -614,7 +570,40 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     return f"{loc}: {msg} (got {given!r})"
 
 
-def build_config(tree: dict[str, Any], source: str = "params.yaml") -> PipelineConfig:
+SCHEMA_PREFIX = "schema."
+"""An override ``schema.<key>=<value>`` sets a key of the dataset schema file instead."""
+
+
+def attach_schema(tree: dict[str, Any], root: str | Path | None = None,
+                  schema_overrides: list[str] | None = None) -> dict[str, Any]:
+    """``tree`` with ``data.spec`` set to the schema ``data.schema`` names, its
+    ``schema_overrides`` (``key=value``, keys of the schema file) applied and validated.
+
+    A tree that already carries ``data.spec`` (a dumped configuration) keeps it. Raises
+    :class:`ConfigError` naming the schema key for a missing or invalid schema.
+    """
+    data = tree.get("data", {})
+    if not isinstance(data, dict) or (data.get("spec") is not None and not schema_overrides):
+        return tree  # not a section: the model check names it
+    path = data.get("schema", data.get("schema_path", DEFAULT_SCHEMA))
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"data.schema: expected the path of a dataset schema file "
+                          f"(got {path!r})")
+    try:
+        schema_tree = read_schema_tree(resolve_schema_path(path, root))
+        schema_tree = apply_overrides(schema_tree, schema_overrides or [])
+        spec = parse_schema(schema_tree, path)
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    return {**tree, "data": {**data, "spec": spec}}
+
+
+def build_config(tree: dict[str, Any], source: str = "params.yaml",
+                 root: str | Path | None = None,
+                 schema_overrides: list[str] | None = None) -> PipelineConfig:
+    """Validate ``tree`` (a parsed ``params.yaml``) with its dataset schema loaded from
+    ``root`` (the project root; default the working directory)."""
+    tree = attach_schema(tree, root, schema_overrides)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
@@ -627,7 +616,9 @@ def load_config(
 ) -> PipelineConfig:
     """Read ``path``, apply ``overrides`` and validate.
 
-    A missing file gives the defaults (so the package works outside a checkout); a file that is
+    The dataset schema (``data.schema``) is read relative to the folder of ``path`` (the
+    project root); an override ``schema.<key>=<value>`` sets a key of that schema file. A
+    missing file gives the defaults (so the package works outside a checkout); a file that is
     not a YAML mapping is an error.
     """
     path = Path(path)
@@ -642,6 +633,10 @@ def load_config(
         tree = loaded or {}
     elif str(path) != "params.yaml":
         raise ConfigError(f"config file {path} does not exist")
-    tree = apply_overrides(tree, overrides or [])
+    overrides = overrides or []
+    schema_overrides = [o.strip().removeprefix(SCHEMA_PREFIX) for o in overrides
+                        if o.strip().startswith(SCHEMA_PREFIX)]
+    tree = apply_overrides(tree, [o for o in overrides
+                                  if not o.strip().startswith(SCHEMA_PREFIX)])
     source = str(path) + (" with --set overrides" if overrides else "")
-    return build_config(tree, source)
+    return build_config(tree, source, path.parent, schema_overrides)

@@ -5,8 +5,9 @@ key, and is the only global state in ``fl_core`` (a documented cache: a class-le
 instances guarded by a lock). Partitioning works on *patients*: every record of a patient goes
 to exactly one client and to one side of that client's train/test split.
 
-Preprocessing (clipping, scaling, filling missing values, one-hot encoding) is *declared* in
-``data.reference`` and ``data.missing_category``, never fitted: no statistic of any patient,
+Column names, the label rule and "not measured" tokens come from the dataset schema
+(``data.schema``, :mod:`fl_core.schema`). Preprocessing (clipping, scaling, filling missing
+values, one-hot encoding) is *declared* there too, never fitted: no statistic of any patient,
 training or test, reaches the model through it, so it spends no privacy (README: Preprocessing
 spends no privacy).
 """
@@ -25,18 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fl_core.config import (
-    BOOLEAN_FEATURES,
-    CATEGORIES,
-    NUMERIC_FEATURES,
-    DataConfig,
-    FeatureReference,
-)
+from fl_core.config import DataConfig, FeatureReference
+from fl_core.schema import DatasetSchema, LabelRule
 
-PATIENT_ID = "id"
-SITE = "dataset"
-LABEL_SOURCE = "num"
-SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
+LABEL = "label"
+"""The binary label column of the cleaned table (the schema's label rule applied)."""
 
 
 class DataError(ValueError):
@@ -111,37 +105,50 @@ class ClientData:
 class TabularTransform:
     """Declared preprocessing: clipping, scaling and encoding with constants fixed in advance.
 
-    Numeric column j (declared ``low_j, high_j, center_j, scale_j, fill_j`` in
-    ``data.reference``) becomes ``(clip(x_j, low_j, high_j) − center_j) / scale_j``, a missing
-    value being ``fill_j`` first, so every output lies in ``[(low_j − center_j)/scale_j,
-    (high_j − center_j)/scale_j]``; each column in ``zero_as_missing`` also gets a 0/1
-    indicator of missingness. Categorical columns become one-hot blocks over
-    :data:`CATEGORIES` (or their ordinal code), booleans 0/1; a missing category becomes its
-    ``data.missing_category`` default. Nothing is estimated from rows: each output row is a
+    Numeric column j (declared ``low_j, high_j, center_j, scale_j, fill_j`` in the dataset
+    schema) becomes ``(clip(x_j, low_j, high_j) − center_j) / scale_j``, a missing value being
+    ``fill_j`` first, so every output lies in ``[(low_j − center_j)/scale_j,
+    (high_j − center_j)/scale_j]``; each column in ``missing_indicators`` (a feature with
+    "not measured" tokens) also gets a 0/1 indicator of missingness. Categorical columns become
+    one-hot blocks over their declared ``categories`` (or their ordinal code), booleans 0/1
+    (``booleans``: the false and true tokens); a missing category becomes its
+    ``missing_category`` default. Nothing is estimated from rows: each output row is a
     function of its input row alone, and :meth:`fit` only checks the columns.
     """
 
     features: tuple[str, ...]
-    reference: dict[str, FeatureReference] = field(
-        default_factory=lambda: dict(DataConfig().reference))
-    missing_category: dict[str, str] = field(
-        default_factory=lambda: dict(DataConfig().missing_category))
+    reference: dict[str, FeatureReference]
+    missing_category: dict[str, str]
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    booleans: dict[str, tuple[str, str]] = field(default_factory=dict)
     one_hot: bool = True
-    zero_as_missing: tuple[str, ...] = ()
+    missing_indicators: tuple[str, ...] = ()
+    # per feature, the recorded values that mean "not measured" (read as missing)
+    missing_tokens: dict[str, tuple[float | str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        undeclared = [f for f in self.features if f not in (
-            self.reference if f in NUMERIC_FEATURES else self.missing_category)]
+        undeclared = [f for f in self.features if f not in self.reference and not (
+            f in self.missing_category and (f in self.categories or f in self.booleans))]
         if undeclared:
             raise DataError(f"no declared preprocessing for feature(s) {undeclared} "
-                            f"(data.reference / data.missing_category)")
+                            f"(data.schema)")
 
     @classmethod
     def from_config(cls, config: DataConfig) -> TabularTransform:
-        """The transform ``data.*`` declares."""
+        """The transform ``data.*`` and its dataset schema declare."""
+        spec = config.spec
+        chosen = [spec.feature(f) for f in config.features]
         return cls(features=tuple(config.features), reference=dict(config.reference),
-                   missing_category=dict(config.missing_category), one_hot=config.one_hot,
-                   zero_as_missing=tuple(config.zero_as_missing))
+                   missing_category=dict(config.missing_category),
+                   categories={n: tuple(f.categories) for n, f in zip(config.features, chosen,
+                                                                      strict=True)
+                               if f.type == "categorical" and f.categories},
+                   booleans={n: f.tokens for n, f in zip(config.features, chosen, strict=True)
+                             if f.type == "boolean"},
+                   one_hot=config.one_hot, missing_indicators=config.missing_indicators,
+                   missing_tokens={n: tuple(f.missing_values) for n, f
+                                   in zip(config.features, chosen, strict=True)
+                                   if f.missing_values})
 
     def fit(self, train: pd.DataFrame) -> TabularTransform:
         """Check that ``train`` has the declared columns; read no value. Returns ``self``."""
@@ -154,8 +161,11 @@ class TabularTransform:
             "features": list(self.features),
             "reference": {k: v.model_dump() for k, v in self.reference.items()},
             "missing_category": dict(self.missing_category),
+            "categories": {k: list(v) for k, v in self.categories.items()},
+            "booleans": {k: list(v) for k, v in self.booleans.items()},
             "one_hot": self.one_hot,
-            "zero_as_missing": list(self.zero_as_missing),
+            "missing_indicators": list(self.missing_indicators),
+            "missing_tokens": {k: list(v) for k, v in self.missing_tokens.items()},
             "columns": self.columns(),
         }
 
@@ -166,17 +176,23 @@ class TabularTransform:
                    reference={k: FeatureReference.model_validate(v)
                               for k, v in state["reference"].items()},
                    missing_category=dict(state["missing_category"]),
+                   categories={k: tuple(v) for k, v in state["categories"].items()},
+                   booleans={k: (v[0], v[1]) for k, v in state["booleans"].items()},
                    one_hot=bool(state["one_hot"]),
-                   zero_as_missing=tuple(state["zero_as_missing"]))
+                   missing_indicators=tuple(state["missing_indicators"]),
+                   missing_tokens={k: tuple(v) for k, v
+                                   in state.get("missing_tokens", {}).items()})
 
     def columns(self) -> list[str]:
+        """The encoded model input columns, in order (``<feature>=<category>``,
+        ``<feature>_missing``)."""
         names: list[str] = []
         for col in self.features:
-            if col in CATEGORIES and self.one_hot:
-                names += [f"{col}={c}" for c in CATEGORIES[col]]
+            if col in self.categories and self.one_hot:
+                names += [f"{col}={c}" for c in self.categories[col]]
             else:
                 names.append(col)
-            if col in self.zero_as_missing:
+            if col in self.missing_indicators:
                 names.append(f"{col}_missing")
         return names
 
@@ -186,19 +202,21 @@ class TabularTransform:
         blocks: list[np.ndarray] = []
         for col in self.features:
             values = frame[col]
-            if col in NUMERIC_FEATURES:
+            if col in self.reference:
                 blocks.append(_scaled(values, self.reference[col])[:, None])
-            elif col in BOOLEAN_FEATURES:
+            elif col in self.booleans:
                 filled = values.fillna(self.missing_category[col])
-                blocks.append(filled.map(_as_bool).to_numpy(dtype=float)[:, None])
+                true = self.booleans[col][1]
+                blocks.append(filled.map(lambda v, t=true: _as_bool(v, t))
+                              .to_numpy(dtype=float)[:, None])
             else:
                 blocks.append(self._encoded(col, values.fillna(self.missing_category[col])))
-            if col in self.zero_as_missing:
+            if col in self.missing_indicators:
                 blocks.append(values.isna().to_numpy().astype(float)[:, None])
         return torch.tensor(np.hstack(blocks), dtype=torch.float32)
 
     def _encoded(self, col: str, values: pd.Series) -> np.ndarray:
-        cats = CATEGORIES[col]
+        cats = self.categories[col]
         codes = values.map({c: i for i, c in enumerate(cats)})
         if codes.isna().any():
             unknown = sorted(set(values[codes.isna()].astype(str)))
@@ -218,10 +236,33 @@ def _scaled(values: pd.Series, ref: FeatureReference) -> np.ndarray:
     return (np.clip(num, ref.low, ref.high) - ref.center) / ref.scale
 
 
-def _as_bool(value: object) -> float:
+def _as_bool(value: object, true: str) -> float:
+    """1.0 for the true token (case and surrounding blanks ignored), else 0.0."""
     if isinstance(value, str):
-        return 1.0 if value.strip().upper() == "TRUE" else 0.0
+        return 1.0 if value.strip().upper() == true.strip().upper() else 0.0
     return float(bool(value))
+
+
+def not_measured(values: pd.Series, tokens: list[float | str]) -> pd.Series:
+    """Where ``values`` holds one of the schema's "not measured" ``tokens`` (numbers compare
+    as numbers, text as stripped text)."""
+    numbers = [t for t in tokens if isinstance(t, int | float)]
+    texts = {str(t).strip() for t in tokens if not isinstance(t, int | float)}
+    mask = pd.to_numeric(values, errors="coerce").isin(numbers) if numbers else \
+        pd.Series(False, index=values.index)
+    if texts:
+        mask |= values.astype(str).str.strip().isin(texts) & values.notna()
+    return mask
+
+
+def binary_label(values: pd.Series, rule: LabelRule) -> pd.Series:
+    """The schema's label rule applied to the raw label column: int64 0/1."""
+    comparison = rule.comparison()
+    if comparison is not None:
+        op, number = comparison
+        return op(pd.to_numeric(values), number).astype(np.int64)
+    positive = set(rule.positive_values or [])
+    return values.astype(str).str.strip().isin(positive).astype(np.int64)
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -258,7 +299,7 @@ class FederatedDataLoader:
             raise DataError(f"{path}: data file not found (data.path)") from None
         key = (
             str(path), stat.st_size, stat.st_mtime_ns,
-            tuple(config.features), config.drop_incomplete, tuple(config.zero_as_missing),
+            tuple(config.features), config.drop_incomplete, config.spec.model_dump_json(),
         )
         with cls._instances_lock:
             instance = cls._instances.get(key)
@@ -281,27 +322,34 @@ class FederatedDataLoader:
                     self._table = self._read()
         return self._table
 
+    @property
+    def spec(self) -> DatasetSchema:
+        """The dataset schema the table is read with."""
+        return self.config.spec
+
     def _read(self) -> pd.DataFrame:
         self.reads += 1
         frame = pd.read_csv(self.path, keep_default_na=True, encoding="utf-8-sig")  # BOM-safe
-        cfg = self.config
-        needed = [PATIENT_ID, SITE, LABEL_SOURCE, *cfg.features]
+        cfg, spec = self.config, self.config.spec
+        needed = list(dict.fromkeys([*spec.required_columns, *cfg.features]))
         missing_cols = [c for c in needed if c not in frame.columns]
         if missing_cols:
             raise DataError(f"{self.path}: missing column(s) {missing_cols}")
         frame = frame[needed].copy()
-        for col in cfg.zero_as_missing:
-            if col in frame:
-                if pd.api.types.is_integer_dtype(frame[col]):
-                    # a file with no empty cell in col (one site's) reads it as int64, which
-                    # cannot hold the marker below; as float it encodes the same
-                    frame[col] = frame[col].astype(float)
-                # a zero is "not measured" only where a value was recorded at all
-                frame.loc[pd.to_numeric(frame[col], errors="coerce") == 0, col] = -np.inf
-        complete = frame[list(cfg.features)].notna().all(axis=1)
-        frame = frame.replace(-np.inf, np.nan)
-        frame["label"] = (pd.to_numeric(frame[LABEL_SOURCE]) > 0).astype(np.int64)
-        frame[PATIENT_ID] = frame[PATIENT_ID].astype(np.int64)
+        marked = {col: not_measured(frame[col], spec.feature(col).missing_values)
+                  for col in cfg.missing_indicators}
+        # a token is "not measured" only where a value was recorded at all: such a row still
+        # counts as complete (its feature gets a missing indicator instead)
+        present = frame[list(cfg.features)].notna()
+        for col, mask in marked.items():
+            if not mask.any():
+                continue
+            if spec.feature(col).numeric and not pd.api.types.is_float_dtype(frame[col]):
+                frame[col] = frame[col].astype(float)  # an int64 column cannot hold NaN
+            frame.loc[mask, col] = np.nan
+        complete = present.all(axis=1)
+        frame[LABEL] = binary_label(frame[spec.label.column], spec.label)
+        frame[spec.patient_id] = frame[spec.patient_id].astype(np.int64)
         if cfg.drop_incomplete:
             self._incomplete = frame[~complete].reset_index(drop=True)
             frame = frame[complete]
@@ -318,8 +366,8 @@ class FederatedDataLoader:
 
     def site_of_patient(self) -> dict[int, str]:
         """Patient id → hospital, for every patient of the cleaned table."""
-        return dict(zip(self.table[PATIENT_ID].tolist(), self.table[SITE].astype(str),
-                        strict=True))
+        ids, sites = self.table[self.spec.patient_id], self.table[self.spec.site]
+        return dict(zip(ids.tolist(), sites.astype(str), strict=True))
 
     # ---------------------------------------------------------------- partitioning
     def partition(self, config: DataConfig, seed: int) -> Partition:
@@ -332,7 +380,8 @@ class FederatedDataLoader:
         (:func:`fl_core.site_data.site_client_data`).
         """
         cfg = config
-        patients = self.table.groupby(PATIENT_ID).agg(site=(SITE, "first"), label=("label", "max"))
+        patients = self.table.groupby(self.spec.patient_id).agg(
+            site=(self.spec.site, "first"), label=(LABEL, "max"))
         rng = np.random.default_rng(seed)
         groups = assign_clients(patients.index.to_numpy(), patients["site"].to_numpy(),
                                 patients["label"].to_numpy(), cfg, rng)
@@ -352,7 +401,7 @@ class FederatedDataLoader:
         No value of any patient enters it: the result is the same for every partition.
         """
         train_ids = [i for c in partition.clients for i in c.train_ids]
-        train = self.table[self.table[PATIENT_ID].isin(train_ids)]
+        train = self.table[self.table[self.spec.patient_id].isin(train_ids)]
         return TabularTransform.from_config(config).fit(train)
 
     def encoded(
@@ -371,7 +420,7 @@ class FederatedDataLoader:
         return data, transform, partition
 
     def client_data(self, partition: Partition, transform: TabularTransform) -> list[ClientData]:
-        indexed = self.table.set_index(PATIENT_ID, drop=False)
+        indexed = self.table.set_index(self.spec.patient_id, drop=False)
         out = []
         for split in partition.clients:
             train = indexed.loc[list(split.train_ids)]
@@ -380,12 +429,13 @@ class FederatedDataLoader:
                 ClientData(
                     client_id=split.client_id,
                     x_train=transform.transform(train),
-                    y_train=torch.tensor(train["label"].to_numpy(), dtype=torch.float32),
+                    y_train=torch.tensor(train[LABEL].to_numpy(), dtype=torch.float32),
                     x_test=transform.transform(test),
-                    y_test=torch.tensor(test["label"].to_numpy(), dtype=torch.float32),
+                    y_test=torch.tensor(test[LABEL].to_numpy(), dtype=torch.float32),
                     train_ids=split.train_ids,
                     test_ids=split.test_ids,
-                    train_patients=torch.tensor(train[PATIENT_ID].to_numpy(), dtype=torch.int64),
+                    train_patients=torch.tensor(train[self.spec.patient_id].to_numpy(),
+                                                dtype=torch.int64),
                 )
             )
         return out

@@ -1,7 +1,8 @@
 """Sites mode, the site's side: one hospital's data from the one CSV it holds.
 
 In sites mode each hospital runs its own worker that sees only its own file (the rows of the
-embedded CSV whose ``dataset`` is that hospital; ``fedpriv split-sites`` writes them). Under
+embedded CSV whose site column, named by the dataset schema, is that hospital; ``fedpriv
+split-sites`` writes them). Under
 ``data.partition=by_site`` a site's train/test split depends only on the seed and its own
 patients (:func:`fl_core.data.site_rng`), so :func:`site_client_data` on the site's file gives
 exactly the :class:`~fl_core.data.ClientData` the simulation builds for it from the full file:
@@ -19,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from fl_core.config import ConfigError, PipelineConfig, site_slug
-from fl_core.data import PATIENT_ID, SITE, ClientData, DataError, FederatedDataLoader
+from fl_core.data import ClientData, DataError, FederatedDataLoader
+from fl_core.schema import DatasetSchema
 
 
 def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> ClientData:
@@ -41,8 +43,10 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
         raise DataError(f"{where}: the data file is empty (0 bytes)")
     data_cfg = cfg.data.model_copy(update={"path": str(path)})
     loader = FederatedDataLoader.get(data_cfg)
+    column = data_cfg.spec.site
     try:
-        sites = [*loader.table[SITE].astype(str), *loader.incomplete_table[SITE].astype(str)]
+        sites = [*loader.table[column].astype(str),
+                 *loader.incomplete_table[column].astype(str)]
     except DataError as exc:
         raise DataError(f"{where}: {exc}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
@@ -55,7 +59,7 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
     if foreign:
         # the count only: a worker's error may travel, the other site's values must not
         raise DataError(f"{where}: {foreign} of {len(sites)} row(s) belong to another site "
-                        f"(column {SITE!r}); a site's file holds its own rows only")
+                        f"(column {column!r}); a site's file holds its own rows only")
     if loader.table.empty:
         raise DataError(f"{where}: no complete patient (all {len(sites)} row(s) miss a core "
                         f"feature; data.drop_incomplete)")
@@ -66,16 +70,20 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
 # ------------------------------------------------------------------------- split-sites
 @dataclass(frozen=True)
 class SiteFile:
-    """One site's rows of a CSV: what ``fedpriv split-sites`` writes for it."""
+    """One site's rows of a CSV: what ``fedpriv split-sites`` writes for it; ``patient_id``
+    is the patient-id column of the dataset schema."""
 
     site: str
     slug: str
     header: list[str]
     rows: list[list[str]]
+    patient_id: str = ""
 
     @property
     def patients(self) -> int:
-        column = self.header.index(PATIENT_ID) if PATIENT_ID in self.header else None
+        """Distinct patient ids among the rows (the row count if there is no id column)."""
+        pid = self.patient_id
+        column = self.header.index(pid) if pid in self.header else None
         if column is None:
             return len(self.rows)
         return len({r[column] for r in self.rows if column < len(r)})
@@ -89,12 +97,13 @@ class SiteFile:
         return out.getvalue()
 
 
-def split_by_site(path: Path) -> list[SiteFile]:
-    """The rows of the CSV at ``path`` grouped by site (column ``dataset``), sites in order of
-    first appearance. Cells are kept as text, exactly as read. Raises
-    :class:`~fl_core.data.DataError` if the file has no ``dataset`` column or no rows, a row
-    has no site, or two sites would share a folder name."""
+def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
+    """The rows of the CSV at ``path`` grouped by site (the schema's site column), sites in
+    order of first appearance. Cells are kept as text, exactly as read. Raises
+    :class:`~fl_core.data.DataError` if the file has no site column or no rows, a row has no
+    site, or two sites would share a folder name."""
     path = Path(path)
+    site_column = spec.site
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             records = list(csv.reader(handle))
@@ -102,19 +111,21 @@ def split_by_site(path: Path) -> list[SiteFile]:
         raise DataError(f"{path}: data file not found (data.path)") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot be read as CSV ({type(exc).__name__})") from None
-    if not records or SITE not in records[0]:
-        raise DataError(f"{path}: no {SITE!r} column in the header: cannot split by site")
+    if not records or site_column not in records[0]:
+        raise DataError(f"{path}: no {site_column!r} column in the header: cannot split by "
+                        f"site")
     header, body = records[0], [r for r in records[1:] if r]  # blank lines carry no row
     if not body:
         raise DataError(f"{path}: the data file has no rows")
-    column = header.index(SITE)
+    column = header.index(site_column)
     groups: dict[str, list[list[str]]] = {}
     for line, row in enumerate(body, start=2):
         site = row[column] if column < len(row) else ""
         if not site.strip():
-            raise DataError(f"{path}: row {line} has no site (column {SITE!r})")
+            raise DataError(f"{path}: row {line} has no site (column {site_column!r})")
         groups.setdefault(site, []).append(row)
-    files = [SiteFile(site, site_slug(site), header, rows) for site, rows in groups.items()]
+    files = [SiteFile(site, site_slug(site), header, rows, spec.patient_id)
+             for site, rows in groups.items()]
     slugs: dict[str, str] = {}
     for f in files:
         if not f.slug:

@@ -4,27 +4,30 @@
 it never raises for bad data (callers decide, e.g. with :func:`raise_if_failed`):
 
 1. **File-level** (plain Python, site ``"<all>"``): the file exists, is not empty, parses as
-   CSV, has at least one row and every required column (``id``, ``dataset``, ``num`` and each
-   feature of ``data.features``). If one of these fails, GX is not run.
-2. **Table-level** (GX, site ``"<all>"``): ``id`` is present and unique across the whole
-   table; ``dataset`` is one of the known :data:`~fl_core.data.SITES`; ``num`` is 0-4.
-3. **Per site** (GX, one run per known site): ``id`` is an integer in [0, 2**63 − 1] (it must
-   fit int64: a 20-digit id fails here, naming the site, instead of overflowing the loader);
-   numeric features are numbers (a text value such
-   as ``"abc"`` fails with the offending values), lie within the ranges of
-   :class:`~fl_core.config.ValidationConfig` (missing values are ignored there; a number too
-   large for float64, ``1e400``, reads as inf and fails its range),
-   categorical features are in :data:`~fl_core.data.CATEGORIES`, booleans are ``TRUE``/
-   ``FALSE``, and each feature is missing (empty cell) in at most ``max_missing_rate`` of the
-   site's rows. ``chol == 0`` ("not measured") is allowed by the range check and is *not*
-   counted as missing: on the real file it would make Switzerland's ``chol`` 100 % missing.
+   CSV, has at least one row and every required column (the dataset schema's patient-id, site
+   and label columns and each feature of ``data.features``). If one of these fails, GX is not
+   run.
+2. **Table-level** (GX, site ``"<all>"``): the patient id is present and unique across the
+   whole table; the site is one of the schema's ``sites``; the label is present (and one of
+   the schema's label ``values`` where it lists them).
+3. **Per site** (GX, one run per known site): the patient id is an integer in
+   [0, 2**63 − 1] (it must fit int64: a 20-digit id fails here, naming the site, instead of
+   overflowing the loader); numeric features are numbers (``integer`` ones integers; a text
+   value such as ``"abc"`` fails with the offending values), lie within the schema's
+   ``[low, high]`` (missing values are ignored there; a number too large for float64,
+   ``1e400``, reads as inf and fails its range), categorical features are in their declared
+   ``categories``, booleans one of their two tokens, and each feature is missing (empty cell)
+   in at most its ``max_missing_rate`` of the site's rows. A "not measured" token
+   (``missing_values``) is allowed by the range check and is *not* counted as missing: it is
+   a recorded value, which the loader reads as missing and flags in its own input column.
 
 The file is read with every column as text, so that a non-numeric value stays visible instead
 of turning a whole column into ``object`` dtype; numeric columns are coerced only for the
 range checks. The GX context is ephemeral and built once per call: one pandas datasource, one
 dataframe asset with a whole-dataframe batch definition, and three suites (table, per-site
-text checks, per-site ranges). ``great_expectations`` is imported on first use (the import
-alone takes several seconds), so importing this module stays cheap.
+text checks, per-site ranges), named after the schema's ``id``. ``great_expectations`` is
+imported on first use (the import alone takes several seconds), so importing this module
+stays cheap.
 """
 
 from __future__ import annotations
@@ -39,16 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from fl_core.config import DataConfig, PipelineConfig, ValidationConfig
-from fl_core.data import (
-    BOOLEAN_FEATURES,
-    CATEGORIES,
-    LABEL_SOURCE,
-    NUMERIC_FEATURES,
-    PATIENT_ID,
-    SITE,
-    SITES,
-)
+from fl_core.config import DataConfig, PipelineConfig
+from fl_core.schema import DatasetSchema
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_validation_result import (
@@ -57,10 +52,10 @@ if TYPE_CHECKING:
     )
 
 ALL_SITES = "<all>"
-LABEL_VALUES = ("0", "1", "2", "3", "4")
-BOOLEAN_VALUES = ("TRUE", "FALSE")
 # A decimal number, optionally signed, with an optional exponent; surrounding blanks allowed.
 NUMBER_REGEX = r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$"
+# An integer (a schema's ``integer`` feature), optionally signed; ``3.0`` is accepted too.
+INTEGER_REGEX = r"^\s*[-+]?\d+(?:\.0*)?\s*$"
 INT64_MAX = 2**63 - 1
 
 
@@ -186,7 +181,7 @@ def _features(data: DataConfig) -> list[str]:
 
 
 def _required_columns(data: DataConfig) -> list[str]:
-    return list(dict.fromkeys([PATIENT_ID, SITE, LABEL_SOURCE, *data.features]))
+    return list(dict.fromkeys([*data.spec.required_columns, *data.features]))
 
 
 def _read_table(path: Path, data: DataConfig
@@ -230,46 +225,54 @@ def _read_table(path: Path, data: DataConfig
 
 
 # ------------------------------------------------------------------------------ GX suites
-def _table_expectations(gxe: Any) -> list[Any]:
-    return [
-        gxe.ExpectColumnValuesToNotBeNull(column=PATIENT_ID),
-        gxe.ExpectColumnValuesToBeUnique(column=PATIENT_ID),
-        gxe.ExpectColumnValuesToNotBeNull(column=SITE),
-        gxe.ExpectColumnValuesToBeInSet(column=SITE, value_set=list(SITES)),
-        gxe.ExpectColumnValuesToNotBeNull(column=LABEL_SOURCE),
-        gxe.ExpectColumnValuesToBeInSet(column=LABEL_SOURCE, value_set=list(LABEL_VALUES)),
+def _table_expectations(gxe: Any, spec: DatasetSchema) -> list[Any]:
+    """Table-wide checks: patient id present and unique, site known, label present (and one
+    of the schema's label values where it lists them)."""
+    out = [
+        gxe.ExpectColumnValuesToNotBeNull(column=spec.patient_id),
+        gxe.ExpectColumnValuesToBeUnique(column=spec.patient_id),
+        gxe.ExpectColumnValuesToNotBeNull(column=spec.site),
+        gxe.ExpectColumnValuesToBeInSet(column=spec.site, value_set=list(spec.sites)),
+        gxe.ExpectColumnValuesToNotBeNull(column=spec.label.column),
     ]
-
-
-def _value_expectations(gxe: Any, validation: ValidationConfig, data: DataConfig) -> list[Any]:
-    """Per-site checks on the text columns: types, categories, booleans, missing rates."""
-    out: list[Any] = [gxe.ExpectColumnValuesToMatchRegex(column=PATIENT_ID,
-                                                         regex=PATIENT_ID_REGEX)]
-    for col in _features(data):
-        mostly = round(1.0 - validation.missing_limit(col), 12)
-        out.append(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
-        if col in NUMERIC_FEATURES:
-            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=NUMBER_REGEX))
-        elif col in BOOLEAN_FEATURES:
-            out.append(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(BOOLEAN_VALUES)))
-        elif col in CATEGORIES:
-            out.append(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(CATEGORIES[col])))
+    if spec.label.values:
+        out.append(gxe.ExpectColumnValuesToBeInSet(column=spec.label.column,
+                                                   value_set=list(spec.label.values)))
     return out
 
 
-def _range_expectations(gxe: Any, validation: ValidationConfig, data: DataConfig) -> list[Any]:
+def _value_expectations(gxe: Any, data: DataConfig) -> list[Any]:
+    """Per-site checks on the text columns: types, categories, booleans, missing rates."""
+    spec = data.spec
+    out: list[Any] = [gxe.ExpectColumnValuesToMatchRegex(column=spec.patient_id,
+                                                         regex=PATIENT_ID_REGEX)]
+    for col in _features(data):
+        feature = spec.feature(col)
+        mostly = round(1.0 - spec.missing_limit(col), 12)
+        out.append(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
+        if feature.type == "integer":
+            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=INTEGER_REGEX))
+        elif feature.numeric:
+            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=NUMBER_REGEX))
+        else:
+            out.append(gxe.ExpectColumnValuesToBeInSet(column=col,
+                                                       value_set=list(feature.accepted())))
+    return out
+
+
+def _range_expectations(gxe: Any, data: DataConfig) -> list[Any]:
     """Per-site range checks on the numeric features (coerced to float; nulls ignored)."""
     out: list[Any] = []
     for col in _features(data):
-        if col in NUMERIC_FEATURES:
-            low, high = getattr(validation, f"{col}_range")
+        feature = data.spec.feature(col)
+        if feature.numeric:
             out.append(gxe.ExpectColumnValuesToBeBetween(
-                column=col, min_value=float(low), max_value=float(high)))
+                column=col, min_value=float(feature.low or 0), max_value=float(feature.high or 0)))
     return out
 
 
 def _numeric_frame(frame: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
-    cols = [c for c in _features(data) if c in NUMERIC_FEATURES]
+    cols = [c for c in _features(data) if data.spec.feature(c).numeric]
     return frame[cols].apply(pd.to_numeric, errors="coerce").astype(float)
 
 
@@ -310,19 +313,19 @@ _QUOTES_SAMPLE = (_REGEX, _BETWEEN, _IN_SET, _UNIQUE)
 
 
 def _explain(kind: str, kwargs: dict[str, Any], where: str, bad: int, total: int,
-             validation: ValidationConfig) -> str:
+             spec: DatasetSchema) -> str:
     """Why a GX expectation failed, in words and counts: no cell value."""
     column = kwargs.get("column")
     if kind == _NOT_NULL and kwargs.get("mostly") is not None:
         rate = bad / total if total else 0.0
-        limit = validation.missing_limit(str(column))
+        limit = spec.missing_limit(str(column))
         return (f"{column!r} may be missing in at most {_fmt_rate(limit)}"
                 f" of the rows {where}; {bad} of {total} ({_fmt_rate(rate)}) are missing")
     if kind == _NOT_NULL:
         return f"{column!r} must never be empty {where}; {bad} of {total} rows are empty"
     if kind == _REGEX:
-        what = (f"an integer in [0, {INT64_MAX}] (int64)"
-                if kwargs.get("regex") == PATIENT_ID_REGEX else "a number")
+        what = {PATIENT_ID_REGEX: f"an integer in [0, {INT64_MAX}] (int64)",
+                INTEGER_REGEX: "an integer"}.get(str(kwargs.get("regex")), "a number")
         return f"every value of {column!r} must be {what} {where}; {bad} of {total} are not"
     if kind == _BETWEEN:
         return (f"{column!r} must lie in [{kwargs.get('min_value')}, "
@@ -340,7 +343,7 @@ def _count(result: Mapping[str, Any], key: str) -> int | None:
     return None if value is None else int(value)
 
 
-def _describe(site: str, res: ExpectationValidationResult, validation: ValidationConfig
+def _describe(site: str, res: ExpectationValidationResult, spec: DatasetSchema
               ) -> FailedExpectation:
     """Turn one failed GX expectation result into a :class:`FailedExpectation`."""
     cfg = res.expectation_config
@@ -357,7 +360,7 @@ def _describe(site: str, res: ExpectationValidationResult, validation: Validatio
     total = int(result.get("element_count") or 0)
     bad = int(result.get("unexpected_count") or 0)
     sample = _sample(result.get("partial_unexpected_list") or [])
-    public = _explain(kind, kwargs, where, bad, total, validation)
+    public = _explain(kind, kwargs, where, bad, total, spec)
     observed: object
     if kind == _NOT_NULL:
         detail = public
@@ -374,37 +377,37 @@ def _describe(site: str, res: ExpectationValidationResult, validation: Validatio
 
 
 def _failures(site: str, result: ExpectationSuiteValidationResult,
-              validation: ValidationConfig) -> list[FailedExpectation]:
-    return [_describe(site, r, validation) for r in result.results if not r.success]
+              spec: DatasetSchema) -> list[FailedExpectation]:
+    return [_describe(site, r, spec) for r in result.results if not r.success]
 
 
 # ------------------------------------------------------------------------------ entry point
 class _Runner:
     """The ephemeral GX context of one :func:`validate_file` call: suites built once."""
 
-    def __init__(self, validation: ValidationConfig, data: DataConfig) -> None:
+    def __init__(self, data: DataConfig) -> None:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        self.validation = validation
+        self.spec = spec = data.spec
         ctx = gx.get_context(mode="ephemeral")
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False,
                                                          metric_calculations=False)
-        batch = (ctx.data_sources.add_pandas("heart")
+        batch = (ctx.data_sources.add_pandas(spec.id)
                  .add_dataframe_asset("table")
                  .add_batch_definition_whole_dataframe("whole"))
         gxe = gx.expectations
         suites = {
-            "table": _table_expectations(gxe),
-            "values": _value_expectations(gxe, validation, data),
-            "ranges": _range_expectations(gxe, validation, data),
+            "table": _table_expectations(gxe, spec),
+            "values": _value_expectations(gxe, data),
+            "ranges": _range_expectations(gxe, data),
         }
         self.definitions: dict[str, Any] = {}
         for name, expectations in suites.items():
             suite = ctx.suites.add(
-                gx.ExpectationSuite(name=f"heart-{name}", expectations=expectations))
+                gx.ExpectationSuite(name=f"{spec.id}-{name}", expectations=expectations))
             self.definitions[name] = ctx.validation_definitions.add(
-                gx.ValidationDefinition(name=f"heart-{name}", data=batch, suite=suite))
+                gx.ValidationDefinition(name=f"{spec.id}-{name}", data=batch, suite=suite))
 
     def run(self, name: str, site: str, frame: pd.DataFrame
             ) -> tuple[dict[str, Any], list[FailedExpectation]]:
@@ -420,14 +423,13 @@ class _Runner:
         except Exception as exc:  # GX itself failed: report it instead of raising
             msg = f"{type(exc).__name__}: {exc}"
             public = f"GX could not run the {name} suite"
-            failure = FailedExpectation(site, f"suite_heart-{name}", None, msg,
+            failure = FailedExpectation(site, f"suite_{self.spec.id}-{name}", None, msg,
                                         f"{public}: {msg}", public)
             return {"success": False, "exception": msg}, [failure]
-        return _jsonable(result.to_json_dict()), _failures(site, result, self.validation)
+        return _jsonable(result.to_json_dict()), _failures(site, result, self.spec)
 
 
-def validate_file(path: str | Path, validation: ValidationConfig, data: DataConfig
-                  ) -> ValidationReport:
+def validate_file(path: str | Path, data: DataConfig) -> ValidationReport:
     """Validate the raw CSV at ``path``: file-level checks, then the GX suites per site.
 
     Never raises for bad data: a failing file gives a report with ``success=False`` whose
@@ -444,23 +446,24 @@ def validate_file(path: str | Path, validation: ValidationConfig, data: DataConf
     if frame is None or failures:
         return ValidationReport(False, tuple(failures), {}, results)
 
-    runner = _Runner(validation, data)
-    table_cols = [PATIENT_ID, SITE, LABEL_SOURCE]
+    spec = data.spec
+    runner = _Runner(data)
+    table_cols = list(spec.required_columns)
     results[ALL_SITES], found = runner.run("table", ALL_SITES, frame[table_cols])
     failures += found
 
     numeric = _numeric_frame(frame, data)
     sites: dict[str, int] = {}
     patients: dict[str, int] = {}
-    for site in SITES:
-        mask = (frame[SITE] == site).fillna(False).to_numpy(dtype=bool)
+    for site in spec.sites:
+        mask = (frame[spec.site] == site).fillna(False).to_numpy(dtype=bool)
         if not mask.any():
             continue
         sites[site] = int(mask.sum())
-        patients[site] = int(frame.loc[mask, PATIENT_ID].nunique())
+        patients[site] = int(frame.loc[mask, spec.patient_id].nunique())
         site_results: dict[str, Any] = {}
         site_results["values"], found = runner.run(
-            "values", site, frame.loc[mask, [PATIENT_ID, *_features(data)]])
+            "values", site, frame.loc[mask, [spec.patient_id, *_features(data)]])
         failures += found
         site_results["ranges"], found = runner.run("ranges", site, numeric.loc[mask])
         failures += found
@@ -474,15 +477,17 @@ def validate_site_file(cfg: PipelineConfig, csv_path: str | Path, site_id: str
     """Validate one hospital's own file (sites mode): :func:`validate_file`, and every row
     must be ``site_id``'s. Returns the full report (it stays at the site) and
     :func:`site_validation_summary` of it (what may go to the coordinator)."""
-    report = validate_file(csv_path, cfg.validation, cfg.data)
+    report = validate_file(csv_path, cfg.data)
     file_rows = report.results.get("file", {}).get("rows")
     failures = list(report.failures)
     if file_rows:  # the file was read and has rows
         foreign = int(file_rows) - report.sites.get(site_id, 0)
         if foreign:
-            public = (f"every row must belong to site {site_id!r} (column {SITE!r}); "
+            public = (f"every row must belong to site {site_id!r} (column "
+                      f"{cfg.data.spec.site!r}); "
                       f"{foreign} of {file_rows} rows do not")
-            failures.append(FailedExpectation(site_id, "file_rows_of_one_site", SITE, foreign,
+            failures.append(FailedExpectation(site_id, "file_rows_of_one_site",
+                                              cfg.data.spec.site, foreign,
                                               public, public, foreign, int(file_rows)))
     report = replace(report, success=not failures, failures=tuple(failures), site=site_id)
     return report, site_validation_summary(report)

@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=STAGES, help="the stage to run")
     sub.add_parser("config", parents=[common], help="print the resolved configuration",
                    description="Print params.yaml with overrides applied and validated.")
+    schema = sub.add_parser(
+        "schema", parents=[common], help="show the dataset schema (data.schema)",
+        description="show: print the dataset schema data.schema selects, resolved (with "
+                    "--set schema.<key>=<value> overrides): per column its role or type, unit, "
+                    "valid range, categories or boolean tokens, missing-value tokens, largest "
+                    "missing rate per site and declared preprocessing; then the encoded model "
+                    "input columns. Exit 2 if the schema is invalid.")
+    schema.add_argument("action", choices=["show"], help="what to do with the schema")
     budget = sub.add_parser(
         "budget", parents=[common], help="show the privacy-budget ledger",
         description="Show, per site, what its most-exposed patient has spent over every "
@@ -161,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds per ε (default: 2)")
     split = sub.add_parser(
         "split-sites", parents=[common], help="write one CSV per hospital (sites mode)",
-        description="Split data.path by hospital (column 'dataset') into OUT/<site>/<file "
+        description="Split data.path by hospital (the schema's site column) into OUT/<site>/<file "
                     "name>, <site> the hospital's name in lower case with '-' for anything "
                     "but letters and digits (e.g. va-long-beach). Each file keeps the header "
                     "and that hospital's rows in their original order. Each folder is what "
@@ -170,11 +178,42 @@ def build_parser() -> argparse.ArgumentParser:
                     "gets the same train/test split as the simulation). Existing files are "
                     "replaced. Beside each folder, OUT/<site>.env sets FEDPRIV_SITE_ID and "
                     "FEDPRIV_SITE_DATA for that hospital's Prefect worker (`make site-worker "
-                    "SITE=<site>`). Exit 3 if the file cannot be split (no 'dataset' column, a "
+                    "SITE=<site>`). Exit 3 if the file cannot be split (no site column, a "
                     "row without a site).")
     split.add_argument("--out", default="sites",
                        help="output folder, relative to --root (default: %(default)s/)")
     return parser
+
+
+def schema_text(data: Any) -> str:
+    """``fedpriv schema show``: the resolved schema as a table, then the model input columns."""
+    from fl_core.data import TabularTransform
+
+    spec = data.spec
+    head = ["column", "type", "unit", "range", "values", "missing tokens", "max missing",
+            "center/scale/fill"]
+    rows = [[spec.patient_id, "patient id", "", "", "unique", "", "0 %", ""],
+            [spec.site, "site", "", "", ", ".join(spec.sites), "", "0 %", ""],
+            [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
+             "", "0 %", spec.label.positive_if
+             or "positive: " + ", ".join(spec.label.positive_values or [])]]
+    for name in data.features:
+        f = spec.feature(name)
+        ranged = f"[{f.low:g}, {f.high:g}]" if f.numeric else ""
+        constants = f"{f.center:g} / {f.scale:g} / {f.fill:g}" if f.numeric else f"fill {f.fill}"
+        rows.append([name, f.type, f.unit or "", ranged,
+                     "" if f.numeric else ", ".join(f.accepted()),
+                     ", ".join(f"{v:g}" if isinstance(v, float) else str(v)
+                               for v in f.missing_values),
+                     f"{100 * spec.missing_limit(name):g} %", constants])
+    rows += [[name, "ignored", "", "", "", "", "", ""] for name in spec.ignore]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [head, *rows]]
+    columns = TabularTransform.from_config(data).columns()
+    return (f"dataset {spec.id} ({data.schema_path}): {spec.description or ''}\n"
+            + "\n".join(lines)
+            + f"\n\nmodel input ({len(columns)} columns): {', '.join(columns)}\n")
 
 
 def split_sites(cfg: Any, root: Path, out: str) -> None:
@@ -184,7 +223,7 @@ def split_sites(cfg: Any, root: Path, out: str) -> None:
 
     source = root / cfg.data.path
     target = root / out
-    for site in split_by_site(source):
+    for site in split_by_site(source, cfg.data.spec):
         path = target / site.slug / source.name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, site.text())
@@ -306,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             import yaml
 
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            print(yaml.safe_dump(cfg.dumped(schema=False), sort_keys=False), end="")
             return 0
         if args.command == "audit-sweep":
             from adapters.sweep import (
@@ -320,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                                      list(args.epsilons or DEFAULT_EPSILONS),
                                      args.seeds or DEFAULT_SEEDS)
             print(sweep_markdown(result))
+            return 0
+        if args.command == "schema":
+            print(schema_text(cfg.data), end="")
             return 0
         if args.command == "budget":
             print_budget(cfg, root, args.entries)

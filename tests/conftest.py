@@ -17,9 +17,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A throwaway project root: params.yaml and the raw CSV, nothing derived."""
+    """A throwaway project root: params.yaml, the dataset schema and the raw CSV, nothing
+    derived."""
     (tmp_path / "data" / "raw").mkdir(parents=True)
     shutil.copy(RAW_CSV, tmp_path / "data" / "raw" / RAW_CSV.name)
+    shutil.copytree(ROOT / "data" / "schemas", tmp_path / "data" / "schemas")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
 

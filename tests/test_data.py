@@ -154,7 +154,8 @@ def test_declared_transform_encodes_every_client(raw_csv: Path) -> None:
 
 def test_transform_of_a_table_without_a_feature_is_a_clear_error(raw_csv: Path) -> None:
     table = loader(raw_csv).table.drop(columns=["age"])
+    transform = TabularTransform.from_config(DataConfig(features=["age", "sex"]))
     with pytest.raises(DataError, match=r"\['age'\] missing"):
-        TabularTransform(features=("age", "sex")).transform(table)
+        transform.transform(table)
     with pytest.raises(DataError, match=r"\['age'\] missing"):
-        TabularTransform(features=("age", "sex")).fit(table)
+        transform.fit(table)

@@ -22,7 +22,8 @@ def test_dvc_repro_twice(tmp_path: Path) -> None:
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     files = [f for f in listed.stdout.splitlines() if f] if listed.returncode == 0 else []
     if not files:  # not a git checkout: copy what the pipeline needs
-        files = [str(p.relative_to(ROOT)) for d in ("fl_core", "tasks", "flows", "data/raw", ".dvc")
+        folders = ("fl_core", "tasks", "flows", "data/raw", "data/schemas", ".dvc")
+        files = [str(p.relative_to(ROOT)) for d in folders
                  for p in (ROOT / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
         files += ["params.yaml", "dvc.yaml", ".dvcignore"]
     for rel in files:

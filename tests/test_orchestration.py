@@ -98,7 +98,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_deployment_runs_on_real_server_and_worker(tmp_path: Path) -> None:
     """prefect server start + a process work pool + a worker + `prefect deployment run`."""
     project = tmp_path / "project"
-    for item in ("fl_core", "adapters", "tasks", "flows", "params.yaml", "data/raw"):
+    for item in ("fl_core", "adapters", "tasks", "flows", "params.yaml", "data/raw",
+                 "data/schemas"):
         src = ROOT / item
         dst = project / item
         if src.is_dir():

@@ -8,6 +8,7 @@ transform, and what it makes of every other patient, do not depend on who is in 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +18,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_core.config import (
-    BOOLEAN_FEATURES,
-    CATEGORIES,
-    CORE_FEATURES,
-    NUMERIC_FEATURES,
-    ConfigError,
-    DataConfig,
-    FeatureReference,
-    load_config,
-)
+from fl_core.config import ConfigError, DataConfig, FeatureReference, load_config
 from fl_core.data import DataError, FederatedDataLoader, Partition, TabularTransform
 
 ROOT = Path(__file__).resolve().parents[1]
+SPEC = DataConfig().spec  # data/schemas/heart.yaml
+CORE_FEATURES = tuple(SPEC.features)
+NUMERIC_FEATURES = SPEC.numeric_features
+BOOLEAN_FEATURES = SPEC.of_type("boolean")
+CATEGORIES = {n: tuple(f.categories or ()) for n, f in SPEC.features.items()
+              if f.type == "categorical"}
 
 
 @pytest.fixture(autouse=True)
@@ -112,8 +110,9 @@ def test_output_is_a_bounded_function_of_each_row_alone(
     table: pd.DataFrame, reference: dict[str, FeatureReference] | None, one_hot: bool, seed: int
 ) -> None:
     declared = reference or DataConfig().reference
-    transform = TabularTransform(features=CORE_FEATURES, reference=declared, one_hot=one_hot,
-                                 zero_as_missing=("chol",))
+    transform = replace(TabularTransform.from_config(DataConfig()), reference=declared,
+                        one_hot=one_hot)
+    assert transform.missing_indicators == ("chol",)
     batch = transform.transform(table).numpy()
     assert batch.shape == (len(table), len(transform.columns()))
     assert np.isfinite(batch).all()
@@ -146,7 +145,8 @@ def test_missing_values_take_the_declared_defaults() -> None:
 def test_range_only_declaration_scales_to_minus_one_one() -> None:
     ref = FeatureReference.model_validate({"low": 50, "high": 230})
     assert (ref.center, ref.scale, ref.fill) == (140, 90, 140)
-    transform = TabularTransform(features=("thalch",), reference={"thalch": ref})
+    transform = TabularTransform(features=("thalch",), reference={"thalch": ref},
+                                 missing_category={})
     out = transform.transform(pd.DataFrame({"thalch": [50, 230, 140, -1e9, 1e9, None]}))
     assert out[:, 0].tolist() == [-1.0, 1.0, 0.0, -1.0, 1.0, 0.0]
 
@@ -172,19 +172,19 @@ def test_incomplete_patients_for_the_audit_encode_within_bounds(raw_csv: Path) -
 
 
 @pytest.mark.parametrize("item, fragment", [
-    ("data.reference.age.low=120", r"data.reference.age: low=120 must be below high=100"),
-    ("data.reference.chol.scale=0", r"data.reference.chol.scale: Input should be greater than 0"),
-    ("data.reference.chol.scale=-2", r"data.reference.chol.scale: Input should be greater"),
-    ("data.reference.shoe_size={low: 30, high: 50}",
-     r"data.reference: unknown feature\(s\) \['shoe_size'\]"),
-    ("data.reference.age.fill=300", r"data.reference.age: fill=300 must lie in \[low, high\]"),
-    ("data.reference.oldpeak.center=.inf", r"data.reference.oldpeak.center: .*finite"),
-    ("data.reference.age={high: 100}", r"data.reference.age.low: Field required"),
-    ("data.reference={age: {low: 18, high: 100}}",
-     r"data.reference: nothing declared for feature\(s\) \['trestbps', 'chol'"),
-    ("data.missing_category.cp=unknown", r"data.missing_category: cp='unknown' is not a value"),
-    ("data.missing_category.fbs=maybe", r"fbs='maybe'.*accepted: FALSE, TRUE"),
-    ("data.missing_category.age=young", r"data.missing_category: unknown feature\(s\) \['age'\]"),
+    ("schema.features.age.low=120", r"features.age: low=120 must be below high=100"),
+    ("schema.features.chol.scale=0", r"features.chol.scale: Input should be greater than 0"),
+    ("schema.features.chol.scale=-2", r"features.chol.scale: Input should be greater"),
+    ("schema.features.age.fill=300", r"features.age: fill=300.0 must be a number in \[low, high\]"),
+    ("schema.features.oldpeak.center=.inf", r"features.oldpeak.center: .*finite"),
+    ("schema.features.age={type: numeric, high: 100}",
+     r"features.age: a numeric feature needs numbers low and high"),
+    ("schema.features.cp.fill=unknown", r"features.cp: fill='unknown' is not a value"),
+    ("schema.features.fbs.fill=maybe", r"fbs: fill='maybe'.*accepted: FALSE, TRUE"),
+    ("schema.features.age.categories=[young]", r"features.age: categories: not a key of a numeric"),
+    ("data.features=[age, shoe_size]", r"data: unknown feature\(s\) \['shoe_size'\]"),
+    ("data.reference.age.low=120", r"data.reference: unknown key.*dataset schema"),
+    ("data.missing_category.cp=unknown", r"data.missing_category: unknown key.*dataset schema"),
     ("data.impute=mean", r"data.impute: unknown key"),
     ("data.scale=standard", r"data.scale: unknown key"),
 ])
@@ -196,13 +196,14 @@ def test_bad_declarations_name_the_key(item: str, fragment: str) -> None:
 def test_a_transform_without_a_declaration_is_refused() -> None:
     with pytest.raises(DataError, match=r"no declared preprocessing for feature\(s\) \['age'\]"):
         TabularTransform(features=("age", "sex"), reference={},
-                          missing_category={"age": "x", "sex": "Male"})
+                          missing_category={"age": "x", "sex": "Male"},
+                          categories={"sex": ("Female", "Male")})
 
 
 def test_a_smaller_table_declares_only_its_features() -> None:
     cfg = load_config(ROOT / "params.yaml", [
-        "data.features=[age, sex]", "data.zero_as_missing=[]",
-        "data.reference={age: {low: 18, high: 100}}", "data.missing_category={sex: Male}"])
+        "data.features=[age, sex]", "schema.features.age={type: numeric, low: 18, high: 100}",
+        "schema.features.sex.fill=Male"])
     transform = TabularTransform.from_config(cfg.data)
     assert transform.columns() == ["age", "sex=Female", "sex=Male"]
     out = transform.transform(pd.DataFrame({"age": [59, None], "sex": ["Female", None]}))

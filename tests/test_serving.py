@@ -75,9 +75,10 @@ def store(uri: str) -> Iterator[None]:
 
 def raw_rows(n: int, start: int = 0) -> pd.DataFrame:
     """``n`` complete rows of the CSV, the feature columns as the file has them."""
-    from fl_core.config import CORE_FEATURES
+    from fl_core.config import load_config
 
-    frame = pd.read_csv(RAW_CSV)[list(CORE_FEATURES)].dropna()
+    features = load_config(ROOT / "params.yaml", []).data.features
+    frame = pd.read_csv(RAW_CSV)[list(features)].dropna()
     return frame.iloc[start:start + n].reset_index(drop=True)
 
 

@@ -16,10 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_core.config import ConfigError, PipelineConfig, load_config, site_slug
-from fl_core.data import SITES, DataError, FederatedDataLoader, Partition
+from fl_core.config import ConfigError, DataConfig, PipelineConfig, load_config, site_slug
+from fl_core.data import DataError, FederatedDataLoader, Partition
 from fl_core.site_data import SiteFile, site_client_data, split_by_site
 from fl_core.validation import validate_site_file
+
+SPEC = DataConfig().spec  # data/schemas/heart.yaml
+SITES = tuple(SPEC.sites)
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSORS = ("x_train", "y_train", "x_test", "y_test", "train_patients")
@@ -37,7 +40,7 @@ def config(raw_csv: Path, *overrides: str) -> PipelineConfig:
 
 
 def site_files(raw_csv: Path) -> dict[str, SiteFile]:
-    return {f.site: f for f in split_by_site(raw_csv)}
+    return {f.site: f for f in split_by_site(raw_csv, SPEC)}
 
 
 def write(directory: Path, site: SiteFile, rows: list[list[str]] | None = None) -> Path:
@@ -47,8 +50,9 @@ def write(directory: Path, site: SiteFile, rows: list[list[str]] | None = None) 
     return path
 
 
-@pytest.mark.parametrize("overrides", [(), ("seed=7",), ("data.drop_incomplete=false",),
-                                       ("data.one_hot=false", "data.zero_as_missing=[]")])
+@pytest.mark.parametrize("overrides", [
+    (), ("seed=7",), ("data.drop_incomplete=false",),
+    ("data.one_hot=false", "schema.features.chol.missing_values=[]")])
 def test_site_file_gives_the_simulations_client_data(
     raw_csv: Path, tmp_path: Path, overrides: tuple[str, ...]
 ) -> None:

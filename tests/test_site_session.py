@@ -14,7 +14,7 @@ import torch
 
 from adapters.message_store import READY, FolderStore, StoreTransport
 from adapters.site_session import SiteSession, serve_site
-from fl_core.config import load_config
+from fl_core.config import DataConfig, load_config
 from fl_core.federation.messages import (
     Failure,
     FitInstruction,
@@ -30,7 +30,8 @@ OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models
 
 def _site_files(project: Path, out: Path) -> dict[str, Path]:
     files = {}
-    for site_file in split_by_site(project / "data" / "raw" / "heart_disease_uci.csv"):
+    for site_file in split_by_site(project / "data" / "raw" / "heart_disease_uci.csv",
+                                   DataConfig().spec):
         path = out / site_file.slug / "heart_disease_uci.csv"
         path.parent.mkdir(parents=True)
         path.write_text(site_file.text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fl_core.config import DataConfig, ValidationConfig
+from fl_core.config import DataConfig
 from fl_core.validation import (
     ALL_SITES,
     DataValidationError,
@@ -23,9 +23,16 @@ SITE_ROWS = {"Cleveland": 304, "Hungary": 293, "VA Long Beach": 200, "Switzerlan
 # Measured on the real file: the sparsest feature per site is Switzerland's fbs (75 of 123 empty,
 # 61.0 %), then VA Long Beach's trestbps/oldpeak (28.0 %). A uniform limit of 0.2 rejects the
 # real file (see test_uniform_missing_rate_rejects_the_real_file); the defaults carry per-feature
-# limits for those sparse features and 0.1 for the rest.
-VALIDATION = ValidationConfig()
+# limits for those sparse features and 0.1 for the rest (data/schemas/heart.yaml).
 DATA = DataConfig()
+
+
+def uniform_missing_limit(data: DataConfig, limit: float) -> DataConfig:
+    """``data`` with one missing-rate limit for every feature (no per-feature limits)."""
+    features = {n: f.model_copy(update={"max_missing_rate": None})
+                for n, f in data.spec.features.items()}
+    spec = data.spec.model_copy(update={"max_missing_rate": limit, "features": features})
+    return data.model_copy(update={"spec": spec})
 
 NOT_NULL = "expect_column_values_to_not_be_null"
 REGEX = "expect_column_values_to_match_regex"
@@ -42,7 +49,7 @@ def raw() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def real_report() -> ValidationReport:
-    return validate_file(REAL, VALIDATION, DATA)
+    return validate_file(REAL, DATA)
 
 
 def write(tmp_path: Path, frame: pd.DataFrame, name: str = "broken.csv") -> Path:
@@ -81,14 +88,13 @@ def test_real_file_passes(real_report: ValidationReport) -> None:
 
 
 def test_unchanged_copy_passes(tmp_path: Path, raw: pd.DataFrame) -> None:
-    report = validate_file(write(tmp_path, raw, "copy.csv"), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, raw, "copy.csv"), DATA)
     assert report.success, report.message()
     assert report.sites == SITE_ROWS
 
 
 def test_uniform_missing_rate_rejects_the_real_file() -> None:
-    report = validate_file(
-        REAL, ValidationConfig(max_missing_rate=0.2, missing_rate_limits={}), DATA)
+    report = validate_file(REAL, uniform_missing_limit(DATA, 0.2))
     assert keys(report) == {
         ("Switzerland", "fbs", NOT_NULL),
         ("VA Long Beach", "trestbps", NOT_NULL),
@@ -103,7 +109,7 @@ def test_uniform_missing_rate_rejects_the_real_file() -> None:
 
 # ------------------------------------------------------------------------------ file level
 def test_missing_file(tmp_path: Path) -> None:
-    failure = only(validate_file(tmp_path / "nope.csv", VALIDATION, DATA))
+    failure = only(validate_file(tmp_path / "nope.csv", DATA))
     assert (failure.site, failure.expectation) == (ALL_SITES, "file_exists")
     assert "nope.csv" in str(failure.observed)
 
@@ -111,7 +117,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.csv"
     path.write_bytes(b"")
-    report = validate_file(path, VALIDATION, DATA)
+    report = validate_file(path, DATA)
     failure = only(report)
     assert (failure.site, failure.expectation, failure.observed) == (
         ALL_SITES, "file_not_empty", 0)
@@ -120,7 +126,7 @@ def test_empty_file(tmp_path: Path) -> None:
 
 
 def test_header_only_file(tmp_path: Path, raw: pd.DataFrame) -> None:
-    report = validate_file(write(tmp_path, raw.iloc[:0], "header.csv"), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, raw.iloc[:0], "header.csv"), DATA)
     failure = only(report)
     assert (failure.site, failure.expectation, failure.observed) == (
         ALL_SITES, "file_has_rows", 0)
@@ -131,13 +137,13 @@ def test_unparseable_csv(tmp_path: Path, raw: pd.DataFrame) -> None:
     path = write(tmp_path, raw.head(5), "ragged.csv")
     with path.open("a") as fh:
         fh.write("6,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19\n")
-    failure = only(validate_file(path, VALIDATION, DATA))
+    failure = only(validate_file(path, DATA))
     assert (failure.site, failure.expectation) == (ALL_SITES, "file_parses_as_csv")
     assert "cannot be parsed as CSV" in failure.detail
 
 
 def test_missing_column(tmp_path: Path, raw: pd.DataFrame) -> None:
-    report = validate_file(write(tmp_path, raw.drop(columns=["chol"])), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, raw.drop(columns=["chol"])), DATA)
     failure = only(report)
     assert (failure.site, failure.column, failure.expectation) == (
         ALL_SITES, "chol", "required_column_present")
@@ -151,7 +157,7 @@ def test_required_columns_follow_the_configured_features(
 ) -> None:
     features = [f for f in DATA.features if f != "chol"]
     data = DataConfig(features=features)
-    report = validate_file(write(tmp_path, raw.drop(columns=["chol"])), VALIDATION, data)
+    report = validate_file(write(tmp_path, raw.drop(columns=["chol"])), data)
     assert report.success, report.message()
     assert report.sites == SITE_ROWS
 
@@ -160,7 +166,7 @@ def test_required_columns_follow_the_configured_features(
 def test_unknown_site(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     frame.loc[rows(frame, "Cleveland")[:2], "dataset"] = "Mars General"
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     failure = only(report)
     assert (failure.site, failure.column, failure.expectation) == (ALL_SITES, "dataset", IN_SET)
     assert failure.observed == ["Mars General"]
@@ -173,7 +179,7 @@ def test_duplicated_patient_id(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     hungary = rows(frame, "Hungary")
     frame.loc[hungary[7], "id"] = frame.loc[rows(frame, "Cleveland")[3], "id"]  # id "4"
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     failure = only(report)
     assert (failure.site, failure.column, failure.expectation) == (ALL_SITES, "id", UNIQUE)
     assert failure.observed == ["4"]
@@ -184,7 +190,7 @@ def test_duplicated_patient_id(tmp_path: Path, raw: pd.DataFrame) -> None:
 def test_text_in_numeric_column(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     frame.loc[rows(frame, "Cleveland")[10], "age"] = "abc"
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     failure = only(report)
     assert (failure.site, failure.column, failure.expectation) == ("Cleveland", "age", REGEX)
     assert failure.observed == ["abc"]
@@ -196,7 +202,7 @@ def test_text_in_numeric_column(tmp_path: Path, raw: pd.DataFrame) -> None:
 def test_out_of_range_age(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     frame.loc[rows(frame, "Hungary")[0], "age"] = "150"
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     failure = only(report)
     assert (failure.site, failure.column, failure.expectation) == ("Hungary", "age", BETWEEN)
     assert failure.observed == [150.0]
@@ -207,7 +213,7 @@ def test_out_of_range_age(tmp_path: Path, raw: pd.DataFrame) -> None:
 def test_zero_cholesterol_is_allowed(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     frame.loc[rows(frame, "Cleveland")[:50], "chol"] = "0"
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     assert report.success, report.message()
 
 
@@ -216,7 +222,7 @@ def test_categories_booleans_and_labels(tmp_path: Path, raw: pd.DataFrame) -> No
     frame.loc[rows(frame, "Cleveland")[0], "sex"] = "Unknown"
     frame.loc[rows(frame, "Switzerland")[0], "fbs"] = "yes"
     frame.loc[rows(frame, "VA Long Beach")[0], "num"] = "7"
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     assert keys(report) == {
         ("Cleveland", "sex", IN_SET),
         ("Switzerland", "fbs", IN_SET),
@@ -230,7 +236,7 @@ def test_categories_booleans_and_labels(tmp_path: Path, raw: pd.DataFrame) -> No
 def test_mostly_empty_column(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     frame.loc[frame.sample(frac=0.8, random_state=0).index, "age"] = ""
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     assert keys(report) == {(site, "age", NOT_NULL) for site in SITE_ROWS}
     for failure in report.failures:
         assert 0.7 < failure.observed < 0.9
@@ -241,7 +247,7 @@ def test_missing_rate_threshold_is_per_site(tmp_path: Path, raw: pd.DataFrame) -
     frame = raw.copy()
     cleveland = rows(frame, "Cleveland")
     frame.loc[cleveland[: int(0.6 * len(cleveland)) + 1], "age"] = ""  # 60 % of one site
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     # 60 % of one site's ages is far over the 10 % limit; the other sites stay clean
     assert keys(report) == {("Cleveland", "age", NOT_NULL)}
     age = next(f for f in report.failures if f.column == "age")
@@ -252,7 +258,7 @@ def test_missing_rate_threshold_is_per_site(tmp_path: Path, raw: pd.DataFrame) -
 # ------------------------------------------------------------------------------ errors
 def test_data_validation_error_carries_report(tmp_path: Path, raw: pd.DataFrame) -> None:
     path = write(tmp_path, raw.drop(columns=["chol"]), "no_chol.csv")
-    report = validate_file(path, VALIDATION, DATA)
+    report = validate_file(path, DATA)
     with pytest.raises(DataValidationError) as info:
         raise_if_failed(path, report)
     assert info.value.report is report
@@ -272,7 +278,7 @@ def test_patient_id_that_does_not_fit_int64_names_the_site(
 ) -> None:
     frame = raw.copy()
     frame.loc[rows(frame, "Hungary")[5], "id"] = bad
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     failure = only(report)
     assert (failure.site, failure.column, failure.expectation) == ("Hungary", "id", REGEX)
     assert failure.observed == [bad]
@@ -283,7 +289,7 @@ def test_patient_id_that_does_not_fit_int64_names_the_site(
 def test_the_largest_int64_id_passes(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     frame.loc[rows(frame, "Hungary")[5], "id"] = "9223372036854775807"
-    assert validate_file(write(tmp_path, frame), VALIDATION, DATA).success
+    assert validate_file(write(tmp_path, frame), DATA).success
 
 
 @pytest.mark.parametrize("bad", ["1e400", "inf", "-Infinity", "NaN1"])
@@ -292,7 +298,7 @@ def test_numeric_values_that_are_not_finite_are_refused(
 ) -> None:
     frame = raw.copy()
     frame.loc[rows(frame, "Switzerland")[2], "chol"] = bad
-    report = validate_file(write(tmp_path, frame), VALIDATION, DATA)
+    report = validate_file(write(tmp_path, frame), DATA)
     assert not report.success
     assert {(f.site, f.column) for f in report.failures} == {("Switzerland", "chol")}, \
         report.message()

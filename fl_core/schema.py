@@ -1,0 +1,313 @@
+"""The dataset schema: what a clinical table holds, declared in a YAML file, not in code.
+
+A :class:`DatasetSchema` (``data/schemas/<dataset>.yaml``, selected by ``data.schema``) names
+the patient-id and site columns, the label column and the rule that makes it binary, and every
+feature: its type (``numeric | integer | categorical | boolean``), unit, valid range, categories
+or boolean tokens, the tokens that mean "not measured", the largest share of empty cells one
+site may have, and the declared preprocessing constants (``center``/``scale``/``fill``, never
+fitted on patients). Loader, transform, model input size, Great Expectations suites and
+site files all derive from it; ``fl_core`` holds no column or site name of any dataset.
+
+:func:`load_schema` reads and validates a schema file; every error is a
+:class:`SchemaError` naming the schema key, what was found and what is accepted.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FEATURE_TYPES = ("numeric", "integer", "categorical", "boolean")
+NUMERIC_TYPES = ("numeric", "integer")
+DEFAULT_SCHEMA = "data/schemas/heart.yaml"
+"""``data.schema`` when none is given (relative to the project root)."""
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+"""The fedpriv checkout: where a relative schema path is looked up when the project lacks it."""
+
+_COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
+    ">": operator.gt, "<": operator.lt,
+}
+_RULE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+class SchemaError(ValueError):
+    """A dataset schema file cannot be read or declares something invalid."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class LabelRule(_Part):
+    """The label column and the rule that makes it binary (1 = positive).
+
+    Exactly one of ``positive_if`` (a comparison with a number, e.g. ``"> 0"``) and
+    ``positive_values`` (the raw values that are positive). ``values``, if given, are all the
+    raw values the column may take (checked by data validation).
+    """
+
+    column: str = Field(min_length=1)
+    positive_if: str | None = None
+    positive_values: list[str] | None = Field(None, min_length=1)
+    values: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("positive_values", "values", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("positive_if")
+    @classmethod
+    def _rule_parses(cls, value: str | None) -> str | None:
+        if value is not None and not _RULE.match(value):
+            raise ValueError(f"label rule {value!r} does not parse; expected a comparison "
+                             f"with a number: one of {', '.join(_COMPARISONS)} then a number, "
+                             f"e.g. '> 0'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> LabelRule:
+        if (self.positive_if is None) == (self.positive_values is None):
+            raise ValueError("give exactly one of positive_if (e.g. '> 0') and "
+                             "positive_values (a list of raw values)")
+        return self
+
+    def comparison(self) -> tuple[Callable[[Any, Any], Any], float] | None:
+        """``positive_if`` as (operator, number), or None under ``positive_values``."""
+        if self.positive_if is None:
+            return None
+        match = _RULE.match(self.positive_if)
+        assert match is not None  # checked at validation
+        return _COMPARISONS[match.group(1)], float(match.group(2))
+
+
+class FeatureSpec(_Part):
+    """One feature column: its type, unit, valid values and declared preprocessing.
+
+    * ``numeric`` / ``integer``: ``low`` < ``high`` is the valid range (checked by validation,
+      and the clipping range of preprocessing); a value becomes
+      ``(clip(x, low, high) − center) / scale``, a missing one ``fill`` first. Left out,
+      ``center`` is the midpoint, ``scale`` the half-width and ``fill`` the centre.
+    * ``categorical``: ``categories`` (fixed, so every client encodes the same columns);
+      ``fill`` is the category that stands in for a missing value.
+    * ``boolean``: ``true``/``false`` tokens (``true_value``/``false_value``); ``fill`` the
+      token that stands in for a missing value.
+
+    ``missing_values`` are recorded values that mean "not measured" (a cholesterol of
+    ``0``): read as missing by the loader, which also adds a ``<name>_missing`` 0/1 input
+    column.
+    ``max_missing_rate`` is the largest share of empty cells allowed at one site (default:
+    the schema's ``max_missing_rate``).
+    """
+
+    type: Literal["numeric", "integer", "categorical", "boolean"]
+    unit: str | None = None
+    description: str | None = None
+    low: float | None = None
+    high: float | None = None
+    center: float | None = None
+    scale: float | None = Field(None, gt=0)
+    fill: float | str | None = None
+    categories: list[str] | None = None
+    true_value: str | None = None
+    false_value: str | None = None
+    missing_values: list[float | str] = Field(default_factory=list)
+    max_missing_rate: float | None = Field(None, ge=0, le=1)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _known_type(cls, value: Any) -> Any:
+        if value not in FEATURE_TYPES:
+            raise ValueError(f"unknown type {value!r}; accepted: {', '.join(FEATURE_TYPES)}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or raw.get("type") not in NUMERIC_TYPES:
+            return raw
+        low, high = raw.get("low"), raw.get("high")
+        if not all(isinstance(v, int | float) for v in (low, high)):
+            raise ValueError(f"a {raw['type']} feature needs numbers low and high "
+                             f"(got low={low!r}, high={high!r})")
+        if not low < high:  # type: ignore[operator]
+            raise ValueError(f"low={low:g} must be below high={high:g}")
+        out = dict(raw)
+        if out.get("center") is None:
+            out["center"] = (low + high) / 2  # type: ignore[operator]
+        if out.get("scale") is None:
+            out["scale"] = (high - low) / 2  # type: ignore[operator]
+        if out.get("fill") is None:
+            out["fill"] = out["center"]
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSpec:
+        if self.type in NUMERIC_TYPES:
+            self._check_numeric()
+        elif self.type == "categorical":
+            self._check_categorical()
+        else:
+            self._check_boolean()
+        return self
+
+    def _check_numeric(self) -> None:
+        assert self.low is not None and self.high is not None
+        if not isinstance(self.fill, int | float) or not self.low <= self.fill <= self.high:
+            raise ValueError(f"fill={self.fill!r} must be a number in [low, high] = "
+                             f"[{self.low:g}, {self.high:g}]")
+        self._no_keys("categories", "true_value", "false_value")
+
+    def _check_categorical(self) -> None:
+        if not self.categories:
+            raise ValueError("a categorical feature needs a non-empty list of categories "
+                             f"(got {self.categories!r})")
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"categories {self.categories} name a category twice")
+        self._check_fill(self.categories)
+        self._no_keys("low", "high", "center", "scale", "true_value", "false_value")
+
+    def _check_boolean(self) -> None:
+        if not self.true_value or not self.false_value or self.true_value == self.false_value:
+            raise ValueError("a boolean feature needs two different tokens true_value and "
+                             f"false_value (got {self.true_value!r}, {self.false_value!r})")
+        self._check_fill(list(self.tokens))
+        self._no_keys("low", "high", "center", "scale", "categories")
+
+    def _check_fill(self, accepted: list[str]) -> None:
+        if self.fill not in accepted:
+            raise ValueError(f"fill={self.fill!r} is not a value of this feature; accepted: "
+                             f"{', '.join(accepted)}")
+
+    def _no_keys(self, *keys: str) -> None:
+        given = [k for k in keys if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not a key of a {self.type} feature")
+
+    @property
+    def numeric(self) -> bool:
+        """Numeric or integer: scaled, range-checked."""
+        return self.type in NUMERIC_TYPES
+
+    @property
+    def tokens(self) -> tuple[str, str]:
+        """A boolean feature's (false, true) tokens."""
+        assert self.false_value is not None and self.true_value is not None
+        return self.false_value, self.true_value
+
+    def accepted(self) -> tuple[str, ...]:
+        """The values a categorical or boolean feature may take."""
+        return tuple(self.categories) if self.categories else self.tokens
+
+
+class DatasetSchema(_Part):
+    """A dataset: its id, the patient-id, site and label columns, features, ignored columns.
+
+    ``sites`` are the site values data validation accepts (and validates one by one);
+    ``max_missing_rate`` the default share of empty cells per feature and site.
+    """
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str | None = None
+    patient_id: str = Field(min_length=1)
+    site: str = Field(min_length=1)
+    sites: list[str] = Field(min_length=1)
+    label: LabelRule
+    max_missing_rate: float = Field(0.1, ge=0, le=1)
+    features: dict[str, FeatureSpec] = Field(min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _columns_distinct(self) -> DatasetSchema:
+        roles = [self.patient_id, self.site, self.label.column, *self.features, *self.ignore]
+        twice = sorted({c for c in roles if roles.count(c) > 1})
+        if twice:
+            raise ValueError(f"column(s) {twice} declared in more than one role (patient_id, "
+                             f"site, label, features, ignore)")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"sites {self.sites} name a site twice")
+        return self
+
+    def feature(self, name: str) -> FeatureSpec:
+        """The spec of feature ``name``."""
+        return self.features[name]
+
+    def missing_limit(self, column: str) -> float:
+        """Largest share of empty cells allowed for ``column`` at one site."""
+        spec = self.features.get(column)
+        if spec is None or spec.max_missing_rate is None:
+            return self.max_missing_rate
+        return spec.max_missing_rate
+
+    def of_type(self, *types: str) -> tuple[str, ...]:
+        """The features of the given types, in declared order."""
+        return tuple(n for n, f in self.features.items() if f.type in types)
+
+    @property
+    def numeric_features(self) -> tuple[str, ...]:
+        return self.of_type(*NUMERIC_TYPES)
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Patient id, site and label columns (the features come on top)."""
+        return self.patient_id, self.site, self.label.column
+
+
+def resolve_schema_path(path: str | Path, root: str | Path | None = None) -> Path:
+    """Where ``data.schema`` points: absolute as given; relative to ``root`` (the project root,
+    default the working directory), else to the fedpriv checkout (:data:`PACKAGE_ROOT`)."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    here = Path(root if root is not None else ".") / path
+    if here.exists():
+        return here
+    shipped = PACKAGE_ROOT / path
+    return shipped if shipped.exists() else here
+
+
+def read_schema_tree(path: Path) -> dict[str, Any]:
+    """The schema file at ``path`` as a YAML mapping (raises :class:`SchemaError`)."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SchemaError(f"data.schema: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SchemaError(f"data.schema: {path} cannot be read as YAML ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise SchemaError(f"data.schema: {path}: the top level must be a mapping of keys "
+                          f"(got {type(loaded).__name__})")
+    return loaded
+
+
+def _describe(error: Any) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if error["type"] == "literal_error" and "unknown type" not in msg:
+        msg = f"unknown type {error.get('input')!r}; accepted: {', '.join(FEATURE_TYPES)}"
+    return f"{loc or '<top>'}: {msg} (got {error.get('input')!r})" if loc else msg
+
+
+def parse_schema(tree: dict[str, Any], source: str) -> DatasetSchema:
+    """Validate a schema tree; raise :class:`SchemaError` naming each bad key of ``source``."""
+    try:
+        return DatasetSchema.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise SchemaError(f"invalid dataset schema {source} (data.schema):\n  "
+                          + "\n  ".join(lines)) from None
+
+
+def load_schema(path: str | Path, root: str | Path | None = None) -> DatasetSchema:
+    """Read and validate the schema ``data.schema`` names (see :func:`resolve_schema_path`)."""
+    resolved = resolve_schema_path(path, root)
+    return parse_schema(read_schema_tree(resolved), str(path))
