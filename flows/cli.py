@@ -7,6 +7,8 @@
     fedpriv budget                           # the privacy ledger: ε spent per patient
     fedpriv audit-sweep --seeds 2            # attack AUC against ε (charged)
     fedpriv split-sites --out sites/         # one CSV per hospital (sites mode)
+    fedpriv schema infer my.csv --patient-id pid --site hospital --label outcome \\
+        --positive-values yes --out data/schemas/my.yaml   # draft a schema to review
 """
 
 from __future__ import annotations
@@ -142,7 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "valid range, categories or boolean tokens, missing-value tokens, largest "
                     "missing rate per site and declared preprocessing; then the encoded model "
                     "input columns. Exit 2 if the schema is invalid.")
-    schema.add_argument("action", choices=["show"], help="what to do with the schema")
+    schema.add_argument("action", choices=["show", "infer"], help="what to do with the schema")
+    schema.add_argument("file", nargs="?", help="infer: the CSV to draft a schema from")
+    draft = schema.add_argument_group(
+        "infer", "draft a schema from a CSV for you to review (`fedpriv schema infer FILE "
+                 "--patient-id COL --site COL --label COL --positive-if '> 0'`): per column a "
+                 "type guess, the observed range widened by 10 %, center/scale/fill "
+                 "(midpoint/half-width, fill the center), categories or boolean tokens, the "
+                 "largest missing rate per site; identifiers and free text go to ignore. "
+                 "Writes commented YAML and prints what to check. Exit 2 for a column not in "
+                 "the header or a label rule giving one class, 3 for an unreadable file")
+    draft.add_argument("--patient-id", help="the patient-id column")
+    draft.add_argument("--site", help="the site (hospital) column")
+    draft.add_argument("--label", help="the label column")
+    rule = draft.add_mutually_exclusive_group()
+    rule.add_argument("--positive-if", metavar="RULE",
+                      help="positive when the label compares so with a number, e.g. '> 0'")
+    rule.add_argument("--positive-values", nargs="+", metavar="V",
+                      help="the raw label values that are positive")
+    draft.add_argument("--out", help="where to write the draft (default: "
+                                     "data/schemas/<id>.yaml under --root)")
+    draft.add_argument("--id", dest="dataset_id", help="the schema id (default: from the "
+                                                       "file name)")
+    draft.add_argument("--force", action="store_true", help="replace an existing --out file")
     budget = sub.add_parser(
         "budget", parents=[common], help="show the privacy-budget ledger",
         description="Show, per site, what its most-exposed patient has spent over every "
@@ -214,6 +238,40 @@ def schema_text(data: Any) -> str:
     return (f"dataset {spec.id} ({data.schema_path}): {spec.description or ''}\n"
             + "\n".join(lines)
             + f"\n\nmodel input ({len(columns)} columns): {', '.join(columns)}\n")
+
+
+def infer_command(args: argparse.Namespace, root: Path) -> int:
+    """``fedpriv schema infer``: draft a schema from a CSV, write it, print what to check."""
+    from adapters.artifacts import write_text_atomic
+    from fl_core.schema_infer import InferenceError, default_id, infer_schema
+
+    needed = {"FILE": args.file, "--patient-id": args.patient_id, "--site": args.site,
+              "--label": args.label}
+    absent = [k for k, v in needed.items() if not v]
+    if absent:
+        print(f"fedpriv: schema infer needs {', '.join(absent)}", file=sys.stderr)
+        return 2
+    source = Path(args.file)
+    out = Path(args.out) if args.out else \
+        root / "data" / "schemas" / f"{args.dataset_id or default_id(source)}.yaml"
+    if out.exists() and not args.force:
+        print(f"fedpriv: schema infer: {out} exists; give another --out or --force",
+              file=sys.stderr)
+        return 2
+    try:
+        draft = infer_schema(source, patient_id=args.patient_id, site=args.site,
+                             label=args.label, positive_if=args.positive_if,
+                             positive_values=args.positive_values, dataset_id=args.dataset_id)
+    except InferenceError as exc:
+        print(f"fedpriv: schema infer: {exc}", file=sys.stderr)
+        return exc.exit_code
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, draft.yaml_text())
+    print(draft.summary(), end="")
+    print(f"wrote {out}; review it, then:\n"
+          f"  fedpriv schema show --set data.schema={out.resolve()}\n"
+          f"  fedpriv run --set data.schema={out.resolve()} --set data.path={source.resolve()}")
+    return 0
 
 
 def split_sites(cfg: Any, root: Path, out: str) -> None:
@@ -330,6 +388,8 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = Path(args.root).resolve()
+    if args.command == "schema" and args.action == "infer":
+        return infer_command(args, root)
     _environment(root)
 
     from adapters.artifacts import UnpublishedError
@@ -340,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.ledger import BudgetExceededError, MissingChargeError
     from fl_core.validation import DataValidationError
 
+    if args.command == "schema" and args.file:
+        print(f"fedpriv: schema {args.action} takes no FILE (got {args.file!r})",
+              file=sys.stderr)
+        return 2
     try:
         cfg = load_config(root / args.params, args.overrides)
         if args.command == "config":

@@ -1,0 +1,435 @@
+"""Draft a dataset schema from a CSV: ``fedpriv schema infer``.
+
+The draft is a starting point for a person to review, never a schema to trust blindly. Per
+column it guesses the type (``numeric | integer | boolean | categorical``, or ``ignore`` with
+the reason), widens the observed range by a margin, writes the preprocessing defaults, the
+categories or boolean tokens and the largest missing rate per site, and says in a YAML
+comment what was guessed. Things a person must decide (a "not measured" token hiding among
+real values, a patient id that validation will refuse) are collected as notes.
+
+Preprocessing defaults use no statistic of the patients beyond the range and the categories:
+``center``/``scale`` are the midpoint/half-width of the drafted [low, high], ``fill`` the
+center; a categorical ``fill`` is the first category (sorted), a boolean ``fill`` the false
+token. Pure: pandas and yaml only, no orchestration.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from fl_core.schema import DatasetSchema, LabelRule, parse_schema
+
+MARGIN = 0.10
+"""The observed range is widened by this share of its width on each side."""
+MAX_CATEGORIES = 20
+"""A text column with more distinct values is high-cardinality: ignored."""
+MAX_LABEL_VALUES = 50
+"""The label's ``values`` are listed when it has at most this many distinct ones."""
+MISSING_STEP = 0.05
+"""``max_missing_rate`` is the largest observed rate per site, rounded up to this step."""
+UNIQUE_MIN_ROWS = 10
+"""A column with a different value in each of at least this many rows is an identifier."""
+ZERO_SHARE = 0.05
+"""A non-negative numeric column with at least this share of exact zeros is flagged."""
+_TRUE = {"true", "t", "yes", "y", "1", "positive", "pos"}
+_FALSE = {"false", "f", "no", "n", "0", "negative", "neg"}
+_ID_NAME = re.compile(r"(^|[_\W])(id|uuid|key|no|nr|number|name)$", re.IGNORECASE)
+_NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$")
+_INTEGER = re.compile(r"^\s*[-+]?\d+(?:\.0*)?\s*$")
+
+
+class InferenceError(ValueError):
+    """The draft cannot be made; :attr:`exit_code` is 2 for bad arguments, 3 for bad data."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class ColumnGuess:
+    """One column's guess: its spec (``None`` when ignored), the comment and the notes."""
+
+    name: str
+    kind: str
+    spec: dict[str, Any] | None
+    comment: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SchemaDraft:
+    """The drafted schema: its tree (what ``load_schema`` reads), per-column guesses, notes."""
+
+    tree: dict[str, Any]
+    columns: tuple[ColumnGuess, ...]
+    notes: tuple[str, ...] = field(default=())
+    source: str = ""
+
+    @property
+    def schema(self) -> DatasetSchema:
+        return parse_schema(self.tree, f"draft of {self.source}")
+
+    def yaml_text(self) -> str:
+        """The draft as commented YAML."""
+        return draft_yaml(self)
+
+    def summary(self) -> str:
+        """What was guessed and what the user must check, one line each."""
+        return draft_summary(self)
+
+
+# ------------------------------------------------------------------------------ reading
+def read_table(path: str | Path) -> pd.DataFrame:
+    """The CSV as text columns (empty cells and NA tokens are missing, as validation reads)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"{path}: no such file", 3)
+    if path.stat().st_size == 0:
+        raise InferenceError(f"{path}: the file is empty (0 bytes)", 3)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise InferenceError(f"{path}: no header and no rows", 3) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InferenceError(f"{path}: cannot be read as CSV ({first})", 3) from None
+    if frame.empty:
+        raise InferenceError(f"{path}: a header but no data rows: nothing to infer from", 3)
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+# ------------------------------------------------------------------------------ numbers
+def _nice(value: float) -> int | float:
+    """``value`` as an int when it is one, else a float with no representation noise."""
+    value = float(f"{value:.12g}")
+    return int(value) if value.is_integer() else value
+
+
+def widened_range(low: float, high: float, *, integer: bool, non_negative: bool
+                  ) -> tuple[int | float, int | float]:
+    """[low, high] widened by :data:`MARGIN` of its width on each side, rounded outwards to a
+    step of one significant digit of the margin (at least 1 for an integer column), never
+    below 0 for a non-negative column. Always contains [low, high] and low < high."""
+    width = high - low if high > low else max(abs(high), 1.0)
+    margin = MARGIN * width
+    step = 10.0 ** math.floor(math.log10(margin))
+    if integer:
+        step = max(step, 1.0)
+    decimals = max(0, -math.floor(math.log10(step)))
+    lo = round(math.floor((low - margin) / step) * step, decimals)
+    hi = round(math.ceil((high + margin) / step) * step, decimals)
+    lo, hi = min(lo, low), max(hi, high)  # rounding never narrows
+    if non_negative:
+        lo = max(lo, 0.0)
+    return _nice(lo), _nice(hi)
+
+
+def _missing_limit(frame: pd.DataFrame, column: str, site: str) -> tuple[float, float]:
+    """(largest share of empty cells at one site, that share rounded up to the step)."""
+    rates = frame[column].isna().groupby(frame[site].fillna("")).mean()
+    worst = float(rates.max()) if len(rates) else 0.0
+    limit = min(1.0, math.floor(worst / MISSING_STEP + 1e-9) * MISSING_STEP + MISSING_STEP)
+    return worst, round(limit, 4)
+
+
+# ------------------------------------------------------------------------------ columns
+def _boolean_tokens(values: list[str]) -> tuple[str, str] | None:
+    """(false, true) when the two distinct values are a recognised boolean pair."""
+    if len(values) != 2:
+        return None
+    a, b = values
+    if a.lower() in _TRUE and b.lower() in _FALSE:
+        return b, a
+    if b.lower() in _TRUE and a.lower() in _FALSE:
+        return a, b
+    return None
+
+
+def _zeros_note(name: str, numbers: pd.Series) -> str | None:
+    """A note when a non-negative column has many exact zeros far below its other values."""
+    zeros = int((numbers == 0).sum())
+    nonzero = numbers[numbers != 0]
+    if zeros < max(3, ZERO_SHARE * len(numbers)) or nonzero.empty or (nonzero < 0).any():
+        return None
+    distinct = nonzero.drop_duplicates().sort_values()
+    spacing = float(distinct.diff().median()) if len(distinct) > 1 else 0.0
+    if nonzero.min() < max(0.1 * nonzero.max(), 5 * spacing):
+        return None  # zero continues the other values (a count, a dose)
+    return (f"{name} has {zeros} zeros (its other values start at {nonzero.min():g}): a "
+            f"'not measured' token? add missing_values: [0]")
+
+
+def _guess_numeric(name: str, text: pd.Series, missing: str, limit: float) -> ColumnGuess:
+    numbers = text.astype(float)
+    integer = bool(text.str.match(_INTEGER).all())
+    kind = "integer" if integer else "numeric"
+    lo_seen, hi_seen = float(numbers.min()), float(numbers.max())
+    low, high = widened_range(lo_seen, hi_seen, integer=integer, non_negative=lo_seen >= 0)
+    center, scale = _nice((low + high) / 2), _nice((high - low) / 2)
+    spec = {"type": kind, "low": low, "high": high, "center": center, "scale": scale,
+            "fill": center, "max_missing_rate": limit}
+    comment = (f"guessed: {kind}, observed {lo_seen:g}..{hi_seen:g}, margin "
+               f"{MARGIN:.0%}{' (not below 0)' if lo_seen >= 0 else ''}; center/scale: "
+               f"midpoint/half-width, fill: center; {missing}")
+    note = _zeros_note(name, numbers)
+    return ColumnGuess(name, kind, spec, comment + ("; CHECK zeros" if note else ""),
+                       (note,) if note else ())
+
+
+def _sparse_note(name: str, worst: float) -> tuple[str, ...]:
+    if worst <= 0.5:
+        return ()
+    return (f"{name} is empty in {worst:.0%} of one site's rows: keep it (max_missing_rate "
+            f"allows it) or move it to ignore",)
+
+
+def _guess_text(name: str, text: pd.Series, missing: str, limit: float) -> ColumnGuess:
+    values = sorted(text.unique())
+    tokens = _boolean_tokens(values)
+    if tokens:
+        spec = {"type": "boolean", "true_value": tokens[1], "false_value": tokens[0],
+                "fill": tokens[0], "max_missing_rate": limit}
+        return ColumnGuess(name, "boolean", spec, f"guessed: boolean ({tokens[1]} = true), "
+                                                  f"fill: the false token; {missing}")
+    spec = {"type": "categorical", "categories": values, "fill": values[0],
+            "max_missing_rate": limit}
+    return ColumnGuess(name, "categorical", spec,
+                       f"guessed: categorical, {len(values)} values (sorted), fill: the "
+                       f"first (no clinical default known); {missing}")
+
+
+def _ignored(name: str, reason: str) -> ColumnGuess:
+    return ColumnGuess(name, "ignore", None, reason)
+
+
+def _why_ignore(name: str, text: pd.Series, numeric: bool) -> str | None:
+    """Why a column is no feature (empty, an identifier, free text, mixed), or None."""
+    if text.empty:
+        return "empty in every row"
+    distinct = text.nunique()
+    unique = distinct == len(text) and len(text) >= UNIQUE_MIN_ROWS
+    if numeric:
+        whole = bool(text.str.match(_INTEGER).all())
+        if unique and whole and _ID_NAME.search(name):
+            return f"a different whole number in each of {len(text)} rows: an identifier"
+        return None
+    numbers = text.str.match(_NUMBER)
+    if numbers.mean() >= 0.9:
+        odd = sorted(text[~numbers].unique())[:5]
+        return (f"numbers, but {int((~numbers).sum())} cell(s) are text {odd}: empty them "
+                f"(an empty cell is missing) and infer again")
+    if unique:
+        return f"a different text in each of {len(text)} rows: a name or identifier"
+    if distinct > MAX_CATEGORIES:
+        return (f"{distinct} distinct texts in {len(text)} rows (more than "
+                f"{MAX_CATEGORIES}): free text, names or codes")
+    return None
+
+
+def guess_column(frame: pd.DataFrame, name: str, site: str) -> ColumnGuess:
+    """The type guess for feature candidate ``name`` (``frame`` read as text)."""
+    text = frame[name].dropna().astype(str).str.strip()
+    text = text[text != ""]
+    numeric = bool(len(text)) and bool(text.str.match(_NUMBER).all())
+    reason = _why_ignore(name, text, numeric)
+    if reason:
+        return _ignored(name, reason)
+    worst, limit = _missing_limit(frame, name, site)
+    missing = f"missing at most {worst:.1%} per site -> max_missing_rate {limit:g}"
+    if numeric and _boolean_tokens(sorted(text.unique())) is None:
+        guess = _guess_numeric(name, text, missing, limit)
+    else:
+        guess = _guess_text(name, text, missing, limit)
+    return replace(guess, notes=guess.notes + _sparse_note(name, worst))
+
+
+# ------------------------------------------------------------------------------ label
+def _yaml_value(raw: str) -> int | float | str:
+    """A raw label value as YAML writes it back unchanged (``0`` as a number, ``01`` as text)."""
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+        except ValueError:
+            continue
+        if str(value) == raw:
+            return value
+    return raw
+
+
+def _default_rule(values: list[str]) -> dict[str, Any]:
+    tokens = _boolean_tokens(values)
+    if tokens:
+        return {"positive_values": [tokens[1]]}
+    raise InferenceError(f"give the label rule: --positive-if (e.g. '> 0') or "
+                         f"--positive-values; the label has {len(values)} distinct values "
+                         f"{values[:10]}")
+
+
+def label_rule(frame: pd.DataFrame, column: str, positive_if: str | None,
+               positive_values: list[str] | None) -> tuple[dict[str, Any], str]:
+    """The label tree and a line counting each class; refuses a rule giving one class."""
+    raw = frame[column].dropna().astype(str).str.strip()
+    values = sorted(raw.unique(), key=lambda v: (not _NUMBER.match(v), _sort_key(v)))
+    if positive_if is not None or positive_values is not None:
+        given = {"positive_if": positive_if} if positive_if is not None \
+            else {"positive_values": list(positive_values or [])}
+    else:
+        given = _default_rule(values)
+    try:
+        rule = LabelRule.model_validate({"column": column, **given})
+    except ValueError as exc:
+        raise InferenceError(f"label rule: {str(exc).splitlines()[-1].strip()}") from None
+    positive = _positive(raw, rule)
+    counts = f"{int(positive.sum())} positive, {int((~positive).sum())} negative"
+    if positive.all() or not positive.any():
+        shown = rule.positive_if or f"positive values {rule.positive_values}"
+        raise InferenceError(f"label rule {shown!r} on column {column!r} gives one class only "
+                             f"({counts}; values {values[:10]}): nothing to learn")
+    tree: dict[str, Any] = {"column": column, **given}
+    if len(values) <= MAX_LABEL_VALUES:
+        tree["values"] = [_yaml_value(v) for v in values]
+    return tree, counts
+
+
+def _sort_key(value: str) -> Any:
+    return float(value) if _NUMBER.match(value) else value
+
+
+def _positive(raw: pd.Series, rule: LabelRule) -> pd.Series:
+    comparison = rule.comparison()
+    if comparison is None:
+        return raw.isin(rule.positive_values or [])
+    numbers = pd.to_numeric(raw, errors="coerce")
+    if numbers.isna().any():
+        odd = sorted(raw[numbers.isna()].unique())[:5]
+        raise InferenceError(f"label rule {rule.positive_if!r} compares numbers but the label "
+                             f"{rule.column!r} holds text {odd}: use --positive-values")
+    op, threshold = comparison
+    return op(numbers, threshold).astype(bool)
+
+
+# ------------------------------------------------------------------------------ draft
+def _check_roles(frame: pd.DataFrame, patient_id: str, site: str, label: str) -> None:
+    roles = {"--patient-id": patient_id, "--site": site, "--label": label}
+    absent = [f"{flag} {col!r}" for flag, col in roles.items() if col not in frame.columns]
+    if absent:
+        raise InferenceError(f"{', '.join(absent)}: no such column; the header has "
+                             f"{list(frame.columns)}")
+    if len(set(roles.values())) < 3:
+        raise InferenceError(f"--patient-id, --site and --label must be three different "
+                             f"columns (got {list(roles.values())})")
+
+
+def _role_notes(frame: pd.DataFrame, patient_id: str, site: str, label: str) -> list[str]:
+    ids = frame[patient_id]
+    notes = []
+    if ids.isna().any() or ids.duplicated().any():
+        notes.append(f"{patient_id}: patient ids must be present and unique (validation "
+                     f"checks it): {int(ids.isna().sum())} empty, "
+                     f"{int(ids.dropna().duplicated().sum())} repeated")
+    if not ids.dropna().astype(str).str.fullmatch(r"\s*\+?\d+\s*").all():
+        notes.append(f"{patient_id}: validation needs whole-number patient ids in "
+                     f"[0, 2**63 - 1]; this column holds others: map them to numbers")
+    for col, what in ((site, "site"), (label, "label")):
+        empty = int(frame[col].isna().sum())
+        if empty:
+            notes.append(f"{col}: {empty} row(s) without a {what}: validation refuses them")
+    return notes
+
+
+def default_id(path: str | Path) -> str:
+    """A schema ``id`` from the file name (letters, digits, ``_.-``)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-._")
+    return stem or "dataset"
+
+
+def infer_schema(path: str | Path, *, patient_id: str, site: str, label: str,
+                 positive_if: str | None = None, positive_values: list[str] | None = None,
+                 dataset_id: str | None = None) -> SchemaDraft:
+    """Draft a schema from the CSV at ``path`` (see the module docstring).
+
+    Raises :class:`InferenceError`: exit code 3 when the file cannot be read or has no rows,
+    2 for a column that is not in the header or a label rule that gives one class.
+    """
+    frame = read_table(path)
+    _check_roles(frame, patient_id, site, label)
+    label_tree, counts = label_rule(frame, label, positive_if, positive_values)
+    roles = (patient_id, site, label)
+    guesses = tuple(guess_column(frame, c, site) for c in frame.columns if c not in roles)
+    features = {g.name: g.spec for g in guesses if g.spec is not None}
+    if not features:
+        raise InferenceError(f"{path}: no column could be a feature "
+                             f"({'; '.join(f'{g.name}: {g.comment}' for g in guesses)})")
+    sites = sorted(frame[site].dropna().astype(str).unique())
+    tree = {"id": dataset_id or default_id(path),
+            "description": f"drafted by fedpriv schema infer from {Path(path).name}; REVIEW",
+            "patient_id": patient_id, "site": site, "sites": sites, "label": label_tree,
+            "max_missing_rate": 0.1, "features": features,
+            "ignore": [g.name for g in guesses if g.spec is None]}
+    notes = [f"label {label}: {counts}", *_role_notes(frame, patient_id, site, label)]
+    notes += [n for g in guesses for n in g.notes]
+    draft = SchemaDraft(tree, guesses, tuple(notes), str(path))
+    draft.schema  # noqa: B018 - a draft load_schema refuses is a bug here, not the user's
+    return draft
+
+
+# ------------------------------------------------------------------------------ output
+def _flow(value: Any) -> str:
+    """``value`` as one line of flow-style YAML."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9,
+                          allow_unicode=True).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def draft_yaml(draft: SchemaDraft) -> str:
+    """The draft as YAML with a comment on every guess (``load_schema`` reads it)."""
+    tree = draft.tree
+    head = {k: tree[k] for k in ("id", "description", "patient_id", "site", "sites")}
+    lines = [f"# Drafted by `fedpriv schema infer` from {Path(draft.source).name}: REVIEW "
+             f"before use.",
+             "# Every guess is commented. Ranges are the observed ones widened by "
+             f"{MARGIN:.0%}; center/scale are",
+             "# their midpoint/half-width and fill the center (no patient statistic); "
+             "replace them by clinical",
+             "# reference values where you have them (README: Data).",
+             *(f"{k}: {_flow(v)}" for k, v in head.items()),
+             f"label: {_flow(tree['label'])}",
+             f"max_missing_rate: {tree['max_missing_rate']:g}   # default per feature and site",
+             "features:"]
+    for guess in draft.columns:
+        if guess.spec is not None:
+            lines.append(f"  # {guess.name}: {guess.comment}")
+            lines += [f"  #   CHECK: {n}" for n in guess.notes]
+            lines.append(f"  {_flow(guess.name)}: {_flow(guess.spec)}")
+    ignored = [g for g in draft.columns if g.spec is None]
+    lines.append(f"ignore: {_flow([g.name for g in ignored])}")
+    lines += [f"  # {g.name}: {g.comment}" for g in ignored]
+    return "\n".join(lines) + "\n"
+
+
+def draft_summary(draft: SchemaDraft) -> str:
+    """One line per column guessed, then what the user must check."""
+    tree = draft.tree
+    out = [f"drafted schema {tree['id']!r} from {draft.source}: patient id "
+           f"{tree['patient_id']!r}, site {tree['site']!r} ({len(tree['sites'])} sites: "
+           f"{', '.join(tree['sites'][:8])}), label {tree['label']['column']!r}"]
+    width = max(len(g.name) for g in draft.columns)
+    for g in draft.columns:
+        detail = g.comment.split("; missing at most")[0].removeprefix("guessed: ")
+        detail = detail.removeprefix(f"{g.kind}, ").removeprefix(g.kind)
+        out.append(f"  {g.name.ljust(width)}  {'ignored' if g.spec is None else g.kind}: "
+                   f"{detail}")
+    out.append("check before use:")
+    out += [f"  - {n}" for n in draft.notes]
+    out.append("  - ranges, fills and centers are guesses from this file: declare clinical "
+               "reference values where you have them")
+    return "\n".join(out) + "\n"
