@@ -429,22 +429,54 @@ class _Runner:
         return _jsonable(result.to_json_dict()), _failures(site, result, self.spec)
 
 
-def validate_file(path: str | Path, data: DataConfig) -> ValidationReport:
-    """Validate the raw CSV at ``path``: file-level checks, then the GX suites per site.
+def _label_classes_failure(frame: pd.DataFrame, spec: DatasetSchema
+                           ) -> FailedExpectation | None:
+    """A failure when the label rule makes every labelled row the same class."""
+    raw = frame[spec.label.column].dropna().astype(str).str.strip()
+    comparison = spec.label.comparison()
+    if comparison is None:
+        positive = raw.isin(spec.label.positive_values or [])
+    else:
+        op, threshold = comparison
+        positive = op(pd.to_numeric(raw, errors="coerce").dropna(), threshold).astype(bool)
+    if positive.empty or (positive.any() and not positive.all()):
+        return None  # no label at all fails elsewhere (not null); two classes: fine
+    kind = "positive" if positive.all() else "negative"
+    rule = spec.label.positive_if or f"positive_values {spec.label.positive_values}"
+    return _file_failure("label_has_two_classes", spec.label.column, kind,
+                         f"the label rule {rule!r} makes all {len(positive)} labelled rows "
+                         f"{kind}: one class, nothing to learn (schema label)")
 
-    Never raises for bad data: a failing file gives a report with ``success=False`` whose
-    failures name the site, column, expectation and observed values.
-    """
-    path = Path(path)
-    frame, failures, summary = _read_table(path, data)
+
+def check_file(path: str | Path, data: DataConfig, *, both_classes: bool = True
+               ) -> tuple[pd.DataFrame | None, ValidationReport]:
+    """The file-level checks alone (no GX, milliseconds): the file exists, parses, has rows
+    and every required column, and (``both_classes``) its label rule gives two classes.
+    Returns the frame (None if unreadable) and a report whose ``results["file"]`` lists them."""
+    frame, failures, summary = _read_table(Path(path), data)
+    if frame is not None and not failures and both_classes:
+        failures += [f for f in [_label_classes_failure(frame, data.spec)] if f]
     summary["checks"] = [
         {"expectation": f.expectation, "column": f.column, "success": False,
          "observed": _jsonable(f.observed), "detail": f.detail}
         for f in failures
     ]
-    results: dict[str, Any] = {"file": summary}
+    return frame, ValidationReport(not failures, tuple(failures), {}, {"file": summary})
+
+
+def validate_file(path: str | Path, data: DataConfig, *, both_classes: bool = True
+                  ) -> ValidationReport:
+    """Validate the raw CSV at ``path``: file-level checks, then the GX suites per site.
+
+    Never raises for bad data: a failing file gives a report with ``success=False`` whose
+    failures name the site, column, expectation and observed values. ``both_classes``: the
+    label rule must give both classes over the file (not asked of one site's own file).
+    """
+    frame, checked = check_file(path, data, both_classes=both_classes)
+    failures = list(checked.failures)
+    results: dict[str, Any] = dict(checked.results)
     if frame is None or failures:
-        return ValidationReport(False, tuple(failures), {}, results)
+        return replace(checked, success=False)
 
     spec = data.spec
     runner = _Runner(data)
@@ -477,7 +509,7 @@ def validate_site_file(cfg: PipelineConfig, csv_path: str | Path, site_id: str
     """Validate one hospital's own file (sites mode): :func:`validate_file`, and every row
     must be ``site_id``'s. Returns the full report (it stays at the site) and
     :func:`site_validation_summary` of it (what may go to the coordinator)."""
-    report = validate_file(csv_path, cfg.data)
+    report = validate_file(csv_path, cfg.data, both_classes=False)  # one site may hold one
     file_rows = report.results.get("file", {}).get("rows")
     failures = list(report.failures)
     if file_rows:  # the file was read and has rows

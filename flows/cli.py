@@ -245,6 +245,10 @@ def infer_command(args: argparse.Namespace, root: Path) -> int:
     from adapters.artifacts import write_text_atomic
     from fl_core.schema_infer import InferenceError, default_id, infer_schema
 
+    if args.action != "infer":
+        print(f"fedpriv: schema {args.action} takes no FILE (got {args.file!r})",
+              file=sys.stderr)
+        return 2
     needed = {"FILE": args.file, "--patient-id": args.patient_id, "--site": args.site,
               "--label": args.label}
     absent = [k for k, v in needed.items() if not v]
@@ -388,7 +392,7 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = Path(args.root).resolve()
-    if args.command == "schema" and args.action == "infer":
+    if args.command == "schema" and (args.action == "infer" or args.file):
         return infer_command(args, root)
     _environment(root)
 
@@ -400,41 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.ledger import BudgetExceededError, MissingChargeError
     from fl_core.validation import DataValidationError
 
-    if args.command == "schema" and args.file:
-        print(f"fedpriv: schema {args.action} takes no FILE (got {args.file!r})",
-              file=sys.stderr)
-        return 2
     try:
         cfg = load_config(root / args.params, args.overrides)
-        if args.command == "config":
-            import yaml
-
-            print(yaml.safe_dump(cfg.dumped(schema=False), sort_keys=False), end="")
-            return 0
-        if args.command == "audit-sweep":
-            from adapters.sweep import (
-                DEFAULT_EPSILONS,
-                DEFAULT_SEEDS,
-                run_audit_sweep,
-                sweep_markdown,
-            )
-
-            result = run_audit_sweep(root / args.params, args.overrides, root,
-                                     list(args.epsilons or DEFAULT_EPSILONS),
-                                     args.seeds or DEFAULT_SEEDS)
-            print(sweep_markdown(result))
-            return 0
-        if args.command == "schema":
-            print(schema_text(cfg.data), end="")
-            return 0
-        if args.command == "budget":
-            print_budget(cfg, root, args.entries)
-            return 0
-        if args.command == "split-sites":
-            split_sites(cfg, root, args.out)
-            return 0
+        done = run_command(args, cfg, root)
+        if done is not None:
+            return done
         if args.command == "stage":
             return run_stage(args.name, cfg, root)
+        precheck_data(cfg, root)  # an unreadable or one-class file: before Prefect, in ms
         preflight(cfg, root)  # before Prefect starts its server: seconds, not minutes
         if cfg.federation.mode == "sites" and not os.environ.get("PREFECT_API_URL"):
             raise ConfigError("federation.mode=sites needs the Prefect server the sites' "
@@ -452,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpriv: configuration error: {exc}", file=sys.stderr)
         return 2
     except (DataValidationError, DataError) as exc:
-        print(f"fedpriv: data error: {exc}", file=sys.stderr)
+        print(f"fedpriv: data error: {data_error_text(exc)}", file=sys.stderr)
         return 3
     except RoundFailedError as exc:
         print(f"fedpriv: training failed: {exc}", file=sys.stderr)
@@ -466,6 +443,59 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"fedpriv: {exc}", file=sys.stderr)
         return 1
+
+
+def precheck_data(cfg: Any, root: Path) -> None:
+    """The file-level data checks (exists, parses, has rows and the required columns, two
+    label classes) before ``fedpriv run`` starts Prefect; sites mode has no file here."""
+    if cfg.federation.mode != "simulation":
+        return
+    from fl_core.validation import check_file, raise_if_failed
+
+    source = root / cfg.data.path
+    raise_if_failed(source, check_file(source, cfg.data)[1])
+
+
+def data_error_text(exc: Exception) -> str:
+    """One line for a failure of the file as a whole, else the full validation message."""
+    from fl_core.validation import ALL_SITES, DataValidationError
+
+    if isinstance(exc, DataValidationError) and len(exc.report.failures) == 1 \
+            and exc.report.failures[0].site == ALL_SITES:
+        return f"{exc.path}: {exc.report.failures[0].detail}"
+    return str(exc)
+
+
+def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
+    """The commands that need the configuration but no orchestration; None for the others."""
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(cfg.dumped(schema=False), sort_keys=False), end="")
+        return 0
+    if args.command == "audit-sweep":
+        from adapters.sweep import (
+            DEFAULT_EPSILONS,
+            DEFAULT_SEEDS,
+            run_audit_sweep,
+            sweep_markdown,
+        )
+
+        result = run_audit_sweep(root / args.params, args.overrides, root,
+                                 list(args.epsilons or DEFAULT_EPSILONS),
+                                 args.seeds or DEFAULT_SEEDS)
+        print(sweep_markdown(result))
+        return 0
+    if args.command == "schema":
+        print(schema_text(cfg.data), end="")
+        return 0
+    if args.command == "budget":
+        print_budget(cfg, root, args.entries)
+        return 0
+    if args.command == "split-sites":
+        split_sites(cfg, root, args.out)
+        return 0
+    return None
 
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:

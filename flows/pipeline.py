@@ -7,6 +7,7 @@ and ``data/`` (the files ``dvc repro`` tracks) once the run has succeeded.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -26,15 +27,43 @@ from adapters.artifacts import (
     reap_dead_workspaces,
     release_workspace,
 )
-from adapters.preflight import preflight
+from adapters.preflight import PreflightError, preflight
 from adapters.publish import describe_budget
-from fl_core.config import load_config
+from fl_core.config import ConfigError, load_config
+from fl_core.data import DataError
+from fl_core.ledger import BudgetExceededError, MissingChargeError
+from fl_core.validation import DataValidationError
 from flows.sites import run_at_sites
 from tasks.audit import audit
 from tasks.partition import partition
 from tasks.publish import publish
 from tasks.train import train
 from tasks.validate import validate
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    DataError, DataValidationError, ConfigError, PreflightError, BudgetExceededError,
+    MissingChargeError)
+"""Errors `fedpriv` reports in one line with their own exit code (README: Bad input)."""
+
+
+class BriefExpectedErrors(logging.Filter):
+    """Prefect logs a failed flow run's exception with its whole traceback (60-odd lines
+    through its engine); for :data:`EXPECTED_ERRORS` the message says it all: the record
+    keeps its one-line message and loses the traceback (terminal and Prefect API alike)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED_ERRORS):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def brief_expected_errors() -> None:
+    """Install :class:`BriefExpectedErrors` on Prefect's flow- and task-run loggers (once)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, BriefExpectedErrors) for f in logger.filters):
+            logger.addFilter(BriefExpectedErrors())
 
 
 def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> str:
@@ -126,6 +155,7 @@ def fl_pipeline(
 ) -> dict[str, Any]:
     """Run the whole pipeline; ``overrides`` are ``key=value`` strings over ``params.yaml``."""
     started = time.perf_counter()
+    brief_expected_errors()
     root_path = Path(root).resolve()
     cfg = load_config(root_path / params_path, overrides or [])
     # this run's own workspace, claimed first: a kill from here on is found by a later run;
