@@ -41,6 +41,9 @@ ZERO_SHARE = 0.05
 _TRUE = {"true", "t", "yes", "y", "1", "positive", "pos"}
 _FALSE = {"false", "f", "no", "n", "0", "negative", "neg"}
 _ID_NAME = re.compile(r"(^|[_\W])(id|uuid|key|no|nr|number|name)$", re.IGNORECASE)
+_HEAD = {"description", "patient_id", "site", "sites", *DatasetSchema.model_fields} - {
+    "label", "max_missing_rate", "features", "ignore"}
+"""The schema keys written first, one line each (in the model's order)."""
 _NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$")
 _INTEGER = re.compile(r"^\s*[-+]?\d+(?:\.0*)?\s*$")
 
@@ -349,7 +352,7 @@ def _role_notes(frame: pd.DataFrame, patient_id: str, site: str, label: str) -> 
 def default_id(path: str | Path) -> str:
     """A schema ``id`` from the file name (letters, digits, ``_.-``)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-._")
-    return stem or "dataset"
+    return stem or "draft"
 
 
 def infer_schema(path: str | Path, *, patient_id: str, site: str, label: str,
@@ -370,7 +373,7 @@ def infer_schema(path: str | Path, *, patient_id: str, site: str, label: str,
         raise InferenceError(f"{path}: no column could be a feature "
                              f"({'; '.join(f'{g.name}: {g.comment}' for g in guesses)})")
     sites = sorted(frame[site].dropna().astype(str).unique())
-    tree = {"id": dataset_id or default_id(path),
+    tree = {**dict(id=dataset_id or default_id(path)),
             "description": f"drafted by fedpriv schema infer from {Path(path).name}; REVIEW",
             "patient_id": patient_id, "site": site, "sites": sites, "label": label_tree,
             "max_missing_rate": 0.1, "features": features,
@@ -393,7 +396,7 @@ def _flow(value: Any) -> str:
 def draft_yaml(draft: SchemaDraft) -> str:
     """The draft as YAML with a comment on every guess (``load_schema`` reads it)."""
     tree = draft.tree
-    head = {k: tree[k] for k in ("id", "description", "patient_id", "site", "sites")}
+    head = {k: tree[k] for k in DatasetSchema.model_fields if k in _HEAD}
     lines = [f"# Drafted by `fedpriv schema infer` from {Path(draft.source).name}: REVIEW "
              f"before use.",
              "# Every guess is commented. Ranges are the observed ones widened by "
@@ -418,10 +421,10 @@ def draft_yaml(draft: SchemaDraft) -> str:
 
 def draft_summary(draft: SchemaDraft) -> str:
     """One line per column guessed, then what the user must check."""
-    tree = draft.tree
-    out = [f"drafted schema {tree['id']!r} from {draft.source}: patient id "
-           f"{tree['patient_id']!r}, site {tree['site']!r} ({len(tree['sites'])} sites: "
-           f"{', '.join(tree['sites'][:8])}), label {tree['label']['column']!r}"]
+    spec = draft.schema
+    out = [f"drafted schema {spec.id!r} from {draft.source}: patient id "
+           f"{spec.patient_id!r}, site {spec.site!r} ({len(spec.sites)} sites: "
+           f"{', '.join(spec.sites[:8])}), label {spec.label.column!r}"]
     width = max(len(g.name) for g in draft.columns)
     for g in draft.columns:
         detail = g.comment.split("; missing at most")[0].removeprefix("guessed: ")
