@@ -428,7 +428,7 @@ def draft_summary(draft: SchemaDraft) -> str:
     width = max(len(g.name) for g in draft.columns)
     for g in draft.columns:
         detail = g.comment.split("; missing at most")[0].removeprefix("guessed: ")
-        detail = detail.removeprefix(f"{g.kind}, ").removeprefix(g.kind)
+        detail = detail.removeprefix(f"{g.kind}, ").removeprefix(g.kind).strip()
         out.append(f"  {g.name.ljust(width)}  {'ignored' if g.spec is None else g.kind}: "
                    f"{detail}")
     out.append("check before use:")
