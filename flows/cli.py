@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", parents=[common], help="print the resolved configuration",
                    description="Print params.yaml with overrides applied and validated.")
     schema = sub.add_parser(
-        "schema", parents=[common], help="show the dataset schema (data.schema)",
+        "schema", parents=[common],
+        help="show the dataset schema (data.schema), or draft one from a CSV",
         description="show: print the dataset schema data.schema selects, resolved (with "
                     "--set schema.<key>=<value> overrides): per column its role or type, unit, "
                     "valid range, categories or boolean tokens, missing-value tokens, largest "
