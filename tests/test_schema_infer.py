@@ -207,3 +207,20 @@ def test_expected_errors_lose_their_traceback_in_prefect_logs() -> None:
     expected, other = record(DataError("bad")), record(RuntimeError("bug"))
     assert brief.filter(expected) and expected.exc_info is None
     assert brief.filter(other) and other.exc_info is not None  # a bug keeps its traceback
+
+
+def test_a_failure_inside_the_flow_has_no_traceback(project: Path) -> None:
+    """An out-of-range value fails the GX suites inside the Prefect flow: exit 3, and Prefect
+    logs the failed run in one line instead of an 80-line traceback."""
+    raw = project / "data" / "raw" / "heart_disease_uci.csv"
+    lines = raw.read_text().splitlines(keepends=True)
+    cells = lines[5].split(",")
+    cells[1] = "150"  # age
+    lines[5] = ",".join(cells)
+    (project / "range.csv").write_text("".join(lines))
+    done = cli("run", "--root", str(project), "--set", "data.path=range.csv", cwd=project,
+               timeout=400)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "'age' must lie in [18.0, 100.0] in Cleveland" in done.stderr
+    assert len(done.stderr.splitlines()) <= 15, done.stderr  # 81 with the traceback
