@@ -40,6 +40,7 @@ from fl_core.schema import (
     parse_schema,
     read_schema_tree,
     resolve_schema_path,
+    with_range_defaults,
 )
 
 
@@ -103,16 +104,7 @@ class FeatureReference(_Section):
         low, high = raw.get("low"), raw.get("high")
         if not all(isinstance(v, int | float) for v in (low, high)):
             return raw  # the field checks name what is missing or malformed
-        if not low < high:  # type: ignore[operator]
-            raise ValueError(f"low={low:g} must be below high={high:g}")
-        out = dict(raw)
-        if out.get("center") is None:
-            out["center"] = (low + high) / 2  # type: ignore[operator]
-        if out.get("scale") is None:
-            out["scale"] = (high - low) / 2  # type: ignore[operator]
-        if out.get("fill") is None:
-            out["fill"] = out["center"]
-        return out
+        return with_range_defaults(raw)
 
     @model_validator(mode="after")
     def _fill_in_range(self) -> FeatureReference:

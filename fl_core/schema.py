@@ -88,6 +88,22 @@ class LabelRule(_Part):
         return _COMPARISONS[match.group(1)], float(match.group(2))
 
 
+def with_range_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A numeric declaration with numbers ``low < high`` (else ValueError), its missing
+    ``center``/``scale``/``fill`` defaulted: the midpoint, the half-width, the center."""
+    low, high = raw["low"], raw["high"]
+    if not low < high:
+        raise ValueError(f"low={low:g} must be below high={high:g}")
+    out = dict(raw)
+    if out.get("center") is None:
+        out["center"] = (low + high) / 2
+    if out.get("scale") is None:
+        out["scale"] = (high - low) / 2
+    if out.get("fill") is None:
+        out["fill"] = out["center"]
+    return out
+
+
 class FeatureSpec(_Part):
     """One feature column: its type, unit, valid values and declared preprocessing.
 
@@ -137,16 +153,7 @@ class FeatureSpec(_Part):
         if not all(isinstance(v, int | float) for v in (low, high)):
             raise ValueError(f"a {raw['type']} feature needs numbers low and high "
                              f"(got low={low!r}, high={high!r})")
-        if not low < high:  # type: ignore[operator]
-            raise ValueError(f"low={low:g} must be below high={high:g}")
-        out = dict(raw)
-        if out.get("center") is None:
-            out["center"] = (low + high) / 2  # type: ignore[operator]
-        if out.get("scale") is None:
-            out["scale"] = (high - low) / 2  # type: ignore[operator]
-        if out.get("fill") is None:
-            out["fill"] = out["center"]
-        return out
+        return with_range_defaults(raw)
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureSpec:
