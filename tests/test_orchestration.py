@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from fl_core.validation import DataValidationError
 from tasks.common import TransientError, is_transient, task_options
+from tests.servers import free_port, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -67,33 +64,6 @@ def test_tasks_retry_transient_faults_only(prefect_harness) -> None:
     assert calls["bad"] == 1  # not retried
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"Prefect server at {url} not healthy after {timeout}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.mark.integration
 def test_deployment_runs_on_real_server_and_worker(tmp_path: Path) -> None:
     """prefect server start + a process work pool + a worker + `prefect deployment run`."""
@@ -107,7 +77,7 @@ def test_deployment_runs_on_real_server_and_worker(tmp_path: Path) -> None:
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "FEDPRIV_ROOT": str(project), "DO_NOT_TRACK": "1",
@@ -119,7 +89,7 @@ def test_deployment_runs_on_real_server_and_worker(tmp_path: Path) -> None:
                               start_new_session=True)
     worker = None
     try:
-        _wait_healthy(api)
+        wait_healthy(api)
 
         def prefect(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
             return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=project,
@@ -145,6 +115,6 @@ def test_deployment_runs_on_real_server_and_worker(tmp_path: Path) -> None:
         assert "0 2 * * *" in schedules.stdout
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(server)
+            stop(worker)
+        stop(server)
         log.close()
