@@ -336,6 +336,8 @@ class FederatedDataLoader:
         if missing_cols:
             raise DataError(f"{self.path}: missing column(s) {missing_cols}")
         frame = frame[needed].copy()
+        # one site per patient (the site of their first record; site_groups mapped)
+        frame[spec.site] = spec.site_of(frame)
         marked = {col: not_measured(frame[col], spec.feature(col).missing_values)
                   for col in cfg.missing_indicators}
         # a token is "not measured" only where a value was recorded at all: such a row still
