@@ -153,10 +153,9 @@ def _shadow_clients(cfg: PipelineConfig, pool: AuditPool, trained: torch.Tensor,
     patient = pool.patient_index()
     n = int(patient.max()) + 1
     _, first = np.unique(patient.numpy(), return_index=True)  # each patient's first row
-    label = torch.zeros(n, dtype=torch.int64).index_reduce_(
-        0, patient, pool.y.to(torch.int64), "amax", include_self=True)
-    groups = assign_clients(np.arange(n), np.asarray(pool.site)[first],
-                            label.numpy(), cfg.data, rng)
+    label = np.zeros(n, dtype=np.int64)
+    np.maximum.at(label, patient.numpy(), pool.y.numpy().astype(np.int64))  # any positive
+    groups = assign_clients(np.arange(n), np.asarray(pool.site)[first], label, cfg.data, rng)
     clients = []
     for cid, members in groups.items():
         rows = torch.nonzero(torch.isin(patient, torch.as_tensor(members))).flatten()
