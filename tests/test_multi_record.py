@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from fl_core.config import DataConfig, load_config
-from fl_core.data import ClientData, FederatedDataLoader
+from fl_core.data import FederatedDataLoader
 from fl_core.schema import SchemaError, parse_schema
 
 SCHEMA = {
