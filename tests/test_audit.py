@@ -369,3 +369,27 @@ def test_shadow_federations_are_partitioned_by_the_pipelines_own_rule() -> None:
     assert len(by_patient) == 4
     assert sorted(i for c in by_patient for i in c.train_ids) == \
         torch.nonzero(trained)[:, 0].tolist()
+
+
+def test_offline_lira_gives_members_and_non_members_as_many_out_models() -> None:
+    """Members never in a shadow have 8 out-models, population patients 4: unequal counts
+    would make the score's spread depend on membership through the audit itself (a spurious
+    ε lower bound on a target that leaks nothing, seen on covid_testing at 2469 vs 2469)."""
+    from fl_core.audit.lira import equal_out_models, lira_offline
+    from fl_core.audit.report import attack_report
+
+    g = torch.Generator().manual_seed(0)
+    n, shadows = 4000, 8
+    centre = torch.randn(2 * n, generator=g, dtype=torch.float64)
+    trained = torch.zeros(shadows, 2 * n, dtype=torch.bool)
+    trained[:, n:] = torch.rand(shadows, n, generator=g).argsort(0) < shadows // 2
+    phi = centre + torch.randn(shadows, 2 * n, generator=g, dtype=torch.float64)
+    target = centre + 0.2 * torch.randn(2 * n, generator=g, dtype=torch.float64)  # no leak
+    # logits whose true-class logit (label 1) is phi: the logit itself
+    outputs = ShadowOutputs(phi.float(), torch.ones(2 * n), trained)
+    assert equal_out_models(~trained).sum(0).unique().tolist() == [shadows // 2]
+    scores = lira_offline(outputs, target.float(), torch.arange(2 * n))
+    is_member = (torch.arange(2 * n) < n).float()
+    report = attack_report("lira_offline", scores, is_member, 1e-5, 0.95)
+    assert report.epsilon_lower_bound == 0.0
+    assert abs(scores[:n].std() / scores[n:].std() - 1) < 0.1

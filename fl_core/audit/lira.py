@@ -38,9 +38,24 @@ def lira_offline(
 ) -> torch.Tensor:
     """Offline LiRA scores for target examples at ``pool_index`` of the shadows' pool."""
     phi = true_class_logit(shadows.logits[:, pool_index], shadows.labels[pool_index])
-    mean, std = _per_example_gaussian(phi, ~shadows.trained_on[:, pool_index], "out")
+    out = equal_out_models(~shadows.trained_on[:, pool_index])
+    mean, std = _per_example_gaussian(phi, out, "out")
     target = true_class_logit(target_logits, shadows.labels[pool_index])
     return (target - mean) / std
+
+
+def equal_out_models(out: torch.Tensor) -> torch.Tensor:
+    """``out`` (``[shadows, examples]``) cut to the same number of out-models per example:
+    each example's first ``k`` (``k`` the smallest count over the examples).
+
+    Members the shadows never train on have all ``S`` shadows as out-models, population
+    patients only ``≈ S/2``: their ``μ_out`` would be estimated from twice as many models, so
+    the score's spread would differ by membership through the audit's own design, not the
+    target (non-members crowd both tails, and the ε lower bound reports a "privacy failure"
+    that the target did not cause). With equal counts the score depends on membership only
+    through the target's output."""
+    k = int(out.sum(0).min()) if out.numel() else 0
+    return out & (torch.cumsum(out.to(torch.int64), 0) <= k)
 
 
 def lira_online(
