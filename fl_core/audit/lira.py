@@ -44,18 +44,26 @@ def lira_offline(
     return (target - mean) / std
 
 
-def equal_out_models(out: torch.Tensor) -> torch.Tensor:
+def equal_out_models(out: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """``out`` (``[shadows, examples]``) cut to the same number of out-models per example:
-    each example's first ``k`` (``k`` the smallest count over the examples).
+    ``k`` of each example's out-models drawn at random (``k`` the smallest count over the
+    examples; a fixed ``seed``, drawn independently of membership).
 
     Members the shadows never train on have all ``S`` shadows as out-models, population
     patients only ``≈ S/2``: their ``μ_out`` would be estimated from twice as many models, so
     the score's spread would differ by membership through the audit's own design, not the
     target (non-members crowd both tails, and the ε lower bound reports a "privacy failure"
-    that the target did not cause). With equal counts the score depends on membership only
-    through the target's output."""
-    k = int(out.sum(0).min()) if out.numel() else 0
-    return out & (torch.cumsum(out.to(torch.int64), 0) <= k)
+    that the target did not cause). The kept models must be a random subset per example: the
+    same ``k`` shadows for every member would carry those shadows' own offsets into every
+    member's score. With equal counts of uniformly drawn shadows the score depends on
+    membership only through the target's output."""
+    if out.numel() == 0:
+        return out
+    k = int(out.sum(0).min())
+    keys = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed))
+    keys = keys.masked_fill(~out, 2.0)  # not an out-model: never among the k smallest
+    rank = keys.argsort(0).argsort(0)
+    return out & (rank < k)
 
 
 def lira_online(
