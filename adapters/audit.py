@@ -3,7 +3,9 @@
 Who is who:
 
 * **members**: the target's training patients; as many are drawn at random as there are
-  non-members, so the evaluation is balanced;
+  non-members, so the evaluation is balanced. The unit is the patient everywhere: a patient
+  with several records is one member (scored on their first record), and all their records
+  are in or out of a shadow's training half together;
 * **non-members**: the held-out test patients of every client;
 * **population** (what the shadows train on, never the target's members): the non-members
   plus the patients ``data.drop_incomplete`` kept out of training (missing values filled by
@@ -70,62 +72,100 @@ Curves = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 @dataclass(frozen=True)
 class AuditPool:
-    """Every patient the audit touches: features, labels, site; who is trainable by shadows."""
+    """Every record the audit touches: features, labels, site, its patient; who is trainable
+    by shadows. The unit of membership is the patient (``patient``: each row's patient,
+    0..patients−1): a patient's records are all in or all out of a shadow's half, and each
+    evaluated patient is scored on one of their records (their first)."""
 
     x: torch.Tensor
     y: torch.Tensor
     site: list[str]
-    trainable: torch.Tensor  # bool: may be in a shadow's training half
-    eval_index: torch.Tensor  # the evaluated patients' rows
+    trainable: torch.Tensor  # bool per row: may be in a shadow's training half
+    eval_index: torch.Tensor  # per evaluated patient, the row it is scored on
     is_member: torch.Tensor  # per evaluated patient
+    patient: torch.Tensor | None = None  # int64 per row (None: one row per patient)
+
+    def patient_index(self) -> torch.Tensor:
+        return self.patient if self.patient is not None else torch.arange(len(self.y))
+
+
+def _rows_by_patient(ids: torch.Tensor) -> list[torch.Tensor]:
+    """The row indices of each patient of ``ids`` (per row), patients in first-seen order."""
+    _, inverse = torch.unique(ids, return_inverse=True)
+    order: dict[int, list[int]] = {}
+    for row, p in enumerate(inverse.tolist()):
+        order.setdefault(p, []).append(row)
+    return [torch.tensor(rows) for rows in order.values()]
 
 
 def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
                transform: TabularTransform) -> AuditPool:
-    """Members (sampled to balance), non-members and the population, as one pool."""
+    """Members (sampled to balance, by patient), non-members and the population, as one pool
+    of records grouped by patient."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     loader = FederatedDataLoader.get(cfg.data, root)
     site_of = loader.site_of_patient()
     x_mem = torch.cat([d.x_train for d in data])
     y_mem = torch.cat([d.y_train for d in data])
-    mem_site = [site_of[int(i)] for d in data for i in d.patient_ids()]
+    mem_pid = torch.cat([d.patient_ids() for d in data])
     x_out = torch.cat([d.x_test for d in data])
     y_out = torch.cat([d.y_test for d in data])
-    out_site = [site_of[int(i)] for d in data for i in d.test_ids]
-    m_idx, o_idx = balanced_indices(len(y_mem), len(y_out), g)
+    out_pid = torch.cat([d.test_patient_ids() for d in data])
+    mem_rows, out_rows = _rows_by_patient(mem_pid), _rows_by_patient(out_pid)
+    m_idx, o_idx = balanced_indices(len(mem_rows), len(out_rows), g)
     incomplete = loader.incomplete_table
     x_inc = transform.transform(incomplete) if len(incomplete) else torch.zeros(0, x_mem.shape[1])
     y_inc = torch.tensor(incomplete[LABEL].to_numpy(), dtype=torch.float32)
+    inc_pid = torch.tensor(incomplete[cfg.data.spec.patient_id].to_numpy(), dtype=torch.int64)
     inc_site = incomplete[cfg.data.spec.site].astype(str).tolist()
-    extra = torch.randperm(len(y_inc), generator=g)
+    inc_rows = _rows_by_patient(inc_pid) if len(incomplete) else []
+    extra = torch.randperm(len(inc_rows), generator=g)
     cap = cfg.audit.population_size
     if cap is not None:  # the non-members stay; the incomplete patients fill up to the cap
         extra = extra[: max(cap - len(o_idx), 0)]
-    x = torch.cat([x_mem[m_idx], x_out[o_idx], x_inc[extra]])
-    y = torch.cat([y_mem[m_idx], y_out[o_idx], y_inc[extra]])
-    site = ([mem_site[i] for i in m_idx.tolist()] + [out_site[i] for i in o_idx.tolist()]
-            + [inc_site[i] for i in extra.tolist()])
+    blocks = ([(x_mem, y_mem, mem_pid, None, mem_rows[i]) for i in m_idx.tolist()]
+              + [(x_out, y_out, out_pid, None, out_rows[i]) for i in o_idx.tolist()]
+              + [(x_inc, y_inc, inc_pid, inc_site, inc_rows[i]) for i in extra.tolist()])
+    xs, ys, site, patient, first = [], [], [], [], []
+    count = 0
+    for p, (bx, by, bpid, bsite, rows) in enumerate(blocks):
+        first.append(count)
+        xs.append(bx[rows])
+        ys.append(by[rows])
+        site += ([bsite[int(r)] for r in rows] if bsite is not None
+                 else [site_of[int(bpid[rows[0]])]] * len(rows))
+        patient.append(torch.full((len(rows),), p, dtype=torch.int64))
+        count += len(rows)
     k = len(m_idx)
-    trainable = torch.arange(len(y)) >= (0 if cfg.audit.online else k)
-    eval_index = torch.arange(2 * k)
-    return AuditPool(x, y, site, trainable, eval_index, (eval_index < k).float())
+    patient_t = torch.cat(patient)
+    trainable = patient_t >= (0 if cfg.audit.online else k)
+    eval_index = torch.tensor(first[: 2 * k], dtype=torch.int64)
+    return AuditPool(torch.cat(xs), torch.cat(ys), site, trainable, eval_index,
+                     (torch.arange(2 * k) < k).float(), patient_t)
 
 
 def _shadow_clients(cfg: PipelineConfig, pool: AuditPool, trained: torch.Tensor,
                     g: torch.Generator) -> list[ClientData]:
-    """The shadow's federation, partitioned like the target's (:func:`assign_clients`):
-    every pool patient goes to a client; it trains there if it is in the shadow's half."""
+    """The shadow's federation, partitioned like the target's (:func:`assign_clients`, by
+    patient): every pool patient goes to a client with all their records; they train there
+    if they are in the shadow's half."""
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=g)))
-    groups = assign_clients(np.arange(len(pool.y)), np.asarray(pool.site),
-                            pool.y.numpy().astype(np.int64), cfg.data, rng)
+    patient = pool.patient_index()
+    n = int(patient.max()) + 1
+    _, first = np.unique(patient.numpy(), return_index=True)  # each patient's first row
+    label = np.zeros(n, dtype=np.int64)
+    np.maximum.at(label, patient.numpy(), pool.y.numpy().astype(np.int64))  # any positive
+    groups = assign_clients(np.arange(n), np.asarray(pool.site)[first], label, cfg.data, rng)
     clients = []
-    for cid, rows in groups.items():
-        idx = [int(r) for r in rows if trained[r]]
+    for cid, members in groups.items():
+        rows = torch.nonzero(torch.isin(patient, torch.as_tensor(members))).flatten()
+        idx = rows[trained[rows]].tolist()
         if len(idx) < 2:  # a site with (almost) no population patients sits this shadow out
             continue
-        test = [int(r) for r in rows if not trained[r]] or idx[:1]
+        test = rows[~trained[rows]].tolist() or idx[:1]
         clients.append(ClientData(cid, pool.x[idx], pool.y[idx], pool.x[test], pool.y[test],
-                                  tuple(idx), tuple(test)))
+                                  tuple(idx), tuple(test), train_patients=patient[idx],
+                                  test_patients=patient[test]))
     return clients
 
 
@@ -133,8 +173,12 @@ def shadow_outputs(cfg: PipelineConfig, pool: AuditPool) -> ShadowOutputs:
     """Train ``audit.shadow_models`` shadows with the target's recipe; their logits on the pool."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     n = cfg.audit.shadow_models
-    trained_on = torch.zeros(n, len(pool.y), dtype=torch.bool)
-    trained_on[:, pool.trainable] = half_splits(int(pool.trainable.sum()), n, g)
+    patient = pool.patient_index()
+    trainable = torch.zeros(int(patient.max()) + 1, dtype=torch.bool)
+    trainable[patient[pool.trainable]] = True
+    by_patient = torch.zeros(n, len(trainable), dtype=torch.bool)
+    by_patient[:, trainable] = half_splits(int(trainable.sum()), n, g)
+    trained_on = by_patient[:, patient]  # a patient's records are all in or all out
     shadow_cfg = cfg.model_copy(update={
         "attack": cfg.attack.model_copy(update={"kind": "none", "fraction": 0.0})})
     logits = []
@@ -160,9 +204,10 @@ def audit_trained(
     with the per-attack ROC curves under ``"curves"``."""
     started = time.perf_counter()
     pool = audit_pool(cfg, root, data, transform)
+    population = len(torch.unique(pool.patient_index()[pool.trainable]))
     print(f"audit: {int(pool.is_member.sum())} members vs {int((1 - pool.is_member).sum())} "
-          f"non-members; {cfg.audit.shadow_models} shadow models on halves of "
-          f"{int(pool.trainable.sum())} population patients"
+          f"non-members (patients); {cfg.audit.shadow_models} shadow models on halves of "
+          f"{population} population patients"
           + (" (online LiRA: members included)" if cfg.audit.online else ""), flush=True)
     shadows = shadow_outputs(cfg, pool)
     model.eval()
@@ -173,7 +218,7 @@ def audit_trained(
                               cfg.audit.confidence)
     report = _report(cfg, result, privacy, delta, started, members=int(pool.is_member.sum()),
                      non_members=int((1 - pool.is_member).sum()),
-                     population=int(pool.trainable.sum()), online=cfg.audit.online)
+                     population=population, online=cfg.audit.online)
     return report, {r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports}
 
 

@@ -89,6 +89,8 @@ class ClientData:
     test_ids: tuple[int, ...]
     # the patient id of each x_train row (None: one row per patient, in train_ids order)
     train_patients: torch.Tensor | None = None
+    # the patient id of each x_test row (None: one row per patient, in test_ids order)
+    test_patients: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -99,6 +101,12 @@ class ClientData:
         if self.train_patients is not None:
             return self.train_patients
         return torch.tensor(self.train_ids, dtype=torch.int64)
+
+    def test_patient_ids(self) -> torch.Tensor:
+        """The patient id of each test row (the membership audit's non-member unit)."""
+        if self.test_patients is not None:
+            return self.test_patients
+        return torch.tensor(self.test_ids, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -336,6 +344,8 @@ class FederatedDataLoader:
         if missing_cols:
             raise DataError(f"{self.path}: missing column(s) {missing_cols}")
         frame = frame[needed].copy()
+        # one site per patient (the site of their first record; site_groups mapped)
+        frame[spec.site] = spec.site_of(frame)
         marked = {col: not_measured(frame[col], spec.feature(col).missing_values)
                   for col in cfg.missing_indicators}
         # a token is "not measured" only where a value was recorded at all: such a row still
@@ -436,6 +446,8 @@ class FederatedDataLoader:
                     test_ids=split.test_ids,
                     train_patients=torch.tensor(train[self.spec.patient_id].to_numpy(),
                                                 dtype=torch.int64),
+                    test_patients=torch.tensor(test[self.spec.patient_id].to_numpy(),
+                                               dtype=torch.int64),
                 )
             )
         return out

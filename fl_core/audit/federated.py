@@ -119,17 +119,21 @@ class _SitePool:
 
 
 def _site_pool(data: ClientData) -> _SitePool:
-    """Group the training rows by patient (``data.patient_ids()``); one test row per patient."""
-    if data.x_test.shape[0] != len(data.test_ids):
+    """Group the training rows by patient (``data.patient_ids()``) and the test rows likewise
+    (``data.test_patient_ids()``): a patient with several records is one member or one
+    non-member."""
+    train_ids, test_ids = data.patient_ids(), data.test_patient_ids()
+    if data.x_test.shape[0] != test_ids.numel():
         raise ValueError(f"site {data.client_id!r}: {data.x_test.shape[0]} test rows for "
-                         f"{len(data.test_ids)} test patients; non-members cannot be grouped")
-    _, member_of_row = torch.unique(data.patient_ids(), return_inverse=True)
+                         f"{test_ids.numel()} test patient ids; non-members cannot be grouped")
+    _, member_of_row = torch.unique(train_ids, return_inverse=True)
+    _, non_member_of_row = torch.unique(test_ids, return_inverse=True)
     members = int(member_of_row.max()) + 1 if member_of_row.numel() else 0
-    non_members = data.x_test.shape[0]
+    non_members = int(non_member_of_row.max()) + 1 if non_member_of_row.numel() else 0
     if members == 0 or non_members == 0:
         raise ValueError(f"site {data.client_id!r}: the audit needs members and non-members "
                          f"({members} and {non_members})")
-    patient = torch.cat([member_of_row.reshape(-1), members + torch.arange(non_members)])
+    patient = torch.cat([member_of_row.reshape(-1), members + non_member_of_row.reshape(-1)])
     return _SitePool(torch.cat([data.x_train, data.x_test]),
                      torch.cat([data.y_train, data.y_test]), patient, members,
                      members + non_members)
@@ -170,7 +174,8 @@ def site_attack_scores(
     meaning "more likely a member", for ``loss_threshold`` and ``lira``. Stays at the site.
 
     *Members* are the patients of ``data.x_train`` (rows grouped by ``data.patient_ids()``:
-    a patient with several records is one member), *non-members* those of ``data.x_test``.
+    a patient with several records is one member), *non-members* those of ``data.x_test``
+    (grouped by ``data.test_patient_ids()``).
 
     * ``loss_threshold``: ``−ℓ``, ``ℓ`` the patient's mean cross-entropy over their records
       under the model ``params`` (built by ``model_factory``).
