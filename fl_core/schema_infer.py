@@ -335,10 +335,14 @@ def _check_roles(frame: pd.DataFrame, patient_id: str, site: str, label: str) ->
 def _role_notes(frame: pd.DataFrame, patient_id: str, site: str, label: str) -> list[str]:
     ids = frame[patient_id]
     notes = []
-    if ids.isna().any() or ids.duplicated().any():
-        notes.append(f"{patient_id}: patient ids must be present and unique (validation "
-                     f"checks it): {int(ids.isna().sum())} empty, "
-                     f"{int(ids.dropna().duplicated().sum())} repeated")
+    if ids.isna().any():
+        notes.append(f"{patient_id}: {int(ids.isna().sum())} row(s) without a patient id: "
+                     f"validation refuses them")
+    repeated = int(ids.dropna().duplicated().sum())
+    if repeated:
+        notes.append(f"{patient_id}: {repeated} row(s) repeat a patient id: drafted "
+                     f"records_per_patient: many (the privacy unit stays the patient; each "
+                     f"patient belongs to the site of their first record)")
     if not ids.dropna().astype(str).str.fullmatch(r"\s*\+?\d+\s*").all():
         notes.append(f"{patient_id}: validation needs whole-number patient ids in "
                      f"[0, 2**63 - 1]; this column holds others: map them to numbers")
@@ -378,6 +382,8 @@ def infer_schema(path: str | Path, *, patient_id: str, site: str, label: str,
             "patient_id": patient_id, "site": site, "sites": sites, "label": label_tree,
             "max_missing_rate": 0.1, "features": features,
             "ignore": [g.name for g in guesses if g.spec is None]}
+    if frame[patient_id].dropna().duplicated().any():
+        tree["records_per_patient"] = "many"
     notes = [f"label {label}: {counts}", *_role_notes(frame, patient_id, site, label)]
     notes += [n for g in guesses for n in g.notes]
     draft = SchemaDraft(tree, guesses, tuple(notes), str(path))
@@ -396,7 +402,7 @@ def _flow(value: Any) -> str:
 def draft_yaml(draft: SchemaDraft) -> str:
     """The draft as YAML with a comment on every guess (``load_schema`` reads it)."""
     tree = draft.tree
-    head = {k: tree[k] for k in DatasetSchema.model_fields if k in _HEAD}
+    head = {k: tree[k] for k in DatasetSchema.model_fields if k in _HEAD and k in tree}
     lines = [f"# Drafted by `fedpriv schema infer` from {Path(draft.source).name}: REVIEW "
              f"before use.",
              "# Every guess is commented. Ranges are the observed ones widened by "

@@ -106,6 +106,29 @@ def test_identifiers_and_free_text_are_ignored(tmp_path: Path) -> None:
     assert report.success, report.message()
 
 
+def test_repeated_patient_ids_draft_several_records_per_patient(tmp_path: Path) -> None:
+    from fl_core.validation import validate_file
+
+    n = 40
+    frame = pd.DataFrame({"pid": [1000 + i // 2 for i in range(n)],   # two rows each
+                          "hospital": ["A"] * 20 + ["B"] * 20,
+                          "bmi": [18.5 + 0.37 * i for i in range(n)],
+                          "outcome": ["sick", "well", "well", "well"] * (n // 4)})
+    csv = tmp_path / "visits.csv"
+    frame.to_csv(csv, index=False)
+    draft = infer_schema(csv, patient_id="pid", site="hospital", label="outcome",
+                         positive_values=["sick"])
+    assert draft.schema.records_per_patient == "many"
+    assert any("20 row(s) repeat a patient id" in n for n in draft.notes)
+    assert "records_per_patient: many" in draft.yaml_text()
+    (tmp_path / "visits.yaml").write_text(draft.yaml_text())
+    data = DataConfig(path=str(csv), spec=load_schema(tmp_path / "visits.yaml"))
+    assert validate_file(csv, data).success
+    frame.drop_duplicates("pid").to_csv(csv, index=False)
+    assert infer_schema(csv, patient_id="pid", site="hospital", label="outcome",
+                        positive_values=["sick"]).schema.records_per_patient == "one"
+
+
 def test_one_class_label_is_refused(tmp_path: Path) -> None:
     done = cli("schema", "infer", str(ROOT / "data/raw/heart_disease_uci.csv"), *HEART_ARGS,
                "--positive-if", "> 4", "--out", str(tmp_path / "x.yaml"))
