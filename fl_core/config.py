@@ -288,6 +288,22 @@ class AuditConfig(_Section):
     max_tpr_at_0_1pct_fpr: float = Field(0.05, ge=0, le=1)
 
 
+class DPAuditConfig(_Section):
+    """The white-box canary audit of the DP implementation (``fedpriv audit-dp``; README:
+    Auditing the DP implementation). Its cost is ``runs × (1 + regenerate)`` training runs of
+    ``rounds`` rounds; it trains no model that is released."""
+
+    in_pipeline: bool = False  # run it in `fedpriv run` before registration (adds its cost)
+    runs: int = Field(16, ge=2, le=10_000)  # audit training runs (independent canary draws)
+    # canaries per client and run, one per model coordinate; None = every coordinate
+    canaries_per_client: int | None = Field(None, ge=1, le=MAX_COUNT)
+    rounds: int | None = Field(None, ge=1, le=100_000)  # None = the recipe's `rounds`
+    confidence: float = Field(0.99, gt=0.5, lt=1)  # of the ε lower bound (all bounds together)
+    # also score against a replay of the run from the configuration's seed (noise that can be
+    # regenerated cancels out); doubles the cost
+    regenerate: bool = True
+
+
 class SiteSpec(_Section):
     """One hospital in ``federation.mode=sites``: its id (the value of its rows' site column)
     and the Prefect work pool its own worker polls (default ``site-<id slug>``)."""
@@ -368,6 +384,7 @@ class PipelineConfig(_Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    audit_dp: DPAuditConfig = Field(default_factory=DPAuditConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

@@ -281,12 +281,22 @@ class DPSGDConfig:
     grad_sample_mode: str = "hooks"
 
 
+PerPatientHook = Callable[[list[torch.Tensor], RandomSource], list[torch.Tensor]]
+"""Rewrites one step's per-patient gradients (one ``[patients, *p.shape]`` tensor per
+parameter) before they are clipped, noised and summed. Only the white-box DP audit sets one
+(:mod:`fl_core.audit.canary`: gradient canaries); a released model's run never has one."""
+
+
 class PatientDPTrainer:
     """DP-SGD over one client's patients with Opacus; keeps that client's privacy accountant.
 
     Built once per client and reused every round (wrapping a model is the expensive part).
     ``model`` is trained in place: Opacus hooks it, the parameters stay the caller's.
+    ``per_patient_hook`` (None outside a DP audit run) sees each step's per-patient
+    gradients before clipping (:data:`PerPatientHook`).
     """
+
+    per_patient_hook: PerPatientHook | None = None
 
     def __init__(self, model: nn.Module, data: PatientTensors, cfg: DPSGDConfig) -> None:
         from opacus.grad_sample.utils import prepare_module
@@ -351,10 +361,19 @@ class PatientDPTrainer:
                 self._optimizer.zero_grad(set_to_none=True)
                 loss = patient_loss(self._module(d.x[batch]), d.y[batch], d.mask[batch])
                 loss.backward()
+                if self.per_patient_hook is not None:
+                    self._rewrite_per_patient(random)
                 self._optimizer.step()
                 total += float(loss.detach()) * batch.numel()
                 count += batch.numel()
         return total / max(count, 1)
+
+    def _rewrite_per_patient(self, random: RandomSource) -> None:
+        assert self.per_patient_hook is not None
+        params = self._optimizer.params
+        rows = self.per_patient_hook([p.grad_sample for p in params], random)
+        for p, r in zip(params, rows, strict=True):
+            p.grad_sample = r
 
 
 # --- server-side client-level DP ---------------------------------------------------------------

@@ -180,11 +180,26 @@ def make_downlink(cfg: PipelineConfig) -> TopKQuantizer | None:
     return quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" else None
 
 
-def federate(
-    cfg: PipelineConfig, data: list[ClientData],
-    on_round: Callable[[RoundRecord], None] | None = None,
-) -> FederatedRun:
-    """The configured federated run on ``data``: clients, DP, compression, defense, attack."""
+@dataclass(frozen=True)
+class SimulationSetup:
+    """What a simulated run is made of, before it runs: the clients (each a
+    :class:`SiteClient` over its data), the coordinator's defense, the model's initial
+    parameters, the DP recipe, the attack and the randomness."""
+
+    sites: list[SiteClient]
+    initial_params: torch.Tensor
+    defense: Defense
+    dp: DPSGDConfig | None
+    attack: Attack | None
+    random: RandomSource
+    model_fixes: list[str]
+
+
+def simulation_setup(
+    cfg: PipelineConfig, data: list[ClientData], *, random: RandomSource | None = None,
+) -> SimulationSetup:
+    """The configured clients, DP recipe, compression, defense and attack over ``data``;
+    ``random`` replaces the configured randomness (the DP audit's regenerable-noise drill)."""
     num_features = int(data[0].x_train.shape[1])
     model_fixes: list[str] = []
 
@@ -194,7 +209,7 @@ def federate(
         return model
 
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
-    random = make_random(cfg.privacy.randomness, cfg.seed)
+    random = random or make_random(cfg.privacy.randomness, cfg.seed)
     defense = make_defense(cfg, len(data), random)
     attack = make_attack(cfg, [d.client_id for d in data])
     if attack is not None and attack.flips_labels:
@@ -202,11 +217,21 @@ def federate(
     dp = make_dpsgd(cfg, data)
     sites = [SiteClient(d, factory, local, make_compressor(cfg.compression, cfg.seed + i), dp,
                         randomness=random) for i, d in enumerate(data)]
-    result = simulate(sites, initial_params=get_flat_params(factory()),
+    return SimulationSetup(sites, get_flat_params(factory()), defense, dp, attack, random,
+                           model_fixes)
+
+
+def federate(
+    cfg: PipelineConfig, data: list[ClientData],
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> FederatedRun:
+    """The configured federated run on ``data``: clients, DP, compression, defense, attack."""
+    setup = simulation_setup(cfg, data)
+    result = simulate(setup.sites, initial_params=setup.initial_params,
                       settings=federation_settings(cfg), downlink=make_downlink(cfg),
-                      sinks=[on_round] if on_round else (), defense=defense, attack=attack,
-                      seed=cfg.seed, randomness=random)
-    return FederatedRun(result, dp, attack, model_fixes)
+                      sinks=[on_round] if on_round else (), defense=setup.defense,
+                      attack=setup.attack, seed=cfg.seed, randomness=setup.random)
+    return FederatedRun(result, setup.dp, setup.attack, setup.model_fixes)
 
 
 def federate_over(

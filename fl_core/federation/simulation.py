@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from fl_core.engine import FederationSettings, TrainingResult, run_federated
-from fl_core.federation.site import SiteClient
 from fl_core.federation.transport import InProcessTransport
 
 
+class SiteEndpoint(Protocol):
+    """What the simulation needs of a site: its id and its bytes-in, bytes-out boundary
+    (a :class:`~fl_core.federation.site.SiteClient`, or a wrapper around one)."""
+
+    client_id: str
+
+    def handle(self, request: bytes) -> bytes: ...
+
+
 def simulate(
-    sites: Sequence[SiteClient], *, initial_params: torch.Tensor,
+    sites: Sequence[SiteEndpoint], *, initial_params: torch.Tensor,
     settings: FederationSettings, **engine_options: Any,
 ) -> TrainingResult:
     """Run :func:`fl_core.engine.run_federated` over ``sites`` with an

@@ -121,6 +121,12 @@ class SiteClient:
             patients = group_records(data.x_train, data.y_train, data.patient_ids())
             self._dp = PatientDPTrainer(self._model, patients, privacy)
 
+    @property
+    def dp_trainer(self) -> PatientDPTrainer | None:
+        """The client's DP-SGD trainer (None when not private): the DP audit's canaries hook
+        into it (:attr:`PatientDPTrainer.per_patient_hook`)."""
+        return self._dp
+
     # --- the boundary -------------------------------------------------------------------------
 
     def handle(self, request: bytes) -> bytes:
