@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.artifacts import Paths, read_json, read_training, write_json_atomic
+from adapters.dp_audit import dp_audit_metrics
 from adapters.mlflow_registry import register_model
 from adapters.train import load_model
 from fl_core.accounting import open_ledger
@@ -46,6 +47,7 @@ def publish_results(
     if register:
         require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
     metrics = collect_metrics(paths, wall_seconds)
+    metrics.update(dp_audit_metrics(cfg, paths.root))  # the DP audit of this configuration
     common = {"privacy": privacy_tags(privacy)["privacy"],
               "budget_spent": _budget_spent(cfg, paths.root, privacy),
               "lifetime_epsilon": cfg.privacy.lifetime_epsilon,

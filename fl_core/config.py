@@ -402,6 +402,9 @@ class PipelineConfig(_Section):
             raise ValueError("attack.*: simulated attacks run in federation.mode=simulation "
                              "only")
         check_min_clients(self.min_clients, len(self.federation.sites), "federation.sites")
+        if self.audit_dp.in_pipeline:
+            raise ValueError("audit_dp.in_pipeline runs in federation.mode=simulation; audit a "
+                             "sites-mode recipe with `fedpriv audit-dp` at the coordinator")
         return self
 
     @model_validator(mode="after")

@@ -114,6 +114,18 @@ def _noise_is_secret(metrics: Metrics, thresholds: Thresholds) -> str | None:
             f"has it; reproducible runs are for simulation, tests and benchmarks")
 
 
+def _dp_implementation_audit(metrics: Metrics, thresholds: Thresholds) -> str | None:
+    """The white-box canary audit of this configuration (``fedpriv audit-dp``), when it ran:
+    its ε lower bound above the accountant's ε means the DP implementation is broken."""
+    bound = _value(metrics, "dp_audit_epsilon_lower_bound")
+    epsilon = _value(metrics, "dp_audit_epsilon")
+    if bound is None or epsilon is None or bound <= epsilon:
+        return None
+    return (f"PRIVACY FAILURE: the DP implementation audit of this configuration proved "
+            f"ε ≥ {bound:.4g} > ε {epsilon:.4g} from the accountant (fedpriv audit-dp, "
+            f"reports/audit_dp.json): no model trained with it is promoted")
+
+
 RULES: tuple[Rule, ...] = (
     _at_least("accuracy", "gate.min_accuracy"),
     _at_most("mia_auc", "audit.max_auc"),
@@ -121,6 +133,7 @@ RULES: tuple[Rule, ...] = (
     _at_most("epsilon", "privacy.epsilon"),
     _noise_is_secret,
     _audit_agrees_with_accountant,
+    _dp_implementation_audit,
 )
 
 

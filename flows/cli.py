@@ -63,7 +63,7 @@ exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI
   3 data failed validation, 4 training failed, 5 privacy budget exhausted,
   6 preflight: the MLflow store, the ledger or reports_dir unreachable or not writable,
   7 the model is registered but reports/ could not be updated (the next run publishes it),
-  1 other.
+  8 `fedpriv audit-dp` found a PRIVACY FAILURE (ε lower bound > the accountant's ε), 1 other.
 """
 
 
@@ -110,6 +110,13 @@ def prepare_prefect_database() -> None:
 
         asyncio.run(provide_database_interface().create_db())
         marker.touch()
+
+
+DRILLS_HELP = {
+    "noise_off": "no noise", "noise_down_10x": "noise 10x too small",
+    "clipping_off": "no per-patient clipping", "per_record_clipping": "records clipped one "
+    "by one", "regenerable_noise": "noise from the configuration's seed"}
+"""The broken-DP drills of ``fedpriv audit-dp --drill`` (fl_core.audit.canary.DRILLS)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ε values (default: 0.5 1 2)")
     sweep.add_argument("--seeds", type=int, default=None,
                        help="seeds per ε (default: 2)")
+    audit_dp = sub.add_parser(
+        "audit-dp", parents=[common], help="audit the DP implementation with gradient canaries",
+        description="White-box audit of patient-level DP-SGD (README 'Auditing the DP "
+                    "implementation'): audit_dp.runs training runs of the configured recipe "
+                    "with gradient canaries at every client, each included with probability "
+                    "1/2; from the updates the coordinator sees, a lower bound on ε at the "
+                    "run's δ (Gaussian and counting bounds, Bonferroni, audit_dp.confidence). "
+                    "Writes reports/audit_dp.json; a lower bound above the accountant's ε is a "
+                    "PRIVACY FAILURE (exit 8) and the gate then refuses to promote any model "
+                    "trained with this DP configuration. Trains no released model and charges "
+                    "no budget (the patients' gradients are zeroed in audit runs).")
+    audit_dp.add_argument("--drill", choices=sorted(DRILLS_HELP), default=None,
+                          help="break the implementation on purpose to see the audit catch "
+                               "it: " + "; ".join(f"{k}: {v}" for k, v in
+                                                  sorted(DRILLS_HELP.items()))
+                               + " (the verdict is not kept for the gate)")
     split = sub.add_parser(
         "split-sites", parents=[common], help="write one CSV per hospital (sites mode)",
         description="Split data.path by hospital (the schema's site column) into OUT/<site>/<file "
@@ -518,6 +541,12 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
     if args.command == "split-sites":
         split_sites(cfg, root, args.out)
         return 0
+    if args.command == "audit-dp":
+        from adapters.dp_audit import dp_audit_markdown, run_dp_audit
+
+        report = run_dp_audit(cfg, root, drill=args.drill)
+        print(dp_audit_markdown(report))
+        return 8 if report["privacy_failure"] else 0
     return None
 
 

@@ -27,6 +27,7 @@ from adapters.artifacts import (
     reap_dead_workspaces,
     release_workspace,
 )
+from adapters.dp_audit import dp_audit_markdown
 from adapters.preflight import PreflightError, preflight
 from adapters.publish import describe_budget
 from fl_core.config import ConfigError, load_config
@@ -35,6 +36,7 @@ from fl_core.ledger import BudgetExceededError, MissingChargeError
 from fl_core.validation import DataValidationError
 from flows.sites import run_at_sites
 from tasks.audit import audit
+from tasks.dp_audit import dp_audit
 from tasks.partition import partition
 from tasks.publish import publish
 from tasks.train import train
@@ -172,6 +174,7 @@ def fl_pipeline(
     mark_crashed(reap_dead_workspaces(cfg, root_path))  # what killed runs left behind
     print(f"run {run_id}: workspace {workspace.workspace}")
     try:
+        dp_audited = None
         if cfg.federation.mode == "sites":  # each site in its own session, at the site
             audited = run_at_sites(cfg, root_path, run_id,
                                    charge_key=str(runtime.flow_run.id).replace("-", ""))
@@ -180,6 +183,9 @@ def fl_pipeline(
             partition(cfg, root_path, run_id=run_id)
             train(cfg, root_path, run_id=run_id)
             audited = audit(cfg, root_path, run_id=run_id)
+        # the gate reads the verdict kept for this configuration (adapters.dp_audit)
+        dp_audited = dp_audit(cfg, root_path, run_id=run_id) if cfg.audit_dp.in_pipeline \
+            else None
         outcome = publish(cfg, root_path, wall_seconds=time.perf_counter() - started,
                           run_id=run_id)
     except BaseException:
@@ -200,7 +206,8 @@ def fl_pipeline(
         key="fl-pipeline-summary",
         markdown=summary_markdown(outcome["metrics"], outcome["registration"])
         + failures_markdown(read_training(Paths.of(cfg, root_path)).history)
-        + audit_markdown(audited),
+        + audit_markdown(audited)
+        + (dp_audit_markdown(dp_audited) if dp_audited else ""),
         description="fedpriv run summary",
     )
     roc = Paths.of(cfg, root_path).roc_plot

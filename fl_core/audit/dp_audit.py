@@ -25,6 +25,8 @@ stated confidence. ``ε_lb > ε`` is a PRIVACY FAILURE.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -83,6 +85,7 @@ class DPAuditResult:
     steps: int
     bounds: list[ScoreBound] = field(default_factory=list)
     drill: str | None = None
+    fingerprint: str = ""  # dp_fingerprint of the audited configuration
 
     @property
     def power(self) -> float:
@@ -115,6 +118,23 @@ class _Observed:
         if isinstance(message, FitReply):
             self.total += decode_payload(message.update, self._num_params).double()
         return reply
+
+
+_MECHANISM_KEYS = ("rounds", "local_epochs", "model", "hidden_units", "learning_rate",
+                   "client_fraction", "compression", "aggregation")
+_NOT_MECHANISM = {"ledger", "lifetime_epsilon"}
+
+
+def dp_fingerprint(cfg: PipelineConfig) -> str:
+    """The configuration's DP mechanism, hashed: a DP audit's verdict applies to every model
+    trained with the same privacy recipe, rounds, model, codec and aggregation (not to the
+    data, the seed, the registry or the gate)."""
+    tree = cfg.model_dump(mode="json")
+    mechanism = {k: tree[k] for k in _MECHANISM_KEYS}
+    mechanism["privacy"] = {k: v for k, v in tree["privacy"].items() if k not in _NOT_MECHANISM}
+    mechanism["partition"] = tree["data"]["partition"]
+    text = json.dumps(mechanism, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_auditable(cfg: PipelineConfig) -> None:
@@ -226,4 +246,5 @@ def audit_dp(
         confidence=a.confidence, canaries=int(labels.numel()),
         canaries_included=int(labels.sum()), runs=a.runs, rounds=claimed.rounds,
         training_runs=a.runs * len(sets), seconds=time.perf_counter() - started,
-        noise_multiplier=dp.noise_multiplier, steps=steps, bounds=bounds, drill=drill)
+        noise_multiplier=dp.noise_multiplier, steps=steps, bounds=bounds, drill=drill,
+        fingerprint=dp_fingerprint(cfg))
