@@ -78,6 +78,10 @@ class Paths:
         return self.reports / "audit.json"
 
     @property
+    def audit_dp(self) -> Path:
+        return self.reports / "audit_dp.json"
+
+    @property
     def roc_plot(self) -> Path:
         return self.reports / "mia_roc.png"
 

@@ -18,7 +18,6 @@ from fl_core.audit.dp_audit import audit_dp, check_auditable, dp_fingerprint
 from fl_core.config import PipelineConfig
 from fl_core.data import FederatedDataLoader
 
-AUDIT_DP_REPORT = "audit_dp.json"
 DP_AUDIT_METRICS = ("dp_audit_epsilon", "dp_audit_epsilon_lower_bound", "dp_audit_power",
                     "dp_audit_confidence")
 """What a run's ``metrics.json`` (and MLflow) carry from the audit of its configuration."""
@@ -48,7 +47,7 @@ def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None
 
     result = audit_dp(cfg, data, drill=drill, progress=progress)
     report = result.to_json()
-    write_json_atomic(Paths.of(cfg, root, run_id).reports / AUDIT_DP_REPORT, report)
+    write_json_atomic(Paths.of(cfg, root, run_id).audit_dp, report)
     if drill is None:
         write_json_atomic(verdict_path(cfg, root), report)
     return report

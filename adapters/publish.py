@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.artifacts import Paths, read_json, read_training, write_json_atomic
-from adapters.dp_audit import dp_audit_metrics
+from adapters.dp_audit import dp_audit_metrics, verdict_path
 from adapters.mlflow_registry import register_model
 from adapters.train import load_model
 from fl_core.accounting import open_ledger
@@ -89,8 +89,11 @@ def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingSummary,
     privacy = trained.privacy
     _, saved = load_model(paths.model)
     served = ServedModel(saved, TabularTransform.from_config(cfg.data))
+    kept_dp_audit = verdict_path(cfg, paths.root)  # the DP audit the gate read, if any
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
-                             paths.roc_plot, paths.training_plot) if p.exists()]
+                             paths.roc_plot, paths.training_plot,
+                             paths.audit_dp if paths.audit_dp.exists() else kept_dp_audit)
+                 if p.exists()]
     result = register_model(cfg, served, metrics, trained.history, artifacts,
                             tags=privacy_tags(privacy))
     return {"run_id": result.run_id, "model_name": result.model_name,
