@@ -23,8 +23,11 @@ DP_AUDIT_METRICS = ("dp_audit_epsilon", "dp_audit_epsilon_lower_bound", "dp_audi
 """What a run's ``metrics.json`` (and MLflow) carry from the audit of its configuration."""
 
 
-def verdict_path(cfg: PipelineConfig, root: Path) -> Path:
-    return root / cfg.state_dir / "audit_dp" / f"{dp_fingerprint(cfg)}.json"
+def verdict_path(cfg: PipelineConfig, root: Path, level: str | None = None) -> Path:
+    """Where the verdict for this configuration's DP mechanism at ``level`` (default:
+    ``audit_dp.level``) is kept."""
+    return (root / cfg.state_dir / "audit_dp"
+            / f"{dp_fingerprint(cfg)}-{level or cfg.audit_dp.level}.json")
 
 
 def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None,
@@ -53,13 +56,19 @@ def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None
     return report
 
 
+def kept_verdicts(cfg: PipelineConfig, root: Path) -> list[dict[str, Any]]:
+    """The kept verdicts of this configuration's DP mechanism, one per audited level."""
+    paths = [verdict_path(cfg, root, level) for level in ("patient", "client")]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
 def dp_audit_metrics(cfg: PipelineConfig, root: Path) -> dict[str, float | None]:
-    """The kept verdict for this configuration's DP mechanism, as run metrics (None when it
-    was never audited)."""
-    path = verdict_path(cfg, root)
-    if not path.exists():
+    """The kept verdict for this configuration's DP mechanism as run metrics: of the levels
+    audited, the one that proved most of its claim (None when it was never audited)."""
+    verdicts = kept_verdicts(cfg, root)
+    if not verdicts:
         return dict.fromkeys(DP_AUDIT_METRICS)
-    report = json.loads(path.read_text())
+    report = max(verdicts, key=lambda v: v["epsilon_lower_bound"] - v["epsilon"])
     return {"dp_audit_epsilon": report["epsilon"],
             "dp_audit_epsilon_lower_bound": report["epsilon_lower_bound"],
             "dp_audit_power": report["power"], "dp_audit_confidence": report["confidence"]}

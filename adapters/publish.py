@@ -89,11 +89,10 @@ def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingSummary,
     privacy = trained.privacy
     _, saved = load_model(paths.model)
     served = ServedModel(saved, TabularTransform.from_config(cfg.data))
-    kept_dp_audit = verdict_path(cfg, paths.root)  # the DP audit the gate read, if any
+    kept = [verdict_path(cfg, paths.root, level) for level in ("patient", "client")]
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
-                             paths.roc_plot, paths.training_plot,
-                             paths.audit_dp if paths.audit_dp.exists() else kept_dp_audit)
-                 if p.exists()]
+                             paths.roc_plot, paths.training_plot, paths.audit_dp, *kept)
+                 if p.exists()]  # with the DP audits the gate read, if any
     result = register_model(cfg, served, metrics, trained.history, artifacts,
                             tags=privacy_tags(privacy))
     return {"run_id": result.run_id, "model_name": result.model_name,

@@ -294,6 +294,9 @@ class DPAuditConfig(_Section):
     ``rounds`` rounds; it trains no model that is released."""
 
     in_pipeline: bool = False  # run it in `fedpriv run` before registration (adds its cost)
+    # patient: DP-SGD with canary patients at every client; client: DP-FedAvg (privacy.server)
+    # with one canary client per model coordinate
+    level: Literal["patient", "client"] = "patient"
     runs: int = Field(16, ge=2, le=10_000)  # audit training runs (independent canary draws)
     # canaries per client and run, one per model coordinate; None = every coordinate
     canaries_per_client: int | None = Field(None, ge=1, le=MAX_COUNT)

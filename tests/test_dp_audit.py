@@ -209,7 +209,7 @@ def test_cli_writes_the_report_and_the_gate_reads_the_kept_verdict(project: Path
     assert report["verdict"] == "consistent" and "audit run 2/2" in done.stdout
     assert "| raw | gaussian |" in done.stdout
     cfg = load_config(project / "params.yaml", ["audit_dp.runs=2"])
-    kept = verdict_path(cfg, project)
+    kept = verdict_path(cfg, project)  # audit_dp.level=patient
     assert json.loads(kept.read_text()) == report
     assert dp_audit_metrics(cfg, project)["dp_audit_epsilon"] == report["epsilon"]
 
@@ -224,3 +224,26 @@ def test_cli_writes_the_report_and_the_gate_reads_the_kept_verdict(project: Path
     assert any("PRIVACY FAILURE" in r for r in decision.reasons)
     other = load_config(project / "params.yaml", ["privacy.epsilon=2"])
     assert dp_audit_metrics(other, project)["dp_audit_epsilon_lower_bound"] is None
+
+
+DP_FEDAVG = ("privacy.server.enabled=true", "aggregation.method=fedavg",
+             "aggregation.max_norm_factor=0", "anomaly.enabled=false", "audit_dp.level=client",
+             "privacy.server.noise_multiplier=4")
+
+
+@pytest.mark.slow
+def test_client_level_dp_fedavg_with_canary_clients(heart) -> None:
+    """DP-FedAvg (σ = 4 over 20 rounds: ε ≈ 5 per client): canary clients prove at least
+    half of it and no more; noise 10× too small, lifted clipping and seeded noise are caught;
+    the per-record drill belongs to the patient level."""
+    honest = _audit(heart, *DP_FEDAVG)
+    assert honest.level == "client" and honest.epsilon == pytest.approx(4.99, abs=0.05)
+    assert 0.5 * honest.epsilon <= honest.epsilon_lower_bound <= honest.epsilon
+    assert honest.canaries == 16 * 18
+    for drill in ("noise_down_10x", "clipping_off", "regenerable_noise"):
+        broken = _audit(heart, *DP_FEDAVG, "audit_dp.runs=6", drill=drill)
+        assert broken.privacy_failure, (drill, broken.bounds)
+    with pytest.raises(ConfigError, match="patient-level clipping"):
+        audit_dp(_config(*DP_FEDAVG), heart, drill="per_record_clipping")
+    with pytest.raises(ConfigError, match="privacy.server.enabled=true"):
+        audit_dp(_config("audit_dp.level=client"), heart)

@@ -30,9 +30,21 @@ def registered_versions(root: Path, name: str = "fedpriv-heart") -> list:
 def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     from flows.pipeline import fl_pipeline
 
-    outcome = fl_pipeline(overrides=["rounds=2"], root=str(project))
+    outcome = fl_pipeline(overrides=["rounds=2", "audit_dp.in_pipeline=true",
+                                     "audit_dp.runs=2"], root=str(project))
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert set(REQUIRED) <= set(metrics)
+    # the DP implementation audit ran in the flow; its verdict reached the gate and MLflow
+    dp_audit = json.loads((project / "reports" / "audit_dp.json").read_text())
+    assert dp_audit["level"] == "patient" and dp_audit["rounds"] == 2
+    assert metrics["dp_audit_epsilon"] == dp_audit["epsilon"]
+    assert metrics["dp_audit_epsilon_lower_bound"] == dp_audit["epsilon_lower_bound"]
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking_uri=f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}") \
+        .get_run(outcome["registration"]["run_id"]).data.metrics
+    assert logged["dp_audit_epsilon_lower_bound"] == pytest.approx(
+        dp_audit["epsilon_lower_bound"])
     assert metrics["rounds"] == 2
     assert 0.95 <= metrics["epsilon"] <= 1.0 and metrics["delta"] == 1e-5  # DP-SGD by default
     audit = json.loads((project / "reports" / "audit.json").read_text())
@@ -195,3 +207,19 @@ def test_prefect_summary_shows_every_attack_and_a_privacy_failure() -> None:
     text = audit_markdown(report)
     assert "| lira_offline | 0.710 |" in text and "PRIVACY FAILURE" in text
     assert "gate refuses" in audit_markdown({"enabled": False})
+
+
+def test_prefect_summary_shows_the_dp_audit_table() -> None:
+    from adapters.dp_audit import dp_audit_markdown
+
+    bound = {"scores": "raw", "method": "gaussian", "mu_hat": 2.6, "mu_lower": 2.4,
+             "epsilon_lower_bound": 12.5}
+    report = {"level": "patient", "epsilon": 16.0, "delta": 1e-5, "epsilon_lower_bound": 12.5,
+              "confidence": 0.99, "power": 0.78, "canaries": 1152, "canaries_included": 580,
+              "runs": 16, "training_runs": 32, "seconds": 20.0, "privacy_failure": False,
+              "bounds": [bound], "drill": None}
+    text = dp_audit_markdown(report)
+    assert "| raw | gaussian | 2.600 | 2.400 | 12.500 |" in text
+    assert "ε 16.000 (accountant" in text and "consistent with the accountant" in text
+    failed = dp_audit_markdown({**report, "privacy_failure": True, "drill": "noise_off"})
+    assert "PRIVACY FAILURE" in failed and "(drill: noise_off)" in failed

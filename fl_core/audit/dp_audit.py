@@ -35,7 +35,13 @@ from typing import Any
 import torch
 
 from fl_core.audit.bounds import empirical_epsilon_lower_bound
-from fl_core.audit.canary import DRILLS, CanaryInjection, CanarySet, draw_canaries
+from fl_core.audit.canary import (
+    CANARY_NORM_FACTOR,
+    DRILLS,
+    CanaryInjection,
+    CanarySet,
+    draw_canaries,
+)
 from fl_core.audit.gdp import gdp_epsilon, separation_lower_bound
 from fl_core.compression import decode_payload
 from fl_core.config import ConfigError, PipelineConfig
@@ -43,15 +49,23 @@ from fl_core.data import ClientData
 from fl_core.federation.build import (
     build_target_model,
     federation_settings,
+    make_compressor,
     make_downlink,
     make_dpsgd,
     simulation_setup,
 )
-from fl_core.federation.messages import FitReply, decode_message
+from fl_core.federation.messages import (
+    EvaluateInstruction,
+    Failure,
+    FitInstruction,
+    FitReply,
+    decode_message,
+    encode_message,
+)
 from fl_core.federation.simulation import simulate
 from fl_core.federation.site import SiteClient
 from fl_core.privacy import epsilon_spent, local_steps
-from fl_core.randomness import make_random
+from fl_core.randomness import RandomSource, make_random
 
 Progress = Callable[[int, int], None]  # (audit runs done, audit runs in all)
 
@@ -71,6 +85,7 @@ class ScoreBound:
 class DPAuditResult:
     """What ``fedpriv audit-dp`` reports (``reports/audit_dp.json``)."""
 
+    level: str  # "patient" (DP-SGD) | "client" (DP-FedAvg)
     epsilon: float  # the accountant's ε for the audited rounds
     delta: float
     epsilon_lower_bound: float
@@ -137,34 +152,50 @@ def dp_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_auditable(cfg: PipelineConfig) -> None:
+def check_auditable(cfg: PipelineConfig, drill: str | None = None) -> None:
     """Refuse a configuration the canary audit does not cover (exit 2 at the CLI)."""
-    if not cfg.privacy.enabled:
-        raise ConfigError("privacy.enabled=false: nothing to audit (the model is not private)")
+    level = cfg.audit_dp.level
+    if level == "patient" and not cfg.privacy.enabled:
+        raise ConfigError("privacy.enabled=false: nothing to audit at audit_dp.level=patient "
+                          "(the model is not private)")
+    if level == "client" and not cfg.privacy.server.enabled:
+        raise ConfigError("audit_dp.level=client audits DP-FedAvg: set "
+                          "privacy.server.enabled=true")
     if cfg.attack.kind != "none":
         raise ConfigError("the DP audit runs the honest recipe: set attack.kind=none")
-    if cfg.privacy.server.enabled:
-        raise ConfigError("the canary audit covers patient-level DP-SGD; client-level "
-                          "DP-FedAvg (privacy.server) is not audited yet")
+    if drill is not None and drill not in DRILLS:
+        raise ConfigError(f"unknown drill {drill!r}; drills: {', '.join(DRILLS)}")
+    if drill is not None and level == "client" and DRILLS[drill].per_record:
+        raise ConfigError(f"drill {drill} breaks patient-level clipping: use "
+                          f"audit_dp.level=patient")
 
 
 def audited_config(cfg: PipelineConfig, drill: str | None) -> PipelineConfig:
-    """The recipe the audit runs: its rounds, and a drill's clipping bound."""
+    """The recipe the audit runs: its rounds, and a drill's clipping bound (the patient's
+    ``C`` or, at ``audit_dp.level=client``, DP-FedAvg's ``S``)."""
     rounds = cfg.audit_dp.rounds or cfg.rounds
     out = cfg.model_copy(update={"rounds": rounds})
-    if drill is not None and DRILLS[drill].clip_factor != 1.0:
-        privacy = cfg.privacy.model_copy(
-            update={"max_grad_norm": cfg.privacy.max_grad_norm * DRILLS[drill].clip_factor})
-        out = out.model_copy(update={"privacy": privacy})
-    return out
+    if drill is None or DRILLS[drill].clip_factor == 1.0:
+        return out
+    p, factor = cfg.privacy, DRILLS[drill].clip_factor
+    if cfg.audit_dp.level == "client":
+        server = p.server.model_copy(update={"clip_norm": p.server.clip_norm * factor})
+        privacy = p.model_copy(update={"server": server})
+    else:
+        privacy = p.model_copy(update={"max_grad_norm": p.max_grad_norm * factor})
+    return out.model_copy(update={"privacy": privacy})
+
+
+def _run_random(cfg: PipelineConfig, drill: str | None) -> RandomSource:
+    """The random source of the implementation under audit (a drill's, if one is set)."""
+    configured = make_random(cfg.privacy.randomness, cfg.seed)
+    return DRILLS[drill].random(configured, cfg.seed) if drill else configured
 
 
 def _train_observed(cfg: PipelineConfig, data: list[ClientData], canaries: dict[str, CanarySet],
                     drill: str | None, clip_norm: float) -> dict[str, torch.Tensor]:
-    """One audit training run; client → the sum of its decoded updates."""
-    configured = make_random(cfg.privacy.randomness, cfg.seed)
-    random = DRILLS[drill].random(configured, cfg.seed) if drill else configured
-    setup = simulation_setup(cfg, data, random=random)
+    """One patient-level audit training run; client → the sum of its decoded updates."""
+    setup = simulation_setup(cfg, data, random=_run_random(cfg, drill))
     model, _ = build_target_model(cfg, int(data[0].x_train.shape[1]))
     shapes = tuple(p.shape for p in model.parameters())
     n = int(setup.initial_params.numel())
@@ -181,10 +212,52 @@ def _train_observed(cfg: PipelineConfig, data: list[ClientData], canaries: dict[
     return {o.client_id: o.total for o in observed}
 
 
-def _scores(canaries: CanarySet, total: torch.Tensor, step_size: float) -> torch.Tensor:
-    """``z_c`` in units of one step's clipped canary (``step_size = η·C/B`` of the client, B
-    its expected batch): clients of different sizes give scores on one scale."""
-    return -canaries.signs.double() * total[canaries.coordinates] / step_size
+class _FixedUpdateClient:
+    """A client of the client-level audit: it answers every fit with the same update, through
+    its own codec (a canary client: a Dirac of norm ``CANARY_NORM_FACTOR·S``; a real client,
+    silenced: zeros). It holds no test patients."""
+
+    def __init__(self, client_id: str, update: torch.Tensor, cfg: PipelineConfig,
+                 index: int) -> None:
+        self.client_id, self._update = client_id, update
+        self._compressor = make_compressor(cfg.compression, cfg.seed + index)
+
+    def handle(self, request: bytes) -> bytes:
+        message = decode_message(request, expect=(FitInstruction, EvaluateInstruction))
+        if isinstance(message, EvaluateInstruction):
+            return encode_message(Failure(self.client_id, message.round,
+                                          "an audit client holds no test patients"))
+        return encode_message(FitReply(
+            site=self.client_id, round=message.round,
+            update=self._compressor.compress(self._update, message.round), num_patients=1,
+            train_loss=0.0, epsilon=None, dp_steps=0))
+
+
+def _train_client_level(cfg: PipelineConfig, data: list[ClientData], canaries: CanarySet,
+                        drill: str | None) -> torch.Tensor:
+    """One client-level audit run: the real clients silenced, an included canary client per
+    included canary; returns the released model's total change (Σ of the noisy aggregates)."""
+    setup = simulation_setup(cfg, data, random=_run_random(cfg, drill))
+    n = int(setup.initial_params.numel())
+    size = CANARY_NORM_FACTOR * cfg.privacy.server.clip_norm
+    clients = [_FixedUpdateClient(d.client_id, torch.zeros(n), cfg, i)
+               for i, d in enumerate(data)]
+    for i in torch.nonzero(canaries.included)[:, 0].tolist():
+        update = torch.zeros(n)
+        update[canaries.coordinates[i]] = canaries.signs[i] * size
+        clients.append(_FixedUpdateClient(f"canary-{i}", update, cfg, len(clients)))
+    result = simulate(clients, initial_params=setup.initial_params,
+                      settings=federation_settings(cfg), downlink=make_downlink(cfg),
+                      defense=setup.defense, seed=cfg.seed, randomness=setup.random)
+    return (result.params - setup.initial_params).double()
+
+
+def _scores(canaries: CanarySet, total: torch.Tensor, unit: float) -> torch.Tensor:
+    """``z_c = s_c · Σ U[j_c] / unit``: in units of one step's clipped canary, signed as the
+    update moves (``unit = −η·C/B`` for DP-SGD, which steps against the gradient, B the
+    client's expected batch; ``S/E`` for DP-FedAvg), so that clients of different sizes
+    give scores on one scale and an included canary's mean is positive."""
+    return canaries.signs.double() * total[canaries.coordinates] / unit
 
 
 def _bounds(name: str, scores: torch.Tensor, included: torch.Tensor, delta: float,
@@ -195,43 +268,84 @@ def _bounds(name: str, scores: torch.Tensor, included: torch.Tensor, delta: floa
             ScoreBound(name, "counting", counting)]
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """What the accountant claims for the audited rounds."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    steps: int  # DP-SGD steps per client, or DP-FedAvg rounds
+
+
+def _claim(cfg: PipelineConfig, data: list[ClientData]) -> _Claim:
+    p = cfg.privacy
+    if cfg.audit_dp.level == "client":
+        s = p.server
+        return _Claim(epsilon_spent(s.noise_multiplier, cfg.client_fraction, cfg.rounds,
+                                    p.delta, p.accountant), p.delta, s.noise_multiplier,
+                      cfg.rounds)
+    dp = make_dpsgd(cfg, data)
+    assert dp is not None
+    steps = local_steps(cfg.rounds, cfg.local_epochs, dp.sample_rate)
+    return _Claim(epsilon_spent(dp.noise_multiplier, dp.sample_rate, steps, dp.delta,
+                                dp.accountant), dp.delta, dp.noise_multiplier, steps)
+
+
+def _units(cfg: PipelineConfig, data: list[ClientData]) -> dict[str, float]:
+    """Each observed vector's :func:`_scores` unit."""
+    p = cfg.privacy
+    if cfg.audit_dp.level == "client":
+        return {SERVER: p.server.clip_norm / (cfg.client_fraction * len(data))}
+    rate = p.learning_rate or cfg.learning_rate
+    return {d.client_id: -rate * p.max_grad_norm
+            / max(1, round(p.sample_rate * int(d.patient_ids().unique().numel())))
+            for d in data}
+
+
+SERVER = "server"
+"""The one observed vector of a client-level audit: the released model's total change."""
+
+
+def _observe(cfg: PipelineConfig, data: list[ClientData], canaries: dict[str, CanarySet],
+             drill: str | None) -> dict[str, torch.Tensor]:
+    if cfg.audit_dp.level == "client":
+        return {SERVER: _train_client_level(cfg, data, canaries[SERVER], drill)}
+    return _train_observed(cfg, data, canaries, drill, cfg.privacy.max_grad_norm)
+
+
 def audit_dp(
     cfg: PipelineConfig, data: list[ClientData], *, drill: str | None = None,
     progress: Progress | None = None,
 ) -> DPAuditResult:
-    """Audit the DP-SGD implementation on the recipe ``cfg`` over the clients ``data``.
+    """Audit the DP implementation of the recipe ``cfg`` over the clients ``data``:
+    patient-level DP-SGD (``audit_dp.level=patient``: canary patients at every client) or
+    client-level DP-FedAvg (``client``: one canary client per model coordinate, the real
+    clients silenced).
 
     ``drill`` (a :data:`~fl_core.audit.canary.DRILLS` name) breaks the implementation on
     purpose; the claimed ε stays the recipe's.
     """
-    check_auditable(cfg)
-    if drill is not None and drill not in DRILLS:
-        raise ConfigError(f"unknown drill {drill!r}; drills: {', '.join(DRILLS)}")
+    check_auditable(cfg, drill)
     started = time.perf_counter()
     a, claimed = cfg.audit_dp, audited_config(cfg, None)
     run_cfg = audited_config(cfg, drill)
-    dp = make_dpsgd(claimed, data)  # the recipe as claimed (a drill does not change it)
-    assert dp is not None
-    steps = local_steps(claimed.rounds, claimed.local_epochs, dp.sample_rate)
-    epsilon = epsilon_spent(dp.noise_multiplier, dp.sample_rate, steps, dp.delta, dp.accountant)
+    claim = _claim(claimed, data)
     n = sum(p.numel() for p in build_target_model(cfg, int(data[0].x_train.shape[1]))[0]
             .parameters())
-    per_client = a.canaries_per_client or n
+    count = min(a.canaries_per_client or n, n)
+    units = _units(claimed, data)
     generator = torch.Generator().manual_seed(cfg.seed)
     raw, regenerated, included = [], [], []
-    step_size = {d.client_id: dp.learning_rate * dp.max_grad_norm
-                 / max(1, round(dp.sample_rate * int(d.patient_ids().unique().numel())))
-                 for d in data}
     for run in range(a.runs):
-        canaries = {d.client_id: draw_canaries(n, min(per_client, n), generator) for d in data}
-        totals = _train_observed(run_cfg, data, canaries, drill, cfg.privacy.max_grad_norm)
-        replay = (_train_observed(run_cfg, data, {k: c.left_out() for k, c in canaries.items()},
-                                  drill, cfg.privacy.max_grad_norm) if a.regenerate else None)
-        for client, c in canaries.items():
-            raw.append(_scores(c, totals[client], step_size[client]))
+        canaries = {key: draw_canaries(n, count, generator) for key in units}
+        totals = _observe(run_cfg, data, canaries, drill)
+        replay = (_observe(run_cfg, data, {k: c.left_out() for k, c in canaries.items()}, drill)
+                  if a.regenerate else None)
+        for key, c in canaries.items():
+            raw.append(_scores(c, totals[key], units[key]))
             if replay is not None:
-                regenerated.append(_scores(c, totals[client] - replay[client],
-                                           step_size[client]))
+                regenerated.append(_scores(c, totals[key] - replay[key], units[key]))
             included.append(c.included)
         if progress is not None:
             progress(run + 1, a.runs)
@@ -239,12 +353,12 @@ def audit_dp(
     sets = [("raw", torch.cat(raw))] + ([("regenerated", torch.cat(regenerated))]
                                         if regenerated else [])
     alpha = (1 - a.confidence) / (2 * len(sets))  # Bonferroni over every bound computed
-    bounds = [b for name, s in sets for b in _bounds(name, s, labels, dp.delta, alpha)]
+    bounds = [b for name, s in sets for b in _bounds(name, s, labels, claim.delta, alpha)]
     return DPAuditResult(
-        epsilon=epsilon, delta=dp.delta,
+        level=a.level, epsilon=claim.epsilon, delta=claim.delta,
         epsilon_lower_bound=max(b.epsilon_lower_bound for b in bounds),
         confidence=a.confidence, canaries=int(labels.numel()),
         canaries_included=int(labels.sum()), runs=a.runs, rounds=claimed.rounds,
         training_runs=a.runs * len(sets), seconds=time.perf_counter() - started,
-        noise_multiplier=dp.noise_multiplier, steps=steps, bounds=bounds, drill=drill,
-        fingerprint=dp_fingerprint(cfg))
+        noise_multiplier=claim.noise_multiplier, steps=claim.steps, bounds=bounds,
+        drill=drill, fingerprint=dp_fingerprint(cfg))
