@@ -12,6 +12,11 @@ baseline, measured in the same process: one ordinary federated training run of t
 
 Then each broken-DP drill at ε = 1 (``--drill-runs`` audit runs): ε_lb against the claim.
 
+Client level (``audit_dp.level=client``): DP-FedAvg (fedavg, no norm filter, anomaly off) at
+server noise multipliers ``--server-sigmas`` (4 and 2: ε ≈ 5 and 11.5 per client over 20
+rounds), ``--reps`` audits each with one canary client per coordinate, and the
+client-level drills.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/audit_dp.py --out benchmarks/results/audit_dp.json
     .venv/bin/python benchmarks/audit_dp.py --reps 2 --epsilons 4    # quick
 """
@@ -48,10 +53,18 @@ def _gaussian(result: Any) -> dict[str, Any]:
     return {"mu_hat": raw.mu_hat, "mu_lower": raw.mu_lower}
 
 
-def power(epsilons: list[float], reps: int, extra: list[str]) -> list[dict[str, Any]]:
+DP_FEDAVG = ["privacy.server.enabled=true", "aggregation.method=fedavg",
+             "aggregation.max_norm_factor=0", "anomaly.enabled=false", "audit_dp.level=client"]
+
+
+def power(epsilons: list[float], reps: int, extra: list[str],
+          server_sigmas: tuple[float, ...] = ()) -> list[dict[str, Any]]:
     rows = []
-    for epsilon in epsilons:
-        cfg = _config(epsilon, extra)
+    cells = [(e, extra) for e in epsilons] + [
+        (1.0, [*DP_FEDAVG, f"privacy.server.noise_multiplier={s}", *extra])
+        for s in server_sigmas]
+    for epsilon, cell_extra in cells:
+        cfg = _config(epsilon, cell_extra)
         data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
         started = time.perf_counter()
         federate(cfg, data)
@@ -61,7 +74,8 @@ def power(epsilons: list[float], reps: int, extra: list[str]) -> list[dict[str, 
         first = results[0]
         ideal = math.sqrt(first.steps) / first.noise_multiplier
         rows.append({
-            "epsilon": first.epsilon, "delta": first.delta, "repetitions": reps,
+            "level": first.level, "epsilon": first.epsilon, "delta": first.delta,
+            "repetitions": reps,
             "epsilon_lower_bounds": bounds, "min": min(bounds),
             "mean": statistics.fmean(bounds), "max": max(bounds),
             "power_min": min(bounds) / first.epsilon,
@@ -78,17 +92,22 @@ def power(epsilons: list[float], reps: int, extra: list[str]) -> list[dict[str, 
     return rows
 
 
-def drills(runs: int, extra: list[str]) -> list[dict[str, Any]]:
-    cfg = _config(1.0, [f"audit_dp.runs={runs}", *extra])
+def drills(runs: int, extra: list[str], level: str) -> list[dict[str, Any]]:
+    server = [*DP_FEDAVG, "privacy.server.noise_multiplier=4"] if level == "client" else []
+    cfg = _config(1.0, [f"audit_dp.runs={runs}", *server, *extra])
     data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
     rows = []
     for name, drill in DRILLS.items():
+        if level == "client" and drill.per_record:
+            continue  # a patient-level fault
         r = audit_dp(cfg, data, drill=name)
-        rows.append({"drill": name, "description": drill.description, "epsilon": r.epsilon,
+        rows.append({"level": level, "drill": name, "description": drill.description,
+                     "epsilon": r.epsilon,
                      "epsilon_lower_bound": r.epsilon_lower_bound,
                      "caught": r.privacy_failure, "runs": r.runs, "seconds": r.seconds,
                      "bounds": [b.__dict__ for b in r.bounds]})
-        print(f"drill {name}: ε_lb {r.epsilon_lower_bound:.2f} vs ε {r.epsilon:.2f} "
+        print(f"drill {name} ({level} level): ε_lb {r.epsilon_lower_bound:.2f} vs ε "
+              f"{r.epsilon:.2f} "
               f"({'caught' if r.privacy_failure else 'MISSED'})", file=sys.stderr)
     return rows
 
@@ -98,13 +117,15 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 16.0])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--drill-runs", type=int, default=16)
+    parser.add_argument("--server-sigmas", nargs="*", type=float, default=[4.0, 2.0])
     parser.add_argument("--set", dest="extra", action="append", default=[])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
-    out = {"power": power(args.epsilons, args.reps, args.extra),
-           "drills": drills(args.drill_runs, args.extra)}
+    out = {"power": power(args.epsilons, args.reps, args.extra, tuple(args.server_sigmas)),
+           "drills": drills(args.drill_runs, args.extra, "patient")
+           + drills(args.drill_runs, args.extra, "client")}
     out["seconds"] = time.perf_counter() - started
     text = json.dumps(out, indent=2)
     if args.out:
