@@ -53,6 +53,9 @@ audit and gate:
   the audit attacks every model (loss threshold, Shokri shadow models, LiRA) and bounds ε
   from below; champion needs accuracy, attack AUC / TPR@0.1%FPR within audit.*, ε within
   privacy.epsilon, and ε_lb <= ε. `fedpriv audit-sweep` plots attack AUC against ε.
+  `fedpriv audit-dp` audits the DP implementation itself with gradient canaries (white-box on
+  the updates); a PRIVACY FAILURE it finds blocks promotion of every model trained with that
+  DP configuration (`--drill` shows it catching deliberately broken DP).
 
 preflight:
   before any training (run, stage train, stage register) the MLflow store
@@ -201,10 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds per ε (default: 2)")
     audit_dp = sub.add_parser(
         "audit-dp", parents=[common], help="audit the DP implementation with gradient canaries",
-        description="White-box audit of patient-level DP-SGD (README 'Auditing the DP "
+        description="White-box audit of the DP implementation (README 'Auditing the DP "
                     "implementation'): audit_dp.runs training runs of the configured recipe "
-                    "with gradient canaries at every client, each included with probability "
-                    "1/2; from the updates the coordinator sees, a lower bound on ε at the "
+                    "with gradient canaries, each included with probability 1/2 (canary "
+                    "patients at every client for DP-SGD, audit_dp.level=patient; canary "
+                    "clients for DP-FedAvg, level=client); from the updates the coordinator "
+                    "sees, a lower bound on ε at the "
                     "run's δ (Gaussian and counting bounds, Bonferroni, audit_dp.confidence). "
                     "Writes reports/audit_dp.json; a lower bound above the accountant's ε is a "
                     "PRIVACY FAILURE (exit 8) and the gate then refuses to promote any model "
