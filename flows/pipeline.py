@@ -27,7 +27,7 @@ from adapters.artifacts import (
     reap_dead_workspaces,
     release_workspace,
 )
-from adapters.dp_audit import dp_audit_markdown
+from adapters.dp_audit import dp_audit_markdown, kept_verdicts
 from adapters.preflight import PreflightError, preflight
 from adapters.publish import describe_budget
 from fl_core.config import ConfigError, load_config
@@ -207,7 +207,8 @@ def fl_pipeline(
         markdown=summary_markdown(outcome["metrics"], outcome["registration"])
         + failures_markdown(read_training(Paths.of(cfg, root_path)).history)
         + audit_markdown(audited)
-        + (dp_audit_markdown(dp_audited) if dp_audited else ""),
+        + "".join(dp_audit_markdown(r) for r in
+                  ([dp_audited] if dp_audited else kept_verdicts(cfg, root_path))),
         description="fedpriv run summary",
     )
     roc = Paths.of(cfg, root_path).roc_plot
