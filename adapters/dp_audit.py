@@ -37,12 +37,12 @@ def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None
     root = Path(root).resolve()
     check_auditable(cfg)
     a = cfg.audit_dp
-    print(f"DP audit{' drill ' + drill if drill else ''}: {a.runs} audit runs of "
-          f"{a.rounds or cfg.rounds} rounds, canaries on "
-          f"{a.canaries_per_client or 'every'} coordinate(s) per client"
+    where = (f"{a.canaries_per_client} coordinate(s)" if a.canaries_per_client
+             else "every coordinate")
+    who = "canary clients" if a.level == "client" else "canary patients at every client"
+    print(f"DP audit{' drill ' + drill if drill else ''} ({a.level} level): {a.runs} audit "
+          f"runs of {a.rounds or cfg.rounds} rounds, {who} on {where}"
           + (", each run replayed from the seed" if a.regenerate else ""))
-    data = FederatedDataLoader.get(cfg.data, root).partitioned(cfg.data, cfg.seed)[0]
-    step = max(1, a.runs // 10)
 
     def progress(done: int, total: int) -> None:
         if done % step == 0 or done == total:

@@ -228,9 +228,13 @@ def epsilon_for_history(
     """ε of a composition of ``(σ, q, steps)`` phases, from a fresh Opacus accountant."""
     if not history:
         return 0.0
+    import numpy as np
+
     acc = _accountant(accountant)
     acc.history = list(history)
-    with warnings.catch_warnings():
+    # the PRV accountant takes log(0) at q = 1 by design; numpy's error state is per thread
+    # (sites answer on threads), unlike the warnings filters
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=delta))
 
