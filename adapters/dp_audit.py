@@ -43,6 +43,8 @@ def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None
     print(f"DP audit{' drill ' + drill if drill else ''} ({a.level} level): {a.runs} audit "
           f"runs of {a.rounds or cfg.rounds} rounds, {who} on {where}"
           + (", each run replayed from the seed" if a.regenerate else ""))
+    data = FederatedDataLoader.get(cfg.data, root).partitioned(cfg.data, cfg.seed)[0]
+    step = max(1, a.runs // 10)
 
     def progress(done: int, total: int) -> None:
         if done % step == 0 or done == total:
