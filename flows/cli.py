@@ -229,11 +229,13 @@ def schema_text(data: Any) -> str:
     head = ["column", "type", "unit", "range", "values", "missing tokens", "max missing",
             "center/scale/fill"]
     ids = "unique" if spec.records_per_patient == "one" else "several rows per patient"
+    rule = spec.label.positive_if or "positive: " + ", ".join(spec.label.positive_values or [])
+    if spec.label.drop_values:
+        rule += "; row dropped: " + ", ".join(spec.label.drop_values)
     rows = [[spec.patient_id, "patient id", "", "", ids, "", "0 %", ""],
             [spec.site, "site", "", "", ", ".join(spec.sites), "", "0 %", ""],
             [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
-             "", "0 %", spec.label.positive_if
-             or "positive: " + ", ".join(spec.label.positive_values or [])]]
+             "", "0 %", rule]]
     for name in data.features:
         f = spec.feature(name)
         ranged = f"[{f.low:g}, {f.high:g}]" if f.numeric else ""
