@@ -381,8 +381,8 @@ class FederatedDataLoader:
                 "data.drop_incomplete": len(self.incomplete_table)}
 
     def describe_dropped(self) -> str:
-        """:meth:`dropped_rows` in words ("" when none), e.g. ``rows left out: 301 with a
-        label in label.drop_values (invalid)``."""
+        """:meth:`dropped_rows` in words ("" when none), e.g. ``rows left out: 12 with a
+        label in label.drop_values (<the values>); 3 incomplete (...)``."""
         counts = self.dropped_rows()
         parts = []
         if counts["label.drop_values"]:

@@ -51,8 +51,8 @@ class LabelRule(_Part):
     Exactly one of ``positive_if`` (a comparison with a number, e.g. ``"> 0"``) and
     ``positive_values`` (the raw values that are positive). ``values``, if given, are all the
     raw values the column may take (checked by data validation). ``drop_values`` (a subset of
-    ``values``, none of them positive) are results that are no label at all, e.g. an
-    ``invalid`` test: their rows are dropped when the table is loaded (counted and reported),
+    ``values``, none of them positive) are results that are no label at all (a test that
+    gave no result): their rows are dropped when the table is loaded (counted and reported),
     never read as negatives. Raw values compare as stripped text.
     """
 
