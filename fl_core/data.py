@@ -295,6 +295,7 @@ class FederatedDataLoader:
         self.config = config
         self._table: pd.DataFrame | None = None
         self._incomplete: pd.DataFrame | None = None
+        self._dropped = 0  # rows whose label is one of label.drop_values
         self._lock = threading.Lock()
         self.reads = 0  # how many times the file was read (tests check laziness)
 
@@ -344,8 +345,12 @@ class FederatedDataLoader:
         if missing_cols:
             raise DataError(f"{self.path}: missing column(s) {missing_cols}")
         frame = frame[needed].copy()
-        # one site per patient (the site of their first record; site_groups mapped)
+        # one site per patient (the site of their first record; site_groups mapped), taken
+        # before dropping rows so that a site's own file (split-sites) gives the same sites
         frame[spec.site] = spec.site_of(frame)
+        dropped = spec.label.dropped(frame[spec.label.column])
+        self._dropped = int(dropped.sum())
+        frame = frame[~dropped].copy()
         marked = {col: not_measured(frame[col], spec.feature(col).missing_values)
                   for col in cfg.missing_indicators}
         # a token is "not measured" only where a value was recorded at all: such a row still
@@ -366,6 +371,27 @@ class FederatedDataLoader:
         else:
             self._incomplete = frame.iloc[0:0]
         return frame.reset_index(drop=True)
+
+    def dropped_rows(self) -> dict[str, int]:
+        """Rows of the file left out of :attr:`table`, by the key that leaves them out:
+        ``label.drop_values`` (no label: dropped everywhere, the audit included) and
+        ``data.drop_incomplete`` (kept as :attr:`incomplete_table`, an audit population)."""
+        self.table  # noqa: B018 - reading the table counts them
+        return {"label.drop_values": self._dropped,
+                "data.drop_incomplete": len(self.incomplete_table)}
+
+    def describe_dropped(self) -> str:
+        """:meth:`dropped_rows` in words ("" when none), e.g. ``rows left out: 12 with a
+        label in label.drop_values (<the values>); 3 incomplete (...)``."""
+        counts = self.dropped_rows()
+        parts = []
+        if counts["label.drop_values"]:
+            parts.append(f"{counts['label.drop_values']} with a label in label.drop_values "
+                         f"({', '.join(self.spec.label.drop_values)})")
+        if counts["data.drop_incomplete"]:
+            parts.append(f"{counts['data.drop_incomplete']} incomplete "
+                         f"(data.drop_incomplete; audit population)")
+        return f"rows left out: {'; '.join(parts)}" if parts else ""
 
     @property
     def incomplete_table(self) -> pd.DataFrame:

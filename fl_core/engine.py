@@ -43,7 +43,7 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from fl_core.federation.transport import Transport, TransportFailure
-from fl_core.metrics import histogram_auc
+from fl_core.metrics import balanced_accuracy, histogram_auc
 from fl_core.randomness import RandomSource, SeededRandom
 
 
@@ -69,6 +69,7 @@ class RoundRecord:
     test_loss: float
     accuracy: float
     auc: float
+    balanced_accuracy: float  # at probability 0.5, like accuracy
     bytes_uploaded: int
     bytes_downloaded: int
     bytes_uploaded_uncompressed: int
@@ -240,15 +241,30 @@ def _check_enough(rnd: _Round, defended: _Defended, min_clients: int) -> None:
         + (f" ({'; '.join(lost)})" if lost else ""))
 
 
+@dataclass(frozen=True)
+class PooledEvaluation:
+    """One round's evaluation over the sites' test splits (NaN figures when none answered)."""
+
+    loss: float
+    accuracy: float
+    auc: float
+    balanced_accuracy: float
+    per_site: dict[str, float]  # each site's accuracy
+    failures: list[ClientUpdateError]  # the sites whose evaluation failed
+
+
 def evaluate_sites(
     transport: Transport, sites: Sequence[str], params: torch.Tensor, round_idx: int,
     settings: FederationSettings,
-) -> tuple[float, float, float, dict[str, float], list[ClientUpdateError]]:
-    """Pooled loss, accuracy and AUC over the sites' test splits, from their aggregates;
-    per-site accuracy; and the sites whose evaluation failed (left out of the figures).
+) -> PooledEvaluation:
+    """Pooled loss, accuracy, AUC and balanced accuracy over the sites' test splits, from
+    their aggregates; per-site accuracy; and the sites whose evaluation failed (left out of
+    the figures).
 
     AUC comes from the merged score histograms (:func:`fl_core.metrics.histogram_auc`):
-    pairs of patients whose scores share one of the 4096 bins count as ties.
+    pairs of patients whose scores share one of the 4096 bins count as ties. Accuracy and
+    balanced accuracy (the mean of sensitivity and specificity) are at probability 0.5, from
+    the merged confusion counts.
     """
     request = encode_message(EvaluateInstruction(settings.run_id, round_idx,
                                                  DenseCodec().encode(params)))
@@ -264,13 +280,15 @@ def evaluate_sites(
     count = sum(r.count for r in replies)
     if not count:
         nan = float("nan")
-        return nan, nan, nan, {}, failures
-    loss = sum(r.loss_sum for r in replies) / count
-    correct = sum(r.confusion[0] + r.confusion[2] for r in replies)
-    auc = histogram_auc(torch.stack([r.histogram for r in replies]).sum(0))
+        return PooledEvaluation(nan, nan, nan, nan, {}, failures)
+    tp, fp, tn, fn = (sum(r.confusion[i] for r in replies) for i in range(4))
     per_site = {r.site: (r.confusion[0] + r.confusion[2]) / r.count if r.count
                 else float("nan") for r in replies}
-    return loss, correct / count, auc, per_site, failures
+    return PooledEvaluation(
+        loss=sum(r.loss_sum for r in replies) / count, accuracy=(tp + tn) / count,
+        auc=histogram_auc(torch.stack([r.histogram for r in replies]).sum(0)),
+        balanced_accuracy=balanced_accuracy(tp, fp, tn, fn), per_site=per_site,
+        failures=failures)
 
 
 def _sample(sites: Sequence[str], fraction: float, sampling: RandomSource) -> list[str]:
@@ -353,17 +371,17 @@ def run_federated(
 def _record(
     rnd: _Round, defended: _Defended, kept: list[FitReply], weights: torch.Tensor,
     payload: bytes, n_params: int, result: TrainingResult,
-    evaluation: tuple[float, float, float, dict[str, float], list[ClientUpdateError]],
+    evaluation: PooledEvaluation,
 ) -> RoundRecord:
-    test_loss, acc, auc, per_site, eval_failures = evaluation
-    rnd.failures += eval_failures
+    rnd.failures += evaluation.failures
     result.failures += rnd.failures
     losses = torch.tensor([r.train_loss for r in kept])
     spent = result.site_epsilon.values()
     return RoundRecord(
         round=rnd.index,
         train_loss=float((losses * weights).sum() / weights.sum()),
-        test_loss=test_loss, accuracy=acc, auc=auc,
+        test_loss=evaluation.loss, accuracy=evaluation.accuracy, auc=evaluation.auc,
+        balanced_accuracy=evaluation.balanced_accuracy,
         bytes_uploaded=rnd.bytes_up,
         bytes_downloaded=len(payload) * len(rnd.participants),
         bytes_uploaded_uncompressed=dense_size(n_params) * rnd.received,
@@ -372,7 +390,7 @@ def _record(
         failed_clients=list(dict.fromkeys(f.client_id for f in rnd.failures)),  # unique
         failure_reasons={f.client_id: f.reason for f in reversed(rnd.failures)},
         flagged_clients=defended.flagged, rejected_clients=defended.rejected,
-        excluded_clients=defended.excluded, client_accuracy=per_site,
+        excluded_clients=defended.excluded, client_accuracy=evaluation.per_site,
         epsilon=max(spent) if spent else None,
         seconds=time.perf_counter() - rnd.started,
     )

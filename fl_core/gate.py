@@ -3,10 +3,11 @@
 Pure (no MLflow, no Prefect). Each rule is a small function that looks at the final metrics
 and the thresholds (:func:`gate_thresholds`, keyed by their configuration key) and returns the
 reason it refuses, or ``None``. Adding a rule is one line in :data:`RULES`. A model passes
-only when it is accurate enough, the membership audit found little (AUC and TPR at 0.1 % FPR),
-it is differentially private within the configured ε with noise nobody can regenerate
-(``privacy.randomness=secure``), and the audit's empirical ε lower bound does not contradict
-the accountant (which would mean a DP or accounting bug).
+only when it is accurate enough (accuracy; optionally AUC and balanced accuracy, off at 0:
+on an imbalanced table accuracy passes on the majority class alone), the membership audit
+found little (AUC and TPR at 0.1 % FPR), it is differentially private within the configured ε
+with noise nobody can regenerate (``privacy.randomness=secure``), and the audit's empirical ε
+lower bound does not contradict the accountant (which would mean a DP or accounting bug).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ Rule = Callable[[Metrics, Thresholds], str | None]
 # Why a metric can be absent, for the refusal message.
 _MISSING_BECAUSE = {
     "accuracy": "the evaluation did not run",
+    "auc": "the evaluation did not run or its test patients are all of one class",
+    "balanced_accuracy": "the evaluation did not run or its test patients are all of one class",
     "mia_auc": "the audit did not run",
     "mia_tpr_at_0_1pct_fpr": "the audit did not run",
     "empirical_epsilon_lower_bound": "the audit did not run",
@@ -43,6 +46,8 @@ def gate_thresholds(cfg: PipelineConfig) -> dict[str, float]:
     """Every threshold a rule reads, keyed by the configuration key that sets it."""
     return {
         "gate.min_accuracy": cfg.gate.min_accuracy,
+        "gate.min_auc": cfg.gate.min_auc,
+        "gate.min_balanced_accuracy": cfg.gate.min_balanced_accuracy,
         "audit.max_auc": cfg.audit.max_auc,
         "audit.max_tpr_at_0_1pct_fpr": cfg.audit.max_tpr_at_0_1pct_fpr,
         "privacy.epsilon": cfg.privacy.epsilon,
@@ -90,6 +95,16 @@ def _at_most(name: str, key: str) -> Rule:
     return _bound(name, key, upper=True)
 
 
+def _at_least_if_set(name: str, key: str) -> Rule:
+    """Rule ``metrics[name] >= thresholds[key]``, off while the threshold is 0 or absent."""
+    bound = _at_least(name, key)
+
+    def rule(metrics: Metrics, thresholds: Thresholds) -> str | None:
+        return bound(metrics, thresholds) if float(thresholds.get(key, 0.0)) > 0 else None
+
+    return rule
+
+
 def _audit_agrees_with_accountant(metrics: Metrics, thresholds: Thresholds) -> str | None:
     """An attack cannot beat a correct DP guarantee: ε_lb > ε means a DP or accounting bug."""
     bound, epsilon = _value(metrics, "empirical_epsilon_lower_bound"), _value(metrics, "epsilon")
@@ -128,6 +143,8 @@ def _dp_implementation_audit(metrics: Metrics, thresholds: Thresholds) -> str | 
 
 RULES: tuple[Rule, ...] = (
     _at_least("accuracy", "gate.min_accuracy"),
+    _at_least_if_set("auc", "gate.min_auc"),
+    _at_least_if_set("balanced_accuracy", "gate.min_balanced_accuracy"),
     _at_most("mia_auc", "audit.max_auc"),
     _at_most("mia_tpr_at_0_1pct_fpr", "audit.max_tpr_at_0_1pct_fpr"),
     _at_most("epsilon", "privacy.epsilon"),

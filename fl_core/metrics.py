@@ -46,6 +46,15 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((logits > 0).float() == labels.reshape(-1).float()).float().mean())
 
 
+def balanced_accuracy(tp: int, fp: int, tn: int, fn: int) -> float:
+    """Mean of sensitivity and specificity from confusion counts (at whatever threshold they
+    were taken); NaN when a class is absent. Always answering the majority class scores 0.5,
+    whatever the prevalence (accuracy would score the majority's share)."""
+    if tp + fn == 0 or tn + fp == 0:
+        return float("nan")
+    return (tp / (tp + fn) + tn / (tn + fp)) / 2
+
+
 def histogram_auc(histogram: torch.Tensor) -> float:
     """AUC from per-label score histograms ``[2, bins]`` (row 0: negatives, row 1: positives),
     bins in increasing score order: ``Σ_b pos_b · (neg_below_b + ½ neg_b) / (P·N)``.

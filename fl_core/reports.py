@@ -28,6 +28,7 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "test_loss": round(record.test_loss, 6),
         "accuracy": round(record.accuracy, 6),
         "auc": round(record.auc, 6),
+        "balanced_accuracy": round(record.balanced_accuracy, 6),
         "bytes_uploaded": record.bytes_uploaded,
         "bytes_downloaded": record.bytes_downloaded,
         "bytes_uploaded_uncompressed": record.bytes_uploaded_uncompressed,
@@ -152,6 +153,7 @@ class TrainingSummary:
 
     accuracy: float
     auc: float
+    balanced_accuracy: float  # at probability 0.5, like accuracy
     test_loss: float
     rounds: int
     clients: int
@@ -187,7 +189,8 @@ class TrainingSummary:
         down = sum(r.bytes_downloaded for r in h)
         down_raw = sum(r.bytes_downloaded_uncompressed for r in h)
         return cls(
-            accuracy=last.accuracy, auc=last.auc, test_loss=last.test_loss, rounds=len(h),
+            accuracy=last.accuracy, auc=last.auc, balanced_accuracy=last.balanced_accuracy,
+            test_loss=last.test_loss, rounds=len(h),
             clients=clients, partition=partition, bytes_uploaded=up, bytes_downloaded=down,
             bytes_uploaded_uncompressed=up_raw, bytes_downloaded_uncompressed=down_raw,
             compression_ratio=up_raw / max(up, 1), downlink_compression_ratio=down_raw / max(
@@ -218,6 +221,7 @@ class TrainingSummary:
 RUN_METRICS: dict[str, tuple[str, str]] = {
     "accuracy": ("train", "accuracy"),
     "auc": ("train", "auc"),
+    "balanced_accuracy": ("train", "balanced_accuracy"),
     "epsilon": ("train", "epsilon"),
     "delta": ("train", "delta"),
     "mia_auc": ("audit", "mia_auc"),

@@ -50,15 +50,19 @@ class LabelRule(_Part):
 
     Exactly one of ``positive_if`` (a comparison with a number, e.g. ``"> 0"``) and
     ``positive_values`` (the raw values that are positive). ``values``, if given, are all the
-    raw values the column may take (checked by data validation).
+    raw values the column may take (checked by data validation). ``drop_values`` (a subset of
+    ``values``, none of them positive) are results that are no label at all (a test that
+    gave no result): their rows are dropped when the table is loaded (counted and reported),
+    never read as negatives. Raw values compare as stripped text.
     """
 
     column: str = Field(min_length=1)
     positive_if: str | None = None
     positive_values: list[str] | None = Field(None, min_length=1)
     values: list[str] | None = Field(None, min_length=1)
+    drop_values: list[str] = Field(default_factory=list)
 
-    @field_validator("positive_values", "values", mode="before")
+    @field_validator("positive_values", "values", "drop_values", mode="before")
     @classmethod
     def _as_text(cls, value: Any) -> Any:
         return [str(v) for v in value] if isinstance(value, list) else value
@@ -78,6 +82,27 @@ class LabelRule(_Part):
             raise ValueError("give exactly one of positive_if (e.g. '> 0') and "
                              "positive_values (a list of raw values)")
         return self
+
+    @model_validator(mode="after")
+    def _drops_are_label_values(self) -> LabelRule:
+        if not self.drop_values:
+            return self
+        if self.values is None:
+            raise ValueError(f"drop_values {self.drop_values} needs values (every raw value "
+                             f"of the label column) to check them against")
+        unknown = [v for v in self.drop_values if v not in self.values]
+        if unknown:
+            raise ValueError(f"drop_values {unknown} not in values {self.values}")
+        positive = [v for v in self.drop_values if v in (self.positive_values or [])]
+        if positive:
+            raise ValueError(f"drop_values {positive} also in positive_values: a row is "
+                             f"either dropped or positive")
+        return self
+
+    def dropped(self, raw: Any) -> Any:
+        """Per value of the raw label column (a pandas Series), whether it is one of
+        ``drop_values`` (its row is dropped at load)."""
+        return raw.notna() & raw.astype(str).str.strip().isin(self.drop_values)
 
     def comparison(self) -> tuple[Callable[[Any, Any], Any], float] | None:
         """``positive_if`` as (operator, number), or None under ``positive_values``."""

@@ -54,7 +54,10 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
         raise DataError(f"{where}: cannot be read as the clinical CSV "
                         f"({type(exc).__name__})") from None
     if not sites:
-        raise DataError(f"{where}: the data file has no rows")
+        dropped = loader.dropped_rows()["label.drop_values"]
+        raise DataError(f"{where}: the data file has no rows" + (
+            f" with a label ({dropped} row(s) with a label in label.drop_values)"
+            if dropped else ""))
     foreign = sum(s != site_id for s in sites)
     if foreign:
         # the count only: a worker's error may travel, the other site's values must not
@@ -65,6 +68,13 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
                         f"feature; data.drop_incomplete)")
     (client,), _, _ = loader.partitioned(data_cfg, cfg.seed)
     return client
+
+
+def site_dropped_rows(cfg: PipelineConfig, csv_path: Path) -> dict[str, int]:
+    """The rows of a site's file left out at load, by key (counts only: they may go to the
+    coordinator); :meth:`~fl_core.data.FederatedDataLoader.dropped_rows`."""
+    data_cfg = cfg.data.model_copy(update={"path": str(Path(csv_path).resolve())})
+    return FederatedDataLoader.get(data_cfg).dropped_rows()
 
 
 # ------------------------------------------------------------------------- split-sites

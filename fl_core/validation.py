@@ -432,8 +432,10 @@ class _Runner:
 
 def _label_classes_failure(frame: pd.DataFrame, spec: DatasetSchema
                            ) -> FailedExpectation | None:
-    """A failure when the label rule makes every labelled row the same class."""
-    raw = frame[spec.label.column].dropna().astype(str).str.strip()
+    """A failure when the label rule makes every labelled row the same class (rows whose
+    label is one of ``label.drop_values`` carry no label)."""
+    labels = frame[spec.label.column]
+    raw = labels[~spec.label.dropped(labels)].dropna().astype(str).str.strip()
     comparison = spec.label.comparison()
     if comparison is None:
         positive = raw.isin(spec.label.positive_values or [])

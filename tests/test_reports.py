@@ -20,7 +20,8 @@ ARCHITECTURE_METRICS = {
 
 def _summary() -> TrainingSummary:
     records = [RoundRecord(round=r, train_loss=0.5 / r, test_loss=0.6 / r, accuracy=0.7,
-                           auc=0.8, bytes_uploaded=100, bytes_downloaded=400,
+                           auc=0.8, balanced_accuracy=0.6 + 0.05 * r, bytes_uploaded=100,
+                           bytes_downloaded=400,
                            bytes_uploaded_uncompressed=400, bytes_downloaded_uncompressed=400,
                            clients_ok=2, flagged_clients=["b"] if r == 2 else [],
                            client_accuracy={"a": 0.6, "b": 0.8}, epsilon=0.1 * r)
@@ -58,6 +59,7 @@ def test_run_metrics_has_every_field_once_with_its_source() -> None:
                         empirical_epsilon_lower_bound=0.0, mia_advantage=0.16, seconds=5.0)
     metrics = run_metrics(_summary(), audit, 12.3456)
     assert list(metrics) == list(RUN_METRICS)
+    assert metrics["balanced_accuracy"] == pytest.approx(0.75)  # the last round's
     assert metrics["accuracy"] == 0.7 and metrics["mia_auc"] == 0.55
     assert metrics["epsilon_replace_one"] == 0.7 and metrics["randomness"] == "secure"
     assert metrics["wall_seconds"] == 12.346 and metrics["audit_seconds"] == 5.0

