@@ -67,6 +67,15 @@ def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -
     assert cfg.data.spec.id == "heart_disease_uci"
     report = validate_file(raw_csv, cfg.data)
     assert report.success, report.message()
+    # ... and trains: partition and two federated DP rounds on the drafted schema
+    from fl_core.data import FederatedDataLoader
+    from fl_core.federation.build import federate
+
+    cfg = cfg.model_copy(update={"rounds": 2})
+    data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
+    assert len(data) == 4 and data[0].x_train.shape[1] >= 10
+    run = federate(cfg, data)
+    assert run.result.history[-1].accuracy > 0.6 and run.dp is not None
 
 
 def test_identifiers_and_free_text_are_ignored(tmp_path: Path) -> None:
