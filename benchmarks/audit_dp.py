@@ -36,6 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from report import require_public_dataset  # noqa: E402  (benchmarks/report.py)
+
 from fl_core.audit.canary import DRILLS  # noqa: E402
 from fl_core.audit.dp_audit import audit_dp  # noqa: E402
 from fl_core.config import load_config  # noqa: E402
@@ -44,8 +46,12 @@ from fl_core.federation.build import federate  # noqa: E402
 
 
 def _config(epsilon: float, extra: list[str]) -> Any:
-    return load_config(ROOT / "params.yaml", [f"privacy.epsilon={epsilon}",
-                                              "privacy.lifetime_epsilon=1000", *extra])
+    """The recipe at ``epsilon``; refused unless the data is the public embedded dataset
+    (audit runs zero the patients' gradients, yet benchmarks never read real patients)."""
+    cfg = load_config(ROOT / "params.yaml", [f"privacy.epsilon={epsilon}",
+                                             "privacy.lifetime_epsilon=1000", *extra])
+    require_public_dataset(ROOT / cfg.data.path)
+    return cfg
 
 
 def _gaussian(result: Any) -> dict[str, Any]:

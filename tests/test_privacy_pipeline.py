@@ -279,7 +279,9 @@ def test_server_side_dp_fedavg_is_accounted_per_round(project: Path) -> None:
     from fl_core.compression import dense_size
     from fl_core.privacy import epsilon_spent
 
-    overrides = ("rounds=3", "privacy.enabled=false", "privacy.server.enabled=true",
+    # 6 rounds: the asked counts of 3 rounds of Poisson(0.5) over 20 clients were all equal
+    # about 2 % of the time (seen once in the suite), failing the "it varies" check below
+    overrides = ("rounds=6", "privacy.enabled=false", "privacy.server.enabled=true",
                  "privacy.server.noise_multiplier=2.0", "aggregation.method=fedavg",
                  "anomaly.enabled=false", "aggregation.max_norm_factor=0",
                  "data.partition=by_patient", "client_fraction=0.5")
@@ -288,8 +290,8 @@ def test_server_side_dp_fedavg_is_accounted_per_round(project: Path) -> None:
     assert privacy["epsilon"] is None and privacy["client_rate"] == 0.5
     # one subsampled Gaussian mechanism per round at the client sampling rate
     assert privacy["client_level_epsilon"] == pytest.approx(
-        epsilon_spent(2.0, 0.5, 3, 1e-5, "prv"))
-    assert privacy["client_level_epsilon"] < epsilon_spent(2.0, 1.0, 3, 1e-5, "prv")
+        epsilon_spent(2.0, 0.5, 6, 1e-5, "prv"))
+    assert privacy["client_level_epsilon"] < epsilon_spent(2.0, 1.0, 6, 1e-5, "prv")
     rows = list(csv.DictReader((project / "reports" / "rounds.csv").open()))
     model_bytes = dense_size(19)  # the dense logistic regression: 18 features and a bias
     asked = [int(r["bytes_downloaded"]) // model_bytes for r in rows]
