@@ -223,7 +223,10 @@ def test_heart_train_metrics_unchanged(project: Path) -> None:
     got = [(r["round"], r["train_loss"], r["test_loss"], r["accuracy"], r["auc"], r["epsilon"])
            for r in summary["history"]]
     assert got == BEFORE
-    assert {k: summary[k] for k in EXPECTED_FINAL} == EXPECTED_FINAL
+    # the PRV accountant's FFTs differ in the last digits across CPUs (seen: 1.4e-12)
+    final = {k: summary[k] for k in EXPECTED_FINAL}
+    assert final.pop("epsilon") == pytest.approx(EXPECTED_FINAL["epsilon"], rel=1e-9)
+    assert final == {k: v for k, v in EXPECTED_FINAL.items() if k != "epsilon"}
 
 
 def test_an_integer_feature_refuses_a_fraction(tmp_path: Path, raw_csv: Path) -> None:

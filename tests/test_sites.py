@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,24 +123,33 @@ def test_sites_mode_on_a_real_server_with_one_worker_per_hospital(
     server.kill_worker("hungary")
     store = coordinator / ".fedpriv" / "messages"
     earlier = set(store.iterdir())  # the first run's session
+    # the sessions that are up must make it within the start timeout: on a slow machine they
+    # take a minute (imports in four processes at once), so scale it by the first run's
+    ready_s = float(re.search(r"sites ready: .* in ([0-9.]+) s", log).group(1))
+    start_timeout = max(40, round(1.5 * ready_s))
     proc = _run_sites(server, coordinator, tmp_path / "run-disturbed.log", [
-        "rounds=300", "min_clients=1", "federation.site_start_timeout_s=40",
+        "rounds=500", "min_clients=1", f"federation.site_start_timeout_s={start_timeout}",
         "federation.round_timeout_s=8"])
 
     def round_3_asked(slug: str) -> bool:
         return any(p.parents[2] not in earlier
                    for p in store.glob(f"*/{slug}/down/000005.msg"))  # round 3's fit
 
+    def disturbed_log() -> str:
+        return (tmp_path / "run-disturbed.log").read_text()
+
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not round_3_asked("cleveland"):
         time.sleep(0.05)
     server.kill_worker("cleveland")
-    while time.monotonic() < deadline and not round_3_asked("switzerland"):
+    while time.monotonic() < deadline and not round_3_asked("switzerland") \
+            and "site Switzerland is left out" not in disturbed_log():
         time.sleep(0.05)
+    assert "site Switzerland is left out" not in disturbed_log(), disturbed_log()[-3000:]
     assert server.kill_flow_runs("switzerland") >= 1
     assert proc.wait(timeout=600) == 0, (tmp_path / "run-disturbed.log").read_text()[-4000:]
     log = (tmp_path / "run-disturbed.log").read_text()
-    assert "site Hungary is left out of this run: no session within 40 s" in log
+    assert f"site Hungary is left out of this run: no session within {start_timeout} s" in log
     rows = list(csv.DictReader((coordinator / "reports" / "rounds.csv").open()))
     failed = [int(r["round"]) for r in rows if "Cleveland" in r["failed_clients"]]
     assert failed and failed[0] >= 3 and "Cleveland" not in rows[0]["failed_clients"]
@@ -148,7 +158,7 @@ def test_sites_mode_on_a_real_server_with_one_worker_per_hospital(
     assert _site_run_states(server, "cleveland") & {"CANCELLED", "CANCELLING"}
     assert "site Switzerland rejoined" in log
     missed = [int(r["round"]) for r in rows if "Switzerland" in r["failed_clients"]]
-    assert missed and missed[0] >= 3 and missed[-1] < 300  # failed, then back
+    assert missed and missed[0] >= 3 and missed[-1] < 500  # failed, then back
     assert rows[-1]["accuracy_Switzerland"] != ""
 
 
