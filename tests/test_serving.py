@@ -55,7 +55,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert "challenger" in out["registration"]["aliases"]
     uri = f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}"
     return {"project": project, "cfg": cfg, "uri": uri,
-            "model_file": Paths.of(cfg, project).model}
+            "model_file": Paths.of(cfg, project).model,
+            "aliases": out["registration"]["aliases"]}
 
 
 @contextmanager
@@ -82,20 +83,26 @@ def raw_rows(n: int, start: int = 0) -> pd.DataFrame:
     return frame.iloc[start:start + n].reset_index(drop=True)
 
 
-def test_registered_model_scores_raw_rows_like_the_network(registered: dict[str, Any]) -> None:
+@pytest.mark.parametrize("n", [1, 2, 500])
+def test_the_champion_scores_raw_rows_like_the_network(registered: dict[str, Any],
+                                                        n: int) -> None:
+    """``models:/…@champion`` on 1, 2 and 500 rows straight from the CSV: the probabilities
+    the pipeline's own network gives them through the declared transform."""
     import mlflow.pyfunc
 
     from adapters.serving import as_model_input
     from adapters.train import load_model
     from fl_core.data import TabularTransform
 
+    assert "champion" in registered["aliases"]
     with store(registered["uri"]):
-        loaded = mlflow.pyfunc.load_model(URI)
-    rows = raw_rows(5)
+        loaded = mlflow.pyfunc.load_model("models:/fedpriv-heart@champion")
+    rows = raw_rows(n)
+    assert len(rows) == n
     model_input = as_model_input(rows, loaded.unwrap_python_model().transform)
     assert model_input["sex"].tolist() == rows["sex"].tolist()  # raw strings, not encodings
     probabilities = loaded.predict(model_input)
-    assert len(probabilities) == 5
+    assert len(probabilities) == n
     assert all(0.0 <= p <= 1.0 for p in probabilities)
 
     network, _ = load_model(registered["model_file"])
