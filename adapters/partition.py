@@ -24,13 +24,13 @@ def partition_data(
     validated = read_json(paths.validation, "validate")  # validation must have run
     if not validated.get("success"):
         raise DataError(f"{paths.validation}: the data failed validation; fix "
-                        f"{cfg.data.path} and run the 'validate' stage again")
+                        f"{cfg.data.source_text} and run the 'validate' stage again")
     started = time.perf_counter()
     loader = FederatedDataLoader.get(cfg.data, paths.root)
     partition = loader.partition(cfg.data, cfg.seed)
     # by_site: the number of clients is the number of sites, known only now
     check_min_clients(cfg.min_clients, len(partition.clients),
-                      f"data.partition={partition.scheme}: one per site in {cfg.data.path}"
+                      f"data.partition={partition.scheme}: one per site in {cfg.data.source_text}"
                       if partition.scheme == "by_site" else "data.partition=by_patient")
     write_text_atomic(paths.partition, partition.to_json())
     clients = {c.client_id: {"train": len(c.train_ids), "test": len(c.test_ids)}

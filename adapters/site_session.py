@@ -74,7 +74,7 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
     client = build_site_client(cfg, data, index)
     restore_state(client, session)
     # counts only: the rows the site left out, and its split in records (patients: SiteReady)
-    summary = {**summary, "dropped_rows": site_dropped_rows(cfg, csv_path),
+    summary = {**summary, "dropped_rows": site_dropped_rows(cfg, csv_path, site),
                "records": {"train": data.num_train, "test": int(data.x_test.shape[0])}}
     _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run)
     return _answer_until_shutdown(SiteAnswerer(cfg, client, data, session), session,

@@ -9,20 +9,24 @@ from typing import Any
 from adapters.artifacts import Paths, write_json_atomic
 from fl_core.config import PipelineConfig
 from fl_core.data import file_fingerprint
-from fl_core.validation import raise_if_failed, validate_file
+from fl_core.validation import raise_if_failed, validate_sources
 
 
 def validate_data(
     cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
 ) -> dict[str, Any]:
-    """Validate ``data.path``; write ``reports/validation.json``; raise if it failed."""
+    """Validate ``data.path`` (or each of ``data.site_files``); write
+    ``reports/validation.json``; raise if it failed."""
     paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
-    source = paths.root / cfg.data.path
-    report = validate_file(source, cfg.data)
+    sources = cfg.data.sources(paths.root)
+    report = validate_sources(sources, cfg.data)
+    digests = {site: file_fingerprint(path) if path.is_file() else None
+               for path, site in sources}
+    per_site = cfg.data.site_files is not None  # one file per site: file and digest by site
     summary = {
-        "file": str(cfg.data.path),
-        "sha256": file_fingerprint(source) if source.is_file() else None,
+        "file": dict(cfg.data.site_files) if per_site else str(cfg.data.path),
+        "sha256": digests if per_site else digests[None],
         "success": report.success,
         "sites": report.sites,
         "failures": [
@@ -34,7 +38,7 @@ def validate_data(
         "results": report.results,
     }
     write_json_atomic(paths.validation, summary)
-    raise_if_failed(source, report)
+    raise_if_failed(cfg.data.source_text if per_site else sources[0][0], report)
     print(f"validation passed: {sum(report.sites.values())} rows, sites {report.sites}")
     return summary
 

@@ -30,8 +30,9 @@ def open_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
 
 
 def dataset_label(cfg: PipelineConfig) -> str:
-    """How a charge names its data, for display only (the key is the patient)."""
-    return Path(cfg.data.path).name
+    """How a charge names its data, for display only (the key is the patient): the file's
+    name, or the dataset's id for one file per site."""
+    return cfg.data.spec.id if cfg.data.site_files else Path(cfg.data.path).name
 
 
 def site_charges(

@@ -123,12 +123,18 @@ class DataConfig(_Section):
     :func:`load_config` (or from ``schema`` when a ``DataConfig`` is built directly), and
     carried in the dumped configuration so that a site needs no schema file of its own.
     ``features`` selects some of the schema's features (default: all of them).
+
+    ``site_files`` (site → file, relative to the project root) replaces ``path`` when the
+    schema declares ``site_source: file`` (one file per site, no site column): each file is
+    read as that site's rows (:meth:`sources`). In sites mode each worker names its own file
+    instead and the coordinator needs neither.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
                               populate_by_name=True)
 
     path: str = "data/raw/heart_disease_uci.csv"
+    site_files: dict[str, str] | None = Field(None, min_length=1)
     schema_path: str = Field(DEFAULT_SCHEMA, alias="schema", min_length=1)
     spec: DatasetSchema
     features: list[str] = Field(min_length=1)
@@ -161,6 +167,34 @@ class DataConfig(_Section):
                 f"unknown feature(s) {unknown}; accepted (data.schema "
                 f"{self.schema_path}): {', '.join(self.spec.features)}")
         return self
+
+    @model_validator(mode="after")
+    def _site_files_fit_schema(self) -> DataConfig:
+        if self.site_files is None:
+            return self
+        if self.spec.site_source != "file":
+            raise ValueError(
+                f"site_files: the schema {self.schema_path} reads each row's site from the "
+                f"column {self.spec.site!r} (site_source: column); give one data.path, or "
+                f"declare site_source: file in the schema")
+        unknown = [s for s in self.site_files if s not in self.spec.sites]
+        if unknown:
+            raise ValueError(f"site_files: unknown site(s) {unknown}; the schema's sites: "
+                             f"{', '.join(self.spec.sites)}")
+        return self
+
+    def sources(self, root: str | Path = ".") -> tuple[tuple[Path, str | None], ...]:
+        """The raw files to read (under ``root``, the project root), each with the site it
+        holds (None: its site column says which): ``((path, None),)``, or every
+        ``site_files`` entry in order."""
+        if self.site_files:
+            return tuple((Path(root) / path, site) for site, path in self.site_files.items())
+        return ((Path(root) / self.path, None),)
+
+    @property
+    def source_text(self) -> str:
+        """What messages call the data: ``path``, or ``data.site_files (N files)``."""
+        return f"data.site_files ({len(self.site_files)} files)" if self.site_files else self.path
 
     @property
     def reference(self) -> dict[str, FeatureReference]:
@@ -400,6 +434,11 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _sites_mode_supported(self) -> PipelineConfig:
         if self.federation.mode != "sites":
+            if self.data.spec.site_source == "file" and not self.data.site_files:
+                raise ValueError(
+                    f"data.site_files: the schema {self.data.schema_path} declares one file "
+                    f"per site (site_source: file); name each site's file, e.g. "
+                    f"data.site_files={{{self.data.spec.sites[0]}: <path>, ...}}")
             return self
         if self.data.partition != "by_site":
             raise ValueError("federation.mode=sites needs data.partition=by_site: each site "
@@ -585,6 +624,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     if not loc:  # a rule across sections: its message names the keys itself
         return msg
+    if isinstance(given, dict):  # a rule across a section's keys: not the whole section
+        return f"{loc}.{msg}" if re.match(r"^\w+: ", msg) else f"{loc}: {msg}"
     return f"{loc}: {msg} (got {given!r})"
 
 

@@ -279,10 +279,11 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 class FederatedDataLoader:
-    """The clinical table of one CSV, read lazily and shared across threads.
+    """The clinical table of one CSV (or of one file per site, ``data.site_files``), read
+    lazily and shared across threads.
 
-    Use :meth:`get`: it returns one instance per dataset key (resolved path, file size and
-    modification time, and the cleaning options), creating it under a class-level lock.
+    Use :meth:`get`: it returns one instance per dataset key (each file's resolved path, size
+    and modification time, and the cleaning options), creating it under a class-level lock.
     Construction reads nothing; the file is read on first access to :attr:`table`, once.
     Partitioning and transform options are passed per call, not fixed at construction.
     """
@@ -290,30 +291,41 @@ class FederatedDataLoader:
     _instances: ClassVar[dict[tuple, FederatedDataLoader]] = {}
     _instances_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, path: Path, config: DataConfig) -> None:
-        self.path = path
+    def __init__(self, sources: tuple[tuple[Path, str | None], ...], config: DataConfig
+                 ) -> None:
+        self.sources = sources  # (resolved file, the site it holds or None), DataConfig.sources
         self.config = config
         self._table: pd.DataFrame | None = None
         self._incomplete: pd.DataFrame | None = None
         self._dropped = 0  # rows whose label is one of label.drop_values
         self._lock = threading.Lock()
-        self.reads = 0  # how many times the file was read (tests check laziness)
+        self.reads = 0  # how many times the data were read (tests check laziness)
+
+    @property
+    def path(self) -> Path:
+        """The (first) file read: what messages name."""
+        return self.sources[0][0]
 
     @classmethod
     def get(cls, config: DataConfig, root: str | Path = ".") -> FederatedDataLoader:
-        path = (Path(root) / config.path).resolve()
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise DataError(f"{path}: data file not found (data.path)") from None
+        sources, stamps = [], []
+        for name, site in config.sources(root):
+            path = name.resolve()
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                key = "data.path" if site is None else f"data.site_files.{site}"
+                raise DataError(f"{path}: data file not found ({key})") from None
+            sources.append((path, site))
+            stamps.append((str(path), site, stat.st_size, stat.st_mtime_ns))
         key = (
-            str(path), stat.st_size, stat.st_mtime_ns,
+            tuple(stamps),
             tuple(config.features), config.drop_incomplete, config.spec.model_dump_json(),
         )
         with cls._instances_lock:
             instance = cls._instances.get(key)
             if instance is None:
-                instance = cls(path, config)
+                instance = cls(tuple(sources), config)
                 cls._instances[key] = instance
             return instance
 
@@ -336,15 +348,41 @@ class FederatedDataLoader:
         """The dataset schema the table is read with."""
         return self.config.spec
 
-    def _read(self) -> pd.DataFrame:
-        self.reads += 1
-        frame = pd.read_csv(self.path, keep_default_na=True, encoding="utf-8-sig")  # BOM-safe
-        cfg, spec = self.config, self.config.spec
-        needed = list(dict.fromkeys([*spec.required_columns, *cfg.features]))
+    def _read_source(self, path: Path, site: str | None) -> pd.DataFrame:
+        """One file's needed columns, its site column attached under ``site_source: file``."""
+        frame = pd.read_csv(path, keep_default_na=True, encoding="utf-8-sig")  # BOM-safe
+        spec = self.spec
+        frame, foreign = spec.attach_file_site(frame, site)
+        if foreign:
+            raise DataError(f"{path}: {foreign} row(s) name another site than {site!r} in "
+                            f"column {spec.site!r}; a site's file holds its own rows only")
+        needed = list(dict.fromkeys([*spec.required_columns, *self.config.features]))
         missing_cols = [c for c in needed if c not in frame.columns]
         if missing_cols:
-            raise DataError(f"{self.path}: missing column(s) {missing_cols}")
-        frame = frame[needed].copy()
+            raise DataError(f"{path}: missing column(s) {missing_cols}")
+        return frame[needed].copy()
+
+    def _raw_frame(self) -> pd.DataFrame:
+        """Every source's rows, in order; one file per site must not share a patient id."""
+        frames = [self._read_source(path, site) for path, site in self.sources]
+        if len(frames) == 1:
+            return frames[0]
+        spec = self.spec
+        frame = pd.concat(frames, ignore_index=True)
+        ids = frame[spec.patient_id].astype(str).str.strip()
+        sites_per_patient = frame[spec.site].groupby(ids).nunique()
+        shared = int((sites_per_patient > 1).sum())
+        if shared:
+            # a count only: the ids are the sites' patient identifiers
+            raise DataError(f"{shared} patient id(s) occur in more than one site's file "
+                            f"(data.site_files): one id must be one patient across the "
+                            f"files; make the ids unique per patient (e.g. prefix the site)")
+        return frame
+
+    def _read(self) -> pd.DataFrame:
+        self.reads += 1
+        cfg, spec = self.config, self.config.spec
+        frame = self._raw_frame()
         # one site per patient (the site of their first record; site_groups mapped), taken
         # before dropping rows so that a site's own file (split-sites) gives the same sites
         frame[spec.site] = spec.site_of(frame)

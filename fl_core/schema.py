@@ -253,12 +253,20 @@ class DatasetSchema(_Part):
     record in file order (:meth:`site_of`).
     ``records_per_patient``: ``one`` (the patient id is unique) or ``many`` (a patient may
     have several rows; the privacy unit stays the patient).
+
+    ``site_source``: ``column`` (default: the table has a site column, ``site``) or ``file``
+    (the data come as one file per site, with no site column: a row's site is the file it is
+    in, named by ``data.site_files`` in simulation or by the site's worker in sites mode;
+    ``site`` is then the name of the column fedpriv adds, default ``site``). A file that
+    does have such a column must hold only its own site's value there
+    (:meth:`attach_file_site`).
     """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str | None = None
     patient_id: str = Field(min_length=1)
     site: str = Field(min_length=1)
+    site_source: Literal["column", "file"] = "column"
     sites: list[str] = Field(min_length=1)
     label: LabelRule
     max_missing_rate: float = Field(0.1, ge=0, le=1)
@@ -267,6 +275,14 @@ class DatasetSchema(_Part):
     site_groups: dict[str, list[str]] | None = None
     site_default: str | None = None
     records_per_patient: Literal["one", "many"] = "one"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_site_column(cls, raw: Any) -> Any:
+        # one file per site: the column fedpriv adds may be left unnamed
+        if isinstance(raw, dict) and raw.get("site_source") == "file" and "site" not in raw:
+            return {**raw, "site": "site"}
+        return raw
 
     @field_validator("site_groups", mode="before")
     @classmethod
@@ -278,6 +294,9 @@ class DatasetSchema(_Part):
 
     @model_validator(mode="after")
     def _groups_consistent(self) -> DatasetSchema:
+        if self.site_source == "file" and self.site_groups is not None:
+            raise ValueError("site_groups maps values of a site column; with site_source: "
+                             "file a row's site is the file it is in")
         if self.site_groups is None:
             if self.site_default is not None:
                 raise ValueError("site_default needs site_groups")
@@ -303,6 +322,19 @@ class DatasetSchema(_Part):
         if self.site_default is not None:
             mapped = mapped.where(mapped.notna() | text.isna(), self.site_default)
         return mapped
+
+    def attach_file_site(self, frame: Any, site: str | None) -> tuple[Any, int]:
+        """Under ``site_source: file``, ``frame`` (one site's raw file) with its site column
+        set to ``site``, and how many rows named another site there (a file that has the
+        column must hold its own site's rows only; an empty cell takes the file's site).
+        Under ``column`` (or without a site) the frame as it is, and 0."""
+        if self.site_source != "file" or site is None:
+            return frame, 0
+        foreign = 0
+        if self.site in frame.columns:
+            named = frame[self.site].astype(str).str.strip().where(frame[self.site].notna())
+            foreign = int((named.notna() & (named != site)).sum())
+        return frame.assign(**{self.site: site}), foreign
 
     def site_of(self, frame: Any) -> Any:
         """Per row of ``frame`` (raw table), its patient's site: the site
@@ -379,9 +411,13 @@ def _describe(error: Any) -> str:
     msg = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
+    if error["type"] == "missing":
+        return f"{loc}: required key missing"
     if error["type"] == "literal_error" and "unknown type" not in msg:
         msg = f"unknown type {error.get('input')!r}; accepted: {', '.join(FEATURE_TYPES)}"
-    return f"{loc or '<top>'}: {msg} (got {error.get('input')!r})" if loc else msg
+    if not loc or isinstance(error.get("input"), dict):  # a rule across keys: no input dump
+        return f"{loc}: {msg}" if loc else msg
+    return f"{loc}: {msg} (got {error.get('input')!r})"
 
 
 def parse_schema(tree: dict[str, Any], source: str) -> DatasetSchema:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fl_core.config import ConfigError, PipelineConfig, site_slug
+from fl_core.config import ConfigError, DataConfig, PipelineConfig, site_slug
 from fl_core.data import ClientData, DataError, FederatedDataLoader
 from fl_core.schema import DatasetSchema
 
@@ -41,7 +41,7 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
         raise DataError(f"{where}: the data file does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{where}: the data file is empty (0 bytes)")
-    data_cfg = cfg.data.model_copy(update={"path": str(path)})
+    data_cfg = own_data_config(cfg, path, site_id)
     loader = FederatedDataLoader.get(data_cfg)
     column = data_cfg.spec.site
     try:
@@ -70,11 +70,19 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
     return client
 
 
-def site_dropped_rows(cfg: PipelineConfig, csv_path: Path) -> dict[str, int]:
+def own_data_config(cfg: PipelineConfig, csv_path: Path, site_id: str) -> DataConfig:
+    """``cfg.data`` reading only the site's own file: as ``data.path``, or under the schema's
+    ``site_source: file`` (no site column) as the one entry of ``data.site_files``."""
+    path = str(Path(csv_path).resolve())
+    if cfg.data.spec.site_source == "file":
+        return cfg.data.model_copy(update={"site_files": {site_id: path}})
+    return cfg.data.model_copy(update={"path": path, "site_files": None})
+
+
+def site_dropped_rows(cfg: PipelineConfig, csv_path: Path, site_id: str) -> dict[str, int]:
     """The rows of a site's file left out at load, by key (counts only: they may go to the
     coordinator); :meth:`~fl_core.data.FederatedDataLoader.dropped_rows`."""
-    data_cfg = cfg.data.model_copy(update={"path": str(Path(csv_path).resolve())})
-    return FederatedDataLoader.get(data_cfg).dropped_rows()
+    return FederatedDataLoader.get(own_data_config(cfg, csv_path, site_id)).dropped_rows()
 
 
 # ------------------------------------------------------------------------- split-sites
@@ -114,13 +122,7 @@ def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
     site, or two sites would share a folder name."""
     path = Path(path)
     site_column = spec.site
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            records = list(csv.reader(handle))
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found (data.path)") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot be read as CSV ({type(exc).__name__})") from None
+    records = _csv_records(path, "data.path")
     if not records or site_column not in records[0]:
         raise DataError(f"{path}: no {site_column!r} column in the header: cannot split by "
                         f"site")
@@ -148,6 +150,42 @@ def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
         groups.setdefault(site, []).append(row)
     files = [SiteFile(site, site_slug(site), header, rows, spec.patient_id)
              for site, rows in groups.items()]
+    _check_slugs(path, files)
+    return files
+
+
+def _csv_records(path: Path, key: str) -> list[list[str]]:
+    """Every row of the CSV at ``path`` as text cells (the header first); ``key`` is the
+    configuration key that named the file."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            return list(csv.reader(handle))
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found ({key})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot be read as CSV ({type(exc).__name__})") from None
+
+
+def own_site_files(cfg: PipelineConfig, root: Path) -> list[SiteFile]:
+    """The site files ``split-sites`` writes: ``data.path`` split by the schema's site
+    column, or, for data that already come one file per site (``data.site_files``), each
+    site's file as it is."""
+    if not cfg.data.site_files:
+        return split_by_site(root / cfg.data.path, cfg.data.spec)
+    files = []
+    for path, site in cfg.data.sources(root):
+        assert site is not None
+        records = _csv_records(path, f"data.site_files.{site}")
+        if not records:
+            raise DataError(f"{path}: the data file is empty (data.site_files.{site})")
+        body = [r for r in records[1:] if r]
+        files.append(SiteFile(site, site_slug(site), records[0], body, cfg.data.spec.patient_id))
+    _check_slugs(root, files)
+    return files
+
+
+def _check_slugs(path: Path, files: list[SiteFile]) -> None:
+    """Every site gets a folder name of its own."""
     slugs: dict[str, str] = {}
     for f in files:
         if not f.slug:
@@ -156,4 +194,3 @@ def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
             raise DataError(f"{path}: sites {slugs[f.slug]!r} and {f.site!r} would share the "
                             f"folder {f.slug!r}")
         slugs[f.slug] = f.site
-    return files

@@ -35,14 +35,14 @@ from __future__ import annotations
 import csv
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from fl_core.config import DataConfig, PipelineConfig
+from fl_core.config import ConfigError, DataConfig, PipelineConfig
 from fl_core.schema import DatasetSchema
 
 if TYPE_CHECKING:
@@ -110,6 +110,8 @@ class FailedExpectation:
     public_detail: str = ""
     unexpected_count: int | None = None
     element_count: int | None = None
+    # set when the data as a whole contradict the dataset schema: the key to fix there
+    schema_key: str | None = None
 
     def line(self) -> str:
         """One line: site, column, expectation, observed value and the explanation."""
@@ -160,19 +162,45 @@ class DataValidationError(ValueError):
         super().__init__(f"{self.path}: {report.message()}")
 
 
+class SchemaMismatchError(DataValidationError, ConfigError):
+    """The data as a whole contradict the dataset schema (a declared column is not in the
+    file, the label rule gives one class, a declared range excludes every value): the
+    schema key named is what to fix, so it is a configuration error (exit 2)."""
+
+    def __init__(self, path: str | Path, report: ValidationReport) -> None:
+        super().__init__(path, report)
+        lines = [f"{f.schema_key}: {f.detail}" for f in report.failures]
+        self.args = (f"{path} does not fit the dataset schema (data.schema): "
+                     + "; ".join(lines),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def raise_if_failed(path: str | Path, report: ValidationReport) -> ValidationReport:
-    """Return ``report`` if it passed, else raise :class:`DataValidationError` for ``path``."""
+    """Return ``report`` if it passed, else raise :class:`DataValidationError` for ``path``
+    (:class:`SchemaMismatchError` when every failure is the schema's)."""
     if not report.success:
+        if all(f.schema_key for f in report.failures):
+            raise SchemaMismatchError(path, report)
         raise DataValidationError(path, report)
     return report
 
 
 # ------------------------------------------------------------------------------ file level
 def _file_failure(expectation: str, column: str | None, observed: object, detail: str,
-                  public: str | None = None) -> FailedExpectation:
-    """A file-level failure; ``public`` is ``detail`` without values (default: ``detail``)."""
+                  public: str | None = None, schema_key: str | None = None
+                  ) -> FailedExpectation:
+    """A file-level failure; ``public`` is ``detail`` without values (default: ``detail``);
+    ``schema_key``: the schema key the whole file contradicts."""
     return FailedExpectation(ALL_SITES, expectation, column, observed, detail,
-                             detail if public is None else public)
+                             detail if public is None else public, schema_key=schema_key)
+
+
+def _schema_key_of(spec: DatasetSchema, column: str) -> str:
+    """The schema key that declares ``column``."""
+    roles = {spec.patient_id: "patient_id", spec.site: "site", spec.label.column: "label.column"}
+    return roles.get(column, f"features.{column}")
 
 
 def _features(data: DataConfig) -> list[str]:
@@ -184,9 +212,10 @@ def _required_columns(data: DataConfig) -> list[str]:
     return list(dict.fromkeys([*data.spec.required_columns, *data.features]))
 
 
-def _read_table(path: Path, data: DataConfig
+def _read_table(path: Path, data: DataConfig, site: str | None = None
                 ) -> tuple[pd.DataFrame | None, list[FailedExpectation], dict[str, Any]]:
-    """Read ``path`` as text columns; return (frame or None, file-level failures, summary)."""
+    """Read ``path`` as text columns; return (frame or None, file-level failures, summary).
+    ``site``: the site the file holds (``site_source: file``), attached as its site column."""
     summary: dict[str, Any] = {"path": str(path)}
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
@@ -212,16 +241,45 @@ def _read_table(path: Path, data: DataConfig
     summary["columns"] = [str(c) for c in frame.columns]
     failures: list[FailedExpectation] = []
     header = [str(c) for c in frame.columns]
+    frame, foreign = data.spec.attach_file_site(frame, site)
+    if foreign:
+        failures.append(_file_failure(
+            "file_rows_of_one_site", data.spec.site, foreign,
+            f"{foreign} of {len(frame)} rows name another site than {site!r} in column "
+            f"{data.spec.site!r}; a site's file holds its own rows only"))
     for col in _required_columns(data):
         if col not in frame.columns:
             failures.append(_file_failure(
                 "required_column_present", col, header,
                 f"required column {col!r} is missing from the header",
+                schema_key=_schema_key_of(data.spec, col),
             ))
     if len(frame) == 0:
         failures.append(_file_failure("file_has_rows", None, 0,
                                       "the data file has a header but no data rows"))
     return frame, failures, summary
+
+
+def _read_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig
+                  ) -> tuple[pd.DataFrame | None, list[FailedExpectation], dict[str, Any]]:
+    """:func:`_read_table` of every source; several (one file per site) are checked file by
+    file (each failure names its site and file) and validated as one table."""
+    if len(sources) == 1:
+        return _read_table(Path(sources[0][0]), data, sources[0][1])
+    frames, failures, summaries = [], [], []
+    for path, site in sources:
+        frame, found, summary = _read_table(Path(path), data, site)
+        frames.append(frame)
+        summaries.append({"site": site, **summary})
+        where = f"site {site!r}" if str(path) in "".join(f.detail for f in found) else \
+            f"site {site!r} ({path})"
+        failures += [replace(f, detail=f"{where}: {f.detail}",
+                             public_detail=f"site {site!r}: {f.public_detail}") for f in found]
+    summary = {"files": summaries, "rows": sum(s.get("rows", 0) for s in summaries),
+               "columns": summaries[0].get("columns", [])}
+    if failures or any(f is None for f in frames):
+        return None, failures, summary
+    return pd.concat(frames, ignore_index=True), failures, summary
 
 
 # ------------------------------------------------------------------------------ GX suites
@@ -446,19 +504,54 @@ def _label_classes_failure(frame: pd.DataFrame, spec: DatasetSchema
         return None  # no label at all fails elsewhere (not null); two classes: fine
     kind = "positive" if positive.all() else "negative"
     rule = spec.label.positive_if or f"positive_values {spec.label.positive_values}"
+    key = "label.positive_if" if spec.label.positive_if else "label.positive_values"
     return _file_failure("label_has_two_classes", spec.label.column, kind,
                          f"the label rule {rule!r} makes all {len(positive)} labelled rows "
-                         f"{kind}: one class, nothing to learn (schema label)")
+                         f"{kind}: one class, nothing to learn (schema label)",
+                         schema_key=key)
 
 
-def check_file(path: str | Path, data: DataConfig, *, both_classes: bool = True
-               ) -> tuple[pd.DataFrame | None, ValidationReport]:
+def _ranges_excluding_everything(frame: pd.DataFrame, data: DataConfig
+                                 ) -> list[FailedExpectation]:
+    """A failure per numeric feature whose declared ``[low, high]`` holds none of the
+    file's numbers (its "not measured" tokens aside): the range, not the data, is wrong."""
+    out = []
+    numbers = _numeric_frame(frame, data)
+    for col in numbers.columns:
+        spec = data.spec.feature(col)
+        values = numbers[col].dropna()
+        values = values[~values.isin([t for t in spec.missing_values
+                                      if isinstance(t, int | float)])]
+        assert spec.low is not None and spec.high is not None
+        if values.empty or values.between(spec.low, spec.high).any():
+            continue
+        out.append(_file_failure(
+            "range_holds_some_value", col, [float(values.min()), float(values.max())],
+            f"the declared range [{spec.low:g}, {spec.high:g}] excludes all {len(values)} "
+            f"values of {col!r} (observed {values.min():g} to {values.max():g})",
+            f"the declared range [{spec.low:g}, {spec.high:g}] excludes all {len(values)} "
+            f"values of {col!r}", schema_key=f"features.{col}.low/high"))
+    return out
+
+
+def check_file(path: str | Path, data: DataConfig, *, both_classes: bool = True,
+               site: str | None = None) -> tuple[pd.DataFrame | None, ValidationReport]:
     """The file-level checks alone (no GX, milliseconds): the file exists, parses, has rows
     and every required column, and (``both_classes``) its label rule gives two classes.
-    Returns the frame (None if unreadable) and a report whose ``results["file"]`` lists them."""
-    frame, failures, summary = _read_table(Path(path), data)
-    if frame is not None and not failures and both_classes:
-        failures += [f for f in [_label_classes_failure(frame, data.spec)] if f]
+    Returns the frame (None if unreadable) and a report whose ``results["file"]`` lists them.
+    ``site``: the site the file holds, under ``site_source: file``."""
+    return check_sources([(Path(path), site)], data, both_classes=both_classes)
+
+
+def check_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig, *,
+                  both_classes: bool = True
+                  ) -> tuple[pd.DataFrame | None, ValidationReport]:
+    """:func:`check_file` over several files (one per site), read as one table."""
+    frame, failures, summary = _read_sources(sources, data)
+    if frame is not None and not failures:
+        failures += _ranges_excluding_everything(frame, data)
+        if both_classes:
+            failures += [f for f in [_label_classes_failure(frame, data.spec)] if f]
     summary["checks"] = [
         {"expectation": f.expectation, "column": f.column, "success": False,
          "observed": _jsonable(f.observed), "detail": f.detail}
@@ -467,15 +560,24 @@ def check_file(path: str | Path, data: DataConfig, *, both_classes: bool = True
     return frame, ValidationReport(not failures, tuple(failures), {}, {"file": summary})
 
 
-def validate_file(path: str | Path, data: DataConfig, *, both_classes: bool = True
-                  ) -> ValidationReport:
+def validate_file(path: str | Path, data: DataConfig, *, both_classes: bool = True,
+                  site: str | None = None) -> ValidationReport:
     """Validate the raw CSV at ``path``: file-level checks, then the GX suites per site.
 
     Never raises for bad data: a failing file gives a report with ``success=False`` whose
     failures name the site, column, expectation and observed values. ``both_classes``: the
     label rule must give both classes over the file (not asked of one site's own file).
+    ``site``: the site the file holds, under ``site_source: file`` (no site column).
     """
-    frame, checked = check_file(path, data, both_classes=both_classes)
+    return validate_sources([(Path(path), site)], data, both_classes=both_classes)
+
+
+def validate_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig, *,
+                     both_classes: bool = True) -> ValidationReport:
+    """:func:`validate_file` over several files (one per site, ``data.site_files``): each
+    file checked on its own, then the suites on their rows as one table (a patient id is
+    unique across the files)."""
+    frame, checked = check_sources(sources, data, both_classes=both_classes)
     failures = list(checked.failures)
     results: dict[str, Any] = dict(checked.results)
     if frame is None or failures:
@@ -514,7 +616,8 @@ def validate_site_file(cfg: PipelineConfig, csv_path: str | Path, site_id: str
     """Validate one hospital's own file (sites mode): :func:`validate_file`, and every row
     must be ``site_id``'s. Returns the full report (it stays at the site) and
     :func:`site_validation_summary` of it (what may go to the coordinator)."""
-    report = validate_file(csv_path, cfg.data, both_classes=False)  # one site may hold one
+    site = site_id if cfg.data.spec.site_source == "file" else None  # no site column
+    report = validate_file(csv_path, cfg.data, both_classes=False, site=site)  # one class ok
     file_rows = report.results.get("file", {}).get("rows")
     failures = list(report.failures)
     if file_rows:  # the file was read and has rows

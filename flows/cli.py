@@ -62,8 +62,10 @@ preflight:
   (mlflow.tracking_uri: a server answers GET /health within 5 s; a sqlite or file store's
   directory is writable), the privacy ledger and reports_dir are checked, in seconds.
 
-exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI),
-  3 data failed validation, 4 training failed, 5 privacy budget exhausted,
+exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI, a
+  dataset schema the data contradict: a declared column absent, a one-class label rule, a
+  range excluding every value), 3 data failed validation, 4 training failed, 5 privacy
+  budget exhausted,
   6 preflight: the MLflow store, the ledger or reports_dir unreachable or not writable,
   7 the model is registered but reports/ could not be updated (the next run publishes it),
   8 `fedpriv audit-dp` found a PRIVACY FAILURE (ε lower bound > the accountant's ε), 1 other.
@@ -223,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     split = sub.add_parser(
         "split-sites", parents=[common], help="write one CSV per hospital (sites mode)",
         description="Split data.path by hospital (the schema's site column) into OUT/<site>/<file "
-                    "name>, <site> the hospital's name in lower case with '-' for anything "
+                    "name> (data that come one file per site, data.site_files, are copied "
+                    "as they are), <site> the hospital's name in lower case with '-' for anything "
                     "but letters and digits (e.g. va-long-beach). Each file keeps the header "
                     "and that hospital's rows in their original order. Each folder is what "
                     "one hospital's worker sees in sites mode: its own patients and nobody "
@@ -261,7 +264,8 @@ def schema_text(data: Any) -> str:
     if spec.label.drop_values:
         rule += "; row dropped: " + ", ".join(spec.label.drop_values)
     rows = [[spec.patient_id, "patient id", "", "", ids, "", "0 %", ""],
-            [spec.site, "site", "", "", ", ".join(spec.sites), "", "0 %", ""],
+            [spec.site, "site" if spec.site_source == "column" else "site (one file each)",
+             "", "", ", ".join(spec.sites), "", "0 %", ""],
             [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
              "", "0 %", rule]]
     for name in data.features:
@@ -324,12 +328,13 @@ def infer_command(args: argparse.Namespace, root: Path) -> int:
 def split_sites(cfg: Any, root: Path, out: str) -> None:
     """``fedpriv split-sites``: write and list one CSV per site."""
     from adapters.artifacts import write_text_atomic
-    from fl_core.site_data import split_by_site
+    from fl_core.site_data import own_site_files
 
-    source = root / cfg.data.path
     target = root / out
-    for site in split_by_site(source, cfg.data.spec):
-        path = target / site.slug / source.name
+    for site in own_site_files(cfg, root):
+        # each file keeps its name: data.path's, or the site's own under data.site_files
+        name = Path((cfg.data.site_files or {}).get(site.site, cfg.data.path)).name
+        path = target / site.slug / name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, site.text())
         # what the site's worker needs to know, outside the folder it reads
@@ -503,10 +508,11 @@ def precheck_data(cfg: Any, root: Path) -> None:
     label classes) before ``fedpriv run`` starts Prefect; sites mode has no file here."""
     if cfg.federation.mode != "simulation":
         return
-    from fl_core.validation import check_file, raise_if_failed
+    from fl_core.validation import check_sources, raise_if_failed
 
-    source = root / cfg.data.path
-    raise_if_failed(source, check_file(source, cfg.data)[1])
+    sources = cfg.data.sources(root)
+    where = cfg.data.source_text if cfg.data.site_files else sources[0][0]
+    raise_if_failed(where, check_sources(sources, cfg.data)[1])
 
 
 def data_error_text(exc: Exception) -> str:

@@ -275,7 +275,8 @@ def test_invalid_results_are_dropped_at_load_not_read_as_negatives(tmp_path: Pat
         assert own.x_train.equal(simulated[f.site].x_train)
         pids = {int(r[0]) for r in f.rows}
         dropped = int((invalid & frame["pid"].isin(pids)).sum())
-        assert site_dropped_rows(full, tmp_path / f"{f.slug}.csv")["label.drop_values"] == dropped
+        counts = site_dropped_rows(full, tmp_path / f"{f.slug}.csv", f.site)
+        assert counts["label.drop_values"] == dropped
     # one class after dropping is refused: invalid results are not the missing class
     frame.loc[frame["result"] == "positive", "result"] = "invalid"
     frame.to_csv(tmp_path / "one-class.csv", index=False)

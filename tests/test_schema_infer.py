@@ -204,22 +204,34 @@ def _bad_project(project: Path) -> dict[str, list[str]]:
     return {"header-only": ["--set", "data.path=header.csv"],
             "empty": ["--set", "data.path=empty.csv"],
             "no patient id": ["--set", "data.path=noid.csv"],
-            "one class": ["--set", 'schema.label.positive_if="> 10"']}
+            "one class": ["--set", 'schema.label.positive_if="> 10"'],
+            "range excludes all": ["--set", "schema.features.age.low=200", "--set",
+                                   "schema.features.age.high=300", "--set",
+                                   "schema.features.age.fill=250"]}
 
 
-EXPECTED = {"header-only": "has a header but no data rows", "empty": "is empty (0 bytes)",
-            "no patient id": "required column 'id' is missing",
-            "one class": "makes all 920 labelled rows negative: one class"}
+# (exit code, what stderr says): 3 for a file that is not data, 2 for a schema the data
+# contradict as a whole (the schema key named)
+EXPECTED = {"header-only": (3, "has a header but no data rows"),
+            "empty": (3, "is empty (0 bytes)"),
+            "no patient id": (2, "(data.schema): patient_id: required column 'id' is missing"),
+            "one class": (2, "(data.schema): label.positive_if: the label rule '> 10' makes "
+                             "all 920 labelled rows negative: one class"),
+            "range excludes all": (2, "(data.schema): features.age.low/high: the declared "
+                                      "range [200, 300] excludes all 920 values of 'age' "
+                                      "(observed 28 to 77)")}
 
 
 @pytest.mark.parametrize("command", [["stage", "validate"], ["run"]])
 def test_data_errors_are_one_short_line(project: Path, command: list[str]) -> None:
     for case, overrides in _bad_project(project).items():
         done = cli(*command, "--root", str(project), *overrides, cwd=project)
-        assert done.returncode == 3, (case, done.stderr)
+        code, text = EXPECTED[case]
+        assert done.returncode == code, (case, done.stderr)
         assert "Traceback" not in done.stderr, case
         assert len(done.stderr.splitlines()) <= 5, (case, done.stderr)
-        assert "fedpriv: data error: " in done.stderr and EXPECTED[case] in done.stderr, case
+        kind = "data error" if code == 3 else "configuration error"
+        assert f"fedpriv: {kind}: " in done.stderr and text in done.stderr, case
     assert not (project / ".fedpriv" / "runs").exists() or \
         not any((project / ".fedpriv" / "runs").iterdir())  # refused before the flow started
 

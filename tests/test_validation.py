@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fl_core.config import DataConfig
+from fl_core.config import ConfigError, DataConfig
 from fl_core.validation import (
     ALL_SITES,
     DataValidationError,
     FailedExpectation,
+    SchemaMismatchError,
     ValidationReport,
     raise_if_failed,
     validate_file,
@@ -257,14 +258,30 @@ def test_missing_rate_threshold_is_per_site(tmp_path: Path, raw: pd.DataFrame) -
 
 # ------------------------------------------------------------------------------ errors
 def test_data_validation_error_carries_report(tmp_path: Path, raw: pd.DataFrame) -> None:
-    path = write(tmp_path, raw.drop(columns=["chol"]), "no_chol.csv")
+    bad = raw.copy()
+    bad.loc[0, "age"] = "150"
+    path = write(tmp_path, bad, "old.csv")
     report = validate_file(path, DATA)
     with pytest.raises(DataValidationError) as info:
         raise_if_failed(path, report)
     assert info.value.report is report
+    assert not isinstance(info.value, ConfigError)  # the data, not the schema: exit 3
     assert str(info.value).startswith(f"{path}: ")
-    assert "chol" in str(info.value)
+    assert "age" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_a_file_that_contradicts_the_schema_is_a_configuration_error(
+        tmp_path: Path, raw: pd.DataFrame) -> None:
+    """A declared column absent from the header: the schema key is named, exit 2."""
+    path = write(tmp_path, raw.drop(columns=["chol"]), "no_chol.csv")
+    report = validate_file(path, DATA)
+    with pytest.raises(SchemaMismatchError) as info:
+        raise_if_failed(path, report)
+    assert info.value.report is report and isinstance(info.value, ConfigError)
+    assert str(info.value) == (f"{path} does not fit the dataset schema (data.schema): "
+                               f"features.chol: required column 'chol' is missing from the "
+                               f"header")
 
 
 def test_raise_if_failed_passes_a_good_report(real_report: ValidationReport) -> None:
