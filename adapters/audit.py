@@ -298,7 +298,7 @@ def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
     print(f"audit at {len(sites)} sites: loss threshold and site-local online LiRA "
           f"({cfg.audit.shadow_models} shadows per site); score histograms only", flush=True)
     replies = []
-    for site, answer in transport.exchange(requests, cfg.federation.round_timeout_s).items():
+    for site, answer in transport.exchange(requests, cfg.federation.audit_timeout_s).items():
         try:
             reply = decode_message(answer, site=site, expect=(AuditReply, Failure))
         except MessageError as exc:  # a transport failure (no bytes) says why itself

@@ -376,6 +376,16 @@ class FederationConfig(_Section):
     round_timeout_s: float = Field(300.0, gt=0, le=86_400)
     # how long a site's session may take to start (worker pick-up, imports, validation)
     site_start_timeout_s: float = Field(180.0, gt=0, le=86_400)
+    # the audit at a site trains audit.shadow_models shadows: far longer than a round
+    audit_timeout_s: float = Field(600.0, gt=0, le=86_400)
+
+    @property
+    def session_idle_timeout_s(self) -> float:
+        """How long a site's session waits for the next instruction before it gives up: past
+        the longest the coordinator may be busy elsewhere (waiting for the other sites to
+        start, for a round, for the others' audits)."""
+        return self.site_start_timeout_s + max(2 * self.round_timeout_s,
+                                               self.audit_timeout_s) + 60
 
     @model_validator(mode="after")
     def _sites_named_once(self) -> FederationConfig:

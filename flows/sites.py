@@ -30,6 +30,9 @@ from fl_core.federation.messages import (
 
 SITE_FLOW = "fl-site"
 SITE_ENTRYPOINT = "flows.site:fl_site"
+START_ATTEMPTS = 3
+"""Sessions started for a site whose session crashes before it is ready (a Prefect API that
+answered 503 to its worker, a killed process): transient, so worth another try."""
 
 
 def deployment_name(site: str) -> str:
@@ -70,6 +73,7 @@ class SiteSessions:
     refused: dict[str, str] = field(default_factory=dict)
     _states: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     _rejoining: dict[str, float] = field(default_factory=dict)  # site → restart time
+    _starts: dict[str, int] = field(default_factory=dict)  # site → sessions started
 
     @property
     def site_ids(self) -> list[str]:
@@ -89,11 +93,15 @@ class SiteSessions:
                 parameters={"site": spec.id, "session": self.store.session, "index": index,
                             "charge_key": self.charge_key,
                             "config": config, "message_store": str(self.store.path.parent),
-                            "idle_timeout_s": 2 * self.cfg.federation.round_timeout_s + 60})
+                            "idle_timeout_s": self.cfg.federation.session_idle_timeout_s})
             self.runs[spec.id] = run.id
+            self._starts[spec.id] = self._starts.get(spec.id, 0) + 1
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Collect every site's :class:`SiteReady` (or its refusal) until ``timeout_s``."""
+        """Collect every site's :class:`SiteReady` (or its refusal) until ``timeout_s``. A
+        session that *crashed* before it said ready (its infrastructure failed: the worker
+        could not submit it, its process was killed) is started again, up to
+        :data:`START_ATTEMPTS` sessions in all; one that failed or refused is left out."""
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             for site in self.site_ids:
@@ -101,7 +109,7 @@ class SiteSessions:
                     self._read_ready(site)
                     gone = self.gone(site)
                     if site not in self.ready and site not in self.refused and gone:
-                        self.refused[site] = gone
+                        self._start_again_or_refuse(site, gone)
             if len(self.ready) + len(self.refused) == len(self.site_ids):
                 return
             time.sleep(0.05)
@@ -110,6 +118,16 @@ class SiteSessions:
                 self.refused[site] = (f"no session within {timeout_s:g} s "
                                       f"({self._state_name(site) or 'not started'}): is its "
                                       f"worker running on pool {self._pool(site)}?")
+
+    def _start_again_or_refuse(self, site: str, gone: str) -> None:
+        """A session that ended before it was ready: crashed → a new one, else left out."""
+        if self._state_name(site) == "CRASHED" and self._starts.get(site, 0) < START_ATTEMPTS:
+            print(f"site {site}: its session crashed before it was ready; starting another "
+                  f"({self._starts[site] + 1} of {START_ATTEMPTS})", flush=True)
+            self.start(site)
+            self._states.pop(site, None)
+        else:
+            self.refused[site] = gone
 
     def _read_ready(self, site: str) -> None:
         raw = self.store.get(site, "up", READY)

@@ -282,3 +282,53 @@ def test_sites_mode_without_a_prefect_server_is_refused_at_once(project: Path) -
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "set PREFECT_API_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_session_that_crashes_before_it_is_ready_is_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up: a session that CRASHED before it said ready (its worker could not submit
+    it: a Prefect API answering 503 under load) gets another session, up to three in all;
+    one that FAILED (its own code raised) is left out at once. The Prefect side is scripted:
+    each started session ends as the script says, or comes up (writes its ready message)."""
+    from uuid import uuid4
+
+    import prefect.deployments
+
+    from flows.sites import START_ATTEMPTS, SiteSessions
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml",
+                      ["federation.mode=sites"])
+    store = FolderStore(tmp_path / "store", "run1")
+    script = {"Cleveland": ["CRASHED", "READY"], "Hungary": ["CRASHED"] * START_ATTEMPTS,
+              "Switzerland": ["FAILED", "READY"], "VA Long Beach": ["READY"]}
+    started: dict[str, list[str]] = {site: [] for site in script}
+    by_run: dict[str, tuple[str, int]] = {}
+
+    class Run:
+        def __init__(self, site: str) -> None:
+            self.id = uuid4()
+            attempt = len(started[site])
+            started[site].append(str(self.id))
+            by_run[str(self.id)] = (site, attempt)
+            if script[site][attempt] == "READY":
+                store.put(site, "up", READY, encode_message(
+                    SiteReady(site, -1, True, 17, 100, 25, json.dumps({"passed": True}), "")))
+
+    def run_deployment(name: str, **kwargs) -> Run:
+        return Run(kwargs["parameters"]["site"])
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+
+    class Scripted(SiteSessions):
+        def _state_name(self, site: str, max_age_s: float = 0.5) -> str | None:
+            state = script[site][by_run[str(self.runs[site])][1]]
+            return "RUNNING" if state == "READY" else state
+
+    sessions = Scripted(cfg, store, "run1")
+    sessions.start()
+    sessions.wait_ready(30)
+    assert set(sessions.ready) == {"Cleveland", "VA Long Beach"}
+    assert {site: len(runs) for site, runs in started.items()} == {
+        "Cleveland": 2, "Hungary": START_ATTEMPTS, "Switzerland": 1, "VA Long Beach": 1}
+    assert sessions.refused == {"Hungary": "its session ended (crashed)",
+                                "Switzerland": "its session ended (failed)"}

@@ -166,6 +166,9 @@ COVID_SITES = {"clinical lab": "clinical-lab", "emergency dept": "emergency-dept
                "inpatient": "inpatient", "other": "other"}
 COVID = ["data.schema=data/schemas/covid_testing.yaml", "data.path=data/raw/covid_testing.csv",
          "data.drop_incomplete=false", "rounds=2", "mlflow.model_name=fedpriv-covid",
+         # four sessions reading 2-7k patients each took 130 s to start on a slow 2-core
+         # machine: room for one crashed at start to be started again
+         "federation.site_start_timeout_s=400",
          "federation.sites=[" + ", ".join(f"{{id: {site}, work_pool: site-{slug}}}"
                                           for site, slug in COVID_SITES.items()) + "]"]
 
