@@ -5,8 +5,13 @@ it never raises for bad data (callers decide, e.g. with :func:`raise_if_failed`)
 
 1. **File-level** (plain Python, site ``"<all>"``): the file exists, is not empty, parses as
    CSV, has at least one row and every required column (the dataset schema's patient-id, site
-   and label columns and each feature of ``data.features``). If one of these fails, GX is not
-   run.
+   and label columns and each feature of ``data.features``), no numeric feature's declared
+   range excludes every value, and the label rule gives two classes. If one of these fails,
+   GX is not run. A missing column, an empty range and a one-class rule carry the schema key
+   they contradict (:attr:`FailedExpectation.schema_key`): :func:`raise_if_failed` raises
+   :class:`SchemaMismatchError`, a configuration error, when every failure is of that kind.
+   Data that come one file per site (``data.site_files``) are checked file by file, each
+   file's rows taking its site, then validated as one table (:func:`validate_sources`).
 2. **Table-level** (GX, site ``"<all>"``): the patient id is present and unique across the
    whole table; the site is one of the schema's ``sites``; the label is present (and one of
    the schema's label ``values`` where it lists them).
