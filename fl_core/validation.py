@@ -169,7 +169,8 @@ class DataValidationError(ValueError):
 
 class SchemaMismatchError(DataValidationError, ConfigError):
     """The data as a whole contradict the dataset schema (a declared column is not in the
-    file, the label rule gives one class, a declared range excludes every value): the
+    file, a declared type or category list fits none of a column's values, the label rule
+    gives one class, a declared range excludes every value): the
     schema key named is what to fix, so it is a configuration error (exit 2)."""
 
     def __init__(self, path: str | Path, report: ValidationReport) -> None:
@@ -539,6 +540,36 @@ def _ranges_excluding_everything(frame: pd.DataFrame, data: DataConfig
     return out
 
 
+def _types_fitting_no_value(frame: pd.DataFrame, data: DataConfig) -> list[FailedExpectation]:
+    """A failure per feature none of whose recorded values is of its declared type (a number
+    for ``numeric``, a whole number for ``integer``, a declared category or token otherwise;
+    "not measured" tokens aside): the declaration, not the data, is wrong."""
+    out = []
+    for col in _features(data):
+        feature = data.spec.feature(col)
+        values = frame[col].dropna()
+        values = values[~values.str.strip().isin([str(t) for t in feature.missing_values])]
+        if values.empty:
+            continue
+        if feature.numeric:
+            regex = INTEGER_REGEX if feature.type == "integer" else NUMBER_REGEX
+            fits = values.str.fullmatch(regex)
+            key, wanted = f"features.{col}.type", f"a {feature.type} value"
+        else:
+            fits = values.isin(feature.accepted())
+            key = (f"features.{col}.categories" if feature.type == "categorical"
+                   else f"features.{col}.true_value/false_value")
+            wanted = f"one of {list(feature.accepted())}"
+        if fits.any():
+            continue
+        head = f"declared {feature.type}, but none of the {len(values)} values of {col!r} is"
+        out.append(_file_failure(
+            "type_fits_some_value", col, _sample(values.unique()),
+            f"{head} {wanted} (found e.g. {_sample(values.unique())})",
+            f"{head} {wanted}", schema_key=key))
+    return out
+
+
 def check_file(path: str | Path, data: DataConfig, *, both_classes: bool = True,
                site: str | None = None) -> tuple[pd.DataFrame | None, ValidationReport]:
     """The file-level checks alone (no GX, milliseconds): the file exists, parses, has rows
@@ -554,6 +585,7 @@ def check_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig, 
     """:func:`check_file` over several files (one per site), read as one table."""
     frame, failures, summary = _read_sources(sources, data)
     if frame is not None and not failures:
+        failures += _types_fitting_no_value(frame, data)
         failures += _ranges_excluding_everything(frame, data)
         if both_classes:
             failures += [f for f in [_label_classes_failure(frame, data.spec)] if f]

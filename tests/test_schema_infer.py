@@ -207,7 +207,9 @@ def _bad_project(project: Path) -> dict[str, list[str]]:
             "one class": ["--set", 'schema.label.positive_if="> 10"'],
             "range excludes all": ["--set", "schema.features.age.low=200", "--set",
                                    "schema.features.age.high=300", "--set",
-                                   "schema.features.age.fill=250"]}
+                                   "schema.features.age.fill=250"],
+            "type parses nothing": ["--set", "schema.features.sex={type: numeric, low: 0, "
+                                             "high: 1}"]}
 
 
 # (exit code, what stderr says): 3 for a file that is not data, 2 for a schema the data
@@ -219,7 +221,10 @@ EXPECTED = {"header-only": (3, "has a header but no data rows"),
                              "all 920 labelled rows negative: one class"),
             "range excludes all": (2, "(data.schema): features.age.low/high: the declared "
                                       "range [200, 300] excludes all 920 values of 'age' "
-                                      "(observed 28 to 77)")}
+                                      "(observed 28 to 77)"),
+            "type parses nothing": (2, "(data.schema): features.sex.type: declared numeric, "
+                                       "but none of the 920 values of 'sex' is a numeric "
+                                       "value (found e.g. ['Male', 'Female'])")}
 
 
 @pytest.mark.parametrize("command", [["stage", "validate"], ["run"]])

@@ -284,6 +284,38 @@ def test_a_file_that_contradicts_the_schema_is_a_configuration_error(
                                f"header")
 
 
+@pytest.mark.parametrize(("column", "declared", "key"), [
+    ("sex", {"type": "numeric", "low": 0, "high": 1}, "features.sex.type"),
+    ("oldpeak", {"type": "integer", "low": -3, "high": 7}, None),  # some values are whole
+    ("cp", {"type": "categorical", "categories": ["a", "b"], "fill": "a"},
+     "features.cp.categories"),
+    ("exang", {"type": "boolean", "true_value": "Y", "false_value": "N", "fill": "N"},
+     "features.exang.true_value/false_value"),
+])
+def test_a_type_that_fits_no_value_is_the_schemas_fault(
+        tmp_path: Path, raw: pd.DataFrame, column: str, declared: dict, key: str | None) -> None:
+    """A declared type (or category list, or boolean tokens) that none of a column's values
+    fits is a schema error naming the key (exit 2); one that only some values miss is the
+    data's (exit 3, per site)."""
+    from fl_core.config import load_config
+
+    cfg = load_config(REAL.parents[2] / "params.yaml", [f"schema.features.{column}={declared}"])
+    path = write(tmp_path, raw)
+    report = validate_file(path, cfg.data)
+    assert not report.success
+    if key is None:
+        with pytest.raises(DataValidationError) as info:
+            raise_if_failed(path, report)
+        assert not isinstance(info.value, SchemaMismatchError)
+        assert {f.site for f in report.failures} <= set(cfg.data.spec.sites)
+        return
+    with pytest.raises(SchemaMismatchError, match=rf"{key}: declared {declared['type']}, but "
+                                                  rf"none of the \d+ values of '{column}'"):
+        raise_if_failed(path, report)
+    assert [f.schema_key for f in report.failures] == [key]
+    assert "found e.g." not in report.failures[0].public_detail  # no cell value leaves
+
+
 def test_raise_if_failed_passes_a_good_report(real_report: ValidationReport) -> None:
     assert raise_if_failed(REAL, real_report) is real_report
 
