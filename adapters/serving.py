@@ -1,15 +1,18 @@
-"""The registered model: an MLflow pyfunc that takes raw clinical rows and returns P(disease).
+"""The registered model: an MLflow pyfunc that takes raw rows of the dataset's table and
+returns the probability of the positive class (the schema's label rule).
 
-:class:`HeartDiseaseModel` carries two artifacts, the trained weights (``model.pt``'s dict) and
+:class:`TabularRiskModel` carries two artifacts, the trained weights (``model.pt``'s dict) and
 the declared preprocessing (:meth:`fl_core.data.TabularTransform.state_dict` as JSON), and the
 code that uses them (``adapters`` and ``fl_core`` as MLflow ``code_paths``, so
-``mlflow models serve --env-manager local`` needs nothing but the project's environment).
+``mlflow models serve --env-manager local`` needs nothing but the project's environment). It
+is logged as a model from code (:mod:`adapters.pyfunc_model`): nothing in the registry is a
+pickle.
 
-Input: a DataFrame with the raw feature columns exactly as in the CSV (``data.features``):
-numbers for the numeric ones (``age``, ``trestbps``, ``chol``, ``thalch``, ``oldpeak``), the
-category strings for the others (``sex`` "Male"/"Female", ``cp`` "asymptomatic", ...,
-``fbs``/``exang`` "TRUE"/"FALSE"). Any number of rows. Output: one float64 per row, the
-probability of heart disease (``sigmoid`` of the network's logit), in [0, 1].
+Input: a DataFrame with the raw feature columns of the dataset schema exactly as in the CSV
+(``data.features``): numbers for the numeric and integer features, the category strings or
+boolean tokens for the others (heart: ``age`` 63, ``sex`` "Male", ``fbs`` "TRUE"). Any number
+of rows. Output: one float64 per row, the probability of the positive class (``sigmoid`` of
+the network's logit), in [0, 1].
 
 Bad rows are refused, never scored: :class:`InvalidRowsError` (an ``MlflowException`` with
 ``INVALID_PARAMETER_VALUE``, so the scoring server answers HTTP 400) names every bad row's
@@ -25,9 +28,8 @@ Two documented imputations of the declared transform are applied, not refused:
 * a feature with "not measured" tokens in the schema (``missing_values``; heart: ``chol``
   0): a missing value *or a token* means "not measured", as in the training data; the value
   becomes the declared ``fill`` and the column's ``<col>_missing`` indicator is 1;
-* a missing categorical or boolean value becomes the schema's ``fill`` for it (heart:
-  ``sex`` Female, ``cp`` asymptomatic, ``fbs`` FALSE, ``restecg`` normal, ``exang`` FALSE),
-  the same rule the transform applies in training.
+* a missing categorical or boolean value becomes the schema's ``fill`` for it, the same rule
+  the transform applies in training.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from fl_core.models import build_model, set_flat_params
 WEIGHTS, TRANSFORM = "weights", "transform"
 _ROOT = Path(__file__).resolve().parent.parent
 CODE_PATHS = [str(_ROOT / "adapters"), str(_ROOT / "fl_core")]
+MODEL_CODE = _ROOT / "adapters" / "pyfunc_model.py"  # sets a TabularRiskModel
 _MAX_LISTED = 20  # problems named in one error message
 
 
@@ -91,7 +94,7 @@ class ServedModel:
                              f"gives {self.transform.columns()}")
 
 
-class HeartDiseaseModel(PythonModel):
+class TabularRiskModel(PythonModel):
     """Raw rows → validated → declared transform → network → probability (module docstring)."""
 
     def load_context(self, context: Any) -> None:
@@ -103,7 +106,8 @@ class HeartDiseaseModel(PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> np.ndarray:
-        """P(disease) per row (float64 in [0, 1]); :class:`InvalidRowsError` for bad rows."""
+        """P(positive class) per row (float64 in [0, 1]); :class:`InvalidRowsError` for bad
+        rows."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(
             model_input)
         clean = validated_rows(frame, self.transform)
@@ -256,7 +260,8 @@ def declared_example(transform: TabularTransform, rows: int = 3) -> pd.DataFrame
 
 
 def log_served_model(served: ServedModel, step: int) -> Any:
-    """Log ``served`` as the pyfunc ``model`` of the active run; return its ModelInfo."""
+    """Log ``served`` as the pyfunc ``model`` of the active run (a model from code:
+    :mod:`adapters.pyfunc_model`); return its ModelInfo."""
     import mlflow
     import mlflow.pyfunc
 
@@ -272,7 +277,7 @@ def log_served_model(served: ServedModel, step: int) -> Any:
                              encoding="utf-8")
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=HeartDiseaseModel(),
+            python_model=str(MODEL_CODE),
             artifacts={WEIGHTS: str(weights), TRANSFORM: str(transform)},
             code_paths=CODE_PATHS,
             signature=signature(served.transform),

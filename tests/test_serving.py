@@ -133,6 +133,21 @@ def test_chol_zero_is_the_declared_not_measured(registered: dict[str, Any]) -> N
     assert list(loaded.predict(missing_sex)) == pytest.approx(list(loaded.predict(female)))
 
 
+def test_the_registry_holds_source_not_a_pickle(registered: dict[str, Any]) -> None:
+    """The version is a model from code: its files are the model code, the fedpriv sources,
+    the weights (loaded with ``weights_only``) and JSON; no pickled Python object."""
+    import mlflow
+    import yaml
+
+    with store(registered["uri"]):
+        local = Path(mlflow.artifacts.download_artifacts(URI))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_model.py")
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert {"artifacts/model.pt", "artifacts/transform.json"} <= files, files
+
+
 @pytest.mark.parametrize(("column", "value", "says"), [
     ("age", 300.0, "outside the declared range [18, 100]"),
     ("cp", "banana", "unknown value 'banana'"),
@@ -191,6 +206,7 @@ def _wait_ping(base: str, proc: subprocess.Popen, log: Path, timeout: float = 18
 @pytest.mark.integration
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_raw_rows(registered: dict[str, Any], tmp_path: Path) -> None:
+    assert "champion" in registered["aliases"]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"],
@@ -201,7 +217,8 @@ def test_mlflow_models_serve_answers_raw_rows(registered: dict[str, Any], tmp_pa
     log_path = tmp_path / "serve.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", URI, "--env-manager", "local",
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/fedpriv-heart@champion",
+         "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
