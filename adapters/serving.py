@@ -211,8 +211,9 @@ def _bool_text(value: Any, tokens: tuple[str, str]) -> Any:
 def as_model_input(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataFrame:
     """``frame``'s feature columns typed as the signature declares, values unchanged: integer
     columns (``pd.read_csv`` reads ``age`` as int64, which MLflow's schema check will not
-    widen to double in-process) as float, booleans (``TRUE``/``FALSE`` cells read as bool) as
-    "TRUE"/"FALSE", missing cells as None. The scoring server does this itself from JSON."""
+    widen to double in-process) as float; categorical and boolean columns as the CSV's text
+    (``TRUE``/``FALSE`` cells read as bool, ``0``/``1`` tokens read as numbers), missing cells
+    as None. Over HTTP, send those columns as JSON strings."""
     out = {}
     for col in transform.features:
         values = frame[col]
@@ -221,10 +222,21 @@ def as_model_input(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataF
             out[col] = values.astype(float) if kind in "iu" else values
         else:
             tokens = transform.booleans.get(col, ("FALSE", "TRUE"))
-            out[col] = values.astype(object).map(
-                lambda v, t=tokens: None if _missing(v) else _bool_text(v, t) if isinstance(
-                    v, bool | np.bool_) else v)
+            out[col] = values.astype(object).map(lambda v, t=tokens: _as_text(v, t))
     return pd.DataFrame(out, index=frame.index)
+
+
+def _as_text(value: Any, tokens: tuple[str, str]) -> str | None:
+    """A categorical or boolean cell as the text the CSV holds: ``pd.read_csv`` reads a
+    column of ``0``/``1`` tokens as int64 (or float64 where a cell is empty) and
+    ``TRUE``/``FALSE`` as bool."""
+    if _missing(value):
+        return None
+    if isinstance(value, bool | np.bool_):
+        return _bool_text(value, tokens)
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 # --- logging --------------------------------------------------------------------------------
