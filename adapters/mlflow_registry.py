@@ -143,6 +143,40 @@ def register_model(
     return RegistrationResult(run_id, name, str(version), aliases, decision)
 
 
+def check_serving_contract(cfg: PipelineConfig, uri: str) -> None:
+    """Refuse (:class:`~fl_core.config.ConfigError`, exit 2) a run whose model would take other
+    input columns than a version that ``cfg.mlflow.model_name``'s aliases already point at:
+    whoever calls ``models:/<name>@champion`` sends the rows that version's signature names,
+    and a model of another table under the same name would answer them wrongly or not at
+    all. Checked before training (preflight), where nothing is trained or charged yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    from adapters.serving import signature
+    from fl_core.config import ConfigError
+    from fl_core.data import TabularTransform
+
+    ours = signature(TabularTransform.from_config(cfg.data)).inputs
+    name = cfg.mlflow.model_name
+    mlflow.set_tracking_uri(uri)  # models:/ resolves through the global URIs
+    mlflow.set_registry_uri(uri)
+    for alias in (CHAMPION, CHALLENGER):
+        try:
+            info = get_model_info(f"models:/{name}@{alias}")
+        except MlflowException:
+            continue  # no such model or alias yet
+        theirs = info.signature.inputs if info.signature else None
+        if theirs is None or theirs.to_dict() == ours.to_dict():
+            continue
+        raise ConfigError(
+            f"mlflow.model_name={name}: its {alias} takes the columns "
+            f"{', '.join(theirs.input_names())}; this run's model (dataset "
+            f"{cfg.data.spec.id!r}) takes {', '.join(ours.input_names())}. Registering it "
+            f"there would break every caller of models:/{name}@{alias}: leave "
+            f"mlflow.model_name unset (fedpriv-{cfg.data.spec.id}) or name another model")
+
+
 # --- inputs ---------------------------------------------------------------------------------
 
 

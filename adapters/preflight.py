@@ -2,7 +2,9 @@
 
 Today's failure modes it catches: an MLflow tracking/registry URI that nothing answers (a
 run that trained for minutes and then retried registration for minutes more), a ledger that
-cannot be opened, a reports directory that cannot be written. Each failure raises
+cannot be opened, a reports directory that cannot be written, and a model name whose aliased
+versions take other input columns (:func:`adapters.mlflow_registry.check_serving_contract`,
+a configuration error). Each failure raises
 :class:`PreflightError` naming the config key and what was found; a URI that is malformed or
 of an unsupported scheme is a configuration error (:class:`~fl_core.config.ConfigError`).
 Nothing here creates a directory or a store: a directory is probed by writing one temporary
@@ -143,6 +145,20 @@ def preflight(cfg: PipelineConfig, root: str | Path = ".", tracking: bool = True
         # the MLflow store lives under the project root, as adapters.publish places it
         located = cfg.model_copy(update={"state_dir": str(paths.state)})
         key = "mlflow.tracking_uri" if cfg.mlflow.tracking_uri else "state_dir"
-        check_tracking_uri(located.mlflow_tracking_uri, key)
+        uri = located.mlflow_tracking_uri
+        check_tracking_uri(uri, key)
+        if _store_exists(uri):
+            from adapters.mlflow_registry import check_serving_contract
+
+            check_serving_contract(located, uri)
+
+
+def _store_exists(uri: str) -> bool:
+    """Whether the store may hold registered models (a missing SQLite file is not created
+    here: nothing is registered in it yet)."""
+    if uri.startswith("sqlite:///"):
+        path = unquote(uri[len("sqlite:///"):])
+        return bool(path) and path != ":memory:" and Path(path).is_file()
+    return urlsplit(uri).scheme.lower() in ("http", "https", *DB_SCHEMES)
 
 

@@ -411,7 +411,9 @@ class GateConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str | None = None
     experiment: str = Field("fedpriv", min_length=1)
-    model_name: str = Field("fedpriv-heart", min_length=1)
+    # the registered model; None (the default) = "fedpriv-<dataset schema id>", so that a run
+    # on another table never becomes a version (or the champion) of another table's model
+    model_name: str | None = Field(None, min_length=1)
     # the DVC pipeline's last stage (`fedpriv stage publish`) registers only when true;
     # `fedpriv run`, the Prefect deployment and `fedpriv stage register` always register
     register_from_dvc: bool = False
@@ -440,6 +442,13 @@ class PipelineConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     reports_dir: str = "reports"
     state_dir: str = ".fedpriv"
+
+    @model_validator(mode="after")
+    def _model_name_from_schema(self) -> PipelineConfig:
+        if self.mlflow.model_name is None:  # frozen: set once, here, while validating
+            named = self.mlflow.model_copy(update={"model_name": f"fedpriv-{self.data.spec.id}"})
+            object.__setattr__(self, "mlflow", named)
+        return self
 
     @model_validator(mode="after")
     def _sites_mode_supported(self) -> PipelineConfig:

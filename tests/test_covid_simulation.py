@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 COVID = ["data.schema=data/schemas/covid_testing.yaml", "data.path=data/raw/covid_testing.csv",
          "data.drop_incomplete=false", "rounds=2", "audit.shadow_models=2",
-         "mlflow.model_name=fedpriv-covid", "gate.min_accuracy=0"]
+         "gate.min_accuracy=0"]  # mlflow.model_name unset: fedpriv-<schema id>
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def covid_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_covid_testing_runs_end_to_end_and_is_registered(covid_run: dict[str, Any]) -> None:
     registration, metrics = covid_run["out"]["registration"], covid_run["out"]["metrics"]
-    assert registration["registered"] and registration["model_name"] == "fedpriv-covid"
+    assert registration["registered"] and registration["model_name"] == "fedpriv-covid_testing"
     assert {"challenger", "champion"} <= set(registration["aliases"])
     assert metrics["epsilon"] == pytest.approx(covid_run["cfg"].privacy.epsilon, rel=0.01)
     assert 0.0 <= metrics["auc"] <= 1.0 and metrics["rounds"] == 2
@@ -92,7 +92,7 @@ def test_the_covid_champion_scores_raw_rows(covid_run: dict[str, Any], n: int) -
     from fl_core.data import TabularTransform
 
     with store(covid_run["uri"]):
-        loaded = mlflow.pyfunc.load_model("models:/fedpriv-covid@champion")
+        loaded = mlflow.pyfunc.load_model("models:/fedpriv-covid_testing@champion")
     transform = loaded.unwrap_python_model().transform
     rows = covid_run["csv"][list(transform.features)].iloc[:n]  # empty payor_group kept
     probabilities = loaded.predict(as_model_input(rows, transform))
@@ -103,3 +103,23 @@ def test_the_covid_champion_scores_raw_rows(covid_run: dict[str, Any], n: int) -
         expected = torch.sigmoid(network.eval()(expected_transform.transform(clean)))
     assert list(probabilities) == pytest.approx(expected.reshape(-1).double().tolist(),
                                                 abs=1e-6)
+
+
+def test_another_tables_model_cannot_take_this_models_name(covid_run: dict[str, Any]) -> None:
+    """A heart run told to register as the covid model is refused before training (exit 2
+    naming mlflow.model_name); under its own default name it passes preflight."""
+    from adapters.preflight import preflight
+    from fl_core.config import ConfigError, load_config
+
+    project = covid_run["project"]
+    (project / "data" / "schemas").mkdir(exist_ok=True)
+    heart = ["data.schema=" + str(ROOT / "data" / "schemas" / "heart.yaml"),
+             "data.path=" + str(ROOT / "data" / "raw" / "heart_disease_uci.csv")]
+    cfg = load_config(project / "params.yaml", [*heart,
+                                                "mlflow.model_name=fedpriv-covid_testing"])
+    with pytest.raises(ConfigError, match=r"mlflow.model_name=fedpriv-covid_testing: its "
+                                          r"champion takes the columns age, gender, pan_day"):
+        preflight(cfg, project)
+    own = load_config(project / "params.yaml", heart)
+    assert own.mlflow.model_name == "fedpriv-heart"
+    preflight(own, project)
