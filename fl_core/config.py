@@ -402,7 +402,7 @@ class FederationConfig(_Section):
 
 
 class GateConfig(_Section):
-    min_accuracy: float = Field(0.75, ge=0, le=1)
+    min_accuracy: float = Field(0.70, ge=0, le=1)
     # for imbalanced tables, where accuracy passes on the majority class alone; 0 = off
     min_auc: float = Field(0.0, ge=0, le=1)
     min_balanced_accuracy: float = Field(0.0, ge=0, le=1)  # at probability 0.5

@@ -82,6 +82,8 @@ def _environment(root: Path) -> None:
     # the first start migrates a fresh SQLite database: slower than Prefect's 20 s on 2 cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # a progress bar per tiny artifact (the input example, MLmodel) is noise in the run's log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
