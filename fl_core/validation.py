@@ -554,7 +554,8 @@ def _types_fitting_no_value(frame: pd.DataFrame, data: DataConfig) -> list[Faile
         if feature.numeric:
             regex = INTEGER_REGEX if feature.type == "integer" else NUMBER_REGEX
             fits = values.str.fullmatch(regex)
-            key, wanted = f"features.{col}.type", f"a {feature.type} value"
+            wanted = "a whole number" if feature.type == "integer" else "a number"
+            key = f"features.{col}.type"
         else:
             fits = values.isin(feature.accepted())
             key = (f"features.{col}.categories" if feature.type == "categorical"

@@ -223,8 +223,8 @@ EXPECTED = {"header-only": (3, "has a header but no data rows"),
                                       "range [200, 300] excludes all 920 values of 'age' "
                                       "(observed 28 to 77)"),
             "type parses nothing": (2, "(data.schema): features.sex.type: declared numeric, "
-                                       "but none of the 920 values of 'sex' is a numeric "
-                                       "value (found e.g. ['Male', 'Female'])")}
+                                       "but none of the 920 values of 'sex' is a number"
+                                       " (found e.g. ['Male', 'Female'])")}
 
 
 @pytest.mark.parametrize("command", [["stage", "validate"], ["run"]])
