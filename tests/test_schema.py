@@ -54,6 +54,28 @@ def test_no_heart_name_left_in_fl_core() -> None:
         "\n".join(found)
 
 
+def test_no_name_of_any_shipped_schema_left_in_fl_core() -> None:
+    """Every schema under data/schemas (covid_testing too): its distinctive column, site,
+    site-group and dataset names (with an underscore or a space, or longer than 7
+    characters) appear nowhere in fl_core. (The embedded defaults name files only:
+    ``data/schemas/heart.yaml``, ``data/raw/heart_disease_uci.csv``.)"""
+    found = []
+    for schema_file in sorted((ROOT / "data" / "schemas").glob("*.yaml")):
+        spec = load_schema(schema_file)
+        names = {spec.id, spec.patient_id, spec.site, spec.label.column, *spec.features,
+                 *spec.ignore, *spec.sites}
+        for group, members in (spec.site_groups or {}).items():
+            names |= {group, *members}
+        distinctive = sorted(n for n in names if "_" in n or " " in n or len(n) > 7)
+        assert distinctive, schema_file
+        word = re.compile(r"\b(" + "|".join(map(re.escape, distinctive)) + r")\b")
+        for path in sorted((ROOT / "fl_core").rglob("*.py")):
+            text = path.read_text()
+            found += [f"{schema_file.name}: {path.name}:{text.count(chr(10), 0, m.start()) + 1}:"
+                      f" {m.group()}" for m in word.finditer(text)]
+    assert not found, "dataset names in fl_core:\n" + "\n".join(found)
+
+
 def test_heart_schema_declares_what_the_code_did() -> None:
     data = DataConfig()
     spec = data.spec
