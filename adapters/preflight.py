@@ -115,9 +115,9 @@ def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri") -> None:
             raise ConfigError(f"{key}={uri!r}: no host in the URI")
         http_reachable(uri, key)
     elif scheme == "sqlite":
-        path = unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:":
-            sqlite_file(Path(path), key, "the MLflow store")
+        path = _sqlite_path(uri)
+        if path is not None:
+            sqlite_file(path, key, "the MLflow store")
     elif base in DB_SCHEMES:
         if not parts.hostname:
             raise ConfigError(f"{key}={uri!r}: no host in the URI")
@@ -156,9 +156,15 @@ def preflight(cfg: PipelineConfig, root: str | Path = ".", tracking: bool = True
 def _store_exists(uri: str) -> bool:
     """Whether the store may hold registered models (a missing SQLite file is not created
     here: nothing is registered in it yet)."""
-    if uri.startswith("sqlite:///"):
-        path = unquote(uri[len("sqlite:///"):])
-        return bool(path) and path != ":memory:" and Path(path).is_file()
+    if uri.startswith("sqlite:"):
+        path = _sqlite_path(uri)
+        return path is not None and path.is_file()
     return urlsplit(uri).scheme.lower() in ("http", "https", *DB_SCHEMES)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI; None for an in-memory or pathless one."""
+    path = unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
 
 
