@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_core.config import PipelineConfig
-from fl_core.reports import TrainingSummary
+from fl_core.config.model import PipelineConfig
+from fl_core.results import TrainingSummary
 
 
 @dataclass(frozen=True)

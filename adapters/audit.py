@@ -12,7 +12,7 @@ Who is who:
   the target's own declared transform), capped at ``audit.population_size``.
 
 Each of ``audit.shadow_models`` shadows is a federated run with the target's own recipe
-(``fl_core.federation.build.federate``: same partition scheme, model, rounds, compression,
+(``fl_core.federation.wiring.federate``: same partition scheme, model, rounds, compression,
 aggregation and DP-SGD at the same ε) on a random half of the population; with
 ``audit.online`` the evaluated members join the shadows' pool too, which online LiRA needs.
 
@@ -39,21 +39,17 @@ import torch
 from adapters.artifacts import Paths, read_training, write_json_atomic
 from adapters.partition import load_client_data
 from adapters.plots import roc_plot
+from adapters.tables import FederatedDataLoader
 from adapters.train import load_model
 from fl_core.audit import ShadowOutputs, balanced_indices, half_splits, membership_audit
 from fl_core.audit.federated import merge_audit_replies
 from fl_core.audit.membership import AuditResult
-from fl_core.compression import DenseCodec
-from fl_core.config import PipelineConfig
-from fl_core.data import (
-    LABEL,
-    ClientData,
-    FederatedDataLoader,
-    TabularTransform,
-    assign_clients,
-)
-from fl_core.engine import RoundFailedError
-from fl_core.federation.build import build_target_model, federate
+from fl_core.codec.dense import DenseCodec
+from fl_core.config.model import PipelineConfig
+from fl_core.data.partitioning import assign_clients
+from fl_core.data.tables import LABEL, ClientData
+from fl_core.data.transform import TabularTransform
+from fl_core.federation.coordinator import RoundFailedError
 from fl_core.federation.messages import (
     AuditInstruction,
     AuditReply,
@@ -63,8 +59,9 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from fl_core.federation.transport import Transport
-from fl_core.models import get_flat_params, set_flat_params
-from fl_core.reports import AuditReport, PrivacyReport
+from fl_core.federation.wiring import build_target_model, federate
+from fl_core.model.networks import get_flat_params, set_flat_params
+from fl_core.results import AuditReport, PrivacyReport
 
 # attack → (FPR, TPR, AUC) of its ROC curve, for the plot
 Curves = dict[str, tuple[torch.Tensor, torch.Tensor, float]]

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from adapters.artifacts import Paths, write_json_atomic
+from adapters.tables import FederatedDataLoader
 from fl_core.audit.dp_audit import audit_dp, check_auditable, dp_fingerprint
-from fl_core.config import PipelineConfig
-from fl_core.data import FederatedDataLoader
+from fl_core.config.model import PipelineConfig
 
 DP_AUDIT_METRICS = ("dp_audit_epsilon", "dp_audit_epsilon_lower_bound", "dp_audit_power",
                     "dp_audit_confidence")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from adapters.artifacts import write_text_atomic
-from fl_core.config import site_slug
+from fl_core.config.model import site_slug
 from fl_core.federation.transport import TransportFailure
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # far above any model of this project; refuses floods

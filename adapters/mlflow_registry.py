@@ -3,7 +3,7 @@
 One MLflow run holds the configuration (params), the per-round curves (metrics with
 ``step=round``), the final metrics, the report files and the model. The model becomes a new
 version of ``cfg.mlflow.model_name`` with alias ``challenger``; it also gets ``champion`` only
-if :func:`fl_core.gate.evaluate_gate` passes. If any step fails after the version was created,
+if :func:`fl_core.audit.gate.evaluate_gate` passes. If any step fails after the version was created,
 the version is deleted, the aliases are put back as they were and the run ends ``FAILED``;
 the exception is re-raised unchanged so the caller can tell transient faults from others.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.artifacts import owner_is_dead
-from fl_core.config import PipelineConfig
-from fl_core.gate import GateDecision, evaluate_gate, gate_thresholds
+from fl_core.audit.gate import GateDecision, evaluate_gate, gate_thresholds
+from fl_core.config.model import PipelineConfig
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -144,7 +144,7 @@ def register_model(
 
 
 def check_serving_contract(cfg: PipelineConfig, uri: str) -> None:
-    """Refuse (:class:`~fl_core.config.ConfigError`, exit 2) a run whose model would take other
+    """Refuse (:class:`~fl_core.config.model.ConfigError`, exit 2) a run whose model would take other
     input columns than a version that ``cfg.mlflow.model_name``'s aliases already point at:
     whoever calls ``models:/<name>@champion`` sends the rows that version's signature names,
     and a model of another table under the same name would answer them wrongly or not at
@@ -154,8 +154,8 @@ def check_serving_contract(cfg: PipelineConfig, uri: str) -> None:
     from mlflow.models import get_model_info
 
     from adapters.serving import signature
-    from fl_core.config import ConfigError
-    from fl_core.data import TabularTransform
+    from fl_core.config.model import ConfigError
+    from fl_core.data.transform import TabularTransform
 
     ours = signature(TabularTransform.from_config(cfg.data)).inputs
     name = cfg.mlflow.model_name

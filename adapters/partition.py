@@ -6,14 +6,10 @@ import time
 from pathlib import Path
 
 from adapters.artifacts import Paths, read_json, write_text_atomic
-from fl_core.config import PipelineConfig, check_min_clients
-from fl_core.data import (
-    ClientData,
-    DataError,
-    FederatedDataLoader,
-    Partition,
-    TabularTransform,
-)
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import PipelineConfig, check_min_clients
+from fl_core.data.tables import ClientData, DataError, Partition
+from fl_core.data.transform import TabularTransform
 
 
 def partition_data(

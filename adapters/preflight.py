@@ -6,7 +6,7 @@ cannot be opened, a reports directory that cannot be written, and a model name w
 versions take other input columns (:func:`adapters.mlflow_registry.check_serving_contract`,
 a configuration error). Each failure raises
 :class:`PreflightError` naming the config key and what was found; a URI that is malformed or
-of an unsupported scheme is a configuration error (:class:`~fl_core.config.ConfigError`).
+of an unsupported scheme is a configuration error (:class:`~fl_core.config.model.ConfigError`).
 Nothing here creates a directory or a store: a directory is probed by writing one temporary
 file in it (or its nearest existing parent) and removing it, which also catches a read-only
 file system that ``os.access`` reports writable to root.
@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from adapters.artifacts import Paths
-from fl_core.config import ConfigError, PipelineConfig
+from fl_core.config.model import ConfigError, PipelineConfig
 
 TIMEOUT_S = 5.0
 # SQLAlchemy database schemes MLflow accepts as a tracking store (checked with a TCP connect)

@@ -9,20 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters.accounting import open_ledger
 from adapters.artifacts import Paths, read_json, read_training, write_json_atomic
 from adapters.dp_audit import dp_audit_metrics, verdict_path
 from adapters.mlflow_registry import register_model
 from adapters.train import load_model
-from fl_core.accounting import open_ledger
-from fl_core.config import PipelineConfig
-from fl_core.data import TabularTransform
-from fl_core.gate import evaluate_gate, gate_thresholds
-from fl_core.ledger import MissingChargeError
-from fl_core.reports import AuditReport, PrivacyReport, TrainingSummary, run_metrics
+from fl_core.audit.gate import evaluate_gate, gate_thresholds
+from fl_core.config.model import PipelineConfig
+from fl_core.data.transform import TabularTransform
+from fl_core.privacy.ledger import MissingChargeError
+from fl_core.results import AuditReport, PrivacyReport, TrainingSummary, run_metrics
 
 
 def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str, Any]:
-    """The flat ``reports/metrics.json`` of the run (:data:`fl_core.reports.RUN_METRICS`)."""
+    """The flat ``reports/metrics.json`` of the run (:data:`fl_core.results.RUN_METRICS`)."""
     validation = read_json(paths.validation, "validate")
     trained = read_training(paths)
     audited = AuditReport.from_dict(read_json(paths.audit, "audit"))

@@ -2,7 +2,7 @@
 returns the probability of the positive class (the schema's label rule).
 
 :class:`TabularRiskModel` carries two artifacts, the trained weights (``model.pt``'s dict) and
-the declared preprocessing (:meth:`fl_core.data.TabularTransform.state_dict` as JSON), and the
+the declared preprocessing (:meth:`fl_core.data.transform.TabularTransform.state_dict` as JSON), and the
 code that uses them (``adapters`` and ``fl_core`` as MLflow ``code_paths``, so
 ``mlflow models serve --env-manager local`` needs nothing but the project's environment). It
 is logged as a model from code (:mod:`adapters.pyfunc_model`): nothing in the registry is a
@@ -48,8 +48,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from fl_core.data import TabularTransform
-from fl_core.models import build_model, set_flat_params
+from fl_core.data.transform import TabularTransform
+from fl_core.model.networks import build_model, set_flat_params
 
 WEIGHTS, TRANSFORM = "weights", "transform"
 _ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def model_from_saved(saved: Mapping[str, Any]) -> torch.nn.Module:
     """The torch model ``model.pt``'s dict describes, in eval mode."""
     model = build_model(saved["kind"], saved["num_features"], saved["hidden_units"])
     if saved.get("opacus_fixed"):  # trained as ModuleValidator.fix rewrote it
-        from fl_core.privacy import check_model
+        from fl_core.privacy.dpsgd import check_model
 
         model, _ = check_model(model)
     set_flat_params(model, saved["params"])
@@ -277,7 +277,7 @@ def log_served_model(served: ServedModel, step: int) -> Any:
     import mlflow
     import mlflow.pyfunc
 
-    # what importing this module and fl_core.data pulls in (for env managers other than
+    # what importing this module and fl_core.data.tables pulls in (for env managers other than
     # local; opacus only to rebuild a model that ModuleValidator.fix rewrote)
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                     f"numpy=={np.__version__}", f"pandas=={pd.__version__}", "pydantic", "pyyaml",

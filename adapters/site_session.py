@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from adapters.accounting import open_ledger
+from adapters.gx_validation import validate_site_file
 from adapters.message_store import POLL_S, READY, FolderStore
-from fl_core.accounting import open_ledger, planned_charge
+from adapters.site_files import site_client_data, site_dropped_rows
 from fl_core.audit.federated import site_audit_reply
-from fl_core.config import PipelineConfig, site_slug
-from fl_core.data import ClientData, ClientSplit, Partition
-from fl_core.federation.build import build_target_model, make_compressor, make_dpsgd
+from fl_core.config.model import PipelineConfig, site_slug
+from fl_core.data.tables import ClientData, ClientSplit, Partition
 from fl_core.federation.messages import (
     AuditInstruction,
     AuditReply,
@@ -37,10 +38,10 @@ from fl_core.federation.messages import (
     decode_message,
     encode_message,
 )
-from fl_core.federation.site import LocalTrainingConfig, SiteClient
-from fl_core.randomness import make_random
-from fl_core.site_data import site_client_data, site_dropped_rows
-from fl_core.validation import validate_site_file
+from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
+from fl_core.federation.wiring import build_target_model, make_compressor, make_dpsgd
+from fl_core.privacy.accounting import planned_charge
+from fl_core.privacy.randomness import make_random
 
 KIND_SITE_TRAIN = "site-train"
 
@@ -126,7 +127,7 @@ def _ready(session: SiteSession, *, passed: bool, summary: dict, data: ClientDat
 
 
 def build_site_client(cfg: PipelineConfig, data: ClientData, index: int) -> SiteClient:
-    """The site's client exactly as :func:`fl_core.federation.build.federate` builds it."""
+    """The site's client exactly as :func:`fl_core.federation.wiring.federate` builds it."""
     num_features = int(data.x_train.shape[1])
     local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
     return SiteClient(data, lambda: build_target_model(cfg, num_features)[0], local,

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from adapters.artifacts import Paths, write_json_atomic
-from fl_core.config import PipelineConfig
-from fl_core.data import DataError
-from fl_core.engine import RoundFailedError
+from fl_core.config.model import PipelineConfig
+from fl_core.data.tables import DataError
+from fl_core.federation.coordinator import RoundFailedError
 from fl_core.federation.messages import SiteReady
 
 

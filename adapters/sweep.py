@@ -25,14 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adapters.accounting import charge_and_summarise, open_ledger, plan_charge
 from adapters.artifacts import Paths, write_json_atomic
 from adapters.audit import audit_trained
+from adapters.config_files import load_config
 from adapters.plots import audit_sweep_plot
-from fl_core.accounting import KIND_AUDIT_SWEEP, charge_and_summarise, open_ledger, plan_charge
-from fl_core.config import PipelineConfig, load_config
-from fl_core.data import FederatedDataLoader
-from fl_core.federation.build import build_target_model, federate
-from fl_core.ledger import BudgetExceededError, Charge, SiteNeed, new_run_id
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import PipelineConfig
+from fl_core.federation.wiring import build_target_model, federate
+from fl_core.privacy.accounting import KIND_AUDIT_SWEEP
+from fl_core.privacy.ledger import BudgetExceededError, Charge, SiteNeed, new_run_id
 
 # 3 ε × 2 seeds = 6 charges: a patient in all of them spends ε = 3.14 composed (prv, default
 # recipe, δ = 6e-5; 7 summed), a third of the default lifetime cap of 10
@@ -94,7 +96,7 @@ def _refusal(needs: list[SiteNeed], cap: float, ledger: Path, points: int, least
 
 def sweep_point(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     """Train one model under ``cfg``, charge the ledger for it, and audit it (in memory)."""
-    from fl_core.models import set_flat_params
+    from fl_core.model.networks import set_flat_params
 
     data, transform, partition = FederatedDataLoader.get(cfg.data, root).partitioned(
         cfg.data, cfg.seed)

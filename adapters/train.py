@@ -12,26 +12,21 @@ from typing import Any
 
 import torch
 
+from adapters.accounting import charge_and_summarise, check_budget
 from adapters.artifacts import Paths, atomic_path, write_json_atomic, write_text_atomic
 from adapters.partition import load_client_data
 from adapters.plots import training_curves
-from fl_core.accounting import (
-    charge_and_summarise,
-    check_budget,
-    describe_privacy,
-    privacy_summary,
-)
-from fl_core.config import PipelineConfig
-from fl_core.data import DataError, TabularTransform
-from fl_core.engine import RoundRecord
-from fl_core.federation.build import FederatedRun, describe_compression, federate, federate_over
+from fl_core.config.model import PipelineConfig
+from fl_core.data.tables import DataError
+from fl_core.data.transform import TabularTransform
+from fl_core.federation.coordinator import RoundRecord
 from fl_core.federation.messages import SiteReady
 from fl_core.federation.transport import Transport
-from fl_core.models import build_model, set_flat_params
-from fl_core.privacy import (
-    check_model,
-)
-from fl_core.reports import TrainingSummary
+from fl_core.federation.wiring import FederatedRun, describe_compression, federate, federate_over
+from fl_core.model.networks import build_model, set_flat_params
+from fl_core.privacy.accounting import describe_privacy, privacy_summary
+from fl_core.privacy.dpsgd import check_model
+from fl_core.results import TrainingSummary
 
 
 def _kib(n: int) -> str:

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from adapters.artifacts import Paths, write_json_atomic
-from fl_core.config import PipelineConfig
-from fl_core.data import file_fingerprint
-from fl_core.validation import raise_if_failed, validate_sources
+from adapters.gx_validation import validate_sources
+from adapters.tables import file_fingerprint
+from fl_core.config.model import PipelineConfig
+from fl_core.data.validation import raise_if_failed
 
 
 def validate_data(

@@ -1,4 +1,4 @@
-"""Time and peak memory of the robust aggregators in ``fl_core.aggregation``.
+"""Time and peak memory of the robust aggregators in ``fl_core.robust.aggregators``.
 
 For each cell of a grid of n clients × d parameters (default n ∈ {20, 50, 100}, d ∈ {10^5,
 10^6}) the stacked updates are ``torch.randn(n, d)`` (float32, seeded generator), and every
@@ -7,7 +7,7 @@ method below runs on that same tensor, side by side, in one process on one CPU t
 
 * ``fedavg``, ``multi_krum``, ``krum``, ``trimmed_mean``, ``coordinate_median``,
   ``geometric_median``, ``centered_clipping``, ``nearest_neighbour_mixing`` from
-  ``fl_core.aggregation``. ``f = floor(0.3 n)`` Byzantine clients for the rules that take ``f``;
+  ``fl_core.robust.aggregators``. ``f = floor(0.3 n)`` Byzantine clients for the rules that take ``f``;
   for Krum and Multi-Krum ``f = min(floor(0.3 n), (n - 3) // 2)`` (they need ``n > 2f + 2``).
 * ``loop_multi_krum_reference``: Multi-Krum written as a pure pairwise Python loop (one
   ``torch.sum((u[i] - u[j]) ** 2)`` per ordered pair, n² vector operations), then the same
@@ -54,7 +54,7 @@ from report import emit, environment  # benchmarks/report.py: the script's own f
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_core.aggregation import (  # noqa: E402
+from fl_core.robust.aggregators import (
     centered_clipping,
     coordinate_median,
     fedavg,

@@ -8,7 +8,7 @@ the accountant's ε, every repetition's ε lower bound, their min/mean/max, the 
 ``ε_lb/ε``, the false alarms (ε_lb > ε), the estimated separation μ̂ next to the ideal
 ``√T/σ`` of an uncompressed, exactly Gaussian implementation, and seconds per audit. The
 baseline, measured in the same process: one ordinary federated training run of the recipe
-(``fl_core.federation.build.federate``), the unit the audit's cost is counted in.
+(``fl_core.federation.wiring.federate``), the unit the audit's cost is counted in.
 
 Then each broken-DP drill at ε = 1 (``--drill-runs`` audit runs): ε_lb against the claim.
 
@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from report import require_public_dataset  # noqa: E402  (benchmarks/report.py)
 
+from adapters.config_files import load_config  # noqa: E402
+from adapters.tables import FederatedDataLoader  # noqa: E402
 from fl_core.audit.canary import DRILLS  # noqa: E402
 from fl_core.audit.dp_audit import audit_dp  # noqa: E402
-from fl_core.config import load_config  # noqa: E402
-from fl_core.data import FederatedDataLoader  # noqa: E402
-from fl_core.federation.build import federate  # noqa: E402
+from fl_core.federation.wiring import federate  # noqa: E402
 
 
 def _config(epsilon: float, extra: list[str]) -> Any:

@@ -36,7 +36,8 @@ from report import emit, environment  # benchmarks/report.py: the script's own f
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_core.compression import TopKQuantizer, dense_size  # noqa: E402
+from fl_core.codec.dense import dense_size  # noqa: E402
+from fl_core.codec.topk import TopKQuantizer
 
 NAIVE_HEADER = struct.Struct("<II")
 

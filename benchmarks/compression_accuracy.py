@@ -30,7 +30,7 @@ from report import emit, require_public_dataset  # benchmarks/report.py: the scr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_core.config import load_config  # noqa: E402
+from adapters.config_files import load_config  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "dense (no compression)": ["compression.enabled=false"],

@@ -9,13 +9,13 @@ the transforms are fitted on the pooled training splits. On that one split, in o
                   rate of the config; the seed as model and training seed); the figures are the
                   last round's pooled test accuracy and AUC.
 * ``centralised`` the same model class, same initial weights and the same minibatch SGD
-                  (``fl_core.federation.site.train_local``: batch size, learning rate) on the pooled
+                  (``fl_core.federation.site_client.train_local``: batch size, learning rate) on the pooled
                   training rows of all clients, for ``rounds x local_epochs`` epochs by default
                   (the passes over each training patient that FedAvg makes).
 * ``local_only``  per client, the same model and SGD on that client's training rows alone, scored
                   on the pooled test set; the figure is the mean over clients.
 
-All three are scored on the pooled test set with ``fl_core.metrics``. Output: one JSON object on
+All three are scored on the pooled test set with ``fl_core.model.metrics``. Output: one JSON object on
 stdout (per-seed values, mean and sample sd, mean seconds); one progress line per seed on stderr.
 
 Run from the project root::
@@ -39,13 +39,15 @@ import torch
 from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 from torch import nn
 
-from fl_core.config import ConfigError, PipelineConfig, load_config
-from fl_core.data import ClientData, DataError, FederatedDataLoader
-from fl_core.engine import FederationSettings
+from adapters.config_files import load_config
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import ConfigError, PipelineConfig
+from fl_core.data.tables import ClientData, DataError
+from fl_core.federation.coordinator import FederationSettings
 from fl_core.federation.simulation import simulate
-from fl_core.federation.site import LocalTrainingConfig, SiteClient, train_local
-from fl_core.metrics import accuracy, roc_auc
-from fl_core.models import build_model, get_flat_params
+from fl_core.federation.site_client import LocalTrainingConfig, SiteClient, train_local
+from fl_core.model.metrics import accuracy, roc_auc
+from fl_core.model.networks import build_model, get_flat_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("federated", "centralised", "local_only")

@@ -66,18 +66,12 @@ from report import emit, require_public_dataset  # benchmarks/report.py: the scr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_core.config import (  # noqa: E402
-    DataConfig,
-    FeatureReference,
-    PipelineConfig,
-    load_config,
-)
-from fl_core.data import (  # noqa: E402
-    ClientData,
-    FederatedDataLoader,
-    TabularTransform,
-)
-from fl_core.randomness import SeededRandom  # noqa: E402
+from adapters.config_files import load_config
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import DataConfig, FeatureReference, PipelineConfig
+from fl_core.data.tables import ClientData
+from fl_core.data.transform import TabularTransform
+from fl_core.privacy.randomness import SeededRandom  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -89,7 +83,7 @@ def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
 
 
 def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:
-    from fl_core.federation.build import federate
+    from fl_core.federation.wiring import federate
 
     # reproducible noise (from each seed): the same command gives the same table
     arms: list[tuple[float, list[str]]] = [
@@ -192,7 +186,7 @@ def preprocessing_comparison(seeds: int, overrides: list[str],
     A secure cell runs every seed ``secure_draws`` times: each run is a fresh draw of noise
     nobody can regenerate, so more draws estimate the same expectation more tightly.
     """
-    from fl_core.federation.build import federate
+    from fl_core.federation.wiring import federate
 
     base = load_config(ROOT / "params.yaml", overrides)
     preprocessing = {"fitted": [], "declared": [], "normal": NORMAL_VALUES,
@@ -245,7 +239,7 @@ def _preprocessing_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _plain_poisson(model: torch.nn.Module, batches: list[torch.Tensor], patients: Any,
                    lr: float) -> None:
-    from fl_core.privacy import patient_loss
+    from fl_core.privacy.dpsgd import patient_loss
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     for batch in batches:
@@ -256,10 +250,11 @@ def _plain_poisson(model: torch.nn.Module, batches: list[torch.Tensor], patients
 
 def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
     """Seconds of local training for 20 rounds on every client, per arm (best of repeats)."""
-    from fl_core.federation.build import make_dpsgd
-    from fl_core.federation.site import LocalTrainingConfig, train_local
-    from fl_core.models import build_model
-    from fl_core.privacy import PatientDPTrainer, group_records, steps_per_epoch
+    from fl_core.federation.site_client import LocalTrainingConfig, train_local
+    from fl_core.federation.wiring import make_dpsgd
+    from fl_core.model.networks import build_model
+    from fl_core.privacy.accountants import steps_per_epoch
+    from fl_core.privacy.dpsgd import PatientDPTrainer, group_records
 
     cfg = load_config(ROOT / "params.yaml", [*overrides, "seed=0"])
     data = client_data(cfg, 0)

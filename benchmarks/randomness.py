@@ -31,17 +31,12 @@ from report import emit, environment, require_public_dataset  # benchmarks/repor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_core.config import load_config  # noqa: E402
-from fl_core.data import FederatedDataLoader  # noqa: E402
-from fl_core.models import build_model  # noqa: E402
-from fl_core.privacy import (  # noqa: E402
-    DPSGDConfig,
-    PatientDPTrainer,
-    calibrate_noise,
-    group_records,
-    local_steps,
-)
-from fl_core.randomness import RandomSource, SecureRandom, SeededRandom  # noqa: E402
+from adapters.config_files import load_config  # noqa: E402
+from adapters.tables import FederatedDataLoader  # noqa: E402
+from fl_core.model.networks import build_model  # noqa: E402
+from fl_core.privacy.accountants import calibrate_noise, local_steps
+from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
+from fl_core.privacy.randomness import RandomSource, SecureRandom, SeededRandom  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 SOURCES: dict[str, Callable[[int], RandomSource]] = {

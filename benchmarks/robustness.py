@@ -28,9 +28,9 @@ from report import emit, require_public_dataset  # benchmarks/report.py: the scr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_core.attacks import ATTACKS as ATTACK_REGISTRY  # noqa: E402
-from fl_core.config import load_config  # noqa: E402
-from fl_core.data import FederatedDataLoader  # noqa: E402
+from adapters.config_files import load_config  # noqa: E402
+from adapters.tables import FederatedDataLoader  # noqa: E402
+from fl_core.robust.attacks import ATTACKS as ATTACK_REGISTRY  # noqa: E402
 
 ATTACKS = tuple(ATTACK_REGISTRY)  # every registered attack, ``none`` (the baseline) first
 DEFENSES: dict[str, list[str]] = {
@@ -54,7 +54,7 @@ BASE = ["data.partition=by_patient", "data.num_clients=20", "anomaly.enabled=fal
 
 def run(seeds: int, fractions: list[float], attacks: list[str],
         defenses: list[str]) -> dict[str, Any]:
-    from fl_core.federation.build import federate
+    from fl_core.federation.wiring import federate
 
     torch.set_num_threads(1)
     started = time.perf_counter()

@@ -13,9 +13,9 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from adapters.artifacts import Paths
+from adapters.config_files import load_config
 from adapters.partition import load_client_data
 from adapters.train import load_model
-from fl_core.config import load_config
 
 cfg = load_config("params.yaml", [a for a in sys.argv[1:] if a != "--set"])  # KEY=VALUE ...
 paths = Paths.of(cfg, ".", None)

@@ -35,19 +35,20 @@ from report import emit, environment, require_public_dataset  # benchmarks/repor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from adapters.config_files import load_config  # noqa: E402
 from adapters.message_store import READY, FolderStore, StoreTransport  # noqa: E402
-from fl_core.config import PipelineConfig, load_config  # noqa: E402
-from fl_core.data import FederatedDataLoader  # noqa: E402
-from fl_core.federation.build import federate, federate_over  # noqa: E402
+from adapters.site_files import split_by_site  # noqa: E402
+from adapters.tables import FederatedDataLoader  # noqa: E402
+from fl_core.config.model import PipelineConfig
 from fl_core.federation.messages import Shutdown, SiteReady, decode_message, encode_message  # noqa: E402
-from fl_core.site_data import split_by_site  # noqa: E402
+from fl_core.federation.wiring import federate, federate_over  # noqa: E402
 
 SITE_PROCESS = """
 import sys
 from pathlib import Path
 from adapters.message_store import FolderStore
 from adapters.site_session import SiteSession, serve_site
-from fl_core.config import load_config
+from adapters.config_files import load_config
 root, csv, site, index, store, session, state = sys.argv[1:8]
 cfg = load_config(Path(root) / "params.yaml", sys.argv[8:])
 serve_site(cfg, csv_path=Path(csv), site=site, index=int(index),

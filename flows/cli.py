@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "but letters and digits (e.g. va-long-beach). Each file keeps the header "
                     "and that hospital's rows in their original order. Each folder is what "
                     "one hospital's worker sees in sites mode: its own patients and nobody "
-                    "else's (the worker loads it with fl_core.site_data.site_client_data and "
+                    "else's (the worker loads it with adapters.site_files.site_client_data and "
                     "gets the same train/test split as the simulation). Existing files are "
                     "replaced. Beside each folder, OUT/<site>.env sets FEDPRIV_SITE_ID and "
                     "FEDPRIV_SITE_DATA for that hospital's Prefect worker (`make site-worker "
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def schema_text(data: Any) -> str:
     """``fedpriv schema show``: the resolved schema as a table, then the model input columns."""
-    from fl_core.data import TabularTransform
+    from fl_core.data.transform import TabularTransform
 
     spec = data.spec
     head = ["column", "type", "unit", "range", "values", "missing tokens", "max missing",
@@ -292,7 +292,7 @@ def schema_text(data: Any) -> str:
 def infer_command(args: argparse.Namespace, root: Path) -> int:
     """``fedpriv schema infer``: draft a schema from a CSV, write it, print what to check."""
     from adapters.artifacts import write_text_atomic
-    from fl_core.schema_infer import InferenceError, default_id, infer_schema
+    from fl_core.data.inference import InferenceError, default_id, infer_schema
 
     if args.action != "infer":
         print(f"fedpriv: schema {args.action} takes no FILE (got {args.file!r})",
@@ -330,7 +330,7 @@ def infer_command(args: argparse.Namespace, root: Path) -> int:
 def split_sites(cfg: Any, root: Path, out: str) -> None:
     """``fedpriv split-sites``: write and list one CSV per site."""
     from adapters.artifacts import write_text_atomic
-    from fl_core.site_data import own_site_files
+    from adapters.site_files import own_site_files
 
     target = root / out
     for site in own_site_files(cfg, root):
@@ -351,7 +351,7 @@ def print_budget(cfg: Any, root: Path, entries: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fl_core.accounting import open_ledger
+    from adapters.accounting import open_ledger
 
     ledger = open_ledger(cfg, root)
     cap, accountant = cfg.privacy.lifetime_epsilon, cfg.privacy.accountant
@@ -457,12 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     _environment(root)
 
     from adapters.artifacts import UnpublishedError
+    from adapters.config_files import load_config
     from adapters.preflight import PreflightError, preflight
-    from fl_core.config import ConfigError, load_config
-    from fl_core.data import DataError
-    from fl_core.engine import RoundFailedError
-    from fl_core.ledger import BudgetExceededError, MissingChargeError
-    from fl_core.validation import DataValidationError
+    from fl_core.config.model import ConfigError
+    from fl_core.data.tables import DataError
+    from fl_core.data.validation import DataValidationError
+    from fl_core.federation.coordinator import RoundFailedError
+    from fl_core.privacy.ledger import BudgetExceededError, MissingChargeError
 
     try:
         cfg = load_config(root / args.params, args.overrides)
@@ -510,7 +511,8 @@ def precheck_data(cfg: Any, root: Path) -> None:
     label classes) before ``fedpriv run`` starts Prefect; sites mode has no file here."""
     if cfg.federation.mode != "simulation":
         return
-    from fl_core.validation import check_sources, raise_if_failed
+    from adapters.gx_validation import check_sources
+    from fl_core.data.validation import raise_if_failed
 
     sources = cfg.data.sources(root)
     where = cfg.data.source_text if cfg.data.site_files else sources[0][0]
@@ -519,7 +521,7 @@ def precheck_data(cfg: Any, root: Path) -> None:
 
 def data_error_text(exc: Exception) -> str:
     """One line for a failure of the file as a whole, else the full validation message."""
-    from fl_core.validation import ALL_SITES, DataValidationError
+    from fl_core.data.validation import ALL_SITES, DataValidationError
 
     if isinstance(exc, DataValidationError) and len(exc.report.failures) == 1 \
             and exc.report.failures[0].site == ALL_SITES:
@@ -567,7 +569,7 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:
     if cfg.federation.mode == "sites" and name in ("validate", "partition", "train", "audit"):
-        from fl_core.config import ConfigError
+        from fl_core.config.model import ConfigError
 
         raise ConfigError(f"federation.mode=sites: the '{name}' stage runs at the sites, "
                           f"within `fedpriv run` (the Prefect flow); `fedpriv stage` and DVC "

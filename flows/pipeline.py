@@ -27,13 +27,14 @@ from adapters.artifacts import (
     reap_dead_workspaces,
     release_workspace,
 )
+from adapters.config_files import load_config
 from adapters.dp_audit import dp_audit_markdown, kept_verdicts
 from adapters.preflight import PreflightError, preflight
 from adapters.publish import describe_budget
-from fl_core.config import ConfigError, load_config
-from fl_core.data import DataError
-from fl_core.ledger import BudgetExceededError, MissingChargeError
-from fl_core.validation import DataValidationError
+from fl_core.config.model import ConfigError
+from fl_core.data.tables import DataError
+from fl_core.data.validation import DataValidationError
+from fl_core.privacy.ledger import BudgetExceededError, MissingChargeError
 from flows.sites import run_at_sites
 from tasks.audit import audit
 from tasks.dp_audit import dp_audit

@@ -24,7 +24,7 @@ from prefect import flow
 
 from adapters.message_store import FolderStore
 from adapters.site_session import SiteSession, serve_site
-from fl_core.config import PipelineConfig
+from fl_core.config.model import PipelineConfig
 
 
 class SiteEnvironmentError(RuntimeError):

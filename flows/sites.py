@@ -18,7 +18,7 @@ from typing import Any
 from uuid import UUID
 
 from adapters.message_store import READY, FolderStore
-from fl_core.config import PipelineConfig, site_slug
+from fl_core.config.model import PipelineConfig, site_slug
 from fl_core.federation.messages import (
     Failure,
     MessageError,

@@ -8,7 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_core.aggregation import (
+from adapters.config_files import load_config
+from fl_core.config.model import ConfigError
+from fl_core.robust.aggregators import (
     bucketing,
     centered_clipping,
     check_robustness,
@@ -21,9 +23,8 @@ from fl_core.aggregation import (
     nearest_neighbour_mixing,
     trimmed_mean,
 )
-from fl_core.anomaly import Reputation, detect_anomalies, sanitize
-from fl_core.attacks import Attack, alie_z, choose_malicious
-from fl_core.config import ConfigError, load_config
+from fl_core.robust.anomaly import Reputation, detect_anomalies, sanitize
+from fl_core.robust.attacks import Attack, alie_z, choose_malicious
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

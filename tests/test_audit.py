@@ -17,7 +17,7 @@ from fl_core.audit import (
     half_splits,
     membership_audit,
 )
-from fl_core.models import MLP
+from fl_core.model.networks import MLP
 
 FEATURES = 10
 
@@ -296,7 +296,7 @@ def _sweep_cli(project, *args: str):
 def test_audit_sweep_cli_charges_the_ledger_and_writes_table_plot(project) -> None:
     import json
 
-    from fl_core.ledger import PrivacyLedger
+    from adapters.ledger_store import PrivacyLedger
 
     out = _sweep_cli(project, "--seeds", "1", "--epsilons", "1")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -325,8 +325,8 @@ def test_audit_sweep_cli_charges_the_ledger_and_writes_table_plot(project) -> No
 def test_audit_sweep_the_ledger_cannot_cover_is_refused_before_training(project) -> None:
     import re
 
+    from adapters.ledger_store import PrivacyLedger
     from adapters.sweep import plan_sweep
-    from fl_core.ledger import PrivacyLedger
 
     out = _sweep_cli(project, "--seeds", "2", "--epsilons", "1", "2",
                      "--set", "privacy.lifetime_epsilon=2.5")
@@ -349,7 +349,7 @@ def test_shadow_federations_are_partitioned_by_the_pipelines_own_rule() -> None:
     """By site: one client per hospital holding exactly that hospital's trained pool rows;
     by patient: data.num_clients clients. No second copy of the partitioning."""
     from adapters.audit import AuditPool, _shadow_clients
-    from fl_core.config import load_config
+    from adapters.config_files import load_config
 
     n = 60
     sites = ["A"] * 30 + ["B"] * 20 + ["C"] * 10

@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_core.aggregation import fedavg
-from fl_core.compression import HEADER, DenseCodec, PayloadError, dense_size
+from fl_core.codec.dense import DenseCodec, dense_size
+from fl_core.codec.framing import HEADER, PayloadError
+from fl_core.robust.aggregators import fedavg
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
 

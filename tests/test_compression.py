@@ -10,26 +10,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_core.compression import (
-    FRAME_BYTES,
-    HEADER,
-    TOPK_HEAD,
-    DenseCodec,
-    ErrorFeedback,
-    ModelBroadcast,
-    ModelReplica,
-    PayloadError,
-    TopKQuantizer,
-    UpdateCompressor,
-    decode_payload,
-    dense_size,
-    pack_fixed,
-    rice_decode,
-    rice_encode,
-    topk_payload_size,
-    unpack_fixed,
-    warmup_density,
-)
+from fl_core.codec.dense import DenseCodec, dense_size
+from fl_core.codec.downlink import ModelBroadcast, ModelReplica
+from fl_core.codec.error_feedback import ErrorFeedback, UpdateCompressor, warmup_density
+from fl_core.codec.framing import FRAME_BYTES, HEADER, PayloadError
+from fl_core.codec.payload import decode_payload
+from fl_core.codec.rice import pack_fixed, rice_decode, rice_encode, unpack_fixed
+from fl_core.codec.topk import TOPK_HEAD, TopKQuantizer, topk_payload_size
 
 finite32 = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, allow_subnormal=False,
                      width=32).map(lambda v: 0.0 if abs(v) < 1e-20 else v)

@@ -25,7 +25,7 @@ from adapters.partition import partition_data
 from adapters.publish import publish_results
 from adapters.train import train_model
 from adapters.validate import validate_data
-from fl_core.config import load_config
+from adapters.config_files import load_config
 root, rounds = Path(sys.argv[1]), int(sys.argv[2])
 cfg = load_config(root / "params.yaml", [f"rounds={rounds}", "audit.shadow_models=2",
                                          "gate.min_accuracy=0"])
@@ -42,7 +42,7 @@ print("RESULT " + json.dumps({"version": out["registration"]["model_version"],
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
-    from fl_core.models import get_flat_params
+    from fl_core.model.networks import get_flat_params
 
     flat = get_flat_params(model).detach().to(torch.float32)
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()

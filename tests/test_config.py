@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_core.config import ConfigError, apply_overrides, load_config
+from adapters.config_files import load_config
+from fl_core.config.model import ConfigError
+from fl_core.config.overrides import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +105,7 @@ def test_seed_bound_is_accepted_by_torch_and_numpy() -> None:
     import numpy as np
     import torch
 
-    from fl_core.config import MAX_SEED
+    from fl_core.config.model import MAX_SEED
 
     cfg = load_config(ROOT / "params.yaml", [f"seed={MAX_SEED}"])
     assert cfg.seed == 2**32 - 1

@@ -30,11 +30,11 @@ def covid_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                         "'datasets' (pip install -e '.[datasets]'; make and CI install it)")
     from adapters.artifacts import Paths
     from adapters.audit import audit_model
+    from adapters.config_files import load_config
     from adapters.partition import partition_data
     from adapters.publish import publish_results
     from adapters.train import train_model
     from adapters.validate import validate_data
-    from fl_core.config import load_config
     from flows.cli import main
 
     project = tmp_path_factory.mktemp("covid-project")
@@ -89,7 +89,7 @@ def test_the_covid_champion_scores_raw_rows(covid_run: dict[str, Any], n: int) -
 
     from adapters.serving import as_model_input, validated_rows
     from adapters.train import load_model
-    from fl_core.data import TabularTransform
+    from fl_core.data.transform import TabularTransform
 
     with store(covid_run["uri"]):
         loaded = mlflow.pyfunc.load_model("models:/fedpriv-covid_testing@champion")
@@ -108,8 +108,9 @@ def test_the_covid_champion_scores_raw_rows(covid_run: dict[str, Any], n: int) -
 def test_another_tables_model_cannot_take_this_models_name(covid_run: dict[str, Any]) -> None:
     """A heart run told to register as the covid model is refused before training (exit 2
     naming mlflow.model_name); under its own default name it passes preflight."""
+    from adapters.config_files import load_config
     from adapters.preflight import preflight
-    from fl_core.config import ConfigError, load_config
+    from fl_core.config.model import ConfigError
 
     project = covid_run["project"]
     (project / "data" / "schemas").mkdir(exist_ok=True)

@@ -4,8 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_core.config import DataConfig
-from fl_core.data import DataError, FederatedDataLoader, TabularTransform
+from adapters.config_files import data_config
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import DataConfig
+from fl_core.data.tables import DataError
+from fl_core.data.transform import TabularTransform
 
 
 @pytest.fixture(autouse=True)
@@ -16,11 +19,11 @@ def fresh_cache():
 
 
 def loader(raw_csv: Path, **kw) -> FederatedDataLoader:
-    return FederatedDataLoader.get(DataConfig(path=str(raw_csv), **kw))
+    return FederatedDataLoader.get(data_config(path=str(raw_csv), **kw))
 
 
 def cfg(raw_csv: Path, **kw) -> DataConfig:
-    return DataConfig(path=str(raw_csv), **kw)
+    return data_config(path=str(raw_csv), **kw)
 
 
 def test_singleton_under_threads_reads_once(raw_csv: Path) -> None:
@@ -57,7 +60,7 @@ def test_different_options_are_different_instances(raw_csv: Path) -> None:
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
-        FederatedDataLoader.get(DataConfig(path=str(tmp_path / "nope.csv")))
+        FederatedDataLoader.get(data_config(path=str(tmp_path / "nope.csv")))
 
 
 def _check_partition(inst: FederatedDataLoader, config: DataConfig, seed: int) -> None:
@@ -154,7 +157,7 @@ def test_declared_transform_encodes_every_client(raw_csv: Path) -> None:
 
 def test_transform_of_a_table_without_a_feature_is_a_clear_error(raw_csv: Path) -> None:
     table = loader(raw_csv).table.drop(columns=["age"])
-    transform = TabularTransform.from_config(DataConfig(features=["age", "sex"]))
+    transform = TabularTransform.from_config(data_config(features=["age", "sex"]))
     with pytest.raises(DataError, match=r"\['age'\] missing"):
         transform.transform(table)
     with pytest.raises(DataError, match=r"\['age'\] missing"):

@@ -15,14 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.config_files import load_config
+from adapters.tables import FederatedDataLoader
 from fl_core.audit.canary import DRILLS, RECORDS_PER_CANARY, CanaryInjection, draw_canaries
 from fl_core.audit.dp_audit import DPAuditResult, audit_dp, dp_fingerprint
+from fl_core.audit.gate import evaluate_gate, gate_thresholds
 from fl_core.audit.gdp import gdp_epsilon, gdp_mu, separation_lower_bound
-from fl_core.config import ConfigError, load_config
-from fl_core.data import FederatedDataLoader
-from fl_core.gate import evaluate_gate, gate_thresholds
-from fl_core.privacy import epsilon_spent
-from fl_core.randomness import SeededRandom
+from fl_core.config.model import ConfigError
+from fl_core.privacy.accountants import epsilon_spent
+from fl_core.privacy.randomness import SeededRandom
 
 ROOT = Path(__file__).resolve().parents[1]
 

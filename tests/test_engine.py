@@ -4,15 +4,11 @@ import time
 import pytest
 import torch
 
-from fl_core.compression import (
-    FRAME_BYTES,
-    DenseCodec,
-    TopKQuantizer,
-    UpdateCompressor,
-    dense_size,
-)
-from fl_core.data import ClientData
-from fl_core.engine import FederationSettings, RoundFailedError, TrainingResult
+from fl_core.codec.dense import DenseCodec, dense_size
+from fl_core.codec.error_feedback import UpdateCompressor
+from fl_core.codec.framing import FRAME_BYTES
+from fl_core.codec.topk import TopKQuantizer
+from fl_core.data.tables import ClientData
 from fl_core.federation import (
     EvaluateInstruction,
     FitInstruction,
@@ -20,9 +16,10 @@ from fl_core.federation import (
     decode_message,
     encode_message,
 )
+from fl_core.federation.coordinator import FederationSettings, RoundFailedError, TrainingResult
 from fl_core.federation.simulation import simulate
-from fl_core.federation.site import LocalTrainingConfig, SiteClient
-from fl_core.models import build_model, get_flat_params, set_flat_params
+from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
+from fl_core.model.networks import build_model, get_flat_params, set_flat_params
 
 
 def run(sites: list[SiteClient], init: torch.Tensor, rounds: int, min_clients: int = 1,
@@ -240,9 +237,9 @@ def test_compressed_downlink_counts_deltas_and_keeps_clients_in_step() -> None:
 
 
 def test_sign_flip_attack_breaks_fedavg_but_not_multi_krum() -> None:
-    from fl_core.aggregation import make_aggregator
-    from fl_core.attacks import Attack
-    from fl_core.engine import Defense
+    from fl_core.federation.coordinator import Defense
+    from fl_core.robust.aggregators import make_aggregator
+    from fl_core.robust.attacks import Attack
 
     attack = Attack("sign_flip", frozenset({"c0", "c1"}), scale=4.0)
     plain, factory = wide_clients(n_clients=7)
@@ -256,8 +253,8 @@ def test_sign_flip_attack_breaks_fedavg_but_not_multi_krum() -> None:
 
 
 def test_absurd_update_is_rejected_and_flagged_clients_are_reported() -> None:
-    from fl_core.attacks import Attack
-    from fl_core.engine import Defense
+    from fl_core.federation.coordinator import Defense
+    from fl_core.robust.attacks import Attack
 
     cs, factory = wide_clients(n_clients=7)
     attack = Attack("scaling", frozenset({"c3"}), scale=1e6)  # an absurd norm
@@ -283,7 +280,8 @@ def oversized_topk_payload(declared: int = 4_000_000_000) -> bytes:
     elements: a few dozen bytes that once made the decoder allocate 16 GB."""
     import struct
 
-    from fl_core.compression import CODEC_TOPK, INDEX_RICE, TOPK_HEAD, frame
+    from fl_core.codec.framing import CODEC_TOPK, frame
+    from fl_core.codec.topk import INDEX_RICE, TOPK_HEAD
 
     body = TOPK_HEAD.pack(8, INDEX_RICE, 0, 1, 0, 1024) + struct.pack("<I", declared)
     return frame(CODEC_TOPK, declared, body)
@@ -335,7 +333,7 @@ def test_oversized_header_is_refused_before_allocating() -> None:
     code = (
         "import resource, torch\n"
         "from tests.test_engine import oversized_topk_payload\n"
-        "from fl_core.compression import PayloadError, decode_payload\n"
+        "from fl_core.codec.topk import PayloadError, decode_payload\n"
         "payload = oversized_topk_payload()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
@@ -356,7 +354,7 @@ def test_oversized_header_is_refused_before_allocating() -> None:
 
 
 def test_client_refuses_a_broadcast_of_the_wrong_size() -> None:
-    from fl_core.compression import PayloadError
+    from fl_core.codec.framing import PayloadError
 
     cs, factory = clients(n_clients=1)
     with pytest.raises(PayloadError, match="declares 4000000000 elements, the model has 4"):
@@ -402,8 +400,8 @@ def test_sites_run_concurrently() -> None:
 
 
 def _dp_sites(compressor: bool) -> tuple[list[SiteClient], object]:
-    from fl_core.privacy import DPSGDConfig
-    from fl_core.randomness import SeededRandom
+    from fl_core.privacy.dpsgd import DPSGDConfig
+    from fl_core.privacy.randomness import SeededRandom
 
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
                      learning_rate=0.5, delta=1e-5, accountant="rdp")
@@ -415,7 +413,7 @@ def _dp_sites(compressor: bool) -> tuple[list[SiteClient], object]:
 
 def _rounds_3_to_5(sites: list[SiteClient], params: torch.Tensor) -> TrainingResult:
     """The coordinator resuming a 5-round run at round 3 from the round-2 model."""
-    from fl_core.engine import run_federated
+    from fl_core.federation.coordinator import run_federated
     from fl_core.federation.transport import InProcessTransport
 
     transport = InProcessTransport({s.client_id: s.handle for s in sites})

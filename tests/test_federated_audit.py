@@ -9,6 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.config_files import data_config
+from adapters.tables import FederatedDataLoader
 from fl_core.audit import attack_report, per_example_loss
 from fl_core.audit.federated import (
     LIRA_TEMPERATURE,
@@ -23,16 +25,15 @@ from fl_core.audit.federated import (
     site_attack_scores,
     site_audit_reply,
 )
-from fl_core.compression import DenseCodec
-from fl_core.config import DataConfig
-from fl_core.data import ClientData, FederatedDataLoader
-from fl_core.engine import FederationSettings
+from fl_core.codec.dense import DenseCodec
+from fl_core.data.tables import ClientData
 from fl_core.federation import AuditInstruction, AuditReply, decode_message, encode_message
+from fl_core.federation.coordinator import FederationSettings
 from fl_core.federation.messages import AUDIT_BINS
 from fl_core.federation.simulation import simulate
-from fl_core.federation.site import LocalTrainingConfig, SiteClient
-from fl_core.metrics import roc_auc
-from fl_core.models import build_model, get_flat_params, set_flat_params
+from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
+from fl_core.model.metrics import roc_auc
+from fl_core.model.networks import build_model, get_flat_params, set_flat_params
 
 DELTA = 1e-5
 SHADOW_TRAINING = LocalTrainingConfig(local_epochs=40, batch_size=32, learning_rate=0.1, seed=0)
@@ -148,7 +149,7 @@ def test_merge_refuses_replies_that_cannot_be_merged() -> None:
 
 @pytest.fixture(scope="module")
 def heart(raw_csv: Path) -> list[ClientData]:
-    config = DataConfig(path=str(raw_csv))
+    config = data_config(path=str(raw_csv))
     data, _, _ = FederatedDataLoader.get(config).partitioned(config, 0)
     return data
 

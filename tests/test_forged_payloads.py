@@ -19,23 +19,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_core.compression import (
-    CODEC_DENSE,
-    CODEC_TOPK,
-    HEADER,
-    INDEX_BITMAP,
-    INDEX_RICE,
-    TOPK_HEAD,
-    VERSION,
-    DenseCodec,
-    PayloadError,
-    TopKQuantizer,
-    decode_payload,
-    frame,
-    pack_fixed,
-    rice_decode,
-    rice_encode,
-)
+from fl_core.codec.dense import DenseCodec
+from fl_core.codec.framing import CODEC_DENSE, CODEC_TOPK, HEADER, VERSION, PayloadError, frame
+from fl_core.codec.payload import decode_payload
+from fl_core.codec.rice import pack_fixed, rice_decode, rice_encode
+from fl_core.codec.topk import INDEX_BITMAP, INDEX_RICE, TOPK_HEAD, TopKQuantizer
 from fl_core.federation import AuditReply, MessageError, decode_message
 from fl_core.federation.messages import FRAME
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_core.config import load_config
+from adapters.config_files import load_config
 from tests.killing import kill_when, rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,7 +49,7 @@ def _check_invariant(project: Path) -> list[str]:
     """Every aliased version is complete and accounted; returns the aliased versions."""
     from mlflow import MlflowClient
 
-    from fl_core.ledger import PrivacyLedger
+    from adapters.ledger_store import PrivacyLedger
 
     uri = f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

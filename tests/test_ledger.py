@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from fl_core import ledger as ledger_module
-from fl_core.accounting import site_charges
-from fl_core.config import PipelineConfig
-from fl_core.data import ClientSplit, Partition
-from fl_core.ledger import (
+from adapters.config_files import build_config
+from adapters.ledger_store import PrivacyLedger
+from fl_core.privacy import ledger as ledger_module
+from fl_core.data.tables import ClientSplit, Partition
+from fl_core.privacy.accountants import epsilon_for_history
+from fl_core.privacy.accounting import site_charges
+from fl_core.privacy.ledger import (
     BudgetExceededError,
     Charge,
-    PrivacyLedger,
     SiteCharge,
     compose,
     patient_key,
 )
-from fl_core.privacy import epsilon_for_history
 
 STEP = (2.0, 1.0, 10)  # σ, q, steps: ε ≈ 8.08 at δ = 1e-5 under rdp
 EPS = epsilon_for_history((STEP,), 1e-5, "rdp")
@@ -139,7 +139,7 @@ def test_patients_sharing_their_charges_share_one_accountant_call(
 
 
 def test_a_site_spread_over_clients_is_charged_its_most_steps() -> None:
-    cfg = PipelineConfig()
+    cfg = build_config({})
     partition = Partition((
         ClientSplit("c0", (1, 2, 3), (9,)), ClientSplit("c1", (4, 5), ()),
         ClientSplit("c2", (6,), ())), "by_patient", 0)

@@ -23,7 +23,7 @@ from fl_core.federation import (
     encode_message,
 )
 from fl_core.federation.messages import AUDIT_ATTACKS, AUDIT_BINS, FRAME, HISTOGRAM_BINS
-from fl_core.metrics import histogram_auc, roc_auc
+from fl_core.model.metrics import histogram_auc, roc_auc
 
 names = st.text(min_size=1, max_size=20)
 rounds = st.integers(0, 10_000)

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from fl_core.audit import loss_threshold_attack, tpr_at_fpr
-from fl_core.metrics import accuracy, balanced_accuracy, roc_auc, roc_curve
-from fl_core.models import MLP, build_model
+from fl_core.model.metrics import accuracy, balanced_accuracy, roc_auc, roc_curve
+from fl_core.model.networks import MLP, build_model
 
 
 @given(st.lists(st.tuples(st.integers(-5, 5), st.booleans()), min_size=2, max_size=60))

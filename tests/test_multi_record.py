@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
-from fl_core.config import DataConfig, load_config
-from fl_core.data import FederatedDataLoader
-from fl_core.schema import SchemaError, parse_schema
+from adapters.config_files import data_config, load_config
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import DataConfig
+from fl_core.data.schema import SchemaError, parse_schema
 
 SCHEMA = {
     "id": "multi", "patient_id": "pid", "site": "clinic", "records_per_patient": "many",
@@ -54,7 +55,7 @@ def multi(tmp_path: Path) -> tuple[Path, DataConfig, pd.DataFrame]:
     frame.to_csv(path, index=False)
     (tmp_path / "multi.yaml").write_text(yaml.safe_dump(SCHEMA))
     FederatedDataLoader.clear_cache()
-    return path, DataConfig(path=str(path), spec=parse_schema(SCHEMA, "multi")), frame
+    return path, data_config(path=str(path), spec=parse_schema(SCHEMA, "multi")), frame
 
 
 def _expected_site(frame: pd.DataFrame) -> dict[int, str]:
@@ -111,9 +112,9 @@ def test_partition_split_and_tensors_keep_a_patient_together(multi, partition: s
 
 
 def test_dp_sgd_samples_patients_not_records(multi) -> None:
-    """DP-SGD's unit (fl_core.federation.site: group_records(x, y, data.patient_ids())): one
+    """DP-SGD's unit (fl_core.federation.site_client: group_records(x, y, data.patient_ids())): one
     padded example per patient, holding all of that patient's records."""
-    from fl_core.privacy import group_records
+    from fl_core.privacy.dpsgd import group_records
 
     _, cfg, frame = multi
     (c, *_), _, _ = FederatedDataLoader.get(cfg).partitioned(cfg, seed=1)
@@ -126,8 +127,8 @@ def test_dp_sgd_samples_patients_not_records(multi) -> None:
 
 def test_site_audit_groups_non_members_by_patient(multi) -> None:
     from fl_core.audit.federated import site_attack_scores
-    from fl_core.federation.site import LocalTrainingConfig
-    from fl_core.models import get_flat_params
+    from fl_core.federation.site_client import LocalTrainingConfig
+    from fl_core.model.networks import get_flat_params
 
     _, cfg, _ = multi
     clients, _, _ = FederatedDataLoader.get(cfg).partitioned(cfg, seed=2)
@@ -174,8 +175,8 @@ def test_pooled_audit_counts_and_splits_patients(multi, tmp_path: Path) -> None:
 
 
 def test_split_sites_and_validation_with_several_records(multi) -> None:
-    from fl_core.site_data import split_by_site
-    from fl_core.validation import validate_file
+    from adapters.gx_validation import validate_file
+    from adapters.site_files import split_by_site
 
     path, cfg, frame = multi
     files = {f.site: f for f in split_by_site(path, cfg.spec)}
@@ -236,17 +237,17 @@ def test_a_drop_value_not_in_values_exits_2_naming_the_key(
 
 
 def test_invalid_results_are_dropped_at_load_not_read_as_negatives(tmp_path: Path) -> None:
-    from fl_core.site_data import site_client_data, site_dropped_rows, split_by_site
-    from fl_core.validation import check_file
+    from adapters.gx_validation import check_file
+    from adapters.site_files import site_client_data, site_dropped_rows, split_by_site
 
     frame = _with_invalid(_table())
     path = tmp_path / "multi.csv"
     frame.to_csv(path, index=False)
     invalid = frame["result"] == "invalid"
     FederatedDataLoader.clear_cache()
-    kept = DataConfig(path=str(path), spec=parse_schema(SCHEMA, "as negatives"))
+    kept = data_config(path=str(path), spec=parse_schema(SCHEMA, "as negatives"))
     assert len(FederatedDataLoader.get(kept).table) == len(frame)  # before: negatives
-    cfg = DataConfig(path=str(path), spec=parse_schema(_dropping_schema(), "dropping"))
+    cfg = data_config(path=str(path), spec=parse_schema(_dropping_schema(), "dropping"))
     loader = FederatedDataLoader.get(cfg)
     table = loader.table
     assert len(table) == len(frame) - invalid.sum() and "invalid" not in set(table["result"])
@@ -326,7 +327,7 @@ def test_covid_testing_export_and_schema(tmp_path: Path) -> None:
     assert len(raw) == 15524 and raw["subject_id"].nunique() == 12344
     assert raw["clinic_name"].nunique() == 88
     assert not {"fake_first_name", "fake_last_name"} & set(raw.columns)
-    cfg = DataConfig(path=str(out), schema="data/schemas/covid_testing.yaml",
+    cfg = data_config(path=str(out), schema="data/schemas/covid_testing.yaml",
                      drop_incomplete=False)
     FederatedDataLoader.clear_cache()
     loader = FederatedDataLoader.get(cfg)

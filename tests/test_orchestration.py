@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_core.validation import DataValidationError
+from fl_core.data.validation import DataValidationError
 from tasks.common import TransientError, is_transient, task_options
 from tests.servers import free_port, stop, wait_healthy
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_core.config import load_config
-from fl_core.validation import DataValidationError
+from adapters.config_files import load_config
+from fl_core.data.validation import DataValidationError
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.config_files import load_config
 from adapters.preflight import PreflightError, check_tracking_uri, preflight
-from fl_core.config import ConfigError, load_config
+from fl_core.config.model import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

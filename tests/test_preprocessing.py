@@ -18,11 +18,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_core.config import ConfigError, DataConfig, FeatureReference, load_config
-from fl_core.data import DataError, FederatedDataLoader, Partition, TabularTransform
+from adapters.config_files import data_config, load_config
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import ConfigError, FeatureReference
+from fl_core.data.tables import DataError, Partition
+from fl_core.data.transform import TabularTransform
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = DataConfig().spec  # data/schemas/heart.yaml
+SPEC = data_config().spec  # data/schemas/heart.yaml
 CORE_FEATURES = tuple(SPEC.features)
 NUMERIC_FEATURES = SPEC.numeric_features
 BOOLEAN_FEATURES = SPEC.of_type("boolean")
@@ -45,7 +48,7 @@ def _without(partition: Partition, patient: int) -> Partition:
 
 
 def test_removing_any_of_50_training_patients_changes_nothing_released(raw_csv: Path) -> None:
-    config = DataConfig(path=str(raw_csv))
+    config = data_config(path=str(raw_csv))
     loader = FederatedDataLoader.get(config)
     partition = loader.partition(config, 0)
     full = loader.fit_transform(config, partition)
@@ -109,8 +112,8 @@ def tables(draw: st.DrawFn) -> pd.DataFrame:
 def test_output_is_a_bounded_function_of_each_row_alone(
     table: pd.DataFrame, reference: dict[str, FeatureReference] | None, one_hot: bool, seed: int
 ) -> None:
-    declared = reference or DataConfig().reference
-    transform = replace(TabularTransform.from_config(DataConfig()), reference=declared,
+    declared = reference or data_config().reference
+    transform = replace(TabularTransform.from_config(data_config()), reference=declared,
                         one_hot=one_hot)
     assert transform.missing_indicators == ("chol",)
     batch = transform.transform(table).numpy()
@@ -130,7 +133,7 @@ def test_output_is_a_bounded_function_of_each_row_alone(
 
 
 def test_missing_values_take_the_declared_defaults() -> None:
-    config = DataConfig()
+    config = data_config()
     transform = TabularTransform.from_config(config)
     row = pd.DataFrame([{col: None for col in CORE_FEATURES}])
     x = dict(zip(transform.columns(), transform.transform(row)[0].tolist(), strict=True))
@@ -152,16 +155,16 @@ def test_range_only_declaration_scales_to_minus_one_one() -> None:
 
 
 def test_state_dict_round_trips_through_json(raw_csv: Path) -> None:
-    transform = TabularTransform.from_config(DataConfig())
+    transform = TabularTransform.from_config(data_config())
     state = json.loads(json.dumps(transform.state_dict()))
     again = TabularTransform.from_state_dict(state)
     assert again == transform and state["columns"] == transform.columns()
-    table = FederatedDataLoader.get(DataConfig(path=str(raw_csv))).table
+    table = FederatedDataLoader.get(data_config(path=str(raw_csv))).table
     assert torch.equal(again.transform(table), transform.transform(table))
 
 
 def test_incomplete_patients_for_the_audit_encode_within_bounds(raw_csv: Path) -> None:
-    config = DataConfig(path=str(raw_csv))
+    config = data_config(path=str(raw_csv))
     incomplete = FederatedDataLoader.get(config).incomplete_table
     assert len(incomplete) == 180
     x = TabularTransform.from_config(config).transform(incomplete)

@@ -10,20 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fl_core.models import LogisticRegression, build_model, get_flat_params
-from fl_core.privacy import (
-    DPSGDConfig,
-    PatientDPTrainer,
+from fl_core.model.networks import LogisticRegression, build_model, get_flat_params
+from fl_core.privacy.accountants import (
     PrivacyError,
     calibrate_noise,
     check_delta,
-    check_model,
-    dp_fedavg,
     epsilon_spent,
+)
+from fl_core.privacy.dp_fedavg import dp_fedavg
+from fl_core.privacy.dpsgd import (
+    DPSGDConfig,
+    PatientDPTrainer,
+    check_model,
     group_records,
     patient_loss,
 )
-from fl_core.randomness import SecureRandom, SeededRandom
+from fl_core.privacy.randomness import SecureRandom, SeededRandom
 
 FEATURES = 5
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")

@@ -15,14 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fl_core.config import ConfigError, load_config
-from fl_core.ledger import (
-    BudgetExceededError,
-    Charge,
-    MissingChargeError,
-    PrivacyLedger,
-    SiteCharge,
-)
+from adapters.config_files import build_config, load_config
+from adapters.ledger_store import PrivacyLedger
+from fl_core.config.model import ConfigError
+from fl_core.privacy.ledger import BudgetExceededError, Charge, MissingChargeError, SiteCharge
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
@@ -60,11 +56,10 @@ def _versions(root: Path) -> list:
 
 def _spend(root: Path, site: str, epsilon: float, run_id: str, cap: float = 10.0) -> None:
     """Charge every patient of ``site`` (default recipe, 40 steps) about ``epsilon``."""
-    from fl_core.config import PipelineConfig
-    from fl_core.data import FederatedDataLoader
-    from fl_core.privacy import calibrate_noise, epsilon_for_history
+    from adapters.tables import FederatedDataLoader
+    from fl_core.privacy.accountants import calibrate_noise, epsilon_for_history
 
-    cfg = PipelineConfig()
+    cfg = build_config({})
     patients = frozenset(i for i, s in FederatedDataLoader.get(cfg.data, root)
                          .site_of_patient().items() if s == site)
     history = ((calibrate_noise(epsilon, 1e-5, 1.0, 40, "prv"), 1.0, 40),)
@@ -276,8 +271,8 @@ def test_cli_budget_shows_the_ledger(project: Path) -> None:
 
 
 def test_server_side_dp_fedavg_is_accounted_per_round(project: Path) -> None:
-    from fl_core.compression import dense_size
-    from fl_core.privacy import epsilon_spent
+    from fl_core.codec.dense import dense_size
+    from fl_core.privacy.accountants import epsilon_spent
 
     # 6 rounds: the asked counts of 3 rounds of Poisson(0.5) over 20 clients were all equal
     # about 2 % of the time (seen once in the suite), failing the "it varies" check below

@@ -21,7 +21,7 @@ from adapters.artifacts import (
     reap_dead_workspaces,
     write_json_atomic,
 )
-from fl_core.config import load_config
+from adapters.config_files import load_config
 from tests.killing import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ SLOW_PUBLISH = """
 import shutil, sys, time
 from pathlib import Path
 import adapters.artifacts as artifacts
-from fl_core.config import load_config
+from adapters.config_files import load_config
 copy = shutil.copyfile
 def slow_copy(source, target):
     copy(source, target)

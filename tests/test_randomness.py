@@ -17,14 +17,16 @@ import pytest
 import torch
 from scipy import stats
 
-from fl_core.compression import decode_payload
-from fl_core.config import ConfigError, load_config
-from fl_core.data import FederatedDataLoader
+from adapters.config_files import load_config
+from adapters.tables import FederatedDataLoader
+from fl_core.codec.payload import decode_payload
+from fl_core.config.model import ConfigError
 from fl_core.federation import FitInstruction
-from fl_core.federation.site import LocalTrainingConfig, SiteClient
-from fl_core.models import build_model, get_flat_params
-from fl_core.privacy import DPSGDConfig, epsilon_spent, replace_one_epsilon
-from fl_core.randomness import RANDOMNESS, SecureRandom, SeededRandom, make_random
+from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
+from fl_core.model.networks import build_model, get_flat_params
+from fl_core.privacy.accountants import epsilon_spent, replace_one_epsilon
+from fl_core.privacy.dpsgd import DPSGDConfig
+from fl_core.privacy.randomness import RANDOMNESS, SecureRandom, SeededRandom, make_random
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +90,7 @@ def _client(randomness: object, sigma: float) -> tuple[SiteClient, torch.Tensor,
 
 def _noise_in_update(randomness: object) -> tuple[torch.Tensor, int]:
     """The Gaussian noise one round of DP-GD added, measured as noisy − noise-free update."""
-    from fl_core.compression import DenseCodec
+    from fl_core.codec.dense import DenseCodec
 
     noisy, start, patients = _client(randomness, sigma=1.0)
     clean, _, _ = _client(SeededRandom(0), sigma=0.0)
@@ -122,7 +124,7 @@ def test_reproducible_noise_is_regenerated_from_the_config_and_secure_noise_is_n
 
 
 def test_two_secure_runs_with_the_same_seed_differ_and_reproducible_runs_agree() -> None:
-    from fl_core.federation.build import federate
+    from fl_core.federation.wiring import federate
 
     def params(randomness: str) -> torch.Tensor:
         cfg = load_config(ROOT / "params.yaml", ["rounds=2", f"privacy.randomness={randomness}"])

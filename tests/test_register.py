@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from fl_core.config import DataConfig, PipelineConfig
-from fl_core.data import TabularTransform
-from fl_core.gate import GateDecision, evaluate_gate
-from fl_core.models import build_model, get_flat_params
+from adapters.config_files import build_config, data_config
+from fl_core.audit.gate import GateDecision, evaluate_gate
+from fl_core.config.model import PipelineConfig
+from fl_core.data.transform import TabularTransform
+from fl_core.model.networks import build_model, get_flat_params
 
 GATE = {"gate.min_accuracy": 0.75, "audit.max_auc": 0.60, "audit.max_tpr_at_0_1pct_fpr": 0.05,
         "privacy.epsilon": 1.0}
@@ -82,13 +83,13 @@ def test_an_imbalanced_table_passes_accuracy_but_not_min_auc() -> None:
 
 
 def test_gate_thresholds_come_from_the_configuration() -> None:
-    from fl_core.gate import gate_thresholds
+    from fl_core.audit.gate import gate_thresholds
 
-    cfg = PipelineConfig.model_validate({"gate": {"min_accuracy": 0, "min_auc": 0.6}})
+    cfg = build_config({"gate": {"min_accuracy": 0, "min_auc": 0.6}})
     thresholds = gate_thresholds(cfg)
     assert thresholds["gate.min_auc"] == 0.6 and thresholds["gate.min_accuracy"] == 0
     assert thresholds["gate.min_balanced_accuracy"] == 0  # default: off
-    assert PipelineConfig().gate.min_auc == 0
+    assert build_config({}).gate.min_auc == 0
 
 
 def test_gate_refuses_reproducible_noise_saying_why() -> None:
@@ -148,7 +149,7 @@ def cfg(tmp_path: Path, migrated_db: Path) -> PipelineConfig:
     state = tmp_path / "state"
     state.mkdir()
     shutil.copy(migrated_db, state / "mlflow.db")
-    return PipelineConfig.model_validate({
+    return build_config({
         "state_dir": str(state),
         "gate": {"min_accuracy": 0.75},
         "mlflow": {"experiment": "test-exp", "model_name": "test-model"},
@@ -163,7 +164,7 @@ def report(tmp_path: Path) -> Path:
     return path
 
 
-TRANSFORM = TabularTransform.from_config(DataConfig())
+TRANSFORM = TabularTransform.from_config(data_config())
 
 
 @pytest.fixture

@@ -11,7 +11,20 @@ import pytest
 import torch
 from pydantic import AfterValidator, BaseModel
 
-from fl_core.aggregation import (
+from adapters.config_files import load_config
+from fl_core.codec.dense import DenseCodec
+from fl_core.codec.framing import CODEC_DENSE, CODEC_TOPK
+from fl_core.codec.payload import _DECODERS, CODECS, decode_payload
+from fl_core.codec.topk import TopKQuantizer
+from fl_core.config.model import REGISTRIES, ConfigError, PipelineConfig
+from fl_core.federation.coordinator import Defense
+from fl_core.model.networks import MODELS, build_model
+from fl_core.privacy.accountants import ACCOUNTANTS, PrivacyError, _accountant
+from fl_core.privacy.dp_fedavg import DPFedAvg, dp_fedavg
+from fl_core.privacy.dpsgd import GRAD_SAMPLE_MODES
+from fl_core.privacy.randomness import RANDOMNESS, SeededRandom, make_random
+from fl_core.registry import accepted, lookup
+from fl_core.robust.aggregators import (
     AGGREGATORS,
     PRE_AGGREGATIONS,
     bucketing,
@@ -20,29 +33,7 @@ from fl_core.aggregation import (
     make_pre_aggregation,
     nearest_neighbour_mixing,
 )
-from fl_core.attacks import ATTACKS, DATA_POISONING, Attack
-from fl_core.compression import (
-    _DECODERS,
-    CODEC_DENSE,
-    CODEC_TOPK,
-    CODECS,
-    DenseCodec,
-    TopKQuantizer,
-    decode_payload,
-)
-from fl_core.config import REGISTRIES, ConfigError, PipelineConfig, load_config
-from fl_core.engine import Defense
-from fl_core.models import MODELS, build_model
-from fl_core.privacy import (
-    ACCOUNTANTS,
-    GRAD_SAMPLE_MODES,
-    DPFedAvg,
-    PrivacyError,
-    _accountant,
-    dp_fedavg,
-)
-from fl_core.randomness import RANDOMNESS, SeededRandom, make_random
-from fl_core.registry import accepted, lookup
+from fl_core.robust.attacks import ATTACKS, DATA_POISONING, Attack
 
 ROOT = Path(__file__).resolve().parents[1]
 

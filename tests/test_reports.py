@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from fl_core.engine import RoundRecord, TrainingResult
-from fl_core.reports import RUN_METRICS, AuditReport, PrivacyReport, TrainingSummary, run_metrics
+from fl_core.federation.coordinator import RoundRecord, TrainingResult
+from fl_core.results import RUN_METRICS, AuditReport, PrivacyReport, TrainingSummary, run_metrics
 
 # reports/metrics.json must keep at least these (shared/ARCHITECTURE.md)
 ARCHITECTURE_METRICS = {

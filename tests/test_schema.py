@@ -1,7 +1,7 @@
-"""The dataset is a schema file, not code: data/schemas/heart.yaml and fl_core.schema.
+"""The dataset is a schema file, not code: data/schemas/heart.yaml and fl_core.data.schema.
 
 No column or site name of the heart table is left in ``fl_core``; a bad schema is a
-:class:`~fl_core.config.ConfigError` naming the schema key; and the heart pipeline trains to
+:class:`~fl_core.config.model.ConfigError` naming the schema key; and the heart pipeline trains to
 exactly the numbers it did when the dataset was hard-coded.
 """
 
@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_core.config import ConfigError, DataConfig, load_config
-from fl_core.data import FederatedDataLoader, TabularTransform, binary_label
-from fl_core.schema import DatasetSchema, LabelRule, SchemaError, load_schema, parse_schema
+from adapters.config_files import data_config, load_config
+from adapters.schema_files import load_schema
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import ConfigError
+from fl_core.data.schema import DatasetSchema, LabelRule, SchemaError, parse_schema
+from fl_core.data.tables import binary_label
+from fl_core.data.transform import TabularTransform
 from flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +81,7 @@ def test_no_name_of_any_shipped_schema_left_in_fl_core() -> None:
 
 
 def test_heart_schema_declares_what_the_code_did() -> None:
-    data = DataConfig()
+    data = data_config()
     spec = data.spec
     assert (spec.patient_id, spec.site, spec.label.column) == ("id", "dataset", "num")
     assert data.features == ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
@@ -185,15 +189,15 @@ def test_a_renamed_dataset_loads_through_the_schema(tmp_path: Path, raw_csv: Pat
     tree["features"] = {("cholesterol" if k == "chol" else k): v
                         for k, v in tree["features"].items()}
     spec = parse_schema(tree, "renamed")
-    renamed = DataConfig(path=str(tmp_path / "renamed.csv"), spec=spec)
-    original = DataConfig(path=str(raw_csv))
+    renamed = data_config(path=str(tmp_path / "renamed.csv"), spec=spec)
+    original = data_config(path=str(raw_csv))
     FederatedDataLoader.clear_cache()
     a = FederatedDataLoader.get(renamed).partitioned(renamed, seed=3)[0]
     b = FederatedDataLoader.get(original).partitioned(original, seed=3)[0]
     for x, y in zip(a, b, strict=True):
         assert x.client_id == y.client_id and x.train_ids == y.train_ids
         assert x.x_train.equal(y.x_train) and x.y_train.equal(y.y_train)
-    from fl_core.validation import validate_file
+    from adapters.gx_validation import validate_file
 
     report = validate_file(tmp_path / "renamed.csv", renamed)
     assert report.success, report.message()
@@ -257,14 +261,14 @@ def test_heart_train_metrics_unchanged(project: Path) -> None:
 def test_an_integer_feature_refuses_a_fraction(tmp_path: Path, raw_csv: Path) -> None:
     import pandas as pd
 
-    from fl_core.validation import validate_file
+    from adapters.gx_validation import validate_file
 
     frame = pd.read_csv(raw_csv, dtype=str, keep_default_na=False)
     frame.loc[0, "age"] = "40.5"
     frame.to_csv(tmp_path / "fraction.csv", index=False)
     tree = heart_tree()
     tree["features"]["age"]["type"] = "integer"
-    data = DataConfig(spec=parse_schema(tree, "integer-age"))
+    data = data_config(spec=parse_schema(tree, "integer-age"))
     report = validate_file(tmp_path / "fraction.csv", data)
     assert [(f.site, f.column) for f in report.failures] == [("Cleveland", "age")]
     assert "must be an integer" in report.failures[0].public_detail

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_core.config import DataConfig, load_config
-from fl_core.schema import load_schema
-from fl_core.schema_infer import InferenceError, infer_schema, widened_range
+from adapters.config_files import data_config, load_config
+from adapters.schema_files import load_schema
+from fl_core.data.inference import InferenceError, infer_schema, widened_range
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART_ARGS = ["--patient-id", "id", "--site", "dataset", "--label", "num"]
@@ -60,7 +60,7 @@ def test_heart_draft_guesses(heart_draft: tuple[Path, str]) -> None:
 
 
 def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -> None:
-    from fl_core.validation import validate_file
+    from adapters.gx_validation import validate_file
 
     path, _ = heart_draft
     cfg = load_config(ROOT / "params.yaml", [f"data.schema={path}", f"data.path={raw_csv}"])
@@ -70,8 +70,8 @@ def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -
     # ... and trains: partition and two federated DP rounds on the drafted schema (reviewed:
     # the draft keeps ca/thal/slope, empty for most of three sites, so incomplete patients
     # are filled by the declared fill instead of dropped)
-    from fl_core.data import FederatedDataLoader
-    from fl_core.federation.build import federate
+    from adapters.tables import FederatedDataLoader
+    from fl_core.federation.wiring import federate
 
     cfg = load_config(ROOT / "params.yaml", [f"data.schema={path}", f"data.path={raw_csv}",
                                              "data.drop_incomplete=false", "rounds=2"])
@@ -110,16 +110,16 @@ def test_identifiers_and_free_text_are_ignored(tmp_path: Path) -> None:
     bmi = spec.feature("bmi")
     assert bmi.type == "numeric" and bmi.low <= 18.5 and bmi.high >= 18.5 + 0.37 * 39
     assert spec.missing_limit("bmi") == pytest.approx(0.1)  # 1 of 20 at site A: 5 % -> 10 %
-    from fl_core.validation import validate_file
+    from adapters.gx_validation import validate_file
 
     (tmp_path / "mine.yaml").write_text(draft.yaml_text())
-    data = DataConfig(path=str(csv), spec=load_schema(tmp_path / "mine.yaml"))
+    data = data_config(path=str(csv), spec=load_schema(tmp_path / "mine.yaml"))
     report = validate_file(csv, data)
     assert report.success, report.message()
 
 
 def test_repeated_patient_ids_draft_several_records_per_patient(tmp_path: Path) -> None:
-    from fl_core.validation import validate_file
+    from adapters.gx_validation import validate_file
 
     n = 40
     frame = pd.DataFrame({"pid": [1000 + i // 2 for i in range(n)],   # two rows each
@@ -134,7 +134,7 @@ def test_repeated_patient_ids_draft_several_records_per_patient(tmp_path: Path) 
     assert any("20 row(s) repeat a patient id" in n for n in draft.notes)
     assert "records_per_patient: many" in draft.yaml_text()
     (tmp_path / "visits.yaml").write_text(draft.yaml_text())
-    data = DataConfig(path=str(csv), spec=load_schema(tmp_path / "visits.yaml"))
+    data = data_config(path=str(csv), spec=load_schema(tmp_path / "visits.yaml"))
     assert validate_file(csv, data).success
     frame.drop_duplicates("pid").to_csv(csv, index=False)
     assert infer_schema(csv, patient_id="pid", site="hospital", label="outcome",
@@ -176,7 +176,7 @@ def test_drafted_range_contains_every_value(values: list[float], integer: bool) 
                           st.integers(0, 500)), min_size=2, max_size=15))
 def test_draft_of_random_numeric_frame_validates(tmp_path: Path,
                                                  rows: list[tuple[float, int]]) -> None:
-    from fl_core.validation import validate_file
+    from adapters.gx_validation import validate_file
 
     frame = pd.DataFrame({"pid": range(len(rows)), "site": "S",
                           "x": [r[0] for r in rows], "k": [r[1] for r in rows],
@@ -189,7 +189,7 @@ def test_draft_of_random_numeric_frame_validates(tmp_path: Path,
         if col in spec.features and spec.feature(col).numeric:
             f = spec.feature(col)
             assert f.low <= frame[col].min() and frame[col].max() <= f.high
-    report = validate_file(csv, DataConfig(path=str(csv), spec=spec))
+    report = validate_file(csv, data_config(path=str(csv), spec=spec))
     assert report.success, report.message()
 
 
@@ -244,7 +244,7 @@ def test_data_errors_are_one_short_line(project: Path, command: list[str]) -> No
 def test_expected_errors_lose_their_traceback_in_prefect_logs() -> None:
     import logging
 
-    from fl_core.data import DataError
+    from fl_core.data.tables import DataError
     from flows.pipeline import BriefExpectedErrors
 
     def record(exc: BaseException) -> logging.LogRecord:

@@ -38,11 +38,11 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A temp project with one registered run; its store URI, config and model file."""
     from adapters.artifacts import Paths
     from adapters.audit import audit_model
+    from adapters.config_files import load_config
     from adapters.partition import partition_data
     from adapters.publish import publish_results
     from adapters.train import train_model
     from adapters.validate import validate_data
-    from fl_core.config import load_config
 
     project = tmp_path_factory.mktemp("serving-project")
     (project / "data" / "raw").mkdir(parents=True)
@@ -76,7 +76,7 @@ def store(uri: str) -> Iterator[None]:
 
 def raw_rows(n: int, start: int = 0) -> pd.DataFrame:
     """``n`` complete rows of the CSV, the feature columns as the file has them."""
-    from fl_core.config import load_config
+    from adapters.config_files import load_config
 
     features = load_config(ROOT / "params.yaml", []).data.features
     frame = pd.read_csv(RAW_CSV)[list(features)].dropna()
@@ -92,7 +92,7 @@ def test_the_champion_scores_raw_rows_like_the_network(registered: dict[str, Any
 
     from adapters.serving import as_model_input
     from adapters.train import load_model
-    from fl_core.data import TabularTransform
+    from fl_core.data.transform import TabularTransform
 
     assert "champion" in registered["aliases"]
     with store(registered["uri"]):

@@ -16,12 +16,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_core.config import ConfigError, DataConfig, PipelineConfig, load_config, site_slug
-from fl_core.data import DataError, FederatedDataLoader, Partition
-from fl_core.site_data import SiteFile, site_client_data, split_by_site
-from fl_core.validation import validate_site_file
+from adapters.config_files import data_config, load_config
+from adapters.gx_validation import validate_site_file
+from adapters.site_files import SiteFile, site_client_data, split_by_site
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import ConfigError, PipelineConfig, site_slug
+from fl_core.data.tables import DataError, Partition
 
-SPEC = DataConfig().spec  # data/schemas/heart.yaml
+SPEC = data_config().spec  # data/schemas/heart.yaml
 SITES = tuple(SPEC.sites)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_core.config import ConfigError, load_config
-from fl_core.data import DataError, FederatedDataLoader
-from fl_core.schema import SchemaError, load_schema, parse_schema
-from fl_core.site_data import site_client_data
-from fl_core.validation import validate_site_file, validate_sources
+from adapters.config_files import load_config
+from adapters.gx_validation import validate_site_file, validate_sources
+from adapters.schema_files import load_schema
+from adapters.site_files import site_client_data
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import ConfigError
+from fl_core.data.schema import SchemaError, parse_schema
+from fl_core.data.tables import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSORS = ("x_train", "y_train", "x_test", "y_test", "train_patients", "test_patients")

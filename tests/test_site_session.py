@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapters.config_files import data_config, load_config
 from adapters.message_store import READY, FolderStore, StoreTransport
+from adapters.site_files import split_by_site
 from adapters.site_session import SiteSession, serve_site
-from fl_core.config import DataConfig, load_config
 from fl_core.federation.messages import (
     Failure,
     FitInstruction,
@@ -23,7 +24,6 @@ from fl_core.federation.messages import (
     decode_message,
     encode_message,
 )
-from fl_core.site_data import split_by_site
 
 OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models=2"]
 
@@ -31,7 +31,7 @@ OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models
 def _site_files(project: Path, out: Path) -> dict[str, Path]:
     files = {}
     for site_file in split_by_site(project / "data" / "raw" / "heart_disease_uci.csv",
-                                   DataConfig().spec):
+                                   data_config().spec):
         path = out / site_file.slug / "heart_disease_uci.csv"
         path.parent.mkdir(parents=True)
         path.write_text(site_file.text())
@@ -211,7 +211,7 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
         project: Path, tmp_path: Path) -> None:
     """The ledger charge is keyed by the coordinator's flow run (the same when Prefect
     retries the flow): a second session for that run (a retry, a restart) charges nothing."""
-    from fl_core.accounting import open_ledger
+    from adapters.accounting import open_ledger
 
     cfg = load_config(project / "params.yaml", OVERRIDES)
     files = _site_files(project, tmp_path / "sites")
@@ -231,8 +231,8 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
 
 def test_sites_that_fail_to_start_are_named_and_too_few_fail_the_run(tmp_path: Path) -> None:
     from adapters.sites import record_sites
-    from fl_core.data import DataError
-    from fl_core.engine import RoundFailedError
+    from fl_core.data.tables import DataError
+    from fl_core.federation.coordinator import RoundFailedError
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml",
                       ["federation.mode=sites", "min_clients=3"])

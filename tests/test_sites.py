@@ -82,10 +82,10 @@ def _run_sites(server: PrefectServer, coordinator: Path, log: Path,
 
 
 def _simulation_accuracy(project: Path) -> float:
+    from adapters.config_files import load_config
     from adapters.partition import partition_data
     from adapters.train import train_model
     from adapters.validate import validate_data
-    from fl_core.config import load_config
 
     cfg = load_config(project / "params.yaml", OVERRIDES)
     validate_data(cfg, project)
@@ -183,8 +183,8 @@ def test_covid_testing_on_four_sites_keeps_each_patients_records_together(
                         "'datasets' (pip install -e '.[datasets]'; make and CI install it)")
     import pandas as pd
 
-    from fl_core.config import load_config
-    from fl_core.data import FederatedDataLoader
+    from adapters.config_files import load_config
+    from adapters.tables import FederatedDataLoader
     from flows.cli import main
 
     project = tmp_path / "project"

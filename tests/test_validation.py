@@ -1,4 +1,4 @@
-"""Tests of fl_core.validation: the GX suite passes the real file and names every defect."""
+"""Tests of fl_core.data.validation: the GX suite passes the real file and names every defect."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fl_core.config import ConfigError, DataConfig
-from fl_core.validation import (
+from adapters.config_files import data_config
+from adapters.gx_validation import validate_file
+from fl_core.config.model import ConfigError, DataConfig
+from fl_core.data.validation import (
     ALL_SITES,
     DataValidationError,
     FailedExpectation,
     SchemaMismatchError,
     ValidationReport,
     raise_if_failed,
-    validate_file,
 )
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "raw" / "heart_disease_uci.csv"
@@ -25,7 +26,7 @@ SITE_ROWS = {"Cleveland": 304, "Hungary": 293, "VA Long Beach": 200, "Switzerlan
 # 61.0 %), then VA Long Beach's trestbps/oldpeak (28.0 %). A uniform limit of 0.2 rejects the
 # real file (see test_uniform_missing_rate_rejects_the_real_file); the defaults carry per-feature
 # limits for those sparse features and 0.1 for the rest (data/schemas/heart.yaml).
-DATA = DataConfig()
+DATA = data_config()
 
 
 def uniform_missing_limit(data: DataConfig, limit: float) -> DataConfig:
@@ -157,7 +158,7 @@ def test_required_columns_follow_the_configured_features(
     tmp_path: Path, raw: pd.DataFrame
 ) -> None:
     features = [f for f in DATA.features if f != "chol"]
-    data = DataConfig(features=features)
+    data = data_config(features=features)
     report = validate_file(write(tmp_path, raw.drop(columns=["chol"])), data)
     assert report.success, report.message()
     assert report.sites == SITE_ROWS
@@ -297,7 +298,7 @@ def test_a_type_that_fits_no_value_is_the_schemas_fault(
     """A declared type (or category list, or boolean tokens) that none of a column's values
     fits is a schema error naming the key (exit 2); one that only some values miss is the
     data's (exit 3, per site)."""
-    from fl_core.config import load_config
+    from adapters.config_files import load_config
 
     cfg = load_config(REAL.parents[2] / "params.yaml", [f"schema.features.{column}={declared}"])
     path = write(tmp_path, raw)

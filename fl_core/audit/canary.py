@@ -4,7 +4,7 @@ A canary ``c`` of a client is a patient with :data:`RECORDS_PER_CANARY` records,
 gradient ``s_c · A · e_{j_c}`` (a Dirac on the flat model coordinate ``j_c``, sign ``s_c``,
 norm ``A = CANARY_NORM_FACTOR · C``). Whether it is in the client's training set is an
 independent fair coin, known only to the auditor. :class:`CanaryInjection` is a
-:data:`~fl_core.privacy.PerPatientHook`: at every DP-SGD step it appends one per-patient
+:data:`~fl_core.privacy.dpsgd.PerPatientHook`: at every DP-SGD step it appends one per-patient
 gradient row per included canary that the step's Poisson sampling (rate ``q``, the run's own
 random source) draws, and zeroes the real patients' rows, before Opacus clips (to ``C``),
 sums and noises. The real patients stay in the batch (the expected batch size and σ are the
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.randomness import RandomSource, SeededRandom
+from fl_core.privacy.randomness import RandomSource, SeededRandom
 
 CANARY_NORM_FACTOR = 10.0
 """Each canary record's gradient norm, in units of the clipping bound ``C``: clipping must act."""

@@ -43,17 +43,9 @@ from fl_core.audit.canary import (
     draw_canaries,
 )
 from fl_core.audit.gdp import gdp_epsilon, separation_lower_bound
-from fl_core.compression import decode_payload
-from fl_core.config import ConfigError, PipelineConfig
-from fl_core.data import ClientData
-from fl_core.federation.build import (
-    build_target_model,
-    federation_settings,
-    make_compressor,
-    make_downlink,
-    make_dpsgd,
-    simulation_setup,
-)
+from fl_core.codec.payload import decode_payload
+from fl_core.config.model import ConfigError, PipelineConfig
+from fl_core.data.tables import ClientData
 from fl_core.federation.messages import (
     EvaluateInstruction,
     Failure,
@@ -63,9 +55,17 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from fl_core.federation.simulation import simulate
-from fl_core.federation.site import SiteClient
-from fl_core.privacy import epsilon_spent, local_steps
-from fl_core.randomness import RandomSource, make_random
+from fl_core.federation.site_client import SiteClient
+from fl_core.federation.wiring import (
+    build_target_model,
+    federation_settings,
+    make_compressor,
+    make_downlink,
+    make_dpsgd,
+    simulation_setup,
+)
+from fl_core.privacy.accountants import epsilon_spent, local_steps
+from fl_core.privacy.randomness import RandomSource, make_random
 
 Progress = Callable[[int, int], None]  # (audit runs done, audit runs in all)
 

@@ -53,17 +53,17 @@ from fl_core.audit.bounds import epsilon_lower_bound_from_counts
 from fl_core.audit.lira import lira_online
 from fl_core.audit.report import AttackReport, report_from_roc
 from fl_core.audit.shadow import ShadowOutputs, half_splits, true_class_logit
-from fl_core.compression import decode_payload
-from fl_core.data import ClientData
+from fl_core.codec.payload import decode_payload
+from fl_core.data.tables import ClientData
 from fl_core.federation.messages import (
     AUDIT_ATTACKS,
     AUDIT_BINS,
     AuditInstruction,
     AuditReply,
 )
-from fl_core.federation.site import LocalTrainingConfig, seed_for, train_local
-from fl_core.metrics import histogram_auc
-from fl_core.models import get_flat_params, set_flat_params
+from fl_core.federation.site_client import LocalTrainingConfig, seed_for, train_local
+from fl_core.model.metrics import histogram_auc
+from fl_core.model.networks import get_flat_params, set_flat_params
 
 SITE_ATTACKS = AUDIT_ATTACKS  # what a site computes: ("loss_threshold", "lira")
 NOT_IN_SITES_MODE: dict[str, str] = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fl_core.audit.bounds import empirical_epsilon_lower_bound
-from fl_core.metrics import roc_auc, roc_curve
+from fl_core.model.metrics import roc_auc, roc_curve
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ every field's type *before* building anything; a message it refuses raises
 confusion counts at the 0.5 threshold and, per label, a histogram of predicted probabilities
 in :data:`HISTOGRAM_BINS` equal bins. Its size does not depend on the number of patients, no
 patient's score or label is in it, and the pooled AUC computed from merged histograms
-(:func:`fl_core.metrics.histogram_auc`) differs from the exact AUC only through pairs that
+(:func:`fl_core.model.metrics.histogram_auc`) differs from the exact AUC only through pairs that
 share a bin (each counted as a tie, ½).
 
 **Membership-audit replies are aggregates too** (:class:`AuditReply`, the answer to an
@@ -65,7 +65,7 @@ class FitInstruction:
     KIND: ClassVar[int] = 1
     run_id: str
     round: int
-    model: bytes  # a codec payload (fl_core.compression)
+    model: bytes  # a codec payload (fl_core.codec.topk)
     local_epochs: int
 
 

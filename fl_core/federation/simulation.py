@@ -7,13 +7,13 @@ from typing import Any, Protocol
 
 import torch
 
-from fl_core.engine import FederationSettings, TrainingResult, run_federated
+from fl_core.federation.coordinator import FederationSettings, TrainingResult, run_federated
 from fl_core.federation.transport import InProcessTransport
 
 
 class SiteEndpoint(Protocol):
     """What the simulation needs of a site: its id and its bytes-in, bytes-out boundary
-    (a :class:`~fl_core.federation.site.SiteClient`, or a wrapper around one)."""
+    (a :class:`~fl_core.federation.site_client.SiteClient`, or a wrapper around one)."""
 
     client_id: str
 
@@ -24,7 +24,7 @@ def simulate(
     sites: Sequence[SiteEndpoint], *, initial_params: torch.Tensor,
     settings: FederationSettings, **engine_options: Any,
 ) -> TrainingResult:
-    """Run :func:`fl_core.engine.run_federated` over ``sites`` with an
+    """Run :func:`fl_core.federation.coordinator.run_federated` over ``sites`` with an
     :class:`InProcessTransport` (requests and replies still cross as bytes); the transport's
     threads are released afterwards. ``engine_options`` go to ``run_federated``."""
     transport = InProcessTransport({site.client_id: site.handle for site in sites})

@@ -39,7 +39,7 @@ class InProcessTransport:
     """Sites as handlers in this process, each request on its own worker thread.
 
     A site that misses the deadline is failed for the round; its thread cannot be stopped,
-    and the site (:class:`~fl_core.federation.site.SiteClient`) refuses further requests
+    and the site (:class:`~fl_core.federation.site_client.SiteClient`) refuses further requests
     ("busy") until it has finished.
     """
 

@@ -8,40 +8,33 @@ key, what was given and what is accepted.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from fl_core.aggregation import AGGREGATORS, PRE_AGGREGATIONS, check_robustness
-from fl_core.attacks import ATTACKS
-from fl_core.models import MODELS
-from fl_core.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
-from fl_core.randomness import RANDOMNESS
-from fl_core.registry import registered, unknown
-from fl_core.schema import (
+from fl_core.data.schema import (
     DEFAULT_SCHEMA,
     DatasetSchema,
     FeatureSpec,
-    SchemaError,
-    load_schema,
-    parse_schema,
-    read_schema_tree,
-    resolve_schema_path,
     with_range_defaults,
 )
+from fl_core.model.networks import MODELS
+from fl_core.privacy.accountants import ACCOUNTANTS
+from fl_core.privacy.dpsgd import GRAD_SAMPLE_MODES
+from fl_core.privacy.randomness import RANDOMNESS
+from fl_core.registry import registered, unknown
+from fl_core.robust.aggregators import AGGREGATORS, PRE_AGGREGATIONS, check_robustness
+from fl_core.robust.attacks import ATTACKS
 
 
 class ConfigError(ValueError):
@@ -119,7 +112,7 @@ class DataConfig(_Section):
 
     ``schema`` (``data.schema``) is the dataset schema file (relative: to the project root):
     column names, label rule, feature types, valid ranges and the declared preprocessing all
-    come from it (:mod:`fl_core.schema`). ``spec`` is that schema, loaded: filled in by
+    come from it (:mod:`fl_core.data.schema`). ``spec`` is that schema, loaded: filled in by
     :func:`load_config` (or from ``schema`` when a ``DataConfig`` is built directly), and
     carried in the dumped configuration so that a site needs no schema file of its own.
     ``features`` selects some of the schema's features (default: all of them).
@@ -151,8 +144,9 @@ class DataConfig(_Section):
         if not isinstance(raw, dict):
             return raw
         out = dict(raw)
-        if out.get("spec") is None:  # built directly: read the schema file (cwd, then checkout)
-            out["spec"] = load_schema(out.get("schema", out.get("schema_path", DEFAULT_SCHEMA)))
+        if out.get("spec") is None:  # reading the schema file is the adapters' (config_files)
+            raise ValueError("spec: the dataset schema is not loaded; build the configuration "
+                             "with adapters.config_files (load_config, build_config)")
         if out.get("features") is None:
             spec = out["spec"]
             names = spec.features if isinstance(spec, DatasetSchema) else spec.get("features")
@@ -419,6 +413,18 @@ class MlflowConfig(_Section):
     register_from_dvc: bool = False
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+
 class PipelineConfig(_Section):
     seed: int = Field(42, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -567,154 +573,3 @@ def check_aggregation(agg: AggregationConfig, n_clients: int) -> None:
             f"{agg.byzantine_fraction} on {n_clients} clients: {exc}; lower "
             f"aggregation.byzantine_fraction or choose another aggregation.method"
         ) from None
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"data.partition=by_patient"`` → (["data", "partition"], "by_patient").
-
-    The value is read as YAML, so ``5`` is an int, ``null`` is None and ``[1, 2]`` a list.
-    """
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
-    key, _, raw = item.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
-    return key.split("."), value
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``tree`` with each ``key=value`` override applied."""
-    result = copy.deepcopy(tree)  # keeps key order: a schema's features are ordered
-    for item in overrides:
-        path, value = parse_override(item)
-        node = result
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {item!r}: {'.'.join(path[: i + 1])} is not a section"
-                )
-            node = child
-        node[path[-1]] = value
-    return result
-
-
-MOVED_TO_SCHEMA = {
-    "data.reference": "a numeric feature's low/high/center/scale/fill",
-    "data.missing_category": "a categorical or boolean feature's fill",
-    "data.zero_as_missing": "a feature's missing_values",
-    "validation": "each feature's valid range and max_missing_rate",
-}
-"""Keys of earlier ``params.yaml`` versions → what of the dataset schema replaced them."""
-
-
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
-    if error["type"] == "extra_forbidden":
-        section: type[BaseModel] = model
-        for part in error["loc"][:-1]:
-            field = section.model_fields.get(str(part))
-            if field is None or not isinstance(field.annotation, type):
-                break
-            section = field.annotation
-        known = ", ".join(sorted(f.alias or name for name, f in section.model_fields.items()))
-        if loc in MOVED_TO_SCHEMA:
-            return (f"{loc}: unknown key; {MOVED_TO_SCHEMA[loc]} is declared in the dataset "
-                    f"schema (data.schema) now: set it there or with --set schema.<key>=<value>"
-                    f" (`fedpriv schema show`)")
-        return f"{loc}: unknown key; accepted keys here: {known}"
-    given = error.get("input")
-    msg = error["msg"].removeprefix("Value error, ")
-    if not loc:  # a rule across sections: its message names the keys itself
-        return msg
-    if isinstance(given, dict):  # a rule across a section's keys: not the whole section
-        return f"{loc}.{msg}" if re.match(r"^\w+: ", msg) else f"{loc}: {msg}"
-    return f"{loc}: {msg} (got {given!r})"
-
-
-SCHEMA_PREFIX = "schema."
-"""An override ``schema.<key>=<value>`` sets a key of the dataset schema file instead."""
-
-
-def attach_schema(tree: dict[str, Any], root: str | Path | None = None,
-                  schema_overrides: list[str] | None = None) -> dict[str, Any]:
-    """``tree`` with ``data.spec`` set to the schema ``data.schema`` names, its
-    ``schema_overrides`` (``key=value``, keys of the schema file) applied and validated.
-
-    A tree that already carries ``data.spec`` (a dumped configuration) keeps it. Raises
-    :class:`ConfigError` naming the schema key for a missing or invalid schema.
-    """
-    data = tree.get("data", {})
-    if not isinstance(data, dict) or (data.get("spec") is not None and not schema_overrides):
-        return tree  # not a section: the model check names it
-    path = data.get("schema", data.get("schema_path", DEFAULT_SCHEMA))
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"data.schema: expected the path of a dataset schema file "
-                          f"(got {path!r})")
-    try:
-        schema_tree = read_schema_tree(resolve_schema_path(path, root))
-        schema_tree = apply_overrides(schema_tree, schema_overrides or [])
-        spec = parse_schema(schema_tree, path)
-    except SchemaError as exc:
-        raise ConfigError(str(exc)) from None
-    return {**tree, "data": {**data, "spec": spec}}
-
-
-def build_config(tree: dict[str, Any], source: str = "params.yaml",
-                 root: str | Path | None = None,
-                 schema_overrides: list[str] | None = None) -> PipelineConfig:
-    """Validate ``tree`` (a parsed ``params.yaml``) with its dataset schema loaded from
-    ``root`` (the project root; default the working directory)."""
-    tree = attach_schema(tree, root, schema_overrides)
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as exc:
-        lines = [_describe(e, PipelineConfig) for e in exc.errors()]
-        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines)) from None
-
-
-def load_config(
-    path: str | Path = "params.yaml", overrides: list[str] | None = None
-) -> PipelineConfig:
-    """Read ``path``, apply ``overrides`` and validate.
-
-    The dataset schema (``data.schema``) is read relative to the folder of ``path`` (the
-    project root); an override ``schema.<key>=<value>`` sets a key of that schema file. A
-    missing file gives the defaults (so the package works outside a checkout); a file that is
-    not a YAML mapping is an error.
-    """
-    path = Path(path)
-    tree: dict[str, Any] = {}
-    if path.exists():
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        tree = loaded or {}
-    elif str(path) != "params.yaml":
-        raise ConfigError(f"config file {path} does not exist")
-    overrides = overrides or []
-    schema_overrides = [o.strip().removeprefix(SCHEMA_PREFIX) for o in overrides
-                        if o.strip().startswith(SCHEMA_PREFIX)]
-    tree = apply_overrides(tree, [o for o in overrides
-                                  if not o.strip().startswith(SCHEMA_PREFIX)])
-    source = str(path) + (" with --set overrides" if overrides else "")
-    return build_config(tree, source, path.parent, schema_overrides)

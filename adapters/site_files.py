@@ -4,10 +4,10 @@ In sites mode each hospital runs its own worker that sees only its own file (the
 embedded CSV whose site column, named by the dataset schema, is that hospital; ``fedpriv
 split-sites`` writes them). Under
 ``data.partition=by_site`` a site's train/test split depends only on the seed and its own
-patients (:func:`fl_core.data.site_rng`), so :func:`site_client_data` on the site's file gives
-exactly the :class:`~fl_core.data.ClientData` the simulation builds for it from the full file:
+patients (:func:`fl_core.data.partitioning.site_rng`), so :func:`site_client_data` on the site's file gives
+exactly the :class:`~fl_core.data.tables.ClientData` the simulation builds for it from the full file:
 same train/test patients, same tensors. Loading and encoding are the simulation's own
-(:class:`~fl_core.data.FederatedDataLoader`, :class:`~fl_core.data.TabularTransform`).
+(:class:`~adapters.tables.FederatedDataLoader`, :class:`~fl_core.data.transform.TabularTransform`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from fl_core.config import ConfigError, DataConfig, PipelineConfig, site_slug
-from fl_core.data import ClientData, DataError, FederatedDataLoader
-from fl_core.schema import DatasetSchema
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import ConfigError, DataConfig, PipelineConfig, site_slug
+from fl_core.data.schema import DatasetSchema
+from fl_core.data.tables import ClientData, DataError
 
 
 def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> ClientData:
     """The encoded train/test data of ``site_id`` from ``csv_path``, a file of its rows only.
 
     Equal to the simulation's client ``site_id`` (full file, same config and seed). Raises
-    :class:`~fl_core.data.DataError` (one line naming the site and the file) if the file is
+    :class:`~fl_core.data.tables.DataError` (one line naming the site and the file) if the file is
     missing or empty, cannot be read, holds a row of another site, or has no complete patient;
-    :class:`~fl_core.config.ConfigError` unless ``data.partition`` is ``by_site``.
+    :class:`~fl_core.config.model.ConfigError` unless ``data.partition`` is ``by_site``.
     """
     if cfg.data.partition != "by_site":
         raise ConfigError(f"data.partition={cfg.data.partition}: a site's own data needs "
@@ -81,7 +82,7 @@ def own_data_config(cfg: PipelineConfig, csv_path: Path, site_id: str) -> DataCo
 
 def site_dropped_rows(cfg: PipelineConfig, csv_path: Path, site_id: str) -> dict[str, int]:
     """The rows of a site's file left out at load, by key (counts only: they may go to the
-    coordinator); :meth:`~fl_core.data.FederatedDataLoader.dropped_rows`."""
+    coordinator); :meth:`~adapters.tables.FederatedDataLoader.dropped_rows`."""
     return FederatedDataLoader.get(own_data_config(cfg, csv_path, site_id)).dropped_rows()
 
 
@@ -118,7 +119,7 @@ class SiteFile:
 def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
     """The rows of the CSV at ``path`` grouped by site (the schema's site column), sites in
     order of first appearance. Cells are kept as text, exactly as read. Raises
-    :class:`~fl_core.data.DataError` if the file has no site column or no rows, a row has no
+    :class:`~fl_core.data.tables.DataError` if the file has no site column or no rows, a row has no
     site, or two sites would share a folder name."""
     path = Path(path)
     site_column = spec.site

@@ -1,6 +1,6 @@
 """A training run's privacy accounting as the ledger and the reports see it.
 
-Turns a configuration and a partition into ledger charges (:mod:`fl_core.ledger`) and the
+Turns a configuration and a partition into ledger charges (:mod:`fl_core.privacy.ledger`) and the
 ``privacy`` block of ``train.json``. All DP-SGD clients share one recipe ``(σ, q)`` and differ
 at most in their number of steps; a client's patients went through ``steps`` subsampled
 Gaussian steps, so the mechanism history of its patients is ``[(σ, q, steps)]``.
@@ -12,21 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_core.config import ConfigError, PipelineConfig
-from fl_core.data import ClientData, FederatedDataLoader, Partition
-from fl_core.federation.build import FederatedRun, make_dpsgd
-from fl_core.ledger import Charge, PrivacyLedger, SiteCharge, new_run_id
-from fl_core.privacy import DPSGDConfig, epsilon_spent, local_steps, replace_one_epsilon
-from fl_core.reports import PrivacyReport
+from fl_core.config.model import PipelineConfig
+from fl_core.data.tables import Partition
+from fl_core.privacy.accountants import epsilon_spent, local_steps, replace_one_epsilon
+from fl_core.privacy.dpsgd import DPSGDConfig
+from fl_core.privacy.ledger import Charge, SiteCharge
+from fl_core.results import PrivacyReport
 
 KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
 KIND_AUDIT_SWEEP = "audit-sweep"
-
-
-def open_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
-    """The ledger at ``privacy.ledger`` (relative to the project root) or in the state dir."""
-    path = cfg.ledger_path
-    return PrivacyLedger(path if path.is_absolute() else root / path)
 
 
 def dataset_label(cfg: PipelineConfig) -> str:
@@ -147,47 +141,3 @@ def describe_privacy(privacy: PrivacyReport) -> str:
     if privacy.client_level_epsilon is not None:
         parts.append(f"client-level DP-FedAvg: ε={privacy.client_level_epsilon:.3f}")
     return "; ".join(parts) if parts else "NOT DIFFERENTIALLY PRIVATE (privacy.enabled=false)"
-
-
-def plan_charge(
-    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData],
-    kind: str = KIND_TRAIN,
-) -> Charge:
-    """What a DP-SGD run of ``cfg`` on ``partition`` will charge, under a fresh ledger run id."""
-    dp = make_dpsgd(cfg, data)  # σ calibrated exactly as the run will (cached)
-    if dp is None:
-        raise ConfigError("only a DP-SGD run (privacy.enabled=true) can be charged")
-    site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
-    return planned_charge(cfg, site_of, partition, dp.noise_multiplier, new_run_id(), kind)
-
-
-def check_budget(
-    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData]
-) -> Charge:
-    """Refuse before training if this run would take a patient past the lifetime cap.
-
-    Returns the planned charge; its ``run_id`` is the ledger run id of the charge made after
-    training (:func:`charge_and_summarise`).
-    """
-    planned = plan_charge(cfg, root, partition, data)
-    open_ledger(cfg, root).check(planned, cfg.privacy.lifetime_epsilon)
-    return planned
-
-
-def charge_and_summarise(
-    cfg: PipelineConfig, root: Path, partition: Partition, run: FederatedRun,
-    run_id: str | None, kind: str = KIND_TRAIN,
-) -> PrivacyReport:
-    """Charge the ledger for a DP-SGD run's patients, then summarise its privacy.
-
-    Call it before anything trained is written: if the charge is refused (a concurrent run
-    took the budget), :class:`BudgetExceededError` propagates and no model exists.
-    """
-    charge = None
-    if run.dp is not None and run_id is not None:
-        site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
-        charge = spent_charge(cfg, site_of, partition, run.dp, run.spent, run_id, kind)
-        open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
-    return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,
-                           len(run.result.history))
-

@@ -37,18 +37,16 @@ stays cheap.
 
 from __future__ import annotations
 
-import csv
 import math
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from fl_core.config import ConfigError, DataConfig, PipelineConfig
-from fl_core.schema import DatasetSchema
+from fl_core.config.model import ConfigError, DataConfig
+from fl_core.data.schema import DatasetSchema
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_validation_result import (
@@ -57,6 +55,14 @@ if TYPE_CHECKING:
     )
 
 ALL_SITES = "<all>"
+SAMPLE_SIZE = 5  # distinct unexpected values quoted in a failure
+
+# The GX expectation types, as they appear in results and in FailedExpectation.expectation.
+EXPECT_REGEX = "expect_column_values_to_match_regex"
+EXPECT_BETWEEN = "expect_column_values_to_be_between"
+EXPECT_IN_SET = "expect_column_values_to_be_in_set"
+EXPECT_NOT_NULL = "expect_column_values_to_not_be_null"
+EXPECT_UNIQUE = "expect_column_values_to_be_unique"
 # A decimal number, optionally signed, with an optional exponent; surrounding blanks allowed.
 NUMBER_REGEX = r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$"
 # An integer (a schema's ``integer`` feature), optionally signed; ``3.0`` is accepted too.
@@ -81,17 +87,6 @@ def _at_most_regex(limit: int) -> str:
 
 # A patient id: a non-negative integer that fits int64 (a 20-digit id does not).
 PATIENT_ID_REGEX = _at_most_regex(INT64_MAX)
-SAMPLE_SIZE = 5  # distinct unexpected values quoted in a failure
-# BASIC gives counts and a sample of unexpected values at about half the cost of SUMMARY
-# (which adds value counts and row indices).
-RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 20}
-
-# The GX expectation types, as they appear in results and in FailedExpectation.expectation.
-_REGEX = "expect_column_values_to_match_regex"
-_BETWEEN = "expect_column_values_to_be_between"
-_IN_SET = "expect_column_values_to_be_in_set"
-_NOT_NULL = "expect_column_values_to_not_be_null"
-_UNIQUE = "expect_column_values_to_be_unique"
 
 
 @dataclass(frozen=True)
@@ -218,124 +213,6 @@ def _required_columns(data: DataConfig) -> list[str]:
     return list(dict.fromkeys([*data.spec.required_columns, *data.features]))
 
 
-def _read_table(path: Path, data: DataConfig, site: str | None = None
-                ) -> tuple[pd.DataFrame | None, list[FailedExpectation], dict[str, Any]]:
-    """Read ``path`` as text columns; return (frame or None, file-level failures, summary).
-    ``site``: the site the file holds (``site_source: file``), attached as its site column."""
-    summary: dict[str, Any] = {"path": str(path)}
-    if not path.is_file():
-        what = "is not a regular file" if path.exists() else "does not exist"
-        failure = _file_failure("file_exists", None, str(path), f"the data file {path} {what}",
-                                f"the data file {what}")
-        return None, [failure], summary
-    size = path.stat().st_size
-    summary["bytes"] = size
-    if size == 0:
-        failure = _file_failure("file_not_empty", None, 0, "the data file is empty (0 bytes)")
-        return None, [failure], summary
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        return None, [_file_failure("file_not_empty", None, size,
-                                    "the data file has no header and no rows")], summary
-    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, [_file_failure("file_parses_as_csv", None, reason,
-                                    f"the data file cannot be parsed as CSV: {reason}",
-                                    "the data file cannot be parsed as CSV")], summary
-    summary["rows"] = len(frame)
-    summary["columns"] = [str(c) for c in frame.columns]
-    failures: list[FailedExpectation] = []
-    header = [str(c) for c in frame.columns]
-    frame, foreign = data.spec.attach_file_site(frame, site)
-    if foreign:
-        failures.append(_file_failure(
-            "file_rows_of_one_site", data.spec.site, foreign,
-            f"{foreign} of {len(frame)} rows name another site than {site!r} in column "
-            f"{data.spec.site!r}; a site's file holds its own rows only"))
-    for col in _required_columns(data):
-        if col not in frame.columns:
-            failures.append(_file_failure(
-                "required_column_present", col, header,
-                f"required column {col!r} is missing from the header",
-                schema_key=_schema_key_of(data.spec, col),
-            ))
-    if len(frame) == 0:
-        failures.append(_file_failure("file_has_rows", None, 0,
-                                      "the data file has a header but no data rows"))
-    return frame, failures, summary
-
-
-def _read_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig
-                  ) -> tuple[pd.DataFrame | None, list[FailedExpectation], dict[str, Any]]:
-    """:func:`_read_table` of every source; several (one file per site) are checked file by
-    file (each failure names its site and file) and validated as one table."""
-    if len(sources) == 1:
-        return _read_table(Path(sources[0][0]), data, sources[0][1])
-    frames, failures, summaries = [], [], []
-    for path, site in sources:
-        frame, found, summary = _read_table(Path(path), data, site)
-        frames.append(frame)
-        summaries.append({"site": site, **summary})
-        where = f"site {site!r}" if str(path) in "".join(f.detail for f in found) else \
-            f"site {site!r} ({path})"
-        failures += [replace(f, detail=f"{where}: {f.detail}",
-                             public_detail=f"site {site!r}: {f.public_detail}") for f in found]
-    summary = {"files": summaries, "rows": sum(s.get("rows", 0) for s in summaries),
-               "columns": summaries[0].get("columns", [])}
-    if failures or any(f is None for f in frames):
-        return None, failures, summary
-    return pd.concat(frames, ignore_index=True), failures, summary
-
-
-# ------------------------------------------------------------------------------ GX suites
-def _table_expectations(gxe: Any, spec: DatasetSchema) -> list[Any]:
-    """Table-wide checks: patient id present and unique, site known, label present (and one
-    of the schema's label values where it lists them)."""
-    out = [
-        gxe.ExpectColumnValuesToNotBeNull(column=spec.patient_id),
-        *([gxe.ExpectColumnValuesToBeUnique(column=spec.patient_id)]
-          if spec.records_per_patient == "one" else []),  # "many": several rows per patient
-        gxe.ExpectColumnValuesToNotBeNull(column=spec.site),
-        gxe.ExpectColumnValuesToBeInSet(column=spec.site, value_set=list(spec.sites)),
-        gxe.ExpectColumnValuesToNotBeNull(column=spec.label.column),
-    ]
-    if spec.label.values:
-        out.append(gxe.ExpectColumnValuesToBeInSet(column=spec.label.column,
-                                                   value_set=list(spec.label.values)))
-    return out
-
-
-def _value_expectations(gxe: Any, data: DataConfig) -> list[Any]:
-    """Per-site checks on the text columns: types, categories, booleans, missing rates."""
-    spec = data.spec
-    out: list[Any] = [gxe.ExpectColumnValuesToMatchRegex(column=spec.patient_id,
-                                                         regex=PATIENT_ID_REGEX)]
-    for col in _features(data):
-        feature = spec.feature(col)
-        mostly = round(1.0 - spec.missing_limit(col), 12)
-        out.append(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
-        if feature.type == "integer":
-            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=INTEGER_REGEX))
-        elif feature.numeric:
-            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=NUMBER_REGEX))
-        else:
-            out.append(gxe.ExpectColumnValuesToBeInSet(column=col,
-                                                       value_set=list(feature.accepted())))
-    return out
-
-
-def _range_expectations(gxe: Any, data: DataConfig) -> list[Any]:
-    """Per-site range checks on the numeric features (coerced to float; nulls ignored)."""
-    out: list[Any] = []
-    for col in _features(data):
-        feature = data.spec.feature(col)
-        if feature.numeric:
-            out.append(gxe.ExpectColumnValuesToBeBetween(
-                column=col, min_value=float(feature.low or 0), max_value=float(feature.high or 0)))
-    return out
-
-
 def _numeric_frame(frame: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
     cols = [c for c in _features(data) if data.spec.feature(c).numeric]
     return frame[cols].apply(pd.to_numeric, errors="coerce").astype(float)
@@ -374,31 +251,31 @@ def _fmt_rate(x: float) -> str:
 
 
 # expectations whose failure quotes a sample of the unexpected values (site-side detail only)
-_QUOTES_SAMPLE = (_REGEX, _BETWEEN, _IN_SET, _UNIQUE)
+_QUOTES_SAMPLE = (EXPECT_REGEX, EXPECT_BETWEEN, EXPECT_IN_SET, EXPECT_UNIQUE)
 
 
 def _explain(kind: str, kwargs: dict[str, Any], where: str, bad: int, total: int,
              spec: DatasetSchema) -> str:
     """Why a GX expectation failed, in words and counts: no cell value."""
     column = kwargs.get("column")
-    if kind == _NOT_NULL and kwargs.get("mostly") is not None:
+    if kind == EXPECT_NOT_NULL and kwargs.get("mostly") is not None:
         rate = bad / total if total else 0.0
         limit = spec.missing_limit(str(column))
         return (f"{column!r} may be missing in at most {_fmt_rate(limit)}"
                 f" of the rows {where}; {bad} of {total} ({_fmt_rate(rate)}) are missing")
-    if kind == _NOT_NULL:
+    if kind == EXPECT_NOT_NULL:
         return f"{column!r} must never be empty {where}; {bad} of {total} rows are empty"
-    if kind == _REGEX:
+    if kind == EXPECT_REGEX:
         what = {PATIENT_ID_REGEX: f"an integer in [0, {INT64_MAX}] (int64)",
                 INTEGER_REGEX: "an integer"}.get(str(kwargs.get("regex")), "a number")
         return f"every value of {column!r} must be {what} {where}; {bad} of {total} are not"
-    if kind == _BETWEEN:
+    if kind == EXPECT_BETWEEN:
         return (f"{column!r} must lie in [{kwargs.get('min_value')}, "
                 f"{kwargs.get('max_value')}] {where}; {bad} of {total} values are outside")
-    if kind == _IN_SET:
+    if kind == EXPECT_IN_SET:
         allowed = list(kwargs.get("value_set") or [])
         return f"{column!r} must be one of {allowed} {where}; {bad} of {total} values are not"
-    if kind == _UNIQUE:
+    if kind == EXPECT_UNIQUE:
         return f"{column!r} must be unique {where}; {bad} rows share a value with another row"
     return f"{kind} on {column!r} failed {where}"
 
@@ -427,7 +304,7 @@ def _describe(site: str, res: ExpectationValidationResult, spec: DatasetSchema
     sample = _sample(result.get("partial_unexpected_list") or [])
     public = _explain(kind, kwargs, where, bad, total, spec)
     observed: object
-    if kind == _NOT_NULL:
+    if kind == EXPECT_NOT_NULL:
         detail = public
         observed = (round(bad / total if total else 0.0, 4)
                     if kwargs.get("mostly") is not None else bad)
@@ -444,54 +321,6 @@ def _describe(site: str, res: ExpectationValidationResult, spec: DatasetSchema
 def _failures(site: str, result: ExpectationSuiteValidationResult,
               spec: DatasetSchema) -> list[FailedExpectation]:
     return [_describe(site, r, spec) for r in result.results if not r.success]
-
-
-# ------------------------------------------------------------------------------ entry point
-class _Runner:
-    """The ephemeral GX context of one :func:`validate_file` call: suites built once."""
-
-    def __init__(self, data: DataConfig) -> None:
-        import great_expectations as gx
-        from great_expectations.data_context.types.base import ProgressBarsConfig
-
-        self.spec = spec = data.spec
-        ctx = gx.get_context(mode="ephemeral")
-        ctx.variables.progress_bars = ProgressBarsConfig(globally=False,
-                                                         metric_calculations=False)
-        batch = (ctx.data_sources.add_pandas(spec.id)
-                 .add_dataframe_asset("table")
-                 .add_batch_definition_whole_dataframe("whole"))
-        gxe = gx.expectations
-        suites = {
-            "table": _table_expectations(gxe, spec),
-            "values": _value_expectations(gxe, data),
-            "ranges": _range_expectations(gxe, data),
-        }
-        self.definitions: dict[str, Any] = {}
-        for name, expectations in suites.items():
-            suite = ctx.suites.add(
-                gx.ExpectationSuite(name=f"{spec.id}-{name}", expectations=expectations))
-            self.definitions[name] = ctx.validation_definitions.add(
-                gx.ValidationDefinition(name=f"{spec.id}-{name}", data=batch, suite=suite))
-
-    def run(self, name: str, site: str, frame: pd.DataFrame
-            ) -> tuple[dict[str, Any], list[FailedExpectation]]:
-        """Run suite ``name`` on ``frame``; return (JSON result, failures)."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                result = self.definitions[name].run(
-                    batch_parameters={"dataframe": frame.reset_index(drop=True)},
-                    result_format=RESULT_FORMAT,
-                )
-        except Exception as exc:  # GX itself failed: report it instead of raising
-            msg = f"{type(exc).__name__}: {exc}"
-            public = f"GX could not run the {name} suite"
-            failure = FailedExpectation(site, f"suite_{self.spec.id}-{name}", None, msg,
-                                        f"{public}: {msg}", public)
-            return {"success": False, "exception": msg}, [failure]
-        return _jsonable(result.to_json_dict()), _failures(site, result, self.spec)
 
 
 def _label_classes_failure(frame: pd.DataFrame, spec: DatasetSchema
@@ -569,106 +398,6 @@ def _types_fitting_no_value(frame: pd.DataFrame, data: DataConfig) -> list[Faile
             f"{head} {wanted} (found e.g. {_sample(values.unique())})",
             f"{head} {wanted}", schema_key=key))
     return out
-
-
-def check_file(path: str | Path, data: DataConfig, *, both_classes: bool = True,
-               site: str | None = None) -> tuple[pd.DataFrame | None, ValidationReport]:
-    """The file-level checks alone (no GX, milliseconds): the file exists, parses, has rows
-    and every required column, and (``both_classes``) its label rule gives two classes.
-    Returns the frame (None if unreadable) and a report whose ``results["file"]`` lists them.
-    ``site``: the site the file holds, under ``site_source: file``."""
-    return check_sources([(Path(path), site)], data, both_classes=both_classes)
-
-
-def check_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig, *,
-                  both_classes: bool = True
-                  ) -> tuple[pd.DataFrame | None, ValidationReport]:
-    """:func:`check_file` over several files (one per site), read as one table."""
-    frame, failures, summary = _read_sources(sources, data)
-    if frame is not None and not failures:
-        failures += _types_fitting_no_value(frame, data)
-        failures += _ranges_excluding_everything(frame, data)
-        if both_classes:
-            failures += [f for f in [_label_classes_failure(frame, data.spec)] if f]
-    summary["checks"] = [
-        {"expectation": f.expectation, "column": f.column, "success": False,
-         "observed": _jsonable(f.observed), "detail": f.detail}
-        for f in failures
-    ]
-    return frame, ValidationReport(not failures, tuple(failures), {}, {"file": summary})
-
-
-def validate_file(path: str | Path, data: DataConfig, *, both_classes: bool = True,
-                  site: str | None = None) -> ValidationReport:
-    """Validate the raw CSV at ``path``: file-level checks, then the GX suites per site.
-
-    Never raises for bad data: a failing file gives a report with ``success=False`` whose
-    failures name the site, column, expectation and observed values. ``both_classes``: the
-    label rule must give both classes over the file (not asked of one site's own file).
-    ``site``: the site the file holds, under ``site_source: file`` (no site column).
-    """
-    return validate_sources([(Path(path), site)], data, both_classes=both_classes)
-
-
-def validate_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig, *,
-                     both_classes: bool = True) -> ValidationReport:
-    """:func:`validate_file` over several files (one per site, ``data.site_files``): each
-    file checked on its own, then the suites on their rows as one table (a patient id is
-    unique across the files)."""
-    frame, checked = check_sources(sources, data, both_classes=both_classes)
-    failures = list(checked.failures)
-    results: dict[str, Any] = dict(checked.results)
-    if frame is None or failures:
-        return replace(checked, success=False)
-
-    spec = data.spec
-    if spec.site_groups is not None:  # raw values → declared sites (unlisted: empty, refused)
-        frame = frame.assign(**{spec.site: spec.site_of(frame)})
-    runner = _Runner(data)
-    table_cols = list(spec.required_columns)
-    results[ALL_SITES], found = runner.run("table", ALL_SITES, frame[table_cols])
-    failures += found
-
-    numeric = _numeric_frame(frame, data)
-    sites: dict[str, int] = {}
-    patients: dict[str, int] = {}
-    for site in spec.sites:
-        mask = (frame[spec.site] == site).fillna(False).to_numpy(dtype=bool)
-        if not mask.any():
-            continue
-        sites[site] = int(mask.sum())
-        patients[site] = int(frame.loc[mask, spec.patient_id].nunique())
-        site_results: dict[str, Any] = {}
-        site_results["values"], found = runner.run(
-            "values", site, frame.loc[mask, [spec.patient_id, *_features(data)]])
-        failures += found
-        site_results["ranges"], found = runner.run("ranges", site, numeric.loc[mask])
-        failures += found
-        results[site] = site_results
-    return ValidationReport(not failures, tuple(failures), sites, results, patients)
-
-
-# ------------------------------------------------------------------------------ sites mode
-def validate_site_file(cfg: PipelineConfig, csv_path: str | Path, site_id: str
-                       ) -> tuple[ValidationReport, dict[str, Any]]:
-    """Validate one hospital's own file (sites mode): :func:`validate_file`, and every row
-    must be ``site_id``'s. Returns the full report (it stays at the site) and
-    :func:`site_validation_summary` of it (what may go to the coordinator)."""
-    site = site_id if cfg.data.spec.site_source == "file" else None  # no site column
-    report = validate_file(csv_path, cfg.data, both_classes=False, site=site)  # one class ok
-    file_rows = report.results.get("file", {}).get("rows")
-    failures = list(report.failures)
-    if file_rows:  # the file was read and has rows
-        foreign = int(file_rows) - report.sites.get(site_id, 0)
-        if foreign:
-            public = (f"every row must belong to site {site_id!r} (column "
-                      f"{cfg.data.spec.site!r}); "
-                      f"{foreign} of {file_rows} rows do not")
-            failures.append(FailedExpectation(site_id, "file_rows_of_one_site",
-                                              cfg.data.spec.site, foreign,
-                                              public, public, foreign, int(file_rows)))
-    report = replace(report, success=not failures, failures=tuple(failures), site=site_id)
-    return report, site_validation_summary(report)
 
 
 def site_validation_summary(report: ValidationReport) -> dict[str, Any]:

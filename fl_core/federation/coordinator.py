@@ -21,17 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fl_core.aggregation import AggregationResult, Aggregator, fedavg
-from fl_core.anomaly import Reputation, detect_anomalies, sanitize
-from fl_core.attacks import Attack
-from fl_core.compression import (
-    DenseCodec,
-    ModelBroadcast,
-    PayloadError,
-    TopKQuantizer,
-    decode_payload,
-    dense_size,
-)
+from fl_core.codec.dense import DenseCodec, dense_size
+from fl_core.codec.downlink import ModelBroadcast
+from fl_core.codec.framing import PayloadError
+from fl_core.codec.payload import decode_payload
+from fl_core.codec.topk import TopKQuantizer
 from fl_core.federation.messages import (
     EvaluateInstruction,
     EvaluateReply,
@@ -43,8 +37,11 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from fl_core.federation.transport import Transport, TransportFailure
-from fl_core.metrics import balanced_accuracy, histogram_auc
-from fl_core.randomness import RandomSource, SeededRandom
+from fl_core.model.metrics import balanced_accuracy, histogram_auc
+from fl_core.privacy.randomness import RandomSource, SeededRandom
+from fl_core.robust.aggregators import AggregationResult, Aggregator, fedavg
+from fl_core.robust.anomaly import Reputation, detect_anomalies, sanitize
+from fl_core.robust.attacks import Attack
 
 
 class RoundFailedError(RuntimeError):
@@ -261,7 +258,7 @@ def evaluate_sites(
     their aggregates; per-site accuracy; and the sites whose evaluation failed (left out of
     the figures).
 
-    AUC comes from the merged score histograms (:func:`fl_core.metrics.histogram_auc`):
+    AUC comes from the merged score histograms (:func:`fl_core.model.metrics.histogram_auc`):
     pairs of patients whose scores share one of the 4096 bins count as ties. Accuracy and
     balanced accuracy (the mean of sensitivity and specificity) are at probability 0.5, from
     the merged confusion counts.

@@ -15,13 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.aggregation import Aggregator, make_aggregator, make_pre_aggregation
-from fl_core.anomaly import Reputation
-from fl_core.attacks import Attack, choose_malicious
-from fl_core.compression import DenseCodec, TopKQuantizer, UpdateCompressor
-from fl_core.config import CompressionConfig, ConfigError, PipelineConfig, check_aggregation
-from fl_core.data import ClientData
-from fl_core.engine import (
+from fl_core.codec.dense import DenseCodec
+from fl_core.codec.error_feedback import UpdateCompressor
+from fl_core.codec.topk import TopKQuantizer
+from fl_core.config.model import (
+    CompressionConfig,
+    ConfigError,
+    PipelineConfig,
+    check_aggregation,
+)
+from fl_core.data.tables import ClientData
+from fl_core.federation.coordinator import (
     Defense,
     FederationSettings,
     RoundRecord,
@@ -29,18 +33,16 @@ from fl_core.engine import (
     run_federated,
 )
 from fl_core.federation.simulation import simulate
-from fl_core.federation.site import LocalTrainingConfig, SiteClient
+from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
 from fl_core.federation.transport import Transport
-from fl_core.models import build_model, get_flat_params
-from fl_core.privacy import (
-    DPFedAvg,
-    DPSGDConfig,
-    calibrate_noise,
-    check_delta,
-    check_model,
-    local_steps,
-)
-from fl_core.randomness import RandomSource, make_random
+from fl_core.model.networks import build_model, get_flat_params
+from fl_core.privacy.accountants import calibrate_noise, check_delta, local_steps
+from fl_core.privacy.dp_fedavg import DPFedAvg
+from fl_core.privacy.dpsgd import DPSGDConfig, check_model
+from fl_core.privacy.randomness import RandomSource, make_random
+from fl_core.robust.aggregators import Aggregator, make_aggregator, make_pre_aggregation
+from fl_core.robust.anomaly import Reputation
+from fl_core.robust.attacks import Attack, choose_malicious
 
 
 def client_spending(

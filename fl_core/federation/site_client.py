@@ -26,15 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fl_core.compression import (
-    DenseCodec,
-    ModelReplica,
-    TopKQuantizer,
-    UpdateCompressor,
-    check_finite,
-    decode_payload,
-)
-from fl_core.data import ClientData
+from fl_core.codec.dense import DenseCodec
+from fl_core.codec.downlink import ModelReplica
+from fl_core.codec.error_feedback import UpdateCompressor
+from fl_core.codec.framing import check_finite
+from fl_core.codec.payload import decode_payload
+from fl_core.codec.topk import TopKQuantizer
+from fl_core.data.tables import ClientData
 from fl_core.federation.messages import (
     EvaluateInstruction,
     EvaluateReply,
@@ -46,9 +44,9 @@ from fl_core.federation.messages import (
     decode_message,
     encode_message,
 )
-from fl_core.models import get_flat_params, set_flat_params
-from fl_core.privacy import DPSGDConfig, PatientDPTrainer, group_records
-from fl_core.randomness import RandomSource, SeededRandom
+from fl_core.model.networks import get_flat_params, set_flat_params
+from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
+from fl_core.privacy.randomness import RandomSource, SeededRandom
 
 
 @dataclass(frozen=True)

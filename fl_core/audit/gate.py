@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from fl_core.config import PipelineConfig
+from fl_core.config.model import PipelineConfig
 
 Metrics = Mapping[str, float | int | str | None]
 Thresholds = Mapping[str, float]

@@ -15,7 +15,7 @@ Opacus computes ``g_i`` (a ``Linear`` layer sums per-sample gradients over the r
 dimension), clips, adds noise and accounts: :class:`PatientDPTrainer` wires Opacus's
 ``GradSampleModule``, ``DPOptimizer`` and an accountant (``prv`` or ``rdp``) to our own
 Poisson sampler over the patient tensor; sampling and noise come from a
-:class:`~fl_core.randomness.RandomSource` (secret OS entropy unless the run is declared
+:class:`~fl_core.privacy.randomness.RandomSource` (secret OS entropy unless the run is declared
 reproducible).
 
 **The guarantee.** Unit: the patient (all their records). Neighbouring relation: add or remove
@@ -42,33 +42,20 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import torch
 from torch import nn
 
-from fl_core.aggregation import AggregationResult, Aggregator, ConfiguredAggregator, make_aggregator
-from fl_core.randomness import RandomSource
+from fl_core.privacy.accountants import (
+    PrivacyError,
+    _accountant,
+    epsilon_for_history,
+    steps_per_epoch,
+)
+from fl_core.privacy.randomness import RandomSource
 from fl_core.registry import lookup
-
-
-def _opacus_accountant(mechanism: str) -> Callable[[], Any]:
-    def create() -> Any:  # opacus' IAccountant; imported late, config must not need opacus
-        from opacus.accountants import create_accountant
-
-        return create_accountant(mechanism=mechanism)
-
-    return create
-
-
-ACCOUNTANTS: dict[str, Callable[[], Any]] = {
-    "prv": _opacus_accountant("prv"),  # privacy random variables (Gopi et al. 2021): tight
-    "rdp": _opacus_accountant("rdp"),  # Rényi DP (Mironov 2017): an upper bound, looser
-}
-"""``privacy.accountant`` → a fresh accountant. The names are Opacus's mechanism names, which
-:func:`calibrate_noise` also hands to Opacus's ``get_noise_multiplier``."""
 
 GRAD_SAMPLE_MODES: dict[str, str] = {
     "hooks": "per-layer backward hooks (Opacus's GradSampleModule, the default)",
@@ -76,10 +63,6 @@ GRAD_SAMPLE_MODES: dict[str, str] = {
 }
 """``privacy.grad_sample_mode`` → what computes the per-patient gradients ``g_i``; the names
 are Opacus's ``grad_sample_mode`` values."""
-
-
-class PrivacyError(ValueError):
-    """A privacy setting cannot be honoured; the message names the setting and the fix."""
 
 
 # --- the patient as the sample -----------------------------------------------------------
@@ -142,25 +125,6 @@ def patient_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> t
     return per_patient.mean()
 
 
-DELTA_RULE = "δ ≤ 1/(10·n), n = training patients at the largest site"
-
-
-def check_delta(delta: float, num_patients: int, who: str) -> None:
-    """Refuse ``δ > 1/(10 n)``.
-
-    (ε, δ)-DP allows a δ-probability failure per patient; with ``δ ≥ 1/n`` a mechanism that
-    publishes one random patient's records in the clear qualifies. The usual rule takes δ well
-    below ``1/n``; fedpriv requires a factor 10 at the site with the most training patients.
-    """
-    limit = 1.0 / (10 * num_patients) if num_patients > 0 else math.inf
-    if delta > limit:
-        raise PrivacyError(
-            f"privacy.delta={delta:g} breaks the rule {DELTA_RULE}: {who} has {num_patients} "
-            f"training patients, so δ must be ≤ 1/(10·{num_patients}) = {limit:.3g} "
-            f"(a larger δ permits releasing a patient's records in the clear); use e.g. 1e-5"
-        )
-
-
 def check_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """A model Opacus accepts: ``ModuleValidator.fix`` where it can (e.g. BatchNorm →
     GroupNorm); returns the model and what was changed, raises :class:`PrivacyError` if the
@@ -178,95 +142,6 @@ def check_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
             + "; ".join(str(e) for e in remaining)
         )
     return fixed, [str(e) for e in errors]
-
-
-# --- accounting ------------------------------------------------------------------------------
-
-
-def local_steps(rounds: int, local_epochs: int, sample_rate: float) -> int:
-    """DP-SGD steps a client takes over a run: ``rounds × local_epochs × ⌈1/q⌉``."""
-    return rounds * local_epochs * steps_per_epoch(sample_rate)
-
-
-def steps_per_epoch(sample_rate: float) -> int:
-    return math.ceil(1.0 / sample_rate - 1e-9)
-
-
-def _accountant(mechanism: str) -> Any:  # opacus' IAccountant
-    try:
-        create = lookup(ACCOUNTANTS, mechanism, "privacy.accountant")
-    except ValueError as exc:
-        raise PrivacyError(str(exc)) from None
-    return create()
-
-
-@lru_cache(maxsize=256)
-def calibrate_noise(
-    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
-) -> float:
-    """Smallest noise multiplier σ (to 0.01 in ε) such that ``steps`` Poisson-subsampled
-    Gaussian steps at rate ``sample_rate`` are ``(epsilon, delta)``-DP under ``accountant``."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    _accountant(accountant)  # validates the name
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return float(get_noise_multiplier(
-                target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=steps, accountant=accountant, epsilon_tolerance=0.01))
-        except ValueError as exc:
-            raise PrivacyError(
-                f"privacy.epsilon={epsilon:g} cannot be met with δ={delta:g} over {steps} "
-                f"steps at sample rate {sample_rate:g}: {exc}") from None
-
-
-@lru_cache(maxsize=4096)
-def epsilon_for_history(
-    history: tuple[tuple[float, float, int], ...], delta: float, accountant: str
-) -> float:
-    """ε of a composition of ``(σ, q, steps)`` phases, from a fresh Opacus accountant."""
-    if not history:
-        return 0.0
-    import numpy as np
-
-    acc = _accountant(accountant)
-    acc.history = list(history)
-    # the PRV accountant takes log(0) at q = 1 by design; numpy's error state is per thread
-    # (sites answer on threads), unlike the warnings filters
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
-
-
-def epsilon_spent(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-    accountant: str = "prv",
-) -> float:
-    """ε after ``steps`` steps of the subsampled Gaussian mechanism (0 for no steps)."""
-    if steps == 0:
-        return 0.0
-    return epsilon_for_history(((noise_multiplier, sample_rate, steps),), delta, accountant)
-
-
-def replace_one_epsilon(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-    accountant: str = "prv",
-) -> tuple[float, float]:
-    """The run's guarantee under the *replace-one* relation, as ``(ε', δ')``.
-
-    Replacing one patient's records moves the clipped sum by up to ``2C`` (remove one
-    gradient, add another). With ``q = 1`` (full-batch DP-GD, the default) every step is a
-    Gaussian mechanism of sensitivity ``2C``, i.e. noise multiplier ``σ/2``: exact,
-    ``δ' = δ``. With Poisson sampling (``q < 1``) we use group privacy over the
-    remove-then-add pair, ``(2ε, (1 + e^ε)·δ)``: an upper bound, not tight.
-    """
-    if steps == 0:
-        return 0.0, delta
-    if sample_rate >= 1.0:
-        return epsilon_spent(noise_multiplier / 2.0, 1.0, steps, delta, accountant), delta
-    epsilon = epsilon_spent(noise_multiplier, sample_rate, steps, delta, accountant)
-    return 2.0 * epsilon, (1.0 + math.exp(epsilon)) * delta
 
 
 # --- client-side DP-SGD ------------------------------------------------------------------------
@@ -350,8 +225,8 @@ class PatientDPTrainer:
         """``epochs × ⌈1/q⌉`` DP-SGD steps; returns the mean patient loss over the steps.
 
         ``random`` draws both the Poisson sampling and the noise: a
-        :class:`~fl_core.randomness.SecureRandom` for a model that may be released, a
-        :class:`~fl_core.randomness.SeededRandom` for reproducible simulation.
+        :class:`~fl_core.privacy.randomness.SecureRandom` for a model that may be released, a
+        :class:`~fl_core.privacy.randomness.SeededRandom` for reproducible simulation.
         """
         self._optimizer.noise_source = random
         d, q = self.data, self.cfg.sample_rate
@@ -380,97 +255,13 @@ class PatientDPTrainer:
             p.grad_sample = r
 
 
-# --- server-side client-level DP ---------------------------------------------------------------
-
-
-def clip_updates(updates: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Each row ``u_k`` scaled to ``u_k · min(1, S/‖u_k‖)``: no client's row exceeds ``S``."""
-    norms = updates.norm(dim=1)
-    factors = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
-    return updates * factors.unsqueeze(1)
-
-
-def _noised_mean(total: torch.Tensor, clip_norm: float, noise_multiplier: float,
-                 expected_clients: float, random: RandomSource) -> torch.Tensor:
-    """``(total + N(0, σ²S² I)) / E[clients]``: one draw of ``total.numel()`` values."""
-    noise = random.normal(tuple(total.shape), noise_multiplier * clip_norm, total.dtype)
-    return (total + noise) / expected_clients
-
-
-def dp_fedavg(
-    updates: torch.Tensor, clip_norm: float, noise_multiplier: float,
-    expected_clients: float, random: RandomSource,
-) -> AggregationResult:
-    """DP-FedAvg: ``(Σ_k u_k · min(1, S/‖u_k‖) + N(0, σ²S² I)) / E[clients]``.
-
-    Each client's influence on the sum is at most ``S = clip_norm``; dividing by the
-    *expected* number of clients (not the realised one) keeps the sensitivity fixed.
-    """
-    total = clip_updates(updates, clip_norm).sum(0)
-    aggregate = _noised_mean(total, clip_norm, noise_multiplier, expected_clients, random)
-    return AggregationResult(aggregate, list(range(updates.shape[0])))
-
-
-SUM_COMPATIBLE = frozenset({"fedavg"})
-"""Rules DP-FedAvg may wrap: the unweighted rule must be the plain mean of the rows, so that
-``n · mean`` is the clipped sum whose sensitivity is ``S``."""
-
-
-@dataclass(frozen=True)
-class DPFedAvg:
-    """Server-side client-level DP as a wrapper around an aggregation strategy (McMahan et al.
-    2018; the shape of Flower's server-side fixed-clipping wrapper).
-
-    Called like any :data:`~fl_core.aggregation.Aggregator`, on the ``n`` updates of a round::
-
-        c_k  = u_k · min(1, S / ‖u_k‖)                 clip each client to S
-        m    = inner(c_1..c_n, weights=None)           the wrapped rule: the plain mean
-        out  = (n · m + N(0, σ²S² I)) / E[clients]     = dp_fedavg(u, S, σ, E)
-
-    ``weights`` are ignored: every client counts once, which is what the sensitivity ``S``
-    assumes (a weight would let a large site move the sum by more). Dividing by the expected
-    number of clients ``E = q·N`` rather than the realised ``n`` keeps the sensitivity of the
-    released mean at ``S/E`` whoever shows up. The inner rule must be in
-    :data:`SUM_COMPATIBLE`; anything that selects, trims or reweights clients by their values
-    would move the sum by more than ``S`` per client and is refused when the wrapper is built.
-    """
-
-    clip_norm: float
-    noise_multiplier: float
-    expected_clients: float
-    random: RandomSource
-    inner: Aggregator = field(default_factory=lambda: make_aggregator("fedavg", 0))
-
-    def __post_init__(self) -> None:
-        method = getattr(self.inner, "method", None)
-        if not isinstance(self.inner, ConfiguredAggregator) or method not in SUM_COMPATIBLE:
-            raise PrivacyError(
-                f"server-side DP-FedAvg cannot wrap aggregation.method={method or self.inner!r}:"
-                f" its guarantee covers the clipped sum of updates only, which only "
-                f"{', '.join(sorted(SUM_COMPATIBLE))} computes; set aggregation.method=fedavg")
-        if self.clip_norm <= 0 or self.noise_multiplier < 0 or self.expected_clients <= 0:
-            raise PrivacyError(
-                f"DP-FedAvg needs clip_norm > 0, noise_multiplier >= 0 and expected_clients > 0,"
-                f" got S={self.clip_norm:g}, σ={self.noise_multiplier:g}, "
-                f"E={self.expected_clients:g}")
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor | None,
-                 previous: torch.Tensor | None) -> AggregationResult:
-        clipped = clip_updates(updates, self.clip_norm)
-        mean = self.inner(clipped, None, previous)
-        total = mean.aggregate * clipped.shape[0]
-        aggregate = _noised_mean(total, self.clip_norm, self.noise_multiplier,
-                                 self.expected_clients, self.random)
-        return AggregationResult(aggregate, mean.selected)
-
-
 # --- the noise source inside Opacus ----------------------------------------------------------
 
 
 @lru_cache(maxsize=8)
 def _noise_from_source(optimizer_class: type) -> type:
     """``optimizer_class`` (an Opacus ``DPOptimizer``) drawing its Gaussian noise from
-    ``self.noise_source`` (a :class:`~fl_core.randomness.RandomSource`) instead of a
+    ``self.noise_source`` (a :class:`~fl_core.privacy.randomness.RandomSource`) instead of a
     ``torch.Generator``: the same ``p.grad = Σ clipped + N(0, σ²C²)``, with the noise secret
     when the source is."""
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed

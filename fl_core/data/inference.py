@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from fl_core.schema import DatasetSchema, LabelRule, parse_schema
+from fl_core.data.schema import DatasetSchema, LabelRule, parse_schema
 
 MARGIN = 0.10
 """The observed range is widened by this share of its width on each side."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fl_core.engine import RoundRecord, TrainingResult
+from fl_core.federation.coordinator import RoundRecord, TrainingResult
 
 
 def round_row(record: RoundRecord) -> dict[str, Any]:
@@ -71,7 +71,7 @@ class PrivacyReport:
     ``epsilon`` is None when the run had no patient-level DP-SGD (the model is not private
     per patient); ``client_level_epsilon`` is set with server-side DP-FedAvg. The guarantee:
     (``epsilon``, ``delta``)-DP per patient, add/remove one patient; ``epsilon_replace_one``
-    at ``delta_replace_one`` under replace-one (:func:`fl_core.privacy.replace_one_epsilon`).
+    at ``delta_replace_one`` under replace-one (:func:`fl_core.privacy.accountants.replace_one_epsilon`).
     """
 
     enabled: bool

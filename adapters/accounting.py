@@ -1,0 +1,69 @@
+"""The privacy ledger at work for a run: plan a charge, refuse before training, charge after
+training (the charge rules are :mod:`fl_core.privacy.accounting`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapters.ledger_store import PrivacyLedger
+from adapters.tables import FederatedDataLoader
+from fl_core.config.model import ConfigError, PipelineConfig
+from fl_core.data.tables import ClientData, Partition
+from fl_core.federation.wiring import FederatedRun, make_dpsgd
+from fl_core.privacy.accounting import (
+    KIND_TRAIN,
+    planned_charge,
+    privacy_summary,
+    spent_charge,
+)
+from fl_core.privacy.ledger import Charge, new_run_id
+from fl_core.results import PrivacyReport
+
+
+def open_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
+    """The ledger at ``privacy.ledger`` (relative to the project root) or in the state dir."""
+    path = cfg.ledger_path
+    return PrivacyLedger(path if path.is_absolute() else root / path)
+
+
+def plan_charge(
+    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData],
+    kind: str = KIND_TRAIN,
+) -> Charge:
+    """What a DP-SGD run of ``cfg`` on ``partition`` will charge, under a fresh ledger run id."""
+    dp = make_dpsgd(cfg, data)  # σ calibrated exactly as the run will (cached)
+    if dp is None:
+        raise ConfigError("only a DP-SGD run (privacy.enabled=true) can be charged")
+    site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
+    return planned_charge(cfg, site_of, partition, dp.noise_multiplier, new_run_id(), kind)
+
+
+def check_budget(
+    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData]
+) -> Charge:
+    """Refuse before training if this run would take a patient past the lifetime cap.
+
+    Returns the planned charge; its ``run_id`` is the ledger run id of the charge made after
+    training (:func:`charge_and_summarise`).
+    """
+    planned = plan_charge(cfg, root, partition, data)
+    open_ledger(cfg, root).check(planned, cfg.privacy.lifetime_epsilon)
+    return planned
+
+
+def charge_and_summarise(
+    cfg: PipelineConfig, root: Path, partition: Partition, run: FederatedRun,
+    run_id: str | None, kind: str = KIND_TRAIN,
+) -> PrivacyReport:
+    """Charge the ledger for a DP-SGD run's patients, then summarise its privacy.
+
+    Call it before anything trained is written: if the charge is refused (a concurrent run
+    took the budget), :class:`BudgetExceededError` propagates and no model exists.
+    """
+    charge = None
+    if run.dp is not None and run_id is not None:
+        site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
+        charge = spent_charge(cfg, site_of, partition, run.dp, run.spent, run_id, kind)
+        open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
+    return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,
+                           len(run.result.history))
