@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters.ledger_store import PrivacyLedger
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, PipelineConfig
 from fl_core.data.tables import ClientData, Partition
 from fl_core.federation.wiring import FederatedRun, make_dpsgd
@@ -34,7 +34,7 @@ def plan_charge(
     dp = make_dpsgd(cfg, data)  # σ calibrated exactly as the run will (cached)
     if dp is None:
         raise ConfigError("only a DP-SGD run (privacy.enabled=true) can be charged")
-    site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
+    site_of = ClinicalTable.get(cfg.data, root).site_of_patient()
     return planned_charge(cfg, site_of, partition, dp.noise_multiplier, new_run_id(), kind)
 
 
@@ -62,7 +62,7 @@ def charge_and_summarise(
     """
     charge = None
     if run.dp is not None and run_id is not None:
-        site_of = FederatedDataLoader.get(cfg.data, root).site_of_patient()
+        site_of = ClinicalTable.get(cfg.data, root).site_of_patient()
         charge = spent_charge(cfg, site_of, partition, run.dp, run.spent, run_id, kind)
         open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
     return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,

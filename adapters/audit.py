@@ -39,7 +39,7 @@ import torch
 from adapters.artifacts import Paths, read_training, write_json_atomic
 from adapters.partition import load_client_data
 from adapters.plots import roc_plot
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from adapters.train import load_model
 from fl_core.audit import ShadowOutputs, balanced_indices, half_splits, membership_audit
 from fl_core.audit.federated import merge_audit_replies
@@ -100,7 +100,7 @@ def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
     """Members (sampled to balance, by patient), non-members and the population, as one pool
     of records grouped by patient."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    loader = FederatedDataLoader.get(cfg.data, root)
+    loader = ClinicalTable.get(cfg.data, root)
     site_of = loader.site_of_patient()
     x_mem = torch.cat([d.x_train for d in data])
     y_mem = torch.cat([d.y_train for d in data])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.artifacts import Paths, write_json_atomic
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.audit.dp_audit import audit_dp, check_auditable, dp_fingerprint
 from fl_core.config.model import PipelineConfig
 
@@ -43,7 +43,7 @@ def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None
     print(f"DP audit{' drill ' + drill if drill else ''} ({a.level} level): {a.runs} audit "
           f"runs of {a.rounds or cfg.rounds} rounds, {who} on {where}"
           + (", each run replayed from the seed" if a.regenerate else ""))
-    data = FederatedDataLoader.get(cfg.data, root).partitioned(cfg.data, cfg.seed)[0]
+    data = ClinicalTable.get(cfg.data, root).partitioned(cfg.data, cfg.seed)[0]
     step = max(1, a.runs // 10)
 
     def progress(done: int, total: int) -> None:

@@ -15,13 +15,16 @@ import pandas as pd
 from fl_core.config.model import DataConfig, PipelineConfig
 from fl_core.data.schema import DatasetSchema
 from fl_core.data.validation import (
+    _QUOTES_SAMPLE,
     ALL_SITES,
+    EXPECT_NOT_NULL,
     INTEGER_REGEX,
     NUMBER_REGEX,
     PATIENT_ID_REGEX,
     FailedExpectation,
     ValidationReport,
-    _failures,
+    _count,
+    _explain,
     _features,
     _file_failure,
     _jsonable,
@@ -29,6 +32,7 @@ from fl_core.data.validation import (
     _numeric_frame,
     _ranges_excluding_everything,
     _required_columns,
+    _sample,
     _schema_key_of,
     _types_fitting_no_value,
     site_validation_summary,
@@ -158,6 +162,45 @@ def _range_expectations(gxe: Any, data: DataConfig) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------ entry point
+def describe_failure(site: str, res: Any, spec: DatasetSchema
+              ) -> FailedExpectation:
+    """Turn one failed GX expectation result (``ExpectationValidationResult``) into a
+    :class:`FailedExpectation`."""
+    cfg = res.expectation_config
+    kind = str(cfg.type)
+    kwargs = dict(cfg.kwargs)
+    column = kwargs.get("column")
+    where = f"in {site}" if site != ALL_SITES else "in the table"
+    info = res.exception_info or {}
+    if info.get("raised_exception"):
+        msg = str(info.get("exception_message") or "unknown error")
+        public = f"GX could not evaluate {kind} on {column!r} {where}"
+        return FailedExpectation(site, kind, column, msg, f"{public}: {msg}", public)
+    result = res.result or {}
+    total = int(result.get("element_count") or 0)
+    bad = int(result.get("unexpected_count") or 0)
+    sample = _sample(result.get("partial_unexpected_list") or [])
+    public = _explain(kind, kwargs, where, bad, total, spec)
+    observed: object
+    if kind == EXPECT_NOT_NULL:
+        detail = public
+        observed = (round(bad / total if total else 0.0, 4)
+                    if kwargs.get("mostly") is not None else bad)
+    elif kind in _QUOTES_SAMPLE:
+        observed = sample
+        detail = f"{public}, e.g. {sample}"
+    else:
+        observed = _jsonable(result.get("observed_value", sample))
+        detail = f"{public} (observed {observed!r})"
+    return FailedExpectation(site, kind, column, observed, detail, public,
+                             _count(result, "unexpected_count"), _count(result, "element_count"))
+
+
+def _failures(site: str, result: Any,
+              spec: DatasetSchema) -> list[FailedExpectation]:
+    return [describe_failure(site, r, spec) for r in result.results if not r.success]
+
+
 class _Runner:
     """The ephemeral GX context of one :func:`validate_file` call: suites built once."""
 

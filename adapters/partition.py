@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from adapters.artifacts import Paths, read_json, write_text_atomic
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import PipelineConfig, check_min_clients
 from fl_core.data.tables import ClientData, DataError, Partition
 from fl_core.data.transform import TabularTransform
@@ -22,7 +22,7 @@ def partition_data(
         raise DataError(f"{paths.validation}: the data failed validation; fix "
                         f"{cfg.data.source_text} and run the 'validate' stage again")
     started = time.perf_counter()
-    loader = FederatedDataLoader.get(cfg.data, paths.root)
+    loader = ClinicalTable.get(cfg.data, paths.root)
     partition = loader.partition(cfg.data, cfg.seed)
     # by_site: the number of clients is the number of sites, known only now
     check_min_clients(cfg.min_clients, len(partition.clients),
@@ -48,7 +48,7 @@ def load_client_data(
     if not paths.partition.exists():
         raise FileNotFoundError(f"{paths.partition} not found: run the 'partition' stage first")
     partition = Partition.from_json(paths.partition.read_text())
-    loader = FederatedDataLoader.get(cfg.data, paths.root)
+    loader = ClinicalTable.get(cfg.data, paths.root)
     data, transform = loader.encoded(cfg.data, partition)
     return data, transform, partition
 

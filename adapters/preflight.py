@@ -3,7 +3,7 @@
 Today's failure modes it catches: an MLflow tracking/registry URI that nothing answers (a
 run that trained for minutes and then retried registration for minutes more), a ledger that
 cannot be opened, a reports directory that cannot be written, and a model name whose aliased
-versions take other input columns (:func:`adapters.mlflow_registry.check_serving_contract`,
+versions take other input columns (:func:`adapters.mlflow_registration.check_serving_contract`,
 a configuration error). Each failure raises
 :class:`PreflightError` naming the config key and what was found; a URI that is malformed or
 of an unsupported scheme is a configuration error (:class:`~fl_core.config.model.ConfigError`).
@@ -148,7 +148,7 @@ def preflight(cfg: PipelineConfig, root: str | Path = ".", tracking: bool = True
         uri = located.mlflow_tracking_uri
         check_tracking_uri(uri, key)
         if _store_exists(uri):
-            from adapters.mlflow_registry import check_serving_contract
+            from adapters.mlflow_registration import check_serving_contract
 
             check_serving_contract(located, uri)
 

@@ -12,7 +12,7 @@ from typing import Any
 from adapters.accounting import open_ledger
 from adapters.artifacts import Paths, read_json, read_training, write_json_atomic
 from adapters.dp_audit import dp_audit_metrics, verdict_path
-from adapters.mlflow_registry import register_model
+from adapters.mlflow_registration import register_model
 from adapters.train import load_model
 from fl_core.audit.gate import evaluate_gate, gate_thresholds
 from fl_core.config.model import PipelineConfig

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
+from fl_core.data.inference import InferenceError, SchemaDraft, infer_schema
 from fl_core.data.schema import DatasetSchema, SchemaError, parse_schema
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +47,29 @@ def load_schema(path: str | Path, root: str | Path | None = None) -> DatasetSche
     """Read and validate the schema ``data.schema`` names (see :func:`resolve_schema_path`)."""
     resolved = resolve_schema_path(path, root)
     return parse_schema(read_schema_tree(resolved), str(path))
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """The CSV as text columns (empty cells and NA tokens are missing, as validation reads)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"{path}: no such file", 3)
+    if path.stat().st_size == 0:
+        raise InferenceError(f"{path}: the file is empty (0 bytes)", 3)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise InferenceError(f"{path}: no header and no rows", 3) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InferenceError(f"{path}: cannot be read as CSV ({first})", 3) from None
+    if frame.empty:
+        raise InferenceError(f"{path}: a header but no data rows: nothing to infer from", 3)
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+def infer_schema_file(path: str | Path, **roles: Any) -> SchemaDraft:
+    """:func:`fl_core.data.inference.infer_schema` of the CSV at ``path``; an unreadable or
+    empty file is an :class:`InferenceError` with exit code 3."""
+    return infer_schema(read_table(path), path, **roles)

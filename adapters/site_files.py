@@ -7,7 +7,7 @@ split-sites`` writes them). Under
 patients (:func:`fl_core.data.partitioning.site_rng`), so :func:`site_client_data` on the site's file gives
 exactly the :class:`~fl_core.data.tables.ClientData` the simulation builds for it from the full file:
 same train/test patients, same tensors. Loading and encoding are the simulation's own
-(:class:`~adapters.tables.FederatedDataLoader`, :class:`~fl_core.data.transform.TabularTransform`).
+(:class:`~adapters.tables.ClinicalTable`, :class:`~fl_core.data.transform.TabularTransform`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, DataConfig, PipelineConfig, site_slug
 from fl_core.data.schema import DatasetSchema
 from fl_core.data.tables import ClientData, DataError
@@ -43,7 +43,7 @@ def site_client_data(cfg: PipelineConfig, csv_path: Path, site_id: str) -> Clien
     if path.stat().st_size == 0:
         raise DataError(f"{where}: the data file is empty (0 bytes)")
     data_cfg = own_data_config(cfg, path, site_id)
-    loader = FederatedDataLoader.get(data_cfg)
+    loader = ClinicalTable.get(data_cfg)
     column = data_cfg.spec.site
     try:
         sites = [*loader.table[column].astype(str),
@@ -82,8 +82,8 @@ def own_data_config(cfg: PipelineConfig, csv_path: Path, site_id: str) -> DataCo
 
 def site_dropped_rows(cfg: PipelineConfig, csv_path: Path, site_id: str) -> dict[str, int]:
     """The rows of a site's file left out at load, by key (counts only: they may go to the
-    coordinator); :meth:`~adapters.tables.FederatedDataLoader.dropped_rows`."""
-    return FederatedDataLoader.get(own_data_config(cfg, csv_path, site_id)).dropped_rows()
+    coordinator); :meth:`~adapters.tables.ClinicalTable.dropped_rows`."""
+    return ClinicalTable.get(own_data_config(cfg, csv_path, site_id)).dropped_rows()
 
 
 # ------------------------------------------------------------------------- split-sites

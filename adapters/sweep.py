@@ -30,7 +30,7 @@ from adapters.artifacts import Paths, write_json_atomic
 from adapters.audit import audit_trained
 from adapters.config_files import load_config
 from adapters.plots import audit_sweep_plot
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import PipelineConfig
 from fl_core.federation.wiring import build_target_model, federate
 from fl_core.privacy.accounting import KIND_AUDIT_SWEEP
@@ -67,7 +67,7 @@ def plan_sweep(
     for epsilon in epsilons:
         for seed in range(seeds):
             cfg = arm_config(params, overrides, epsilon, seed)
-            data, _, partition = FederatedDataLoader.get(cfg.data, root).partitioned(
+            data, _, partition = ClinicalTable.get(cfg.data, root).partitioned(
                 cfg.data, cfg.seed)
             planned.append(plan_charge(cfg, root, partition, data, KIND_AUDIT_SWEEP))
     ledger = open_ledger(base, root)
@@ -98,7 +98,7 @@ def sweep_point(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     """Train one model under ``cfg``, charge the ledger for it, and audit it (in memory)."""
     from fl_core.model.networks import set_flat_params
 
-    data, transform, partition = FederatedDataLoader.get(cfg.data, root).partitioned(
+    data, transform, partition = ClinicalTable.get(cfg.data, root).partitioned(
         cfg.data, cfg.seed)
     run = federate(cfg, data)
     privacy = charge_and_summarise(cfg, root, partition, run, new_run_id(), KIND_AUDIT_SWEEP)

@@ -31,7 +31,7 @@ def file_fingerprint(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-class FederatedDataLoader:
+class ClinicalTable:
     """The clinical table of one CSV (or of one file per site, ``data.site_files``), read
     lazily and shared across threads.
 
@@ -41,7 +41,7 @@ class FederatedDataLoader:
     Partitioning and transform options are passed per call, not fixed at construction.
     """
 
-    _instances: ClassVar[dict[tuple, FederatedDataLoader]] = {}
+    _instances: ClassVar[dict[tuple, ClinicalTable]] = {}
     _instances_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, sources: tuple[tuple[Path, str | None], ...], config: DataConfig
@@ -60,7 +60,7 @@ class FederatedDataLoader:
         return self.sources[0][0]
 
     @classmethod
-    def get(cls, config: DataConfig, root: str | Path = ".") -> FederatedDataLoader:
+    def get(cls, config: DataConfig, root: str | Path = ".") -> ClinicalTable:
         sources, stamps = [], []
         for name, site in config.sources(root):
             path = name.resolve()

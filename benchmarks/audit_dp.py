@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from report import require_public_dataset  # noqa: E402  (benchmarks/report.py)
 
 from adapters.config_files import load_config  # noqa: E402
-from adapters.tables import FederatedDataLoader  # noqa: E402
+from adapters.tables import ClinicalTable  # noqa: E402
 from fl_core.audit.canary import DRILLS  # noqa: E402
 from fl_core.audit.dp_audit import audit_dp  # noqa: E402
 from fl_core.federation.wiring import federate  # noqa: E402
@@ -71,7 +71,7 @@ def power(epsilons: list[float], reps: int, extra: list[str],
         for s in server_sigmas]
     for epsilon, cell_extra in cells:
         cfg = _config(epsilon, cell_extra)
-        data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
+        data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
         started = time.perf_counter()
         federate(cfg, data)
         one_training = time.perf_counter() - started
@@ -101,7 +101,7 @@ def power(epsilons: list[float], reps: int, extra: list[str],
 def drills(runs: int, extra: list[str], level: str) -> list[dict[str, Any]]:
     server = [*DP_FEDAVG, "privacy.server.noise_multiplier=4"] if level == "client" else []
     cfg = _config(1.0, [f"audit_dp.runs={runs}", *server, *extra])
-    data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
+    data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
     rows = []
     for name, drill in DRILLS.items():
         if level == "client" and drill.per_record:

@@ -40,7 +40,7 @@ from report import emit, require_public_dataset  # benchmarks/report.py: the scr
 from torch import nn
 
 from adapters.config_files import load_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, PipelineConfig
 from fl_core.data.tables import ClientData, DataError
 from fl_core.federation.coordinator import FederationSettings
@@ -163,7 +163,7 @@ def _warm_up(cfg: PipelineConfig, num_features: int) -> None:
 
 def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
     require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
-    loader = FederatedDataLoader.get(cfg.data, ROOT)
+    loader = ClinicalTable.get(cfg.data, ROOT)
     acc: dict[str, list[float]] = {arm: [] for arm in ARMS}
     auc: dict[str, list[float]] = {arm: [] for arm in ARMS}
     secs: dict[str, list[float]] = {arm: [] for arm in ARMS}

@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.config_files import load_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import DataConfig, FeatureReference, PipelineConfig
 from fl_core.data.tables import ClientData
 from fl_core.data.transform import TabularTransform
@@ -79,7 +79,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
     require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
-    return FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, seed)[0]
+    return ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, seed)[0]
 
 
 def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:
@@ -168,7 +168,7 @@ SECURE_NOISE = ["privacy.randomness=secure"]
 
 def _encoded(cfg: PipelineConfig, preprocessing: str, seed: int) -> list[ClientData]:
     """That seed's partition, encoded by the fitted baseline or by the declared transform."""
-    loader = FederatedDataLoader.get(cfg.data, ROOT)
+    loader = ClinicalTable.get(cfg.data, ROOT)
     partition = loader.partition(cfg.data, seed)
     if preprocessing == "fitted":
         train_ids = [i for c in partition.clients for i in c.train_ids]

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.config_files import load_config  # noqa: E402
-from adapters.tables import FederatedDataLoader  # noqa: E402
+from adapters.tables import ClinicalTable  # noqa: E402
 from fl_core.model.networks import build_model  # noqa: E402
 from fl_core.privacy.accountants import calibrate_noise, local_steps
 from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
@@ -68,7 +68,7 @@ def training_costs(repeats: int) -> dict[str, float]:
     """The default recipe's local DP training, every client, 20 rounds, per source."""
     cfg = load_config(ROOT / "params.yaml")
     require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
-    data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, 0)[0]
+    data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, 0)[0]
     p = cfg.privacy
     sigma = calibrate_noise(p.epsilon, p.delta, p.sample_rate,
                             local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate), p.accountant)

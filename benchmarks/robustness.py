@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.config_files import load_config  # noqa: E402
-from adapters.tables import FederatedDataLoader  # noqa: E402
+from adapters.tables import ClinicalTable  # noqa: E402
 from fl_core.robust.attacks import ATTACKS as ATTACK_REGISTRY  # noqa: E402
 
 ATTACKS = tuple(ATTACK_REGISTRY)  # every registered attack, ``none`` (the baseline) first
@@ -61,7 +61,7 @@ def run(seeds: int, fractions: list[float], attacks: list[str],
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
     base_cfg = load_config(ROOT / "params.yaml", BASE)
     require_public_dataset(ROOT / base_cfg.data.path)  # not charged: public data only
-    loader = FederatedDataLoader.get(base_cfg.data, ROOT)
+    loader = ClinicalTable.get(base_cfg.data, ROOT)
     for seed in range(seeds):
         data, _, _ = loader.partitioned(base_cfg.data, seed)
         for attack in attacks:

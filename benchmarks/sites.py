@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from adapters.config_files import load_config  # noqa: E402
 from adapters.message_store import READY, FolderStore, StoreTransport  # noqa: E402
 from adapters.site_files import split_by_site  # noqa: E402
-from adapters.tables import FederatedDataLoader  # noqa: E402
+from adapters.tables import ClinicalTable  # noqa: E402
 from fl_core.config.model import PipelineConfig
 from fl_core.federation.messages import Shutdown, SiteReady, decode_message, encode_message  # noqa: E402
 from fl_core.federation.wiring import federate, federate_over  # noqa: E402
@@ -62,7 +62,7 @@ def round_seconds(history: list[Any]) -> list[float]:
 
 
 def simulation(cfg: PipelineConfig) -> tuple[list[float], float]:
-    data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
+    data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
     run = federate(cfg, data)
     return round_seconds(run.result.history), run.result.history[-1].accuracy
 

@@ -292,7 +292,8 @@ def schema_text(data: Any) -> str:
 def infer_command(args: argparse.Namespace, root: Path) -> int:
     """``fedpriv schema infer``: draft a schema from a CSV, write it, print what to check."""
     from adapters.artifacts import write_text_atomic
-    from fl_core.data.inference import InferenceError, default_id, infer_schema
+    from adapters.schema_files import infer_schema_file
+    from fl_core.data.inference import InferenceError, default_id
 
     if args.action != "infer":
         print(f"fedpriv: schema {args.action} takes no FILE (got {args.file!r})",
@@ -312,7 +313,7 @@ def infer_command(args: argparse.Namespace, root: Path) -> int:
               file=sys.stderr)
         return 2
     try:
-        draft = infer_schema(source, patient_id=args.patient_id, site=args.site,
+        draft = infer_schema_file(source, patient_id=args.patient_id, site=args.site,
                              label=args.label, positive_if=args.positive_if,
                              positive_values=args.positive_values, dataset_id=args.dataset_id)
     except InferenceError as exc:

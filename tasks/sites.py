@@ -1,14 +1,14 @@
 """``federation.mode=sites`` stages at the coordinator (Prefect tasks): the sites' start-up
 reports, the rounds through the message store, the audit from the sites' aggregates.
 
-The bodies are in :mod:`adapters.sites`, :mod:`adapters.train` and :mod:`adapters.audit`;
+The bodies are in :mod:`adapters.site_reports`, :mod:`adapters.train` and :mod:`adapters.audit`;
 the sessions themselves are started and stopped by the flow (:mod:`flows.sites`).
 """
 
 from prefect import task
 
 from adapters.audit import audit_at_sites
-from adapters.sites import record_sites
+from adapters.site_reports import record_sites
 from adapters.train import train_at_sites
 from tasks.common import task_options
 

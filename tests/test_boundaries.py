@@ -49,7 +49,7 @@ def _modules(package: str) -> list[str]:
 
 def test_adapters_never_load_prefect_tasks_or_flows() -> None:
     modules = _modules("adapters")
-    assert {"adapters.train", "adapters.mlflow_registry", "adapters.plots"} <= set(modules)
+    assert {"adapters.train", "adapters.mlflow_registration", "adapters.plots"} <= set(modules)
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

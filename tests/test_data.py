@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from adapters.config_files import data_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import DataConfig
 from fl_core.data.tables import DataError
 from fl_core.data.transform import TabularTransform
@@ -13,13 +13,13 @@ from fl_core.data.transform import TabularTransform
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
     yield
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
 
 
-def loader(raw_csv: Path, **kw) -> FederatedDataLoader:
-    return FederatedDataLoader.get(data_config(path=str(raw_csv), **kw))
+def loader(raw_csv: Path, **kw) -> ClinicalTable:
+    return ClinicalTable.get(data_config(path=str(raw_csv), **kw))
 
 
 def cfg(raw_csv: Path, **kw) -> DataConfig:
@@ -27,7 +27,7 @@ def cfg(raw_csv: Path, **kw) -> DataConfig:
 
 
 def test_singleton_under_threads_reads_once(raw_csv: Path) -> None:
-    got: list[FederatedDataLoader] = []
+    got: list[ClinicalTable] = []
     barrier = threading.Barrier(16)
 
     def worker() -> None:
@@ -60,10 +60,10 @@ def test_different_options_are_different_instances(raw_csv: Path) -> None:
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
-        FederatedDataLoader.get(data_config(path=str(tmp_path / "nope.csv")))
+        ClinicalTable.get(data_config(path=str(tmp_path / "nope.csv")))
 
 
-def _check_partition(inst: FederatedDataLoader, config: DataConfig, seed: int) -> None:
+def _check_partition(inst: ClinicalTable, config: DataConfig, seed: int) -> None:
     part = inst.partition(config, seed)
     seen: set[int] = set()
     for c in part.clients:
@@ -87,7 +87,7 @@ def test_by_site_partition_disjoint_and_complete(raw_csv: Path) -> None:
 @pytest.mark.parametrize("alpha", [None, 0.5])
 def test_by_patient_partition(raw_csv: Path, alpha: float | None) -> None:
     c = cfg(raw_csv, partition="by_patient", num_clients=20, dirichlet_alpha=alpha)
-    inst = FederatedDataLoader.get(c)
+    inst = ClinicalTable.get(c)
     _check_partition(inst, c, 3)
     part = inst.partition(c, 3)
     assert len(part.clients) == 20
@@ -97,8 +97,8 @@ def test_by_patient_partition(raw_csv: Path, alpha: float | None) -> None:
 def test_dirichlet_skews_labels(raw_csv: Path) -> None:
     iid = cfg(raw_csv, partition="by_patient", num_clients=10)
     skew = cfg(raw_csv, partition="by_patient", num_clients=10, dirichlet_alpha=0.1)
-    inst = FederatedDataLoader.get(iid)
-    assert FederatedDataLoader.get(skew) is inst  # same file, same cached table
+    inst = ClinicalTable.get(iid)
+    assert ClinicalTable.get(skew) is inst  # same file, same cached table
     labels = inst.table.set_index("id")["label"]
 
     def spread(config: DataConfig) -> float:
@@ -122,7 +122,7 @@ def test_split_is_stratified_per_client(raw_csv: Path) -> None:
 
 def test_partition_is_seeded(raw_csv: Path) -> None:
     c = cfg(raw_csv, partition="by_patient", num_clients=8, dirichlet_alpha=1.0)
-    inst = FederatedDataLoader.get(c)
+    inst = ClinicalTable.get(c)
     assert inst.partition(c, 5) == inst.partition(c, 5)
     assert inst.partition(c, 5) != inst.partition(c, 6)
 
@@ -130,7 +130,7 @@ def test_partition_is_seeded(raw_csv: Path) -> None:
 def test_too_many_clients_is_a_clear_error(raw_csv: Path) -> None:
     c = cfg(raw_csv, partition="by_patient", num_clients=500)
     with pytest.raises(DataError, match="num_clients=500"):
-        FederatedDataLoader.get(c).partition(c, 0)
+        ClinicalTable.get(c).partition(c, 0)
 
 
 def test_declared_transform_encodes_every_client(raw_csv: Path) -> None:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.config_files import load_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.audit.canary import DRILLS, RECORDS_PER_CANARY, CanaryInjection, draw_canaries
 from fl_core.audit.dp_audit import DPAuditResult, audit_dp, dp_fingerprint
 from fl_core.audit.gate import evaluate_gate, gate_thresholds
@@ -35,7 +35,7 @@ def _config(*overrides: str):
 @pytest.fixture(scope="module")
 def heart():
     cfg = _config()
-    return FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
+    return ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
 
 
 def _audit(data, *overrides: str, drill: str | None = None) -> DPAuditResult:

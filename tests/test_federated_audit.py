@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.config_files import data_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.audit import attack_report, per_example_loss
 from fl_core.audit.federated import (
     LIRA_TEMPERATURE,
@@ -150,7 +150,7 @@ def test_merge_refuses_replies_that_cannot_be_merged() -> None:
 @pytest.fixture(scope="module")
 def heart(raw_csv: Path) -> list[ClientData]:
     config = data_config(path=str(raw_csv))
-    data, _, _ = FederatedDataLoader.get(config).partitioned(config, 0)
+    data, _, _ = ClinicalTable.get(config).partitioned(config, 0)
     return data
 
 

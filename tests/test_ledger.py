@@ -12,8 +12,8 @@ import pytest
 
 from adapters.config_files import build_config
 from adapters.ledger_store import PrivacyLedger
-from fl_core.privacy import ledger as ledger_module
 from fl_core.data.tables import ClientSplit, Partition
+from fl_core.privacy import ledger as ledger_module
 from fl_core.privacy.accountants import epsilon_for_history
 from fl_core.privacy.accounting import site_charges
 from fl_core.privacy.ledger import (
@@ -225,5 +225,5 @@ def test_benchmarks_train_only_on_the_public_dataset(tmp_path: Path, raw_csv: Pa
     # every benchmark that reads the configured data guards it
     for script in bench.glob("*.py"):
         text = script.read_text()
-        if "FederatedDataLoader" in text or "train_model" in text:
+        if "ClinicalTable" in text or "train_model" in text:
             assert "require_public_dataset(" in text, script.name

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from adapters.config_files import data_config, load_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import DataConfig
 from fl_core.data.schema import SchemaError, parse_schema
 
@@ -54,7 +54,7 @@ def multi(tmp_path: Path) -> tuple[Path, DataConfig, pd.DataFrame]:
     path = tmp_path / "multi.csv"
     frame.to_csv(path, index=False)
     (tmp_path / "multi.yaml").write_text(yaml.safe_dump(SCHEMA))
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
     return path, data_config(path=str(path), spec=parse_schema(SCHEMA, "multi")), frame
 
 
@@ -80,9 +80,9 @@ def test_site_groups_are_validated() -> None:
 
 def test_a_patient_is_at_the_site_of_their_first_record(multi) -> None:
     _, cfg, frame = multi
-    table = FederatedDataLoader.get(cfg).table
+    table = ClinicalTable.get(cfg).table
     assert table.groupby("pid")["clinic"].nunique().max() == 1
-    assert FederatedDataLoader.get(cfg).site_of_patient() == _expected_site(frame)
+    assert ClinicalTable.get(cfg).site_of_patient() == _expected_site(frame)
     assert len(table) == len(frame)  # every record kept
 
 
@@ -90,7 +90,7 @@ def test_a_patient_is_at_the_site_of_their_first_record(multi) -> None:
 def test_partition_split_and_tensors_keep_a_patient_together(multi, partition: str) -> None:
     _, cfg, frame = multi
     cfg = cfg.model_copy(update={"partition": partition, "num_clients": 3})
-    clients, _, part = FederatedDataLoader.get(cfg).partitioned(cfg, seed=5)
+    clients, _, part = ClinicalTable.get(cfg).partitioned(cfg, seed=5)
     rows = frame.groupby("pid").size()
     seen: set[int] = set()
     total = 0
@@ -117,7 +117,7 @@ def test_dp_sgd_samples_patients_not_records(multi) -> None:
     from fl_core.privacy.dpsgd import group_records
 
     _, cfg, frame = multi
-    (c, *_), _, _ = FederatedDataLoader.get(cfg).partitioned(cfg, seed=1)
+    (c, *_), _, _ = ClinicalTable.get(cfg).partitioned(cfg, seed=1)
     grouped = group_records(c.x_train, c.y_train, c.patient_ids())
     assert grouped.num_patients == len(c.train_ids) < c.num_train
     rows = frame.groupby("pid").size()
@@ -131,7 +131,7 @@ def test_site_audit_groups_non_members_by_patient(multi) -> None:
     from fl_core.model.networks import get_flat_params
 
     _, cfg, _ = multi
-    clients, _, _ = FederatedDataLoader.get(cfg).partitioned(cfg, seed=2)
+    clients, _, _ = ClinicalTable.get(cfg).partitioned(cfg, seed=2)
     c = max(clients, key=lambda d: len(d.test_ids))
 
     def factory() -> torch.nn.Module:
@@ -154,7 +154,7 @@ def test_pooled_audit_counts_and_splits_patients(multi, tmp_path: Path) -> None:
     params["data"].update(schema=str(tmp_path / "multi.yaml"), path=str(path))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(tmp_path / "params.yaml")
-    data, transform, _ = FederatedDataLoader.get(cfg.data, tmp_path).partitioned(cfg.data, 0)
+    data, transform, _ = ClinicalTable.get(cfg.data, tmp_path).partitioned(cfg.data, 0)
     pool = audit_pool(cfg, tmp_path, data, transform)
     k = int(pool.is_member.sum())
     assert k == sum(len(d.test_ids) for d in data)  # balanced by patient, not by record
@@ -244,11 +244,11 @@ def test_invalid_results_are_dropped_at_load_not_read_as_negatives(tmp_path: Pat
     path = tmp_path / "multi.csv"
     frame.to_csv(path, index=False)
     invalid = frame["result"] == "invalid"
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
     kept = data_config(path=str(path), spec=parse_schema(SCHEMA, "as negatives"))
-    assert len(FederatedDataLoader.get(kept).table) == len(frame)  # before: negatives
+    assert len(ClinicalTable.get(kept).table) == len(frame)  # before: negatives
     cfg = data_config(path=str(path), spec=parse_schema(_dropping_schema(), "dropping"))
-    loader = FederatedDataLoader.get(cfg)
+    loader = ClinicalTable.get(cfg)
     table = loader.table
     assert len(table) == len(frame) - invalid.sum() and "invalid" not in set(table["result"])
     assert table["label"].tolist() == (table["result"] == "positive").astype(int).tolist()
@@ -266,7 +266,7 @@ def test_invalid_results_are_dropped_at_load_not_read_as_negatives(tmp_path: Pat
     params["data"].update(schema=str(tmp_path / "multi.yaml"), path=str(path))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     full = load_config(tmp_path / "params.yaml")
-    simulated = {c.client_id: c for c in FederatedDataLoader.get(full.data).partitioned(
+    simulated = {c.client_id: c for c in ClinicalTable.get(full.data).partitioned(
         full.data, full.seed)[0]}
     for f in split_by_site(path, full.data.spec):
         (tmp_path / f"{f.slug}.csv").write_text(f.text())
@@ -329,8 +329,8 @@ def test_covid_testing_export_and_schema(tmp_path: Path) -> None:
     assert not {"fake_first_name", "fake_last_name"} & set(raw.columns)
     cfg = data_config(path=str(out), schema="data/schemas/covid_testing.yaml",
                      drop_incomplete=False)
-    FederatedDataLoader.clear_cache()
-    loader = FederatedDataLoader.get(cfg)
+    ClinicalTable.clear_cache()
+    loader = ClinicalTable.get(cfg)
     # the 301 invalid tests are dropped (43 patients had nothing else), not negatives
     assert loader.dropped_rows() == {"label.drop_values": 301, "data.drop_incomplete": 0}
     assert len(loader.table) == 15223 and loader.table["subject_id"].nunique() == 12301

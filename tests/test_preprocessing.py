@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.config_files import data_config, load_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, FeatureReference
 from fl_core.data.tables import DataError, Partition
 from fl_core.data.transform import TabularTransform
@@ -35,9 +35,9 @@ CATEGORIES = {n: tuple(f.categories or ()) for n, f in SPEC.features.items()
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
     yield
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
 
 
 def _without(partition: Partition, patient: int) -> Partition:
@@ -49,7 +49,7 @@ def _without(partition: Partition, patient: int) -> Partition:
 
 def test_removing_any_of_50_training_patients_changes_nothing_released(raw_csv: Path) -> None:
     config = data_config(path=str(raw_csv))
-    loader = FederatedDataLoader.get(config)
+    loader = ClinicalTable.get(config)
     partition = loader.partition(config, 0)
     full = loader.fit_transform(config, partition)
     full_state = json.dumps(full.state_dict(), sort_keys=True)
@@ -159,13 +159,13 @@ def test_state_dict_round_trips_through_json(raw_csv: Path) -> None:
     state = json.loads(json.dumps(transform.state_dict()))
     again = TabularTransform.from_state_dict(state)
     assert again == transform and state["columns"] == transform.columns()
-    table = FederatedDataLoader.get(data_config(path=str(raw_csv))).table
+    table = ClinicalTable.get(data_config(path=str(raw_csv))).table
     assert torch.equal(again.transform(table), transform.transform(table))
 
 
 def test_incomplete_patients_for_the_audit_encode_within_bounds(raw_csv: Path) -> None:
     config = data_config(path=str(raw_csv))
-    incomplete = FederatedDataLoader.get(config).incomplete_table
+    incomplete = ClinicalTable.get(config).incomplete_table
     assert len(incomplete) == 180
     x = TabularTransform.from_config(config).transform(incomplete)
     assert x.shape == (180, 17) and torch.isfinite(x).all()

@@ -56,11 +56,11 @@ def _versions(root: Path) -> list:
 
 def _spend(root: Path, site: str, epsilon: float, run_id: str, cap: float = 10.0) -> None:
     """Charge every patient of ``site`` (default recipe, 40 steps) about ``epsilon``."""
-    from adapters.tables import FederatedDataLoader
+    from adapters.tables import ClinicalTable
     from fl_core.privacy.accountants import calibrate_noise, epsilon_for_history
 
     cfg = build_config({})
-    patients = frozenset(i for i, s in FederatedDataLoader.get(cfg.data, root)
+    patients = frozenset(i for i, s in ClinicalTable.get(cfg.data, root)
                          .site_of_patient().items() if s == site)
     history = ((calibrate_noise(epsilon, 1e-5, 1.0, 40, "prv"), 1.0, 40),)
     eps = epsilon_for_history(history, 1e-5, "prv")

@@ -18,7 +18,7 @@ import torch
 from scipy import stats
 
 from adapters.config_files import load_config
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.codec.payload import decode_payload
 from fl_core.config.model import ConfigError
 from fl_core.federation import FitInstruction
@@ -74,7 +74,7 @@ def test_randomness_registry_and_config() -> None:
 
 def _client(randomness: object, sigma: float) -> tuple[SiteClient, torch.Tensor, int]:
     cfg = load_config(ROOT / "params.yaml")
-    data, _, _ = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)
+    data, _, _ = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)
     cleveland = next(d for d in data if d.client_id == "Cleveland")
     features = int(cleveland.x_train.shape[1])
 
@@ -128,7 +128,7 @@ def test_two_secure_runs_with_the_same_seed_differ_and_reproducible_runs_agree()
 
     def params(randomness: str) -> torch.Tensor:
         cfg = load_config(ROOT / "params.yaml", ["rounds=2", f"privacy.randomness={randomness}"])
-        data, _, _ = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)
+        data, _, _ = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)
         return federate(cfg, data).result.params
 
     assert torch.equal(params("reproducible"), params("reproducible"))

@@ -188,7 +188,7 @@ def _client(cfg: PipelineConfig) -> Any:
 
 def _register(cfg: PipelineConfig, model: torch.nn.Module, metrics: dict[str, Any],
               artifacts: list[Path] | None = None) -> Any:
-    from adapters.mlflow_registry import register_model
+    from adapters.mlflow_registration import register_model
 
     return register_model(cfg, _served(model), metrics, HISTORY, artifacts or [], run_name="t")
 
@@ -388,7 +388,7 @@ def test_two_first_runs_initialise_a_fresh_store_without_a_race(tmp_path: Path) 
     import sys
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = ("from adapters.mlflow_registry import open_store\n"
+    code = ("from adapters.mlflow_registration import open_store\n"
             f"c = open_store({uri!r})\n"
             "print(len(c.search_experiments()))\n")
     from tests.conftest import ROOT
@@ -401,7 +401,7 @@ def test_two_first_runs_initialise_a_fresh_store_without_a_race(tmp_path: Path) 
 
 
 def test_bad_inputs_fail_before_any_run(cfg: PipelineConfig, model: torch.nn.Module) -> None:
-    from adapters.mlflow_registry import register_model
+    from adapters.mlflow_registration import register_model
 
     with pytest.raises(ValueError, match="round"):
         register_model(cfg, _served(model), PASSING, [{"accuracy": 0.8}], [])

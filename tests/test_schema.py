@@ -17,7 +17,7 @@ import yaml
 
 from adapters.config_files import data_config, load_config
 from adapters.schema_files import load_schema
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError
 from fl_core.data.schema import DatasetSchema, LabelRule, SchemaError, parse_schema
 from fl_core.data.tables import binary_label
@@ -191,9 +191,9 @@ def test_a_renamed_dataset_loads_through_the_schema(tmp_path: Path, raw_csv: Pat
     spec = parse_schema(tree, "renamed")
     renamed = data_config(path=str(tmp_path / "renamed.csv"), spec=spec)
     original = data_config(path=str(raw_csv))
-    FederatedDataLoader.clear_cache()
-    a = FederatedDataLoader.get(renamed).partitioned(renamed, seed=3)[0]
-    b = FederatedDataLoader.get(original).partitioned(original, seed=3)[0]
+    ClinicalTable.clear_cache()
+    a = ClinicalTable.get(renamed).partitioned(renamed, seed=3)[0]
+    b = ClinicalTable.get(original).partitioned(original, seed=3)[0]
     for x, y in zip(a, b, strict=True):
         assert x.client_id == y.client_id and x.train_ids == y.train_ids
         assert x.x_train.equal(y.x_train) and x.y_train.equal(y.y_train)

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.config_files import data_config, load_config
-from adapters.schema_files import load_schema
-from fl_core.data.inference import InferenceError, infer_schema, widened_range
+from adapters.schema_files import infer_schema_file, load_schema
+from fl_core.data.inference import InferenceError, widened_range
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART_ARGS = ["--patient-id", "id", "--site", "dataset", "--label", "num"]
@@ -70,12 +70,12 @@ def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -
     # ... and trains: partition and two federated DP rounds on the drafted schema (reviewed:
     # the draft keeps ca/thal/slope, empty for most of three sites, so incomplete patients
     # are filled by the declared fill instead of dropped)
-    from adapters.tables import FederatedDataLoader
+    from adapters.tables import ClinicalTable
     from fl_core.federation.wiring import federate
 
     cfg = load_config(ROOT / "params.yaml", [f"data.schema={path}", f"data.path={raw_csv}",
                                              "data.drop_incomplete=false", "rounds=2"])
-    data = FederatedDataLoader.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
+    data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
     assert len(data) == 4 and data[0].x_train.shape[1] >= 10
     run = federate(cfg, data)
     assert run.result.history[-1].accuracy > 0.6 and run.dp is not None
@@ -97,7 +97,7 @@ def test_identifiers_and_free_text_are_ignored(tmp_path: Path) -> None:
     frame.loc[3, "bmi"] = None
     csv = tmp_path / "mine.csv"
     frame.to_csv(csv, index=False)
-    draft = infer_schema(csv, patient_id="pid", site="hospital", label="outcome",
+    draft = infer_schema_file(csv, patient_id="pid", site="hospital", label="outcome",
                          positive_values=["sick"])
     spec = draft.schema
     assert spec.ignore == ["name", "note"]
@@ -128,7 +128,7 @@ def test_repeated_patient_ids_draft_several_records_per_patient(tmp_path: Path) 
                           "outcome": ["sick", "well", "well", "well"] * (n // 4)})
     csv = tmp_path / "visits.csv"
     frame.to_csv(csv, index=False)
-    draft = infer_schema(csv, patient_id="pid", site="hospital", label="outcome",
+    draft = infer_schema_file(csv, patient_id="pid", site="hospital", label="outcome",
                          positive_values=["sick"])
     assert draft.schema.records_per_patient == "many"
     assert any("20 row(s) repeat a patient id" in n for n in draft.notes)
@@ -137,7 +137,7 @@ def test_repeated_patient_ids_draft_several_records_per_patient(tmp_path: Path) 
     data = data_config(path=str(csv), spec=load_schema(tmp_path / "visits.yaml"))
     assert validate_file(csv, data).success
     frame.drop_duplicates("pid").to_csv(csv, index=False)
-    assert infer_schema(csv, patient_id="pid", site="hospital", label="outcome",
+    assert infer_schema_file(csv, patient_id="pid", site="hospital", label="outcome",
                         positive_values=["sick"]).schema.records_per_patient == "one"
 
 
@@ -153,7 +153,7 @@ def test_one_class_label_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--patient-id 'pid': no such column" in done.stderr
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(InferenceError, match="empty") as caught:
-        infer_schema(tmp_path / "empty.csv", patient_id="a", site="b", label="c")
+        infer_schema_file(tmp_path / "empty.csv", patient_id="a", site="b", label="c")
     assert caught.value.exit_code == 3
 
 
@@ -183,7 +183,7 @@ def test_draft_of_random_numeric_frame_validates(tmp_path: Path,
                           "y": [i % 2 for i in range(len(rows))]})
     csv = tmp_path / "r.csv"
     frame.to_csv(csv, index=False)
-    draft = infer_schema(csv, patient_id="pid", site="site", label="y", positive_if="> 0")
+    draft = infer_schema_file(csv, patient_id="pid", site="site", label="y", positive_if="> 0")
     spec = draft.schema
     for col in ("x", "k"):
         if col in spec.features and spec.feature(col).numeric:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from adapters.config_files import data_config, load_config
 from adapters.gx_validation import validate_site_file
 from adapters.site_files import SiteFile, site_client_data, split_by_site
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, PipelineConfig, site_slug
 from fl_core.data.tables import DataError, Partition
 
@@ -32,9 +32,9 @@ TENSORS = ("x_train", "y_train", "x_test", "y_test", "train_patients")
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
     yield
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
 
 
 def config(raw_csv: Path, *overrides: str) -> PipelineConfig:
@@ -60,7 +60,7 @@ def test_site_file_gives_the_simulations_client_data(
 ) -> None:
     cfg = config(raw_csv, *overrides)
     simulated = {c.client_id: c for c in
-                 FederatedDataLoader.get(cfg.data).partitioned(cfg.data, cfg.seed)[0]}
+                 ClinicalTable.get(cfg.data).partitioned(cfg.data, cfg.seed)[0]}
     files = site_files(raw_csv)
     assert sorted(files) == sorted(simulated) == sorted(SITES)
     for site, site_file in files.items():
@@ -74,7 +74,7 @@ def test_site_file_gives_the_simulations_client_data(
 
 def _splits(path: Path, cfg: PipelineConfig) -> dict[str, tuple]:
     data_cfg = cfg.data.model_copy(update={"path": str(path)})
-    part: Partition = FederatedDataLoader.get(data_cfg).partition(data_cfg, cfg.seed)
+    part: Partition = ClinicalTable.get(data_cfg).partition(data_cfg, cfg.seed)
     return {c.client_id: (c.train_ids, c.test_ids) for c in part.clients}
 
 

@@ -18,7 +18,7 @@ from adapters.config_files import load_config
 from adapters.gx_validation import validate_site_file, validate_sources
 from adapters.schema_files import load_schema
 from adapters.site_files import site_client_data
-from adapters.tables import FederatedDataLoader
+from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError
 from fl_core.data.schema import SchemaError, parse_schema
 from fl_core.data.tables import DataError
@@ -29,9 +29,9 @@ TENSORS = ("x_train", "y_train", "x_test", "y_test", "train_patients", "test_pat
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
     yield
-    FederatedDataLoader.clear_cache()
+    ClinicalTable.clear_cache()
 
 
 def _slug(site: str) -> str:
@@ -88,8 +88,8 @@ def test_site_files_read_as_the_one_table(per_site: tuple[Path, dict[str, str]])
     files_cfg = load_config(project / "params.yaml")
     table_cfg = load_config(ROOT / "params.yaml",
                             [f"data.path={ROOT / 'data/raw/heart_disease_uci.csv'}"])
-    files = FederatedDataLoader.get(files_cfg.data, project)
-    table = FederatedDataLoader.get(table_cfg.data, ROOT)
+    files = ClinicalTable.get(files_cfg.data, project)
+    table = ClinicalTable.get(table_cfg.data, ROOT)
     left = files.table.sort_values("id").reset_index(drop=True)
     right = table.table.rename(columns={"dataset": "site"}).sort_values("id") \
         .reset_index(drop=True)
@@ -141,7 +141,7 @@ def test_a_file_with_another_sites_rows_is_refused(per_site: tuple[Path, dict[st
     assert [f.expectation for f in report.failures] == ["file_rows_of_one_site"]
     assert "1 of 304 rows name another site than 'Cleveland'" in report.failures[0].detail
     with pytest.raises(DataError, match="1 row\\(s\\) name another site than 'Cleveland'"):
-        FederatedDataLoader.get(cfg.data, project).table  # noqa: B018
+        ClinicalTable.get(cfg.data, project).table  # noqa: B018
 
 
 def test_a_patient_id_in_two_sites_files_is_refused(per_site: tuple[Path, dict[str, str]]
@@ -155,7 +155,7 @@ def test_a_patient_id_in_two_sites_files_is_refused(per_site: tuple[Path, dict[s
     # several records per patient: no uniqueness check, but the loader refuses the overlap
     many = load_config(project / "params.yaml", ["schema.records_per_patient=many"])
     with pytest.raises(DataError, match="304 patient id\\(s\\) occur in more than one site's"):
-        FederatedDataLoader.get(many.data, project).table  # noqa: B018
+        ClinicalTable.get(many.data, project).table  # noqa: B018
 
 
 def test_site_files_configuration_errors_name_the_key(
@@ -182,7 +182,7 @@ def test_a_sites_own_file_without_site_column_is_the_simulations_client(
     project, files = per_site
     cfg = load_config(project / "params.yaml")
     simulated = {c.client_id: c for c in
-                 FederatedDataLoader.get(cfg.data, project).partitioned(cfg.data, cfg.seed)[0]}
+                 ClinicalTable.get(cfg.data, project).partitioned(cfg.data, cfg.seed)[0]}
     at_site = load_config(project / "params.yaml", [
         "data.site_files=null", "federation.mode=sites",
         "federation.sites=[{id: Cleveland, work_pool: a}, {id: Hungary, work_pool: b}]"])

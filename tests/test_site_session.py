@@ -230,7 +230,7 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
 
 
 def test_sites_that_fail_to_start_are_named_and_too_few_fail_the_run(tmp_path: Path) -> None:
-    from adapters.sites import record_sites
+    from adapters.site_reports import record_sites
     from fl_core.data.tables import DataError
     from fl_core.federation.coordinator import RoundFailedError
 

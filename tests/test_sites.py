@@ -184,7 +184,7 @@ def test_covid_testing_on_four_sites_keeps_each_patients_records_together(
     import pandas as pd
 
     from adapters.config_files import load_config
-    from adapters.tables import FederatedDataLoader
+    from adapters.tables import ClinicalTable
     from flows.cli import main
 
     project = tmp_path / "project"
@@ -197,8 +197,8 @@ def test_covid_testing_on_four_sites_keeps_each_patients_records_together(
     coordinator = _coordinator(tmp_path)
     # the simulation's clients from the whole table (same seed and keys), the site files
     cfg = load_config(project / "params.yaml", [*OVERRIDES, *COVID])
-    FederatedDataLoader.clear_cache()
-    loader = FederatedDataLoader.get(cfg.data, project)
+    ClinicalTable.clear_cache()
+    loader = ClinicalTable.get(cfg.data, project)
     clients = {c.client_id: c for c in loader.partitioned(cfg.data, cfg.seed)[0]}
     records = loader.table.groupby("subject_id").size()
     raw = pd.read_csv(project / "data" / "raw" / "covid_testing.csv")

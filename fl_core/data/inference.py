@@ -89,27 +89,6 @@ class SchemaDraft:
         return draft_summary(self)
 
 
-# ------------------------------------------------------------------------------ reading
-def read_table(path: str | Path) -> pd.DataFrame:
-    """The CSV as text columns (empty cells and NA tokens are missing, as validation reads)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InferenceError(f"{path}: no such file", 3)
-    if path.stat().st_size == 0:
-        raise InferenceError(f"{path}: the file is empty (0 bytes)", 3)
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise InferenceError(f"{path}: no header and no rows", 3) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InferenceError(f"{path}: cannot be read as CSV ({first})", 3) from None
-    if frame.empty:
-        raise InferenceError(f"{path}: a header but no data rows: nothing to infer from", 3)
-    frame.columns = [str(c) for c in frame.columns]
-    return frame
-
-
 # ------------------------------------------------------------------------------ numbers
 def _nice(value: float) -> int | float:
     """``value`` as an int when it is one, else a float with no representation noise."""
@@ -359,15 +338,16 @@ def default_id(path: str | Path) -> str:
     return stem or "draft"
 
 
-def infer_schema(path: str | Path, *, patient_id: str, site: str, label: str,
-                 positive_if: str | None = None, positive_values: list[str] | None = None,
+def infer_schema(frame: pd.DataFrame, path: str | Path, *, patient_id: str, site: str,
+                 label: str, positive_if: str | None = None,
+                 positive_values: list[str] | None = None,
                  dataset_id: str | None = None) -> SchemaDraft:
-    """Draft a schema from the CSV at ``path`` (see the module docstring).
+    """Draft a schema from ``frame``, the table read as text columns from the CSV at ``path``
+    (:func:`adapters.schema_files.read_table`; see the module docstring).
 
-    Raises :class:`InferenceError`: exit code 3 when the file cannot be read or has no rows,
-    2 for a column that is not in the header or a label rule that gives one class.
+    Raises :class:`InferenceError` (exit code 2) for a column that is not in the header or a
+    label rule that gives one class.
     """
-    frame = read_table(path)
     _check_roles(frame, patient_id, site, label)
     label_tree, counts = label_rule(frame, label, positive_if, positive_values)
     roles = (patient_id, site, label)

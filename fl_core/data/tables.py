@@ -1,6 +1,6 @@
 """Loading, patient-based partitioning and transforms for the clinical table.
 
-The raw CSV is immutable input. :class:`FederatedDataLoader` reads it lazily, once per dataset
+The raw CSV is immutable input. :class:`ClinicalTable` reads it lazily, once per dataset
 key, and is the only global state in ``fl_core`` (a documented cache: a class-level map of
 instances guarded by a lock). Partitioning works on *patients*: every record of a patient goes
 to exactly one client and to one side of that client's train/test split.

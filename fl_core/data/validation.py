@@ -41,18 +41,12 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from fl_core.config.model import ConfigError, DataConfig
 from fl_core.data.schema import DatasetSchema
-
-if TYPE_CHECKING:
-    from great_expectations.core.expectation_validation_result import (
-        ExpectationSuiteValidationResult,
-        ExpectationValidationResult,
-    )
 
 ALL_SITES = "<all>"
 SAMPLE_SIZE = 5  # distinct unexpected values quoted in a failure
@@ -283,44 +277,6 @@ def _explain(kind: str, kwargs: dict[str, Any], where: str, bad: int, total: int
 def _count(result: Mapping[str, Any], key: str) -> int | None:
     value = result.get(key)
     return None if value is None else int(value)
-
-
-def _describe(site: str, res: ExpectationValidationResult, spec: DatasetSchema
-              ) -> FailedExpectation:
-    """Turn one failed GX expectation result into a :class:`FailedExpectation`."""
-    cfg = res.expectation_config
-    kind = str(cfg.type)
-    kwargs = dict(cfg.kwargs)
-    column = kwargs.get("column")
-    where = f"in {site}" if site != ALL_SITES else "in the table"
-    info = res.exception_info or {}
-    if info.get("raised_exception"):
-        msg = str(info.get("exception_message") or "unknown error")
-        public = f"GX could not evaluate {kind} on {column!r} {where}"
-        return FailedExpectation(site, kind, column, msg, f"{public}: {msg}", public)
-    result = res.result or {}
-    total = int(result.get("element_count") or 0)
-    bad = int(result.get("unexpected_count") or 0)
-    sample = _sample(result.get("partial_unexpected_list") or [])
-    public = _explain(kind, kwargs, where, bad, total, spec)
-    observed: object
-    if kind == EXPECT_NOT_NULL:
-        detail = public
-        observed = (round(bad / total if total else 0.0, 4)
-                    if kwargs.get("mostly") is not None else bad)
-    elif kind in _QUOTES_SAMPLE:
-        observed = sample
-        detail = f"{public}, e.g. {sample}"
-    else:
-        observed = _jsonable(result.get("observed_value", sample))
-        detail = f"{public} (observed {observed!r})"
-    return FailedExpectation(site, kind, column, observed, detail, public,
-                             _count(result, "unexpected_count"), _count(result, "element_count"))
-
-
-def _failures(site: str, result: ExpectationSuiteValidationResult,
-              spec: DatasetSchema) -> list[FailedExpectation]:
-    return [_describe(site, r, spec) for r in result.results if not r.success]
 
 
 def _label_classes_failure(frame: pd.DataFrame, spec: DatasetSchema
