@@ -1,4 +1,5 @@
-"""Membership-inference audit: shadow models, LiRA, low-FPR metrics, an empirical ε bound.
+"""The audits and the gate: membership inference (shadow models, LiRA, low-FPR metrics, an
+empirical ε bound), the white-box DP canary audit and the promotion gate.
 
 One concept per module: :mod:`~fl_core.audit.shadow` (shadow models' outputs and the Shokri
 attack model), :mod:`~fl_core.audit.lira` (offline / online LiRA), :mod:`~fl_core.audit.bounds`
@@ -9,6 +10,8 @@ caller's: they must follow the target's own recipe.
 
 :mod:`~fl_core.audit.federated` is the sites-mode audit (attacks at each site, histograms to
 the coordinator); import it from there (it needs the site's training, ``fl_core.federation``).
+:mod:`~fl_core.audit.dp_audit` with :mod:`~fl_core.audit.canary` and :mod:`~fl_core.audit.gdp`
+is the white-box DP audit; :mod:`~fl_core.audit.gate` decides promotion.
 """
 
 from fl_core.audit.baseline import balanced_indices, loss_threshold_attack, per_example_loss
