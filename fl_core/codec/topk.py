@@ -216,18 +216,7 @@ class TopKQuantizer:
     ) -> tuple[int, np.ndarray, torch.Tensor, tuple[int, ...]]:
         """(n, sorted kept indices, dequantized values, shape) without densifying."""
         n, body = unframe(payload, CODEC_TOPK, expected_elements)
-        if len(body) < TOPK_HEAD.size:
-            raise PayloadError("top-k body shorter than its header")
-        bits, coding, r, ndim, k, chunk = TOPK_HEAD.unpack_from(body)
-        if not 2 <= bits <= 8 or coding not in (INDEX_BITMAP, INDEX_RICE) or r > MAX_RICE_PARAMETER:
-            raise PayloadError(f"unknown top-k layout (bits={bits}, coding={coding}, rice={r})")
-        if k > n:
-            raise PayloadError(f"payload keeps {k} of {n} elements")
-        pos = TOPK_HEAD.size
-        shape = struct.unpack_from(f"<{ndim}I", body, pos) if len(body) >= pos + 4 * ndim else ()
-        if len(shape) != ndim or math.prod(shape) != n:
-            raise PayloadError(f"shape {shape} does not hold {n} elements")
-        pos += 4 * ndim
+        bits, coding, r, k, chunk, shape, pos = _read_topk_head(body, n)
         n_scales = math.ceil(k / chunk) if chunk else int(k > 0)
         value_bytes = math.ceil(k * bits / 8)
         index_bytes = len(body) - pos - 4 * n_scales - value_bytes
@@ -238,29 +227,63 @@ class TopKQuantizer:
             raise PayloadError("top-k scales are negative or not finite")
         pos += 4 * n_scales
         index_block = body[pos : pos + index_bytes]
-        value_block = body[pos + index_bytes :]
         if coding == INDEX_BITMAP:
-            if index_bytes != math.ceil(n / 8):
-                raise PayloadError(f"bitmap has {index_bytes} bytes, {n} elements need "
-                                   f"{math.ceil(n / 8)}")
-            mask = np.unpackbits(np.frombuffer(index_block, dtype=np.uint8), count=n)
-            indices = np.flatnonzero(mask)
-            if indices.size != k:
-                raise PayloadError(f"bitmap marks {indices.size} elements, header says {k}")
+            indices = _bitmap_indices(index_block, n, k)
         else:
-            remainder_bytes = math.ceil(k * r / 8)
-            if index_bytes < remainder_bytes:
-                raise PayloadError("Rice index block shorter than its remainder stream")
-            unary_bytes = index_bytes - remainder_bytes
-            gaps = rice_decode(index_block[:unary_bytes], index_block[unary_bytes:], k, r)
-            indices = np.cumsum(gaps + 1) - 1
-            if k and indices[-1] >= n:
-                raise PayloadError(f"index {int(indices[-1])} out of range for {n} elements")
-        codes = torch.from_numpy(unpack_fixed(value_block, k, bits))
-        levels = 2 ** (bits - 1) - 1
-        if k and int(codes.max()) > 2 * levels:
-            raise PayloadError(f"quantized value out of range for {bits} bits")
-        per_value = torch.from_numpy(scales).repeat_interleave(chunk or k)[:k] if k else \
-            torch.zeros(0)
-        values = (codes - levels).to(torch.float32) * per_value
-        return n, indices.astype(np.int64), values, tuple(shape)
+            indices = _rice_indices(index_block, n, k, r)
+        values = _dequantize(body[pos + index_bytes :], scales, k, bits, chunk)
+        return n, indices.astype(np.int64), values, shape
+
+
+# The steps of TopKQuantizer.decode_sparse, in the order it checks a payload: the fixed head and
+# the shape, then (there) the scales, then the index block in its coding, then the values. Each
+# refuses what it reads with a PayloadError before anything is allocated from it.
+
+def _read_topk_head(body: bytes, n: int) -> tuple[int, int, int, int, int, tuple[int, ...], int]:
+    """(bits, index coding, rice parameter, k, chunk, shape, offset after the dims)."""
+    if len(body) < TOPK_HEAD.size:
+        raise PayloadError("top-k body shorter than its header")
+    bits, coding, r, ndim, k, chunk = TOPK_HEAD.unpack_from(body)
+    if not 2 <= bits <= 8 or coding not in (INDEX_BITMAP, INDEX_RICE) or r > MAX_RICE_PARAMETER:
+        raise PayloadError(f"unknown top-k layout (bits={bits}, coding={coding}, rice={r})")
+    if k > n:
+        raise PayloadError(f"payload keeps {k} of {n} elements")
+    pos = TOPK_HEAD.size
+    shape = struct.unpack_from(f"<{ndim}I", body, pos) if len(body) >= pos + 4 * ndim else ()
+    if len(shape) != ndim or math.prod(shape) != n:
+        raise PayloadError(f"shape {shape} does not hold {n} elements")
+    return bits, coding, r, k, chunk, tuple(shape), pos + 4 * ndim
+
+
+def _bitmap_indices(index_block: bytes, n: int, k: int) -> np.ndarray:
+    if len(index_block) != math.ceil(n / 8):
+        raise PayloadError(f"bitmap has {len(index_block)} bytes, {n} elements need "
+                           f"{math.ceil(n / 8)}")
+    mask = np.unpackbits(np.frombuffer(index_block, dtype=np.uint8), count=n)
+    indices = np.flatnonzero(mask)
+    if indices.size != k:
+        raise PayloadError(f"bitmap marks {indices.size} elements, header says {k}")
+    return indices
+
+
+def _rice_indices(index_block: bytes, n: int, k: int, r: int) -> np.ndarray:
+    remainder_bytes = math.ceil(k * r / 8)
+    if len(index_block) < remainder_bytes:
+        raise PayloadError("Rice index block shorter than its remainder stream")
+    unary_bytes = len(index_block) - remainder_bytes
+    gaps = rice_decode(index_block[:unary_bytes], index_block[unary_bytes:], k, r)
+    indices = np.cumsum(gaps + 1) - 1
+    if k and indices[-1] >= n:
+        raise PayloadError(f"index {int(indices[-1])} out of range for {n} elements")
+    return indices
+
+
+def _dequantize(value_block: bytes, scales: np.ndarray, k: int, bits: int,
+                chunk: int) -> torch.Tensor:
+    codes = torch.from_numpy(unpack_fixed(value_block, k, bits))
+    levels = 2 ** (bits - 1) - 1
+    if k and int(codes.max()) > 2 * levels:
+        raise PayloadError(f"quantized value out of range for {bits} bits")
+    per_value = torch.from_numpy(scales).repeat_interleave(chunk or k)[:k] if k else \
+        torch.zeros(0)
+    return (codes - levels).to(torch.float32) * per_value
