@@ -322,12 +322,7 @@ def run_federated(
     resumes a run from its round-``first_round − 1`` model (sites restored from their
     ``state_dict``).
     """
-    if settings.client_fraction < 1 and downlink is not None:
-        raise ValueError("client sampling with a compressed downlink: a client that sits a "
-                         "round out would miss that round's model delta")
-    if settings.min_clients > len(sites):
-        raise ValueError(f"min_clients={settings.min_clients} but only {len(sites)} clients "
-                         f"exist")
+    _check_run(settings, sites, downlink)
     defense = defense or Defense()
     broadcast = ModelBroadcast(downlink)
     generator = torch.Generator().manual_seed(seed)  # simulated attacks only
@@ -342,20 +337,16 @@ def run_federated(
         payload = broadcast.payload(params)
         _dispatch_fit(transport, rnd, payload, settings)
         _decode_updates(rnd, n_params)
+        if attack is not None:
+            _attack(rnd, attack, generator)
         assert rnd.updates is not None
-        if attack is not None and rnd.replies:
-            rows = [i for i, r in enumerate(rnd.replies) if r.site in attack.malicious]
-            rnd.updates = attack.craft(rnd.updates, rows, generator)
         defended = _defend(rnd, defense, n_params)
         _check_enough(rnd, defended, settings.min_clients)
         kept = [rnd.replies[i] for i in defended.kept]
         weights = torch.tensor([float(r.num_patients) for r in kept])
         aggregate = defense.aggregate(rnd.updates[defended.kept], weights, previous).aggregate
         previous, params = aggregate, params + aggregate
-        for reply in rnd.replies:
-            if reply.epsilon is not None:
-                result.site_epsilon[reply.site] = reply.epsilon
-            result.site_dp_steps[reply.site] = reply.dp_steps
+        _note_privacy(result, rnd.replies)
         record = _record(rnd, defended, kept, weights, payload, n_params, result,
                          evaluate_sites(transport, sites, params, round_idx, settings))
         result.history.append(record)
@@ -363,6 +354,33 @@ def run_federated(
             sink(record)
     result.params = params
     return result
+
+
+def _check_run(settings: FederationSettings, sites: Sequence[str],
+               downlink: TopKQuantizer | None) -> None:
+    """Refuse, before any round, a run that could not complete as configured."""
+    if settings.client_fraction < 1 and downlink is not None:
+        raise ValueError("client sampling with a compressed downlink: a client that sits a "
+                         "round out would miss that round's model delta")
+    if settings.min_clients > len(sites):
+        raise ValueError(f"min_clients={settings.min_clients} but only {len(sites)} clients "
+                         f"exist")
+
+
+def _attack(rnd: _Round, attack: Attack, generator: torch.Generator) -> None:
+    """Rewrite the malicious clients' rows of the round's updates (simulation only)."""
+    assert rnd.updates is not None
+    if rnd.replies:
+        rows = [i for i, r in enumerate(rnd.replies) if r.site in attack.malicious]
+        rnd.updates = attack.craft(rnd.updates, rows, generator)
+
+
+def _note_privacy(result: TrainingResult, replies: Sequence[FitReply]) -> None:
+    """Each replying site's spent ε (when it reports one) and DP steps so far."""
+    for reply in replies:
+        if reply.epsilon is not None:
+            result.site_epsilon[reply.site] = reply.epsilon
+        result.site_dp_steps[reply.site] = reply.dp_steps
 
 
 def _record(
