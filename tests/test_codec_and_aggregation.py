@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_core.codec.dense import DenseCodec, dense_size
-from fl_core.codec.framing import HEADER, PayloadError
+from fl_core.codec.framing import MAGIC, VERSION, PayloadError, read_header
 from fl_core.robust.aggregators import fedavg
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
@@ -47,7 +47,30 @@ def test_wrong_version_is_named() -> None:
     forged = body + struct.pack("<I", zlib.crc32(body))  # valid CRC, wrong version
     with pytest.raises(PayloadError, match="version 9"):
         DenseCodec().decode(forged)
-    assert HEADER.size == 12
+
+
+def test_header_declares_what_was_encoded() -> None:
+    """The header carries the magic, version, codec and element count of the payload, the
+    body is the float32 values and the trailer the CRC32 of everything before it."""
+    values = torch.tensor([1.5, -2.0, 3.25])
+    payload = DenseCodec().encode(values)
+    assert payload.startswith(MAGIC)
+    codec, n, body = read_header(payload)
+    assert (codec, n) == (DenseCodec.codec_id, 3)
+    assert bytes(body) == struct.pack("<3f", 1.5, -2.0, 3.25)
+    assert payload[-4:] == struct.pack("<I", zlib.crc32(payload[:-4]))
+    # the header's own bytes are what lie between the magic and the body
+    assert payload[len(MAGIC)] == VERSION
+
+
+def test_a_truncated_header_is_refused_naming_why() -> None:
+    payload = DenseCodec().encode(torch.ones(3))
+    header_and_trailer = len(payload) - 4 * 3
+    with pytest.raises(PayloadError, match=rf"payload truncated: 5 bytes, header alone needs "
+                                           rf"{header_and_trailer}"):
+        read_header(payload[:5])
+    with pytest.raises(PayloadError, match="bad magic b'XPRV'"):
+        read_header(b"X" + payload[1:])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -265,11 +265,19 @@ def test_data_validation_error_carries_report(tmp_path: Path, raw: pd.DataFrame)
     report = validate_file(path, DATA)
     with pytest.raises(DataValidationError) as info:
         raise_if_failed(path, report)
+    from flows.cli import data_error_text
+
     assert info.value.report is report
+    assert info.value.path == str(path)
     assert not isinstance(info.value, ConfigError)  # the data, not the schema: exit 3
-    assert str(info.value).startswith(f"{path}: ")
-    assert "age" in str(info.value)
-    assert isinstance(info.value, ValueError)
+    # the message names the file, the site, the column, the check and the offending value
+    assert str(info.value) == (
+        f"{path}: data validation failed: 1 failed expectation(s) over 4 site(s) "
+        f"(Cleveland 304, Hungary 293, Switzerland 123, VA Long Beach 200):\n"
+        f"  [Cleveland] age: {BETWEEN} failed; observed [150.0]. 'age' must lie in "
+        f"[18.0, 100.0] in Cleveland; 1 of 304 values are outside, e.g. [150.0]")
+    # a per-site failure: the CLI prints the whole report, not just one detail line
+    assert data_error_text(info.value) == str(info.value)
 
 
 def test_a_file_that_contradicts_the_schema_is_a_configuration_error(
@@ -372,3 +380,19 @@ def test_cli_validate_refuses_a_20_digit_patient_id_with_exit_3(project: Path, c
     assert main(["stage", "partition", "--root", str(project)]) == 3  # nothing to partition
     assert "failed validation" in capsys.readouterr().err
     assert not (project / "data" / "processed" / "partition.json").exists()
+
+
+def test_cli_validate_refuses_a_file_missing_a_declared_column_with_exit_2(
+        project: Path, capsys) -> None:
+    """The schema's fault, not the data's: a configuration error naming the schema key."""
+    from flows.cli import main
+
+    csv_path = project / "data" / "raw" / "heart_disease_uci.csv"
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    frame.drop(columns=["chol"]).to_csv(csv_path, index=False)
+    assert main(["stage", "validate", "--root", str(project)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedpriv: configuration error: ")
+    assert "does not fit the dataset schema (data.schema): features.chol: required column " \
+           "'chol' is missing from the header" in err
+    assert "Traceback" not in err
