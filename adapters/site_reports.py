@@ -36,6 +36,26 @@ def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
     out and named; fewer than ``min_clients`` sites left fails the run (exit 4)."""
     paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
+    _write_validation(paths, ready, refused, seconds)
+    # in the configured order (the simulation's), not the order the sites came up in
+    usable = [spec.id for spec in cfg.federation.sites
+              if spec.id in ready and spec.id not in refused]
+    for site, why in refused.items():  # every ready site passed: _write_validation raised if not
+        print(f"site {site} is left out of this run: {why}")
+    write_json_atomic(paths.partition, {
+        "scheme": "by_site", "mode": "sites", "seed": cfg.seed,
+        "sites": {s: {"train": ready[s].train_patients, "test": ready[s].test_patients}
+                  for s in usable}})
+    _check_enough_sites(cfg, usable, refused)
+    counts = ", ".join(f"{s} ({ready[s].train_patients} train / {ready[s].test_patients} test "
+                       f"patients)" for s in usable)
+    print(f"sites ready: {counts} in {seconds + time.perf_counter() - started:.1f} s")
+    return usable
+
+
+def _write_validation(paths: Paths, ready: Mapping[str, SiteReady], refused: Mapping[str, str],
+                      seconds: float) -> None:
+    """``validation.json`` from the sites' summaries; a site whose data failed stops the run."""
     invalid = {s: m for s, m in ready.items() if not m.passed}
     write_json_atomic(paths.validation, {
         "success": not invalid, "mode": "sites", "seconds": round(seconds, 3),
@@ -44,21 +64,11 @@ def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
     if invalid:
         raise DataError(
             "; ".join(f"[{s}] {refused.get(s, 'failed validation')}" for s in invalid))
-    # in the configured order (the simulation's), not the order the sites came up in
-    usable = [spec.id for spec in cfg.federation.sites
-              if spec.id in ready and spec.id not in refused]
-    for site, why in refused.items():
-        if site not in invalid:
-            print(f"site {site} is left out of this run: {why}")
-    write_json_atomic(paths.partition, {
-        "scheme": "by_site", "mode": "sites", "seed": cfg.seed,
-        "sites": {s: {"train": ready[s].train_patients, "test": ready[s].test_patients}
-                  for s in usable}})
+
+
+def _check_enough_sites(cfg: PipelineConfig, usable: list[str],
+                        refused: Mapping[str, str]) -> None:
     if len(usable) < cfg.min_clients:
         raise RoundFailedError(
             f"only {len(usable)} site(s) ready ({', '.join(usable) or 'none'}), min_clients="
             f"{cfg.min_clients}: " + "; ".join(f"{s}: {w}" for s, w in refused.items()))
-    counts = ", ".join(f"{s} ({ready[s].train_patients} train / {ready[s].test_patients} test "
-                       f"patients)" for s in usable)
-    print(f"sites ready: {counts} in {seconds + time.perf_counter() - started:.1f} s")
-    return usable
