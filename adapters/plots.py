@@ -23,38 +23,56 @@ def training_curves(history: Sequence[dict], target: Path) -> None:
     private = all(isinstance(e, int | float) for e in epsilon)
     fig, axes = plt.subplots(1, 4 if private else 3, figsize=(20 if private else 15, 4))
     ax_loss, ax_acc, ax_bytes = axes[:3]
-    if private:  # the privacy spent so far: the largest ε of any client after each round
-        axes[3].plot(rounds, epsilon, marker=".", color="tab:red")
-        axes[3].set_xlabel("round")
-        axes[3].set_ylabel("ε spent (per patient)")
-        axes[3].set_ylim(0, None)
-        axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.plot(rounds, [r["train_loss"] for r in history], label="train loss (clients)")
-    ax_loss.plot(rounds, [r["test_loss"] for r in history], label="test loss (pooled)")
-    ax_loss.set_xlabel("round")
-    ax_loss.set_ylabel("binary cross-entropy")
-    ax_loss.legend()
-    ax_acc.plot(rounds, [r["accuracy"] for r in history], lw=2.5, label="accuracy (pooled)")
-    ax_acc.plot(rounds, [r["auc"] for r in history], lw=2.5, label="AUC (pooled)")
-    # a site that failed a round's evaluation has no figure for it: a gap in its line
-    for key in sorted({k for r in history for k in r if k.startswith("accuracy_")}):
-        ax_acc.plot(rounds, [r.get(key, float("nan")) for r in history], lw=0.8, alpha=0.7,
-                    label=key.removeprefix("accuracy_"))
-    ax_acc.set_xlabel("round")
-    ax_acc.set_ylim(0, 1)
-    for key, label in (("bytes_uploaded", "uploaded"), ("bytes_downloaded", "downloaded")):
-        ax_bytes.plot(rounds, _cumulative(history, key), label=label)
-        ax_bytes.plot(rounds, _cumulative(history, f"{key}_uncompressed"), ls="--",
-                      label=f"{label}, dense float32")
-    ax_bytes.set_xlabel("round")
-    ax_bytes.set_ylabel("cumulative bytes (all clients)")
-    ax_bytes.legend(fontsize=7)
+    if private:
+        _epsilon_panel(axes[3], rounds, epsilon)
+    _loss_panel(ax_loss, rounds, history)
+    _accuracy_panel(ax_acc, rounds, history)
+    _bytes_panel(ax_bytes, rounds, history)
     for ax in (ax_loss, ax_acc, ax_bytes):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=7, loc="lower right")
     fig.suptitle("Federated training")
     fig.tight_layout()
     _save(fig, target)
+
+
+def _epsilon_panel(ax: plt.Axes, rounds: list[int], epsilon: list[float]) -> None:
+    """The privacy spent so far: the largest ε of any client after each round."""
+    ax.plot(rounds, epsilon, marker=".", color="tab:red")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent (per patient)")
+    ax.set_ylim(0, None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _loss_panel(ax: plt.Axes, rounds: list[int], history: Sequence[dict]) -> None:
+    ax.plot(rounds, [r["train_loss"] for r in history], label="train loss (clients)")
+    ax.plot(rounds, [r["test_loss"] for r in history], label="test loss (pooled)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("binary cross-entropy")
+    ax.legend()
+
+
+def _accuracy_panel(ax: plt.Axes, rounds: list[int], history: Sequence[dict]) -> None:
+    """Pooled accuracy and AUC, thick; each site's accuracy, thin (legend drawn by the caller)."""
+    ax.plot(rounds, [r["accuracy"] for r in history], lw=2.5, label="accuracy (pooled)")
+    ax.plot(rounds, [r["auc"] for r in history], lw=2.5, label="AUC (pooled)")
+    # a site that failed a round's evaluation has no figure for it: a gap in its line
+    for key in sorted({k for r in history for k in r if k.startswith("accuracy_")}):
+        ax.plot(rounds, [r.get(key, float("nan")) for r in history], lw=0.8, alpha=0.7,
+                label=key.removeprefix("accuracy_"))
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+
+
+def _bytes_panel(ax: plt.Axes, rounds: list[int], history: Sequence[dict]) -> None:
+    for key, label in (("bytes_uploaded", "uploaded"), ("bytes_downloaded", "downloaded")):
+        ax.plot(rounds, _cumulative(history, key), label=label)
+        ax.plot(rounds, _cumulative(history, f"{key}_uncompressed"), ls="--",
+                label=f"{label}, dense float32")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative bytes (all clients)")
+    ax.legend(fontsize=7)
 
 
 def _cumulative(history: Sequence[dict], key: str) -> list[float]:
