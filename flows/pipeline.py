@@ -35,7 +35,7 @@ from fl_core.config.model import ConfigError
 from fl_core.data.tables import DataError
 from fl_core.data.validation import DataValidationError
 from fl_core.privacy.ledger import BudgetExceededError, MissingChargeError
-from flows.sites import run_at_sites
+from flows.site_dispatch import run_at_sites
 from tasks.audit import audit
 from tasks.dp_audit import dp_audit
 from tasks.partition import partition

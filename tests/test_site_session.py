@@ -294,7 +294,7 @@ def test_a_session_that_crashes_before_it_is_ready_is_started_again(
 
     import prefect.deployments
 
-    from flows.sites import START_ATTEMPTS, SiteSessions
+    from flows.site_dispatch import START_ATTEMPTS, SiteSessions
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml",
                       ["federation.mode=sites"])

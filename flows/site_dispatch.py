@@ -1,0 +1,280 @@
+"""The coordinator's side of ``federation.mode=sites``: deploy ``fl-site`` on every site's
+pool, start one session per site per run, watch them, restart a failed one, shut them down.
+
+A session is started once per training run (:func:`prefect.deployments.run_deployment`, which
+costs a worker pick-up and a new Python process: seconds) and then exchanges every round's
+messages through the store (milliseconds). The coordinator never reads a site's Prefect
+result: it reads raw bytes from the store and decodes them with fedpriv's own format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from adapters.message_store import READY, FolderStore
+from fl_core.config.model import PipelineConfig, site_slug
+from fl_core.federation.messages import (
+    Failure,
+    MessageError,
+    Shutdown,
+    SiteReady,
+    decode_message,
+    encode_message,
+)
+
+SITE_FLOW = "fl-site"
+SITE_ENTRYPOINT = "flows.site_flow:fl_site"
+START_ATTEMPTS = 3
+"""Sessions started for a site whose session crashes before it is ready (a Prefect API that
+answered 503 to its worker, a killed process): transient, so worth another try."""
+
+
+def deployment_name(site: str) -> str:
+    return f"{SITE_FLOW}/{site_slug(site)}"
+
+
+def deploy_sites(cfg: PipelineConfig) -> list[str]:
+    """Create (or update) each site's process work pool and its ``fl-site`` deployment.
+    Returns the deployment names. Idempotent."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    names = []
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(SITE_FLOW)
+        for spec in cfg.federation.sites:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_pool(WorkPoolCreate(name=spec.pool, type="process"))
+            client.create_deployment(
+                flow_id=flow_id, name=site_slug(spec.id), work_pool_name=spec.pool,
+                entrypoint=SITE_ENTRYPOINT, pull_steps=[], parameter_openapi_schema={},
+                description=f"fedpriv site session of {spec.id}: reads only the file its "
+                            f"worker's FEDPRIV_SITE_DATA names")
+            names.append(deployment_name(spec.id))
+    return names
+
+
+@dataclass
+class SiteSessions:
+    """One training run's site sessions (Prefect flow runs) and their message store."""
+
+    cfg: PipelineConfig
+    store: FolderStore
+    charge_key: str
+    runs: dict[str, UUID] = field(default_factory=dict)
+    ready: dict[str, SiteReady] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    _states: dict[str, tuple[float, str | None]] = field(default_factory=dict)
+    _rejoining: dict[str, float] = field(default_factory=dict)  # site → restart time
+    _starts: dict[str, int] = field(default_factory=dict)  # site → sessions started
+
+    @property
+    def site_ids(self) -> list[str]:
+        return [s.id for s in self.cfg.federation.sites]
+
+    def start(self, site: str | None = None) -> None:
+        """Create the flow run of every site's session (or of one), without waiting."""
+        from prefect.deployments import run_deployment
+
+        config = self.cfg.model_dump(mode="json")
+        for index, spec in enumerate(self.cfg.federation.sites):
+            if site is not None and spec.id != site:
+                continue
+            run = run_deployment(
+                deployment_name(spec.id), timeout=0, as_subflow=True,
+                flow_run_name=f"{site_slug(spec.id)}-{self.store.session}",
+                parameters={"site": spec.id, "session": self.store.session, "index": index,
+                            "charge_key": self.charge_key,
+                            "config": config, "message_store": str(self.store.path.parent),
+                            "idle_timeout_s": self.cfg.federation.session_idle_timeout_s})
+            self.runs[spec.id] = run.id
+            self._starts[spec.id] = self._starts.get(spec.id, 0) + 1
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Collect every site's :class:`SiteReady` (or its refusal) until ``timeout_s``. A
+        session that *crashed* before it said ready (its infrastructure failed: the worker
+        could not submit it, its process was killed) is started again, up to
+        :data:`START_ATTEMPTS` sessions in all; one that failed or refused is left out."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            for site in self.site_ids:
+                if site not in self.ready and site not in self.refused:
+                    self._read_ready(site)
+                    gone = self.gone(site)
+                    if site not in self.ready and site not in self.refused and gone:
+                        self._start_again_or_refuse(site, gone)
+            if len(self.ready) + len(self.refused) == len(self.site_ids):
+                return
+            time.sleep(0.05)
+        for site in self.site_ids:
+            if site not in self.ready and site not in self.refused:
+                self.refused[site] = (f"no session within {timeout_s:g} s "
+                                      f"({self._state_name(site) or 'not started'}): is its "
+                                      f"worker running on pool {self._pool(site)}?")
+
+    def _start_again_or_refuse(self, site: str, gone: str) -> None:
+        """A session that ended before it was ready: crashed → a new one, else left out."""
+        if self._state_name(site) == "CRASHED" and self._starts.get(site, 0) < START_ATTEMPTS:
+            print(f"site {site}: its session crashed before it was ready; starting another "
+                  f"({self._starts[site] + 1} of {START_ATTEMPTS})", flush=True)
+            self.start(site)
+            self._states.pop(site, None)
+        else:
+            self.refused[site] = gone
+
+    def _read_ready(self, site: str) -> None:
+        raw = self.store.get(site, "up", READY)
+        if raw is None:
+            return
+        try:
+            message = decode_message(raw, site=site, expect=(SiteReady, Failure))
+        except MessageError as exc:
+            self.refused[site] = str(exc)
+            return
+        if isinstance(message, Failure):
+            self.refused[site] = message.reason
+        elif not message.passed:
+            self.refused[site] = "data failed validation: " + _failed(message.validation)
+            self.ready[site] = message
+        else:
+            self.ready[site] = message
+
+    def gone(self, site: str) -> str | None:
+        """Why the site's session is not running any more (None while it is, or might be).
+        A restarted site is skipped until its new session has said it is ready."""
+        if site in self._rejoining:
+            ready = self.store.folder(site, "up") / f"{READY}.msg"
+            if not ready.exists() or ready.stat().st_mtime < self._rejoining[site]:
+                return "restarted: its new session is not up yet"
+            del self._rejoining[site]
+            print(f"site {site} rejoined")
+        if self.ended(site):
+            return f"its session ended ({str(self._state_name(site)).lower()})"
+        return None
+
+    def ended(self, site: str, max_age_s: float = 0.5) -> bool:
+        """Whether the site's current session run has ended (or is being cancelled)."""
+        return self._state_name(site, max_age_s) in (
+            "COMPLETED", "FAILED", "CRASHED", "CANCELLED", "CANCELLING")
+
+    def _state_name(self, site: str, max_age_s: float = 0.5) -> str | None:
+        """The site's flow run state, read at most every ``max_age_s``."""
+        from prefect.client.orchestration import get_client
+
+        cached = self._states.get(site)
+        if cached and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
+        state = None
+        if site in self.runs:
+            with get_client(sync_client=True) as client:
+                run = client.read_flow_run(self.runs[site])
+            state = run.state.type.value if run.state else None
+        self._states[site] = (time.monotonic(), state)
+        return state
+
+    def restart(self, site: str) -> bool:
+        """Cancel a failed or straggling session and start another (it resumes from the state
+        the site saved). A session still waiting for a worker is left as it is."""
+        state = self._state_name(site, max_age_s=0)
+        if site in self._rejoining or state in ("SCHEDULED", "PENDING"):
+            return False  # already restarting, or still waiting for its worker
+        self.cancel(site)
+        self._rejoining[site] = time.time()
+        self.start(site)
+        self._states.pop(site, None)
+        return True
+
+    def cancel(self, site: str, *, abandon: bool = False) -> None:
+        """Cancel the site's session: a running one is killed by its worker (Cancelling);
+        one never picked up, or (``abandon``) one whose worker may be gone, ends Cancelled."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled, Cancelling
+
+        run_id = self.runs.get(site)
+        if run_id is None:
+            return
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(run_id)
+            if run.state is None or run.state.is_final():
+                return
+            running = run.state.is_running() and not abandon
+            state = Cancelling() if running else Cancelled(
+                message="the coordinator's run ended; this session was abandoned")
+            client.set_flow_run_state(run_id, state, force=True)
+
+    def close(self, reason: str, grace_s: float = 5.0) -> None:
+        """Tell every session to stop; cancel those still running after ``grace_s``."""
+        message = encode_message(Shutdown(self.store.session, -1, reason))
+        for site in self.runs:
+            seq = max(self.store.newest(site, "down"), self.store.newest(site, "up")) + 1
+            self.store.put(site, "down", f"{seq:06d}", message)
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end and any(
+                self._state_name(s, 0.2) in ("RUNNING", "PENDING") for s in self.runs):
+            time.sleep(0.2)
+        for site in self.runs:
+            self.cancel(site, abandon=True)
+
+    def _pool(self, site: str) -> str:
+        return next(s.pool for s in self.cfg.federation.sites if s.id == site)
+
+
+def _failed(summary: str) -> str:
+    """The failed expectations of a site's validation summary, for one log line."""
+    try:
+        parsed: Any = json.loads(summary)
+        failures = parsed.get("failures", []) if isinstance(parsed, dict) else []
+        return "; ".join(str(f.get("detail") or f) for f in failures[:5]) or "see the site"
+    except ValueError:
+        return "unreadable summary"
+
+
+def message_store_path(cfg: PipelineConfig, root: Path) -> Path:
+    path = Path(cfg.federation.message_store)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
+                 charge_key: str) -> dict[str, Any]:
+    """Validate, train and audit with every site in its own session; returns the audit.
+
+    The flow's body in ``federation.mode=sites``: one session per site for the whole run
+    (started here, stopped at the end whatever happens), a failed or straggling site's
+    session cancelled and started again (it rejoins once up). ``charge_key`` names the
+    sites' ledger charges: the Prefect flow run's id, the same when the flow is retried, so
+    a retried run does not charge a site twice."""
+    from adapters.message_store import StoreTransport
+    from tasks.at_sites import audit_sites, check_sites, train_sites
+
+    deploy_sites(cfg)
+    store = FolderStore(message_store_path(cfg, root), run_id)
+    store.note(f"fedpriv run {run_id}: messages between the coordinator and the sites")
+    sessions = SiteSessions(cfg, store, charge_key)
+    started = time.perf_counter()
+    try:
+        sessions.start()
+        sessions.wait_ready(cfg.federation.site_start_timeout_s)
+        usable = check_sites(cfg, root, run_id, sessions.ready, sessions.refused,
+                             time.perf_counter() - started)
+        transport = StoreTransport(store, usable, alive=sessions.gone)
+
+        def rejoin(record: Any) -> None:
+            # restart a session that ended or straggles, not one that is merely coming up
+            for site in record.failed_clients:
+                if (sessions.ended(site, max_age_s=0) or transport.straggling(site)) \
+                        and sessions.restart(site):
+                    print(f"site {site} failed round {record.round}: its session was "
+                          f"cancelled and started again (it rejoins once up)")
+
+        train_sites(cfg, root, run_id, transport, {s: sessions.ready[s] for s in usable},
+                    [rejoin])
+        return audit_sites(cfg, root, run_id, transport)
+    finally:
+        sessions.close("the run is over")
