@@ -2,10 +2,10 @@
 
 In sites mode each hospital runs its own worker that sees only its own file (the rows of the
 embedded CSV whose site column, named by the dataset schema, is that hospital; ``fedpriv
-split-sites`` writes them). Under
-``data.partition=by_site`` a site's train/test split depends only on the seed and its own
-patients (:func:`fl_core.data.partitioning.site_rng`), so :func:`site_client_data` on the site's file gives
-exactly the :class:`~fl_core.data.tables.ClientData` the simulation builds for it from the full file:
+split-sites`` writes them). Under ``data.partition=by_site`` a site's train/test split
+depends only on the seed and its own patients (:func:`fl_core.data.partitioning.site_rng`),
+so :func:`site_client_data` on the site's file gives exactly the
+:class:`~fl_core.data.tables.ClientData` the simulation builds for it from the full file:
 same train/test patients, same tensors. Loading and encoding are the simulation's own
 (:class:`~adapters.tables.ClinicalTable`, :class:`~fl_core.data.transform.TabularTransform`).
 """
@@ -130,22 +130,10 @@ def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
     header, body = records[0], [r for r in records[1:] if r]  # blank lines carry no row
     if not body:
         raise DataError(f"{path}: the data file has no rows")
-    column = header.index(site_column)
-    raw = pd.Series([row[column] if column < len(row) else "" for row in body], dtype=object)
-    mapped = spec.site_values(raw.where(raw.str.strip() != ""))
-    for line, (value, site) in enumerate(zip(raw, mapped, strict=True), start=2):
-        if not value.strip():
-            raise DataError(f"{path}: row {line} has no site (column {site_column!r})")
-        if not isinstance(site, str):
-            raise DataError(f"{path}: row {line}: site value {value!r} is in no group of "
-                            f"site_groups and the schema has no site_default")
+    mapped = _row_sites(path, header, body, spec)
     # a patient's rows all go to the site of their first record (several records per patient)
     if spec.patient_id in header:
-        pid = header.index(spec.patient_id)
-        first: dict[str, str] = {}
-        for row, site in zip(body, mapped, strict=True):
-            first.setdefault(row[pid].strip() if pid < len(row) else "", site)
-        mapped = [first[row[pid].strip() if pid < len(row) else ""] for row in body]
+        mapped = _site_of_first_record(body, mapped, header.index(spec.patient_id))
     groups: dict[str, list[list[str]]] = {}
     for row, site in zip(body, mapped, strict=True):
         groups.setdefault(site, []).append(row)
@@ -153,6 +141,31 @@ def split_by_site(path: Path, spec: DatasetSchema) -> list[SiteFile]:
              for site, rows in groups.items()]
     _check_slugs(path, files)
     return files
+
+
+def _row_sites(path: Path, header: list[str], body: list[list[str]],
+               spec: DatasetSchema) -> list[str]:
+    """Each row's site: its site cell through the schema's site groups and default. Raises
+    :class:`~fl_core.data.tables.DataError` naming the first row with no site or one that maps
+    to none (rows are numbered as in the file, the header being row 1)."""
+    column = header.index(spec.site)
+    raw = pd.Series([row[column] if column < len(row) else "" for row in body], dtype=object)
+    mapped = spec.site_values(raw.where(raw.str.strip() != ""))
+    for line, (value, site) in enumerate(zip(raw, mapped, strict=True), start=2):
+        if not value.strip():
+            raise DataError(f"{path}: row {line} has no site (column {spec.site!r})")
+        if not isinstance(site, str):
+            raise DataError(f"{path}: row {line}: site value {value!r} is in no group of "
+                            f"site_groups and the schema has no site_default")
+    return list(mapped)
+
+
+def _site_of_first_record(body: list[list[str]], sites: list[str], pid: int) -> list[str]:
+    """``sites`` with every row moved to the site of its patient's first row (column ``pid``)."""
+    first: dict[str, str] = {}
+    for row, site in zip(body, sites, strict=True):
+        first.setdefault(row[pid].strip() if pid < len(row) else "", site)
+    return [first[row[pid].strip() if pid < len(row) else ""] for row in body]
 
 
 def _csv_records(path: Path, key: str) -> list[list[str]]:
