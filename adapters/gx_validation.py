@@ -248,19 +248,14 @@ class _Runner:
         return _jsonable(result.to_json_dict()), _failures(site, result, self.spec)
 
 
-def check_file(path: str | Path, data: DataConfig, *, both_classes: bool = True,
-               site: str | None = None) -> tuple[pd.DataFrame | None, ValidationReport]:
-    """The file-level checks alone (no GX, milliseconds): the file exists, parses, has rows
-    and every required column, and (``both_classes``) its label rule gives two classes.
-    Returns the frame (None if unreadable) and a report whose ``results["file"]`` lists them.
-    ``site``: the site the file holds, under ``site_source: file``."""
-    return check_sources([(Path(path), site)], data, both_classes=both_classes)
-
-
 def check_sources(sources: Sequence[tuple[Path, str | None]], data: DataConfig, *,
                   both_classes: bool = True
                   ) -> tuple[pd.DataFrame | None, ValidationReport]:
-    """:func:`check_file` over several files (one per site), read as one table."""
+    """The file-level checks alone (no GX, milliseconds) over ``sources`` (each file with the
+    site it holds under ``site_source: file``, else None), read as one table: every file
+    exists, parses, has rows and every required column, and (``both_classes``) the label rule
+    gives two classes. Returns the frame (None if unreadable) and a report whose
+    ``results["file"]`` lists them."""
     frame, failures, summary = _read_sources(sources, data)
     if frame is not None and not failures:
         failures += _types_fitting_no_value(frame, data)

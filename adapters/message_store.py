@@ -94,35 +94,14 @@ class StoreTransport:
     ) -> dict[str, object | TransportFailure]:
         self._seq += 1
         name = f"{self._seq:06d}"
-        out: dict[str, object | TransportFailure] = {}
-        for site, request in requests.items():
-            if site not in self.sites:
-                out[site] = TransportFailure("no such site on this transport")
-                continue
-            self.store.put(site, "down", name, request)  # a rejoining session answers it
-            if self.straggling(site):  # like a busy SiteClient: no second wait
-                out[site] = TransportFailure(f"still busy with request {self._missed[site]}, "
-                                             f"which missed its deadline")
+        out = self._send(requests, name)
         waiting = [s for s in requests if s not in out]
         end, next_check = time.monotonic() + deadline_s, 0.0
         while waiting and time.monotonic() < end:
-            for site in list(waiting):
-                try:
-                    reply = self.store.get(site, "up", name)
-                except (OSError, ValueError) as exc:
-                    out[site] = TransportFailure(str(exc))
-                    waiting.remove(site)
-                    continue
-                if reply is not None:
-                    out[site] = reply  # raw bytes: the engine decodes and checks them
-                    waiting.remove(site)
+            self._collect(waiting, name, out)
             if waiting and self._alive is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + 0.5
-                for site in list(waiting):
-                    gone = self._alive(site)
-                    if gone:
-                        out[site] = TransportFailure(gone)
-                        waiting.remove(site)
+                self._drop_gone(waiting, out)
             time.sleep(POLL_S)
         for site in waiting:
             out[site] = TransportFailure(f"missed the round deadline of {deadline_s:g} s")
@@ -132,14 +111,48 @@ class StoreTransport:
                 self._missed.pop(site, None)
         return {site: out[site] for site in requests}
 
+    def _send(self, requests: Mapping[str, bytes],
+              name: str) -> dict[str, object | TransportFailure]:
+        """Write each request; the failures known before any wait (unknown site, straggler)."""
+        out: dict[str, object | TransportFailure] = {}
+        for site, request in requests.items():
+            if site not in self.sites:
+                out[site] = TransportFailure("no such site on this transport")
+                continue
+            self.store.put(site, "down", name, request)  # a rejoining session answers it
+            if self.straggling(site):  # like a busy SiteClient: no second wait
+                out[site] = TransportFailure(f"still busy with request {self._missed[site]}, "
+                                             f"which missed its deadline")
+        return out
+
+    def _collect(self, waiting: list[str], name: str,
+                 out: dict[str, object | TransportFailure]) -> None:
+        """One pass over the sites still waited for: a reply (or an unreadable one) settles
+        the site, which leaves ``waiting``."""
+        for site in list(waiting):
+            try:
+                reply = self.store.get(site, "up", name)
+            except (OSError, ValueError) as exc:
+                out[site] = TransportFailure(str(exc))
+                waiting.remove(site)
+                continue
+            if reply is not None:
+                out[site] = reply  # raw bytes: the engine decodes and checks them
+                waiting.remove(site)
+
+    def _drop_gone(self, waiting: list[str], out: dict[str, object | TransportFailure]) -> None:
+        """Fail at once the waited-for sites whose session ``alive`` reports gone."""
+        assert self._alive is not None
+        for site in list(waiting):
+            gone = self._alive(site)
+            if gone:
+                out[site] = TransportFailure(gone)
+                waiting.remove(site)
+
     def straggling(self, site: str) -> bool:
         """Whether the site still owes the answer to a request that missed its deadline."""
         missed = self._missed.get(site, 0)
         return bool(missed) and self.store.newest(site, "up") < missed
-
-    def skip_to(self, seq: int) -> None:
-        """Continue numbering after ``seq`` (a site rejoining reads from the next one)."""
-        self._seq = max(self._seq, seq)
 
     @property
     def seq(self) -> int:

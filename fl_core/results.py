@@ -1,12 +1,23 @@
 """Typed stage results, and the one table of the figures a run reports.
 
-:class:`PrivacyReport` is what a training run spent and the guarantee its model carries;
-:class:`AuditReport` what the membership audit found (``audit.json``);
-:class:`TrainingSummary` is what the train stage hands to the later stages (``train.json``):
-built from the finished run, written as JSON, read back typed; its ``history`` carries every
-round, so registration logs the per-round curves from it (``rounds.csv`` stays a file for
-people and DVC plots, never parsed back). :data:`RUN_METRICS` lists every field of
-``reports/metrics.json`` once, with the report it comes from.
+Every stage returns one of these frozen dataclasses and every caller reads attributes;
+where a stage writes a file (``reports/*.json``), its writer in ``adapters/`` converts the
+result (``to_dict``) and a later stage reads it back typed (``from_dict``).
+
+:class:`ValidationSummary` is what the validate stage found (``validation.json``;
+:class:`SitesValidation` in sites mode); :class:`PartitionSummary` how the patients were
+split; :class:`TrainingSummary` what a training run produced, with every round as a typed
+:class:`~fl_core.federation.coordinator.RoundRecord` until a writer in ``adapters/``
+flattens them (``rounds.csv``, the ``history`` of ``train.json``, the curves);
+:class:`TrainingReport` is ``train.json`` read back by the later stages (its rounds as the
+rows that writer flattened, which MLflow logs per step; ``rounds.csv`` stays a file for
+people and DVC plots, never parsed back); :class:`PrivacyReport` what a training run spent
+and the guarantee its model carries; :class:`AuditReport` what the membership audit found
+(``audit.json``); :class:`Registration` and :class:`PublishOutcome` what the register /
+publish stage did (``registration.json``, ``metrics.json``). The DP audit's typed result is
+:class:`fl_core.audit.dp_audit.DPAuditResult`, beside the audit that computes it.
+:data:`RUN_METRICS` lists every field of ``reports/metrics.json`` once, with the report it
+comes from.
 """
 
 from __future__ import annotations
@@ -17,38 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fl_core.federation.coordinator import RoundRecord, TrainingResult
-
-
-def round_row(record: RoundRecord) -> dict[str, Any]:
-    """One round as a flat row (``rounds.csv``, MLflow step metrics): pooled figures, then
-    each client's test accuracy."""
-    row: dict[str, Any] = {
-        "round": record.round,
-        "train_loss": round(record.train_loss, 6),
-        "test_loss": round(record.test_loss, 6),
-        "accuracy": round(record.accuracy, 6),
-        "auc": round(record.auc, 6),
-        "balanced_accuracy": round(record.balanced_accuracy, 6),
-        "bytes_uploaded": record.bytes_uploaded,
-        "bytes_downloaded": record.bytes_downloaded,
-        "bytes_uploaded_uncompressed": record.bytes_uploaded_uncompressed,
-        "bytes_downloaded_uncompressed": record.bytes_downloaded_uncompressed,
-        "compression_ratio": round(
-            record.bytes_uploaded_uncompressed / max(record.bytes_uploaded, 1), 4),
-        "downlink_compression_ratio": round(
-            record.bytes_downloaded_uncompressed / max(record.bytes_downloaded, 1), 4),
-        "clients_ok": record.clients_ok,
-        "failed_clients": ";".join(record.failed_clients),
-        "failure_reasons": "; ".join(f"{c}: {why}" for c, why in record.failure_reasons.items()),
-        "flagged_clients": ";".join(record.flagged_clients),
-        "rejected_clients": ";".join(record.rejected_clients),
-        "excluded_clients": ";".join(record.excluded_clients),
-        "n_flagged": len(record.flagged_clients),
-        "epsilon": "" if record.epsilon is None else round(record.epsilon, 6),
-        "seconds": round(record.seconds, 4),
-    }
-    row.update({f"accuracy_{cid}": round(acc, 6) for cid, acc in record.client_accuracy.items()})
-    return row
 
 
 def _from_dict(cls: type, raw: Mapping[str, Any], stage: str) -> Any:
@@ -102,10 +81,6 @@ class PrivacyReport:
     dataset: str | None = None
     model_fixes: list[str] = field(default_factory=list)
 
-    @property
-    def patient_level(self) -> bool:
-        return self.epsilon is not None
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -148,8 +123,10 @@ class AuditReport:
 
 
 @dataclass(frozen=True)
-class TrainingSummary:
-    """What a federated training run produced, as the later stages read it (``train.json``)."""
+class TrainingFigures:
+    """What a federated training run produced, as every later stage reads it: the last
+    round's figures, the run's totals and its privacy (the fields of ``train.json`` but its
+    ``history``)."""
 
     accuracy: float
     auc: float
@@ -177,7 +154,14 @@ class TrainingSummary:
     epsilon: float | None
     delta: float | None
     seconds: float
-    history: list[dict[str, Any]]  # round_row per round
+
+
+@dataclass(frozen=True)
+class TrainingSummary(TrainingFigures):
+    """The train stage's result: its figures and every round, typed (flattened only by the
+    writers in ``adapters/``)."""
+
+    history: tuple[RoundRecord, ...]
 
     @classmethod
     def of_run(cls, result: TrainingResult, *, clients: int, partition: str, compression: str,
@@ -204,16 +188,37 @@ class TrainingSummary:
             excluded_clients=sorted({c for r in h for c in r.excluded_clients}),
             malicious_clients=sorted(malicious), privacy=privacy,
             epsilon=privacy.epsilon, delta=privacy.delta,
-            seconds=round(seconds, 3), history=[round_row(r) for r in h])
+            seconds=round(seconds, 3), history=tuple(h))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def figures(self) -> dict[str, Any]:
+        """The figures as JSON-able data (``train.json`` but its ``history``)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(TrainingFigures)}
+
+    def failed_rounds(self) -> dict[str, list[int]]:
+        """Each site that failed a round → the rounds it failed, in order of first failure."""
+        failed: dict[str, list[int]] = {}
+        for record in self.history:
+            for site in record.failed_clients:
+                failed.setdefault(site, []).append(record.round)
+        return failed
+
+
+@dataclass(frozen=True)
+class TrainingReport(TrainingFigures):
+    """``train.json`` read back by the later stages: the figures, and the rounds as the rows
+    the train stage's writer flattened them to (``adapters.train.round_row``), which the
+    registration logs as MLflow step metrics."""
+
+    round_rows: tuple[dict[str, Any], ...]
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> TrainingSummary:
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainingReport:
         """Read back ``train.json`` (an older file is an error saying to re-run the stage)."""
-        summary = _from_dict(cls, raw, "train")
-        return dataclasses.replace(summary, privacy=PrivacyReport.from_dict(summary.privacy))
+        figures = _from_dict(TrainingFigures, {**raw, "history": raw.get("history")}
+                             if "history" in raw else raw, "train", extra=("history",))
+        return cls(**{f.name: getattr(figures, f.name)
+                      for f in dataclasses.fields(TrainingFigures)},
+                   round_rows=tuple(raw["history"]))
 
 
 # Every field of reports/metrics.json, once: name → (report, key in that report). Reports:

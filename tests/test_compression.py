@@ -16,7 +16,7 @@ from fl_core.codec.error_feedback import ErrorFeedback, UpdateCompressor, warmup
 from fl_core.codec.framing import FRAME_BYTES, HEADER, PayloadError
 from fl_core.codec.payload import decode_payload
 from fl_core.codec.rice import pack_fixed, rice_decode, rice_encode, unpack_fixed
-from fl_core.codec.topk import TOPK_HEAD, TopKQuantizer, topk_payload_size
+from fl_core.codec.topk import TOPK_HEAD, TopKQuantizer
 
 finite32 = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, allow_subnormal=False,
                      width=32).map(lambda v: 0.0 if abs(v) < 1e-20 else v)
@@ -72,6 +72,15 @@ def test_kept_values_within_quantization_bound(x: torch.Tensor, codec: TopKQuant
     # deterministic rounding: half a step; stochastic: under one step (plus float32 rounding)
     bound = scale * (1.0 if codec.stochastic else 0.5) * (1 + 1e-5) + kept.abs() * 1e-6
     assert torch.all(error <= bound), (error - bound).max()
+
+
+def topk_payload_size(n: int, k: int, bits: int, chunk: int, index_bytes: int,
+                      ndim: int = 1) -> int:
+    """The documented length of a top-k payload (fl_core.codec.topk's docstring), frame
+    included."""
+    n_scales = math.ceil(k / chunk) if chunk else int(k > 0)
+    return (FRAME_BYTES + TOPK_HEAD.size + 4 * ndim + 4 * n_scales + index_bytes
+            + math.ceil(k * bits / 8))
 
 
 @SETTINGS

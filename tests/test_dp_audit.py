@@ -20,7 +20,7 @@ from adapters.tables import ClinicalTable
 from fl_core.audit.canary import DRILLS, RECORDS_PER_CANARY, CanaryInjection, draw_canaries
 from fl_core.audit.dp_audit import DPAuditResult, audit_dp, dp_fingerprint
 from fl_core.audit.gate import evaluate_gate, gate_thresholds
-from fl_core.audit.gdp import gdp_epsilon, gdp_mu, separation_lower_bound
+from fl_core.audit.gdp import MAX_MU, gdp_delta, gdp_epsilon, separation_lower_bound
 from fl_core.config.model import ConfigError
 from fl_core.privacy.accountants import epsilon_spent
 from fl_core.privacy.randomness import SeededRandom
@@ -45,6 +45,14 @@ def _audit(data, *overrides: str, drill: str | None = None) -> DPAuditResult:
 
 
 # --- the bound's arithmetic -------------------------------------------------------------------
+
+
+def gdp_mu(epsilon: float, delta: float) -> float:
+    """The μ of μ-GDP whose curve passes through ``(epsilon, delta)`` (inverts
+    :func:`gdp_epsilon` for the round trip below)."""
+    from scipy.optimize import brentq
+
+    return float(brentq(lambda m: gdp_delta(epsilon, m) - delta, 1e-9, MAX_MU, xtol=1e-12))
 
 
 @pytest.mark.parametrize("steps", [1, 40, 400])

@@ -237,7 +237,7 @@ def test_a_drop_value_not_in_values_exits_2_naming_the_key(
 
 
 def test_invalid_results_are_dropped_at_load_not_read_as_negatives(tmp_path: Path) -> None:
-    from adapters.gx_validation import check_file
+    from adapters.gx_validation import check_sources
     from adapters.site_files import site_client_data, site_dropped_rows, split_by_site
 
     frame = _with_invalid(_table())
@@ -281,7 +281,7 @@ def test_invalid_results_are_dropped_at_load_not_read_as_negatives(tmp_path: Pat
     # one class after dropping is refused: invalid results are not the missing class
     frame.loc[frame["result"] == "positive", "result"] = "invalid"
     frame.to_csv(tmp_path / "one-class.csv", index=False)
-    _, report = check_file(tmp_path / "one-class.csv", cfg)
+    _, report = check_sources([(tmp_path / "one-class.csv", None)], cfg)
     assert not report.success and "makes all" in report.message()
 
 

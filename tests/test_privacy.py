@@ -17,7 +17,7 @@ from fl_core.privacy.accountants import (
     check_delta,
     epsilon_spent,
 )
-from fl_core.privacy.dp_fedavg import dp_fedavg
+from fl_core.privacy.dp_fedavg import DPFedAvg
 from fl_core.privacy.dpsgd import (
     DPSGDConfig,
     PatientDPTrainer,
@@ -198,8 +198,10 @@ def test_dp_fedavg_one_client_moves_the_sum_by_at_most_twice_the_clip(
     updates = torch.randn(n, d, generator=g, dtype=torch.float64).float() * scale
     changed = updates.clone()
     changed[0] = torch.randn(d, generator=g) * scale * 10
-    a = dp_fedavg(updates, clip, 0.0, float(n), SeededRandom(0)).aggregate
-    b = dp_fedavg(changed, clip, 0.0, float(n), SeededRandom(0)).aggregate
+    noiseless = DPFedAvg(clip_norm=clip, noise_multiplier=0.0, expected_clients=float(n),
+                         random=SeededRandom(0))
+    a = noiseless(updates, None, None).aggregate
+    b = noiseless(changed, None, None).aggregate
     assert float((a - b).norm()) * n <= 2 * clip * (1 + 1e-4)
     assert float(a.norm()) * n <= n * clip * (1 + 1e-4)
 
@@ -207,6 +209,7 @@ def test_dp_fedavg_one_client_moves_the_sum_by_at_most_twice_the_clip(
 def test_dp_fedavg_noise_has_the_stated_scale() -> None:
     updates = torch.zeros(4, 20_000)
     for random in (SeededRandom(0), SecureRandom()):
-        out = dp_fedavg(updates, 2.0, 1.5, 4.0, random).aggregate
+        out = DPFedAvg(clip_norm=2.0, noise_multiplier=1.5, expected_clients=4.0,
+                       random=random)(updates, None, None).aggregate
         assert float(out.std()) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.03)
 

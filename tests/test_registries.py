@@ -20,13 +20,14 @@ from fl_core.config.model import REGISTRIES, ConfigError, PipelineConfig
 from fl_core.federation.coordinator import Defense
 from fl_core.model.networks import MODELS, build_model
 from fl_core.privacy.accountants import ACCOUNTANTS, PrivacyError, _accountant
-from fl_core.privacy.dp_fedavg import DPFedAvg, dp_fedavg
+from fl_core.privacy.dp_fedavg import DPFedAvg
 from fl_core.privacy.dpsgd import GRAD_SAMPLE_MODES
-from fl_core.privacy.randomness import RANDOMNESS, SeededRandom, make_random
+from fl_core.privacy.randomness import RANDOMNESS, RandomSource, SeededRandom, make_random
 from fl_core.registry import accepted, lookup
 from fl_core.robust.aggregators import (
     AGGREGATORS,
     PRE_AGGREGATIONS,
+    AggregationResult,
     bucketing,
     fedavg,
     make_aggregator,
@@ -189,6 +190,16 @@ def test_every_model_and_accountant_and_grad_sample_mode_is_usable() -> None:
 def _round(seed: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(7, 11, generator=g, dtype=torch.float64) * torch.linspace(0.1, 5, 7)[:, None]
+
+
+def dp_fedavg(updates: torch.Tensor, clip_norm: float, noise_multiplier: float,
+              expected_clients: float, random: RandomSource) -> AggregationResult:
+    """DP-FedAvg written out as the formula, the reference the wrapper is checked against:
+    ``(Σ_k u_k · min(1, S/‖u_k‖) + N(0, σ²S² I)) / E[clients]``."""
+    norms = updates.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    total = (updates * (clip_norm / norms).clamp(max=1.0)).sum(0)
+    noise = random.normal(tuple(total.shape), noise_multiplier * clip_norm, total.dtype)
+    return AggregationResult((total + noise) / expected_clients, list(range(updates.shape[0])))
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.3])

@@ -54,13 +54,6 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     return float(brentq(lambda e: gdp_delta(e, mu) - delta, 0.0, high, xtol=1e-9))
 
 
-def gdp_mu(epsilon: float, delta: float) -> float:
-    """The μ of μ-GDP whose curve passes through ``(epsilon, delta)``."""
-    from scipy.optimize import brentq
-
-    return float(brentq(lambda m: gdp_delta(epsilon, m) - delta, 1e-9, MAX_MU, xtol=1e-12))
-
-
 def separation_lower_bound(included: torch.Tensor, left_out: torch.Tensor,
                            alpha: float) -> tuple[float, float]:
     """``(μ̂, μ_lb)``: the standardised separation of two score samples and its one-sided

@@ -36,7 +36,7 @@ Codecs
     ``r`` is within a few percent of the entropy bound ``H(p)/p`` bits per index.
 
     Total length: ``16 + 4 + 12 + 4·ndim + 4·ceil(k/chunk) + index block + ceil(k·b/8)``
-    (the first 20 bytes are the frame); :func:`topk_payload_size` computes it.
+    (the first 20 bytes are the frame).
 
 Client side
 -----------
@@ -60,7 +60,6 @@ import torch
 
 from fl_core.codec.framing import (
     CODEC_TOPK,
-    FRAME_BYTES,
     PayloadError,
     _flat32,
     check_finite,
@@ -81,14 +80,6 @@ from fl_core.codec.rice import (
 TOPK_HEAD = struct.Struct("<BBBBII")
 INDEX_BITMAP = 0
 INDEX_RICE = 1
-
-
-def topk_payload_size(n: int, k: int, bits: int, chunk: int, index_bytes: int,
-                      ndim: int = 1) -> int:
-    """Documented length of a :class:`TopKQuantizer` payload (frame included)."""
-    n_scales = math.ceil(k / chunk) if chunk else int(k > 0)
-    return (FRAME_BYTES + TOPK_HEAD.size + 4 * ndim + 4 * n_scales + index_bytes
-            + math.ceil(k * bits / 8))
 
 
 def top_k_indices(magnitude: np.ndarray, k: int) -> np.ndarray:

@@ -45,7 +45,6 @@ MAX_META_BYTES = 64 * 1024
 HISTOGRAM_BINS = 4096
 AUDIT_BINS = 4096
 AUDIT_ATTACKS = ("loss_threshold", "lira")  # the histograms' first axis, in this order
-AUDIT_POPULATIONS = ("members", "non_members")  # their second axis
 MAX_BINS = 1 << 20
 
 

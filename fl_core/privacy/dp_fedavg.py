@@ -33,20 +33,6 @@ def _noised_mean(total: torch.Tensor, clip_norm: float, noise_multiplier: float,
     return (total + noise) / expected_clients
 
 
-def dp_fedavg(
-    updates: torch.Tensor, clip_norm: float, noise_multiplier: float,
-    expected_clients: float, random: RandomSource,
-) -> AggregationResult:
-    """DP-FedAvg: ``(Σ_k u_k · min(1, S/‖u_k‖) + N(0, σ²S² I)) / E[clients]``.
-
-    Each client's influence on the sum is at most ``S = clip_norm``; dividing by the
-    *expected* number of clients (not the realised one) keeps the sensitivity fixed.
-    """
-    total = clip_updates(updates, clip_norm).sum(0)
-    aggregate = _noised_mean(total, clip_norm, noise_multiplier, expected_clients, random)
-    return AggregationResult(aggregate, list(range(updates.shape[0])))
-
-
 SUM_COMPATIBLE = frozenset({"fedavg"})
 """Rules DP-FedAvg may wrap: the unweighted rule must be the plain mean of the rows, so that
 ``n · mean`` is the clipped sum whose sensitivity is ``S``."""
@@ -57,11 +43,12 @@ class DPFedAvg:
     """Server-side client-level DP as a wrapper around an aggregation strategy (McMahan et al.
     2018; the shape of Flower's server-side fixed-clipping wrapper).
 
-    Called like any :data:`~fl_core.robust.aggregators.Aggregator`, on the ``n`` updates of a round::
+    Called like any :data:`~fl_core.robust.aggregators.Aggregator`, on the ``n`` updates of a
+    round::
 
         c_k  = u_k · min(1, S / ‖u_k‖)                 clip each client to S
         m    = inner(c_1..c_n, weights=None)           the wrapped rule: the plain mean
-        out  = (n · m + N(0, σ²S² I)) / E[clients]     = dp_fedavg(u, S, σ, E)
+        out  = (n · m + N(0, σ²S² I)) / E[clients]     = (Σ_k c_k + N(0, σ²S² I)) / E
 
     ``weights`` are ignored: every client counts once, which is what the sensitivity ``S``
     assumes (a weight would let a large site move the sum by more). Dividing by the expected

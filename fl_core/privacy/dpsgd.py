@@ -32,8 +32,8 @@ respect to any one patient.
 
 **Client-level DP-FedAvg (server side, McMahan et al. 2018).** Each client's update is clipped
 to ``S``, the clipped updates are summed and ``N(0, σ²S²)`` is added before dividing by the
-expected number of clients (:func:`dp_fedavg`; :class:`DPFedAvg` is the same mechanism as a
-wrapper around the server's aggregation strategy); accounting composes one Gaussian mechanism per
+expected number of clients (:class:`~fl_core.privacy.dp_fedavg.DPFedAvg`, a wrapper around the
+server's aggregation strategy); accounting composes one Gaussian mechanism per
 round at the client sampling rate (:func:`epsilon_spent` again).
 """
 
