@@ -3,7 +3,10 @@ exactly the registries' keys; server-side DP-FedAvg is a wrapper around an aggre
 
 from __future__ import annotations
 
+import re
+import struct
 import typing
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,18 +15,23 @@ import torch
 from pydantic import AfterValidator, BaseModel
 
 from adapters.config_files import load_config
-from fl_core.codec.dense import DenseCodec
-from fl_core.codec.framing import CODEC_DENSE, CODEC_TOPK
+from fl_core.codec.framing import PayloadError, read_header
 from fl_core.codec.payload import _DECODERS, CODECS, decode_payload
-from fl_core.codec.topk import TopKQuantizer
 from fl_core.config.model import REGISTRIES, ConfigError, PipelineConfig
+from fl_core.data.tables import ClientData
 from fl_core.federation.coordinator import Defense
-from fl_core.model.networks import MODELS, build_model
+from fl_core.federation.wiring import simulation_setup
+from fl_core.model.networks import MODELS, build_model, get_flat_params
 from fl_core.privacy.accountants import ACCOUNTANTS, PrivacyError, _accountant
 from fl_core.privacy.dp_fedavg import DPFedAvg
-from fl_core.privacy.dpsgd import GRAD_SAMPLE_MODES
+from fl_core.privacy.dpsgd import (
+    GRAD_SAMPLE_MODES,
+    DPSGDConfig,
+    PatientDPTrainer,
+    group_records,
+)
 from fl_core.privacy.randomness import RANDOMNESS, RandomSource, SeededRandom, make_random
-from fl_core.registry import accepted, lookup
+from fl_core.registry import lookup
 from fl_core.robust.aggregators import (
     AGGREGATORS,
     PRE_AGGREGATIONS,
@@ -34,9 +42,18 @@ from fl_core.robust.aggregators import (
     make_pre_aggregation,
     nearest_neighbour_mixing,
 )
-from fl_core.robust.attacks import ATTACKS, DATA_POISONING, Attack
+from fl_core.robust.attacks import ATTACKS, Attack
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def listed_names(message: str, key: str) -> list[str]:
+    """The names an unknown-name error lists on ``key``'s line, in the order it lists them
+    (parsed from the message, so that a name missing, extra or out of order shows)."""
+    line = next(line for line in message.splitlines() if key in line)
+    found = re.search(r"accepted: ((?:'[^']*'(?:, )?)+)", line)
+    assert found, line
+    return re.findall(r"'([^']*)'", found.group(1))
 
 
 # --- registry ↔ config ---------------------------------------------------------------------
@@ -72,7 +89,11 @@ def test_every_registry_of_the_architecture_is_checked_by_config() -> None:
 def test_config_accepts_every_registry_key(key: str) -> None:
     section, name, _ = _field(key)
     for value in REGISTRIES[key]:
-        assert getattr(section.model_validate({name: value}), name) == value
+        if section is PipelineConfig:  # the whole configuration needs its dataset schema
+            built = load_config(ROOT / "params.yaml", [f"{key}={value}"])
+        else:
+            built = section.model_validate({name: value})
+        assert getattr(built, name) == value
 
 
 @pytest.mark.parametrize("key", sorted(REGISTRIES))
@@ -80,8 +101,9 @@ def test_config_refuses_an_unknown_name_listing_the_registry(key: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", [f"{key}=no_such_part"])
     msg = str(err.value)
-    assert f"{key}:" in msg and "no_such_part" in msg
-    assert accepted(REGISTRIES[key]) in msg  # every accepted name, quoted, in registry order
+    assert f"{key}:" in msg and "(got 'no_such_part')" in msg
+    # exactly the registry's keys, quoted, in registry order
+    assert listed_names(msg, f"{key}:") == list(REGISTRIES[key])
 
 
 @pytest.mark.parametrize("key", sorted(REGISTRIES))
@@ -105,23 +127,37 @@ def test_no_literal_in_config_duplicates_a_registry() -> None:
 
 
 def test_the_model_error_keeps_its_quoted_names() -> None:
-    with pytest.raises(ConfigError, match=r"model: .*'logreg', 'mlp'.*\(got 'cnn'\)"):
+    with pytest.raises(ConfigError) as err:
         load_config(ROOT / "params.yaml", ["model=cnn"])
+    quoted = ", ".join(f"'{name}'" for name in MODELS)
+    assert f"  model: unknown name; accepted: {quoted} (got 'cnn')" in str(err.value)
 
 
-def test_lookup_names_the_key_and_the_accepted_names() -> None:
-    with pytest.raises(ValueError, match=r"aggregation.method='mean': .*'fedavg', 'multi_krum'"):
-        make_aggregator("mean", 1)
-    with pytest.raises(ValueError, match=r"aggregation.pre_aggregation='mix'.*'nnm'"):
-        make_pre_aggregation("mix", 1)
-    with pytest.raises(ValueError, match=r"attack.kind='flood'.*'sign_flip'"):
-        Attack("flood")
-    with pytest.raises(ValueError, match=r"model='cnn'.*'logreg', 'mlp'"):
-        build_model("cnn", 3)
-    with pytest.raises(ValueError, match=r"privacy.randomness='urandom'.*'secure'"):
-        make_random("urandom", 0)
-    with pytest.raises(PrivacyError, match=r"privacy.accountant='gdp'.*'prv', 'rdp'"):
-        _accountant("gdp")
+# Each builder that looks a name up: the registry, the call with an unknown name, its config key
+BUILDERS = {
+    "aggregation.method": (AGGREGATORS, lambda: make_aggregator("mean", 1), "mean"),
+    "aggregation.pre_aggregation": (PRE_AGGREGATIONS, lambda: make_pre_aggregation("mix", 1),
+                                    "mix"),
+    "attack.kind": (ATTACKS, lambda: Attack("flood"), "flood"),
+    "model": (MODELS, lambda: build_model("cnn", 3), "cnn"),
+    "privacy.randomness": (RANDOMNESS, lambda: make_random("urandom", 0), "urandom"),
+    "privacy.accountant": (ACCOUNTANTS, lambda: _accountant("gdp"), "gdp"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BUILDERS))
+def test_lookup_names_the_key_and_exactly_the_accepted_names(key: str) -> None:
+    registry, build, bad = BUILDERS[key]
+    with pytest.raises(ValueError) as err:
+        build()
+    message = str(err.value)
+    assert message.startswith(f"{key}={bad!r}: unknown name; accepted: ")
+    assert listed_names(message, key) == list(registry)
+    if key == "privacy.accountant":  # a privacy setting: the privacy error, exit 2 like config
+        assert isinstance(err.value, PrivacyError)
+
+
+def test_lookup_refuses_an_unhashable_name() -> None:
     with pytest.raises(ValueError, match="accepted"):
         lookup({"a": 1}, ["unhashable"], "k")  # type: ignore[arg-type]
 
@@ -161,27 +197,84 @@ def test_attack_registry_crafts_only_malicious_rows() -> None:
         assert torch.equal(out, u) == (spec.craft is None), kind
     out = Attack("sign_flip", scale=3.0).craft(u, [1, 4], torch.Generator())
     assert torch.equal(out[[1, 4]], -3.0 * u[[1, 4]])
-    assert set(DATA_POISONING) == {"label_flip", "scaling"}
     assert Attack("scaling").flips_labels and not Attack("alie").flips_labels
 
 
+def _client(i: int, generator: torch.Generator) -> ClientData:
+    def labels(n: int) -> torch.Tensor:
+        return (torch.rand(n, generator=generator) < 0.5).float()
+
+    return ClientData(f"c{i}", torch.randn(20, 4, generator=generator), labels(20),
+                      torch.randn(5, 4, generator=generator), labels(5),
+                      tuple(range(100 * i, 100 * i + 20)), tuple(range(100 * i + 20, 100 * i + 25)))
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+def test_every_attack_kind_poisons_the_labels_exactly_when_it_says_so(kind: str) -> None:
+    """The run's wiring flips the training labels of the malicious clients, and only theirs,
+    for the kinds registered as data poisoning; the others train on the true labels."""
+    generator = torch.Generator().manual_seed(0)
+    data = [_client(i, generator) for i in range(4)]
+    cfg = load_config(ROOT / "params.yaml", [f"attack.kind={kind}", "attack.fraction=0.5",
+                                             "privacy.enabled=false"])
+    setup = simulation_setup(cfg, data)
+    malicious = setup.attack.malicious if setup.attack is not None else frozenset()
+    assert len(malicious) == (0 if kind == "none" else 2)
+    flipped = {site.client_id for site, d in zip(setup.sites, data, strict=True)
+               if torch.equal(site._data.y_train, 1.0 - d.y_train)}
+    assert flipped == (set(malicious) if ATTACKS[kind].flips_labels else set())
+
+
 def test_codec_registry_derives_the_decoder_table() -> None:
-    assert {"dense": DenseCodec, "topk": TopKQuantizer} == CODECS
-    assert {i: type(d) for i, d in _DECODERS.items()} == {CODEC_DENSE: DenseCodec,
-                                                          CODEC_TOPK: TopKQuantizer}
+    ids = [cls.codec_id for cls in CODECS.values()]
+    assert len(set(ids)) == len(ids)  # one header byte per codec
+    assert {i: type(d) for i, d in _DECODERS.items()} == {cls.codec_id: cls
+                                                          for cls in CODECS.values()}
     x = torch.linspace(-1, 1, 40)
-    for cls in CODECS.values():
+    for name, cls in CODECS.items():
         payload = cls().encode(x)
-        assert payload[5] == cls.codec_id  # the header's codec byte
-        assert decode_payload(payload, 40).shape == (40,)
+        assert read_header(payload)[0] == cls.codec_id, name
+        assert torch.equal(decode_payload(payload, 40), cls().decode(payload, 40)), name
+    # a codec id nobody registered is refused by name, not decoded by a neighbour
+    unknown = max(ids) + 1
+    body = bytearray(next(iter(CODECS.values()))().encode(x)[:-4])
+    body[5] = unknown
+    forged = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    with pytest.raises(PayloadError, match=f"unknown codec {unknown}"):
+        decode_payload(forged, 40)
 
 
-def test_every_model_and_accountant_and_grad_sample_mode_is_usable() -> None:
-    for kind in MODELS:
-        assert build_model(kind, 4, 3, seed=0)(torch.zeros(2, 4)).shape == (2,)
-    for name in ACCOUNTANTS:
-        assert _accountant(name).mechanism() == name
-    assert set(GRAD_SAMPLE_MODES) == {"hooks", "functorch"}
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_every_model_builds_and_scores_each_row(kind: str) -> None:
+    assert build_model(kind, 4, 3, seed=0)(torch.zeros(2, 4)).shape == (2,)
+
+
+@pytest.mark.parametrize("name", list(ACCOUNTANTS))
+def test_every_accountant_is_the_mechanism_it_is_named_for(name: str) -> None:
+    assert _accountant(name).mechanism() == name
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_every_grad_sample_mode_takes_the_same_clipped_step(kind: str) -> None:
+    """Each mode computes the per-patient gradients; on the same data, model and noise every
+    registered mode takes the same DP-SGD step (the first mode is the reference)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=generator)
+    y = (torch.rand(12, generator=generator) < 0.5).float()
+    patients = group_records(x, y, torch.arange(12) // 2)
+    steps = {}
+    for mode in GRAD_SAMPLE_MODES:
+        model = build_model(kind, 4, 3, seed=0)
+        before = get_flat_params(model)
+        trainer = PatientDPTrainer(model, patients,
+                                   DPSGDConfig(0.0, 0.5, 1.0, 1.0, 1e-5, "rdp", mode))
+        trainer.train(epochs=1, random=SeededRandom(0))
+        assert trainer.steps == 1, mode
+        steps[mode] = get_flat_params(model) - before
+        assert 0 < float(steps[mode].norm()) <= 0.5 + 1e-6, mode  # moved, by at most C
+    reference = next(iter(steps.values()))
+    for mode, step in steps.items():
+        torch.testing.assert_close(step, reference, msg=mode)
 
 
 # --- server-side DP-FedAvg as a wrapper ------------------------------------------------------
