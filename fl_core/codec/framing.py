@@ -1,5 +1,16 @@
 """The frame every codec payload travels in: magic, version, codec id, element count, CRC32;
-checked before anything is allocated."""
+checked before anything is allocated.
+
+Both of fedpriv's wire formats, this codec frame and the federation's message frame
+(:mod:`fl_core.federation.messages`), are ``magic | version u8 | id u8 | reserved u16 | sizes
+| content | crc32 u32``, and both seal and check their trailer here (:func:`seal`,
+:func:`crc_intact`). The headers stay each its own: a payload declares one element count and
+a message two lengths (metadata, blob), and their refusals differ in kind and in what they
+name (a :class:`PayloadError` about a tensor's bytes; a
+:class:`~fl_core.federation.messages.MessageError` naming the site it is attributed to, with
+the kind and the declared lengths checked before the checksum), so each format reads its own
+header and words its own errors.
+"""
 
 from __future__ import annotations
 
@@ -41,11 +52,22 @@ def check_finite(tensor: torch.Tensor, what: str = "update") -> None:
         raise ValueError(f"{what} has {bad} non-finite value(s) (NaN or Inf); refusing to send it")
 
 
+def seal(head: bytes, content: bytes) -> bytes:
+    """``head + content`` and the CRC-32 of both: the trailer of both wire formats."""
+    data = head + content
+    return data + CRC.pack(zlib.crc32(data))
+
+
+def crc_intact(data: bytes | memoryview) -> bool:
+    """Whether the trailing CRC-32 of ``data`` (at least :data:`CRC`'s 4 bytes long) matches
+    everything before it."""
+    (crc,) = CRC.unpack_from(data, len(data) - CRC.size)
+    return zlib.crc32(memoryview(data)[: len(data) - CRC.size]) == crc
+
+
 def frame(codec_id: int, n_elements: int, body: bytes) -> bytes:
     """Wrap ``body`` in the header and CRC trailer."""
-    head = HEADER.pack(MAGIC, VERSION, codec_id, 0, n_elements)
-    data = head + body
-    return data + CRC.pack(zlib.crc32(data))
+    return seal(HEADER.pack(MAGIC, VERSION, codec_id, 0, n_elements), body)
 
 
 def read_header(payload: bytes) -> tuple[int, int, memoryview]:
@@ -59,8 +81,7 @@ def read_header(payload: bytes) -> tuple[int, int, memoryview]:
         raise PayloadError(f"bad magic {bytes(magic)!r}: not a fedpriv payload")
     if version != VERSION:
         raise PayloadError(f"payload version {version}, this build reads version {VERSION}")
-    (crc,) = CRC.unpack_from(view, len(payload) - CRC.size)
-    if zlib.crc32(view[: len(payload) - CRC.size]) != crc:
+    if not crc_intact(view):
         raise PayloadError("payload checksum mismatch: corrupted or truncated in transit")
     return codec, n, view[HEADER.size : len(payload) - CRC.size]
 

@@ -31,16 +31,16 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
+from fl_core.codec.framing import CRC, crc_intact, seal
+
 MAGIC = b"FPMS"
 PROTOCOL_VERSION = 1
 FRAME = struct.Struct("<4sBBHII")
-CRC = struct.Struct("<I")
 MAX_META_BYTES = 64 * 1024
 HISTOGRAM_BINS = 4096
 AUDIT_BINS = 4096
@@ -308,8 +308,7 @@ def encode_message(message: Message) -> bytes:
     if len(meta_bytes) > MAX_META_BYTES:
         raise MessageError(f"metadata of {len(meta_bytes)} bytes exceeds {MAX_META_BYTES}")
     head = FRAME.pack(MAGIC, PROTOCOL_VERSION, message.KIND, 0, len(meta_bytes), len(blob_bytes))
-    data = head + meta_bytes + blob_bytes
-    return data + CRC.pack(zlib.crc32(data))
+    return seal(head, meta_bytes + blob_bytes)
 
 
 def decode_message(data: bytes, *, site: str | None = None,
@@ -332,8 +331,7 @@ def decode_message(data: bytes, *, site: str | None = None,
     if meta_len > MAX_META_BYTES or FRAME.size + meta_len + blob_len + CRC.size != len(data):
         raise MessageError(f"declared sizes (meta {meta_len}, blob {blob_len}) do not match "
                            f"the {len(data)} bytes received", site)
-    (crc,) = CRC.unpack_from(data, len(data) - CRC.size)
-    if zlib.crc32(memoryview(data)[: len(data) - CRC.size]) != crc:
+    if not crc_intact(data):
         raise MessageError("checksum mismatch: corrupted in transit", site)
     cls = _KINDS[kind]
     if expect is not None and not issubclass(cls, expect):
