@@ -117,6 +117,24 @@ def spearman(x: list[float], y: list[float]) -> float:
         else float("nan")
 
 
+def _sweep_row(epsilon: float, reports: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
+    """One ε's row: the seeds' reports averaged (sd of the AUC, the largest ε lower bound)."""
+    return {
+        "epsilon": epsilon,
+        "mia_auc": statistics.fmean(r["mia_auc"] for r in reports),
+        "mia_auc_sd": statistics.stdev([r["mia_auc"] for r in reports]) if seeds > 1 else 0,
+        "mia_tpr_at_0_1pct_fpr": statistics.fmean(r["mia_tpr_at_0_1pct_fpr"]
+                                                  for r in reports),
+        "mia_advantage": statistics.fmean(r["mia_advantage"] for r in reports),
+        "empirical_epsilon_lower_bound": max(r["empirical_epsilon_lower_bound"]
+                                             for r in reports),
+        "accuracy": statistics.fmean(r["accuracy"] for r in reports),
+        "privacy_consistent": all(r["privacy_consistent"] for r in reports),
+        "per_seed_auc": [round(r["mia_auc"], 4) for r in reports],
+        "ledger_run_ids": [r["ledger_run_id"] for r in reports],
+    }
+
+
 def audit_sweep(
     params: Path, overrides: list[str], root: Path, epsilons: list[float], seeds: int,
 ) -> dict[str, Any]:
@@ -128,20 +146,7 @@ def audit_sweep(
     for epsilon in epsilons:
         reports = [sweep_point(arm_config(params, overrides, epsilon, seed), root)
                    for seed in range(seeds)]
-        row = {
-            "epsilon": epsilon,
-            "mia_auc": statistics.fmean(r["mia_auc"] for r in reports),
-            "mia_auc_sd": statistics.stdev([r["mia_auc"] for r in reports]) if seeds > 1 else 0,
-            "mia_tpr_at_0_1pct_fpr": statistics.fmean(r["mia_tpr_at_0_1pct_fpr"]
-                                                      for r in reports),
-            "mia_advantage": statistics.fmean(r["mia_advantage"] for r in reports),
-            "empirical_epsilon_lower_bound": max(r["empirical_epsilon_lower_bound"]
-                                                 for r in reports),
-            "accuracy": statistics.fmean(r["accuracy"] for r in reports),
-            "privacy_consistent": all(r["privacy_consistent"] for r in reports),
-            "per_seed_auc": [round(r["mia_auc"], 4) for r in reports],
-            "ledger_run_ids": [r["ledger_run_id"] for r in reports],
-        }
+        row = _sweep_row(epsilon, reports, seeds)
         rows.append(row)
         print(f"ε={epsilon:<6g} attack AUC {row['mia_auc']:.3f} ± {row['mia_auc_sd']:.3f}  "
               f"TPR@0.1%FPR {row['mia_tpr_at_0_1pct_fpr']:.3f}  "
