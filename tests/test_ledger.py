@@ -14,7 +14,7 @@ from adapters.config_files import build_config
 from adapters.ledger_store import PrivacyLedger
 from fl_core.data.tables import ClientSplit, Partition
 from fl_core.privacy import ledger as ledger_module
-from fl_core.privacy.accountants import epsilon_for_history
+from fl_core.privacy.accountants import ACCOUNTANTS, epsilon_for_history
 from fl_core.privacy.accounting import site_charges
 from fl_core.privacy.ledger import (
     BudgetExceededError,
@@ -91,7 +91,7 @@ def test_tight_composition_is_a_fresh_accountant_on_the_concatenated_histories(
     assert (site.runs, site.patients) == (2, 10)
 
 
-@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("accountant", list(ACCOUNTANTS))
 def test_two_identical_runs_compose_to_strictly_less_than_twice(accountant: str) -> None:
     run = (epsilon_for_history((STEP,), 1e-5, accountant), 1e-5, (STEP,))
     twice = compose([run, run], accountant)
@@ -99,7 +99,7 @@ def test_two_identical_runs_compose_to_strictly_less_than_twice(accountant: str)
     assert run[0] < twice.tight_epsilon < 2 * run[0]
 
 
-@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("accountant", list(ACCOUNTANTS))
 def test_composed_epsilon_never_decreases_when_a_charge_is_added(accountant: str) -> None:
     """Read at Σδ, a small run after a large one lowered the composed ε (9.49 → 9.29): the
     cap could be crept past with small runs. Read at the smallest δ, it only grows."""
