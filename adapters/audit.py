@@ -110,8 +110,29 @@ def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
     out_pid = torch.cat([d.test_patient_ids() for d in data])
     mem_rows, out_rows = _rows_by_patient(mem_pid), _rows_by_patient(out_pid)
     m_idx, o_idx = balanced_indices(len(mem_rows), len(out_rows), g)
+    blocks = ([(x_mem, y_mem, mem_pid, None, mem_rows[i]) for i in m_idx.tolist()]
+              + [(x_out, y_out, out_pid, None, out_rows[i]) for i in o_idx.tolist()]
+              + _incomplete_blocks(cfg, loader, transform, x_mem.shape[1], len(o_idx), g))
+    x, y, site, patient_t, first = _stack_blocks(blocks, site_of)
+    k = len(m_idx)
+    trainable = patient_t >= (0 if cfg.audit.online else k)
+    eval_index = torch.tensor(first[: 2 * k], dtype=torch.int64)
+    return AuditPool(x, y, site, trainable, eval_index, (torch.arange(2 * k) < k).float(),
+                     patient_t)
+
+
+# One patient of the pool: (features, labels, patient ids, each row's site or None to look it
+# up by patient id, the patient's row indices into those tensors).
+_Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str] | None, torch.Tensor]
+
+
+def _incomplete_blocks(cfg: PipelineConfig, loader: ClinicalTable, transform: TabularTransform,
+                       n_features: int, n_out: int, g: torch.Generator) -> list[_Block]:
+    """The incomplete patients (left out of training: a core feature is missing) as extra
+    population, in random order (``g``); with ``audit.population_size`` only as many as fill
+    the ``n_out`` non-members up to it."""
     incomplete = loader.incomplete_table
-    x_inc = transform.transform(incomplete) if len(incomplete) else torch.zeros(0, x_mem.shape[1])
+    x_inc = transform.transform(incomplete) if len(incomplete) else torch.zeros(0, n_features)
     y_inc = torch.tensor(incomplete[LABEL].to_numpy(), dtype=torch.float32)
     inc_pid = torch.tensor(incomplete[cfg.data.spec.patient_id].to_numpy(), dtype=torch.int64)
     inc_site = incomplete[cfg.data.spec.site].astype(str).tolist()
@@ -119,10 +140,14 @@ def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
     extra = torch.randperm(len(inc_rows), generator=g)
     cap = cfg.audit.population_size
     if cap is not None:  # the non-members stay; the incomplete patients fill up to the cap
-        extra = extra[: max(cap - len(o_idx), 0)]
-    blocks = ([(x_mem, y_mem, mem_pid, None, mem_rows[i]) for i in m_idx.tolist()]
-              + [(x_out, y_out, out_pid, None, out_rows[i]) for i in o_idx.tolist()]
-              + [(x_inc, y_inc, inc_pid, inc_site, inc_rows[i]) for i in extra.tolist()])
+        extra = extra[: max(cap - n_out, 0)]
+    return [(x_inc, y_inc, inc_pid, inc_site, inc_rows[i]) for i in extra.tolist()]
+
+
+def _stack_blocks(blocks: list[_Block], site_of: dict[int, str]
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, list[int]]:
+    """The pool's rows patient after patient: features, labels, sites, each row's patient
+    (its block's position) and the first row of each patient."""
     xs, ys, site, patient, first = [], [], [], [], []
     count = 0
     for p, (bx, by, bpid, bsite, rows) in enumerate(blocks):
@@ -133,12 +158,7 @@ def audit_pool(cfg: PipelineConfig, root: Path, data: list[ClientData],
                  else [site_of[int(bpid[rows[0]])]] * len(rows))
         patient.append(torch.full((len(rows),), p, dtype=torch.int64))
         count += len(rows)
-    k = len(m_idx)
-    patient_t = torch.cat(patient)
-    trainable = patient_t >= (0 if cfg.audit.online else k)
-    eval_index = torch.tensor(first[: 2 * k], dtype=torch.int64)
-    return AuditPool(torch.cat(xs), torch.cat(ys), site, trainable, eval_index,
-                     (torch.arange(2 * k) < k).float(), patient_t)
+    return torch.cat(xs), torch.cat(ys), site, torch.cat(patient), first
 
 
 def _shadow_clients(cfg: PipelineConfig, pool: AuditPool, trained: torch.Tensor,
