@@ -135,11 +135,12 @@ def test_the_model_error_keeps_its_quoted_names() -> None:
 
 # Each builder that looks a name up: the registry, the call with an unknown name, its config key
 BUILDERS = {
-    "aggregation.method": (AGGREGATORS, lambda: make_aggregator("mean", 1), "mean"),
-    "aggregation.pre_aggregation": (PRE_AGGREGATIONS, lambda: make_pre_aggregation("mix", 1),
-                                    "mix"),
-    "attack.kind": (ATTACKS, lambda: Attack("flood"), "flood"),
-    "model": (MODELS, lambda: build_model("cnn", 3), "cnn"),
+    "aggregation.method": (AGGREGATORS, lambda: make_aggregator("mean", f=1), "mean"),
+    "aggregation.pre_aggregation": (
+        PRE_AGGREGATIONS, lambda: make_pre_aggregation("mix", f=1, bucket_size=2, seed=0), "mix"),
+    "attack.kind": (ATTACKS, lambda: Attack(kind="flood", malicious=frozenset(), scale=4.0,
+                                            noise_std=1.0, ipm_epsilon=0.5), "flood"),
+    "model": (MODELS, lambda: build_model("cnn", 3, hidden_units=3), "cnn"),
     "privacy.randomness": (RANDOMNESS, lambda: make_random("urandom", 0), "urandom"),
     "privacy.accountant": (ACCOUNTANTS, lambda: _accountant("gdp"), "gdp"),
 }
@@ -246,7 +247,7 @@ def test_codec_registry_derives_the_decoder_table() -> None:
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_every_model_builds_and_scores_each_row(kind: str) -> None:
-    assert build_model(kind, 4, 3, seed=0)(torch.zeros(2, 4)).shape == (2,)
+    assert build_model(kind, 4, hidden_units=3, seed=0)(torch.zeros(2, 4)).shape == (2,)
 
 
 @pytest.mark.parametrize("name", list(ACCOUNTANTS))
@@ -264,10 +265,11 @@ def test_every_grad_sample_mode_takes_the_same_clipped_step(kind: str) -> None:
     patients = group_records(x, y, torch.arange(12) // 2)
     steps = {}
     for mode in GRAD_SAMPLE_MODES:
-        model = build_model(kind, 4, 3, seed=0)
+        model = build_model(kind, 4, hidden_units=3, seed=0)
         before = get_flat_params(model)
-        trainer = PatientDPTrainer(model, patients,
-                                   DPSGDConfig(0.0, 0.5, 1.0, 1.0, 1e-5, "rdp", mode))
+        cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.5, sample_rate=1.0,
+                          learning_rate=1.0, delta=1e-5, accountant="rdp", grad_sample_mode=mode)
+        trainer = PatientDPTrainer(model=model, data=patients, cfg=cfg)
         trainer.train(epochs=1, random=SeededRandom(0))
         assert trainer.steps == 1, mode
         steps[mode] = get_flat_params(model) - before
