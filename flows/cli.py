@@ -261,24 +261,8 @@ def schema_text(data: Any) -> str:
     spec = data.spec
     head = ["column", "type", "unit", "range", "values", "missing tokens", "max missing",
             "center/scale/fill"]
-    ids = "unique" if spec.records_per_patient == "one" else "several rows per patient"
-    rule = spec.label.positive_if or "positive: " + ", ".join(spec.label.positive_values or [])
-    if spec.label.drop_values:
-        rule += "; row dropped: " + ", ".join(spec.label.drop_values)
-    rows = [[spec.patient_id, "patient id", "", "", ids, "", "0 %", ""],
-            [spec.site, "site" if spec.site_source == "column" else "site (one file each)",
-             "", "", ", ".join(spec.sites), "", "0 %", ""],
-            [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
-             "", "0 %", rule]]
-    for name in data.features:
-        f = spec.feature(name)
-        ranged = f"[{f.low:g}, {f.high:g}]" if f.numeric else ""
-        constants = f"{f.center:g} / {f.scale:g} / {f.fill:g}" if f.numeric else f"fill {f.fill}"
-        rows.append([name, f.type, f.unit or "", ranged,
-                     "" if f.numeric else ", ".join(f.accepted()),
-                     ", ".join(f"{v:g}" if isinstance(v, float) else str(v)
-                               for v in f.missing_values),
-                     f"{100 * spec.missing_limit(name):g} %", constants])
+    rows = _schema_key_rows(spec)
+    rows += [_feature_row(spec, name) for name in data.features]
     rows += [[name, "ignored", "", "", "", "", "", ""] for name in spec.ignore]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -287,6 +271,30 @@ def schema_text(data: Any) -> str:
     return (f"dataset {spec.id} ({data.schema_path}): {spec.description or ''}\n"
             + "\n".join(lines)
             + f"\n\nmodel input ({len(columns)} columns): {', '.join(columns)}\n")
+
+
+def _schema_key_rows(spec: Any) -> list[list[str]]:
+    """``schema show``'s rows for the patient id, the site and the label."""
+    ids = "unique" if spec.records_per_patient == "one" else "several rows per patient"
+    rule = spec.label.positive_if or "positive: " + ", ".join(spec.label.positive_values or [])
+    if spec.label.drop_values:
+        rule += "; row dropped: " + ", ".join(spec.label.drop_values)
+    return [[spec.patient_id, "patient id", "", "", ids, "", "0 %", ""],
+            [spec.site, "site" if spec.site_source == "column" else "site (one file each)",
+             "", "", ", ".join(spec.sites), "", "0 %", ""],
+            [spec.label.column, "label", "", "", ", ".join(spec.label.values or []),
+             "", "0 %", rule]]
+
+
+def _feature_row(spec: Any, name: str) -> list[str]:
+    """``schema show``'s row for one feature: numeric ones show their range and constants."""
+    f = spec.feature(name)
+    ranged = f"[{f.low:g}, {f.high:g}]" if f.numeric else ""
+    constants = f"{f.center:g} / {f.scale:g} / {f.fill:g}" if f.numeric else f"fill {f.fill}"
+    return [name, f.type, f.unit or "", ranged,
+            "" if f.numeric else ", ".join(f.accepted()),
+            ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.missing_values),
+            f"{100 * spec.missing_limit(name):g} %", constants]
 
 
 def infer_command(args: argparse.Namespace, root: Path) -> int:
