@@ -9,14 +9,16 @@ the transforms are fitted on the pooled training splits. On that one split, in o
                   rate of the config; the seed as model and training seed); the figures are the
                   last round's pooled test accuracy and AUC.
 * ``centralised`` the same model class, same initial weights and the same minibatch SGD
-                  (``fl_core.federation.site_client.train_local``: batch size, learning rate) on the pooled
-                  training rows of all clients, for ``rounds x local_epochs`` epochs by default
-                  (the passes over each training patient that FedAvg makes).
+                  (``fl_core.federation.site_client.train_local``: batch size, learning
+                  rate) on the pooled training rows of all clients, for
+                  ``rounds x local_epochs`` epochs by default (the passes over each training
+                  patient that FedAvg makes).
 * ``local_only``  per client, the same model and SGD on that client's training rows alone, scored
                   on the pooled test set; the figure is the mean over clients.
 
-All three are scored on the pooled test set with ``fl_core.model.metrics``. Output: one JSON object on
-stdout (per-seed values, mean and sample sd, mean seconds); one progress line per seed on stderr.
+All three are scored on the pooled test set with ``fl_core.model.metrics``. Output: one JSON
+object on stdout (per-seed values, mean and sample sd, mean seconds); one progress line per seed
+on stderr.
 
 Run from the project root::
 
@@ -178,13 +180,7 @@ def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
         y_test = _pooled([d.y_test for d in data])
         if seed == 0:
             _warm_up(cfg, num_features)
-            sizes = {
-                "clients": {d.client_id: {"train": d.num_train, "test": len(d.test_ids)}
-                            for d in data},
-                "train_patients": sum(d.num_train for d in data),
-                "test_patients": len(y_test),
-                "num_features": num_features,
-            }
+            sizes = _sizes(data, len(y_test), num_features)
 
         def factory(seed: int = seed, num_features: int = num_features) -> nn.Module:
             return build_model(cfg.model, num_features, cfg.hidden_units, seed=seed)
@@ -198,12 +194,7 @@ def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
         t3 = time.perf_counter()
 
         central_loss.append(loss)
-        for cid, (la, lu) in local.items():
-            entry = per_client.setdefault(cid, {"accuracy": [], "auc": []})
-            entry["accuracy"].append(la)
-            entry["auc"].append(lu)
-        la = statistics.fmean(v[0] for v in local.values())
-        lu = statistics.fmean(v[1] for v in local.values())
+        la, lu = _note_local(per_client, local)
         for arm, arm_acc, arm_auc, arm_secs in (
             ("federated", a, u, t1 - t0), ("centralised", ca, cu, t2 - t1),
             ("local_only", la, lu, t3 - t2),
@@ -219,22 +210,7 @@ def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
         )
 
     result: dict[str, Any] = {
-        "config": {
-            "model": cfg.model,
-            "hidden_units": cfg.hidden_units if cfg.model == "mlp" else None,
-            "rounds": cfg.rounds,
-            "local_epochs": cfg.local_epochs,
-            "batch_size": cfg.batch_size,
-            "learning_rate": cfg.learning_rate,
-            "centralised_epochs": epochs,
-            "seeds": list(range(seeds)),
-            "partition": cfg.data.partition,
-            "num_clients": cfg.data.num_clients if cfg.data.partition == "by_patient" else None,
-            "dirichlet_alpha": cfg.data.dirichlet_alpha,
-            "test_fraction": cfg.data.test_fraction,
-            "torch_threads": torch.get_num_threads(),
-            **sizes,
-        },
+        "config": _run_config(cfg, seeds, epochs, sizes),
         "federated": _arm(acc["federated"], auc["federated"], secs["federated"]),
         "centralised": {
             **_arm(acc["centralised"], auc["centralised"], secs["centralised"]),
@@ -250,6 +226,48 @@ def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
         "total_seconds": round(time.perf_counter() - started, 2),
     }
     return result
+
+
+def _sizes(data: list[ClientData], test_patients: int, num_features: int) -> dict[str, Any]:
+    """The split's sizes (seed 0's), reported with the configuration."""
+    return {
+        "clients": {d.client_id: {"train": d.num_train, "test": len(d.test_ids)}
+                    for d in data},
+        "train_patients": sum(d.num_train for d in data),
+        "test_patients": test_patients,
+        "num_features": num_features,
+    }
+
+
+def _note_local(per_client: dict[str, dict[str, list[float]]],
+                local: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """Append each client's local-only accuracy and AUC to ``per_client``; their means."""
+    for cid, (la, lu) in local.items():
+        entry = per_client.setdefault(cid, {"accuracy": [], "auc": []})
+        entry["accuracy"].append(la)
+        entry["auc"].append(lu)
+    return (statistics.fmean(v[0] for v in local.values()),
+            statistics.fmean(v[1] for v in local.values()))
+
+
+def _run_config(cfg: PipelineConfig, seeds: int, epochs: int,
+                sizes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": cfg.model,
+        "hidden_units": cfg.hidden_units if cfg.model == "mlp" else None,
+        "rounds": cfg.rounds,
+        "local_epochs": cfg.local_epochs,
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "centralised_epochs": epochs,
+        "seeds": list(range(seeds)),
+        "partition": cfg.data.partition,
+        "num_clients": cfg.data.num_clients if cfg.data.partition == "by_patient" else None,
+        "dirichlet_alpha": cfg.data.dirichlet_alpha,
+        "test_fraction": cfg.data.test_fraction,
+        "torch_threads": torch.get_num_threads(),
+        **sizes,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
