@@ -1,4 +1,5 @@
-"""``params.yaml`` read from disk, overrides applied, the dataset schema file attached, validated."""
+"""``params.yaml`` read from disk, overrides applied, the dataset schema file attached,
+validated."""
 
 from __future__ import annotations
 

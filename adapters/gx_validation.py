@@ -1,5 +1,6 @@
 """Great Expectations runs over the raw CSV file(s): the suite built from the dataset schema,
-run per site and on the whole table (the rules and the report are :mod:`fl_core.data.validation`)."""
+run per site and on the whole table (the rules and the report are
+:mod:`fl_core.data.validation`)."""
 
 from __future__ import annotations
 

@@ -144,8 +144,8 @@ def register_model(
 
 
 def check_serving_contract(cfg: PipelineConfig, uri: str) -> None:
-    """Refuse (:class:`~fl_core.config.model.ConfigError`, exit 2) a run whose model would take other
-    input columns than a version that ``cfg.mlflow.model_name``'s aliases already point at:
+    """Refuse (:class:`~fl_core.config.model.ConfigError`, exit 2) a run whose model would take
+    other input columns than a version that ``cfg.mlflow.model_name``'s aliases already point at:
     whoever calls ``models:/<name>@champion`` sends the rows that version's signature names,
     and a model of another table under the same name would answer them wrongly or not at
     all. Checked before training (preflight), where nothing is trained or charged yet."""

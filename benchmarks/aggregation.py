@@ -7,8 +7,9 @@ method below runs on that same tensor, side by side, in one process on one CPU t
 
 * ``fedavg``, ``multi_krum``, ``krum``, ``trimmed_mean``, ``coordinate_median``,
   ``geometric_median``, ``centered_clipping``, ``nearest_neighbour_mixing`` from
-  ``fl_core.robust.aggregators``. ``f = floor(0.3 n)`` Byzantine clients for the rules that take ``f``;
-  for Krum and Multi-Krum ``f = min(floor(0.3 n), (n - 3) // 2)`` (they need ``n > 2f + 2``).
+  ``fl_core.robust.aggregators``. ``f = floor(0.3 n)`` Byzantine clients for the rules that
+  take ``f``; for Krum and Multi-Krum ``f = min(floor(0.3 n), (n - 3) // 2)`` (they need
+  ``n > 2f + 2``).
 * ``loop_multi_krum_reference``: Multi-Krum written as a pure pairwise Python loop (one
   ``torch.sum((u[i] - u[j]) ** 2)`` per ordered pair, n² vector operations), then the same
   scores and selection; the cell reports ``same_selection``, whether it picks the same clients

@@ -3,10 +3,10 @@
 Each kind lives in the module that owns the concept — aggregators and pre-aggregations in
 :mod:`fl_core.robust.aggregators`, attacks in :mod:`fl_core.robust.attacks`, codecs in
 :mod:`fl_core.codec.topk`, accountants and grad-sample modes in :mod:`fl_core.privacy.dpsgd`,
-models in :mod:`fl_core.model.networks`, randomness in :mod:`fl_core.privacy.randomness`. The registry's keys
-are the one list of accepted names: :mod:`fl_core.config.model` checks configuration values against
-them with :func:`registered`, and the code that builds a part looks it up with :func:`lookup`,
-so a name is added in exactly one place.
+models in :mod:`fl_core.model.networks`, randomness in :mod:`fl_core.privacy.randomness`. The
+registry's keys are the one list of accepted names: :mod:`fl_core.config.model` checks
+configuration values against them with :func:`registered`, and the code that builds a part
+looks it up with :func:`lookup`, so a name is added in exactly one place.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def lookup(registry: Mapping[str, T], name: str, key: str) -> T:
 def registered(registry: Mapping[str, object]) -> Callable[[str], str]:
     """A pydantic after-validator: the value unchanged if it is a key of ``registry``.
 
-    The error lists the accepted names; :func:`fl_core.config.overrides.build_config` prefixes the dotted
-    key and appends what was given.
+    The error lists the accepted names; :func:`fl_core.config.overrides.build_config` prefixes
+    the dotted key and appends what was given.
     """
 
     def check(value: str) -> str:

@@ -1,4 +1,5 @@
-"""The coordinator → client model broadcast (dense or compressed deltas) and the client's replica."""
+"""The coordinator → client model broadcast (dense or compressed deltas) and the client's
+replica."""
 
 from __future__ import annotations
 
