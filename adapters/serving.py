@@ -2,8 +2,8 @@
 returns the probability of the positive class (the schema's label rule).
 
 :class:`TabularRiskModel` carries two artifacts, the trained weights (``model.pt``'s dict) and
-the declared preprocessing (:meth:`fl_core.data.transform.TabularTransform.state_dict` as JSON), and the
-code that uses them (``adapters`` and ``fl_core`` as MLflow ``code_paths``, so
+the declared preprocessing (:meth:`fl_core.data.transform.TabularTransform.state_dict` as
+JSON), and the code that uses them (``adapters`` and ``fl_core`` as MLflow ``code_paths``, so
 ``mlflow models serve --env-manager local`` needs nothing but the project's environment). It
 is logged as a model from code (:mod:`adapters.pyfunc_model`): nothing in the registry is a
 pickle.
