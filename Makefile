@@ -1,6 +1,8 @@
 # fedpriv: two commands do all set-up on a fresh machine.
 #   make run    create .venv, install, run the whole pipeline on the embedded dataset
 #   make test   create .venv, install, run the test suite
+#   make test-fast   the suite without slow and integration tests (day-to-day)
+#   make lint   ruff (complexity 15, fl_core's banned imports) and radon's complexity count
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.fedpriv/prefect
 
-.PHONY: run test install lint repro ui mlflow-ui serve deploy worker clean sites site-worker run-sites sites-demo
+.PHONY: run test test-fast install lint repro ui mlflow-ui serve deploy worker clean sites site-worker run-sites sites-demo
 
 install: $(STAMP)
 
@@ -25,7 +27,14 @@ run: $(STAMP)
 	$(BIN)/fedpriv run $(ARGS)
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=25 --timeout=900 \
+	  $(PYTEST_ARGS)
+
+# Day-to-day loop: every test but the slow and integration ones, on two workers, each test
+# stopped after 60 s (the slow ones are marked in the test files: over about 2 s each).
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --timeout=60 \
+	  -m "not slow and not integration" $(PYTEST_ARGS)
 
 # ruff's rules (pyproject.toml: C90 at 15, fl_core's banned imports), then radon's complexity
 # count at 15 (.ci/complexity.py), which is the number the limit is stated in.
