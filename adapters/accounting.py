@@ -20,10 +20,14 @@ from fl_core.privacy.ledger import Charge, new_run_id
 from fl_core.results import PrivacyReport
 
 
-def open_ledger(cfg: PipelineConfig, root: Path) -> PrivacyLedger:
-    """The ledger at ``privacy.ledger`` (relative to the project root) or in the state dir."""
+def open_ledger(cfg: PipelineConfig, root: Path, *, state_dir: Path | None = None
+                ) -> PrivacyLedger:
+    """The ledger at ``privacy.ledger`` (relative to ``root``) or in the state dir:
+    ``state_dir`` when given (a site's own state folder), else the configured one."""
     path = cfg.ledger_path
     return PrivacyLedger(path if path.is_absolute() else root / path)
+    if state_dir is not None and not cfg.privacy.ledger:
+        path = state_dir / path.name
 
 
 def plan_charge(

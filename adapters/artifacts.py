@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fl_core.config.model import PipelineConfig
-from fl_core.results import TrainingSummary
+from fl_core.results import (
+    SitesValidation,
+    TrainingReport,
+    ValidationSummary,
+    validation_from_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -145,12 +150,20 @@ def read_json(path: Path, stage: str) -> Any:
     return json.loads(path.read_text())
 
 
-def read_training(paths: Paths) -> TrainingSummary:
-    """The train stage's typed result (``train.json``)."""
+def read_training(paths: Paths) -> TrainingReport:
+    """The train stage's result as the later stages read it (``train.json``)."""
     try:
-        return TrainingSummary.from_dict(read_json(paths.train_summary, "train"))
+        return TrainingReport.from_dict(read_json(paths.train_summary, "train"))
     except ValueError as exc:
         raise FileNotFoundError(f"{paths.train_summary}: {exc}") from None
+
+
+def read_validation(paths: Paths) -> ValidationSummary | SitesValidation:
+    """The validate stage's result (``validation.json``, either mode's)."""
+    try:
+        return validation_from_dict(read_json(paths.validation, "validate"))
+    except ValueError as exc:
+        raise FileNotFoundError(f"{paths.validation}: {exc}") from None
 
 
 def new_run_id() -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -271,9 +270,9 @@ def describe_audit(report: AuditReport) -> str:
 
 def audit_model(
     cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
-) -> dict[str, Any]:
+) -> AuditReport:
     """Attack the final model with every attack; the worst case is what the gate reads.
-    Returns ``audit.json`` as a dict (the flow's summary reads it)."""
+    Writes ``audit.json`` and returns it (the flow's summary reads it)."""
     paths = Paths.of(cfg, root, run_id)
     if not cfg.audit.enabled:
         return _disabled(paths)
@@ -284,18 +283,18 @@ def audit_model(
     roc_plot(curves, "Membership inference on the target", paths.roc_plot)
     write_json_atomic(paths.audit, report.to_dict())
     print(describe_audit(report))
-    return report.to_dict()
+    return report
 
 
-def _disabled(paths: Paths) -> dict[str, Any]:
+def _disabled(paths: Paths) -> AuditReport:
     report = AuditReport(enabled=False, seconds=0.0)
     write_json_atomic(paths.audit, report.to_dict())
     print("audit disabled (audit.enabled=false): MIA metrics stay null; the gate refuses")
-    return report.to_dict()
+    return report
 
 
 def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
-                   transport: Transport) -> dict[str, Any]:
+                   transport: Transport) -> AuditReport:
     """``federation.mode=sites``: every site attacks the final model on its own patients
     (loss threshold, and online LiRA with shadows trained at the site on halves of its own
     patients) and returns score histograms only; the coordinator merges them
@@ -336,4 +335,4 @@ def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
              "Membership inference at the sites (merged histograms)", paths.roc_plot)
     write_json_atomic(paths.audit, report.to_dict())
     print(describe_audit(report))
-    return report.to_dict()
+    return report

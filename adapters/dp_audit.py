@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from adapters.artifacts import Paths, write_json_atomic
 from adapters.tables import ClinicalTable
-from fl_core.audit.dp_audit import audit_dp, check_auditable, dp_fingerprint
+from fl_core.audit.dp_audit import DPAuditResult, audit_dp, check_auditable, dp_fingerprint
 from fl_core.config.model import PipelineConfig
 
 DP_AUDIT_METRICS = ("dp_audit_epsilon", "dp_audit_epsilon_lower_bound", "dp_audit_power",
@@ -31,7 +30,7 @@ def verdict_path(cfg: PipelineConfig, root: Path, level: str | None = None) -> P
 
 
 def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None,
-                 drill: str | None = None) -> dict[str, Any]:
+                 drill: str | None = None) -> DPAuditResult:
     """Audit the configured DP implementation; write the report; keep the verdict (not a
     drill's: a drill breaks the implementation on purpose)."""
     root = Path(root).resolve()
@@ -55,13 +54,13 @@ def run_dp_audit(cfg: PipelineConfig, root: str | Path = ".", run_id: str | None
     write_json_atomic(Paths.of(cfg, root, run_id).audit_dp, report)
     if drill is None:
         write_json_atomic(verdict_path(cfg, root), report)
-    return report
+    return result
 
 
-def kept_verdicts(cfg: PipelineConfig, root: Path) -> list[dict[str, Any]]:
+def kept_verdicts(cfg: PipelineConfig, root: Path) -> list[DPAuditResult]:
     """The kept verdicts of this configuration's DP mechanism, one per audited level."""
     paths = [verdict_path(cfg, root, level) for level in ("patient", "client")]
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+    return [DPAuditResult.from_json(json.loads(p.read_text())) for p in paths if p.exists()]
 
 
 def dp_audit_metrics(cfg: PipelineConfig, root: Path) -> dict[str, float | None]:
@@ -70,26 +69,26 @@ def dp_audit_metrics(cfg: PipelineConfig, root: Path) -> dict[str, float | None]
     verdicts = kept_verdicts(cfg, root)
     if not verdicts:
         return dict.fromkeys(DP_AUDIT_METRICS)
-    report = max(verdicts, key=lambda v: v["epsilon_lower_bound"] - v["epsilon"])
-    return {"dp_audit_epsilon": report["epsilon"],
-            "dp_audit_epsilon_lower_bound": report["epsilon_lower_bound"],
-            "dp_audit_power": report["power"], "dp_audit_confidence": report["confidence"]}
+    report = max(verdicts, key=lambda v: v.epsilon_lower_bound - v.epsilon)
+    return {"dp_audit_epsilon": report.epsilon,
+            "dp_audit_epsilon_lower_bound": report.epsilon_lower_bound,
+            "dp_audit_power": report.power, "dp_audit_confidence": report.confidence}
 
 
-def dp_audit_markdown(report: dict[str, Any]) -> str:
+def dp_audit_markdown(report: DPAuditResult) -> str:
     """The audit's table, for the terminal and the Prefect UI."""
     rows = "\n".join(
-        f"| {b['scores']} | {b['method']} | "
-        f"{'' if b['mu_hat'] is None else format(b['mu_hat'], '.3f')} | "
-        f"{'' if b['mu_lower'] is None else format(b['mu_lower'], '.3f')} | "
-        f"{b['epsilon_lower_bound']:.3f} |" for b in report["bounds"])
+        f"| {b.scores} | {b.method} | "
+        f"{'' if b.mu_hat is None else format(b.mu_hat, '.3f')} | "
+        f"{'' if b.mu_lower is None else format(b.mu_lower, '.3f')} | "
+        f"{b.epsilon_lower_bound:.3f} |" for b in report.bounds)
     verdict = ("**PRIVACY FAILURE: the implementation leaks more than its accountant's ε**"
-               if report["privacy_failure"] else "consistent with the accountant")
-    drill = f" (drill: {report['drill']})" if report.get("drill") else ""
-    return (f"\n## DP implementation audit{drill}\n\nε {report['epsilon']:.3f} (accountant, "
-            f"δ={report['delta']:g}) vs ε lower bound {report['epsilon_lower_bound']:.3f} at "
-            f"{report['confidence']:.0%} confidence (power {report['power']:.2f}); "
-            f"{report['canaries']} canaries ({report['canaries_included']} included) in "
-            f"{report['runs']} audit runs, {report['training_runs']} trainings, "
-            f"{report['seconds']:.1f} s; {verdict}.\n\n| scores | bound | μ̂ | μ lower | "
+               if report.privacy_failure else "consistent with the accountant")
+    drill = f" (drill: {report.drill})" if report.drill else ""
+    return (f"\n## DP implementation audit{drill}\n\nε {report.epsilon:.3f} (accountant, "
+            f"δ={report.delta:g}) vs ε lower bound {report.epsilon_lower_bound:.3f} at "
+            f"{report.confidence:.0%} confidence (power {report.power:.2f}); "
+            f"{report.canaries} canaries ({report.canaries_included} included) in "
+            f"{report.runs} audit runs, {report.training_runs} trainings, "
+            f"{report.seconds:.1f} s; {verdict}.\n\n| scores | bound | μ̂ | μ lower | "
             f"ε lower bound |\n|---|---|---|---|---|\n{rows}\n")

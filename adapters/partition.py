@@ -5,20 +5,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from adapters.artifacts import Paths, read_json, write_text_atomic
+from adapters.artifacts import Paths, read_validation, write_text_atomic
 from adapters.tables import ClinicalTable
 from fl_core.config.model import PipelineConfig, check_min_clients
 from fl_core.data.tables import ClientData, DataError, Partition
 from fl_core.data.transform import TabularTransform
+from fl_core.results import ClientCounts, PartitionSummary
 
 
 def partition_data(
     cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
-) -> dict[str, object]:
+) -> PartitionSummary:
     """Write ``data/processed/partition.json``; return a per-client summary."""
     paths = Paths.of(cfg, root, run_id)
-    validated = read_json(paths.validation, "validate")  # validation must have run
-    if not validated.get("success"):
+    if not read_validation(paths).success:  # validation must have run, and passed
         raise DataError(f"{paths.validation}: the data failed validation; fix "
                         f"{cfg.data.source_text} and run the 'validate' stage again")
     started = time.perf_counter()
@@ -29,16 +29,16 @@ def partition_data(
                       f"data.partition={partition.scheme}: one per site in {cfg.data.source_text}"
                       if partition.scheme == "by_site" else "data.partition=by_patient")
     write_text_atomic(paths.partition, partition.to_json())
-    clients = {c.client_id: {"train": len(c.train_ids), "test": len(c.test_ids)}
+    clients = {c.client_id: ClientCounts(train=len(c.train_ids), test=len(c.test_ids))
                for c in partition.clients}
     dropped = loader.describe_dropped()
     print(f"partition {partition.scheme}: {len(clients)} clients, "
-          f"{sum(v['train'] for v in clients.values())} train / "
-          f"{sum(v['test'] for v in clients.values())} test patients"
+          f"{sum(v.train for v in clients.values())} train / "
+          f"{sum(v.test for v in clients.values())} test patients"
           + (f"; {dropped}" if dropped else ""))
-    return {"scheme": partition.scheme, "clients": clients,
-            "dropped_rows": loader.dropped_rows(),
-            "seconds": round(time.perf_counter() - started, 3)}
+    return PartitionSummary(scheme=partition.scheme, clients=clients,
+                            dropped_rows=loader.dropped_rows(),
+                            seconds=round(time.perf_counter() - started, 3))
 
 
 def load_client_data(

@@ -10,79 +10,97 @@ from pathlib import Path
 from typing import Any
 
 from adapters.accounting import open_ledger
-from adapters.artifacts import Paths, read_json, read_training, write_json_atomic
+from adapters.artifacts import Paths, read_json, read_training, read_validation, write_json_atomic
 from adapters.dp_audit import dp_audit_metrics, verdict_path
-from adapters.mlflow_registration import register_model
+from adapters.mlflow_registration import RegistrationResult, register_model
 from adapters.train import load_model
 from fl_core.audit.gate import evaluate_gate, gate_thresholds
 from fl_core.config.model import PipelineConfig
 from fl_core.data.transform import TabularTransform
 from fl_core.privacy.ledger import MissingChargeError
-from fl_core.results import AuditReport, PrivacyReport, TrainingSummary, run_metrics
+from fl_core.results import (
+    AuditReport,
+    PrivacyReport,
+    PublishOutcome,
+    Registration,
+    TrainingReport,
+    run_metrics,
+)
 
 
-def collect_metrics(paths: Paths, wall_seconds: float | None = None) -> dict[str, Any]:
+def collect_metrics(paths: Paths, trained: TrainingReport,
+                    wall_seconds: float | None = None) -> dict[str, Any]:
     """The flat ``reports/metrics.json`` of the run (:data:`fl_core.results.RUN_METRICS`)."""
-    validation = read_json(paths.validation, "validate")
-    trained = read_training(paths)
+    validated = read_validation(paths)  # validation must have run, in either mode
     audited = AuditReport.from_dict(read_json(paths.audit, "audit"))
     if wall_seconds is None:  # stage by stage (dvc repro): the stages' own times
-        wall_seconds = validation["seconds"] + trained.seconds + audited.seconds
+        wall_seconds = validated.seconds + trained.seconds + audited.seconds
     return run_metrics(trained, audited, wall_seconds)
 
 
 def publish_results(
     cfg: PipelineConfig, root: str | Path = ".", wall_seconds: float | None = None,
     register: bool = True, run_id: str | None = None,
-) -> dict[str, Any]:
+) -> PublishOutcome:
     """Write metrics.json and, with ``register``, register the trained model with its metrics
     and reports in MLflow (challenger; champion if the gate passes). Without ``register``
     (the DVC pipeline unless ``mlflow.register_from_dvc``) the gate's verdict is still
     computed and reported, and nothing is registered."""
     paths = Paths.of(cfg, root, run_id)
-    # the MLflow store lives under the project root, wherever the process was started
+    # A derived configuration, the same settings located: state_dir at the project root,
+    # wherever the process was started. The MLflow store and its artifact root resolve from
+    # it (cfg.mlflow_tracking_uri), and the registration logs it as the run's parameters;
+    # adapters.preflight checks the store located the same way.
     cfg = cfg.model_copy(update={"state_dir": str(paths.state)})
     trained = read_training(paths)
     privacy = trained.privacy
     if register:
         require_ledger_charge(cfg, paths.root, privacy)  # never register an unaccounted model
-    metrics = collect_metrics(paths, wall_seconds)
+    metrics = collect_metrics(paths, trained, wall_seconds)
     metrics.update(dp_audit_metrics(cfg, paths.root))  # the DP audit of this configuration
-    common = {"privacy": privacy_tags(privacy)["privacy"],
-              "budget_spent": _budget_spent(cfg, paths.root, privacy),
-              "lifetime_epsilon": cfg.privacy.lifetime_epsilon,
-              "charged_at_sites": sorted(privacy.site_ledger_runs)}
+    budget_spent = _budget_spent(cfg, paths.root, privacy)
     if register:
-        registration = {"registered": True, **_register(cfg, paths, trained, metrics), **common}
+        result = _register(cfg, paths, trained, metrics)
+        run, version, aliases, gate = (result.run_id, result.model_version,
+                                       list(result.aliases), result.gate)
     else:
-        decision = evaluate_gate(metrics, gate_thresholds(cfg))
-        registration = {"registered": False, "model_name": cfg.mlflow.model_name,
-                        "model_version": None, "aliases": [], "gate_passed": decision.passed,
-                        "gate_reasons": list(decision.reasons), **common}
+        run, version, aliases = None, None, []
+        gate = evaluate_gate(metrics, gate_thresholds(cfg))
+    registration = Registration(
+        registered=register, run_id=run, model_name=cfg.mlflow.model_name,
+        model_version=version, aliases=aliases, gate_passed=gate.passed,
+        gate_reasons=list(gate.reasons), privacy=privacy_tags(privacy)["privacy"],
+        budget_spent=budget_spent, lifetime_epsilon=cfg.privacy.lifetime_epsilon,
+        charged_at_sites=sorted(privacy.site_ledger_runs))
     write_json_atomic(paths.metrics, metrics)
-    write_json_atomic(paths.registration, registration)
-    return {"metrics": metrics, "registration": registration}
+    write_json_atomic(paths.registration, registration.to_dict())
+    return PublishOutcome(metrics=metrics, registration=registration)
 
 
-def describe_budget(registration: dict[str, Any]) -> str:
+def publish_for_dvc(cfg: PipelineConfig, root: str | Path = ".") -> PublishOutcome:
+    """The DVC pipeline's last stage (``fedpriv stage publish``): ``metrics.json`` and the
+    gate's verdict; the model is registered only with ``mlflow.register_from_dvc``."""
+    return publish_results(cfg, root, register=cfg.mlflow.register_from_dvc)
+
+
+def describe_budget(registration: Registration) -> str:
     """What the run cost against the lifetime cap: the coordinator's ledger, or (sites mode)
     each site's own ledger, which only the site reads."""
-    cap = registration.get("lifetime_epsilon")
-    at_sites = registration.get("charged_at_sites")
+    cap = registration.lifetime_epsilon
+    at_sites = registration.charged_at_sites
     if at_sites:
         return (f"charged to each site's own ledger ({', '.join(at_sites)}; `fedpriv budget` "
                 f"at the site), lifetime cap ε={cap:g}")
-    budget = registration.get("budget_spent") or {}
     return (f"lifetime budget spent of ε={cap:g} (composed, most-exposed patient): "
-            + ", ".join(f"{site} {eps:.2f}" for site, eps in budget.items()))
+            + ", ".join(f"{site} {eps:.2f}" for site, eps in registration.budget_spent.items()))
 
 
 GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one site; covers every "
              "model update and the released model; not the audit's statistics or test metrics")
 
 
-def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingSummary,
-              metrics: dict[str, Any]) -> dict[str, Any]:
+def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,
+              metrics: dict[str, Any]) -> RegistrationResult:
     """The MLflow registration of the trained model (its ledger charge already checked)."""
     from adapters.serving import ServedModel
 
@@ -93,11 +111,8 @@ def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingSummary,
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
                              paths.roc_plot, paths.training_plot, paths.audit_dp, *kept)
                  if p.exists()]  # with the DP audits the gate read, if any
-    result = register_model(cfg, served, metrics, trained.history, artifacts,
-                            tags=privacy_tags(privacy))
-    return {"run_id": result.run_id, "model_name": result.model_name,
-            "model_version": result.model_version, "aliases": list(result.aliases),
-            "gate_passed": result.gate.passed, "gate_reasons": list(result.gate.reasons)}
+    return register_model(cfg, served, metrics, trained.round_rows, artifacts,
+                          tags=privacy_tags(privacy))
 
 
 def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:

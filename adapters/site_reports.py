@@ -16,6 +16,7 @@ from fl_core.config.model import PipelineConfig
 from fl_core.data.tables import DataError
 from fl_core.federation.coordinator import RoundFailedError
 from fl_core.federation.messages import SiteReady
+from fl_core.results import SitesValidation
 
 
 def _summary(message: SiteReady) -> dict[str, Any]:
@@ -57,10 +58,10 @@ def _write_validation(paths: Paths, ready: Mapping[str, SiteReady], refused: Map
                       seconds: float) -> None:
     """``validation.json`` from the sites' summaries; a site whose data failed stops the run."""
     invalid = {s: m for s, m in ready.items() if not m.passed}
-    write_json_atomic(paths.validation, {
-        "success": not invalid, "mode": "sites", "seconds": round(seconds, 3),
-        "sites": {s: _summary(m) for s, m in ready.items()},
-        "unavailable": dict(refused)})
+    report = SitesValidation(success=not invalid, seconds=round(seconds, 3),
+                             sites={s: _summary(m) for s, m in ready.items()},
+                             unavailable=dict(refused))
+    write_json_atomic(paths.validation, report.to_dict())
     if invalid:
         raise DataError(
             "; ".join(f"[{s}] {refused.get(s, 'failed validation')}" for s in invalid))

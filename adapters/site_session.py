@@ -143,8 +143,9 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
     if dp is None:
         return ""
     run_id = f"{session.charge_key}{site_slug(session.site).replace('-', '')}"
-    cfg = cfg.model_copy(update={"state_dir": str(session.state_dir)})
-    ledger = open_ledger(cfg, session.state_dir)
+    # the site's ledger is in the site's own state folder (the coordinator's state_dir is not
+    # the site's); privacy.ledger, when set, is relative to that folder too
+    ledger = open_ledger(cfg, session.state_dir, state_dir=session.state_dir)
     if not ledger.has_run(run_id):
         split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                           "by_site", cfg.seed)

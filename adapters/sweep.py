@@ -28,10 +28,10 @@ from typing import Any
 from adapters.accounting import charge_and_summarise, open_ledger, plan_charge
 from adapters.artifacts import Paths, write_json_atomic
 from adapters.audit import audit_trained
-from adapters.config_files import load_config
 from adapters.plots import audit_sweep_plot
 from adapters.tables import ClinicalTable
 from fl_core.config.model import PipelineConfig
+from fl_core.config.overrides import validate_config
 from fl_core.federation.wiring import build_target_model, federate
 from fl_core.privacy.accounting import KIND_AUDIT_SWEEP
 from fl_core.privacy.ledger import BudgetExceededError, Charge, SiteNeed, new_run_id
@@ -42,31 +42,34 @@ DEFAULT_EPSILONS = (0.5, 1.0, 2.0)
 DEFAULT_SEEDS = 2
 
 
-def arm_config(params: Path, overrides: list[str], epsilon: float, seed: int) -> PipelineConfig:
-    """One sweep point's configuration: DP-SGD at ``epsilon``, the partition of ``seed``."""
-    cap = load_config(params, overrides).privacy.lifetime_epsilon
+def arm_config(base: PipelineConfig, epsilon: float, seed: int) -> PipelineConfig:
+    """One sweep point's configuration, derived from the sweep's own: DP-SGD at ``epsilon``,
+    the partition of ``seed``."""
+    privacy: dict[str, Any] = {"enabled": True, "epsilon": epsilon}
     # an ε above the cap would fail the config's own check; the sweep plan refuses it with
-    # what the sweep needs instead, so it never trains (and never charges more than ``cap``)
-    arm = ["privacy.enabled=true", f"privacy.epsilon={epsilon}", f"seed={seed}"]
-    if epsilon > cap:
-        arm.append(f"privacy.lifetime_epsilon={epsilon}")
-    return load_config(params, [*overrides, *arm])
+    # what the sweep needs instead, so it never trains (and never charges more than the cap)
+    if epsilon > base.privacy.lifetime_epsilon:
+        privacy["lifetime_epsilon"] = epsilon
+    arm = base.model_copy(update={"seed": seed,
+                                  "privacy": base.privacy.model_copy(update=privacy)})
+    # model_copy runs no validator: the checks a --set would get (ε in range, within the cap)
+    validate_config(arm.dumped(), f"audit-sweep (ε={epsilon:g}, seed={seed})")
+    return arm
 
 
 def plan_sweep(
-    params: Path, overrides: list[str], root: Path, epsilons: list[float], seeds: int,
+    base: PipelineConfig, root: Path, epsilons: list[float], seeds: int,
 ) -> list[SiteNeed]:
     """Refuse (:class:`BudgetExceededError`) unless the ledger can pay for the whole sweep.
 
     Every (ε, seed) point is one planned charge; all of them and the ledger's history are
     composed per patient (:meth:`PrivacyLedger.check`). Returns what it needs per site.
     """
-    base = load_config(params, overrides)
     cap = base.privacy.lifetime_epsilon
     planned: list[Charge] = []
     for epsilon in epsilons:
         for seed in range(seeds):
-            cfg = arm_config(params, overrides, epsilon, seed)
+            cfg = arm_config(base, epsilon, seed)
             data, _, partition = ClinicalTable.get(cfg.data, root).partitioned(
                 cfg.data, cfg.seed)
             planned.append(plan_charge(cfg, root, partition, data, KIND_AUDIT_SWEEP))
@@ -136,15 +139,16 @@ def _sweep_row(epsilon: float, reports: list[dict[str, Any]], seeds: int) -> dic
 
 
 def audit_sweep(
-    params: Path, overrides: list[str], root: Path, epsilons: list[float], seeds: int,
+    base: PipelineConfig, overrides: list[str], root: Path, epsilons: list[float], seeds: int,
 ) -> dict[str, Any]:
-    """Plan (refuse if unaffordable), then train, charge and audit every (ε, seed) point."""
+    """Plan (refuse if unaffordable), then train, charge and audit every (ε, seed) point of
+    ``base`` (the configuration ``overrides`` gave, recorded in the result)."""
     started = time.perf_counter()
     epsilons = sorted(set(epsilons))
-    needs = plan_sweep(params, overrides, root, epsilons, seeds)
+    needs = plan_sweep(base, root, epsilons, seeds)
     rows = []
     for epsilon in epsilons:
-        reports = [sweep_point(arm_config(params, overrides, epsilon, seed), root)
+        reports = [sweep_point(arm_config(base, epsilon, seed), root)
                    for seed in range(seeds)]
         row = _sweep_row(epsilon, reports, seeds)
         rows.append(row)
@@ -165,11 +169,12 @@ def audit_sweep(
     }
 
 
-def run_audit_sweep(params: Path, overrides: list[str], root: Path, epsilons: list[float],
-                    seeds: int) -> dict[str, Any]:
-    """The sweep, its files in ``reports/``, and a Markdown table to print."""
-    result = audit_sweep(params, overrides, root, epsilons, seeds)
-    paths = Paths.of(load_config(params, overrides), root)
+def run_audit_sweep(cfg: PipelineConfig, overrides: list[str], root: Path,
+                    epsilons: list[float], seeds: int) -> dict[str, Any]:
+    """The sweep of ``cfg`` (parsed with ``overrides``), its files in ``reports/``, and a
+    Markdown table to print."""
+    result = audit_sweep(cfg, overrides, root, epsilons, seeds)
+    paths = Paths.of(cfg, root)
     write_json_atomic(paths.reports / "audit_sweep.json", result)
     fields = ["epsilon", "mia_auc", "mia_auc_sd", "mia_tpr_at_0_1pct_fpr", "mia_advantage",
               "empirical_epsilon_lower_bound", "accuracy"]

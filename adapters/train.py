@@ -66,7 +66,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 def train_model(
     cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
-) -> dict[str, Any]:
+) -> TrainingSummary:
     """Run the federated rounds on the partition; write model, rounds.csv, train.json, plot."""
     paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
@@ -93,21 +93,57 @@ def train_model(
         malicious=sorted(attack.malicious) if attack else [], privacy=privacy,
         seconds=time.perf_counter() - started)
     write_training_outputs(cfg, paths, summary, run, num_features, transform.columns())
-    return summary.to_dict()
+    return summary
 
 
 def write_training_outputs(cfg: PipelineConfig, paths: Paths, summary: TrainingSummary,
                            run: FederatedRun, num_features: int, columns: list[str]) -> None:
-    """The model file, ``rounds.csv``, the curves and ``train.json`` (read by later stages)."""
+    """The model file, ``rounds.csv``, the curves and ``train.json`` (read by later stages):
+    the rounds are flattened here, once, into the rows all three hold."""
     with atomic_path(paths.model) as tmp:
         torch.save({
             "kind": cfg.model, "num_features": num_features, "hidden_units": cfg.hidden_units,
             "params": run.result.params, "columns": columns,
             "opacus_fixed": bool(run.model_fixes),
         }, tmp)
-    write_text_atomic(paths.rounds_csv, rounds_csv_text(summary.history))
-    training_curves(summary.history, paths.training_plot)
-    write_json_atomic(paths.train_summary, summary.to_dict())
+    rows = [round_row(r) for r in summary.history]
+    write_text_atomic(paths.rounds_csv, rounds_csv_text(rows))
+    training_curves(rows, paths.training_plot)
+    write_json_atomic(paths.train_summary, {**summary.figures(), "history": rows})
+
+
+def round_row(record: RoundRecord) -> dict[str, Any]:
+    """One round as a flat row (``rounds.csv``, ``train.json``'s history, which the
+    registration logs as MLflow step metrics): pooled figures, then each client's test
+    accuracy; lists of sites joined by ";" (never split back: later stages read the figures
+    they need from ``train.json``'s own fields)."""
+    row: dict[str, Any] = {
+        "round": record.round,
+        "train_loss": round(record.train_loss, 6),
+        "test_loss": round(record.test_loss, 6),
+        "accuracy": round(record.accuracy, 6),
+        "auc": round(record.auc, 6),
+        "balanced_accuracy": round(record.balanced_accuracy, 6),
+        "bytes_uploaded": record.bytes_uploaded,
+        "bytes_downloaded": record.bytes_downloaded,
+        "bytes_uploaded_uncompressed": record.bytes_uploaded_uncompressed,
+        "bytes_downloaded_uncompressed": record.bytes_downloaded_uncompressed,
+        "compression_ratio": round(
+            record.bytes_uploaded_uncompressed / max(record.bytes_uploaded, 1), 4),
+        "downlink_compression_ratio": round(
+            record.bytes_downloaded_uncompressed / max(record.bytes_downloaded, 1), 4),
+        "clients_ok": record.clients_ok,
+        "failed_clients": ";".join(record.failed_clients),
+        "failure_reasons": "; ".join(f"{c}: {why}" for c, why in record.failure_reasons.items()),
+        "flagged_clients": ";".join(record.flagged_clients),
+        "rejected_clients": ";".join(record.rejected_clients),
+        "excluded_clients": ";".join(record.excluded_clients),
+        "n_flagged": len(record.flagged_clients),
+        "epsilon": "" if record.epsilon is None else round(record.epsilon, 6),
+        "seconds": round(record.seconds, 4),
+    }
+    row.update({f"accuracy_{cid}": round(acc, 6) for cid, acc in record.client_accuracy.items()})
+    return row
 
 
 def rounds_csv_text(history: Sequence[Mapping[str, Any]]) -> str:
@@ -124,7 +160,7 @@ def rounds_csv_text(history: Sequence[Mapping[str, Any]]) -> str:
 def train_at_sites(
     cfg: PipelineConfig, root: str | Path, run_id: str, transport: Transport,
     ready: Mapping[str, SiteReady], sinks: Sequence[Callable[[RoundRecord], None]] = (),
-) -> dict[str, Any]:
+) -> TrainingSummary:
     """``federation.mode=sites``: the rounds with every site behind ``transport``; ``ready``
     holds what each site reported at the start (its feature count, patients and its own
     ledger charge). Writes the same outputs as :func:`train_model`."""
@@ -153,4 +189,4 @@ def train_at_sites(
         malicious=[], privacy=privacy, seconds=time.perf_counter() - started)
     columns = TabularTransform.from_config(cfg.data).columns()
     write_training_outputs(cfg, paths, summary, run, num_features, columns)
-    return summary.to_dict()
+    return summary

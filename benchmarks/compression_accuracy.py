@@ -73,22 +73,22 @@ def run(overrides: list[str], seeds: int) -> dict[str, Any]:
                 with contextlib.redirect_stdout(io.StringIO()):
                     partition_data(cfg, root)
                     runs.append(train_model(cfg, root))
-            acc_mean, acc_sd = _mean_sd([r["accuracy"] for r in runs])
-            auc_mean, auc_sd = _mean_sd([r["auc"] for r in runs])
+            acc_mean, acc_sd = _mean_sd([r.accuracy for r in runs])
+            auc_mean, auc_sd = _mean_sd([r.auc for r in runs])
             first = runs[0]
-            client_rounds = first["rounds"] * first["clients"]
+            client_rounds = first.rounds * first.clients
             arms.append({
                 "arm": name,
                 "overrides": arm,
                 "accuracy_mean": round(acc_mean, 4), "accuracy_sd": round(acc_sd, 4),
                 "auc_mean": round(auc_mean, 4), "auc_sd": round(auc_sd, 4),
-                "accuracy_per_seed": [round(r["accuracy"], 4) for r in runs],
-                "upload_bytes_per_client_round": round(first["bytes_uploaded"] / client_rounds, 1),
-                "download_bytes_per_client_round": round(first["bytes_downloaded"] / client_rounds,
+                "accuracy_per_seed": [round(r.accuracy, 4) for r in runs],
+                "upload_bytes_per_client_round": round(first.bytes_uploaded / client_rounds, 1),
+                "download_bytes_per_client_round": round(first.bytes_downloaded / client_rounds,
                                                          1),
-                "compression_ratio": round(statistics.fmean(r["compression_ratio"]
+                "compression_ratio": round(statistics.fmean(r.compression_ratio
                                                             for r in runs), 2),
-                "train_seconds_mean": round(statistics.fmean(r["seconds"] for r in runs), 3),
+                "train_seconds_mean": round(statistics.fmean(r.seconds for r in runs), 3),
             })
             print(f"{name}: {acc_mean:.3f} ± {acc_sd:.3f}", file=sys.stderr, flush=True)
     base = arms[0]["accuracy_mean"]

@@ -25,22 +25,26 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from fl_core.federation.coordinator import RoundRecord, TrainingResult
 
 
-def _from_dict(cls: type, raw: Mapping[str, Any], stage: str) -> Any:
-    """``cls(**raw)`` for a report read back from JSON; missing fields (a report written by
-    an older version) are an error that says which stage to re-run."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    missing = sorted(required - set(raw))
+def _require(name: str, required: list[str], raw: Mapping[str, Any], stage: str) -> None:
+    """A report read back from JSON lacking a field (written by an older version) is an
+    error that says which stage to re-run."""
+    missing = sorted(set(required) - set(raw))
     if missing:
-        raise ValueError(f"{cls.__name__} lacks {', '.join(missing)}: re-run the "
-                         f"'{stage}' stage")
-    return cls(**{k: raw[k] for k in names if k in raw})
+        raise ValueError(f"{name} lacks {', '.join(missing)}: re-run the '{stage}' stage")
+
+
+def _from_dict(cls: type, raw: Mapping[str, Any], stage: str) -> Any:
+    """``cls(**raw)`` for a report read back from JSON (keys it does not know are ignored)."""
+    fields = dataclasses.fields(cls)
+    _require(cls.__name__, [f.name for f in fields if f.default is dataclasses.MISSING
+                            and f.default_factory is dataclasses.MISSING], raw, stage)
+    return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class PrivacyReport:
     ``epsilon`` is None when the run had no patient-level DP-SGD (the model is not private
     per patient); ``client_level_epsilon`` is set with server-side DP-FedAvg. The guarantee:
     (``epsilon``, ``delta``)-DP per patient, add/remove one patient; ``epsilon_replace_one``
-    at ``delta_replace_one`` under replace-one (:func:`fl_core.privacy.accountants.replace_one_epsilon`).
+    at ``delta_replace_one`` under replace-one
+    (:func:`fl_core.privacy.accountants.replace_one_epsilon`).
     """
 
     enabled: bool
@@ -155,6 +160,11 @@ class TrainingFigures:
     delta: float | None
     seconds: float
 
+    def figures(self) -> dict[str, Any]:
+        """The figures as JSON-able data: ``train.json`` but its ``history``."""
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingFigures)}
+        return {**raw, "privacy": self.privacy.to_dict()}
+
 
 @dataclass(frozen=True)
 class TrainingSummary(TrainingFigures):
@@ -190,10 +200,6 @@ class TrainingSummary(TrainingFigures):
             epsilon=privacy.epsilon, delta=privacy.delta,
             seconds=round(seconds, 3), history=tuple(h))
 
-    def figures(self) -> dict[str, Any]:
-        """The figures as JSON-able data (``train.json`` but its ``history``)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(TrainingFigures)}
-
     def failed_rounds(self) -> dict[str, list[int]]:
         """Each site that failed a round → the rounds it failed, in order of first failure."""
         failed: dict[str, list[int]] = {}
@@ -214,15 +220,110 @@ class TrainingReport(TrainingFigures):
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TrainingReport:
         """Read back ``train.json`` (an older file is an error saying to re-run the stage)."""
-        figures = _from_dict(TrainingFigures, {**raw, "history": raw.get("history")}
-                             if "history" in raw else raw, "train", extra=("history",))
-        return cls(**{f.name: getattr(figures, f.name)
-                      for f in dataclasses.fields(TrainingFigures)},
+        names = [f.name for f in dataclasses.fields(TrainingFigures)]
+        _require(cls.__name__, [*names, "history"], raw, "train")
+        return cls(**{n: raw[n] for n in names if n != "privacy"},
+                   privacy=PrivacyReport.from_dict(raw["privacy"]),
                    round_rows=tuple(raw["history"]))
 
 
+@dataclass(frozen=True)
+class ValidationSummary:
+    """What the validate stage found (``validation.json`` in simulation): the file (or each
+    site's file, ``data.site_files``) and its digest, rows validated per site, the failed
+    checks (a row each, cell values included: this file stays with the data) and GX's own
+    results."""
+
+    file: str | dict[str, str]
+    sha256: str | None | dict[str, str | None]
+    success: bool
+    sites: dict[str, int]
+    failures: list[dict[str, Any]]
+    seconds: float
+    results: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SitesValidation:
+    """``validation.json`` in sites mode: each ready site's own summary (counts and checks,
+    no cell value) and why each other site is not in the run."""
+
+    success: bool
+    seconds: float
+    sites: dict[str, dict[str, Any]]
+    unavailable: dict[str, str]
+    mode: str = "sites"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validation_from_dict(raw: Mapping[str, Any]) -> ValidationSummary | SitesValidation:
+    """``validation.json`` read back, in either mode's form."""
+    cls = SitesValidation if raw.get("mode") == "sites" else ValidationSummary
+    return _from_dict(cls, raw, "validate")  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class ClientCounts:
+    """One client's patients in the 80/20 split."""
+
+    train: int
+    test: int
+
+
+@dataclass(frozen=True)
+class PartitionSummary:
+    """How the partition stage split the patients (``partition.json`` holds the split)."""
+
+    scheme: str
+    clients: dict[str, ClientCounts]
+    dropped_rows: dict[str, int]  # rows of the file left out, by the key that leaves them out
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the register / publish stage did with the trained model (``registration.json``).
+
+    ``registered`` is False when the DVC pipeline publishes without registering
+    (``mlflow.register_from_dvc``): the gate's verdict is still computed, and there is no
+    MLflow run (``run_id`` None, left out of the file) nor model version.
+    """
+
+    registered: bool
+    run_id: str | None
+    model_name: str | None
+    model_version: str | None
+    aliases: list[str]
+    gate_passed: bool
+    gate_reasons: list[str]
+    privacy: str
+    budget_spent: dict[str, float]
+    lifetime_epsilon: float
+    charged_at_sites: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        if not self.registered:
+            del raw["run_id"]
+        return raw
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    """The register / publish stage's result: the run's flat metrics (``metrics.json``,
+    :data:`RUN_METRICS` and the DP audit's figures) and its registration."""
+
+    metrics: dict[str, Any]
+    registration: Registration
+
+
 # Every field of reports/metrics.json, once: name → (report, key in that report). Reports:
-# "train" (TrainingSummary), "privacy" (its privacy block), "audit" (audit.json), "run".
+# "train" (TrainingFigures), "privacy" (its privacy block), "audit" (audit.json), "run".
 RUN_METRICS: dict[str, tuple[str, str]] = {
     "accuracy": ("train", "accuracy"),
     "auc": ("train", "auc"),
@@ -252,10 +353,9 @@ RUN_METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def run_metrics(train: TrainingSummary, audit: AuditReport,
+def run_metrics(train: TrainingFigures, audit: AuditReport,
                 wall_seconds: float) -> dict[str, Any]:
     """The flat ``metrics.json`` of a run; a stage that did not run leaves its fields None."""
-    sources: dict[str, Mapping[str, Any]] = {
-        "train": train.to_dict(), "privacy": train.privacy.to_dict(), "audit": audit.to_dict(),
-        "run": {"wall_seconds": round(wall_seconds, 3)}}
-    return {name: sources[report].get(key) for name, (report, key) in RUN_METRICS.items()}
+    sources: dict[str, Any] = {"train": train, "privacy": train.privacy, "audit": audit,
+                               "run": SimpleNamespace(wall_seconds=round(wall_seconds, 3))}
+    return {name: getattr(sources[report], key) for name, (report, key) in RUN_METRICS.items()}

@@ -18,9 +18,14 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-STAGES = ("validate", "partition", "train", "audit", "register", "publish")
+# the stages, the exit codes and their one-line wording: one table each, in adapters.stages
+# (light to import: the stages' modules load when one runs)
+from adapters.stages import PRIVACY_FAILURE_EXIT, STAGES, exit_code, reported_errors
+
+if TYPE_CHECKING:
+    from fl_core.results import Registration
 
 EPILOG = """\
 configuration:
@@ -148,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "PREFECT_API_URL is set) and print a summary.")
     stage = sub.add_parser("stage", parents=[common], help="run one stage without Prefect (DVC)",
                            description="Run one stage as a plain process; dvc.yaml calls this.")
-    stage.add_argument("name", choices=STAGES, help="the stage to run")
+    stage.add_argument("name", choices=list(STAGES), help="the stage to run")
     sub.add_parser("config", parents=[common], help="print the resolved configuration",
                    description="Print params.yaml with overrides applied and validated.")
     schema = sub.add_parser(
@@ -403,7 +408,7 @@ def print_entries(console: Any, entries: list[Any]) -> None:
     console.print(runs)
 
 
-def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None:
+def print_summary(metrics: dict[str, Any], registration: Registration) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -422,23 +427,23 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any]) -> None
         table.add_row(key, shown)
     console = Console()
     console.print(table)
-    reasons = "; ".join(registration.get("gate_reasons", []))
-    if registration.get("registered", True):
-        verdict = ("[green]passed: alias champion set[/green]" if registration.get("gate_passed")
+    reasons = "; ".join(registration.gate_reasons)
+    if registration.registered:
+        verdict = ("[green]passed: alias champion set[/green]" if registration.gate_passed
                    else f"[yellow]refused: {reasons}[/yellow]")
-        console.print(f"model {registration.get('model_name')} "
-                      f"v{registration.get('model_version')} (challenger); promotion gate "
+        console.print(f"model {registration.model_name} "
+                      f"v{registration.model_version} (challenger); promotion gate "
                       f"{verdict}")
     else:
-        verdict = "would pass" if registration.get("gate_passed") else f"would refuse: {reasons}"
+        verdict = "would pass" if registration.gate_passed else f"would refuse: {reasons}"
         console.print(f"not registered (DVC pipeline; set mlflow.register_from_dvc=true to "
                       f"register); promotion gate {verdict}")
-    if metrics.get("epsilon") is not None:
-        console.print(f"privacy: {registration.get('privacy')}, (ε={metrics['epsilon']:.3f}, "
+    if metrics["epsilon"] is not None:
+        console.print(f"privacy: {registration.privacy}, (ε={metrics['epsilon']:.3f}, "
                       f"δ={metrics['delta']:g}) per patient, add/remove one patient "
-                      f"(replace-one ε={metrics.get('epsilon_replace_one') or 0:.3f}); noise "
-                      f"{metrics.get('randomness')}; " + describe_budget(registration))
-        if metrics.get("randomness") != "secure":
+                      f"(replace-one ε={metrics['epsilon_replace_one'] or 0:.3f}); noise "
+                      f"{metrics['randomness']}; " + describe_budget(registration))
+        if metrics["randomness"] != "secure":
             console.print("[red]reproducible DP noise: anyone with params.yaml can regenerate "
                           "it; this model can never be champion[/red]")
     else:
@@ -465,17 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _environment(root)
 
-    from adapters.artifacts import UnpublishedError
     from adapters.config_files import load_config
-    from adapters.preflight import PreflightError, preflight
+    from adapters.preflight import preflight
     from fl_core.config.model import ConfigError
-    from fl_core.data.tables import DataError
-    from fl_core.data.validation import DataValidationError
-    from fl_core.federation.coordinator import RoundFailedError
-    from fl_core.privacy.ledger import BudgetExceededError, MissingChargeError
 
+    reported = reported_errors()  # each with its exit code and wording (adapters.stages)
     try:
-        cfg = load_config(root / args.params, args.overrides)
+        cfg = load_config(root / args.params, args.overrides)  # parsed once, here
         done = run_command(args, cfg, root)
         if done is not None:
             return done
@@ -489,30 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         prepare_prefect_database()
         from flows.pipeline import fl_pipeline
 
-        outcome = fl_pipeline(overrides=args.overrides, params_path=args.params, root=str(root))
-        print_summary(outcome["metrics"], outcome["registration"])
+        # the flow takes the parsed config (the --set list and file name: for the record)
+        outcome = fl_pipeline(config=cfg, overrides=args.overrides, params_path=args.params,
+                              root=str(root))
+        print_summary(outcome.metrics, outcome.registration)
         return 0
-    except (BudgetExceededError, MissingChargeError) as exc:
-        print(f"fedpriv: privacy refusal: {exc}", file=sys.stderr)
-        return 5
-    except ConfigError as exc:
-        print(f"fedpriv: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (DataValidationError, DataError) as exc:
-        print(f"fedpriv: data error: {data_error_text(exc)}", file=sys.stderr)
-        return 3
-    except RoundFailedError as exc:
-        print(f"fedpriv: training failed: {exc}", file=sys.stderr)
-        return 4
-    except PreflightError as exc:
-        print(f"fedpriv: preflight failed: {exc}", file=sys.stderr)
-        return 6
-    except UnpublishedError as exc:
-        print(f"fedpriv: registered, not published: {exc}", file=sys.stderr)
-        return 7
-    except FileNotFoundError as exc:
-        print(f"fedpriv: {exc}", file=sys.stderr)
-        return 1
+    except reported as exc:
+        code, line = exit_code(exc)
+        print(line, file=sys.stderr)
+        return code
 
 
 def precheck_data(cfg: Any, root: Path) -> None:
@@ -526,16 +512,6 @@ def precheck_data(cfg: Any, root: Path) -> None:
     sources = cfg.data.sources(root)
     where = cfg.data.source_text if cfg.data.site_files else sources[0][0]
     raise_if_failed(where, check_sources(sources, cfg.data)[1])
-
-
-def data_error_text(exc: Exception) -> str:
-    """One line for a failure of the file as a whole, else the full validation message."""
-    from fl_core.data.validation import ALL_SITES, DataValidationError
-
-    if isinstance(exc, DataValidationError) and len(exc.report.failures) == 1 \
-            and exc.report.failures[0].site == ALL_SITES:
-        return f"{exc.path}: {exc.report.failures[0].detail}"
-    return str(exc)
 
 
 def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
@@ -553,7 +529,7 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
             sweep_markdown,
         )
 
-        result = run_audit_sweep(root / args.params, args.overrides, root,
+        result = run_audit_sweep(cfg, args.overrides, root,
                                  list(args.epsilons or DEFAULT_EPSILONS),
                                  args.seeds or DEFAULT_SEEDS)
         print(sweep_markdown(result))
@@ -572,12 +548,14 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
 
         report = run_dp_audit(cfg, root, drill=args.drill)
         print(dp_audit_markdown(report))
-        return 8 if report["privacy_failure"] else 0
+        return PRIVACY_FAILURE_EXIT if report.privacy_failure else 0
     return None
 
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:
-    if cfg.federation.mode == "sites" and name in ("validate", "partition", "train", "audit"):
+    """``fedpriv stage <name>``: the stage's function from :data:`adapters.stages.STAGES`."""
+    stage = STAGES[name]
+    if cfg.federation.mode == "sites" and stage.simulation_only:
         from fl_core.config.model import ConfigError
 
         raise ConfigError(f"federation.mode=sites: the '{name}' stage runs at the sites, "
@@ -587,32 +565,15 @@ def run_stage(name: str, cfg: Any, root: Path) -> int:
 
     finish_interrupted_publish(cfg, root)  # the published view is one whole run's
     reap_dead_temp_files(cfg, root)  # what a killed stage or run left half-written
-    if name in ("train", "register"):
+    if stage.preflight:
         from adapters.preflight import preflight
 
         preflight(cfg, root)
-    if name == "validate":
-        from adapters.validate import validate_data
+    outcome = stage.function(cfg, root)
+    from fl_core.results import PublishOutcome
 
-        validate_data(cfg, root)
-    elif name == "partition":
-        from adapters.partition import partition_data
-
-        partition_data(cfg, root)
-    elif name == "train":
-        from adapters.train import train_model
-
-        train_model(cfg, root)
-    elif name == "audit":
-        from adapters.audit import audit_model
-
-        audit_model(cfg, root)
-    else:  # register: always; publish (DVC): only with mlflow.register_from_dvc
-        from adapters.publish import publish_results
-
-        register = name == "register" or cfg.mlflow.register_from_dvc
-        outcome = publish_results(cfg, root, register=register)
-        print_summary(outcome["metrics"], outcome["registration"])
+    if isinstance(outcome, PublishOutcome):  # register, publish: the run's summary
+        print_summary(outcome.metrics, outcome.registration)
     return 0
 
 

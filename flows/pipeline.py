@@ -23,7 +23,6 @@ from adapters.artifacts import (
     end_workspace,
     new_run_id,
     publish_run,
-    read_training,
     reap_dead_workspaces,
     release_workspace,
 )
@@ -31,10 +30,11 @@ from adapters.config_files import load_config
 from adapters.dp_audit import dp_audit_markdown, kept_verdicts
 from adapters.preflight import PreflightError, preflight
 from adapters.publish import describe_budget
-from fl_core.config.model import ConfigError
+from fl_core.config.model import ConfigError, PipelineConfig
 from fl_core.data.tables import DataError
 from fl_core.data.validation import DataValidationError
 from fl_core.privacy.ledger import BudgetExceededError, MissingChargeError
+from fl_core.results import AuditReport, PublishOutcome, Registration, TrainingSummary
 from flows.site_dispatch import run_at_sites
 from tasks.audit import audit
 from tasks.dp_audit import dp_audit
@@ -69,7 +69,7 @@ def brief_expected_errors() -> None:
             logger.addFilter(BriefExpectedErrors())
 
 
-def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> str:
+def summary_markdown(metrics: dict[str, Any], registration: Registration) -> str:
     """The run summary shown in the Prefect UI."""
 
     def fmt(value: Any) -> str:
@@ -81,28 +81,25 @@ def summary_markdown(metrics: dict[str, Any], registration: dict[str, Any]) -> s
 
     rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in metrics.items())
     privacy = (
-        f"Privacy: {registration.get('privacy')}, (ε = {fmt(metrics.get('epsilon'))}, "
-        f"δ = {metrics.get('delta'):g}) per patient, add/remove one patient "
-        f"(replace-one ε = {fmt(metrics.get('epsilon_replace_one'))}); DP noise "
-        f"{metrics.get('randomness')}; {describe_budget(registration)}"
-        if metrics.get("epsilon") is not None
+        f"Privacy: {registration.privacy}, (ε = {fmt(metrics['epsilon'])}, "
+        f"δ = {metrics['delta']:g}) per patient, add/remove one patient "
+        f"(replace-one ε = {fmt(metrics['epsilon_replace_one'])}); DP noise "
+        f"{metrics['randomness']}; {describe_budget(registration)}"
+        if metrics["epsilon"] is not None
         else "Privacy: **not differentially private** (privacy.enabled=false)")
-    gate = "passed → **champion**" if registration.get("gate_passed") else (
-        "refused: " + "; ".join(registration.get("gate_reasons", [])))
+    gate = "passed → **champion**" if registration.gate_passed else (
+        "refused: " + "; ".join(registration.gate_reasons))
     return (
-        f"# fedpriv run\n\nModel `{registration.get('model_name')}` version "
-        f"**{registration.get('model_version')}** (alias `challenger`); gate {gate}.\n\n"
-        f"{privacy}.\n\nMLflow run `{registration.get('run_id')}`.\n\n"
+        f"# fedpriv run\n\nModel `{registration.model_name}` version "
+        f"**{registration.model_version}** (alias `challenger`); gate {gate}.\n\n"
+        f"{privacy}.\n\nMLflow run `{registration.run_id}`.\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n"
     )
 
 
-def failures_markdown(history: list[dict[str, Any]]) -> str:
-    """The sites that failed a round, and which rounds (from ``train.json``'s history)."""
-    failed: dict[str, list[int]] = {}
-    for row in history:
-        for site in filter(None, str(row.get("failed_clients", "")).split(";")):
-            failed.setdefault(site, []).append(int(row["round"]))
+def failures_markdown(training: TrainingSummary) -> str:
+    """The sites that failed a round, and which rounds (from the run's round records)."""
+    failed = training.failed_rounds()
     if not failed:
         return ""
     lines = "\n".join(f"| {site} | {', '.join(map(str, rounds))} |"
@@ -111,19 +108,19 @@ def failures_markdown(history: list[dict[str, Any]]) -> str:
             f"`rounds.csv` and the log for why).\n\n| site | rounds |\n|---|---|\n{lines}\n")
 
 
-def audit_markdown(report: dict[str, Any]) -> str:
+def audit_markdown(report: AuditReport) -> str:
     """Every attack's figures, for the Prefect UI."""
-    if not report.get("enabled"):
+    if not report.enabled:
         return "\n**Audit disabled**: the gate refuses promotion.\n"
     rows = "\n".join(
         f"| {a['attack']} | {a['auc']:.3f} | {a['tpr_at_1pct_fpr']:.3f} | "
         f"{a['tpr_at_0_1pct_fpr']:.3f} | {a['advantage']:.3f} | {a['epsilon_lower_bound']:.3f} |"
-        for a in report["attacks"])
-    verdict = ("consistent with the accountant" if report["privacy_consistent"]
+        for a in report.attacks)
+    verdict = ("consistent with the accountant" if report.privacy_consistent
                else "**PRIVACY FAILURE: the attack beats the DP guarantee**")
-    return (f"\n## Membership-inference audit\n\n{report['members']} members vs "
-            f"{report['non_members']} non-members, {report['shadow_models']} shadow models, "
-            f"{report['seconds']:.1f} s; {verdict}.\n\n| attack | AUC | TPR@1%FPR | "
+    return (f"\n## Membership-inference audit\n\n{report.members} members vs "
+            f"{report.non_members} non-members, {report.shadow_models} shadow models, "
+            f"{report.seconds:.1f} s; {verdict}.\n\n| attack | AUC | TPR@1%FPR | "
             f"TPR@0.1%FPR | advantage | ε lower bound |\n|---|---|---|---|---|---|\n{rows}\n")
 
 
@@ -154,13 +151,22 @@ def mark_crashed(reaped: list[dict[str, Any]]) -> None:
 
 @flow(name="fl-pipeline", log_prints=True)
 def fl_pipeline(
-    overrides: list[str] | None = None, params_path: str = "params.yaml", root: str = "."
-) -> dict[str, Any]:
-    """Run the whole pipeline; ``overrides`` are ``key=value`` strings over ``params.yaml``."""
+    overrides: list[str] | None = None, params_path: str = "params.yaml", root: str = ".",
+    config: PipelineConfig | None = None,
+) -> PublishOutcome:
+    """Run the whole pipeline on ``config``, as ``fedpriv run`` parsed it; without one (a
+    deployment's run), on ``params_path`` with ``overrides`` (``key=value`` strings).
+
+    The configuration is a flow-run parameter, shown in the Prefect UI: settings, paths and
+    the dataset schema (column names, ranges, categories), never a patient's data; it holds
+    no secret unless one is written into it (keep credentials out of ``mlflow.tracking_uri``:
+    MLflow reads them from its own environment variables).
+    """
     started = time.perf_counter()
     brief_expected_errors()
     root_path = Path(root).resolve()
-    cfg = load_config(root_path / params_path, overrides or [])
+    cfg = config if config is not None else load_config(root_path / params_path,
+                                                        overrides or [])
     # this run's own workspace, claimed first: a kill from here on is found by a later run;
     # a concurrent run in the same checkout never sees its files
     run_id = new_run_id()
@@ -177,12 +183,12 @@ def fl_pipeline(
     try:
         dp_audited = None
         if cfg.federation.mode == "sites":  # each site in its own session, at the site
-            audited = run_at_sites(cfg, root_path, run_id,
-                                   charge_key=str(runtime.flow_run.id).replace("-", ""))
+            trained, audited = run_at_sites(
+                cfg, root_path, run_id, charge_key=str(runtime.flow_run.id).replace("-", ""))
         else:
             validate(cfg, root_path, run_id=run_id)
             partition(cfg, root_path, run_id=run_id)
-            train(cfg, root_path, run_id=run_id)
+            trained = train(cfg, root_path, run_id=run_id)
             audited = audit(cfg, root_path, run_id=run_id)
         # the gate reads the verdict kept for this configuration (adapters.dp_audit)
         dp_audited = dp_audit(cfg, root_path, run_id=run_id) if cfg.audit_dp.in_pipeline \
@@ -196,17 +202,17 @@ def fl_pipeline(
         publish_run(cfg, root_path, run_id)  # reports/ and data/ now show this run
     except OSError as exc:  # the registry is final: say so, and publish at the next start
         end_workspace(workspace, "unpublished")
-        registration = outcome["registration"]
+        registration = outcome.registration
         raise UnpublishedError(
-            f"model {registration.get('model_name')} v{registration.get('model_version')} is "
-            f"registered (aliases: {', '.join(registration.get('aliases') or []) or 'none'}) "
+            f"model {registration.model_name} v{registration.model_version} is "
+            f"registered (aliases: {', '.join(registration.aliases) or 'none'}) "
             f"but the published reports could not be updated ({exc}); they still show the "
             f"previous run. The next run publishes this one's from {workspace.workspace}"
         ) from exc
     create_markdown_artifact(
         key="fl-pipeline-summary",
-        markdown=summary_markdown(outcome["metrics"], outcome["registration"])
-        + failures_markdown(read_training(Paths.of(cfg, root_path)).history)
+        markdown=summary_markdown(outcome.metrics, outcome.registration)
+        + failures_markdown(trained)
         + audit_markdown(audited)
         + "".join(dp_audit_markdown(r) for r in
                   ([dp_audited] if dp_audited else kept_verdicts(cfg, root_path))),

@@ -19,6 +19,7 @@ from uuid import UUID
 
 from adapters.message_store import READY, FolderStore
 from fl_core.config.model import PipelineConfig, site_slug
+from fl_core.federation.coordinator import RoundRecord
 from fl_core.federation.messages import (
     Failure,
     MessageError,
@@ -27,6 +28,7 @@ from fl_core.federation.messages import (
     decode_message,
     encode_message,
 )
+from fl_core.results import AuditReport, TrainingSummary
 
 SITE_FLOW = "fl-site"
 SITE_ENTRYPOINT = "flows.site_flow:fl_site"
@@ -242,8 +244,9 @@ def message_store_path(cfg: PipelineConfig, root: Path) -> Path:
 
 
 def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
-                 charge_key: str) -> dict[str, Any]:
-    """Validate, train and audit with every site in its own session; returns the audit.
+                 charge_key: str) -> tuple[TrainingSummary, AuditReport]:
+    """Validate, train and audit with every site in its own session; returns the training
+    and the audit.
 
     The flow's body in ``federation.mode=sites``: one session per site for the whole run
     (started here, stopped at the end whatever happens), a failed or straggling site's
@@ -265,7 +268,7 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
                              time.perf_counter() - started)
         transport = StoreTransport(store, usable, alive=sessions.gone)
 
-        def rejoin(record: Any) -> None:
+        def rejoin(record: RoundRecord) -> None:
             # restart a session that ended or straggles, not one that is merely coming up
             for site in record.failed_clients:
                 if (sessions.ended(site, max_age_s=0) or transport.straggling(site)) \
@@ -273,8 +276,8 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
                     print(f"site {site} failed round {record.round}: its session was "
                           f"cancelled and started again (it rejoins once up)")
 
-        train_sites(cfg, root, run_id, transport, {s: sessions.ready[s] for s in usable},
-                    [rejoin])
-        return audit_sites(cfg, root, run_id, transport)
+        trained = train_sites(cfg, root, run_id, transport,
+                              {s: sessions.ready[s] for s in usable}, [rejoin])
+        return trained, audit_sites(cfg, root, run_id, transport)
     finally:
         sessions.close("the run is over")

@@ -1,12 +1,13 @@
 """Stage 2: patients → clients and an 80/20 split per client, by patient (Prefect task).
 
-The body is :func:`adapters.partition.partition_data`; this module only adds Prefect's retries for
-transient faults (:func:`tasks.common.task_options`).
+The body is :func:`adapters.partition.partition_data`, the stage's entry in
+:data:`adapters.stages.STAGES`; this module only adds Prefect's retries for transient faults
+(:func:`tasks.common.task_options`).
 """
 
 from prefect import task
 
-from adapters.partition import partition_data
+from adapters.stages import STAGES
 from tasks.common import task_options
 
-partition = task(**task_options("partition"))(partition_data)
+partition = task(**task_options("partition"))(STAGES["partition"].function)

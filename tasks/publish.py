@@ -1,12 +1,13 @@
 """Stage 5: MLflow registration and the promotion gate (Prefect task).
 
-The body is :func:`adapters.publish.publish_results`; this module only adds Prefect's retries for
-transient faults (:func:`tasks.common.task_options`).
+The body is :func:`adapters.publish.publish_results`, the stage's entry in
+:data:`adapters.stages.STAGES`; this module only adds Prefect's retries for transient faults
+(:func:`tasks.common.task_options`).
 """
 
 from prefect import task
 
-from adapters.publish import publish_results
+from adapters.stages import STAGES
 from tasks.common import task_options
 
-publish = task(**task_options("register"))(publish_results)
+publish = task(**task_options("register"))(STAGES["register"].function)

@@ -340,8 +340,11 @@ def test_audit_sweep_the_ledger_cannot_cover_is_refused_before_training(project)
     allow = float(re.search(r"--set privacy.lifetime_epsilon=([0-9.]+)", out.stderr)[1])
     assert allow > 2.5
     overrides = ["rounds=2", "audit.shadow_models=2"]
-    needs = plan_sweep(project / "params.yaml", [*overrides, f"privacy.lifetime_epsilon={allow}"],
-                       project, [1.0, 2.0], 2)
+    from adapters.config_files import load_config
+
+    base = load_config(project / "params.yaml",
+                       [*overrides, f"privacy.lifetime_epsilon={allow}"])
+    needs = plan_sweep(base, project, [1.0, 2.0], 2)
     assert allow - 0.01 < max(n.total.tight_epsilon for n in needs) <= allow
 
 

@@ -36,7 +36,7 @@ out = publish_results(cfg, root, run_id=run_id)
 params = torch.load(Paths.of(cfg, root, run_id).model, weights_only=True)["params"]
 digest = hashlib.sha256(params.to(torch.float32).numpy().tobytes()).hexdigest()
 publish_run(cfg, root, run_id)
-print("RESULT " + json.dumps({"version": out["registration"]["model_version"],
+print("RESULT " + json.dumps({"version": out.registration.model_version,
                               "rounds": rounds, "digest": digest}))
 """
 

@@ -54,12 +54,12 @@ def covid_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_covid_testing_runs_end_to_end_and_is_registered(covid_run: dict[str, Any]) -> None:
-    registration, metrics = covid_run["out"]["registration"], covid_run["out"]["metrics"]
-    assert registration["registered"] and registration["model_name"] == "fedpriv-covid_testing"
-    assert {"challenger", "champion"} <= set(registration["aliases"])
+    registration, metrics = covid_run["out"].registration, covid_run["out"].metrics
+    assert registration.registered and registration.model_name == "fedpriv-covid_testing"
+    assert {"challenger", "champion"} <= set(registration.aliases)
     assert metrics["epsilon"] == pytest.approx(covid_run["cfg"].privacy.epsilon, rel=0.01)
     assert 0.0 <= metrics["auc"] <= 1.0 and metrics["rounds"] == 2
-    assert sorted(registration["budget_spent"]) == ["clinical lab", "emergency dept",
+    assert sorted(registration.budget_spent) == ["clinical lab", "emergency dept",
                                                     "inpatient", "other"]
 
 

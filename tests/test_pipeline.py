@@ -42,7 +42,7 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     from mlflow.tracking import MlflowClient
 
     logged = MlflowClient(tracking_uri=f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}") \
-        .get_run(outcome["registration"]["run_id"]).data.metrics
+        .get_run(outcome.registration.run_id).data.metrics
     assert logged["dp_audit_epsilon_lower_bound"] == pytest.approx(
         dp_audit["epsilon_lower_bound"])
     assert metrics["rounds"] == 2
@@ -84,10 +84,10 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     assert list((project / ".fedpriv" / "runs").iterdir()) == []
     assert (project / "data" / "models" / "model.pt").exists()
     assert (project / "data" / "processed" / "partition.json").exists()
-    registration = outcome["registration"]
+    registration = outcome.registration
     versions = registered_versions(project)
-    assert [str(v.version) for v in versions] == [registration["model_version"]]
-    assert "challenger" in registration["aliases"]
+    assert [str(v.version) for v in versions] == [registration.model_version]
+    assert "challenger" in registration.aliases
 
 
 def _break_age(project: Path) -> None:
@@ -198,28 +198,37 @@ def test_cli_help_explains(capsys) -> None:
 
 
 def test_prefect_summary_shows_every_attack_and_a_privacy_failure() -> None:
+    from fl_core.results import AuditReport
     from flows.pipeline import audit_markdown
 
     attack = {"attack": "lira_offline", "auc": 0.71, "tpr_at_1pct_fpr": 0.1,
               "tpr_at_0_1pct_fpr": 0.05, "advantage": 0.3, "epsilon_lower_bound": 1.4}
-    report = {"enabled": True, "attacks": [attack], "members": 148, "non_members": 148,
-              "shadow_models": 8, "seconds": 5.0, "privacy_consistent": False}
+    report = AuditReport(enabled=True, attacks=[attack], members=148, non_members=148,
+                         shadow_models=8, seconds=5.0, privacy_consistent=False)
     text = audit_markdown(report)
     assert "| lira_offline | 0.710 |" in text and "PRIVACY FAILURE" in text
-    assert "gate refuses" in audit_markdown({"enabled": False})
+    assert "gate refuses" in audit_markdown(AuditReport(enabled=False, seconds=0.0))
 
 
 def test_prefect_summary_shows_the_dp_audit_table() -> None:
     from adapters.dp_audit import dp_audit_markdown
+    from fl_core.audit.dp_audit import DPAuditResult
 
     bound = {"scores": "raw", "method": "gaussian", "mu_hat": 2.6, "mu_lower": 2.4,
              "epsilon_lower_bound": 12.5}
+    # as reports/audit_dp.json (and a kept verdict) holds it, read back typed
     report = {"level": "patient", "epsilon": 16.0, "delta": 1e-5, "epsilon_lower_bound": 12.5,
               "confidence": 0.99, "power": 0.78, "canaries": 1152, "canaries_included": 580,
-              "runs": 16, "training_runs": 32, "seconds": 20.0, "privacy_failure": False,
+              "runs": 16, "rounds": 2, "training_runs": 32, "seconds": 20.0,
+              "noise_multiplier": 1.1, "steps": 4, "privacy_failure": False,
               "bounds": [bound], "drill": None}
-    text = dp_audit_markdown(report)
+    typed = DPAuditResult.from_json(report)
+    assert typed.power == pytest.approx(0.78, abs=0.005) and not typed.privacy_failure
+    assert typed.to_json() == {**report, "power": typed.power, "verdict": "consistent",
+                               "fingerprint": ""}
+    text = dp_audit_markdown(typed)
     assert "| raw | gaussian | 2.600 | 2.400 | 12.500 |" in text
     assert "ε 16.000 (accountant" in text and "consistent with the accountant" in text
-    failed = dp_audit_markdown({**report, "privacy_failure": True, "drill": "noise_off"})
+    failed = dp_audit_markdown(DPAuditResult.from_json(
+        {**report, "epsilon_lower_bound": 17.0, "drill": "noise_off"}))
     assert "PRIVACY FAILURE" in failed and "(drill: noise_off)" in failed

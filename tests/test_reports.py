@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from fl_core.federation.coordinator import RoundRecord, TrainingResult
-from fl_core.results import RUN_METRICS, AuditReport, PrivacyReport, TrainingSummary, run_metrics
+from fl_core.results import (
+    RUN_METRICS,
+    AuditReport,
+    PrivacyReport,
+    Registration,
+    TrainingReport,
+    TrainingSummary,
+    run_metrics,
+)
 
 # reports/metrics.json must keep at least these (shared/ARCHITECTURE.md)
 ARCHITECTURE_METRICS = {
@@ -34,22 +43,61 @@ def _summary() -> TrainingSummary:
                                   seconds=1.23456)
 
 
+def _train_json(summary: TrainingSummary) -> dict:
+    """``train.json`` as the train stage writes it (adapters.train), through JSON."""
+    from adapters.train import round_row
+
+    raw = {**summary.figures(), "history": [round_row(r) for r in summary.history]}
+    return json.loads(json.dumps(raw))
+
+
 def test_training_summary_round_trips_through_json_with_its_history() -> None:
     summary = _summary()
-    again = TrainingSummary.from_dict(json.loads(json.dumps(summary.to_dict())))
-    assert again == summary
-    assert [row["round"] for row in again.history] == [1, 2, 3]
+    assert all(isinstance(r, RoundRecord) for r in summary.history)  # typed until written
+    again = TrainingReport.from_dict(_train_json(summary))
+    assert again.figures() == summary.figures()
+    assert [row["round"] for row in again.round_rows] == [1, 2, 3]
     assert again.bytes_uploaded == 300 and again.compression_ratio == 4.0
     assert again.flagged_clients == ["b"] and again.flagged_client_rounds == 1
-    assert again.history[2]["epsilon"] == pytest.approx(0.3)
+    assert again.round_rows[2]["epsilon"] == pytest.approx(0.3)
+    assert again.round_rows[1]["flagged_clients"] == "b"
     assert isinstance(again.privacy, PrivacyReport) and again.privacy.epsilon_replace_one == 0.7
+    assert run_metrics(again, AuditReport(enabled=False, seconds=0.0), 1.0) == run_metrics(
+        summary, AuditReport(enabled=False, seconds=0.0), 1.0)
+
+
+def test_train_json_keeps_its_keys_history_last() -> None:
+    raw = _train_json(_summary())
+    assert list(raw)[-1] == "history" and list(raw)[:3] == ["accuracy", "auc",
+                                                            "balanced_accuracy"]
+    assert set(raw["privacy"]) == {f for f in PrivacyReport.__dataclass_fields__}
+
+
+def test_failed_rounds_come_from_the_typed_records() -> None:
+    records = [RoundRecord(round=r, train_loss=0.5, test_loss=0.6, accuracy=0.7, auc=0.8,
+                           balanced_accuracy=0.6, bytes_uploaded=1, bytes_downloaded=1,
+                           bytes_uploaded_uncompressed=1, bytes_downloaded_uncompressed=1,
+                           clients_ok=1, failed_clients=failed)
+               for r, failed in ((1, ["b"]), (2, []), (3, ["c", "b"]))]
+    summary = dataclasses.replace(_summary(), history=tuple(records))
+    assert summary.failed_rounds() == {"b": [1, 3], "c": [3]}
 
 
 def test_an_old_train_json_is_refused_saying_what_to_do() -> None:
-    raw = _summary().to_dict()
+    raw = _train_json(_summary())
     del raw["history"]
     with pytest.raises(ValueError, match="lacks history: re-run the 'train' stage"):
-        TrainingSummary.from_dict(raw)
+        TrainingReport.from_dict(raw)
+
+
+def test_registration_json_has_no_run_id_when_nothing_was_registered() -> None:
+    common = {"model_name": "m", "aliases": [], "gate_passed": False, "gate_reasons": ["x"],
+              "privacy": "none", "budget_spent": {}, "lifetime_epsilon": 10.0,
+              "charged_at_sites": []}
+    unregistered = Registration(registered=False, run_id=None, model_version=None, **common)
+    assert "run_id" not in unregistered.to_dict()
+    registered = Registration(registered=True, run_id="r1", model_version="3", **common)
+    assert registered.to_dict()["run_id"] == "r1" and registered.to_dict()["registered"]
 
 
 def test_run_metrics_has_every_field_once_with_its_source() -> None:

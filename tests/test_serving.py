@@ -52,11 +52,11 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for stage in (validate_data, partition_data, train_model, audit_model):
         stage(cfg, project)
     out = publish_results(cfg, project)
-    assert "challenger" in out["registration"]["aliases"]
+    assert "challenger" in out.registration.aliases
     uri = f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}"
     return {"project": project, "cfg": cfg, "uri": uri,
             "model_file": Paths.of(cfg, project).model,
-            "aliases": out["registration"]["aliases"]}
+            "aliases": out.registration.aliases}
 
 
 @contextmanager

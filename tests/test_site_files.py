@@ -253,7 +253,7 @@ def test_sessions_on_files_without_a_site_column_train_the_simulations_model(
         _shutdown(store, list(files))
     for thread in threads:
         thread.join(timeout=30)
-    assert at_sites["accuracy"] == pytest.approx(simulated["accuracy"], abs=1e-9)
+    assert at_sites.accuracy == pytest.approx(simulated.accuracy, abs=1e-9)
     sim_model = torch.load(project / "data" / "models" / "model.pt", weights_only=True)
     site_model = torch.load(coordinator / ".fedpriv" / "runs" / "run1" / "data" / "models"
                             / "model.pt", weights_only=True)

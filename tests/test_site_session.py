@@ -101,19 +101,19 @@ def test_sessions_over_a_folder_train_exactly_the_simulations_model(
     for thread in threads:
         thread.join(timeout=30)
         assert not thread.is_alive()
-    assert at_sites["accuracy"] == pytest.approx(simulated["accuracy"], abs=1e-9)
-    assert at_sites["auc"] == pytest.approx(simulated["auc"], abs=1e-9)
+    assert at_sites.accuracy == pytest.approx(simulated.accuracy, abs=1e-9)
+    assert at_sites.auc == pytest.approx(simulated.auc, abs=1e-9)
     sim_model = torch.load(project / "data" / "models" / "model.pt", weights_only=True)
     site_model = torch.load(coordinator / ".fedpriv" / "runs" / "run1" / "data" / "models"
                             / "model.pt", weights_only=True)
     assert torch.allclose(sim_model["params"], site_model["params"], atol=1e-6)
     # every site charged its own ledger, once, at the site
-    assert set(at_sites["privacy"]["site_ledger_runs"]) == set(files)
+    assert set(at_sites.privacy.site_ledger_runs) == set(files)
     # the audit, from the sites' histograms: every training and held-out patient
-    assert [a["attack"] for a in audited["attacks"]] == ["loss_threshold", "lira"]
-    assert audited["members"] == sum(m.train_patients for m in ready.values())
-    assert audited["non_members"] == sum(m.test_patients for m in ready.values())
-    assert 0.3 < audited["mia_auc"] < 0.8 and audited["privacy_consistent"]
+    assert [a["attack"] for a in audited.attacks] == ["loss_threshold", "lira"]
+    assert audited.members == sum(m.train_patients for m in ready.values())
+    assert audited.non_members == sum(m.test_patients for m in ready.values())
+    assert 0.3 < audited.mia_auc < 0.8 and audited.privacy_consistent
 
 
 def test_the_coordinator_never_unpickles_what_a_site_writes(tmp_path: Path) -> None:
@@ -225,7 +225,7 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
         assert why == "shutdown"
         (ready,) = _wait_ready(store, [site]).values()
         assert ready.ledger_run_id == "flowrun1cleveland"
-    ledger = open_ledger(cfg.model_copy(update={"state_dir": str(state)}), state)
+    ledger = open_ledger(cfg, state, state_dir=state)
     assert len(ledger.entries()) == 1 and ledger.has_run("flowrun1cleveland")
 
 

@@ -90,7 +90,7 @@ def _simulation_accuracy(project: Path) -> float:
     cfg = load_config(project / "params.yaml", OVERRIDES)
     validate_data(cfg, project)
     partition_data(cfg, project)
-    return float(train_model(cfg, project)["accuracy"])
+    return float(train_model(cfg, project).accuracy)
 
 
 def test_sites_mode_on_a_real_server_with_one_worker_per_hospital(

@@ -265,7 +265,7 @@ def test_data_validation_error_carries_report(tmp_path: Path, raw: pd.DataFrame)
     report = validate_file(path, DATA)
     with pytest.raises(DataValidationError) as info:
         raise_if_failed(path, report)
-    from flows.cli import data_error_text
+    from adapters.stages import data_error_text
 
     assert info.value.report is report
     assert info.value.path == str(path)

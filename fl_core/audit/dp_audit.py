@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -117,6 +117,14 @@ class DPAuditResult:
                    verdict="PRIVACY FAILURE" if self.privacy_failure else "consistent")
         return out
 
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> DPAuditResult:
+        """A report written by :meth:`to_json` read back (a kept verdict); ``power``,
+        ``privacy_failure`` and ``verdict`` follow from the fields again."""
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in raw.items() if k in names}
+        return cls(**{**kept, "bounds": [ScoreBound(**b) for b in raw.get("bounds", [])]})
 
 class _Observed:
     """A site whose fit replies are also decoded the way the coordinator decodes them, and
