@@ -1,8 +1,8 @@
-"""The promotion gate and the MLflow registration, against a real local SQLite store."""
+"""The MLflow registration (the gate decides the alias; its rules: tests/test_gate.py),
+against a real local SQLite store."""
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,13 +11,10 @@ import pytest
 import torch
 
 from adapters.config_files import build_config, data_config
-from fl_core.audit.gate import GateDecision, evaluate_gate
 from fl_core.config.model import PipelineConfig
 from fl_core.data.transform import TabularTransform
 from fl_core.model.networks import build_model, get_flat_params
 
-GATE = {"gate.min_accuracy": 0.75, "audit.max_auc": 0.60, "audit.max_tpr_at_0_1pct_fpr": 0.05,
-        "privacy.epsilon": 1.0}
 PRIVATE = {"epsilon": 0.99, "mia_tpr_at_0_1pct_fpr": 0.0, "empirical_epsilon_lower_bound": 0.0,
            "randomness": "secure"}
 PASSING = {"accuracy": 0.82, "auc": 0.80, "mia_auc": 0.52, "delta": None, **PRIVATE}
@@ -28,107 +25,6 @@ HISTORY = [
      "failed_clients": "", "seconds": float("nan")}
     for r in (1, 2, 3)
 ]
-
-
-# --- evaluate_gate ------------------------------------------------------------------------
-
-
-def _gate(**metrics: Any) -> GateDecision:
-    return evaluate_gate({"accuracy": 0.8, "mia_auc": 0.5, **PRIVATE, **metrics}, GATE)
-
-
-def test_gate_passes_when_every_rule_holds() -> None:
-    assert _gate() == GateDecision(True, ())
-
-
-def test_gate_thresholds_are_inclusive() -> None:
-    assert _gate(accuracy=0.75, mia_auc=0.60, mia_tpr_at_0_1pct_fpr=0.05, epsilon=1.0,
-                 empirical_epsilon_lower_bound=1.0).passed
-
-
-def test_gate_refuses_low_accuracy() -> None:
-    decision = _gate(accuracy=0.71)
-    assert not decision.passed
-    assert decision.reasons == ("accuracy 0.71 < gate.min_accuracy 0.75",)
-
-
-def test_gate_refuses_high_mia_auc_or_low_fpr_tpr() -> None:
-    assert _gate(mia_auc=0.7).reasons == ("mia_auc 0.7 > audit.max_auc 0.6",)
-    assert _gate(mia_tpr_at_0_1pct_fpr=0.2).reasons == (
-        "mia_tpr_at_0_1pct_fpr 0.2 > audit.max_tpr_at_0_1pct_fpr 0.05",)
-
-
-def test_auc_and_balanced_accuracy_rules_are_off_at_zero_or_absent() -> None:
-    """The heart defaults do not change: without the keys, or at 0, no AUC is needed."""
-    assert _gate(auc=0.4, balanced_accuracy=0.5).passed  # GATE has neither key
-    off = {**GATE, "gate.min_auc": 0.0, "gate.min_balanced_accuracy": 0.0}
-    assert evaluate_gate({"accuracy": 0.8, "mia_auc": 0.5, **PRIVATE}, off).passed
-
-
-def test_an_imbalanced_table_passes_accuracy_but_not_min_auc() -> None:
-    """covid_testing: answering "negative" is 0.944 accurate; AUC and balanced accuracy tell."""
-    gate = {**GATE, "gate.min_auc": 0.6, "gate.min_balanced_accuracy": 0.55}
-    majority = {"accuracy": 0.944, "auc": 0.52, "balanced_accuracy": 0.5, "mia_auc": 0.5,
-                **PRIVATE}
-    assert _gate(**majority).passed  # what min_accuracy alone lets through
-    decision = evaluate_gate(majority, gate)
-    assert decision.reasons == ("auc 0.52 < gate.min_auc 0.6",
-                                "balanced_accuracy 0.5 < gate.min_balanced_accuracy 0.55")
-    assert evaluate_gate({**majority, "auc": 0.6, "balanced_accuracy": 0.55}, gate).passed
-    unknown = {**majority, "auc": math.nan, "balanced_accuracy": None}
-    assert evaluate_gate(unknown, gate).reasons == (
-        "auc is missing: the evaluation did not run or its test patients are all of one class",
-        "balanced_accuracy is missing: the evaluation did not run or its test patients are "
-        "all of one class")
-
-
-def test_gate_thresholds_come_from_the_configuration() -> None:
-    from fl_core.audit.gate import gate_thresholds
-
-    cfg = build_config({"gate": {"min_accuracy": 0, "min_auc": 0.6}})
-    thresholds = gate_thresholds(cfg)
-    assert thresholds["gate.min_auc"] == 0.6 and thresholds["gate.min_accuracy"] == 0
-    assert thresholds["gate.min_balanced_accuracy"] == 0  # default: off
-    assert build_config({}).gate.min_auc == 0
-
-
-def test_gate_refuses_reproducible_noise_saying_why() -> None:
-    decision = _gate(randomness="reproducible")
-    assert not decision.passed and len(decision.reasons) == 1
-    assert decision.reasons[0].startswith("privacy.randomness=reproducible: the DP noise")
-    assert "regenerated" in decision.reasons[0]
-    assert _gate(randomness=None).reasons == (
-        "randomness is missing: the run did not record where its DP noise came from",)
-
-
-def test_gate_refuses_models_outside_the_privacy_budget() -> None:
-    assert _gate(epsilon=2.5).reasons == ("epsilon 2.5 > privacy.epsilon 1",)
-    assert _gate(epsilon=None).reasons == (
-        "epsilon is missing: the model is not differentially private (privacy.enabled=false)",)
-
-
-def test_gate_refuses_a_privacy_failure() -> None:
-    """An attack that proves more than the accountant allows means a DP or accounting bug."""
-    (reason,) = _gate(epsilon=0.8, empirical_epsilon_lower_bound=1.3).reasons
-    assert reason.startswith("privacy failure: empirical_epsilon_lower_bound 1.3 > epsilon 0.8")
-
-
-@pytest.mark.parametrize("mia_auc", [None, math.nan, math.inf, "n/a", "missing"])
-def test_gate_refuses_missing_or_nan_metric(mia_auc: Any) -> None:
-    metrics: dict[str, Any] = {"accuracy": 0.9, **PRIVATE}
-    if mia_auc != "missing":
-        metrics["mia_auc"] = mia_auc
-    decision = evaluate_gate(metrics, GATE)
-    assert not decision.passed
-    assert decision.reasons == ("mia_auc is missing: the audit did not run",)
-
-
-def test_gate_reports_every_reason_in_rule_order() -> None:
-    decision = evaluate_gate({"accuracy": math.nan, "mia_auc": 0.99}, GATE)
-    assert not decision.passed
-    assert [r.split(" ")[0] for r in decision.reasons] == [
-        "accuracy", "mia_auc", "mia_tpr_at_0_1pct_fpr", "epsilon", "randomness",
-        "empirical_epsilon_lower_bound"]
 
 
 # --- register_model -----------------------------------------------------------------------
