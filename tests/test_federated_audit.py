@@ -119,7 +119,11 @@ def test_shokri_is_refused_in_sites_mode_with_the_reason() -> None:
     check_site_attacks(SITE_ATTACKS)
     with pytest.raises(ValueError, match="per-patient feature may leave its site"):
         check_site_attacks(["loss_threshold", "shokri_shadow"])
-    assert set(NOT_IN_SITES_MODE) == {"shokri_shadow", "lira_offline"}
+    # the attacks that need per-patient data off the site are refused, each with its reason
+    for attack in ("shokri_shadow", "lira_offline", *NOT_IN_SITES_MODE):
+        with pytest.raises(ValueError) as err:
+            check_site_attacks([*SITE_ATTACKS, attack])
+        assert str(err.value) == f"attack {attack!r} in sites mode: {NOT_IN_SITES_MODE[attack]}"
     with pytest.raises(ValueError, match="unknown attack"):
         check_site_attacks(["made_up"])
 
