@@ -65,7 +65,9 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     assert audit["population"] == 148 + 180  # test patients + the incomplete ones
     assert audit["privacy_consistent"] is True
     assert metrics["mia_auc"] == max(a["auc"] for a in audit["attacks"])
-    assert metrics["audit_seconds"] < 60
+    # the audit's time is the audit report's, part of the run's (speed: benchmarks/)
+    assert metrics["audit_seconds"] == audit["seconds"]
+    assert 0 < metrics["audit_seconds"] < metrics["wall_seconds"]
     assert metrics["accuracy"] > 0.5
     assert metrics["bytes_uploaded"] > 0
     # the default compresses updates (top-10 %, 8-bit): fewer bytes than dense float32
