@@ -73,7 +73,9 @@ exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI
   budget exhausted,
   6 preflight: the MLflow store, the ledger or reports_dir unreachable or not writable,
   7 the model is registered but reports/ could not be updated (the next run publishes it),
-  8 `fedpriv audit-dp` found a PRIVACY FAILURE (ε lower bound > the accountant's ε), 1 other.
+  8 `fedpriv audit-dp` found a PRIVACY FAILURE (ε lower bound > the accountant's ε),
+  9 `fedpriv log verify`: the round log was altered (a record edited, removed, reordered or
+  inserted, or a signature forged), 1 other.
 """
 
 
@@ -256,7 +258,178 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("name", help="dataset name (covid_testing)")
     dataset.add_argument("--out", required=True, help="CSV to write, relative to --root")
     dataset.add_argument("--root", default=".", help="project root")
+    add_security_parsers(sub)
     return parser
+
+
+LOG_TAMPERED_EXIT = 9
+"""``fedpriv log verify``: a record of the round log was altered, removed, reordered or
+inserted, or a signature in it does not verify."""
+
+PKI_HELP = """\
+how a site joins (mutual TLS; README/docs: deployment):
+  1. coordinator, once:  fedpriv pki init            the project CA (ca.key stays here, 0600)
+                         fedpriv pki server --host H the endpoint's key and certificate
+  2. site:               fedpriv pki request --site S   the site makes its OWN key (0600) and a
+                         request; only the request (public key + site id) goes to the
+                         coordinator: a site's private key never leaves the site
+  3. coordinator:        fedpriv pki sign S.csr      signs it (clientAuth, CN = the site id);
+                         S.crt and ca.crt go back to the site. The coordinator only signs.
+  4. revoke / rotate:    fedpriv pki revoke S        the next connection of S is refused, no
+                         restart; a renewed certificate (request + sign again) is accepted.
+  fedpriv pki list       every certificate the CA signed: valid, expired or revoked.
+Errors (a folder without a CA, an invalid site id, a request whose signature does not verify)
+print one line and exit 2.
+"""
+
+
+def add_security_parsers(sub: Any) -> None:
+    """``fedpriv pki ...`` and ``fedpriv log verify``: files only, no params.yaml."""
+    raw = argparse.RawDescriptionHelpFormatter
+    pki = sub.add_parser("pki", help="certificates: the project CA, sites' certificates, "
+                                     "revocation", description=PKI_HELP, formatter_class=raw)
+    actions = pki.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ca_dir = argparse.ArgumentParser(add_help=False)
+    ca_dir.add_argument("--ca-dir", default=".fedpriv/pki/ca",
+                        help="the CA folder, at the coordinator only (default: %(default)s)")
+    init = actions.add_parser(
+        "init", parents=[ca_dir], help="coordinator: create the project CA",
+        description="Create the project CA (ECDSA P-256): ca.key (mode 0600, never leaves the "
+                    "coordinator), ca.crt (give it to every site) and an empty revocation list "
+                    "crl.pem. Refuses a folder that already holds a CA.")
+    init.add_argument("--name", default="fedpriv project CA", help="the CA's name (CN)")
+    init.add_argument("--days", type=int, default=3650, help="validity (default: %(default)s)")
+    request = actions.add_parser(
+        "request", help="site: make the site's key and a certificate request",
+        description="At the site: write SITE.key (mode 0600; it never leaves the site) and "
+                    "SITE.csr, a request whose subject is the site id. Send only the .csr to "
+                    "the coordinator. An existing key is reused (renewal) unless --new-key.")
+    request.add_argument("--site", required=True,
+                         help="the site id: 1-63 lower-case letters, digits or '-'")
+    request.add_argument("--dir", default=".fedpriv/pki/site",
+                         help="where the key and request go (default: %(default)s)")
+    request.add_argument("--new-key", action="store_true",
+                         help="replace the key (after a compromise; revoke the old certificate)")
+    sign = actions.add_parser(
+        "sign", parents=[ca_dir], help="coordinator: sign a site's request",
+        description="At the coordinator: check the request's signature and site id, and sign "
+                    "a client certificate (clientAuth, CN = site id, not a CA, a fresh serial). "
+                    "Nothing else the request asks for is granted. Send the .crt and ca.crt "
+                    "back to the site.")
+    sign.add_argument("csr", metavar="CSR", help="the site's request (SITE.csr)")
+    sign.add_argument("--days", type=int, default=365, help="validity (default: %(default)s)")
+    sign.add_argument("--out", help="the certificate to write (default: CSR with .crt)")
+    server = actions.add_parser(
+        "server", parents=[ca_dir], help="coordinator: the endpoint's key and certificate",
+        description="The federation endpoint's server.key (0600; it also signs the round log) "
+                    "and server.crt (serverAuth, a subject alternative name for --host). An "
+                    "existing key is kept (renewal) unless --new-key.")
+    server.add_argument("--host", required=True, help="the address sites dial: IP or DNS name")
+    server.add_argument("--days", type=int, default=365, help="validity (default: %(default)s)")
+    server.add_argument("--out-dir", default=".fedpriv/pki/server",
+                        help="where server.key and server.crt go (default: %(default)s)")
+    server.add_argument("--new-key", action="store_true", help="replace the endpoint's key")
+    revoke = actions.add_parser(
+        "revoke", parents=[ca_dir], help="coordinator: revoke a site's certificates",
+        description="Put every certificate issued to SITE (or the one with --serial) on the "
+                    "CA's revocation list (crl.pem, signed by the CA, replaced atomically). The "
+                    "endpoint reads it for each new connection: no restart.")
+    revoke.add_argument("site", nargs="?", metavar="SITE", help="the site id")
+    revoke.add_argument("--serial", metavar="HEX", help="one certificate's serial (see list)")
+    actions.add_parser("list", parents=[ca_dir], help="coordinator: every issued certificate",
+                       description="Every certificate the CA signed: serial, kind, name, "
+                                   "expiry and status (valid, expired, revoked).")
+    log = sub.add_parser("log", help="verify the round log",
+                         description="The round log: one hash-chained record per round and "
+                                     "per decision, signed by the coordinator's endpoint key; "
+                                     "each reply signed by its site.")
+    verify = log.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
+        "verify", help="check a round log",
+        description=f"Check every record's hash, chain, index and coordinator signature, and "
+                    f"each reply's site signature for the sites whose certificate is given. "
+                    f"Exit 0 if intact, {LOG_TAMPERED_EXIT} naming the first record that is "
+                    f"not (edited, removed, reordered, inserted, forged), 2 for a file that "
+                    f"cannot be read.")
+    verify.add_argument("path", metavar="PATH", help="the round log (JSON lines)")
+    verify.add_argument("--coordinator-cert", action="append", required=True, metavar="CRT",
+                        help="the endpoint's certificate (repeat for a renewed key)")
+    verify.add_argument("--site-cert", action="append", default=[], metavar="CRT",
+                        help="a site's certificate; repeatable")
+    verify.add_argument("--head", metavar="HASH",
+                        help="the hash the last record must have (the model version's tag)")
+
+
+def security_command(args: argparse.Namespace) -> int:
+    """``fedpriv pki ...`` and ``fedpriv log verify``; expected errors in one line."""
+    from fl_core.federation.identity import PkiError
+    from fl_core.federation.round_log import LogIntegrityError
+
+    try:
+        print(_log_verify(args) if args.command == "log" else _pki_action(args))
+        return 0
+    except LogIntegrityError as exc:
+        print(f"fedpriv: round log {args.path} is not intact: {exc}", file=sys.stderr)
+        return LOG_TAMPERED_EXIT
+    except PkiError as exc:
+        print(f"fedpriv: {args.command} {args.action}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _pki_action(args: argparse.Namespace) -> str:
+    """Run one ``fedpriv pki`` action; what to print."""
+    from adapters import pki
+
+    ca = Path(args.ca_dir) if hasattr(args, "ca_dir") else Path()
+    if args.action == "init":
+        crt = pki.init_ca(ca, name=args.name, days=args.days)
+        return f"project CA in {ca} (keep ca.key here); give every site {crt}"
+    if args.action == "request":
+        req = pki.request_certificate(args.site, Path(args.dir), new_key=args.new_key)
+        return (f"{'new' if req.new_key else 'existing'} key {req.key} (stays here); send "
+                f"{req.csr} to the coordinator for `fedpriv pki sign`")
+    if args.action == "sign":
+        out = Path(args.out) if args.out else Path(args.csr).with_suffix(".crt")
+        cert = pki.sign_request(Path(args.csr), ca, days=args.days, out=out)
+        return (f"signed {out} (serial {cert.serial_number:x}, until "
+                f"{cert.not_valid_after_utc:%Y-%m-%d}); send it and {ca / pki.CA_CERT} back")
+    if args.action == "server":
+        key, crt = pki.issue_server_certificate(ca, host=args.host, days=args.days,
+                                                out_dir=Path(args.out_dir),
+                                                new_key=args.new_key)
+        return f"endpoint key {key}, certificate {crt} for {args.host}"
+    if args.action == "revoke":
+        return _pki_revoke(args, ca)
+    return "\n".join(f"{c.serial:x}  {c.kind:6}  {c.name:20}  {c.not_after:%Y-%m-%d}  {c.status}"
+                     for c in pki.issued_certificates(ca)) or f"{ca}: no certificate issued"
+
+
+def _pki_revoke(args: argparse.Namespace, ca: Path) -> str:
+    from adapters.pki import revoke
+    from fl_core.federation.identity import PkiError
+
+    if bool(args.site) == bool(args.serial):
+        raise PkiError("give a SITE or --serial HEX (one of them)")
+    try:
+        target: str | int = args.site or int(args.serial, 16)
+    except ValueError:
+        raise PkiError(f"--serial {args.serial!r} is not hexadecimal") from None
+    done = revoke(target, ca)
+    if not done:
+        return f"{target}: already revoked"
+    return (f"revoked {', '.join(f'{s:x}' for s in done)}; the endpoint refuses them from the "
+            f"next connection on")
+
+
+def _log_verify(args: argparse.Namespace) -> str:
+    from adapters.round_log import verify_file
+
+    result = verify_file(Path(args.path), coordinator_certs=[Path(p) for p in
+                                                             args.coordinator_cert],
+                         site_certs=[Path(p) for p in args.site_cert], head=args.head)
+    unchecked = (f"; not checked (no certificate given): {', '.join(result.unchecked_sites)}"
+                 if result.unchecked_sites else "")
+    return (f"round log {args.path}: intact, {result.records} records, head {result.head}; "
+            f"{result.site_signatures} site signatures verified{unchecked}")
 
 
 def schema_text(data: Any) -> str:
@@ -455,6 +628,8 @@ def print_summary(metrics: dict[str, Any], registration: Registration) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("pki", "log"):  # certificate and log files: no params.yaml, no root
+        return security_command(args)
     root = Path(args.root).resolve()
     if args.command == "schema" and (args.action == "infer" or args.file):
         return infer_command(args, root)
