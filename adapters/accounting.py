@@ -8,14 +8,15 @@ from pathlib import Path
 from adapters.ledger_store import PrivacyLedger
 from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, PipelineConfig
-from fl_core.data.tables import ClientData, Partition
-from fl_core.federation.wiring import FederatedRun, make_dpsgd
+from fl_core.data.tables import Partition
+from fl_core.federation.wiring import FederatedRun
 from fl_core.privacy.accounting import (
     KIND_TRAIN,
     planned_charge,
     privacy_summary,
     spent_charge,
 )
+from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import Charge, new_run_id
 from fl_core.results import PrivacyReport
 
@@ -31,11 +32,11 @@ def open_ledger(cfg: PipelineConfig, root: Path, *, state_dir: Path | None = Non
 
 
 def plan_charge(
-    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData],
+    cfg: PipelineConfig, root: Path, partition: Partition, *, dp: DPSGDConfig | None,
     kind: str = KIND_TRAIN,
 ) -> Charge:
-    """What a DP-SGD run of ``cfg`` on ``partition`` will charge, under a fresh ledger run id."""
-    dp = make_dpsgd(cfg, data)  # σ calibrated exactly as the run will (cached)
+    """What a DP-SGD run of ``cfg`` on ``partition`` will charge at the recipe ``dp`` (the
+    run's, calibrated once where the run is set up), under a fresh ledger run id."""
     if dp is None:
         raise ConfigError("only a DP-SGD run (privacy.enabled=true) can be charged")
     site_of = ClinicalTable.get(cfg.data, root).site_of_patient()
@@ -43,14 +44,14 @@ def plan_charge(
 
 
 def check_budget(
-    cfg: PipelineConfig, root: Path, partition: Partition, data: list[ClientData]
+    cfg: PipelineConfig, root: Path, partition: Partition, *, dp: DPSGDConfig | None,
 ) -> Charge:
     """Refuse before training if this run would take a patient past the lifetime cap.
 
     Returns the planned charge; its ``run_id`` is the ledger run id of the charge made after
     training (:func:`charge_and_summarise`).
     """
-    planned = plan_charge(cfg, root, partition, data)
+    planned = plan_charge(cfg, root, partition, dp=dp)
     open_ledger(cfg, root).check(planned, cfg.privacy.lifetime_epsilon)
     return planned
 

@@ -58,7 +58,7 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from fl_core.federation.transport import Transport
-from fl_core.federation.wiring import build_target_model, federate
+from fl_core.federation.wiring import build_target_model, federate, make_dpsgd
 from fl_core.model.networks import get_flat_params, set_flat_params
 from fl_core.results import AuditReport, PrivacyReport
 
@@ -203,7 +203,7 @@ def shadow_outputs(cfg: PipelineConfig, pool: AuditPool) -> ShadowOutputs:
         # a shadow whose clients are fewer than min_clients still trains
         run_cfg = shadow_cfg.model_copy(update={
             "seed": cfg.seed + 1000 + s, "min_clients": min(cfg.min_clients, len(clients))})
-        run = federate(run_cfg, clients)
+        run = federate(run_cfg, clients, dp=make_dpsgd(cfg=run_cfg, data=clients))
         model, _ = build_target_model(cfg, pool.x.shape[1])
         set_flat_params(model, run.result.params)
         model.eval()

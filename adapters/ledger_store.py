@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from fl_core.config.model import PrivacyConfig
 from fl_core.privacy.ledger import (
     _TOLERANCE,
     BudgetExceededError,
@@ -94,8 +95,11 @@ class PrivacyLedger:
             return db.execute("SELECT COUNT(*) FROM budget_entries").fetchone()[0] if exists \
                 else 0
 
-    def balances(self, accountant: str = "prv") -> list[SiteBalance]:
-        """Per site: runs, patients, and the worst patient's basic and tight composition."""
+    def balances(
+        self, accountant: str = PrivacyConfig.model_fields["accountant"].default,
+    ) -> list[SiteBalance]:
+        """Per site: runs, patients, and the worst patient's basic and tight composition
+        (composed by ``accountant``: ``privacy.accountant``, by default the config model's)."""
         with closing(self._connect()) as db:
             sites = [r[0] for r in db.execute(
                 "SELECT DISTINCT site FROM ledger_site_charges ORDER BY site")]

@@ -71,7 +71,7 @@ class InvalidRowsError(MlflowException):
 
 def model_from_saved(saved: Mapping[str, Any]) -> torch.nn.Module:
     """The torch model ``model.pt``'s dict describes, in eval mode."""
-    model = build_model(saved["kind"], saved["num_features"], saved["hidden_units"])
+    model = build_model(saved["kind"], saved["num_features"], hidden_units=saved["hidden_units"])
     if saved.get("opacus_fixed"):  # trained as ModuleValidator.fix rewrote it
         from fl_core.privacy.dpsgd import check_model
 

@@ -13,6 +13,7 @@ where it left off.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -38,9 +39,15 @@ from fl_core.federation.messages import (
     decode_message,
     encode_message,
 )
-from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
-from fl_core.federation.wiring import build_target_model, make_compressor, make_dpsgd
+from fl_core.federation.site_client import SiteClient
+from fl_core.federation.wiring import (
+    build_target_model,
+    local_training,
+    make_dpsgd,
+    make_site_client,
+)
 from fl_core.privacy.accounting import planned_charge
+from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.randomness import make_random
 
 KIND_SITE_TRAIN = "site-train"
@@ -67,12 +74,14 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         return "validation failed"
     data = site_client_data(cfg, csv_path, site)
     try:
-        ledger_run = charge_site_ledger(cfg, session, data)
+        dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
+        ledger_run = charge_site_ledger(cfg, session, data, dp=dp)
     except Exception as exc:  # a refusal (budget) or a broken ledger: the coordinator is told
         session.store.put(site, "up", READY, encode_message(
             Failure(site, -1, f"{type(exc).__name__}: {exc}")))
         return "ledger refused"
-    client = build_site_client(cfg, data, index)
+    client = make_site_client(cfg=cfg, data=data, index=index, dp=dp,
+                              random=make_random(cfg.privacy.randomness, cfg.seed))
     restore_state(client, session)
     # counts only: the rows the site left out, and its split in records (patients: SiteReady)
     summary = {**summary, "dropped_rows": site_dropped_rows(cfg, csv_path, site),
@@ -108,8 +117,8 @@ class SiteAnswerer:
         """Attack the final model on this site's own patients; shadows trained here, as long
         as the target trained (rounds × local epochs), not privately."""
         cfg = self.cfg
-        shadows = LocalTrainingConfig(cfg.rounds * cfg.local_epochs, cfg.batch_size,
-                                      cfg.learning_rate, cfg.seed)
+        shadows = dataclasses.replace(local_training(cfg),
+                                      local_epochs=cfg.rounds * cfg.local_epochs)
         num_features = int(self.data.x_train.shape[1])
         return site_audit_reply(instruction, lambda: build_target_model(cfg, num_features)[0],
                                 self.data, training=shadows)
@@ -126,20 +135,11 @@ def _ready(session: SiteSession, *, passed: bool, summary: dict, data: ClientDat
     session.store.put(session.site, "up", READY, encode_message(message))
 
 
-def build_site_client(cfg: PipelineConfig, data: ClientData, index: int) -> SiteClient:
-    """The site's client exactly as :func:`fl_core.federation.wiring.federate` builds it."""
-    num_features = int(data.x_train.shape[1])
-    local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
-    return SiteClient(data, lambda: build_target_model(cfg, num_features)[0], local,
-                      make_compressor(cfg.compression, cfg.seed + index), make_dpsgd(cfg, [data]),
-                      randomness=make_random(cfg.privacy.randomness, cfg.seed))
-
-
-def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData) -> str:
-    """Charge the site's own ledger for the planned run, once per session (idempotent: a
-    session started again for the same run does not charge twice). Returns the ledger run
-    id ("" when the run is not private)."""
-    dp = make_dpsgd(cfg, [data])
+def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
+                       dp: DPSGDConfig | None) -> str:
+    """Charge the site's own ledger for the planned run of the recipe ``dp`` (the one its
+    client trains with), once per session (idempotent: a session started again for the same
+    run does not charge twice). Returns the ledger run id ("" when the run is not private)."""
     if dp is None:
         return ""
     run_id = f"{session.charge_key}{site_slug(session.site).replace('-', '')}"

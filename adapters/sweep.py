@@ -32,7 +32,7 @@ from adapters.plots import audit_sweep_plot
 from adapters.tables import ClinicalTable
 from fl_core.config.model import PipelineConfig
 from fl_core.config.overrides import validate_config
-from fl_core.federation.wiring import build_target_model, federate
+from fl_core.federation.wiring import build_target_model, federate, make_dpsgd
 from fl_core.privacy.accounting import KIND_AUDIT_SWEEP
 from fl_core.privacy.ledger import BudgetExceededError, Charge, SiteNeed, new_run_id
 
@@ -72,7 +72,8 @@ def plan_sweep(
             cfg = arm_config(base, epsilon, seed)
             data, _, partition = ClinicalTable.get(cfg.data, root).partitioned(
                 cfg.data, cfg.seed)
-            planned.append(plan_charge(cfg, root, partition, data, KIND_AUDIT_SWEEP))
+            planned.append(plan_charge(cfg, root, partition, dp=make_dpsgd(cfg=cfg, data=data),
+                                       kind=KIND_AUDIT_SWEEP))
     ledger = open_ledger(base, root)
     needs = ledger.check(planned, math.inf)
     needed = max((n.total.tight_epsilon for n in needs), default=0.0)
@@ -103,7 +104,7 @@ def sweep_point(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
 
     data, transform, partition = ClinicalTable.get(cfg.data, root).partitioned(
         cfg.data, cfg.seed)
-    run = federate(cfg, data)
+    run = federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data))
     privacy = charge_and_summarise(cfg, root, partition, run, new_run_id(), KIND_AUDIT_SWEEP)
     model, _ = build_target_model(cfg, int(data[0].x_train.shape[1]))
     set_flat_params(model, run.result.params)

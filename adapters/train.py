@@ -22,7 +22,13 @@ from fl_core.data.transform import TabularTransform
 from fl_core.federation.coordinator import RoundRecord
 from fl_core.federation.messages import SiteReady
 from fl_core.federation.transport import Transport
-from fl_core.federation.wiring import FederatedRun, describe_compression, federate, federate_over
+from fl_core.federation.wiring import (
+    FederatedRun,
+    describe_compression,
+    federate,
+    federate_over,
+    make_dpsgd,
+)
 from fl_core.model.networks import build_model, set_flat_params
 from fl_core.privacy.accounting import describe_privacy, privacy_summary
 from fl_core.privacy.dpsgd import check_model
@@ -57,7 +63,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the 'train' stage first")
     saved = torch.load(path, weights_only=True)
-    model = build_model(saved["kind"], saved["num_features"], saved["hidden_units"])
+    model = build_model(saved["kind"], saved["num_features"], hidden_units=saved["hidden_units"])
     if saved.get("opacus_fixed"):  # trained as ModuleValidator.fix rewrote it
         model, _ = check_model(model)
     set_flat_params(model, saved["params"])
@@ -81,9 +87,10 @@ def train_model(
     if cfg.attack.kind != "none" and cfg.attack.fraction > 0:
         print(f"SIMULATED ATTACK {cfg.attack.kind} on {cfg.attack.fraction:.0%} of clients")
     p = cfg.privacy
+    dp = make_dpsgd(cfg=cfg, data=data)  # σ calibrated once: planned, trained, then charged
     # refuse before any training; charge after it, before the model file exists
-    run_id = check_budget(cfg, paths.root, partition, data).run_id if p.enabled else None
-    run = federate(cfg, data, lambda rec: print_progress(rec, cfg.rounds))
+    run_id = check_budget(cfg, paths.root, partition, dp=dp).run_id if p.enabled else None
+    run = federate(cfg, data, dp=dp, on_round=lambda rec: print_progress(rec, cfg.rounds))
     attack = run.attack
     privacy = charge_and_summarise(cfg, paths.root, partition, run, run_id)
     print(describe_privacy(privacy))
@@ -174,8 +181,8 @@ def train_at_sites(
     patients = {site: m.train_patients for site, m in ready.items()}
     print(f"training {cfg.model} at {len(ready)} sites ({', '.join(ready)}), {cfg.rounds} "
           f"rounds through the message store; {describe_compression(cfg.compression)}")
-    run = federate_over(cfg, transport, patients, num_features,
-                        [lambda rec: print_progress(rec, cfg.rounds), *sinks])
+    run = federate_over(cfg, transport=transport, patients=patients, num_features=num_features,
+                        sinks=[lambda rec: print_progress(rec, cfg.rounds), *sinks])
     privacy = privacy_summary(cfg, None, run.spent, run.dp, run.model_fixes,
                               len(run.result.history))
     if privacy.epsilon is not None:

@@ -42,7 +42,7 @@ from adapters.config_files import load_config  # noqa: E402
 from adapters.tables import ClinicalTable  # noqa: E402
 from fl_core.audit.canary import DRILLS  # noqa: E402
 from fl_core.audit.dp_audit import audit_dp  # noqa: E402
-from fl_core.federation.wiring import federate  # noqa: E402
+from fl_core.federation.wiring import federate, make_dpsgd  # noqa: E402
 
 
 def _config(epsilon: float, extra: list[str]) -> Any:
@@ -73,7 +73,7 @@ def power(epsilons: list[float], reps: int, extra: list[str],
         cfg = _config(epsilon, cell_extra)
         data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
         started = time.perf_counter()
-        federate(cfg, data)
+        federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data))
         one_training = time.perf_counter() - started
         results = [audit_dp(cfg, data) for _ in range(reps)]
         bounds = [r.epsilon_lower_bound for r in results]

@@ -97,10 +97,14 @@ def run_federated_arm(
     cfg: PipelineConfig, data: list[ClientData], factory: Callable[[], nn.Module], seed: int
 ) -> tuple[float, float]:
     """FedAvg exactly as ``tasks/train.py`` wires it; the last round's pooled accuracy/AUC."""
-    local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, seed)
+    local = LocalTrainingConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                                learning_rate=cfg.learning_rate, seed=seed)
+    # every client in every round: plain FedAvg
     settings = FederationSettings(rounds=cfg.rounds, local_epochs=cfg.local_epochs,
-                                  min_clients=cfg.min_clients)
-    result = simulate([SiteClient(d, factory, local) for d in data],
+                                  min_clients=cfg.min_clients,
+                                  round_timeout_s=cfg.federation.round_timeout_s,
+                                  client_fraction=1.0)
+    result = simulate([SiteClient(data=d, model_factory=factory, training=local) for d in data],
                       initial_params=get_flat_params(factory()), settings=settings)
     last = result.history[-1]
     return last.accuracy, last.auc
@@ -112,7 +116,8 @@ def run_centralised_arm(
 ) -> tuple[float, float, float]:
     """The same model and SGD on all clients' training rows pooled; accuracy, AUC, train loss."""
     model = factory()
-    sgd = LocalTrainingConfig(epochs, cfg.batch_size, cfg.learning_rate, seed)
+    sgd = LocalTrainingConfig(local_epochs=epochs, batch_size=cfg.batch_size,
+                              learning_rate=cfg.learning_rate, seed=seed)
     x = _pooled([d.x_train for d in data])
     y = _pooled([d.y_train for d in data])
     loss = train_local(model, x, y, sgd, seed)
@@ -129,7 +134,8 @@ def run_local_arm(
     for index, client in enumerate(data):
         model = factory()
         client_seed = seed * 1000 + index
-        sgd = LocalTrainingConfig(epochs, cfg.batch_size, cfg.learning_rate, client_seed)
+        sgd = LocalTrainingConfig(local_epochs=epochs, batch_size=cfg.batch_size,
+                                  learning_rate=cfg.learning_rate, seed=client_seed)
         train_local(model, client.x_train, client.y_train, sgd, client_seed)
         out[client.client_id] = _score(model, x_test, y_test)
     return out
@@ -158,9 +164,11 @@ def _arm(acc: list[float], auc: list[float], seconds: list[float]) -> dict[str, 
 def _warm_up(cfg: PipelineConfig, num_features: int) -> None:
     # torch's first optimizer step and backward pass carry a one-off cost of seconds; pay it here
     # so that it does not land in the first seed's timing of whichever arm runs first
-    model = build_model(cfg.model, num_features, cfg.hidden_units, seed=0)
+    model = build_model(cfg.model, num_features, hidden_units=cfg.hidden_units, seed=0)
     x = torch.zeros(8, num_features)
-    train_local(model, x, torch.zeros(8), LocalTrainingConfig(1, 4, cfg.learning_rate, 0), 0)
+    warm = LocalTrainingConfig(local_epochs=1, batch_size=4, learning_rate=cfg.learning_rate,
+                               seed=0)
+    train_local(model, x, torch.zeros(8), warm, 0)
 
 
 def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
@@ -183,7 +191,8 @@ def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
             sizes = _sizes(data, len(y_test), num_features)
 
         def factory(seed: int = seed, num_features: int = num_features) -> nn.Module:
-            return build_model(cfg.model, num_features, cfg.hidden_units, seed=seed)
+            return build_model(cfg.model, num_features, hidden_units=cfg.hidden_units,
+                               seed=seed)
 
         t0 = time.perf_counter()
         a, u = run_federated_arm(cfg, data, factory, seed)

@@ -83,7 +83,7 @@ def client_data(cfg: PipelineConfig, seed: int) -> list[ClientData]:
 
 
 def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> dict[str, Any]:
-    from fl_core.federation.wiring import federate
+    from fl_core.federation.wiring import federate, make_dpsgd
 
     # reproducible noise (from each seed): the same command gives the same table
     arms: list[tuple[float, list[str]]] = [
@@ -95,7 +95,8 @@ def privacy_utility(seeds: int, epsilons: list[float], overrides: list[str]) -> 
         for seed in range(seeds):
             cfg = load_config(ROOT / "params.yaml", [*overrides, *arm, f"seed={seed}"])
             started = time.perf_counter()
-            run = federate(cfg, client_data(cfg, seed))
+            data = client_data(cfg, seed)
+            run = federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data))
             seconds.append(time.perf_counter() - started)
             last = run.result.history[-1]
             accuracies.append(last.accuracy)
@@ -186,7 +187,7 @@ def preprocessing_comparison(seeds: int, overrides: list[str],
     A secure cell runs every seed ``secure_draws`` times: each run is a fresh draw of noise
     nobody can regenerate, so more draws estimate the same expectation more tightly.
     """
-    from fl_core.federation.wiring import federate
+    from fl_core.federation.wiring import federate, make_dpsgd
 
     base = load_config(ROOT / "params.yaml", overrides)
     preprocessing = {"fitted": [], "declared": [], "normal": NORMAL_VALUES,
@@ -202,8 +203,9 @@ def preprocessing_comparison(seeds: int, overrides: list[str],
             for seed in range(seeds):
                 cfg = load_config(ROOT / "params.yaml",
                                   [*overrides, *prep_overrides, *arm_overrides, f"seed={seed}"])
-                runs = [federate(cfg, _encoded(cfg, prep, seed)).result.history[-1]
-                        for _ in range(draws)]
+                data = _encoded(cfg, prep, seed)
+                dp = make_dpsgd(cfg=cfg, data=data)
+                runs = [federate(cfg, data, dp=dp).result.history[-1] for _ in range(draws)]
                 per_seed.append([r.accuracy for r in runs])
                 aucs += [r.auc for r in runs]
             accuracies = [a for seed_runs in per_seed for a in seed_runs]
@@ -259,14 +261,15 @@ def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
     cfg = load_config(ROOT / "params.yaml", [*overrides, "seed=0"])
     data = client_data(cfg, 0)
     features = int(data[0].x_train.shape[1])
-    local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, 0)
-    dp = make_dpsgd(cfg, data)
+    local = LocalTrainingConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                                learning_rate=cfg.learning_rate, seed=0)
+    dp = make_dpsgd(cfg=cfg, data=data)
     assert dp is not None, "the default configuration has DP-SGD on"
     q = dp.sample_rate
     rounds = cfg.rounds
 
     def model() -> torch.nn.Module:
-        return build_model(cfg.model, features, cfg.hidden_units, seed=0)
+        return build_model(cfg.model, features, hidden_units=cfg.hidden_units, seed=0)
 
     def plain() -> None:
         for d in data:
@@ -293,7 +296,7 @@ def dp_cost(repeats: int, overrides: list[str]) -> dict[str, Any]:
 
             recipe = dataclasses.replace(dp, grad_sample_mode=mode)
             for d in data:
-                trainer = PatientDPTrainer(model(), grouped[d.client_id], recipe)
+                trainer = PatientDPTrainer(model=model(), data=grouped[d.client_id], cfg=recipe)
                 for r in range(rounds):
                     trainer.train(cfg.local_epochs, SeededRandom(r))
         return arm

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from adapters.config_files import load_config  # noqa: E402
 from adapters.tables import ClinicalTable  # noqa: E402
+from fl_core.federation.wiring import make_dpsgd  # noqa: E402
 from fl_core.model.networks import build_model  # noqa: E402
-from fl_core.privacy.accountants import calibrate_noise, local_steps
-from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
+from fl_core.privacy.dpsgd import PatientDPTrainer, group_records  # noqa: E402
 from fl_core.privacy.randomness import RandomSource, SecureRandom, SeededRandom  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -69,18 +69,15 @@ def training_costs(repeats: int) -> dict[str, float]:
     cfg = load_config(ROOT / "params.yaml")
     require_public_dataset(ROOT / cfg.data.path)  # not charged: public data only
     data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, 0)[0]
-    p = cfg.privacy
-    sigma = calibrate_noise(p.epsilon, p.delta, p.sample_rate,
-                            local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate), p.accountant)
-    recipe = DPSGDConfig(sigma, p.max_grad_norm, p.sample_rate, p.learning_rate or 0.5,
-                         p.delta, p.accountant)
+    recipe = make_dpsgd(cfg=cfg, data=data)  # the run's recipe, σ calibrated as a run does
+    assert recipe is not None, "the default configuration has DP-SGD on"
     grouped = [group_records(d.x_train, d.y_train, d.patient_ids()) for d in data]
     features = int(data[0].x_train.shape[1])
 
     def run(make: Callable[[int], RandomSource]) -> None:
         for patients in grouped:
-            trainer = PatientDPTrainer(build_model(cfg.model, features, seed=0), patients,
-                                       recipe)
+            model = build_model(cfg.model, features, hidden_units=cfg.hidden_units, seed=0)
+            trainer = PatientDPTrainer(model=model, data=patients, cfg=recipe)
             for r in range(cfg.rounds):
                 trainer.train(cfg.local_epochs, make(r))
 

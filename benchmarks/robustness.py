@@ -54,7 +54,7 @@ BASE = ["data.partition=by_patient", "data.num_clients=20", "anomaly.enabled=fal
 
 def run(seeds: int, fractions: list[float], attacks: list[str],
         defenses: list[str]) -> dict[str, Any]:
-    from fl_core.federation.wiring import federate
+    from fl_core.federation.wiring import federate, make_dpsgd
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -71,7 +71,7 @@ def run(seeds: int, fractions: list[float], attacks: list[str],
                     overrides = [*BASE, *DEFENSES[defense], f"seed={seed}",
                                  f"attack.kind={attack}", f"attack.fraction={fraction}"]
                     cfg = load_config(ROOT / "params.yaml", overrides)
-                    result = federate(cfg, data).result
+                    result = federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data)).result
                     accuracy = result.history[-1].accuracy
                     cells.setdefault(key, {}).setdefault(defense, []).append(accuracy)
                 print(f"seed {seed} {key:<18} " + " ".join(

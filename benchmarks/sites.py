@@ -41,7 +41,7 @@ from adapters.site_files import split_by_site  # noqa: E402
 from adapters.tables import ClinicalTable  # noqa: E402
 from fl_core.config.model import PipelineConfig
 from fl_core.federation.messages import Shutdown, SiteReady, decode_message, encode_message  # noqa: E402
-from fl_core.federation.wiring import federate, federate_over  # noqa: E402
+from fl_core.federation.wiring import federate, federate_over, make_dpsgd  # noqa: E402
 
 SITE_PROCESS = """
 import sys
@@ -63,7 +63,7 @@ def round_seconds(history: list[Any]) -> list[float]:
 
 def simulation(cfg: PipelineConfig) -> tuple[list[float], float]:
     data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
-    run = federate(cfg, data)
+    run = federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data))
     return round_seconds(run.result.history), run.result.history[-1].accuracy
 
 
@@ -92,8 +92,9 @@ def sites(cfg: PipelineConfig, overrides: list[str], tmp: Path) -> tuple[list[fl
             time.sleep(0.02)
         ready_seconds = time.perf_counter() - started
         transport = StoreTransport(store, list(files))
-        run = federate_over(cfg, transport, {s: m.train_patients for s, m in ready.items()},
-                            next(iter(ready.values())).num_features)
+        run = federate_over(cfg, transport=transport,
+                            patients={s: m.train_patients for s, m in ready.items()},
+                            num_features=next(iter(ready.values())).num_features)
     finally:
         for site in files:
             seq = max(store.newest(site, "down"), store.newest(site, "up")) + 1

@@ -130,7 +130,7 @@ def test_aggregators_are_permutation_invariant(u: torch.Tensor, data) -> None:
     perm = torch.tensor(data.draw(st.permutations(list(range(n)))))
     f = (n - 3) // 2
     for method in AGGREGATORS:
-        agg = make_aggregator(method, f)
+        agg = make_aggregator(method, f=f)
         a = agg(u, None, None).aggregate
         b = agg(u[perm], None, None).aggregate
         assert torch.allclose(a, b, atol=1e-6), method
@@ -176,7 +176,8 @@ def test_anomaly_detection_precision_and_recall(kind: str) -> None:
         g = torch.Generator().manual_seed(trial)
         honest = torch.randn(20, 100, generator=g) * 0.05 + torch.linspace(-1, 1, 100)
         malicious = list(range(6))
-        attack = Attack(kind, frozenset(), scale=4.0, noise_std=1.0)
+        attack = Attack(kind=kind, malicious=frozenset(), scale=4.0, noise_std=1.0,
+                        ipm_epsilon=0.5)
         u = attack.craft(honest, malicious, g)
         flagged = set(detect_anomalies(u).flagged)
         tp += len(flagged & set(malicious))
@@ -217,7 +218,9 @@ def test_attacks_leave_honest_rows_alone_and_are_seeded() -> None:
     u = torch.randn(10, 5)
     rows = [1, 4]
     for kind in (name for name, spec in ATTACKS.items() if spec.craft is not None):
-        out = Attack(kind).craft(u, rows, torch.Generator().manual_seed(0))
+        attack = Attack(kind=kind, malicious=frozenset(), scale=4.0, noise_std=1.0,
+                        ipm_epsilon=0.5)
+        out = attack.craft(u, rows, torch.Generator().manual_seed(0))
         honest = [i for i in range(10) if i not in rows]
         assert torch.equal(out[honest], u[honest]), kind
         assert not torch.equal(out[rows], u[rows]), kind
@@ -351,7 +354,7 @@ def test_configured_rules_pass_the_client_weights_on(method: str) -> None:
     w = torch.rand(9, generator=g, dtype=torch.float64) * 100 + 1
     w[0] = 1000.0
     previous = torch.randn(6, generator=g, dtype=torch.float64) * 0.1
-    agg = make_aggregator(method, 2)
+    agg = make_aggregator(method, f=2)
     direct = {
         "fedavg": lambda: fedavg(u, w),
         "multi_krum": lambda: multi_krum(u, 2, 7, w),

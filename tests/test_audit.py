@@ -32,7 +32,7 @@ def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _overfit(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
     """The deliberately overfit recipe: a wide MLP trained to (near) zero loss."""
     torch.manual_seed(seed)
-    model = MLP(FEATURES, 256)
+    model = MLP(FEATURES, hidden_units=256)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(250):
         opt.zero_grad()

@@ -114,7 +114,7 @@ def update_sequences(draw) -> list[torch.Tensor]:
 def test_residual_plus_reconstruction_is_the_input(
     steps: list[torch.Tensor], codec: TopKQuantizer, momentum: float
 ) -> None:
-    ef = ErrorFeedback(codec, momentum)
+    ef = ErrorFeedback(codec, momentum=momentum)
     velocity = torch.zeros_like(steps[0])
     residual = torch.zeros_like(steps[0])
     for x in steps:

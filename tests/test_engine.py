@@ -32,7 +32,7 @@ def run(sites: list[SiteClient], init: torch.Tensor, rounds: int, min_clients: i
     """The engine over in-process sites, local epochs as the sites were built with."""
     settings = FederationSettings(rounds=rounds, min_clients=min_clients,
                                   local_epochs=sites[0]._training.local_epochs,
-                                  round_timeout_s=timeout)
+                                  round_timeout_s=timeout, client_fraction=1.0)
     return simulate(sites, initial_params=init, settings=settings, **options)  # type: ignore
 
 
@@ -47,12 +47,12 @@ def make_client(cid: str, n: int, seed: int) -> ClientData:
 
 def clients(n_clients: int = 3, cls=SiteClient, **kw):
     def factory():
-        return build_model("logreg", 3, seed=0)
+        return build_model("logreg", 3, hidden_units=32, seed=0)
 
     cfg = LocalTrainingConfig(local_epochs=2, batch_size=16, learning_rate=0.5, seed=1)
     make = kw.pop("compressor_factory", None)
-    return [cls(make_client(f"c{i}", 100 + 20 * i, i), factory, cfg,
-                make() if make else None, **kw)
+    return [cls(data=make_client(f"c{i}", 100 + 20 * i, i), model_factory=factory,
+                training=cfg, compressor=make() if make else None, **kw)
             for i in range(n_clients)], factory
 
 
@@ -206,11 +206,11 @@ def wide_clients(compressor_factory=None, n_clients: int = 3):
                           tuple(range(240, 300)))
 
     def factory():
-        return build_model("logreg", 20, seed=0)
+        return build_model("logreg", 20, hidden_units=32, seed=0)
 
     cfg = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.2, seed=1)
-    return [SiteClient(data(i), factory, cfg,
-                       compressor_factory() if compressor_factory else None)
+    return [SiteClient(data=data(i), model_factory=factory, training=cfg,
+                       compressor=compressor_factory() if compressor_factory else None)
             for i in range(n_clients)], factory
 
 
@@ -246,13 +246,14 @@ def test_sign_flip_attack_breaks_fedavg_but_not_multi_krum() -> None:
     from fl_core.robust.aggregators import make_aggregator
     from fl_core.robust.attacks import Attack
 
-    attack = Attack("sign_flip", frozenset({"c0", "c1"}), scale=4.0)
+    attack = Attack(kind="sign_flip", malicious=frozenset({"c0", "c1"}), scale=4.0,
+                    noise_std=1.0, ipm_epsilon=0.5)
     plain, factory = wide_clients(n_clients=7)
     robust, _ = wide_clients(n_clients=7)
     init = get_flat_params(factory())
     broken = run(plain, init, 8, attack=attack)
     defended = run(robust, init, 8, attack=attack,
-                             defense=Defense(aggregator=make_aggregator("multi_krum", 2)))
+                             defense=Defense(aggregator=make_aggregator("multi_krum", f=2)))
     assert broken.history[-1].accuracy < 0.7
     assert defended.history[-1].accuracy > 0.9
 
@@ -262,7 +263,8 @@ def test_absurd_update_is_rejected_and_flagged_clients_are_reported() -> None:
     from fl_core.robust.attacks import Attack
 
     cs, factory = wide_clients(n_clients=7)
-    attack = Attack("scaling", frozenset({"c3"}), scale=1e6)  # an absurd norm
+    attack = Attack(kind="scaling", malicious=frozenset({"c3"}), scale=1e6,  # an absurd norm
+                    noise_std=1.0, ipm_epsilon=0.5)
     result = run(cs, get_flat_params(factory()), 3, attack=attack,
                            defense=Defense(detect=True))
     assert all(r.rejected_clients == ["c3"] for r in result.history)
@@ -270,7 +272,8 @@ def test_absurd_update_is_rejected_and_flagged_clients_are_reported() -> None:
     assert result.history[-1].accuracy > 0.85
 
     cs, factory = wide_clients(n_clients=7)
-    attack = Attack("scaling", frozenset({"c3"}), scale=20.0)  # large, but not absurd
+    attack = Attack(kind="scaling", malicious=frozenset({"c3"}), scale=20.0,  # large, not absurd
+                    noise_std=1.0, ipm_epsilon=0.5)
     result = run(cs, get_flat_params(factory()), 4, attack=attack,
                            defense=Defense(detect=True))
     assert all("c3" in r.flagged_clients for r in result.history)
@@ -338,7 +341,8 @@ def test_oversized_header_is_refused_before_allocating() -> None:
     code = (
         "import resource, torch\n"
         "from tests.test_engine import oversized_topk_payload\n"
-        "from fl_core.codec.topk import PayloadError, decode_payload\n"
+        "from fl_core.codec.framing import PayloadError\n"
+        "from fl_core.codec.payload import decode_payload\n"
         "payload = oversized_topk_payload()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
@@ -439,7 +443,7 @@ def _dp_sites(compressor: bool) -> tuple[list[SiteClient], object]:
     from fl_core.privacy.randomness import SeededRandom
 
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
-                     learning_rate=0.5, delta=1e-5, accountant="rdp")
+                     learning_rate=0.5, delta=1e-5, accountant="rdp", grad_sample_mode="hooks")
     cs, factory = clients(compressor_factory=(lambda: UpdateCompressor(
         TopKQuantizer(0.5, 8, stochastic=True, seed=3), momentum=0.5)) if compressor else None,
         privacy=dp, randomness=SeededRandom(7))
@@ -455,7 +459,9 @@ def _rounds_3_to_5(sites: list[SiteClient], params: torch.Tensor) -> TrainingRes
     try:
         return run_federated(
             transport=transport, sites=[s.client_id for s in sites], initial_params=params,
-            first_round=3, settings=FederationSettings(rounds=5, local_epochs=2, min_clients=1))
+            first_round=3, settings=FederationSettings(rounds=5, local_epochs=2, min_clients=1,
+                                                       round_timeout_s=300.0,
+                                                       client_fraction=1.0))
     finally:
         transport.close()
 

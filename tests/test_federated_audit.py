@@ -159,7 +159,7 @@ def heart(raw_csv: Path) -> list[ClientData]:
 
 
 def _mlp(num_features: int, hidden: int = 256):  # noqa: ANN202
-    return lambda: build_model("mlp", num_features, hidden, seed=0)
+    return lambda: build_model("mlp", num_features, hidden_units=hidden, seed=0)
 
 
 def _site_replies(factory, params: torch.Tensor, data: list[ClientData]) -> list[AuditReply]:  # noqa: ANN001
@@ -198,9 +198,10 @@ def test_the_site_audit_of_a_simulated_federation_matches_the_pooled_baseline(
 ) -> None:
     factory = _mlp(heart[0].x_train.shape[1], hidden=128)
     local = LocalTrainingConfig(local_epochs=20, batch_size=16, learning_rate=0.2, seed=0)
-    sites = [SiteClient(d, factory, local) for d in heart]
-    result = simulate(sites, initial_params=get_flat_params(factory()),
-                      settings=FederationSettings(rounds=5, local_epochs=20))
+    sites = [SiteClient(data=d, model_factory=factory, training=local) for d in heart]
+    settings = FederationSettings(rounds=5, local_epochs=20, min_clients=1,
+                                  round_timeout_s=300.0, client_fraction=1.0)
+    result = simulate(sites, initial_params=get_flat_params(factory()), settings=settings)
     replies = _site_replies(factory, result.params, heart)
     site_loss = merge_audit_replies(replies, delta=DELTA)[0]
 
@@ -229,7 +230,8 @@ def test_a_reply_holds_nothing_per_patient(heart: list[ClientData]) -> None:
                           cleveland.y_test[:n_test], cleveland.train_ids[:n_train],
                           cleveland.test_ids[:n_test])
         scores = site_attack_scores(factory, params, part, shadow_models=2, seed=0,
-                                    training=LocalTrainingConfig(2, 32, 0.1, 0))
+                                    training=LocalTrainingConfig(local_epochs=2, batch_size=32,
+                                                                 learning_rate=0.1, seed=0))
         reply = audit_reply_from_scores(part.client_id, 1, scores)
         assert (reply.members, reply.non_members) == (n_train, n_test)
         data = encode_message(reply)
@@ -247,7 +249,8 @@ def test_patients_with_several_records_are_one_member_each(heart: list[ClientDat
                          d.train_ids, d.test_ids, train_patients=d.patient_ids()[rows])
     factory = _mlp(d.x_train.shape[1], hidden=16)
     params = get_flat_params(factory())
-    kwargs = {"shadow_models": 2, "seed": 0, "training": LocalTrainingConfig(1, 32, 0.1, 0)}
+    training = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1, seed=0)
+    kwargs = {"shadow_models": 2, "seed": 0, "training": training}
     once = site_attack_scores(factory, params, d, **kwargs)  # type: ignore[arg-type]
     twice = site_attack_scores(factory, params, doubled, **kwargs)  # type: ignore[arg-type]
     assert len(twice["loss_threshold"][0]) == d.num_train

@@ -53,7 +53,7 @@ def test_roc_endpoints_and_tpr_at_fpr() -> None:
 
 def _overfit(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = MLP(x.shape[1], 256)
+    model = MLP(x.shape[1], hidden_units=256)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(300):
         opt.zero_grad()
@@ -84,7 +84,8 @@ def test_no_false_alarm_when_members_were_not_trained_on() -> None:
 
 
 def test_build_model_seeded_and_validated() -> None:
-    a, b = build_model("mlp", 5, 8, seed=3), build_model("mlp", 5, 8, seed=3)
+    a = build_model("mlp", 5, hidden_units=8, seed=3)
+    b = build_model("mlp", 5, hidden_units=8, seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     with pytest.raises(ValueError, match="accepted"):
-        build_model("cnn", 5)
+        build_model("cnn", 5, hidden_units=8)

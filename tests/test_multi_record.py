@@ -139,7 +139,8 @@ def test_site_audit_groups_non_members_by_patient(multi) -> None:
         return torch.nn.Sequential(torch.nn.Linear(c.x_train.shape[1], 1), torch.nn.Flatten(0))
 
     scores = site_attack_scores(factory, get_flat_params(factory()), c, shadow_models=2,
-                                seed=0, training=LocalTrainingConfig(1, 8, 0.1, 0))
+                                seed=0, training=LocalTrainingConfig(local_epochs=1, batch_size=8,
+                                                                     learning_rate=0.1, seed=0))
     members, non_members = scores["loss_threshold"]
     assert c.x_test.shape[0] > len(c.test_ids)  # several test rows per patient
     assert len(members) == len(c.train_ids) and len(non_members) == len(c.test_ids)

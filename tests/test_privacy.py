@@ -99,8 +99,8 @@ def test_each_patient_moves_the_model_by_at_most_the_clip_norm(records: int) -> 
                               list(model.parameters()))
     raw_norm = float(torch.cat([g.reshape(-1) for g in raw]).norm())
     cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.5, sample_rate=1.0,
-                      learning_rate=1.0, delta=1e-5, accountant="rdp")
-    PatientDPTrainer(model, p, cfg).train(epochs=1, random=SeededRandom(0))
+                      learning_rate=1.0, delta=1e-5, accountant="rdp", grad_sample_mode="hooks")
+    PatientDPTrainer(model=model, data=p, cfg=cfg).train(epochs=1, random=SeededRandom(0))
     step = get_flat_params(model) - before
     assert raw_norm > 0.5  # the clip binds
     assert float(step.norm()) == pytest.approx(0.5, rel=1e-4)
@@ -115,8 +115,9 @@ def test_two_patients_contribute_equally_whatever_their_record_counts() -> None:
     model = LogisticRegression(FEATURES)
     before = get_flat_params(model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = DPSGDConfig(0.0, 0.1, 1.0, 1.0, 1e-5, "rdp")
-    PatientDPTrainer(model, p, cfg).train(epochs=1, random=SeededRandom(0))
+    cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.1, sample_rate=1.0,
+                      learning_rate=1.0, delta=1e-5, accountant="rdp", grad_sample_mode="hooks")
+    PatientDPTrainer(model=model, data=p, cfg=cfg).train(epochs=1, random=SeededRandom(0))
     step = get_flat_params(model) - before
     # sum of two clipped gradients over the expected batch (2): at most C in norm
     assert float(step.norm()) <= 0.1 + 1e-6
@@ -139,8 +140,11 @@ def test_reported_epsilon_matches_a_fresh_opacus_accountant(mechanism: str) -> N
     p = group_records(x, y, ids)
     q, delta, epochs = 0.2, 1e-4, 3
     sigma = calibrate_noise(2.0, delta, q, epochs * 5, mechanism)
-    trainer = PatientDPTrainer(LogisticRegression(FEATURES), p,
-                               DPSGDConfig(sigma, 1.0, q, 0.1, delta, mechanism))
+    trainer = PatientDPTrainer(
+        model=LogisticRegression(FEATURES), data=p,
+        cfg=DPSGDConfig(noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q,
+                        learning_rate=0.1, delta=delta, accountant=mechanism,
+                        grad_sample_mode="hooks"))
     trainer.train(epochs=epochs, random=SeededRandom(3))
     assert trainer.steps == epochs * 5
     fresh = _fresh_epsilon(sigma, q, trainer.steps, delta, mechanism)
@@ -154,9 +158,11 @@ def test_noise_is_reproducible_from_the_seed_and_differs_across_seeds() -> None:
     p = group_records(x, y, ids)
 
     def run(seed: int) -> torch.Tensor:
-        model = build_model("logreg", FEATURES, seed=0)
-        PatientDPTrainer(model, p, DPSGDConfig(1.0, 1.0, 0.3, 0.1, 1e-5, "rdp")).train(
-            2, SeededRandom(seed))
+        model = build_model("logreg", FEATURES, hidden_units=32, seed=0)
+        recipe = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.3,
+                             learning_rate=0.1, delta=1e-5, accountant="rdp",
+                             grad_sample_mode="hooks")
+        PatientDPTrainer(model=model, data=p, cfg=recipe).train(2, SeededRandom(seed))
         return get_flat_params(model)
 
     torch.testing.assert_close(run(4), run(4))

@@ -91,12 +91,13 @@ def _client(randomness: object, sigma: float) -> tuple[SiteClient, torch.Tensor,
     features = int(cleveland.x_train.shape[1])
 
     def factory() -> torch.nn.Module:
-        return build_model("logreg", features, seed=0)
+        return build_model("logreg", features, hidden_units=32, seed=0)
 
     dp = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=1.0,
-                     learning_rate=0.5, delta=1e-5)
-    local = LocalTrainingConfig(local_epochs=1, seed=cfg.seed)
-    client = SiteClient(cleveland, factory, local, privacy=dp, randomness=randomness)
+                     learning_rate=0.5, delta=1e-5, accountant="prv", grad_sample_mode="hooks")
+    local = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1, seed=cfg.seed)
+    client = SiteClient(data=cleveland, model_factory=factory, training=local, privacy=dp,
+                        randomness=randomness)
     return client, get_flat_params(factory()), int(cleveland.patient_ids().unique().numel())
 
 
@@ -136,12 +137,12 @@ def test_reproducible_noise_is_regenerated_from_the_config_and_secure_noise_is_n
 
 
 def test_two_secure_runs_with_the_same_seed_differ_and_reproducible_runs_agree() -> None:
-    from fl_core.federation.wiring import federate
+    from fl_core.federation.wiring import federate, make_dpsgd
 
     def params(randomness: str) -> torch.Tensor:
         cfg = load_config(ROOT / "params.yaml", ["rounds=2", f"privacy.randomness={randomness}"])
         data, _, _ = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)
-        return federate(cfg, data).result.params
+        return federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data)).result.params
 
     assert torch.equal(params("reproducible"), params("reproducible"))
     assert not torch.equal(params("secure"), params("secure"))

@@ -169,20 +169,21 @@ def test_lookup_refuses_an_unhashable_name() -> None:
 def test_every_registered_aggregator_runs_and_keeps_its_name() -> None:
     u = torch.randn(9, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for method in AGGREGATORS:
-        agg = make_aggregator(method, 2)
+        agg = make_aggregator(method, f=2)
         assert agg.method == method and agg.f == 2
         assert agg(u, None, None).aggregate.shape == (4,)
-    assert torch.equal(make_aggregator("fedavg", 0)(u, None, None).aggregate, fedavg(u).aggregate)
+    assert torch.equal(make_aggregator("fedavg", f=0)(u, None, None).aggregate,
+                       fedavg(u).aggregate)
 
 
 def test_pre_aggregations_are_the_mixing_functions() -> None:
     u = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert make_pre_aggregation("none", 2) is None
-    nnm = make_pre_aggregation("nnm", 2)
+    assert make_pre_aggregation("none", f=2, bucket_size=2, seed=0) is None
+    nnm = make_pre_aggregation("nnm", f=2, bucket_size=2, seed=0)
     assert nnm is not None and torch.equal(nnm(u), nearest_neighbour_mixing(u, 2))
     # f is capped below n in a round that lost clients: with 2 rows and f=5 one neighbour left
     assert torch.equal(nnm(u[:2]), nearest_neighbour_mixing(u[:2], 1))
-    bucket = make_pre_aggregation("bucketing", 2, bucket_size=3, seed=7)
+    bucket = make_pre_aggregation("bucketing", f=2, bucket_size=3, seed=7)
     generator = torch.Generator().manual_seed(7)
     assert bucket is not None
     for _ in range(2):  # one generator for the run: successive rounds shuffle differently
@@ -192,13 +193,19 @@ def test_pre_aggregations_are_the_mixing_functions() -> None:
 def test_attack_registry_crafts_only_malicious_rows() -> None:
     u = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
     for kind, spec in ATTACKS.items():
-        out = Attack(kind, scale=3.0).craft(u, [1, 4], torch.Generator().manual_seed(0))
+        out = _attack(kind, scale=3.0).craft(u, [1, 4], torch.Generator().manual_seed(0))
         honest = [0, 2, 3, 5]
         assert torch.equal(out[honest], u[honest]), kind
         assert torch.equal(out, u) == (spec.craft is None), kind
-    out = Attack("sign_flip", scale=3.0).craft(u, [1, 4], torch.Generator())
+    out = _attack("sign_flip", scale=3.0).craft(u, [1, 4], torch.Generator())
     assert torch.equal(out[[1, 4]], -3.0 * u[[1, 4]])
-    assert Attack("scaling").flips_labels and not Attack("alie").flips_labels
+    assert _attack("scaling").flips_labels and not _attack("alie").flips_labels
+
+
+def _attack(kind: str, scale: float = 4.0) -> Attack:
+    """An attack of ``kind`` on no client in particular, crafting as ``attack.*`` does by
+    default (``scale`` aside)."""
+    return Attack(kind=kind, malicious=frozenset(), scale=scale, noise_std=1.0, ipm_epsilon=0.5)
 
 
 def _client(i: int, generator: torch.Generator) -> ClientData:
@@ -218,7 +225,7 @@ def test_every_attack_kind_poisons_the_labels_exactly_when_it_says_so(kind: str)
     data = [_client(i, generator) for i in range(4)]
     cfg = load_config(ROOT / "params.yaml", [f"attack.kind={kind}", "attack.fraction=0.5",
                                              "privacy.enabled=false"])
-    setup = simulation_setup(cfg, data)
+    setup = simulation_setup(cfg, data, dp=None)  # privacy.enabled=false: no recipe
     malicious = setup.attack.malicious if setup.attack is not None else frozenset()
     assert len(malicious) == (0 if kind == "none" else 2)
     flipped = {site.client_id for site, d in zip(setup.sites, data, strict=True)
@@ -314,8 +321,10 @@ def test_dp_fedavg_wrapper_equals_the_function_on_the_same_noise(sigma: float) -
 
 def test_dp_fedavg_wrapper_serves_as_the_defense_aggregator() -> None:
     u = _round(4)
-    inner = make_aggregator("fedavg", 2)
-    defense = Defense(aggregator=DPFedAvg(2.0, 0.7, 7.0, SeededRandom(1), inner=inner))
+    inner = make_aggregator("fedavg", f=2)
+    defense = Defense(aggregator=DPFedAvg(clip_norm=2.0, noise_multiplier=0.7,
+                                          expected_clients=7.0, random=SeededRandom(1),
+                                          inner=inner))
     got = defense.aggregate(u, torch.ones(7, dtype=torch.float64), None).aggregate
     want = dp_fedavg(u, 2.0, 0.7, 7.0, SeededRandom(1)).aggregate
     assert torch.allclose(got, want, atol=1e-12)
@@ -325,13 +334,17 @@ def test_dp_fedavg_wrapper_serves_as_the_defense_aggregator() -> None:
 def test_dp_fedavg_refuses_to_wrap_a_rule_that_is_not_the_plain_mean(method: str) -> None:
     with pytest.raises(PrivacyError, match=rf"aggregation.method={method!r}.*clipped sum.*"
                                            r"aggregation.method=fedavg"):
-        DPFedAvg(1.0, 1.0, 4.0, SeededRandom(0), inner=make_aggregator(method, 1))
+        DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_clients=4.0,
+                 random=SeededRandom(0), inner=make_aggregator(method, f=1))
 
 
 def test_dp_fedavg_refuses_an_opaque_callable_and_bad_parameters() -> None:
     with pytest.raises(PrivacyError, match="cannot wrap"):
-        DPFedAvg(1.0, 1.0, 4.0, SeededRandom(0), inner=lambda u, w, p: fedavg(u, w))
+        DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_clients=4.0,
+                 random=SeededRandom(0), inner=lambda u, w, p: fedavg(u, w))
     with pytest.raises(PrivacyError, match="clip_norm > 0"):
-        DPFedAvg(0.0, 1.0, 4.0, SeededRandom(0))
+        DPFedAvg(clip_norm=0.0, noise_multiplier=1.0, expected_clients=4.0,
+                 random=SeededRandom(0))
     with pytest.raises(PrivacyError, match="expected_clients > 0"):
-        DPFedAvg(1.0, 1.0, 0.0, SeededRandom(0))
+        DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_clients=0.0,
+                 random=SeededRandom(0))

@@ -71,13 +71,13 @@ def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -
     # the draft keeps ca/thal/slope, empty for most of three sites, so incomplete patients
     # are filled by the declared fill instead of dropped)
     from adapters.tables import ClinicalTable
-    from fl_core.federation.wiring import federate
+    from fl_core.federation.wiring import federate, make_dpsgd
 
     cfg = load_config(ROOT / "params.yaml", [f"data.schema={path}", f"data.path={raw_csv}",
                                              "data.drop_incomplete=false", "rounds=2"])
     data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
     assert len(data) == 4 and data[0].x_train.shape[1] >= 10
-    run = federate(cfg, data)
+    run = federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data))
     assert run.result.history[-1].accuracy > 0.6 and run.dp is not None
 
 

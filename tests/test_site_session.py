@@ -229,6 +229,66 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
     assert len(ledger.entries()) == 1 and ledger.has_run("flowrun1cleveland")
 
 
+@pytest.mark.slow
+def test_sites_mode_simulation_and_the_dp_audit_build_a_site_client_alike(
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One constructor, fl_core.federation.wiring.make_site_client, builds the site's client
+    in a site's session, in simulation and in the DP audit; for the same site they have the
+    same codec, error feedback, DP-SGD recipe, local training and initial model."""
+    import adapters.site_session
+    import fl_core.federation.wiring as wiring
+    from adapters.tables import ClinicalTable
+    from fl_core.audit.dp_audit import audit_dp
+    from fl_core.federation.site_client import SiteClient
+    from fl_core.model.networks import get_flat_params
+
+    real = wiring.make_site_client
+    built: dict[str, list[tuple[dict, SiteClient, torch.Tensor]]] = {"sites": [], "wiring": []}
+
+    def recording(where: str):  # noqa: ANN202
+        def make(**kwargs: object) -> SiteClient:
+            client = real(**kwargs)  # type: ignore[arg-type]
+            # the model as built: the audit's runs train it in place afterwards
+            built[where].append((kwargs, client, get_flat_params(client._model).clone()))
+            return client
+        return make
+
+    monkeypatch.setattr(adapters.site_session, "make_site_client", recording("sites"))
+    monkeypatch.setattr(wiring, "make_site_client", recording("wiring"))
+    cfg = load_config(project / "params.yaml", [*OVERRIDES, "audit_dp.runs=2",
+                                                "audit_dp.regenerate=false"])
+    files = _site_files(project, tmp_path / "sites")
+    site, path = next(iter(files.items()))  # the first of federation.sites: index 0
+    store = FolderStore(tmp_path / "store", "run1")
+    _shutdown(store, [site])  # answer nothing: stop right after the client is built
+    assert serve_site(cfg, csv_path=path, site=site, index=0,
+                      session=SiteSession(store, site, tmp_path / "state", "run1"),
+                      idle_timeout_s=5) == "shutdown"
+    data = ClinicalTable.get(cfg.data, project).partitioned(cfg.data, cfg.seed)[0]
+    assert data[0].client_id == site
+    wiring.simulation_setup(cfg, data, dp=wiring.make_dpsgd(cfg=cfg, data=data))
+    simulated = len(built["wiring"])
+    audit_dp(cfg, data)
+    assert simulated == len(data) and len(built["wiring"]) == simulated * (1 + 2)  # 2 runs
+
+    (at_site_kwargs, at_site, at_site_initial), = built["sites"]
+    assert at_site_kwargs["index"] == 0 and at_site.client_id == site
+    for kwargs, client, initial in [built["wiring"][0], built["wiring"][simulated]]:  # sim, audit
+        assert kwargs["index"] == 0 and client.client_id == site
+        assert kwargs["dp"] == at_site_kwargs["dp"] is not None  # one σ, one recipe
+        assert client.dp_trainer is not None and at_site.dp_trainer is not None
+        assert client.dp_trainer.cfg == at_site.dp_trainer.cfg
+        assert client._compressor.codec == at_site._compressor.codec  # ratio, bits, seed, ...
+        assert client._compressor.warmup_rounds == at_site._compressor.warmup_rounds
+        feedback, at_site_feedback = client._compressor.feedback, at_site._compressor.feedback
+        assert feedback is not None and at_site_feedback is not None
+        assert feedback.momentum == at_site_feedback.momentum
+        assert client._training == at_site._training
+        assert type(client._model) is type(at_site._model)
+        assert torch.equal(initial, at_site_initial)
+        assert torch.equal(client._data.x_train, at_site._data.x_train)
+
+
 def test_sites_that_fail_to_start_are_named_and_too_few_fail_the_run(tmp_path: Path) -> None:
     from adapters.site_reports import record_sites
     from fl_core.data.tables import DataError

@@ -26,6 +26,12 @@ import math
 
 import torch
 
+from fl_core.config.model import AuditConfig
+
+CONFIDENCE: float = AuditConfig.model_fields["confidence"].default
+"""A bound's confidence unless the caller gives ``audit.confidence``: that key's default,
+read from the config model (its one place)."""
+
 
 def clopper_pearson_upper(errors: torch.Tensor, trials: int, alpha: float) -> torch.Tensor:
     """One-sided ``1 − alpha`` upper confidence bound on a rate observed as errors/trials."""
@@ -56,7 +62,8 @@ def epsilon_lower_bound_at(
 
 
 def empirical_epsilon_lower_bound(
-    scores: torch.Tensor, is_member: torch.Tensor, delta: float, confidence: float = 0.95,
+    scores: torch.Tensor, is_member: torch.Tensor, delta: float,
+    confidence: float = CONFIDENCE,
 ) -> float:
     """ε that the attack ``scores`` prove with ``confidence`` (0 when they prove nothing).
 
@@ -80,7 +87,7 @@ def empirical_epsilon_lower_bound(
 
 def epsilon_lower_bound_from_counts(
     true_pos: torch.Tensor, false_pos: torch.Tensor, positives: int, negatives: int,
-    delta: float, confidence: float = 0.95,
+    delta: float, confidence: float = CONFIDENCE,
 ) -> float:
     """ε that an attack proves with ``confidence`` from its ROC counts alone: ``true_pos[t]``
     members and ``false_pos[t]`` non-members called "member" at each of its ``T`` thresholds

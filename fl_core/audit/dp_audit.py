@@ -65,6 +65,7 @@ from fl_core.federation.wiring import (
     simulation_setup,
 )
 from fl_core.privacy.accountants import epsilon_spent, local_steps
+from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.randomness import RandomSource, make_random
 
 Progress = Callable[[int, int], None]  # (audit runs done, audit runs in all)
@@ -200,10 +201,11 @@ def _run_random(cfg: PipelineConfig, drill: str | None) -> RandomSource:
     return DRILLS[drill].random(configured, cfg.seed) if drill else configured
 
 
-def _train_observed(cfg: PipelineConfig, data: list[ClientData], canaries: dict[str, CanarySet],
-                    drill: str | None, clip_norm: float) -> dict[str, torch.Tensor]:
+def _train_observed(cfg: PipelineConfig, data: list[ClientData], dp: DPSGDConfig | None,
+                    canaries: dict[str, CanarySet], drill: str | None,
+                    clip_norm: float) -> dict[str, torch.Tensor]:
     """One patient-level audit training run; client → the sum of its decoded updates."""
-    setup = simulation_setup(cfg, data, random=_run_random(cfg, drill))
+    setup = simulation_setup(cfg, data, dp=dp, random=_run_random(cfg, drill))
     model, _ = build_target_model(cfg, int(data[0].x_train.shape[1]))
     shapes = tuple(p.shape for p in model.parameters())
     n = int(setup.initial_params.numel())
@@ -228,7 +230,7 @@ class _FixedUpdateClient:
     def __init__(self, client_id: str, update: torch.Tensor, cfg: PipelineConfig,
                  index: int) -> None:
         self.client_id, self._update = client_id, update
-        self._compressor = make_compressor(cfg.compression, cfg.seed + index)
+        self._compressor = make_compressor(compression=cfg.compression, seed=cfg.seed + index)
 
     def handle(self, request: bytes) -> bytes:
         message = decode_message(request, expect=(FitInstruction, EvaluateInstruction))
@@ -241,11 +243,12 @@ class _FixedUpdateClient:
             train_loss=0.0, epsilon=None, dp_steps=0))
 
 
-def _train_client_level(cfg: PipelineConfig, data: list[ClientData], canaries: CanarySet,
-                        drill: str | None, clip_norm: float) -> torch.Tensor:
+def _train_client_level(cfg: PipelineConfig, data: list[ClientData], dp: DPSGDConfig | None,
+                        canaries: CanarySet, drill: str | None,
+                        clip_norm: float) -> torch.Tensor:
     """One client-level audit run: the real clients silenced, an included canary client per
     included canary; returns the released model's total change (Σ of the noisy aggregates)."""
-    setup = simulation_setup(cfg, data, random=_run_random(cfg, drill))
+    setup = simulation_setup(cfg, data, dp=dp, random=_run_random(cfg, drill))
     n = int(setup.initial_params.numel())
     size = CANARY_NORM_FACTOR * clip_norm
     clients = [_FixedUpdateClient(d.client_id, torch.zeros(n), cfg, i)
@@ -286,14 +289,15 @@ class _Claim:
     steps: int  # DP-SGD steps per client, or DP-FedAvg rounds
 
 
-def _claim(cfg: PipelineConfig, data: list[ClientData]) -> _Claim:
+def _claim(cfg: PipelineConfig, dp: DPSGDConfig | None) -> _Claim:
+    """What the accountant claims for the audited rounds of ``cfg`` (at the patient level: of
+    the run's recipe ``dp``, whose σ, q and δ a drill leaves as they are)."""
     p = cfg.privacy
     if cfg.audit_dp.level == "client":
         s = p.server
         return _Claim(epsilon_spent(s.noise_multiplier, cfg.client_fraction, cfg.rounds,
                                     p.delta, p.accountant), p.delta, s.noise_multiplier,
                       cfg.rounds)
-    dp = make_dpsgd(cfg, data)
     assert dp is not None
     steps = local_steps(cfg.rounds, cfg.local_epochs, dp.sample_rate)
     return _Claim(epsilon_spent(dp.noise_multiplier, dp.sample_rate, steps, dp.delta,
@@ -316,14 +320,16 @@ SERVER = "server"
 
 
 def _observe(run_cfg: PipelineConfig, claimed: PipelineConfig, data: list[ClientData],
-             canaries: dict[str, CanarySet], drill: str | None) -> dict[str, torch.Tensor]:
-    """One audit run of ``run_cfg`` (the implementation, a drill's if set); the canaries are
-    sized by the *claimed* clipping bound, so a lifted bound lets them through at 10·C."""
+             dp: DPSGDConfig | None, canaries: dict[str, CanarySet],
+             drill: str | None) -> dict[str, torch.Tensor]:
+    """One audit run of ``run_cfg`` (the implementation, a drill's if set) on its DP-SGD
+    recipe ``dp``; the canaries are sized by the *claimed* clipping bound, so a lifted bound
+    lets them through at 10·C."""
     p = claimed.privacy
     if claimed.audit_dp.level == "client":
-        return {SERVER: _train_client_level(run_cfg, data, canaries[SERVER], drill,
+        return {SERVER: _train_client_level(run_cfg, data, dp, canaries[SERVER], drill,
                                             p.server.clip_norm)}
-    return _train_observed(run_cfg, data, canaries, drill, p.max_grad_norm)
+    return _train_observed(run_cfg, data, dp, canaries, drill, p.max_grad_norm)
 
 
 def audit_dp(
@@ -342,7 +348,9 @@ def audit_dp(
     started = time.perf_counter()
     a, claimed = cfg.audit_dp, audited_config(cfg, None)
     run_cfg = audited_config(cfg, drill)
-    claim = _claim(claimed, data)
+    # σ calibrated once for every audit run (a drill changes the clipping bound, never σ)
+    dp = make_dpsgd(cfg=run_cfg, data=data)
+    claim = _claim(claimed, dp)
     n = sum(p.numel() for p in build_target_model(cfg, int(data[0].x_train.shape[1]))[0]
             .parameters())
     count = min(a.canaries_per_client or n, n)
@@ -351,8 +359,8 @@ def audit_dp(
     raw, regenerated, included = [], [], []
     for run in range(a.runs):
         canaries = {key: draw_canaries(n, count, generator) for key in units}
-        totals = _observe(run_cfg, claimed, data, canaries, drill)
-        replay = (_observe(run_cfg, claimed, data,
+        totals = _observe(run_cfg, claimed, data, dp, canaries, drill)
+        replay = (_observe(run_cfg, claimed, data, dp,
                            {k: c.left_out() for k, c in canaries.items()}, drill)
                   if a.regenerate else None)
         for key, c in canaries.items():

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl_core.audit.bounds import epsilon_lower_bound_from_counts
+from fl_core.audit.bounds import CONFIDENCE, epsilon_lower_bound_from_counts
 from fl_core.audit.lira import lira_online
 from fl_core.audit.report import AttackReport, report_from_roc
 from fl_core.audit.shadow import ShadowOutputs, half_splits, true_class_logit
@@ -254,7 +254,7 @@ def site_audit_reply(
 
 
 def histogram_attack_report(attack: str, histogram: torch.Tensor, *, delta: float,
-                            alpha: float = 0.05) -> AttackReport:
+                            alpha: float = 1 - CONFIDENCE) -> AttackReport:
     """An attack's report from ``[2, bins]`` counts (row 0: members, row 1: non-members).
 
     Thresholds are the occupied bins' lower edges ("member if the bin is ≥ b"); the ε lower
@@ -293,7 +293,7 @@ def merge_histograms(replies: Sequence[AuditReply]) -> torch.Tensor:
 
 
 def merge_audit_replies(
-    replies: Sequence[AuditReply], *, delta: float, alpha: float = 0.05,
+    replies: Sequence[AuditReply], *, delta: float, alpha: float = 1 - CONFIDENCE,
 ) -> list[AttackReport]:
     """Per attack of :data:`SITE_ATTACKS`, the report of the sites' merged histograms.
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fl_core.audit.bounds import CONFIDENCE
 from fl_core.audit.lira import lira_offline, lira_online
 from fl_core.audit.report import AttackReport, attack_report
 from fl_core.audit.shadow import ShadowOutputs, shokri_attack, true_class_logit
@@ -50,7 +51,7 @@ def membership_audit(
     pool_index: torch.Tensor,
     shadows: ShadowOutputs,
     delta: float,
-    confidence: float = 0.95,
+    confidence: float = CONFIDENCE,
 ) -> AuditResult:
     """Attack the target's logits on its evaluation examples; ``pool_index[i]`` is example
     ``i``'s column in ``shadows``."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl_core.audit.bounds import empirical_epsilon_lower_bound
+from fl_core.audit.bounds import CONFIDENCE, empirical_epsilon_lower_bound
 from fl_core.model.metrics import roc_auc, roc_curve
 
 
@@ -47,7 +47,7 @@ def tpr_at_fpr(fpr: torch.Tensor, tpr: torch.Tensor, max_fpr: float) -> float:
 
 def attack_report(
     attack: str, scores: torch.Tensor, is_member: torch.Tensor, delta: float,
-    confidence: float = 0.95,
+    confidence: float = CONFIDENCE,
 ) -> AttackReport:
     """Score → report; a higher score means "more likely a member"."""
     scores = scores.detach().double().reshape(-1)

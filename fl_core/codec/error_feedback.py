@@ -6,6 +6,9 @@ import torch
 
 from fl_core.codec.framing import Codec, _flat32, check_finite
 from fl_core.codec.topk import TopKQuantizer
+from fl_core.config.model import CompressionConfig
+
+_COMPRESSION = CompressionConfig.model_fields  # the defaults' one place: compression.*
 
 # ---------------------------------------------------------------------------------------------
 # client pipeline
@@ -20,7 +23,8 @@ class ErrorFeedback:
     plain error feedback: ``a ← e + x``. The invariant the tests check: ``e + D(C(a)) == a``.
     """
 
-    def __init__(self, codec: Codec, momentum: float = 0.0) -> None:
+    def __init__(self, codec: Codec, *,
+                 momentum: float = _COMPRESSION["momentum"].default) -> None:
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.codec = codec
@@ -63,11 +67,13 @@ class UpdateCompressor:
     dropped coordinates are simply lost, which is what the accuracy table contrasts.
     """
 
-    def __init__(self, codec: Codec, error_feedback: bool = True, momentum: float = 0.0,
-                 warmup_rounds: int = 0) -> None:
+    def __init__(self, codec: Codec, *,
+                 error_feedback: bool = _COMPRESSION["error_feedback"].default,
+                 momentum: float = _COMPRESSION["momentum"].default,
+                 warmup_rounds: int = _COMPRESSION["warmup_rounds"].default) -> None:
         self.codec = codec
         self.warmup_rounds = warmup_rounds
-        self.feedback = ErrorFeedback(codec, momentum) if error_feedback else None
+        self.feedback = ErrorFeedback(codec, momentum=momentum) if error_feedback else None
 
     def compress(self, update: torch.Tensor, round_idx: int) -> bytes:
         codec = self.codec

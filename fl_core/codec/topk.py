@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -76,6 +76,9 @@ from fl_core.codec.rice import (
     rice_encode,
     unpack_fixed,
 )
+from fl_core.config.model import CompressionConfig
+
+_COMPRESSION = CompressionConfig.model_fields  # the defaults' one place: compression.*
 
 TOPK_HEAD = struct.Struct("<BBBBII")
 INDEX_BITMAP = 0
@@ -107,10 +110,11 @@ class TopKQuantizer:
     """
 
     codec_id: ClassVar[int] = CODEC_TOPK
-    ratio: float = 0.1
-    bits: int = 8
-    chunk_size: int = 1024
-    stochastic: bool = False
+    ratio: float = _COMPRESSION["ratio"].default
+    bits: int = _COMPRESSION["bits"].default
+    _: KW_ONLY
+    chunk_size: int = _COMPRESSION["chunk_size"].default
+    stochastic: bool = _COMPRESSION["stochastic_rounding"].default
     seed: int = 0
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
@@ -138,7 +142,8 @@ class TopKQuantizer:
 
     def with_ratio(self, ratio: float) -> TopKQuantizer:
         """The same quantizer at another density (the warm-up schedule uses this)."""
-        return TopKQuantizer(ratio, self.bits, self.chunk_size, self.stochastic, self.seed)
+        return TopKQuantizer(ratio, self.bits, chunk_size=self.chunk_size,
+                             stochastic=self.stochastic, seed=self.seed)
 
     def kept(self, n: int) -> int:
         return min(n, max(1, round(self.ratio * n))) if n else 0

@@ -360,7 +360,9 @@ def infer_schema(frame: pd.DataFrame, path: str | Path, *, patient_id: str, site
     tree = {**dict(id=dataset_id or default_id(path)),
             "description": f"drafted by fedpriv schema infer from {Path(path).name}; REVIEW",
             "patient_id": patient_id, "site": site, "sites": sites, "label": label_tree,
-            "max_missing_rate": 0.1, "features": features,
+            # written out for the reviewer: the schema model's default, its one place
+            "max_missing_rate": DatasetSchema.model_fields["max_missing_rate"].default,
+            "features": features,
             "ignore": [g.name for g in guesses if g.spec is None]}
     if frame[patient_id].dropna().duplicated().any():
         tree["records_per_patient"] = "many"

@@ -26,6 +26,7 @@ from fl_core.codec.downlink import ModelBroadcast
 from fl_core.codec.framing import PayloadError
 from fl_core.codec.payload import decode_payload
 from fl_core.codec.topk import TopKQuantizer
+from fl_core.config.model import AggregationConfig, AnomalyConfig
 from fl_core.federation.messages import (
     EvaluateInstruction,
     EvaluateReply,
@@ -95,7 +96,7 @@ class TrainingResult:
     site_dp_steps: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Defense:
     """What the server does between decoding updates and applying their aggregate.
 
@@ -103,15 +104,18 @@ class Defense:
     0 = off); flag outliers and keep reputations (``detect_anomalies``); drop clients whose
     reputation excludes them; an optional ``pre_aggregation`` step (nearest-neighbour mixing,
     bucketing); then ``aggregator(updates, weights, previous_aggregate)``.
+
+    ``Defense()`` is the bare server (FedAvg, no detection); the thresholds it keeps default to
+    the config model's ``anomaly.*`` and ``aggregation.max_norm_factor``, their one place.
     """
 
     aggregator: Aggregator | None = None
     pre_aggregation: Callable[[torch.Tensor], torch.Tensor] | None = None
     detect: bool = False
-    detect_min_clients: int = 5
-    z_threshold: float = 3.0
+    detect_min_clients: int = AnomalyConfig.model_fields["min_clients"].default
+    z_threshold: float = AnomalyConfig.model_fields["z_threshold"].default
     reputation: Reputation = field(default_factory=Reputation)
-    max_norm_factor: float = 100.0
+    max_norm_factor: float = AggregationConfig.model_fields["max_norm_factor"].default
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor,
                   previous: torch.Tensor | None) -> AggregationResult:
@@ -123,15 +127,16 @@ class Defense:
         return self.aggregator(updates, weights, previous)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FederationSettings:
-    """How the coordinator runs rounds (``federation.*`` and the round-level config)."""
+    """How the coordinator runs rounds (``federation.*`` and the round-level config, read by
+    :func:`fl_core.federation.wiring.federation_settings`; no default of its own)."""
 
     rounds: int
-    local_epochs: int = 2
-    min_clients: int = 1
-    round_timeout_s: float = 300.0
-    client_fraction: float = 1.0
+    local_epochs: int
+    min_clients: int
+    round_timeout_s: float
+    client_fraction: float
     run_id: str = "simulation"
 
 

@@ -49,12 +49,15 @@ from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
 from fl_core.privacy.randomness import RandomSource, SeededRandom
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LocalTrainingConfig:
-    local_epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 0.1
-    seed: int = 0
+    """A client's non-private local SGD (the configuration's ``local_epochs``,
+    ``batch_size``, ``learning_rate`` and ``seed``; no default of its own)."""
+
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
 
 
 def seed_for(seed: int, client_id: str, round_idx: int) -> int:
@@ -98,6 +101,7 @@ class SiteClient:
 
     def __init__(
         self,
+        *,
         data: ClientData,
         model_factory: Callable[[], nn.Module],
         training: LocalTrainingConfig,
@@ -117,7 +121,7 @@ class SiteClient:
         self._dp: PatientDPTrainer | None = None
         if privacy is not None:  # the factory's model must be one Opacus accepts (check_model)
             patients = group_records(data.x_train, data.y_train, data.patient_ids())
-            self._dp = PatientDPTrainer(self._model, patients, privacy)
+            self._dp = PatientDPTrainer(model=self._model, data=patients, cfg=privacy)
 
     @property
     def dp_trainer(self) -> PatientDPTrainer | None:

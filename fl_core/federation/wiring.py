@@ -3,8 +3,10 @@
 Everything :func:`federate` needs is chosen here from ``params.yaml`` (the pipeline's train
 stage, the audit's shadow models, the audit sweep and the benchmarks all run the same
 wiring): the model (Opacus-compatible when DP-SGD is on), one :class:`SiteClient` per client
-with its codec and DP-SGD recipe, the server's defense (robust aggregator, pre-aggregation,
-anomaly detection, DP-FedAvg), the simulated attack, and the randomness source.
+with its codec and DP-SGD recipe (:func:`make_site_client`, which a site's session in sites
+mode and the DP audit use too; the recipe calibrated once per run by :func:`make_dpsgd`),
+the server's defense (robust aggregator, pre-aggregation, anomaly detection, DP-FedAvg), the
+simulated attack, and the randomness source.
 """
 
 from __future__ import annotations
@@ -52,15 +54,20 @@ def client_spending(
     return {c: (float(site_epsilon.get(c, 0.0)), int(steps)) for c, steps in site_dp_steps.items()}
 
 
-def quantizer(c: CompressionConfig, seed: int) -> TopKQuantizer:
-    return TopKQuantizer(c.ratio, c.bits, c.chunk_size, c.stochastic_rounding, seed)
+def quantizer(*, compression: CompressionConfig, seed: int) -> TopKQuantizer:
+    """The top-k quantizer of ``compression``, its stochastic rounding seeded by ``seed``."""
+    c = compression
+    return TopKQuantizer(c.ratio, c.bits, chunk_size=c.chunk_size,
+                         stochastic=c.stochastic_rounding, seed=seed)
 
 
-def make_compressor(c: CompressionConfig, seed: int) -> UpdateCompressor:
+def make_compressor(*, compression: CompressionConfig, seed: int) -> UpdateCompressor:
     """A client's uplink pipeline as configured under ``compression``."""
+    c = compression
     if not c.enabled:
         return UpdateCompressor(DenseCodec(), error_feedback=False)
-    return UpdateCompressor(quantizer(c, seed), c.error_feedback, c.momentum, c.warmup_rounds)
+    return UpdateCompressor(quantizer(compression=c, seed=seed), error_feedback=c.error_feedback,
+                            momentum=c.momentum, warmup_rounds=c.warmup_rounds)
 
 
 def describe_compression(c: CompressionConfig) -> str:
@@ -76,7 +83,7 @@ def describe_compression(c: CompressionConfig) -> str:
     return ", ".join(parts)
 
 
-def make_defense(cfg: PipelineConfig, n_clients: int, random: RandomSource) -> Defense:
+def make_defense(*, cfg: PipelineConfig, n_clients: int, random: RandomSource) -> Defense:
     """The server's defense as configured under ``aggregation`` and ``anomaly``; DP-FedAvg's
     noise (``privacy.server``) is drawn from ``random``."""
     agg = cfg.aggregation
@@ -85,31 +92,35 @@ def make_defense(cfg: PipelineConfig, n_clients: int, random: RandomSource) -> D
     except ValueError as exc:  # by_site: the number of clients is only known now
         raise ConfigError(str(exc)) from None
     f = agg.num_byzantine(n_clients)
-    aggregator: Aggregator = make_aggregator(agg.method, f)
+    aggregator: Aggregator = make_aggregator(agg.method, f=f)
     server = cfg.privacy.server
     if server.enabled:  # a wrapper strategy around the (fedavg) rule; config checked the rest
         # divide by the *expected* number of clients: the sensitivity stays S / (q·n)
-        aggregator = DPFedAvg(server.clip_norm, server.noise_multiplier,
-                              cfg.client_fraction * n_clients, random.stream("server-dp"),
-                              inner=aggregator)
+        aggregator = DPFedAvg(clip_norm=server.clip_norm,
+                              noise_multiplier=server.noise_multiplier,
+                              expected_clients=cfg.client_fraction * n_clients,
+                              random=random.stream("server-dp"), inner=aggregator)
     an = cfg.anomaly
     return Defense(
         aggregator=aggregator,
-        pre_aggregation=make_pre_aggregation(agg.pre_aggregation, f, agg.bucket_size, cfg.seed),
+        pre_aggregation=make_pre_aggregation(agg.pre_aggregation, f=f,
+                                             bucket_size=agg.bucket_size, seed=cfg.seed),
         detect=an.enabled,
         detect_min_clients=an.min_clients,
         z_threshold=an.z_threshold,
-        reputation=Reputation(an.reputation_decay, an.exclude_at),
+        reputation=Reputation(decay=an.reputation_decay, exclude_at=an.exclude_at),
         max_norm_factor=agg.max_norm_factor,
     )
 
 
-def make_attack(cfg: PipelineConfig, client_ids: list[str]) -> Attack | None:
+def make_attack(*, cfg: PipelineConfig, client_ids: list[str]) -> Attack | None:
+    """The simulated attack of ``attack.*`` on ``client_ids`` (None when there is none)."""
     a = cfg.attack
     if a.kind == "none" or a.fraction == 0:
         return None
     malicious = choose_malicious(client_ids, a.fraction, cfg.seed)
-    return Attack(a.kind, malicious, a.scale, a.noise_std, a.ipm_epsilon)
+    return Attack(kind=a.kind, malicious=malicious, scale=a.scale, noise_std=a.noise_std,
+                  ipm_epsilon=a.ipm_epsilon)
 
 
 def poisoned(data: ClientData) -> ClientData:
@@ -117,16 +128,19 @@ def poisoned(data: ClientData) -> ClientData:
     return dataclasses.replace(data, y_train=1.0 - data.y_train)
 
 
-def make_dpsgd(cfg: PipelineConfig, data: list[ClientData]) -> DPSGDConfig | None:
+def make_dpsgd(*, cfg: PipelineConfig, data: Sequence[ClientData]) -> DPSGDConfig | None:
     """Every client's DP-SGD recipe, σ calibrated so the whole run costs ``privacy.epsilon``
     (:func:`dp_recipe` with each client's number of patients)."""
-    return dp_recipe(cfg, {d.client_id: int(d.patient_ids().unique().numel()) for d in data})
+    return dp_recipe(cfg=cfg, patients={d.client_id: int(d.patient_ids().unique().numel())
+                                        for d in data})
 
 
-def dp_recipe(cfg: PipelineConfig, patients: Mapping[str, int]) -> DPSGDConfig | None:
+def dp_recipe(*, cfg: PipelineConfig, patients: Mapping[str, int]) -> DPSGDConfig | None:
     """The DP-SGD recipe of a run whose clients hold ``patients`` (client → count).
 
-    All clients share the sample rate and the number of steps, hence one σ. Raises
+    All clients share the sample rate and the number of steps, hence one σ. Called once where
+    a run is set up (the train stage, a site's session, the coordinator of the sites, the DP
+    audit, each audit shadow) and carried from there to the clients and the ledger. Raises
     :class:`ConfigError` when ``privacy.delta`` is not below 1/patients at some client.
     """
     p = cfg.privacy
@@ -142,15 +156,16 @@ def dp_recipe(cfg: PipelineConfig, patients: Mapping[str, int]) -> DPSGDConfig |
         sigma = calibrate_noise(p.epsilon, p.delta, p.sample_rate, steps, p.accountant)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return DPSGDConfig(sigma, p.max_grad_norm, p.sample_rate,
-                       p.learning_rate or cfg.learning_rate, p.delta, p.accountant,
-                       p.grad_sample_mode)
+    return DPSGDConfig(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+                       sample_rate=p.sample_rate,
+                       learning_rate=p.learning_rate or cfg.learning_rate, delta=p.delta,
+                       accountant=p.accountant, grad_sample_mode=p.grad_sample_mode)
 
 
 def build_target_model(cfg: PipelineConfig, num_features: int) -> tuple[torch.nn.Module, list[str]]:
     """The configured model, initialised from ``seed``; with DP-SGD, one Opacus accepts
     (server, clients and audit shadows share it). Returns the model and Opacus's fixes."""
-    model = build_model(cfg.model, num_features, cfg.hidden_units, seed=cfg.seed)
+    model = build_model(cfg.model, num_features, hidden_units=cfg.hidden_units, seed=cfg.seed)
     if cfg.privacy.enabled:
         return check_model(model)
     return model, []
@@ -179,7 +194,32 @@ def federation_settings(cfg: PipelineConfig) -> FederationSettings:
 
 def make_downlink(cfg: PipelineConfig) -> TopKQuantizer | None:
     comp = cfg.compression
-    return quantizer(comp, cfg.seed) if comp.enabled and comp.downlink == "compressed" else None
+    if comp.enabled and comp.downlink == "compressed":
+        return quantizer(compression=comp, seed=cfg.seed)
+    return None
+
+
+def local_training(cfg: PipelineConfig) -> LocalTrainingConfig:
+    """A client's non-private local SGD as configured."""
+    return LocalTrainingConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                               learning_rate=cfg.learning_rate, seed=cfg.seed)
+
+
+def make_site_client(
+    *, cfg: PipelineConfig, data: ClientData, index: int, dp: DPSGDConfig | None,
+    random: RandomSource,
+) -> SiteClient:
+    """One site's client, as simulation, sites mode and the DP audit all build it: the
+    configured model (Opacus-compatible when private), local training, the uplink codec seeded
+    ``seed + index`` (``index``: the site's position among the run's clients, as in
+    ``federation.sites``), the run's DP-SGD recipe ``dp`` (calibrated once for the run, by
+    :func:`make_dpsgd`) and the run's randomness."""
+    num_features = int(data.x_train.shape[1])
+    return SiteClient(
+        data=data, model_factory=lambda: build_target_model(cfg, num_features)[0],
+        training=local_training(cfg),
+        compressor=make_compressor(compression=cfg.compression, seed=cfg.seed + index),
+        privacy=dp, randomness=random)
 
 
 @dataclass(frozen=True)
@@ -198,37 +238,32 @@ class SimulationSetup:
 
 
 def simulation_setup(
-    cfg: PipelineConfig, data: list[ClientData], *, random: RandomSource | None = None,
+    cfg: PipelineConfig, data: list[ClientData], *, dp: DPSGDConfig | None,
+    random: RandomSource | None = None,
 ) -> SimulationSetup:
-    """The configured clients, DP recipe, compression, defense and attack over ``data``;
+    """The configured clients, compression, defense and attack over ``data``, every client
+    on the run's DP-SGD recipe ``dp`` (:func:`make_dpsgd`, calibrated once by the caller);
     ``random`` replaces the configured randomness (the DP audit's regenerable-noise drill)."""
-    num_features = int(data[0].x_train.shape[1])
-    model_fixes: list[str] = []
-
-    def factory() -> torch.nn.Module:
-        model, fixes = build_target_model(cfg, num_features)
-        model_fixes[:] = fixes
-        return model
-
-    local = LocalTrainingConfig(cfg.local_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed)
     random = random or make_random(cfg.privacy.randomness, cfg.seed)
-    defense = make_defense(cfg, len(data), random)
-    attack = make_attack(cfg, [d.client_id for d in data])
-    if attack is not None and attack.flips_labels:
+    defense = make_defense(cfg=cfg, n_clients=len(data), random=random)
+    attack = make_attack(cfg=cfg, client_ids=[d.client_id for d in data])
+    if attack is not None and attack.flips_labels:  # the patients stay, so does the recipe
         data = [poisoned(d) if d.client_id in attack.malicious else d for d in data]
-    dp = make_dpsgd(cfg, data)
-    sites = [SiteClient(d, factory, local, make_compressor(cfg.compression, cfg.seed + i), dp,
-                        randomness=random) for i, d in enumerate(data)]
-    return SimulationSetup(sites, get_flat_params(factory()), defense, dp, attack, random,
+    sites = [make_site_client(cfg=cfg, data=d, index=i, dp=dp, random=random)
+             for i, d in enumerate(data)]
+    model, model_fixes = build_target_model(cfg, int(data[0].x_train.shape[1]))
+    return SimulationSetup(sites, get_flat_params(model), defense, dp, attack, random,
                            model_fixes)
 
 
 def federate(
-    cfg: PipelineConfig, data: list[ClientData],
+    cfg: PipelineConfig, data: list[ClientData], *, dp: DPSGDConfig | None,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> FederatedRun:
-    """The configured federated run on ``data``: clients, DP, compression, defense, attack."""
-    setup = simulation_setup(cfg, data)
+    """The configured federated run on ``data``: clients, compression, defense, attack, and
+    the DP-SGD recipe ``dp`` the caller calibrated for this run (:func:`make_dpsgd`; the
+    train stage charges the ledger with the same one)."""
+    setup = simulation_setup(cfg, data, dp=dp)
     result = simulate(setup.sites, initial_params=setup.initial_params,
                       settings=federation_settings(cfg), downlink=make_downlink(cfg),
                       sinks=[on_round] if on_round else (), defense=setup.defense,
@@ -237,17 +272,19 @@ def federate(
 
 
 def federate_over(
-    cfg: PipelineConfig, transport: Transport, patients: Mapping[str, int], num_features: int,
-    sinks: Sequence[Callable[[RoundRecord], None]] = (),
+    cfg: PipelineConfig, *, transport: Transport, patients: Mapping[str, int],
+    num_features: int, sinks: Sequence[Callable[[RoundRecord], None]] = (),
 ) -> FederatedRun:
     """The configured federated run with the sites behind ``transport`` (``patients``: site →
     training patients, as the sites reported them): the same coordinator as :func:`federate`
-    (model initialisation, defense, downlink, DP recipe), the sites elsewhere."""
+    (model initialisation, defense, downlink), the sites elsewhere. The DP-SGD recipe is
+    calibrated once, here, for the report (each site calibrated its own for its training)."""
+    dp = dp_recipe(cfg=cfg, patients=patients)
     model, fixes = build_target_model(cfg, num_features)
     random = make_random(cfg.privacy.randomness, cfg.seed)
     result = run_federated(
         transport=transport, sites=list(patients), initial_params=get_flat_params(model),
         settings=federation_settings(cfg), downlink=make_downlink(cfg), sinks=sinks,
-        defense=make_defense(cfg, len(patients), random), attack=None, seed=cfg.seed,
-        randomness=random)
-    return FederatedRun(result, dp_recipe(cfg, patients), None, fixes)
+        defense=make_defense(cfg=cfg, n_clients=len(patients), random=random), attack=None,
+        seed=cfg.seed, randomness=random)
+    return FederatedRun(result, dp, None, fixes)

@@ -27,7 +27,7 @@ class LogisticRegression(nn.Module):
 class MLP(nn.Module):
     """One hidden ReLU layer: ``logit = w2·relu(W1 x + b1) + b2``. No BatchNorm (DP-SGD safe)."""
 
-    def __init__(self, num_features: int, hidden_units: int = 32) -> None:
+    def __init__(self, num_features: int, hidden_units: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(num_features, hidden_units), nn.ReLU(), nn.Linear(hidden_units, 1)
@@ -44,8 +44,9 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
 """``model`` → ``factory(num_features, hidden_units)`` (``logreg`` has no hidden layer)."""
 
 
-def build_model(kind: str, num_features: int, hidden_units: int = 32, seed: int = 0) -> nn.Module:
-    """A freshly initialised model; the same ``seed`` gives the same weights."""
+def build_model(kind: str, num_features: int, *, hidden_units: int, seed: int = 0) -> nn.Module:
+    """A freshly initialised model; the same ``seed`` gives the same weights. ``hidden_units``
+    (the configuration's, whose default is the config model's) only shapes ``mlp``."""
     factory = lookup(MODELS, kind, "model")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

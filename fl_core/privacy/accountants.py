@@ -72,9 +72,11 @@ def _accountant(mechanism: str) -> Any:  # opacus' IAccountant
     return create()
 
 
+# a run calibrates once (fl_core.federation.wiring.dp_recipe) and carries σ; the cache spares
+# the runs of one recipe in one process (the audit's shadows, a sweep's seeds) the ~0.5 s each
 @lru_cache(maxsize=256)
 def calibrate_noise(
-    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
     """Smallest noise multiplier σ (to 0.01 in ε) such that ``steps`` Poisson-subsampled
     Gaussian steps at rate ``sample_rate`` are ``(epsilon, delta)``-DP under ``accountant``."""
@@ -112,8 +114,7 @@ def epsilon_for_history(
 
 
 def epsilon_spent(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-    accountant: str = "prv",
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str,
 ) -> float:
     """ε after ``steps`` steps of the subsampled Gaussian mechanism (0 for no steps)."""
     if steps == 0:
@@ -122,8 +123,7 @@ def epsilon_spent(
 
 
 def replace_one_epsilon(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-    accountant: str = "prv",
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str,
 ) -> tuple[float, float]:
     """The run's guarantee under the *replace-one* relation, as ``(ε', δ')``.
 

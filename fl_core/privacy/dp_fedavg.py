@@ -38,7 +38,7 @@ SUM_COMPATIBLE = frozenset({"fedavg"})
 ``n · mean`` is the clipped sum whose sensitivity is ``S``."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPFedAvg:
     """Server-side client-level DP as a wrapper around an aggregation strategy (McMahan et al.
     2018; the shape of Flower's server-side fixed-clipping wrapper).
@@ -62,7 +62,7 @@ class DPFedAvg:
     noise_multiplier: float
     expected_clients: float
     random: RandomSource
-    inner: Aggregator = field(default_factory=lambda: make_aggregator("fedavg", 0))
+    inner: Aggregator = field(default_factory=lambda: make_aggregator("fedavg", f=0))
 
     def __post_init__(self) -> None:
         method = getattr(self.inner, "method", None)

@@ -147,17 +147,19 @@ def check_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
 # --- client-side DP-SGD ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPSGDConfig:
-    """One client's DP-SGD recipe; ``noise_multiplier`` comes from :func:`calibrate_noise`."""
+    """One client's DP-SGD recipe; ``noise_multiplier`` comes from :func:`calibrate_noise`,
+    the rest from ``privacy.*`` (:func:`fl_core.federation.wiring.dp_recipe`; the config
+    model holds the defaults, this record none)."""
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     learning_rate: float
     delta: float
-    accountant: str = "prv"
-    grad_sample_mode: str = "hooks"
+    accountant: str
+    grad_sample_mode: str
 
 
 PerPatientHook = Callable[[list[torch.Tensor], RandomSource], list[torch.Tensor]]
@@ -177,7 +179,7 @@ class PatientDPTrainer:
 
     per_patient_hook: PerPatientHook | None = None
 
-    def __init__(self, model: nn.Module, data: PatientTensors, cfg: DPSGDConfig) -> None:
+    def __init__(self, *, model: nn.Module, data: PatientTensors, cfg: DPSGDConfig) -> None:
         from opacus.grad_sample.utils import prepare_module
         from opacus.optimizers import get_optimizer_class
 

@@ -300,7 +300,7 @@ class ConfiguredAggregator:
         return AGGREGATORS[self.method](updates, weights, previous, self.f)
 
 
-def make_aggregator(method: str, f: int) -> ConfiguredAggregator:
+def make_aggregator(method: str, *, f: int) -> ConfiguredAggregator:
     """``aggregate(updates, weights, previous_aggregate)`` for the rule registered as
     ``method``, tolerating up to ``f`` Byzantine clients."""
     return ConfiguredAggregator(method, f)
@@ -336,7 +336,8 @@ PRE_AGGREGATIONS: dict[str, Callable[[int, int, int], PreAggregation | None]] = 
 seeded once, so a run's sequence of shuffles is reproducible."""
 
 
-def make_pre_aggregation(name: str, f: int, bucket_size: int = 2,
-                         seed: int = 0) -> PreAggregation | None:
-    """The pre-aggregation step registered as ``name`` (``None`` for ``"none"``)."""
+def make_pre_aggregation(name: str, *, f: int, bucket_size: int,
+                         seed: int) -> PreAggregation | None:
+    """The pre-aggregation step registered as ``name`` (``None`` for ``"none"``), with
+    ``aggregation.bucket_size`` and the run's seed (no defaults here: the config model's)."""
     return lookup(PRE_AGGREGATIONS, name, "aggregation.pre_aggregation")(f, bucket_size, seed)

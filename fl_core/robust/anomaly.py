@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fl_core.config.model import AnomalyConfig
+
+_ANOMALY = AnomalyConfig.model_fields  # the defaults' one place: anomaly.*
 MAD_TO_SD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
@@ -54,7 +57,8 @@ class AnomalyReport:
     cosine_z: torch.Tensor
 
 
-def detect_anomalies(updates: torch.Tensor, z_threshold: float = 3.0) -> AnomalyReport:
+def detect_anomalies(updates: torch.Tensor,
+                     z_threshold: float = _ANOMALY["z_threshold"].default) -> AnomalyReport:
     """Flag rows of ``updates`` ``[n, d]`` whose norm or direction is a robust outlier."""
     n = updates.shape[0]
     if n < 3:
@@ -67,12 +71,12 @@ def detect_anomalies(updates: torch.Tensor, z_threshold: float = 3.0) -> Anomaly
     return AnomalyReport(flagged.tolist(), norm_z, cosine_z)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Reputation:
     """Per-client score across rounds; excluded while ``score ≥ exclude_at``."""
 
-    decay: float = 0.8
-    exclude_at: float = 2.0
+    decay: float = _ANOMALY["reputation_decay"].default
+    exclude_at: float = _ANOMALY["exclude_at"].default
     scores: dict[str, float] = field(default_factory=dict)
 
     def update(self, client_ids: list[str], flagged: set[str]) -> None:

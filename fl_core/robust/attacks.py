@@ -87,13 +87,17 @@ ATTACKS: dict[str, AttackKind] = {
 DATA_POISONING = tuple(name for name, kind in ATTACKS.items() if kind.flips_labels)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Attack:
-    kind: str = "none"
-    malicious: frozenset[str] = frozenset()
-    scale: float = 4.0
-    noise_std: float = 1.0
-    ipm_epsilon: float = 0.5
+    """A simulated attack as ``attack.*`` configures it (:func:`fl_core.federation.wiring.
+    make_attack`; the defaults are the config model's): which clients are malicious and the
+    crafting parameters of the kinds that use them."""
+
+    kind: str
+    malicious: frozenset[str]
+    scale: float
+    noise_std: float
+    ipm_epsilon: float
 
     def __post_init__(self) -> None:
         lookup(ATTACKS, self.kind, "attack.kind")
