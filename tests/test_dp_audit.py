@@ -90,7 +90,8 @@ def test_canary_rows_are_diracs_of_the_declared_size(count: int, per_record: boo
     g = torch.Generator().manual_seed(seed)
     canaries = draw_canaries(18, count, g)
     shapes = (torch.Size([1, 17]), torch.Size([1]))
-    hook = CanaryInjection(canaries, shapes, 1.5, sample_rate, per_record)
+    hook = CanaryInjection(canaries=canaries, shapes=shapes, clip_norm=1.5,
+                           sample_rate=sample_rate, per_record=per_record)
     real = [torch.randn(5, 1, 17), torch.randn(5, 1)]
     random = SeededRandom(seed)
     out = hook(real, random)
@@ -108,7 +109,8 @@ def test_canary_rows_are_diracs_of_the_declared_size(count: int, per_record: boo
                                                           else 1)
     assert torch.equal(hit, want)
     # a replay with every canary left out draws the same uniforms and adds nothing
-    replay = CanaryInjection(canaries.left_out(), shapes, 1.5, sample_rate, per_record)
+    replay = CanaryInjection(canaries=canaries.left_out(), shapes=shapes, clip_norm=1.5,
+                             sample_rate=sample_rate, per_record=per_record)
     assert sum(o.shape[0] for o in replay(real, SeededRandom(seed))[:1]) == 5
 
 

@@ -59,7 +59,7 @@ def draw_canaries(num_params: int, count: int, generator: torch.Generator) -> Ca
     return CanarySet(coordinates, signs, included)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CanaryInjection:
     """The per-patient hook of one client (see the module docstring).
 

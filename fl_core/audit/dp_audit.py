@@ -214,7 +214,8 @@ def _train_observed(cfg: PipelineConfig, data: list[ClientData], dp: DPSGDConfig
         trainer = site.dp_trainer
         assert trainer is not None and setup.dp is not None
         trainer.per_patient_hook = CanaryInjection(
-            canaries[site.client_id], shapes, clip_norm, setup.dp.sample_rate, per_record)
+            canaries=canaries[site.client_id], shapes=shapes, clip_norm=clip_norm,
+            sample_rate=setup.dp.sample_rate, per_record=per_record)
     observed = [_Observed(site, n) for site in setup.sites]
     simulate(observed, initial_params=setup.initial_params, settings=federation_settings(cfg),
              downlink=make_downlink(cfg), defense=setup.defense, seed=cfg.seed,
