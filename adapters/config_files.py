@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from adapters.schema_files import load_schema, read_schema_tree, resolve_schema_path
-from fl_core.config.model import ConfigError, DataConfig, PipelineConfig
+from adapters.schema_files import read_schema_tree, resolve_schema_path
+from fl_core.config.model import ConfigError, PipelineConfig
 from fl_core.config.overrides import SCHEMA_PREFIX, apply_overrides, validate_config
 from fl_core.data.schema import (
     DEFAULT_SCHEMA,
@@ -82,10 +82,3 @@ def load_config(
     return build_config(tree, source, path.parent, schema_overrides)
 
 
-def data_config(**fields: Any) -> DataConfig:
-    """A :class:`DataConfig` of ``fields``, its dataset schema (``schema``, default
-    ``data/schemas/heart.yaml``) read from the working directory or the checkout unless a
-    loaded ``spec`` is given."""
-    if fields.get("spec") is None:
-        fields["spec"] = load_schema(fields.get("schema", DEFAULT_SCHEMA))
-    return DataConfig(**fields)

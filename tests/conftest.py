@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,19 @@ RAW_CSV = ROOT / "data" / "raw" / "heart_disease_uci.csv"
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def data_config(**fields: Any) -> Any:
+    """A ``DataConfig`` of ``fields`` (a test's own data section), its dataset schema
+    (``schema``, default ``data/schemas/heart.yaml``) read from the working directory or the
+    checkout unless a loaded ``spec`` is given."""
+    from adapters.schema_files import load_schema
+    from fl_core.config.model import DataConfig
+    from fl_core.data.schema import DEFAULT_SCHEMA
+
+    if fields.get("spec") is None:
+        fields["spec"] = load_schema(fields.get("schema", DEFAULT_SCHEMA))
+    return DataConfig(**fields)
 
 
 @pytest.fixture

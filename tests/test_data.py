@@ -4,11 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.config_files import data_config
 from adapters.tables import ClinicalTable
 from fl_core.config.model import DataConfig
 from fl_core.data.tables import DataError
 from fl_core.data.transform import TabularTransform
+from tests.conftest import data_config
 
 
 @pytest.fixture(autouse=True)

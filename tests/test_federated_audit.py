@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.config_files import data_config
 from adapters.tables import ClinicalTable
 from fl_core.audit import attack_report, per_example_loss
 from fl_core.audit.federated import (
@@ -34,6 +33,7 @@ from fl_core.federation.simulation import simulate
 from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
 from fl_core.model.metrics import roc_auc
 from fl_core.model.networks import build_model, get_flat_params, set_flat_params
+from tests.conftest import data_config
 
 DELTA = 1e-5
 SHADOW_TRAINING = LocalTrainingConfig(local_epochs=40, batch_size=32, learning_rate=0.1, seed=0)

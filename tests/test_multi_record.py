@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 
-from adapters.config_files import data_config, load_config
+from adapters.config_files import load_config
 from adapters.tables import ClinicalTable
 from fl_core.config.model import DataConfig
 from fl_core.data.schema import SchemaError, parse_schema
+from tests.conftest import data_config
 
 SCHEMA = {
     "id": "multi", "patient_id": "pid", "site": "clinic", "records_per_patient": "many",

@@ -18,16 +18,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.config_files import data_config, load_config
+from adapters.config_files import load_config
 from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, FeatureReference
+from fl_core.data.schema import NUMERIC_TYPES
 from fl_core.data.tables import DataError, Partition
 from fl_core.data.transform import TabularTransform
+from tests.conftest import data_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = data_config().spec  # data/schemas/heart.yaml
 CORE_FEATURES = tuple(SPEC.features)
-NUMERIC_FEATURES = SPEC.numeric_features
+NUMERIC_FEATURES = SPEC.of_type(*NUMERIC_TYPES)
 BOOLEAN_FEATURES = SPEC.of_type("boolean")
 CATEGORIES = {n: tuple(f.categories or ()) for n, f in SPEC.features.items()
               if f.type == "categorical"}

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.config_files import build_config, data_config
+from adapters.config_files import build_config
 from fl_core.config.model import PipelineConfig
 from fl_core.data.transform import TabularTransform
 from fl_core.model.networks import build_model, get_flat_params
+from tests.conftest import data_config
 
 PRIVATE = {"epsilon": 0.99, "mia_tpr_at_0_1pct_fpr": 0.0, "empirical_epsilon_lower_bound": 0.0,
            "randomness": "secure"}

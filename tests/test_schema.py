@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapters.config_files import data_config, load_config
+from adapters.config_files import load_config
 from adapters.schema_files import load_schema
 from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError
@@ -23,6 +23,7 @@ from fl_core.data.schema import DatasetSchema, LabelRule, SchemaError, parse_sch
 from fl_core.data.tables import binary_label
 from fl_core.data.transform import TabularTransform
 from flows.cli import main
+from tests.conftest import data_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART = ROOT / "data" / "schemas" / "heart.yaml"

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.config_files import data_config, load_config
+from adapters.config_files import load_config
 from adapters.schema_files import infer_schema_file, load_schema
 from fl_core.data.inference import InferenceError, widened_range
+from tests.conftest import data_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART_ARGS = ["--patient-id", "id", "--site", "dataset", "--label", "num"]

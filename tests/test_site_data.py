@@ -16,12 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.config_files import data_config, load_config
+from adapters.config_files import load_config
 from adapters.gx_validation import validate_site_file
 from adapters.site_files import SiteFile, site_client_data, split_by_site
 from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, PipelineConfig, site_slug
 from fl_core.data.tables import DataError, Partition
+from tests.conftest import data_config
 
 SPEC = data_config().spec  # data/schemas/heart.yaml
 SITES = tuple(SPEC.sites)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.config_files import data_config, load_config
+from adapters.config_files import load_config
 from adapters.message_store import READY, FolderStore, StoreTransport
 from adapters.site_files import split_by_site
 from adapters.site_session import SiteSession, serve_site
@@ -24,6 +24,7 @@ from fl_core.federation.messages import (
     decode_message,
     encode_message,
 )
+from tests.conftest import data_config
 
 OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models=2"]
 

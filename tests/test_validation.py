@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from adapters.config_files import data_config
 from adapters.gx_validation import validate_file
 from fl_core.config.model import ConfigError, DataConfig
 from fl_core.data.validation import (
@@ -19,6 +18,7 @@ from fl_core.data.validation import (
     ValidationReport,
     raise_if_failed,
 )
+from tests.conftest import data_config
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "raw" / "heart_disease_uci.csv"
 SITE_ROWS = {"Cleveland": 304, "Hungary": 293, "VA Long Beach": 200, "Switzerland": 123}

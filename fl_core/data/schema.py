@@ -366,10 +366,6 @@ class DatasetSchema(_Part):
         return tuple(n for n, f in self.features.items() if f.type in types)
 
     @property
-    def numeric_features(self) -> tuple[str, ...]:
-        return self.of_type(*NUMERIC_TYPES)
-
-    @property
     def required_columns(self) -> tuple[str, ...]:
         """Patient id, site and label columns (the features come on top)."""
         return self.patient_id, self.site, self.label.column

@@ -84,8 +84,6 @@ ATTACKS: dict[str, AttackKind] = {
 }
 """``attack.kind`` → what a malicious client does (the table above)."""
 
-DATA_POISONING = tuple(name for name, kind in ATTACKS.items() if kind.flips_labels)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Attack:
