@@ -16,6 +16,17 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def per_example_loss(model: Any, x: Any, y: Any) -> Any:
+    """Each example's binary cross-entropy under ``model`` (eval mode, no gradient): the
+    score of the loss-threshold attack, negated."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(x), y,
+                                                                    reduction="none")
+
+
 def data_config(**fields: Any) -> Any:
     """A ``DataConfig`` of ``fields`` (a test's own data section), its dataset schema
     (``schema``, default ``data/schemas/heart.yaml``) read from the working directory or the

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.tables import ClinicalTable
-from fl_core.audit import attack_report, per_example_loss
+from fl_core.audit import attack_report
 from fl_core.audit.federated import (
     LIRA_TEMPERATURE,
     NOT_IN_SITES_MODE,
@@ -33,7 +33,7 @@ from fl_core.federation.simulation import simulate
 from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
 from fl_core.model.metrics import roc_auc
 from fl_core.model.networks import build_model, get_flat_params, set_flat_params
-from tests.conftest import data_config
+from tests.conftest import data_config, per_example_loss
 
 DELTA = 1e-5
 SHADOW_TRAINING = LocalTrainingConfig(local_epochs=40, batch_size=32, learning_rate=0.1, seed=0)

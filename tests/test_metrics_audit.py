@@ -6,9 +6,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from fl_core.audit import loss_threshold_attack, tpr_at_fpr
+from fl_core.audit import AttackReport, attack_report, balanced_indices, tpr_at_fpr
 from fl_core.model.metrics import accuracy, balanced_accuracy, roc_auc, roc_curve
 from fl_core.model.networks import MLP, build_model
+from tests.conftest import per_example_loss
+
+
+def loss_threshold_attack(
+    model: torch.nn.Module,
+    x_members: torch.Tensor, y_members: torch.Tensor,
+    x_non_members: torch.Tensor, y_non_members: torch.Tensor,
+    seed: int = 0, delta: float = 1e-5,
+) -> AttackReport:
+    """The loss-threshold attack (Yeom et al. 2018) on balanced members / non-members of a
+    model trained outside the pipeline: a low loss means "member"."""
+    m_idx, o_idx = balanced_indices(len(y_members), len(y_non_members),
+                                    torch.Generator().manual_seed(seed))
+    scores = -torch.cat([
+        per_example_loss(model, x_members[m_idx], y_members[m_idx]),
+        per_example_loss(model, x_non_members[o_idx], y_non_members[o_idx]),
+    ])
+    is_member = torch.cat([torch.ones(len(m_idx)), torch.zeros(len(o_idx))])
+    return attack_report("loss_threshold", scores, is_member, delta)
 
 
 @given(st.lists(st.tuples(st.integers(-5, 5), st.booleans()), min_size=2, max_size=60))

@@ -4,8 +4,8 @@ empirical ε bound), the white-box DP canary audit and the promotion gate.
 One concept per module: :mod:`~fl_core.audit.shadow` (shadow models' outputs and the Shokri
 attack model), :mod:`~fl_core.audit.lira` (offline / online LiRA), :mod:`~fl_core.audit.bounds`
 (the Clopper–Pearson ε lower bound), :mod:`~fl_core.audit.report` (metrics of one attack),
-:mod:`~fl_core.audit.baseline` (the loss-threshold attack) and
-:mod:`~fl_core.audit.membership` (all attacks on one target). Training the shadows is the
+:mod:`~fl_core.audit.membership` (the balanced evaluation examples and all attacks on one
+target, the loss-threshold baseline among them). Training the shadows is the
 caller's: they must follow the target's own recipe.
 
 :mod:`~fl_core.audit.federated` is the sites-mode audit (attacks at each site, histograms to
@@ -14,7 +14,6 @@ the coordinator); import it from there (it needs the site's training, ``fl_core.
 is the white-box DP audit; :mod:`~fl_core.audit.gate` decides promotion.
 """
 
-from fl_core.audit.baseline import balanced_indices, loss_threshold_attack, per_example_loss
 from fl_core.audit.bounds import (
     clopper_pearson_upper,
     empirical_epsilon_lower_bound,
@@ -22,7 +21,7 @@ from fl_core.audit.bounds import (
     epsilon_lower_bound_from_counts,
 )
 from fl_core.audit.lira import lira_offline, lira_online
-from fl_core.audit.membership import AuditResult, membership_audit
+from fl_core.audit.membership import AuditResult, balanced_indices, membership_audit
 from fl_core.audit.report import AttackReport, attack_report, report_from_roc, tpr_at_fpr
 from fl_core.audit.shadow import (
     ShadowOutputs,
@@ -36,6 +35,6 @@ __all__ = [
     "AttackReport", "AuditResult", "ShadowOutputs", "attack_features", "attack_report",
     "balanced_indices", "clopper_pearson_upper", "empirical_epsilon_lower_bound",
     "epsilon_lower_bound_at", "epsilon_lower_bound_from_counts", "half_splits",
-    "lira_offline", "lira_online", "loss_threshold_attack", "membership_audit",
-    "per_example_loss", "report_from_roc", "shokri_attack", "tpr_at_fpr", "true_class_logit",
+    "lira_offline", "lira_online", "membership_audit", "report_from_roc", "shokri_attack",
+    "tpr_at_fpr", "true_class_logit",
 ]

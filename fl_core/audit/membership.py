@@ -20,6 +20,18 @@ from fl_core.audit.report import AttackReport, attack_report
 from fl_core.audit.shadow import ShadowOutputs, shokri_attack, true_class_logit
 
 
+def balanced_indices(
+    n_members: int, n_non_members: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equally many members and non-members, the larger side subsampled at random: the
+    evaluation examples every attack here is scored on."""
+    n = min(n_members, n_non_members)
+    if n == 0:
+        raise ValueError("the audit needs at least one member and one non-member")
+    return (torch.randperm(n_members, generator=generator)[:n],
+            torch.randperm(n_non_members, generator=generator)[:n])
+
+
 @dataclass(frozen=True)
 class AuditResult:
     reports: tuple[AttackReport, ...]
