@@ -1,3 +1,4 @@
+import ast
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,59 @@ def test_min_clients_above_the_sites_refused_at_partition(project: Path) -> None
     assert not (project / "data" / "processed" / "partition.json").exists()
     partition_data(load_config(project / "params.yaml", ["min_clients=4"]), project)
     assert (project / "data" / "processed" / "partition.json").exists()
+
+
+def _config_defaults(section: type, out: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Config key (its last part) → repr of its defaults, over every section of the model."""
+    from pydantic import BaseModel
+
+    for name, field in section.model_fields.items():
+        if name == "spec":  # the dataset schema: a model of its own, fl_core/data/schema.py
+            continue
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            _config_defaults(field.annotation, out)
+        elif not field.is_required() and field.default is not None:
+            out.setdefault(name, set()).add(repr(field.default))
+    return out
+
+
+# where a default may be written: the models themselves, and records of what a stage did
+DEFAULTS_HOME = {"fl_core/config/model.py", "fl_core/data/schema.py", "fl_core/results.py"}
+
+
+def _literal_defaults(tree: ast.AST) -> list[tuple[str, ast.expr]]:
+    """(name, default) of every function parameter and class-level field with a default."""
+    out: list[tuple[str, ast.expr]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            positional = [*a.posonlyargs, *a.args]
+            out += [(p.arg, d) for p, d in zip(positional[len(positional) - len(a.defaults):],
+                                               a.defaults, strict=True)]
+            out += [(p.arg, d) for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)
+                    if d is not None]
+        elif isinstance(node, ast.ClassDef):
+            out += [(s.target.id, s.value) for s in node.body if isinstance(s, ast.AnnAssign)
+                    and isinstance(s.target, ast.Name) and s.value is not None]
+    return out
+
+
+def test_every_config_default_is_written_once_in_the_config_model() -> None:
+    """A parameter or field named like a config key does not repeat the key's default as a
+    literal (``ratio: float = 0.1``): it reads the model's field
+    (``CompressionConfig.model_fields["ratio"].default``) or takes the value from the caller."""
+    from fl_core.config.model import PipelineConfig
+
+    defaults = _config_defaults(PipelineConfig, {})
+    assert defaults["ratio"] == {"0.1"} and defaults["accountant"] == {"'prv'"}  # it reads them
+    repeated = []
+    for package in ("fl_core", "adapters", "flows", "tasks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = path.relative_to(ROOT).as_posix()
+            if where in DEFAULTS_HOME:
+                continue
+            for name, value in _literal_defaults(ast.parse(path.read_text())):
+                if isinstance(value, ast.Constant) and repr(value.value) in defaults.get(name, ()):
+                    repeated.append(f"{where}:{value.lineno} {name}={value.value!r}")
+    assert not repeated, "config defaults written outside the config model:\n" + \
+        "\n".join(repeated)

@@ -34,7 +34,7 @@ class TabularTransform:
     missing_category: dict[str, str]
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     booleans: dict[str, tuple[str, str]] = field(default_factory=dict)
-    one_hot: bool = True
+    one_hot: bool = DataConfig.model_fields["one_hot"].default
     missing_indicators: tuple[str, ...] = ()
     # per feature, the recorded values that mean "not measured" (read as missing)
     missing_tokens: dict[str, tuple[float | str, ...]] = field(default_factory=dict)
