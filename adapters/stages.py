@@ -8,7 +8,7 @@ command ``fedpriv audit-dp`` (:func:`adapters.dp_audit.run_dp_audit`), and sites
 the coordinator's side within the flow (``tasks/at_sites.py``).
 
 :func:`exit_codes` maps each error ``fedpriv`` reports in one line to its exit code and the
-words before its message (README: errors and exit codes); anything else is a traceback.
+words before its message (docs/errors.md); anything else is a traceback.
 
 A stage is named by ``"module:function"`` and imported when it runs, so that a command that
 runs none (``fedpriv budget``, ``fedpriv schema``) does not load torch, GX or MLflow.
