@@ -26,9 +26,9 @@ def open_ledger(cfg: PipelineConfig, root: Path, *, state_dir: Path | None = Non
     """The ledger at ``privacy.ledger`` (relative to ``root``) or in the state dir:
     ``state_dir`` when given (a site's own state folder), else the configured one."""
     path = cfg.ledger_path
-    return PrivacyLedger(path if path.is_absolute() else root / path)
     if state_dir is not None and not cfg.privacy.ledger:
         path = state_dir / path.name
+    return PrivacyLedger(path if path.is_absolute() else root / path)
 
 
 def plan_charge(

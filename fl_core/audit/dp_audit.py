@@ -118,7 +118,6 @@ class DPAuditResult:
                    verdict="PRIVACY FAILURE" if self.privacy_failure else "consistent")
         return out
 
-
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> DPAuditResult:
         """A report written by :meth:`to_json` read back (a kept verdict); ``power``,
@@ -126,6 +125,7 @@ class DPAuditResult:
         names = {f.name for f in fields(cls)}
         kept = {k: v for k, v in raw.items() if k in names}
         return cls(**{**kept, "bounds": [ScoreBound(**b) for b in raw.get("bounds", [])]})
+
 
 class _Observed:
     """A site whose fit replies are also decoded the way the coordinator decodes them, and
