@@ -328,7 +328,7 @@ def identify_peer(cert_pem_or_der: bytes, *, ca_cert: x509.Certificate,
 
 
 def certificate_kind(cert: x509.Certificate) -> str:
-    """``client``, ``server`` or ``ca`` (for listings)."""
+    """``client``, ``server`` or ``authority`` (the CA itself), for listings."""
     if _is_ca(cert):
-        return "ca"
+        return "authority"
     return "client" if ExtendedKeyUsageOID.CLIENT_AUTH in _extended_usages(cert) else "server"
