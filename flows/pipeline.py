@@ -46,7 +46,7 @@ from tasks.validate import validate
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     DataError, DataValidationError, ConfigError, PreflightError, BudgetExceededError,
     MissingChargeError)
-"""Errors `fedpriv` reports in one line with their own exit code (README: Bad input)."""
+"""Errors `fedpriv` reports in one line with their own exit code (docs/errors.md)."""
 
 
 class BriefExpectedErrors(logging.Filter):

@@ -36,7 +36,7 @@ def site_environment(site: str) -> tuple[Path, Path]:
     own = os.environ.get("FEDPRIV_SITE_ID")
     if own is None or "FEDPRIV_SITE_DATA" not in os.environ:
         raise SiteEnvironmentError("this worker has no FEDPRIV_SITE_ID / FEDPRIV_SITE_DATA: "
-                                   "start it as README 'Sites mode' shows")
+                                   "start it as docs/sites-mode.md shows")
     if own != site:
         raise SiteEnvironmentError(f"a session for site {site!r} reached the worker of site "
                                    f"{own!r}: refused (check federation.sites work pools)")

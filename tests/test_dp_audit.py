@@ -144,7 +144,7 @@ def test_no_false_alarm_over_seeds(heart, epsilon: float) -> None:
             assert result.epsilon_lower_bound > 0.3 * result.epsilon
 
 
-# audit runs per drill: the blatant ones prove ε_lb of 12-180 at 16 runs (README), far
+# audit runs per drill: the blatant ones prove ε_lb of 12-180 at 16 runs (docs/results.md), far
 # past 1 with two or three; the subtle ones (3.7-3.8 at 16 runs) need six
 DRILL_RUNS = {"noise_off": 2, "clipping_off": 2, "noise_down_10x": 3}
 
@@ -250,7 +250,7 @@ DP_FEDAVG = ("privacy.server.enabled=true", "aggregation.method=fedavg",
 @pytest.mark.slow
 def test_client_level_dp_fedavg_with_canary_clients(heart) -> None:
     """DP-FedAvg (σ = 2 over 20 rounds: ε ≈ 11.5 per client): 288 canary clients prove at
-    least half of it and no more (at σ = 4, ε ≈ 5, they prove 1.7–3.6: README); noise 10×
+    least half of it and no more (at σ = 4, ε ≈ 5, they prove 1.7–3.6: docs/results.md); noise 10×
     too small, lifted clipping and seeded noise are caught at σ = 4; the per-record drill
     belongs to the patient level."""
     honest = _audit(heart, *DP_FEDAVG, "privacy.server.noise_multiplier=2")

@@ -138,4 +138,4 @@ DRILLS: dict[str, Drill] = {
     "regenerable_noise": Drill("noise drawn from a generator seeded by the configuration's "
                                "seed", seeded_noise=True),
 }
-"""The broken-DP drills (``fedpriv audit-dp --drill NAME``; README)."""
+"""The broken-DP drills (``fedpriv audit-dp --drill NAME``; docs/audits.md)."""

@@ -317,8 +317,8 @@ class AuditConfig(_Section):
 
 
 class DPAuditConfig(_Section):
-    """The white-box canary audit of the DP implementation (``fedpriv audit-dp``; README:
-    Auditing the DP implementation). Its cost is ``runs × (1 + regenerate)`` training runs of
+    """The white-box canary audit of the DP implementation (``fedpriv audit-dp``;
+    docs/audits.md). Its cost is ``runs × (1 + regenerate)`` training runs of
     ``rounds`` rounds; it trains no model that is released."""
 
     in_pipeline: bool = False  # run it in `fedpriv run` before registration (adds its cost)
@@ -359,7 +359,7 @@ class FederationConfig(_Section):
     ``mode=simulation`` (the default): every site in the coordinator's process.
     ``mode=sites``: each site is a Prefect flow run on its own work pool, started once per
     run, reading only its own file; coordinator and sites exchange fedpriv's framed messages
-    through ``message_store`` (a folder both reach; see README "Sites mode").
+    through ``message_store`` (a folder both reach; see docs/sites-mode.md).
     """
 
     mode: Literal["simulation", "sites"] = "simulation"
@@ -391,7 +391,7 @@ class FederationConfig(_Section):
         if "://" in self.message_store:
             raise ValueError(
                 f"federation.message_store={self.message_store!r}: this build reads and writes "
-                f"a folder (a shared volume or a mounted bucket); see README 'Sites mode'")
+                f"a folder (a shared volume or a mounted bucket); see docs/sites-mode.md")
         return self
 
 

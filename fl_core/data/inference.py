@@ -391,7 +391,7 @@ def draft_yaml(draft: SchemaDraft) -> str:
              f"{MARGIN:.0%}; center/scale are",
              "# their midpoint/half-width and fill the center (no patient statistic); "
              "replace them by clinical",
-             "# reference values where you have them (README: Data).",
+             "# reference values where you have them (docs/data.md).",
              *(f"{k}: {_flow(v)}" for k, v in head.items()),
              f"label: {_flow(tree['label'])}",
              f"max_missing_rate: {tree['max_missing_rate']:g}   # default per feature and site",

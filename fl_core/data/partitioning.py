@@ -14,7 +14,7 @@ from fl_core.data.tables import DataError
 def site_rng(seed: int, site: str) -> np.random.Generator:
     """The generator of ``site``'s train/test split under ``by_site``: a function of the seed
     and the site's name only, so the split of a site depends on (seed, its patients) and not
-    on any other site's data (a hospital computes it alone, README: Data)."""
+    on any other site's data (a hospital computes it alone, docs/data.md)."""
     return np.random.default_rng([seed, zlib.crc32(site.encode("utf-8"))])
 
 

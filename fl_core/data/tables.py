@@ -8,8 +8,7 @@ to exactly one client and to one side of that client's train/test split.
 Column names, the label rule and "not measured" tokens come from the dataset schema
 (``data.schema``, :mod:`fl_core.data.schema`). Preprocessing (clipping, scaling, filling missing
 values, one-hot encoding) is *declared* there too, never fitted: no statistic of any patient,
-training or test, reaches the model through it, so it spends no privacy (README: Preprocessing
-spends no privacy).
+training or test, reaches the model through it, so it spends no privacy (docs/privacy.md).
 """
 
 from __future__ import annotations
