@@ -1,0 +1,395 @@
+"""Site sessions and the message store without Prefect: four sites, each reading only its own
+file, serve a coordinator through a folder; the result is the simulation's, message for
+message; what a site writes is read as bytes and decoded by fedpriv's format only."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.config_files import load_config
+from adapters.message_store import READY, FolderStore, StoreTransport
+from adapters.site_files import split_by_site
+from adapters.site_session import SiteSession, serve_site
+from fl_core.federation.messages import (
+    Failure,
+    FitInstruction,
+    Shutdown,
+    SiteReady,
+    decode_message,
+    encode_message,
+)
+from tests.conftest import data_config
+
+OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models=2"]
+
+
+def _site_files(project: Path, out: Path) -> dict[str, Path]:
+    files = {}
+    for site_file in split_by_site(project / "data" / "raw" / "heart_disease_uci.csv",
+                                   data_config().spec):
+        path = out / site_file.slug / "heart_disease_uci.csv"
+        path.parent.mkdir(parents=True)
+        path.write_text(site_file.text())
+        files[site_file.site] = path
+    return files
+
+
+def _start_sessions(cfg, files: dict[str, Path], store: FolderStore,
+                    tmp: Path) -> list[threading.Thread]:
+    threads = []
+    for index, (site, path) in enumerate(files.items()):
+        session = SiteSession(store, site, tmp / "state" / site, "run1")
+        thread = threading.Thread(target=serve_site, args=(cfg,), kwargs={
+            "csv_path": path, "site": site, "index": index, "session": session,
+            "idle_timeout_s": 60}, daemon=True)
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _wait_ready(store: FolderStore, sites: list[str], timeout: float = 60) -> dict:
+    import time
+
+    end, ready = time.monotonic() + timeout, {}
+    while time.monotonic() < end and len(ready) < len(sites):
+        for site in sites:
+            raw = store.get(site, "up", READY)
+            if raw is not None and site not in ready:
+                ready[site] = decode_message(raw, site=site, expect=(SiteReady, Failure))
+        time.sleep(0.05)
+    assert len(ready) == len(sites), ready
+    return ready
+
+
+def _shutdown(store: FolderStore, sites: list[str]) -> None:
+    for site in sites:
+        seq = max(store.newest(site, "down"), store.newest(site, "up")) + 1
+        store.put(site, "down", f"{seq:06d}", encode_message(Shutdown("run1", -1, "done")))
+
+
+def test_sessions_over_a_folder_train_exactly_the_simulations_model(
+        project: Path, tmp_path: Path) -> None:
+    from adapters.audit import audit_at_sites
+    from adapters.partition import partition_data
+    from adapters.train import train_at_sites, train_model
+    from adapters.validate import validate_data
+
+    cfg = load_config(project / "params.yaml", OVERRIDES)
+    validate_data(cfg, project)
+    partition_data(cfg, project)
+    simulated = train_model(cfg, project)
+
+    files = _site_files(project, tmp_path / "sites")
+    store = FolderStore(tmp_path / "store", "run1")
+    threads = _start_sessions(cfg, files, store, tmp_path)
+    ready = _wait_ready(store, list(files))
+    assert all(isinstance(m, SiteReady) and m.passed for m in ready.values())
+    summary = json.loads(ready["Hungary"].validation)
+    assert summary["passed"] and summary["site"] == "Hungary"
+    coordinator = tmp_path / "coordinator"
+    transport = StoreTransport(store, list(files))
+    try:
+        at_sites = train_at_sites(cfg, coordinator, "run1", transport, ready)
+        audited = audit_at_sites(cfg, coordinator, "run1", transport)
+    finally:
+        _shutdown(store, list(files))
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert at_sites.accuracy == pytest.approx(simulated.accuracy, abs=1e-9)
+    assert at_sites.auc == pytest.approx(simulated.auc, abs=1e-9)
+    sim_model = torch.load(project / "data" / "models" / "model.pt", weights_only=True)
+    site_model = torch.load(coordinator / ".fedpriv" / "runs" / "run1" / "data" / "models"
+                            / "model.pt", weights_only=True)
+    assert torch.allclose(sim_model["params"], site_model["params"], atol=1e-6)
+    # every site charged its own ledger, once, at the site
+    assert set(at_sites.privacy.site_ledger_runs) == set(files)
+    # the audit, from the sites' histograms: every training and held-out patient
+    assert [a["attack"] for a in audited.attacks] == ["loss_threshold", "lira"]
+    assert audited.members == sum(m.train_patients for m in ready.values())
+    assert audited.non_members == sum(m.test_patients for m in ready.values())
+    assert 0.3 < audited.mia_auc < 0.8 and audited.privacy_consistent
+
+
+def test_the_coordinator_never_unpickles_what_a_site_writes(tmp_path: Path) -> None:
+    """A site that writes a pickle (which would run code if unpickled), garbage or an
+    oversized file in place of its reply: the transport hands raw bytes to the decoder, which
+    refuses them; the file that would have been executed never is."""
+    store = FolderStore(tmp_path / "store", "run1")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # unpickling this would create the marker file
+            return (marker.touch, ())
+
+    transport = StoreTransport(store, ["A", "B", "C"])
+    request = encode_message(FitInstruction("run1", 1, b"\x00" * 8, 1))
+
+    def reply_badly() -> None:
+        import time
+
+        while store.newest("A", "down") < 1:
+            time.sleep(0.01)
+        store.put("A", "up", "000001", pickle.dumps(Exploit()))
+        store.put("B", "up", "000001", b"\x00" * 100)
+        big = store.folder("C", "up") / "000001.msg"
+        big.parent.mkdir(parents=True, exist_ok=True)
+        part = big.with_name(".000001.msg.part")
+        with part.open("wb") as f:  # a sparse file of 100 MB, renamed into place whole
+            f.truncate(100 * 1024 * 1024)
+        part.replace(big)
+
+    writer = threading.Thread(target=reply_badly)
+    writer.start()
+    replies = transport.exchange({"A": request, "B": request, "C": request}, deadline_s=5)
+    writer.join()
+    for site in ("A", "B"):
+        with pytest.raises(ValueError):
+            decode_message(replies[site], site=site)  # type: ignore[arg-type]
+    assert "refused unread" in str(replies["C"])
+    assert not marker.exists()
+
+
+def test_a_site_that_misses_the_deadline_fails_the_round_only(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path / "store", "run1")
+    transport = StoreTransport(store, ["A", "B"], alive=lambda s: "its session ended"
+                               if s == "B" else None)
+    request = encode_message(FitInstruction("run1", 1, b"", 1))
+    replies = transport.exchange({"A": request, "B": request}, deadline_s=0.3)
+    assert "missed the round deadline of 0.3 s" in str(replies["A"])
+    assert "its session ended" in str(replies["B"])  # known gone: fails at once
+    assert (store.folder("A", "down") / "000001.msg").read_bytes() == request
+
+
+def test_a_site_missing_from_later_rounds_leaves_gaps_not_errors(tmp_path: Path) -> None:
+    """A site that fails a round's evaluation has no per-site accuracy that round (and one
+    that appears late has none before): rounds.csv leaves the cells empty, the curves a gap."""
+    import csv
+    import io
+
+    from adapters.plots import training_curves
+    from adapters.train import rounds_csv_text
+
+    base = {"train_loss": 0.6, "test_loss": 0.6, "accuracy": 0.7, "auc": 0.7, "epsilon": "",
+            "bytes_uploaded": 10, "bytes_downloaded": 10, "bytes_uploaded_uncompressed": 20,
+            "bytes_downloaded_uncompressed": 20}
+    history = [{"round": 1, **base, "accuracy_A": 0.7},
+               {"round": 2, **base, "accuracy_A": 0.7, "accuracy_B": 0.6},
+               {"round": 3, **base, "accuracy_B": 0.65}]
+    rows = list(csv.DictReader(io.StringIO(rounds_csv_text(history))))
+    assert [r["accuracy_A"] for r in rows] == ["0.7", "0.7", ""]
+    assert [r["accuracy_B"] for r in rows] == ["", "0.6", "0.65"]
+    training_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_site_still_busy_with_a_missed_request_is_not_waited_for_again(
+        tmp_path: Path) -> None:
+    """Fit missed its deadline: the same round's evaluation fails at once for that site
+    (no second wait); once it answers (late, or a restarted session answers the newest
+    request), it is waited for as usual."""
+    import time
+
+    store = FolderStore(tmp_path / "store", "run1")
+    transport = StoreTransport(store, ["A"])
+    request = encode_message(FitInstruction("run1", 1, b"", 1))
+    assert "missed the round deadline" in str(transport.exchange({"A": request}, 0.2)["A"])
+    started = time.monotonic()
+    busy = transport.exchange({"A": request}, deadline_s=5)["A"]
+    assert "still busy with request 1" in str(busy) and time.monotonic() - started < 1
+    store.put("A", "up", "000002", b"late answer to the newest request")
+    threading.Timer(0.2, store.put, ("A", "up", "000003", b"answer")).start()
+    assert transport.exchange({"A": request}, deadline_s=5)["A"] == b"answer"
+
+
+def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
+        project: Path, tmp_path: Path) -> None:
+    """The ledger charge is keyed by the coordinator's flow run (the same when Prefect
+    retries the flow): a second session for that run (a retry, a restart) charges nothing."""
+    from adapters.accounting import open_ledger
+
+    cfg = load_config(project / "params.yaml", OVERRIDES)
+    files = _site_files(project, tmp_path / "sites")
+    site, path = next(iter(files.items()))
+    state = tmp_path / "state"
+    for attempt in ("try1", "try2"):
+        store = FolderStore(tmp_path / "store", attempt)
+        _shutdown(store, [site])  # answer nothing: stop right after start-up
+        why = serve_site(cfg, csv_path=path, site=site, index=0,
+                         session=SiteSession(store, site, state, "flowrun1"), idle_timeout_s=5)
+        assert why == "shutdown"
+        (ready,) = _wait_ready(store, [site]).values()
+        assert ready.ledger_run_id == "flowrun1cleveland"
+    ledger = open_ledger(cfg, state, state_dir=state)
+    assert len(ledger.entries()) == 1 and ledger.has_run("flowrun1cleveland")
+
+
+@pytest.mark.slow
+def test_sites_mode_simulation_and_the_dp_audit_build_a_site_client_alike(
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One constructor, fl_core.federation.wiring.make_site_client, builds the site's client
+    in a site's session, in simulation and in the DP audit; for the same site they have the
+    same codec, error feedback, DP-SGD recipe, local training and initial model."""
+    import adapters.site_session
+    import fl_core.federation.wiring as wiring
+    from adapters.tables import ClinicalTable
+    from fl_core.audit.dp_audit import audit_dp
+    from fl_core.federation.site_client import SiteClient
+    from fl_core.model.networks import get_flat_params
+
+    real = wiring.make_site_client
+    built: dict[str, list[tuple[dict, SiteClient, torch.Tensor]]] = {"sites": [], "wiring": []}
+
+    def recording(where: str):  # noqa: ANN202
+        def make(**kwargs: object) -> SiteClient:
+            client = real(**kwargs)  # type: ignore[arg-type]
+            # the model as built: the audit's runs train it in place afterwards
+            built[where].append((kwargs, client, get_flat_params(client._model).clone()))
+            return client
+        return make
+
+    monkeypatch.setattr(adapters.site_session, "make_site_client", recording("sites"))
+    monkeypatch.setattr(wiring, "make_site_client", recording("wiring"))
+    cfg = load_config(project / "params.yaml", [*OVERRIDES, "audit_dp.runs=2",
+                                                "audit_dp.regenerate=false"])
+    files = _site_files(project, tmp_path / "sites")
+    site, path = next(iter(files.items()))  # the first of federation.sites: index 0
+    store = FolderStore(tmp_path / "store", "run1")
+    _shutdown(store, [site])  # answer nothing: stop right after the client is built
+    assert serve_site(cfg, csv_path=path, site=site, index=0,
+                      session=SiteSession(store, site, tmp_path / "state", "run1"),
+                      idle_timeout_s=5) == "shutdown"
+    data = ClinicalTable.get(cfg.data, project).partitioned(cfg.data, cfg.seed)[0]
+    assert data[0].client_id == site
+    wiring.simulation_setup(cfg, data, dp=wiring.make_dpsgd(cfg=cfg, data=data))
+    simulated = len(built["wiring"])
+    audit_dp(cfg, data)
+    assert simulated == len(data) and len(built["wiring"]) == simulated * (1 + 2)  # 2 runs
+
+    (at_site_kwargs, at_site, at_site_initial), = built["sites"]
+    assert at_site_kwargs["index"] == 0 and at_site.client_id == site
+    for kwargs, client, initial in [built["wiring"][0], built["wiring"][simulated]]:  # sim, audit
+        assert kwargs["index"] == 0 and client.client_id == site
+        assert kwargs["dp"] == at_site_kwargs["dp"] is not None  # one σ, one recipe
+        assert client.dp_trainer is not None and at_site.dp_trainer is not None
+        assert client.dp_trainer.cfg == at_site.dp_trainer.cfg
+        assert client._compressor.codec == at_site._compressor.codec  # ratio, bits, seed, ...
+        assert client._compressor.warmup_rounds == at_site._compressor.warmup_rounds
+        feedback, at_site_feedback = client._compressor.feedback, at_site._compressor.feedback
+        assert feedback is not None and at_site_feedback is not None
+        assert feedback.momentum == at_site_feedback.momentum
+        assert client._training == at_site._training
+        assert type(client._model) is type(at_site._model)
+        assert torch.equal(initial, at_site_initial)
+        assert torch.equal(client._data.x_train, at_site._data.x_train)
+
+
+def test_sites_that_fail_to_start_are_named_and_too_few_fail_the_run(tmp_path: Path) -> None:
+    from adapters.site_reports import record_sites
+    from fl_core.data.tables import DataError
+    from fl_core.federation.coordinator import RoundFailedError
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml",
+                      ["federation.mode=sites", "min_clients=3"])
+
+    def ready(site: str, passed: bool = True) -> SiteReady:
+        summary = {"passed": passed, "site": site, "failures": [] if passed else [
+            {"column": "age", "detail": "values outside [18, 100]", "unexpected_count": 1}]}
+        return SiteReady(site, -1, passed, 17, 100, 25, json.dumps(summary), "x")
+
+    up = {"Cleveland": ready("Cleveland"), "Hungary": ready("Hungary"),
+          "VA Long Beach": ready("VA Long Beach")}
+    usable = record_sites(cfg, tmp_path, "r1", up, {"Switzerland": "no session within 180 s"}, 1)
+    assert usable == ["Cleveland", "Hungary", "VA Long Beach"]  # configured order
+    validation = json.loads((tmp_path / ".fedpriv/runs/r1/reports/validation.json").read_text())
+    assert validation["unavailable"] == {"Switzerland": "no session within 180 s"}
+    with pytest.raises(RoundFailedError, match="only 2 site.*min_clients=3.*Switzerland"):
+        record_sites(cfg, tmp_path, "r2", {k: up[k] for k in ("Cleveland", "Hungary")},
+                     {"Switzerland": "no session", "VA Long Beach": "its session ended"}, 1)
+    bad = {**up, "Hungary": ready("Hungary", passed=False)}
+    with pytest.raises(DataError, match="Hungary"):
+        record_sites(cfg, tmp_path, "r3", bad, {"Hungary": "data failed validation: values "
+                                                "outside [18, 100]"}, 1)
+
+
+def test_dvc_stages_refuse_sites_mode_clearly(project: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "train", "--root",
+                           str(project), "--set", "federation.mode=sites"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "federation.mode=sites: the 'train' stage runs at the sites" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sites_mode_without_a_prefect_server_is_refused_at_once(project: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--root", str(project),
+                           "--set", "federation.mode=sites"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "set PREFECT_API_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_session_that_crashes_before_it_is_ready_is_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up: a session that CRASHED before it said ready (its worker could not submit
+    it: a Prefect API answering 503 under load) gets another session, up to three in all;
+    one that FAILED (its own code raised) is left out at once. The Prefect side is scripted:
+    each started session ends as the script says, or comes up (writes its ready message)."""
+    from uuid import uuid4
+
+    import prefect.deployments
+
+    from flows.site_dispatch import START_ATTEMPTS, SiteSessions
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml",
+                      ["federation.mode=sites"])
+    store = FolderStore(tmp_path / "store", "run1")
+    script = {"Cleveland": ["CRASHED", "READY"], "Hungary": ["CRASHED"] * START_ATTEMPTS,
+              "Switzerland": ["FAILED", "READY"], "VA Long Beach": ["READY"]}
+    started: dict[str, list[str]] = {site: [] for site in script}
+    by_run: dict[str, tuple[str, int]] = {}
+
+    class Run:
+        def __init__(self, site: str) -> None:
+            self.id = uuid4()
+            attempt = len(started[site])
+            started[site].append(str(self.id))
+            by_run[str(self.id)] = (site, attempt)
+            if script[site][attempt] == "READY":
+                store.put(site, "up", READY, encode_message(
+                    SiteReady(site, -1, True, 17, 100, 25, json.dumps({"passed": True}), "")))
+
+    def run_deployment(name: str, **kwargs) -> Run:
+        return Run(kwargs["parameters"]["site"])
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+
+    class Scripted(SiteSessions):
+        def _state_name(self, site: str, max_age_s: float = 0.5) -> str | None:
+            state = script[site][by_run[str(self.runs[site])][1]]
+            return "RUNNING" if state == "READY" else state
+
+    sessions = Scripted(cfg, store, "run1")
+    sessions.start()
+    sessions.wait_ready(30)
+    assert set(sessions.ready) == {"Cleveland", "VA Long Beach"}
+    assert {site: len(runs) for site, runs in started.items()} == {
+        "Cleveland": 2, "Hungary": START_ATTEMPTS, "Switzerland": 1, "VA Long Beach": 1}
+    assert sessions.refused == {"Hungary": "its session ended (crashed)",
+                                "Switzerland": "its session ended (failed)"}
