@@ -17,6 +17,7 @@ FORBIDDEN = ("sqlite3", "great_expectations", "prefect", "mlflow", "dvc", "prome
              "adapters", "tasks", "flows")
 
 
+@pytest.mark.slow
 def test_fl_core_imports_no_orchestration() -> None:
     modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
                      for p in (ROOT / "fl_core").rglob("*.py"))
@@ -149,6 +150,7 @@ def test_tasks_do_not_import_flows() -> None:
         assert "from flows" not in text and "import flows" not in text, path.name
 
 
+@pytest.mark.slow
 def test_cli_budget_does_not_import_tasks(project: Path) -> None:
     code = (
         "import sys\n"
@@ -166,6 +168,7 @@ def _modules(package: str) -> list[str]:
                   for p in (ROOT / package).rglob("*.py"))
 
 
+@pytest.mark.slow
 def test_adapters_never_load_prefect_tasks_or_flows() -> None:
     modules = _modules("adapters")
     assert {"adapters.train", "adapters.mlflow_registration", "adapters.plots"} <= set(modules)
@@ -196,6 +199,7 @@ def test_tasks_are_thin_glue() -> None:
         assert len(code) <= 80, f"{path.name}: {len(code)} code lines"
 
 
+@pytest.mark.slow
 def test_cli_stage_commands_do_not_import_tasks(project: Path) -> None:
     code = (
         "import sys\n"

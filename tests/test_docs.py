@@ -100,6 +100,7 @@ def test_pages_exist() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)],
                          ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.slow
 def test_runnable_commands_run(page: Path, tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)

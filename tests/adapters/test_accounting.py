@@ -68,6 +68,7 @@ def _spend(root: Path, site: str, epsilon: float, run_id: str, cap: float = 10.0
         SiteCharge(site, eps, 1e-5, "prv", history, patients),)), cap)
 
 
+@pytest.mark.slow
 def test_run_reports_epsilon_that_a_fresh_accountant_confirms(project: Path) -> None:
     from opacus.accountants import PRVAccountant
 
@@ -111,6 +112,7 @@ def test_run_reports_epsilon_that_a_fresh_accountant_confirms(project: Path) -> 
     assert float(tags["privacy.epsilon"]) == pytest.approx(privacy["epsilon"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_run_that_would_overspend_is_refused_before_training(project: Path) -> None:
     _spend(project, "Hungary", 9.5, "earlier")
     _stages(project, "validate", "partition")
@@ -175,6 +177,7 @@ def _variants(raw: bytes) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_the_same_patients_in_another_file_are_the_same_account(project: Path) -> None:
     raw_dir = project / "data" / "raw"
     raw = (raw_dir / "heart_disease_uci.csv").read_bytes()
@@ -205,6 +208,7 @@ def _cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_stage_train_charges_the_ledger_and_refuses_past_the_cap(project: Path) -> None:
     _stages(project, "validate", "partition")
     model = project / "data" / "models" / "model.pt"
@@ -223,6 +227,7 @@ def test_cli_stage_train_charges_the_ledger_and_refuses_past_the_cap(project: Pa
     assert _ledger(project).entries() == entries
 
 
+@pytest.mark.slow
 def test_run_killed_mid_training_spends_nothing(project: Path) -> None:
     _stages(project, "validate", "partition")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -256,6 +261,7 @@ def test_delta_too_large_for_a_site_is_a_config_error(project: Path) -> None:
     assert not (project / "reports" / "train.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_budget_shows_the_ledger(project: Path) -> None:
     _spend(project, "Cleveland", 1.25, "run-x")
     _spend(project, "Cleveland", 1.25, "run-y")

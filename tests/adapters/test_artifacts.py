@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from adapters.artifacts import (
     PUBLISH_JOURNAL,
     Paths,
@@ -176,6 +178,7 @@ def test_temp_files_of_killed_writers_are_removed_and_no_others(project: Path) -
     assert not (reports / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_registered_run_that_cannot_publish_exits_7_and_is_published_later(
         project: Path) -> None:
     """reports/ breaks after registration (here metrics.json is a directory): the run exits 7

@@ -330,6 +330,7 @@ def test_raise_if_failed_passes_a_good_report(real_report: ValidationReport) -> 
 
 
 # ------------------------------------------------------------------------------ representable
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["123456789012345678901", "9223372036854775808", "12.5", "-3"])
 def test_patient_id_that_does_not_fit_int64_names_the_site(
     tmp_path: Path, raw: pd.DataFrame, bad: str
@@ -350,6 +351,7 @@ def test_the_largest_int64_id_passes(tmp_path: Path, raw: pd.DataFrame) -> None:
     assert validate_file(write(tmp_path, frame), DATA).success
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["1e400", "inf", "-Infinity", "NaN1"])
 def test_numeric_values_that_are_not_finite_are_refused(
     tmp_path: Path, raw: pd.DataFrame, bad: str

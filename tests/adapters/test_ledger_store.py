@@ -190,6 +190,7 @@ def _race(path: str, run: str, barrier: multiprocessing.synchronize.Barrier) -> 
         return False
 
 
+@pytest.mark.slow
 def test_concurrent_runs_cannot_both_spend_the_last_budget(tmp_path: Path) -> None:
     path = str(tmp_path / "ledger.sqlite")
     PrivacyLedger(path)

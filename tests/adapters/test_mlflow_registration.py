@@ -278,6 +278,7 @@ def test_rollback_puts_back_what_still_points_at_its_version(
     assert _aliases(_client(cfg), cfg.mlflow.model_name) == {"challenger": "1", "champion": "1"}
 
 
+@pytest.mark.slow
 def test_two_first_runs_initialise_a_fresh_store_without_a_race(tmp_path: Path) -> None:
     """Four processes open the same fresh SQLite store at once: all succeed and see one
     schema (before the lock, MLflow's table creation raced: `table ... already exists`)."""

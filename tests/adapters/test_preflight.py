@@ -143,6 +143,7 @@ def _ledger_rows(project: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM ledger_charges").fetchone()[0])
 
 
+@pytest.mark.slow
 def test_run_with_unreachable_tracking_uri_exits_6_before_the_flow_starts(
         project: Path) -> None:
     uri = f"http://127.0.0.1:{_closed_port()}/"
@@ -158,6 +159,7 @@ def test_run_with_unreachable_tracking_uri_exits_6_before_the_flow_starts(
     assert _ledger_rows(project) == 0
 
 
+@pytest.mark.slow
 def test_stage_train_checks_before_training(project: Path) -> None:
     for stage in ("validate", "partition"):
         assert _fedpriv(project, "stage", stage).returncode == 0

@@ -83,6 +83,7 @@ def raw_rows(n: int, start: int = 0) -> pd.DataFrame:
     return frame.iloc[start:start + n].reset_index(drop=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 500])
 def test_the_champion_scores_raw_rows_like_the_network(registered: dict[str, Any],
                                                         n: int) -> None:
@@ -113,6 +114,7 @@ def test_the_champion_scores_raw_rows_like_the_network(registered: dict[str, Any
     assert loaded.metadata.get_input_schema().input_names() == list(transform.features)
 
 
+@pytest.mark.slow
 def test_chol_zero_is_the_declared_not_measured(registered: dict[str, Any]) -> None:
     import mlflow.pyfunc
 
@@ -133,6 +135,7 @@ def test_chol_zero_is_the_declared_not_measured(registered: dict[str, Any]) -> N
     assert list(loaded.predict(missing_sex)) == pytest.approx(list(loaded.predict(female)))
 
 
+@pytest.mark.slow
 def test_the_registry_holds_source_not_a_pickle(registered: dict[str, Any]) -> None:
     """The version is a model from code: its files are the model code, the fedpriv sources,
     the weights (loaded with ``weights_only``) and JSON; no pickled Python object."""
@@ -154,6 +157,7 @@ def test_the_registry_holds_source_not_a_pickle(registered: dict[str, Any]) -> N
     ("thalch", None, "missing value (required)"),
     ("exang", "maybe", "unknown value 'maybe'"),
 ])
+@pytest.mark.slow
 def test_bad_rows_are_refused_naming_row_and_column(
     registered: dict[str, Any], column: str, value: Any, says: str
 ) -> None:

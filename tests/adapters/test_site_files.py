@@ -209,6 +209,7 @@ def _rows(path: Path) -> list[list[str]]:
         return list(csv.reader(handle))
 
 
+@pytest.mark.slow
 def test_split_sites_cli(project: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

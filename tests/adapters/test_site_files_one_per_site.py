@@ -195,6 +195,7 @@ def test_a_sites_own_file_without_site_column_is_the_simulations_client(
         assert summary["rows"] == report.sites[site]
 
 
+@pytest.mark.slow
 def test_cli_validates_partitions_and_splits_site_files(
         per_site: tuple[Path, dict[str, str]]) -> None:
     project, files = per_site
@@ -224,6 +225,7 @@ def test_cli_validates_partitions_and_splits_site_files(
         "(0 bytes)")
 
 
+@pytest.mark.slow
 def test_sessions_on_files_without_a_site_column_train_the_simulations_model(
         per_site: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     """Four site sessions, each given only its own file (no site column) and its site's

@@ -73,6 +73,7 @@ def _shutdown(store: FolderStore, sites: list[str]) -> None:
         store.put(site, "down", f"{seq:06d}", encode_message(Shutdown("run1", -1, "done")))
 
 
+@pytest.mark.slow
 def test_sessions_over_a_folder_train_exactly_the_simulations_model(
         project: Path, tmp_path: Path) -> None:
     from adapters.audit import audit_at_sites

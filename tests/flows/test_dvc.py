@@ -17,6 +17,7 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_dvc_repro_twice(tmp_path: Path) -> None:
     repo = tmp_path / "clone"
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)

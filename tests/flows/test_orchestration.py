@@ -33,6 +33,7 @@ def test_transient_classification(exc: BaseException | None, transient: bool) ->
     assert is_transient(exc) is transient
 
 
+@pytest.mark.slow
 def test_tasks_retry_transient_faults_only(prefect_harness) -> None:
     from prefect import flow, task
 
@@ -64,6 +65,7 @@ def test_tasks_retry_transient_faults_only(prefect_harness) -> None:
     assert calls["bad"] == 1  # not retried
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_deployment_runs_on_real_server_and_worker(tmp_path: Path) -> None:
     """prefect server start + a process work pool + a worker + `prefect deployment run`."""

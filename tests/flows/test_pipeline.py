@@ -27,6 +27,7 @@ def registered_versions(root: Path, name: str = "fedpriv-heart") -> list:
     return MlflowClient(tracking_uri=f"sqlite:///{db}").search_model_versions(f"name='{name}'")
 
 
+@pytest.mark.slow
 def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     from flows.pipeline import fl_pipeline
 
@@ -101,6 +102,7 @@ def _break_age(project: Path) -> None:
     csv_path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_validation_failure_stops_before_training(project: Path, prefect_harness) -> None:
     from flows.pipeline import fl_pipeline
 
@@ -135,6 +137,7 @@ def _run_stages(root: Path) -> dict:
     return json.loads((root / "reports" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_reproducible_noise_is_never_champion(
     tmp_path: Path, project: Path
 ) -> None:

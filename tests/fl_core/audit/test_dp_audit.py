@@ -55,6 +55,7 @@ def gdp_mu(epsilon: float, delta: float) -> float:
     return float(brentq(lambda m: gdp_delta(epsilon, m) - delta, 1e-9, MAX_MU, xtol=1e-12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 40, 400])
 @pytest.mark.parametrize("sigma", [0.8, 2.0, 7.0])
 def test_gdp_conversion_agrees_with_opacus_prv_accountant(steps: int, sigma: float) -> None:

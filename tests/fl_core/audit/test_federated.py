@@ -175,6 +175,7 @@ def _site_replies(factory, params: torch.Tensor, data: list[ClientData]) -> list
     return replies  # type: ignore[return-value]
 
 
+@pytest.mark.slow
 def test_an_overfit_mlp_is_caught_by_the_site_path(heart: list[ClientData]) -> None:
     factory = _mlp(heart[0].x_train.shape[1])
     model = factory()
@@ -193,6 +194,7 @@ def test_an_overfit_mlp_is_caught_by_the_site_path(heart: list[ClientData]) -> N
     assert 0.0 <= reports["lira"].auc <= 1.0
 
 
+@pytest.mark.slow
 def test_the_site_audit_of_a_simulated_federation_matches_the_pooled_baseline(
     heart: list[ClientData],
 ) -> None:

@@ -59,6 +59,7 @@ def pool() -> tuple[torch.Tensor, torch.Tensor]:
     return _data(800, seed=0)
 
 
+@pytest.mark.slow
 def test_overfit_target_is_caught(pool: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = pool
     target = _overfit(x[:200], y[:200], seed=7)
@@ -77,6 +78,7 @@ def test_overfit_target_is_caught(pool: tuple[torch.Tensor, torch.Tensor]) -> No
     assert result.metrics()["mia_auc"] == max(r.auc for r in result.reports)
 
 
+@pytest.mark.slow
 def test_non_members_posing_as_members_raise_no_alarm(
     pool: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
@@ -96,6 +98,7 @@ def test_non_members_posing_as_members_raise_no_alarm(
     assert result.metrics()["empirical_epsilon_lower_bound"] == 0.0
 
 
+@pytest.mark.slow
 def test_online_lira_runs_when_shadows_saw_the_members(
     pool: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
@@ -292,6 +295,7 @@ def _sweep_cli(project, *args: str):
         timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_audit_sweep_cli_charges_the_ledger_and_writes_table_plot(project) -> None:
     import json
@@ -321,6 +325,7 @@ def test_audit_sweep_cli_charges_the_ledger_and_writes_table_plot(project) -> No
     assert all(0.9 < e.epsilon <= 1.0 for e in entries)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_audit_sweep_the_ledger_cannot_cover_is_refused_before_training(project) -> None:
     import re

@@ -109,6 +109,7 @@ def update_sequences(draw) -> list[torch.Tensor]:
     return [torch.tensor(s, dtype=torch.float32) for s in steps]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(steps=update_sequences(), codec=codecs, momentum=st.sampled_from([0.0, 0.9]))
 def test_residual_plus_reconstruction_is_the_input(

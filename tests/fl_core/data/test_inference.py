@@ -38,6 +38,7 @@ def heart_draft(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, done.stdout
 
 
+@pytest.mark.slow
 def test_heart_draft_guesses(heart_draft: tuple[Path, str]) -> None:
     path, printed = heart_draft
     spec = load_schema(path)
@@ -142,6 +143,7 @@ def test_repeated_patient_ids_draft_several_records_per_patient(tmp_path: Path) 
                         positive_values=["sick"]).schema.records_per_patient == "one"
 
 
+@pytest.mark.slow
 def test_one_class_label_is_refused(tmp_path: Path) -> None:
     done = cli("schema", "infer", str(ROOT / "data/raw/heart_disease_uci.csv"), *HEART_ARGS,
                "--positive-if", "> 4", "--out", str(tmp_path / "x.yaml"))
@@ -175,6 +177,7 @@ def test_drafted_range_contains_every_value(values: list[float], integer: bool) 
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.floats(-1e4, 1e4, allow_nan=False).map(lambda v: round(v, 3)),
                           st.integers(0, 500)), min_size=2, max_size=15))
+@pytest.mark.slow
 def test_draft_of_random_numeric_frame_validates(tmp_path: Path,
                                                  rows: list[tuple[float, int]]) -> None:
     from adapters.gx_validation import validate_file
@@ -228,6 +231,7 @@ EXPECTED = {"header-only": (3, "has a header but no data rows"),
                                        " (found e.g. ['Male', 'Female'])")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["stage", "validate"], ["run"]])
 def test_data_errors_are_one_short_line(project: Path, command: list[str]) -> None:
     for case, overrides in _bad_project(project).items():
@@ -262,6 +266,7 @@ def test_expected_errors_lose_their_traceback_in_prefect_logs() -> None:
     assert brief.filter(other) and other.exc_info is not None  # a bug keeps its traceback
 
 
+@pytest.mark.slow
 def test_a_failure_inside_the_flow_has_no_traceback(project: Path) -> None:
     """An out-of-range value fails the GX suites inside the Prefect flow: exit 3, and Prefect
     logs the failed run in one line instead of an 80-line traceback."""

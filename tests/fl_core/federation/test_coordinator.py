@@ -395,6 +395,7 @@ class Straggler(SiteClient):
                 self.finished.set()
 
 
+@pytest.mark.slow
 def test_a_site_past_the_deadline_fails_only_that_round() -> None:
     for event in (Straggler.entered, Straggler.release, Straggler.finished):
         event.clear()

@@ -135,6 +135,7 @@ def test_two_patients_contribute_equally_whatever_their_record_counts() -> None:
 # --- accounting -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mechanism", ["rdp", "prv"])
 def test_reported_epsilon_matches_a_fresh_opacus_accountant(mechanism: str) -> None:
     x, y, ids = _patients([1, 2, 3] * 20, seed=1)

@@ -208,6 +208,7 @@ def _fedpriv(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_refuses_server_dp_with_nnm_with_exit_2(project: Path) -> None:
     out = _fedpriv(project, "config", *[a for o in SERVER_DP for a in ("--set", o)],
                    "--set", "aggregation.pre_aggregation=nnm")
