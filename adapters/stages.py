@@ -99,6 +99,10 @@ def exit_codes() -> tuple[ExitCode, ...]:
 PRIVACY_FAILURE_EXIT = 8
 """``fedpriv audit-dp`` found a PRIVACY FAILURE (ε lower bound above the accountant's ε)."""
 
+LOG_TAMPERED_EXIT = 9
+"""``fedpriv log verify``: a record of the round log was altered, removed, reordered or
+inserted, or a signature in it does not verify."""
+
 
 def reported_errors() -> tuple[type[BaseException], ...]:
     """Every error type of :func:`exit_codes`."""

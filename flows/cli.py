@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 # the stages, the exit codes and their one-line wording: one table each, in adapters.stages
 # (light to import: the stages' modules load when one runs)
-from adapters.stages import PRIVACY_FAILURE_EXIT, STAGES, exit_code, reported_errors
+from adapters.stages import (
+    LOG_TAMPERED_EXIT,
+    PRIVACY_FAILURE_EXIT,
+    STAGES,
+    exit_code,
+    reported_errors,
+)
 
 if TYPE_CHECKING:
     from fl_core.results import Registration
@@ -262,9 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOG_TAMPERED_EXIT = 9
-"""``fedpriv log verify``: a record of the round log was altered, removed, reordered or
-inserted, or a signature in it does not verify."""
 
 PKI_HELP = """\
 how a site joins (mutual TLS; docs/deployment.md):

@@ -22,6 +22,7 @@ from adapters.round_log import (
     read_log,
     verify_file,
 )
+from adapters.stages import LOG_TAMPERED_EXIT
 from fl_core.federation import round_log as rl
 from fl_core.federation.round_log import (
     AliasMove,
@@ -31,7 +32,7 @@ from fl_core.federation.round_log import (
     RoundEntry,
     SignedReply,
 )
-from flows.cli import LOG_TAMPERED_EXIT, main
+from flows.cli import main
 
 SITES = ("cleveland", "hungary", "swiss", "va-long-beach")
 RUN = "run-7f3a"
