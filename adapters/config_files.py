@@ -3,19 +3,23 @@ validated."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from adapters.schema_files import read_schema_tree, resolve_schema_path
 from fl_core.config.model import ConfigError, PipelineConfig
 from fl_core.config.overrides import SCHEMA_PREFIX, apply_overrides, validate_config
+from fl_core.config.site import SiteConfig
 from fl_core.data.schema import (
     DEFAULT_SCHEMA,
     SchemaError,
     parse_schema,
 )
+from fl_core.federation.channel import SiteCredentials
 
 
 def attach_schema(tree: dict[str, Any], root: str | Path | None = None,
@@ -82,3 +86,70 @@ def load_config(
     return build_config(tree, source, path.parent, schema_overrides)
 
 
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """A site's configuration with every path resolved against its file's folder."""
+
+    config: SiteConfig
+    source: Path
+    data: Path
+    state: Path
+    key: Path
+    cert: Path
+    ca: Path
+
+    def credentials(self) -> SiteCredentials:
+        """The site's TLS material (read now: a renewed certificate counts at once)."""
+        return SiteCredentials(self.key.read_bytes(), self.cert.read_bytes(),
+                               self.ca.read_bytes())
+
+    def prefect_environment(self) -> dict[str, str]:
+        """The worker's Prefect client settings from the site's file: the API, its
+        credentials and the CA that signed the API's certificate."""
+        prefect = self.config.prefect
+        env: dict[str, str] = {}
+        if prefect.api_url:
+            env["PREFECT_API_URL"] = prefect.api_url
+        if prefect.auth_string_file:
+            auth = self._path(prefect.auth_string_file).read_text().strip()
+            env["PREFECT_API_AUTH_STRING"] = auth
+        if prefect.api_url and prefect.api_url.startswith("https:"):
+            env["PREFECT_API_SSL_CERT_FILE"] = str(self._path(prefect.ca) if prefect.ca
+                                                   else self.ca)
+        return env
+
+    def _path(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else (self.source.parent / path).resolve()
+
+
+def load_site_config(path: str | Path) -> SiteFiles:
+    """Read and validate a site's ``site.yaml``; :class:`ConfigError` names what is wrong
+    (a missing file among those it names included)."""
+    path = Path(path).resolve()
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"site configuration {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        config = SiteConfig.model_validate(tree if isinstance(tree, dict) else {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+
+    def resolve(value: str) -> Path:
+        return value_path if (value_path := Path(value)).is_absolute() else \
+            (path.parent / value_path).resolve()
+
+    files = SiteFiles(config, path, resolve(config.data), resolve(config.state),
+                      resolve(config.tls.key), resolve(config.tls.cert), resolve(config.tls.ca))
+    missing = [f"{name} {p}" for name, p in (("data", files.data), ("tls.key", files.key),
+                                             ("tls.cert", files.cert), ("tls.ca", files.ca))
+               if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{path}: no such file: {', '.join(missing)}")
+    return files

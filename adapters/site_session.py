@@ -5,7 +5,9 @@ site's own work pool calls it; nothing here imports Prefect). It reads only the 
 file, validates it with GX (the full result stays at the site; the coordinator gets a summary
 without cell values), splits its patients 80/20 as the simulation would, charges the site's
 own privacy ledger for the planned run before any update leaves, then answers the
-coordinator's instructions from the message store until told to stop. Its state (model
+coordinator's instructions over its one outbound channel to the federation endpoint
+(:class:`adapters.site_channel.SiteChannel`) until told to stop. A dropped connection is
+retried with backoff; a refusal (a revoked certificate) ends the session. Its state (model
 replica, error feedback, DP accountant history) is saved at the site after every answer, so a
 session started again for the same run (a crashed worker, a cancelled straggler) rejoins
 where it left off.
@@ -20,15 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 
-from adapters.accounting import open_ledger
 from adapters.gx_validation import validate_site_file
-from adapters.message_store import POLL_S, READY, FolderStore
+from adapters.ledger_store import PrivacyLedger
+from adapters.site_channel import Backoff, Instruction, SiteChannel, permanent
 from adapters.site_files import site_client_data, site_dropped_rows
 from fl_core.audit.federated import site_audit_reply
 from fl_core.config.model import PipelineConfig, site_slug
 from fl_core.data.tables import ClientData, ClientSplit, Partition
+from fl_core.federation.channel import READY_SEQ, ChannelRefusedError, Kind
 from fl_core.federation.messages import (
     AuditInstruction,
     AuditReply,
@@ -51,16 +55,22 @@ from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.randomness import make_random
 
 KIND_SITE_TRAIN = "site-train"
+LEDGER_FILE = "privacy_ledger.sqlite"  # in the site's own state folder, wherever the
+# coordinator's configuration puts its own ledger
 
 
 @dataclass(frozen=True)
 class SiteSession:
     """Where one site's session talks and keeps its state."""
 
-    store: FolderStore
+    channel: SiteChannel
     site: str
     state_dir: Path  # at the site: its own files only
     charge_key: str  # the coordinator's run, stable across retries: one charge per run
+
+    @property
+    def run_id(self) -> str:
+        return self.channel.run_id
 
 
 def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
@@ -77,8 +87,7 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
         ledger_run = charge_site_ledger(cfg, session, data, dp=dp)
     except Exception as exc:  # a refusal (budget) or a broken ledger: the coordinator is told
-        session.store.put(site, "up", READY, encode_message(
-            Failure(site, -1, f"{type(exc).__name__}: {exc}")))
+        _report(session, encode_message(Failure(site, -1, f"{type(exc).__name__}: {exc}")))
         return "ledger refused"
     client = make_site_client(cfg=cfg, data=data, index=index, dp=dp,
                               random=make_random(cfg.privacy.randomness, cfg.seed))
@@ -132,7 +141,21 @@ def _ready(session: SiteSession, *, passed: bool, summary: dict, data: ClientDat
         train_patients=0 if data is None else len(data.train_ids),
         test_patients=0 if data is None else len(data.test_ids),
         validation=json.dumps(summary, default=str), ledger_run_id=ledger_run)
-    session.store.put(session.site, "up", READY, encode_message(message))
+    _report(session, encode_message(message))
+
+
+def _report(session: SiteSession, message: bytes, attempts: int = 8) -> None:
+    """Send the start-up report, retrying while the endpoint is unreachable."""
+    backoff = Backoff()
+    for attempt in range(attempts):
+        try:
+            session.channel.push(message, seq=READY_SEQ, round_number=-1, kind=Kind.READY)
+            return
+        except grpc.RpcError as exc:
+            if permanent(exc) or attempt == attempts - 1:
+                raise SiteChannelError(f"the endpoint refused the start-up report: "
+                                       f"{_status(exc)}") from None
+            backoff.wait()
 
 
 def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
@@ -143,9 +166,9 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
     if dp is None:
         return ""
     run_id = f"{session.charge_key}{site_slug(session.site).replace('-', '')}"
-    # the site's ledger is in the site's own state folder (the coordinator's state_dir is not
-    # the site's); privacy.ledger, when set, is relative to that folder too
-    ledger = open_ledger(cfg, session.state_dir, state_dir=session.state_dir)
+    # the site's ledger is in the site's own state folder, never where the coordinator's
+    # configuration says (the coordinator cannot hand a site a fresh ledger)
+    ledger = PrivacyLedger(session.state_dir / LEDGER_FILE)
     if not ledger.has_run(run_id):
         split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                           "by_site", cfg.seed)
@@ -157,7 +180,7 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
 
 
 def _state_file(session: SiteSession) -> Path:
-    return session.state_dir / "sessions" / session.store.session / "state.pt"
+    return session.state_dir / "sessions" / session.run_id / "state.pt"
 
 
 def restore_state(client: SiteClient, session: SiteSession) -> None:
@@ -174,23 +197,61 @@ def save_state(client: SiteClient, session: SiteSession) -> None:
     tmp.replace(path)
 
 
+class SiteChannelError(RuntimeError):
+    """The endpoint refused this site (its certificate revoked, its calls refused)."""
+
+
+def _status(error: grpc.RpcError) -> str:
+    code = error.code() if isinstance(error, grpc.Call) else None
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    return f"{code.name if code else 'error'}: {details}"
+
+
 def _answer_until_shutdown(answer: Callable[[bytes], bytes], session: SiteSession,
                            idle_timeout_s: float) -> str:
-    """Answer the newest unanswered instruction (older unanswered ones are stale: their
-    round is over) until a :class:`Shutdown` arrives or nothing comes for a while."""
-    store, site = session.store, session.site
-    answered, last_seen = store.newest(site, "up"), time.monotonic()
+    """Pull the next instruction, answer it, push the answer, until a :class:`Shutdown`
+    arrives or nothing comes for ``idle_timeout_s``. A call cut by the network is retried
+    with backoff (gRPC reconnects); one the endpoint refused ends the session."""
+    after, last_seen, backoff = 0, time.monotonic(), Backoff()
     while time.monotonic() - last_seen < idle_timeout_s:
-        newest = store.newest(site, "down")
-        if newest <= answered:
-            time.sleep(POLL_S)
-            continue
-        last_seen, answered = time.monotonic(), newest
-        request = session.store.get(session.site, "down", f"{newest:06d}") or b""
         try:
-            if isinstance(decode_message(request, expect=Shutdown), Shutdown):
+            instruction = session.channel.pull(after)
+        except grpc.RpcError as exc:
+            if permanent(exc):
+                return f"refused by the endpoint ({_status(exc)})"
+            backoff.wait()
+            continue
+        except ChannelRefusedError as exc:  # the endpoint's answer itself was malformed
+            print(f"site {session.site}: {exc}", flush=True)
+            backoff.wait()
+            continue
+        backoff.reset()
+        if instruction is None:
+            continue  # a heartbeat: nothing new yet
+        after, last_seen = instruction.seq, time.monotonic()
+        try:
+            if isinstance(decode_message(instruction.data, expect=Shutdown), Shutdown):
                 return "shutdown"
         except ValueError:
             pass  # not a shutdown: the client decodes (and refuses) it itself
-        session.store.put(session.site, "up", f"{newest:06d}", answer(request))
+        _deliver(session, instruction, answer(instruction.data))
     return f"no instruction for {idle_timeout_s:g} s"
+
+
+def _deliver(session: SiteSession, instruction: Instruction, reply: bytes,
+             attempts: int = 6) -> None:
+    """Push one answer, retrying while the connection is down; a refusal (late, replayed) is
+    logged at the site and the session goes on to the next instruction."""
+    backoff = Backoff()
+    for _ in range(attempts):
+        try:
+            session.channel.push(reply, seq=instruction.seq, round_number=instruction.round)
+            return
+        except grpc.RpcError as exc:
+            if permanent(exc):
+                print(f"site {session.site}: answer to instruction {instruction.seq} refused "
+                      f"({_status(exc)})", flush=True)
+                return
+            backoff.wait()
+    print(f"site {session.site}: answer to instruction {instruction.seq} not delivered "
+          f"after {attempts} tries", flush=True)

@@ -2,9 +2,11 @@
 pool, start one session per site per run, watch them, restart a failed one, shut them down.
 
 A session is started once per training run (:func:`prefect.deployments.run_deployment`, which
-costs a worker pick-up and a new Python process: seconds) and then exchanges every round's
-messages through the store (milliseconds). The coordinator never reads a site's Prefect
-result: it reads raw bytes from the store and decodes them with fedpriv's own format.
+costs a worker pick-up and a new Python process: seconds) and then dials out to the run's
+federation endpoint (:mod:`adapters.federation_endpoint`, mutual TLS), which carries every
+round's messages (milliseconds). The coordinator never reads a site's Prefect result: what a
+site sends arrives as fedpriv's framed messages over its own authenticated channel. The
+session's parameters carry the endpoint's address and ids, nothing secret and no path.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from adapters.message_store import READY, FolderStore
-from fl_core.config.model import PipelineConfig, site_slug
+from adapters.federation_endpoint import EndpointLimits, EndpointTls, FederationEndpoint
+from fl_core.config.model import ConfigError, PipelineConfig, site_slug
 from fl_core.federation.coordinator import RoundRecord
 from fl_core.federation.messages import (
     Failure,
@@ -65,10 +67,11 @@ def deploy_sites(cfg: PipelineConfig) -> list[str]:
 
 @dataclass
 class SiteSessions:
-    """One training run's site sessions (Prefect flow runs) and their message store."""
+    """One training run's site sessions (Prefect flow runs) and their endpoint."""
 
     cfg: PipelineConfig
-    store: FolderStore
+    endpoint: FederationEndpoint
+    address: str  # what the sites dial
     charge_key: str
     runs: dict[str, UUID] = field(default_factory=dict)
     ready: dict[str, SiteReady] = field(default_factory=dict)
@@ -91,10 +94,10 @@ class SiteSessions:
                 continue
             run = run_deployment(
                 deployment_name(spec.id), timeout=0, as_subflow=True,
-                flow_run_name=f"{site_slug(spec.id)}-{self.store.session}",
-                parameters={"site": spec.id, "session": self.store.session, "index": index,
-                            "charge_key": self.charge_key,
-                            "config": config, "message_store": str(self.store.path.parent),
+                flow_run_name=f"{site_slug(spec.id)}-{self.endpoint.run_id}",
+                parameters={"site": spec.id, "session": self.endpoint.run_id, "index": index,
+                            "charge_key": self.charge_key, "config": config,
+                            "endpoint": self.address,
                             "idle_timeout_s": self.cfg.federation.session_idle_timeout_s})
             self.runs[spec.id] = run.id
             self._starts[spec.id] = self._starts.get(spec.id, 0) + 1
@@ -132,9 +135,10 @@ class SiteSessions:
             self.refused[site] = gone
 
     def _read_ready(self, site: str) -> None:
-        raw = self.store.get(site, "up", READY)
-        if raw is None:
+        report = self.endpoint.ready_report(site)
+        if report is None:
             return
+        raw = report[0]
         try:
             message = decode_message(raw, site=site, expect=(SiteReady, Failure))
         except MessageError as exc:
@@ -152,8 +156,8 @@ class SiteSessions:
         """Why the site's session is not running any more (None while it is, or might be).
         A restarted site is skipped until its new session has said it is ready."""
         if site in self._rejoining:
-            ready = self.store.folder(site, "up") / f"{READY}.msg"
-            if not ready.exists() or ready.stat().st_mtime < self._rejoining[site]:
+            report = self.endpoint.ready_report(site)
+            if report is None or report[1] < self._rejoining[site]:
                 return "restarted: its new session is not up yet"
             del self._rejoining[site]
             print(f"site {site} rejoined")
@@ -213,10 +217,7 @@ class SiteSessions:
 
     def close(self, reason: str, grace_s: float = 5.0) -> None:
         """Tell every session to stop; cancel those still running after ``grace_s``."""
-        message = encode_message(Shutdown(self.store.session, -1, reason))
-        for site in self.runs:
-            seq = max(self.store.newest(site, "down"), self.store.newest(site, "up")) + 1
-            self.store.put(site, "down", f"{seq:06d}", message)
+        self.endpoint.shutdown(encode_message(Shutdown(self.endpoint.run_id, -1, reason)))
         end = time.monotonic() + grace_s
         while time.monotonic() < end and any(
                 self._state_name(s, 0.2) in ("RUNNING", "PENDING") for s in self.runs):
@@ -238,9 +239,36 @@ def _failed(summary: str) -> str:
         return "unreadable summary"
 
 
-def message_store_path(cfg: PipelineConfig, root: Path) -> Path:
-    path = Path(cfg.federation.message_store)
-    return path if path.is_absolute() else Path(root) / path
+def endpoint_tls(cfg: PipelineConfig, root: Path) -> EndpointTls:
+    """The endpoint's certificate files under ``federation.endpoint.pki``; a missing one is
+    a configuration error that says which command makes it."""
+    pki = Path(cfg.federation.endpoint.pki)
+    pki = pki if pki.is_absolute() else Path(root) / pki
+    tls = EndpointTls(pki / "server" / "server.key", pki / "server" / "server.crt",
+                      pki / "ca" / "ca.crt", pki / "ca" / "crl.pem")
+    makers = {tls.ca_cert: "fedpriv pki init", tls.crl: "fedpriv pki init",
+              tls.server_key: "fedpriv pki server --host HOST",
+              tls.server_cert: "fedpriv pki server --host HOST"}
+    missing = [f"{path} ({maker})" for path, maker in makers.items() if not path.is_file()]
+    if missing:
+        raise ConfigError(f"federation.mode=sites needs the endpoint's certificates: missing "
+                          f"{', '.join(missing)}; docs/deployment.md")
+    return tls
+
+
+def open_endpoint(cfg: PipelineConfig, root: Path, run_id: str) -> tuple[FederationEndpoint, str]:
+    """The run's endpoint, listening; and the address the sites are told to dial."""
+    settings = cfg.federation.endpoint
+    limits = EndpointLimits(max_message_bytes=int(settings.max_message_mb * 2**20))
+    endpoint = FederationEndpoint(run_id=run_id, sites=[s.id for s in cfg.federation.sites],
+                                  tls=endpoint_tls(cfg, root), listen=settings.listen,
+                                  limits=limits).start()
+    address = settings.address or endpoint.address
+    if settings.address and settings.address.endswith(":0"):
+        address = f"{settings.address.rsplit(':', 1)[0]}:{endpoint.port}"
+    print(f"federation endpoint for run {run_id}: listening on {endpoint.address}, sites dial "
+          f"{address}", flush=True)
+    return endpoint, address
 
 
 def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
@@ -253,20 +281,19 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
     session cancelled and started again (it rejoins once up). ``charge_key`` names the
     sites' ledger charges: the Prefect flow run's id, the same when the flow is retried, so
     a retried run does not charge a site twice."""
-    from adapters.message_store import StoreTransport
     from tasks.at_sites import audit_sites, check_sites, train_sites
 
     deploy_sites(cfg)
-    store = FolderStore(message_store_path(cfg, root), run_id)
-    store.note(f"fedpriv run {run_id}: messages between the coordinator and the sites")
-    sessions = SiteSessions(cfg, store, charge_key)
+    endpoint, address = open_endpoint(cfg, root, run_id)
+    sessions = SiteSessions(cfg, endpoint, address, charge_key)
     started = time.perf_counter()
     try:
         sessions.start()
         sessions.wait_ready(cfg.federation.site_start_timeout_s)
         usable = check_sites(cfg, root, run_id, sessions.ready, sessions.refused,
                              time.perf_counter() - started)
-        transport = StoreTransport(store, usable, alive=sessions.gone)
+        endpoint.alive = sessions.gone
+        transport = endpoint
 
         def rejoin(record: RoundRecord) -> None:
             # restart a session that ended or straggles, not one that is merely coming up
@@ -281,3 +308,4 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
         return trained, audit_sites(cfg, root, run_id, transport)
     finally:
         sessions.close("the run is over")
+        endpoint.stop()

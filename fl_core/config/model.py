@@ -353,19 +353,35 @@ def site_slug(site: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", site.lower()).strip("-")
 
 
+HOST_PORT_PATTERN = r"^[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}$"
+
+
+class EndpointConfig(_Section):
+    """The coordinator's federation endpoint in ``federation.mode=sites`` (gRPC over mutual
+    TLS; docs/deployment.md): where it listens, what the sites dial, its certificates."""
+
+    # host:port to bind; port 0 = any free port (the address sites get is then resolved)
+    listen: str = Field("127.0.0.1:0", pattern=HOST_PORT_PATTERN)
+    # host:port the sites dial, when it differs from ``listen`` (a NAT, a proxy, 0.0.0.0)
+    address: str | None = Field(None, pattern=HOST_PORT_PATTERN)
+    # the PKI folder (relative: to the root): ca/ca.crt, ca/crl.pem, server/server.{key,crt}
+    pki: str = ".fedpriv/pki"
+    # the largest message accepted, declared before any byte of it is read
+    max_message_mb: float = Field(256.0, gt=0, le=4096)
+
+
 class FederationConfig(_Section):
     """How the coordinator talks to sites.
 
     ``mode=simulation`` (the default): every site in the coordinator's process.
     ``mode=sites``: each site is a Prefect flow run on its own work pool, started once per
-    run, reading only its own file; coordinator and sites exchange fedpriv's framed messages
-    through ``message_store`` (a folder both reach; see docs/sites-mode.md).
+    run, reading only its own file; its session dials out to the coordinator's federation
+    endpoint (``endpoint``) over mutually authenticated TLS (docs/sites-mode.md).
     """
 
     mode: Literal["simulation", "sites"] = "simulation"
     sites: list[SiteSpec] = Field(default_factory=list)
-    # a folder both the coordinator and the sites' workers reach (relative: to the root)
-    message_store: str = ".fedpriv/messages"
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     # a site that has not replied by then is failed for that round only
     round_timeout_s: float = Field(300.0, gt=0, le=86_400)
     # how long a site's session may take to start (worker pick-up, imports, validation)
@@ -388,10 +404,6 @@ class FederationConfig(_Section):
             raise ValueError(f"federation.sites names a site twice: {ids}")
         if self.mode == "sites" and not self.sites:
             raise ValueError("federation.mode=sites needs federation.sites: [{id, work_pool}]")
-        if "://" in self.message_store:
-            raise ValueError(
-                f"federation.message_store={self.message_store!r}: this build reads and writes "
-                f"a folder (a shared volume or a mounted bucket); see docs/sites-mode.md")
         return self
 
 

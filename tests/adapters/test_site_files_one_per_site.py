@@ -229,30 +229,33 @@ def test_cli_validates_partitions_and_splits_site_files(
 def test_sessions_on_files_without_a_site_column_train_the_simulations_model(
         per_site: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     """Four site sessions, each given only its own file (no site column) and its site's
-    name, serve the coordinator through a folder: the model is the simulation's."""
+    name, serve the coordinator over the endpoint: the model is the simulation's."""
     import torch
 
-    from adapters.message_store import FolderStore, StoreTransport
+    from adapters.federation_endpoint import FederationEndpoint
     from adapters.partition import partition_data
     from adapters.train import train_at_sites, train_model
     from adapters.validate import validate_data
-    from tests.adapters.test_site_session import OVERRIDES, _shutdown, _start_sessions, _wait_ready
+    from tests.adapters.test_site_session import OVERRIDES, _shutdown, _start_sessions
+    from tests.federation import make_pki, wait_ready
 
     project, files = per_site
     cfg = load_config(project / "params.yaml", OVERRIDES)
     validate_data(cfg, project)
     partition_data(cfg, project)
     simulated = train_model(cfg, project)
-    store = FolderStore(tmp_path / "store", "run1")
-    threads = _start_sessions(cfg, {s: project / f for s, f in files.items()}, store, tmp_path)
-    ready = _wait_ready(store, list(files))
+    pki = make_pki(tmp_path / "pki")
+    endpoint = FederationEndpoint(run_id="run1", sites=list(files), tls=pki.tls).start()
+    threads = _start_sessions(cfg, {s: project / f for s, f in files.items()}, endpoint, pki,
+                              tmp_path)
+    ready = wait_ready(endpoint, list(files))
     assert all(m.passed for m in ready.values()), {s: m.validation for s, m in ready.items()}
     coordinator = tmp_path / "coordinator"
     try:
-        at_sites = train_at_sites(cfg, coordinator, "run1", StoreTransport(store, list(files)),
-                                  ready)
+        at_sites = train_at_sites(cfg, coordinator, "run1", endpoint, ready)
     finally:
-        _shutdown(store, list(files))
+        _shutdown(endpoint)
+        endpoint.stop()
     for thread in threads:
         thread.join(timeout=30)
     assert at_sites.accuracy == pytest.approx(simulated.accuracy, abs=1e-9)

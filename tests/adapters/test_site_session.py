@@ -1,11 +1,10 @@
-"""Site sessions and the message store without Prefect: four sites, each reading only its own
-file, serve a coordinator through a folder; the result is the simulation's, message for
-message; what a site writes is read as bytes and decoded by fedpriv's format only."""
+"""Site sessions and the federation endpoint without Prefect: four sites, each reading only its
+own file, dial a coordinator's endpoint on 127.0.0.1 over mutual TLS; the result is the
+simulation's, message for message."""
 
 from __future__ import annotations
 
 import json
-import pickle
 import threading
 from pathlib import Path
 
@@ -13,18 +12,17 @@ import pytest
 import torch
 
 from adapters.config_files import load_config
-from adapters.message_store import READY, FolderStore, StoreTransport
+from adapters.federation_endpoint import FederationEndpoint
 from adapters.site_files import split_by_site
 from adapters.site_session import SiteSession, serve_site
+from fl_core.federation.channel import Kind
 from fl_core.federation.messages import (
-    Failure,
-    FitInstruction,
     Shutdown,
     SiteReady,
-    decode_message,
     encode_message,
 )
 from tests.conftest import data_config
+from tests.federation import ProjectPki, channel, make_pki, wait_ready
 
 OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models=2"]
 
@@ -40,11 +38,20 @@ def _site_files(project: Path, out: Path) -> dict[str, Path]:
     return files
 
 
-def _start_sessions(cfg, files: dict[str, Path], store: FolderStore,
+@pytest.fixture
+def pki(tmp_path: Path) -> ProjectPki:
+    return make_pki(tmp_path / "pki")
+
+
+def _endpoint(pki: ProjectPki, sites: list[str], run_id: str = "run1") -> FederationEndpoint:
+    return FederationEndpoint(run_id=run_id, sites=sites, tls=pki.tls).start()
+
+
+def _start_sessions(cfg, files: dict[str, Path], endpoint: FederationEndpoint, pki: ProjectPki,
                     tmp: Path) -> list[threading.Thread]:
     threads = []
     for index, (site, path) in enumerate(files.items()):
-        session = SiteSession(store, site, tmp / "state" / site, "run1")
+        session = SiteSession(channel(pki, endpoint, site), site, tmp / "state" / site, "run1")
         thread = threading.Thread(target=serve_site, args=(cfg,), kwargs={
             "csv_path": path, "site": site, "index": index, "session": session,
             "idle_timeout_s": 60}, daemon=True)
@@ -53,29 +60,13 @@ def _start_sessions(cfg, files: dict[str, Path], store: FolderStore,
     return threads
 
 
-def _wait_ready(store: FolderStore, sites: list[str], timeout: float = 60) -> dict:
-    import time
-
-    end, ready = time.monotonic() + timeout, {}
-    while time.monotonic() < end and len(ready) < len(sites):
-        for site in sites:
-            raw = store.get(site, "up", READY)
-            if raw is not None and site not in ready:
-                ready[site] = decode_message(raw, site=site, expect=(SiteReady, Failure))
-        time.sleep(0.05)
-    assert len(ready) == len(sites), ready
-    return ready
-
-
-def _shutdown(store: FolderStore, sites: list[str]) -> None:
-    for site in sites:
-        seq = max(store.newest(site, "down"), store.newest(site, "up")) + 1
-        store.put(site, "down", f"{seq:06d}", encode_message(Shutdown("run1", -1, "done")))
+def _shutdown(endpoint: FederationEndpoint) -> None:
+    endpoint.shutdown(encode_message(Shutdown(endpoint.run_id, -1, "done")))
 
 
 @pytest.mark.slow
-def test_sessions_over_a_folder_train_exactly_the_simulations_model(
-        project: Path, tmp_path: Path) -> None:
+def test_sessions_over_the_endpoint_train_exactly_the_simulations_model(
+        project: Path, tmp_path: Path, pki: ProjectPki) -> None:
     from adapters.audit import audit_at_sites
     from adapters.partition import partition_data
     from adapters.train import train_at_sites, train_model
@@ -87,22 +78,25 @@ def test_sessions_over_a_folder_train_exactly_the_simulations_model(
     simulated = train_model(cfg, project)
 
     files = _site_files(project, tmp_path / "sites")
-    store = FolderStore(tmp_path / "store", "run1")
-    threads = _start_sessions(cfg, files, store, tmp_path)
-    ready = _wait_ready(store, list(files))
+    endpoint = _endpoint(pki, list(files))
+    threads = _start_sessions(cfg, files, endpoint, pki, tmp_path)
+    ready = wait_ready(endpoint, list(files))
     assert all(isinstance(m, SiteReady) and m.passed for m in ready.values())
     summary = json.loads(ready["Hungary"].validation)
     assert summary["passed"] and summary["site"] == "Hungary"
     coordinator = tmp_path / "coordinator"
-    transport = StoreTransport(store, list(files))
     try:
-        at_sites = train_at_sites(cfg, coordinator, "run1", transport, ready)
-        audited = audit_at_sites(cfg, coordinator, "run1", transport)
+        at_sites = train_at_sites(cfg, coordinator, "run1", endpoint, ready)
+        audited = audit_at_sites(cfg, coordinator, "run1", endpoint)
     finally:
-        _shutdown(store, list(files))
+        _shutdown(endpoint)
     for thread in threads:
         thread.join(timeout=30)
         assert not thread.is_alive()
+    endpoint.stop()
+    assert endpoint.refusals == []
+    # every reply of every round signed by its site, kept for the round log
+    assert {r.site for r in endpoint.receipts(1)} == set(files)
     assert at_sites.accuracy == pytest.approx(simulated.accuracy, abs=1e-9)
     assert at_sites.auc == pytest.approx(simulated.auc, abs=1e-9)
     sim_model = torch.load(project / "data" / "models" / "model.pt", weights_only=True)
@@ -116,56 +110,6 @@ def test_sessions_over_a_folder_train_exactly_the_simulations_model(
     assert audited.members == sum(m.train_patients for m in ready.values())
     assert audited.non_members == sum(m.test_patients for m in ready.values())
     assert 0.3 < audited.mia_auc < 0.8 and audited.privacy_consistent
-
-
-def test_the_coordinator_never_unpickles_what_a_site_writes(tmp_path: Path) -> None:
-    """A site that writes a pickle (which would run code if unpickled), garbage or an
-    oversized file in place of its reply: the transport hands raw bytes to the decoder, which
-    refuses them; the file that would have been executed never is."""
-    store = FolderStore(tmp_path / "store", "run1")
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):  # unpickling this would create the marker file
-            return (marker.touch, ())
-
-    transport = StoreTransport(store, ["A", "B", "C"])
-    request = encode_message(FitInstruction("run1", 1, b"\x00" * 8, 1))
-
-    def reply_badly() -> None:
-        import time
-
-        while store.newest("A", "down") < 1:
-            time.sleep(0.01)
-        store.put("A", "up", "000001", pickle.dumps(Exploit()))
-        store.put("B", "up", "000001", b"\x00" * 100)
-        big = store.folder("C", "up") / "000001.msg"
-        big.parent.mkdir(parents=True, exist_ok=True)
-        part = big.with_name(".000001.msg.part")
-        with part.open("wb") as f:  # a sparse file of 100 MB, renamed into place whole
-            f.truncate(100 * 1024 * 1024)
-        part.replace(big)
-
-    writer = threading.Thread(target=reply_badly)
-    writer.start()
-    replies = transport.exchange({"A": request, "B": request, "C": request}, deadline_s=5)
-    writer.join()
-    for site in ("A", "B"):
-        with pytest.raises(ValueError):
-            decode_message(replies[site], site=site)  # type: ignore[arg-type]
-    assert "refused unread" in str(replies["C"])
-    assert not marker.exists()
-
-
-def test_a_site_that_misses_the_deadline_fails_the_round_only(tmp_path: Path) -> None:
-    store = FolderStore(tmp_path / "store", "run1")
-    transport = StoreTransport(store, ["A", "B"], alive=lambda s: "its session ended"
-                               if s == "B" else None)
-    request = encode_message(FitInstruction("run1", 1, b"", 1))
-    replies = transport.exchange({"A": request, "B": request}, deadline_s=0.3)
-    assert "missed the round deadline of 0.3 s" in str(replies["A"])
-    assert "its session ended" in str(replies["B"])  # known gone: fails at once
-    assert (store.folder("A", "down") / "000001.msg").read_bytes() == request
 
 
 def test_a_site_missing_from_later_rounds_leaves_gaps_not_errors(tmp_path: Path) -> None:
@@ -190,50 +134,34 @@ def test_a_site_missing_from_later_rounds_leaves_gaps_not_errors(tmp_path: Path)
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-def test_a_site_still_busy_with_a_missed_request_is_not_waited_for_again(
-        tmp_path: Path) -> None:
-    """Fit missed its deadline: the same round's evaluation fails at once for that site
-    (no second wait); once it answers (late, or a restarted session answers the newest
-    request), it is waited for as usual."""
-    import time
-
-    store = FolderStore(tmp_path / "store", "run1")
-    transport = StoreTransport(store, ["A"])
-    request = encode_message(FitInstruction("run1", 1, b"", 1))
-    assert "missed the round deadline" in str(transport.exchange({"A": request}, 0.2)["A"])
-    started = time.monotonic()
-    busy = transport.exchange({"A": request}, deadline_s=5)["A"]
-    assert "still busy with request 1" in str(busy) and time.monotonic() - started < 1
-    store.put("A", "up", "000002", b"late answer to the newest request")
-    threading.Timer(0.2, store.put, ("A", "up", "000003", b"answer")).start()
-    assert transport.exchange({"A": request}, deadline_s=5)["A"] == b"answer"
-
-
 def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
-        project: Path, tmp_path: Path) -> None:
+        project: Path, tmp_path: Path, pki: ProjectPki) -> None:
     """The ledger charge is keyed by the coordinator's flow run (the same when Prefect
     retries the flow): a second session for that run (a retry, a restart) charges nothing."""
-    from adapters.accounting import open_ledger
+    from adapters.ledger_store import PrivacyLedger
+    from adapters.site_session import LEDGER_FILE
 
     cfg = load_config(project / "params.yaml", OVERRIDES)
     files = _site_files(project, tmp_path / "sites")
     site, path = next(iter(files.items()))
     state = tmp_path / "state"
     for attempt in ("try1", "try2"):
-        store = FolderStore(tmp_path / "store", attempt)
-        _shutdown(store, [site])  # answer nothing: stop right after start-up
-        why = serve_site(cfg, csv_path=path, site=site, index=0,
-                         session=SiteSession(store, site, state, "flowrun1"), idle_timeout_s=5)
-        assert why == "shutdown"
-        (ready,) = _wait_ready(store, [site]).values()
+        with _endpoint(pki, [site], attempt) as endpoint:
+            _shutdown(endpoint)  # answer nothing: stop right after start-up
+            session = SiteSession(channel(pki, endpoint, site), site, state, "flowrun1")
+            why = serve_site(cfg, csv_path=path, site=site, index=0, session=session,
+                             idle_timeout_s=5)
+            assert why == "shutdown"
+            (ready,) = wait_ready(endpoint, [site]).values()
         assert ready.ledger_run_id == "flowrun1cleveland"
-    ledger = open_ledger(cfg, state, state_dir=state)
+    # the site's own ledger, in its state folder, whatever the coordinator's config says
+    ledger = PrivacyLedger(state / LEDGER_FILE)
     assert len(ledger.entries()) == 1 and ledger.has_run("flowrun1cleveland")
 
 
 @pytest.mark.slow
 def test_sites_mode_simulation_and_the_dp_audit_build_a_site_client_alike(
-        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki: ProjectPki) -> None:
     """One constructor, fl_core.federation.wiring.make_site_client, builds the site's client
     in a site's session, in simulation and in the DP audit; for the same site they have the
     same codec, error feedback, DP-SGD recipe, local training and initial model."""
@@ -261,11 +189,11 @@ def test_sites_mode_simulation_and_the_dp_audit_build_a_site_client_alike(
                                                 "audit_dp.regenerate=false"])
     files = _site_files(project, tmp_path / "sites")
     site, path = next(iter(files.items()))  # the first of federation.sites: index 0
-    store = FolderStore(tmp_path / "store", "run1")
-    _shutdown(store, [site])  # answer nothing: stop right after the client is built
-    assert serve_site(cfg, csv_path=path, site=site, index=0,
-                      session=SiteSession(store, site, tmp_path / "state", "run1"),
-                      idle_timeout_s=5) == "shutdown"
+    with _endpoint(pki, [site]) as endpoint:
+        _shutdown(endpoint)  # answer nothing: stop right after the client is built
+        session = SiteSession(channel(pki, endpoint, site), site, tmp_path / "state", "run1")
+        assert serve_site(cfg, csv_path=path, site=site, index=0, session=session,
+                          idle_timeout_s=5) == "shutdown"
     data = ClinicalTable.get(cfg.data, project).partitioned(cfg.data, cfg.seed)[0]
     assert data[0].client_id == site
     wiring.simulation_setup(cfg, data, dp=wiring.make_dpsgd(cfg=cfg, data=data))
@@ -347,7 +275,7 @@ def test_sites_mode_without_a_prefect_server_is_refused_at_once(project: Path) -
 
 
 def test_a_session_that_crashes_before_it_is_ready_is_started_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki: ProjectPki) -> None:
     """Start-up: a session that CRASHED before it said ready (its worker could not submit
     it: a Prefect API answering 503 under load) gets another session, up to three in all;
     one that FAILED (its own code raised) is left out at once. The Prefect side is scripted:
@@ -360,7 +288,7 @@ def test_a_session_that_crashes_before_it_is_ready_is_started_again(
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml",
                       ["federation.mode=sites"])
-    store = FolderStore(tmp_path / "store", "run1")
+    endpoint = _endpoint(pki, [s.id for s in cfg.federation.sites])
     script = {"Cleveland": ["CRASHED", "READY"], "Hungary": ["CRASHED"] * START_ATTEMPTS,
               "Switzerland": ["FAILED", "READY"], "VA Long Beach": ["READY"]}
     started: dict[str, list[str]] = {site: [] for site in script}
@@ -373,8 +301,9 @@ def test_a_session_that_crashes_before_it_is_ready_is_started_again(
             started[site].append(str(self.id))
             by_run[str(self.id)] = (site, attempt)
             if script[site][attempt] == "READY":
-                store.put(site, "up", READY, encode_message(
-                    SiteReady(site, -1, True, 17, 100, 25, json.dumps({"passed": True}), "")))
+                channel(pki, endpoint, site).push(encode_message(
+                    SiteReady(site, -1, True, 17, 100, 25, json.dumps({"passed": True}), "")),
+                    seq=0, round_number=-1, kind=Kind.READY)
 
     def run_deployment(name: str, **kwargs) -> Run:
         return Run(kwargs["parameters"]["site"])
@@ -386,9 +315,10 @@ def test_a_session_that_crashes_before_it_is_ready_is_started_again(
             state = script[site][by_run[str(self.runs[site])][1]]
             return "RUNNING" if state == "READY" else state
 
-    sessions = Scripted(cfg, store, "run1")
+    sessions = Scripted(cfg, endpoint, endpoint.address, "run1")
     sessions.start()
     sessions.wait_ready(30)
+    endpoint.stop()
     assert set(sessions.ready) == {"Cleveland", "VA Long Beach"}
     assert {site: len(runs) for site, runs in started.items()} == {
         "Cleveland": 2, "Hungary": START_ATTEMPTS, "Switzerland": 1, "VA Long Beach": 1}

@@ -1,0 +1,47 @@
+"""A hospital's own configuration in ``federation.mode=sites``: a file at the site, read by
+its worker, never sent by the coordinator.
+
+It says which site this is, where its data and state are, its TLS key and certificate and the
+project CA it trusts, and how its worker reaches the coordinator's Prefect API (with its
+credentials). Relative paths are relative to the file's folder (resolved by
+:func:`adapters.config_files.load_site_config`). What the coordinator sends a session (its
+flow parameters) can never point it at another file, key or ledger.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from fl_core.config.model import HOST_PORT_PATTERN, _Section, site_slug
+
+
+class SiteTls(_Section):
+    key: str = Field(min_length=1)  # made at the site (fedpriv pki request); never leaves it
+    cert: str = Field(min_length=1)  # the site's certificate, signed by the project CA
+    ca: str = Field(min_length=1)  # the project CA: the only authority the site trusts
+
+
+class SitePrefect(_Section):
+    """How this site's worker reaches the coordinator's Prefect API."""
+
+    api_url: str | None = None  # e.g. https://coordinator.example:4200/api
+    auth_string_file: str | None = None  # a file holding "user:password" (mode 0600)
+    ca: str | None = None  # the CA of the API's TLS certificate (default: tls.ca)
+
+
+class SiteConfig(_Section):
+    """One site's file (``site.yaml``); docs/deployment.md shows one."""
+
+    site: str = Field(min_length=1, max_length=200)  # its id in federation.sites
+    data: str = Field(min_length=1)  # its CSV: only its own patients
+    state: str = ".fedpriv-site"  # its privacy ledger and session state
+    tls: SiteTls
+    work_pool: str | None = None  # default site-<slug>, as federation.sites
+    # host:port to dial instead of the address the coordinator announces (a proxy, a NAT)
+    endpoint: str | None = Field(None, pattern=HOST_PORT_PATTERN)
+    server_name: str | None = None  # the endpoint certificate's host, when not the address's
+    prefect: SitePrefect = Field(default_factory=SitePrefect)
+
+    @property
+    def pool(self) -> str:
+        return self.work_pool or f"site-{site_slug(self.site)}"
