@@ -4,9 +4,11 @@ needs them)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from adapters.prefect_api import client_environment, server_command
 
 BIN = Path(sys.executable).parent
 
@@ -25,14 +29,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(api: str, timeout: float = 120) -> None:
+def wait_healthy(api: str, timeout: float = 120, *, ca_file: Path | None = None,
+                 auth_string: str | None = None) -> None:
+    """Wait for ``GET {api}/health``; over https the server's certificate is checked against
+    ``ca_file`` (a certificate that does not verify fails at once instead of at the timeout),
+    and ``auth_string`` is sent as basic auth (Prefect lets health checks through without)."""
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+    request = urllib.request.Request(f"{api}/health")
+    if auth_string is not None:
+        token = base64.b64encode(auth_string.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+            with urllib.request.urlopen(request, timeout=2, context=context) as r:
                 if r.status == 200:
                     return
-        except OSError:
+        except OSError as exc:
+            if isinstance(getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
+                raise
             time.sleep(0.5)
     raise TimeoutError(f"Prefect server at {api} not healthy after {timeout}s")
 
@@ -97,24 +112,50 @@ class PrefectServer:
         proc.wait(timeout=20)
 
 
+def _server_launch(port: int, home: Path, auth_string: str | None,
+                   tls: tuple[Path, Path, Path] | None) -> tuple[list[str], dict[str, str],
+                                                                  dict[str, str]]:
+    """The server's command, its own settings, and the settings its clients need."""
+    if tls is None:
+        argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                "--port", str(port)]
+        if auth_string is None:
+            return argv, {}, {}
+        return (argv, {"PREFECT_SERVER_API_AUTH_STRING": auth_string},
+                {"PREFECT_API_AUTH_STRING": auth_string})
+    if auth_string is None:
+        raise ValueError("a TLS Prefect server here always has an auth string")
+    cert, key, ca = tls
+    launch = server_command(host="127.0.0.1", port=port, auth_string=auth_string,
+                            cert_file=cert, key_file=key, home=home)
+    return launch.argv, launch.env, client_environment(api_url=launch.api_url,
+                                                       auth_string=auth_string, ca_file=ca)
+
+
 @contextmanager
-def prefect_server(tmp: Path) -> Iterator[PrefectServer]:
-    """``prefect server start`` on a free 127.0.0.1 port with its own PREFECT_HOME."""
+def prefect_server(tmp: Path, *, auth_string: str | None = None,
+                   tls: tuple[Path, Path, Path] | None = None) -> Iterator[PrefectServer]:
+    """``prefect server start`` on a free 127.0.0.1 port with its own PREFECT_HOME.
+
+    ``auth_string`` turns on the API's basic auth; ``tls`` (cert, key, CA) serves it over https
+    with that certificate (uvicorn on Prefect's app factory, see ``adapters.prefect_api``; needs
+    ``auth_string``). The env handed back carries what clients need: the URL, the auth string
+    and the CA."""
     port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     home = tmp / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
+    argv, server_env, client_env = _server_launch(port, home, auth_string, tls)
+    api = client_env.get("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
            "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **client_env}
     log = (tmp / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=log,
+    server = subprocess.Popen(argv, env={**env, **server_env}, stdout=log, stderr=log,
                               start_new_session=True)
     handle = PrefectServer(api, env, home)
     try:
-        wait_healthy(api)
+        wait_healthy(api, ca_file=tls[2] if tls else None, auth_string=auth_string)
         yield handle
     finally:
         for worker in handle.workers.values():
