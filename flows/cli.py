@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "one hospital's worker sees in sites mode: its own patients and nobody "
                     "else's (the worker loads it with adapters.site_files.site_client_data and "
                     "gets the same train/test split as the simulation). Existing files are "
-                    "replaced. Beside each folder, OUT/<site>.env sets FEDPRIV_SITE_ID and "
-                    "FEDPRIV_SITE_DATA for that hospital's Prefect worker (`make site-worker "
-                    "SITE=<site>`). Exit 3 if the file cannot be split (no site column, a "
-                    "row without a site).")
+                    "replaced. Each folder also gets a site.yaml (the site's own configuration, "
+                    "fedpriv site init; an existing one is kept) and the federation.sites "
+                    "override for these sites is printed. Exit 3 if the file cannot be split "
+                    "(no site column, a row without a site).")
     split.add_argument("--out", default="sites",
                        help="output folder, relative to --root (default: %(default)s/)")
     dataset = sub.add_parser(
@@ -360,6 +360,73 @@ def add_security_parsers(sub: Any) -> None:
                         help="a site's certificate; repeatable")
     verify.add_argument("--head", metavar="HASH",
                         help="the hash the last record must have (the model version's tag)")
+    add_site_parser(sub)
+
+
+SITE_HELP = """\
+a hospital's side of sites mode (docs/deployment.md), all in its own folder:
+  fedpriv site init --site "VA Long Beach" --data va.csv   writes site.yaml (edit it)
+  fedpriv pki request --site va-long-beach --dir .          its own key (stays) + request
+  ... the coordinator signs the request; put SITE.crt and ca.crt beside site.yaml ...
+  fedpriv site check --config site.yaml                     certificate, key, files checked
+  fedpriv site worker --config site.yaml                    the site's Prefect worker
+The worker needs one outbound connection to the coordinator's Prefect API and one to its
+federation endpoint (through an HTTP CONNECT proxy if https_proxy is set); nothing inbound.
+"""
+
+
+def add_site_parser(sub: Any) -> None:
+    """``fedpriv site init|check|worker``: a site's own file, no params.yaml."""
+    site = sub.add_parser("site", help="a hospital's configuration and worker (sites mode)",
+                          description=SITE_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = site.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = actions.add_parser("init", help="write a site.yaml",
+                              description="Write DIR/site.yaml for the site: its id, its CSV "
+                                          "(relative to DIR), its state folder, its TLS files "
+                                          "(SITE.key, SITE.crt, ca.crt beside it), the "
+                                          "coordinator's Prefect API. Refuses to replace one.")
+    init.add_argument("--site", required=True, help="the site's id in federation.sites")
+    init.add_argument("--data", required=True, help="its CSV, relative to --dir")
+    init.add_argument("--dir", default=".", help="the site's folder (default: %(default)s)")
+    init.add_argument("--endpoint", help="host:port to dial instead of the announced one")
+    init.add_argument("--prefect-url", help="the coordinator's Prefect API (https://.../api)")
+    for name, text in (("check", "check the site's file, key and certificate"),
+                       ("worker", "start the site's Prefect worker from its file")):
+        action = actions.add_parser(name, help=text, description=text + ".")
+        action.add_argument("--config", default="site.yaml",
+                            help="the site's file (default: %(default)s)")
+
+
+def site_command(args: argparse.Namespace) -> int:
+    """``fedpriv site ...``: one line and exit 2 for a bad file or certificate."""
+    from adapters.config_files import load_site_config
+    from adapters.site_worker import SITE_FILE, check_site, worker_command, write_site_config
+    from fl_core.config.model import ConfigError, site_slug
+    from fl_core.federation.identity import PkiError
+
+    try:
+        if args.action == "init":
+            folder = Path(args.dir)
+            if (folder / SITE_FILE).exists():
+                raise ConfigError(f"{folder / SITE_FILE} exists: edit it")
+            path = write_site_config(folder, site=args.site, data=args.data,
+                                     endpoint=args.endpoint, prefect_url=args.prefect_url)
+            print(f"wrote {path}; next: fedpriv pki request --site {site_slug(args.site)} "
+                  f"--dir {folder}")
+            return 0
+        files = load_site_config(args.config)
+        lines = check_site(files)
+        if args.action == "check":
+            print("\n".join(lines))
+            return 0
+        command, env = worker_command(files)
+        print("\n".join(lines), flush=True)
+        os.chdir(files.source.parent)  # the worker sees the site's folder, nothing else
+        os.execvpe(command[0], command, env)
+    except (ConfigError, PkiError, OSError) as exc:
+        print(f"fedpriv: site {args.action}: {exc}", file=sys.stderr)
+        return 2
 
 
 def security_command(args: argparse.Namespace) -> int:
@@ -518,22 +585,25 @@ def infer_command(args: argparse.Namespace, root: Path) -> int:
 
 
 def split_sites(cfg: Any, root: Path, out: str) -> None:
-    """``fedpriv split-sites``: write and list one CSV per site."""
+    """``fedpriv split-sites``: write and list one CSV (and a site.yaml) per site."""
     from adapters.artifacts import write_text_atomic
     from adapters.site_files import own_site_files
+    from adapters.site_worker import SITE_FILE, write_site_config
 
     target = root / out
+    sites = []
     for site in own_site_files(cfg, root):
         # each file keeps its name: data.path's, or the site's own under data.site_files
         name = Path((cfg.data.site_files or {}).get(site.site, cfg.data.path)).name
         path = target / site.slug / name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, site.text())
-        # what the site's worker needs to know, outside the folder it reads
-        write_text_atomic(target / f"{site.slug}.env",
-                          f"FEDPRIV_SITE_ID={shlex.quote(site.site)}\n"
-                          f"FEDPRIV_SITE_DATA={shlex.quote(str(path.resolve()))}\n")
+        if not (path.parent / SITE_FILE).exists():
+            write_site_config(path.parent, site=site.site, data=name)
+        sites.append(site.site)
         print(f"{site.site}: {len(site.rows)} rows, {site.patients} patients -> {path}")
+    listed = ", ".join("{id: " + json.dumps(s) + "}" for s in sites)
+    print(f"federation.sites for these files: --set 'federation.sites=[{listed}]'")
 
 
 def print_budget(cfg: Any, root: Path, entries: bool) -> None:
@@ -633,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("pki", "log"):  # certificate and log files: no params.yaml, no root
         return security_command(args)
+    if args.command == "site":  # the site's own file only
+        return site_command(args)
     root = Path(args.root).resolve()
     if args.command == "schema" and (args.action == "infer" or args.file):
         return infer_command(args, root)
@@ -650,7 +722,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from adapters.config_files import load_config
     from adapters.preflight import preflight
-    from fl_core.config.model import ConfigError
 
     reported = reported_errors()  # each with its exit code and wording (adapters.stages)
     try:
@@ -662,9 +733,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_stage(args.name, cfg, root)
         precheck_data(cfg, root)  # an unreadable or one-class file: before Prefect, in ms
         preflight(cfg, root)  # before Prefect starts its server: seconds, not minutes
-        if cfg.federation.mode == "sites" and not os.environ.get("PREFECT_API_URL"):
-            raise ConfigError("federation.mode=sites needs the Prefect server the sites' "
-                              "workers poll: set PREFECT_API_URL (docs/sites-mode.md)")
+        if cfg.federation.mode == "sites":
+            check_sites_mode(cfg, root)
         prepare_prefect_database()
         from flows.pipeline import fl_pipeline
 
@@ -677,6 +747,18 @@ def main(argv: list[str] | None = None) -> int:
         code, line = exit_code(exc)
         print(line, file=sys.stderr)
         return code
+
+
+def check_sites_mode(cfg: Any, root: Path) -> None:
+    """Sites mode needs the Prefect API the sites' workers poll and the endpoint's
+    certificates: both checked before anything starts."""
+    from fl_core.config.model import ConfigError
+    from flows.site_dispatch import endpoint_tls
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("federation.mode=sites needs the Prefect server the sites' "
+                          "workers poll: set PREFECT_API_URL (docs/sites-mode.md)")
+    endpoint_tls(cfg, root)
 
 
 def precheck_data(cfg: Any, root: Path) -> None:

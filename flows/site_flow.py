@@ -21,9 +21,9 @@ from prefect import flow
 from adapters.config_files import SiteFiles, load_site_config
 from adapters.site_channel import SiteChannel
 from adapters.site_session import SiteSession, serve_site
+from adapters.site_worker import SITE_CONFIG_ENV
 from fl_core.config.model import HOST_PORT_PATTERN, PipelineConfig
 
-SITE_CONFIG_ENV = "FEDPRIV_SITE_CONFIG"
 _RUN_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
 
 
