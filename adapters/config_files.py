@@ -107,18 +107,17 @@ class SiteFiles:
 
     def prefect_environment(self) -> dict[str, str]:
         """The worker's Prefect client settings from the site's file: the API, its
-        credentials and the CA that signed the API's certificate."""
+        credentials (read from a 0600 file) and the CA that signed the API's certificate."""
+        from adapters.prefect_api import client_environment, read_auth_string
+
         prefect = self.config.prefect
-        env: dict[str, str] = {}
-        if prefect.api_url:
-            env["PREFECT_API_URL"] = prefect.api_url
-        if prefect.auth_string_file:
-            auth = self._path(prefect.auth_string_file).read_text().strip()
-            env["PREFECT_API_AUTH_STRING"] = auth
-        if prefect.api_url and prefect.api_url.startswith("https:"):
-            env["PREFECT_API_SSL_CERT_FILE"] = str(self._path(prefect.ca) if prefect.ca
-                                                   else self.ca)
-        return env
+        if not prefect.api_url:
+            return {}
+        if not prefect.auth_string_file:
+            return {"PREFECT_API_URL": prefect.api_url}
+        auth = read_auth_string(self._path(prefect.auth_string_file))
+        return client_environment(api_url=prefect.api_url, auth_string=auth,
+                                  ca_file=self._path(prefect.ca) if prefect.ca else self.ca)
 
     def _path(self, value: str) -> Path:
         path = Path(value)

@@ -401,6 +401,7 @@ def add_site_parser(sub: Any) -> None:
 def site_command(args: argparse.Namespace) -> int:
     """``fedpriv site ...``: one line and exit 2 for a bad file or certificate."""
     from adapters.config_files import load_site_config
+    from adapters.prefect_api import PrefectApiConfigError
     from adapters.site_worker import SITE_FILE, check_site, worker_command, write_site_config
     from fl_core.config.model import ConfigError, site_slug
     from fl_core.federation.identity import PkiError
@@ -424,7 +425,7 @@ def site_command(args: argparse.Namespace) -> int:
         print("\n".join(lines), flush=True)
         os.chdir(files.source.parent)  # the worker sees the site's folder, nothing else
         os.execvpe(command[0], command, env)
-    except (ConfigError, PkiError, OSError) as exc:
+    except (ConfigError, PkiError, PrefectApiConfigError, OSError) as exc:
         print(f"fedpriv: site {args.action}: {exc}", file=sys.stderr)
         return 2
 
