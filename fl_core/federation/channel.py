@@ -121,7 +121,7 @@ def decode_envelope(data: bytes) -> Envelope:
         raise ChannelRefusedError(Refusal.MALFORMED, f"envelope of {len(data)} bytes")
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: "[[[[…"
         raise ChannelRefusedError(Refusal.MALFORMED, "envelope is not JSON") from None
     if not isinstance(raw, dict):
         raise ChannelRefusedError(Refusal.MALFORMED, "envelope is not an object")

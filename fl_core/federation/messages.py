@@ -350,6 +350,8 @@ def _meta(raw: bytes, cls: type, site: str | None) -> dict[str, Any]:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MessageError(f"metadata is not JSON ({exc})", site) from None
+    except RecursionError:  # "[[[[…": nesting deeper than the parser's recursion limit
+        raise MessageError("metadata is not JSON (nested too deep)", site) from None
     if not isinstance(meta, dict):
         raise MessageError("metadata is not a JSON object", site)
     wanted = {f.name for f in fields(cls)} - {_BLOB_FIELD.get(cls, "")}

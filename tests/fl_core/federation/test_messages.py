@@ -114,6 +114,7 @@ def _forge(kind: int, meta: bytes, blob: bytes = b"") -> bytes:
     (3, b'{"site":"A","round":1,"loss_sum":1.0,"count":5,"confusion":[1,1,1,1],'
         b'"bins":1}', struct.pack("<II", 2, 3), "disagree"),
     (9, b"{}", b"", "unknown message kind 9"),
+    (4, b"[" * 3000, b"", "nested too deep"),  # past the JSON parser's recursion limit
     (2, b'{"site":"A","round":1,"num_patients":1,"train_loss":1e999,"epsilon":null,'
         b'"dp_steps":1}', b"", "infinite"),
 ])
