@@ -79,6 +79,11 @@ class Paths:
         return self.reports / "rounds.csv"
 
     @property
+    def round_log(self) -> Path:
+        """Sites mode's signed, hash-chained round log (:mod:`adapters.round_log`)."""
+        return self.reports / "round_log.jsonl"
+
+    @property
     def audit(self) -> Path:
         return self.reports / "audit.json"
 

@@ -6,6 +6,12 @@ version of ``cfg.mlflow.model_name`` with alias ``challenger``; it also gets ``c
 if :func:`fl_core.audit.gate.evaluate_gate` passes. If any step fails after the version was created,
 the version is deleted, the aliases are put back as they were and the run ends ``FAILED``;
 the exception is re-raised unchanged so the caller can tell transient faults from others.
+
+A sites-mode run passes its round log (:class:`adapters.round_log.RunLog`): once the aliases
+have moved, the decision (the gate's verdict, the aliases moved) is appended to it, the file
+is logged to the run and the version is tagged ``round_log_head`` with the new head's hash.
+The log is append-only: a registration undone after that gets a second decision record
+saying so (verdict ``undone``, the aliases moved back).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from typing import TYPE_CHECKING, Any
 from adapters.artifacts import owner_is_dead
 from fl_core.audit.gate import GateDecision, evaluate_gate, gate_thresholds
 from fl_core.config.model import PipelineConfig
+from fl_core.federation.round_log import AliasMove, DecisionEntry
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from adapters.round_log import RunLog
     from adapters.serving import ServedModel
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,7 @@ def register_model(
     artifacts: Sequence[Path],
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
+    round_log: RunLog | None = None,
 ) -> RegistrationResult:
     """Log one run; register the model as ``challenger``; if the gate passes, also ``champion``.
 
@@ -72,7 +81,8 @@ def register_model(
     artifacts.
 
     Nothing is left half-done: on failure no new model version remains, the aliases are as
-    before and the run is ``FAILED``. Exceptions propagate.
+    before and the run is ``FAILED``. Exceptions propagate. ``round_log`` (sites mode) gets
+    the decision, see the module docstring.
     """
     steps = _validated_steps(history)
     missing = [str(p) for p in artifacts if not Path(p).exists()]
@@ -129,6 +139,9 @@ def register_model(
             client.set_registered_model_alias(name, alias, version)
             aliases += (alias,)
             registry_before.set_by_us.append(alias)
+        if round_log is not None:
+            registry_before.round_log = round_log
+            _log_decision(client, round_log, registry_before, decision, run_id)
         client.set_tag(run_id, "model_version", str(version))
         for key, value in {**gate_tags, **(tags or {})}.items():
             client.set_tag(run_id, key, value)
@@ -270,6 +283,22 @@ def _log_final_metrics(
         client.log_batch(run_id, metrics=batch)
 
 
+def _log_decision(client: MlflowClient, round_log: RunLog, registry: _RegistryState,
+                  decision: GateDecision, run_id: str) -> None:
+    """Append the decision to the run's round log, log the file to the run, and tag the
+    version (and the run) with the log's new head hash."""
+    from adapters.round_log import HEAD_TAG
+
+    head = round_log.decide(DecisionEntry(
+        model=registry.name, version=str(registry.version),
+        verdict="passed" if decision.passed else "refused", reasons=tuple(decision.reasons),
+        alias_moves=registry.moves()))
+    registry.decided = True
+    client.log_artifact(run_id, str(round_log.path), artifact_path="reports")
+    client.set_model_version_tag(registry.name, str(registry.version), HEAD_TAG, head.hash)
+    client.set_tag(run_id, HEAD_TAG, head.hash)
+
+
 def _gate_tags(decision: GateDecision) -> dict[str, str]:
     if decision.passed:
         return {"gate": "passed"}
@@ -292,6 +321,18 @@ class _RegistryState:
     aliases: Mapping[str, str]  # alias -> version, before this registration
     version: str | None = None  # the version this registration created
     set_by_us: list[str] = field(default_factory=list)
+    round_log: RunLog | None = None  # set once the decision may be in it
+    decided: bool = False  # the decision record was appended
+    put_back: list[str] = field(default_factory=list)  # aliases the undo moved back
+
+    def moves(self, *, back: bool = False) -> tuple[AliasMove, ...]:
+        """The aliases this registration moved, or (``back``) those its undo moved back
+        (a concurrent run's later move stands and is not undone)."""
+        assert self.version is not None
+        moved = [(alias, self.version, str(self.aliases.get(alias, "")))
+                 for alias in (self.put_back if back else self.set_by_us)]
+        return tuple(AliasMove(a, before, now) if back else AliasMove(a, now, before)
+                     for a, now, before in moved)
 
     @classmethod
     def capture(cls, client: MlflowClient, name: str) -> _RegistryState:
@@ -316,6 +357,7 @@ class _RegistryState:
         """Undo this run's aliases (compare-and-set), then delete its versions; never masks
         ``error``."""
         steps = [("restore aliases", lambda: self._restore_aliases(client)),
+                 ("record the undo in the round log", lambda: self._log_undo(error)),
                  ("delete versions", lambda: self._delete_versions(client, run_id))]
         if not self.existed:
             steps.append(("delete empty model", lambda: self._delete_if_empty(client)))
@@ -325,6 +367,16 @@ class _RegistryState:
             except Exception as undo_error:  # keep going; report alongside the original
                 log.error("rollback of %s failed (%s): %r", self.name, what, undo_error)
                 error.add_note(f"rollback step '{what}' also failed: {undo_error!r}")
+
+    def _log_undo(self, error: BaseException) -> None:
+        """The log is append-only: a decision already in it is followed by its undoing."""
+        if self.round_log is None or not self.decided:
+            return
+        self.round_log.decide(DecisionEntry(
+            model=self.name, version=str(self.version), verdict="undone",
+            reasons=(f"the registration failed and was rolled back: "
+                     f"{type(error).__name__}: {error}"[:_MAX_TAG_VALUE],),
+            alias_moves=self.moves(back=True)))
 
     def _restore_aliases(self, client: MlflowClient) -> None:
         current = client.get_registered_model(self.name).aliases or {}
@@ -336,6 +388,7 @@ class _RegistryState:
                 client.delete_registered_model_alias(self.name, alias)
             else:
                 client.set_registered_model_alias(self.name, alias, previous)
+            self.put_back.append(alias)
 
     def _delete_versions(self, client: MlflowClient, run_id: str) -> None:
         for mv in client.search_model_versions(f"name='{self.name}' and run_id='{run_id}'"):

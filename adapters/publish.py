@@ -2,6 +2,7 @@
 
 ``reports/metrics.json`` (the DVC metrics file) and ``reports/registration.json`` are written
 only after the registration has succeeded, so a failed run never leaves them half-updated.
+A sites-mode run's round log gets the promotion decision (:mod:`adapters.round_log`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from adapters.accounting import open_ledger
 from adapters.artifacts import Paths, read_json, read_training, read_validation, write_json_atomic
 from adapters.dp_audit import dp_audit_metrics, verdict_path
 from adapters.mlflow_registration import RegistrationResult, register_model
+from adapters.round_log import RunLog, endpoint_key_path
 from adapters.train import load_model
 from fl_core.audit.gate import evaluate_gate, gate_thresholds
 from fl_core.config.model import PipelineConfig
@@ -60,7 +62,7 @@ def publish_results(
     metrics.update(dp_audit_metrics(cfg, paths.root))  # the DP audit of this configuration
     budget_spent = _budget_spent(cfg, paths.root, privacy)
     if register:
-        result = _register(cfg, paths, trained, metrics)
+        result = _register(cfg, paths, trained, metrics, _run_log(cfg, paths, run_id))
         run, version, aliases, gate = (result.run_id, result.model_version,
                                        list(result.aliases), result.gate)
     else:
@@ -99,8 +101,17 @@ GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one s
              "model update and the released model; not the audit's statistics or test metrics")
 
 
+def _run_log(cfg: PipelineConfig, paths: Paths, run_id: str | None) -> RunLog | None:
+    """A sites-mode flow run's round log, which gets the decision; None for a simulation (its
+    replies are signed by nobody: no log) or a stage run (``reports/`` may hold an earlier
+    run's published log, which is closed)."""
+    if run_id is None or cfg.federation.mode != "sites" or not paths.round_log.exists():
+        return None
+    return RunLog.of_run(paths.round_log, run_id, endpoint_key_path(cfg, paths.root))
+
+
 def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,
-              metrics: dict[str, Any]) -> RegistrationResult:
+              metrics: dict[str, Any], round_log: RunLog | None = None) -> RegistrationResult:
     """The MLflow registration of the trained model (its ledger charge already checked)."""
     from adapters.serving import ServedModel
 
@@ -112,7 +123,7 @@ def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,
                              paths.roc_plot, paths.training_plot, paths.audit_dp, *kept)
                  if p.exists()]  # with the DP audits the gate read, if any
     return register_model(cfg, served, metrics, trained.round_rows, artifacts,
-                          tags=privacy_tags(privacy))
+                          tags=privacy_tags(privacy), round_log=round_log)
 
 
 def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:

@@ -4,6 +4,14 @@ Records are built and checked in :mod:`fl_core.federation.round_log`. Appending 
 exclusive lock on the file, re-reads its last record (the new one chains to it; a damaged
 last line is refused rather than built upon) and writes the new line with ``O_APPEND`` and
 an fsync. ``fedpriv log verify`` reads the file back with :func:`verify_file`.
+
+In ``federation.mode=sites`` the run's log is ``<state_dir>/runs/<run>/reports/round_log.jsonl``
+(published to ``reports/`` with the run's other reports), signed with the federation
+endpoint's key: :func:`round_log_sink` appends one record per round as the round engine
+finishes it, and the registration (:mod:`adapters.mlflow_registration`) one per promotion
+decision through a :class:`RunLog`, then logs the file to the MLflow run and tags the model
+version with its head hash (:data:`HEAD_TAG`). Simulation runs keep no log: nobody signs
+their replies.
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ from __future__ import annotations
 import datetime
 import fcntl
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +36,7 @@ from fl_core.federation.round_log import (
     PrivateKey,
     PublicKey,
     RoundEntry,
+    SignedReply,
     Verification,
     decision_record,
     parse_line,
@@ -34,8 +45,17 @@ from fl_core.federation.round_log import (
     verify,
 )
 
-__all__ = ["append_decision", "append_round", "load_signing_key", "public_key_of", "read_log",
+if TYPE_CHECKING:  # not imported at run time: `fedpriv log verify` needs no torch
+    from fl_core.config.model import PipelineConfig
+    from fl_core.federation.coordinator import RoundRecord, RoundSink
+
+__all__ = ["HEAD_TAG", "RunLog", "append_decision", "append_round", "endpoint_key_path",
+           "load_signing_key", "public_key_of", "read_log", "round_entry", "round_log_sink",
            "verify_file"]
+
+HEAD_TAG = "round_log_head"
+"""The model version tag (and run tag) holding the hash of the log's last record: what
+``fedpriv log verify --head`` checks, so records cut off the end are caught too."""
 
 
 def _time(now: datetime.datetime | None) -> str:
@@ -142,3 +162,65 @@ def verify_file(path: Path, *, coordinator_certs: Iterable[Path],
         raise PkiError(f"cannot read round log {path}: {exc.strerror or exc}") from None
     return verify(parse_lines(_lines(data)), coordinator_public_key=coordinator_keys,
                   site_public_keys=site_keys(site_certs), head=head)
+
+
+# ---- a sites-mode run's log ------------------------------------------------------------------
+
+Receipts = Callable[[int], Sequence[SignedReply]]
+"""Round number → the signed hashes of the replies accepted for it
+(:meth:`adapters.federation_endpoint.FederationEndpoint.receipts`)."""
+
+REJECTED = "update rejected: its norm is over aggregation.max_norm_factor × the round's median"
+EXCLUDED = "excluded by reputation: flagged in too many rounds"
+FLAGGED = "flagged as anomalous (robust z-score over anomaly.z_threshold)"
+
+
+def round_entry(record: RoundRecord, replies: Sequence[SignedReply]) -> RoundEntry:
+    """The log's view of one finished round: the sites whose updates were aggregated, every
+    accepted reply's signed hash (training and evaluation), the new model's hash, and who
+    dropped out, was flagged or was excluded, and why."""
+    exclusions = {site: REJECTED for site in record.rejected_clients}
+    exclusions.update({site: EXCLUDED for site in record.excluded_clients})
+    return RoundEntry(round=record.round, participants=tuple(record.aggregated_clients),
+                      replies=tuple(replies), aggregate_sha256=record.aggregate_sha256,
+                      dropouts=dict(record.failure_reasons),
+                      flags={site: FLAGGED for site in record.flagged_clients},
+                      exclusions=exclusions)
+
+
+def round_log_sink(path: Path, *, run_id: str, coordinator_key: PrivateKey,
+                   receipts: Receipts) -> RoundSink:
+    """A round sink that appends each finished round's record to the log at ``path``.
+
+    Called after the round's evaluation, so ``receipts(round)`` holds every reply the round
+    accepted; a reply that comes after its deadline is refused by the endpoint and is in no
+    record. ``run_id`` must be the endpoint's: the sites signed their replies over it."""
+    def sink(record: RoundRecord) -> None:
+        entry = round_entry(record, receipts(record.round))
+        append_round(path, entry, run_id=run_id, coordinator_key=coordinator_key)
+    return sink
+
+
+def endpoint_key_path(cfg: PipelineConfig, root: Path) -> Path:
+    """The federation endpoint's private key (``federation.endpoint.pki``/server/server.key):
+    the coordinator's signing key for the round log."""
+    pki = Path(cfg.federation.endpoint.pki)
+    return (pki if pki.is_absolute() else Path(root) / pki) / "server" / "server.key"
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """One run's round log, as the registration appends its decision to it."""
+
+    path: Path
+    run_id: str
+    coordinator_key: PrivateKey
+
+    @classmethod
+    def of_run(cls, path: Path, run_id: str, key_path: Path) -> RunLog:
+        return cls(Path(path), run_id, load_signing_key(key_path))
+
+    def decide(self, entry: DecisionEntry) -> LogRecord:
+        """Append a promotion decision; the record returned is the log's new head."""
+        return append_decision(self.path, entry, run_id=self.run_id,
+                               coordinator_key=self.coordinator_key)

@@ -148,6 +148,8 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "n_flagged": len(record.flagged_clients),
         "epsilon": "" if record.epsilon is None else round(record.epsilon, 6),
         "seconds": round(record.seconds, 4),
+        "aggregated_clients": ";".join(record.aggregated_clients),
+        "aggregate_sha256": record.aggregate_sha256,  # what the round log records
     }
     row.update({f"accuracy_{cid}": round(acc, 6) for cid, acc in record.client_accuracy.items()})
     return row

@@ -303,8 +303,16 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
                     print(f"site {site} failed round {record.round}: its session was "
                           f"cancelled and started again (it rejoins once up)")
 
+        # the round log: one record per round, signed with the endpoint's key, in the run's
+        # reports (docs/deployment.md, "The round log")
+        from adapters.artifacts import Paths
+        from adapters.round_log import load_signing_key, round_log_sink
+
+        round_log = round_log_sink(Paths.of(cfg, root, run_id).round_log, run_id=run_id,
+                                   coordinator_key=load_signing_key(endpoint.tls.server_key),
+                                   receipts=endpoint.receipts)
         trained = train_sites(cfg, root, run_id, transport,
-                              {s: sessions.ready[s] for s in usable}, [rejoin])
+                              {s: sessions.ready[s] for s in usable}, [rejoin, round_log])
         return trained, audit_sites(cfg, root, run_id, transport)
     finally:
         sessions.close("the run is over")

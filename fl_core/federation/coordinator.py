@@ -37,6 +37,7 @@ from fl_core.federation.messages import (
     decode_message,
     encode_message,
 )
+from fl_core.federation.round_log import sha256_hex
 from fl_core.federation.transport import Transport, TransportFailure
 from fl_core.model.metrics import balanced_accuracy, histogram_auc
 from fl_core.privacy.randomness import RandomSource, SeededRandom
@@ -82,9 +83,21 @@ class RoundRecord:
     client_accuracy: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None  # DP-SGD: the largest ε any client has reported so far
     seconds: float = 0.0
+    # the sites whose updates the aggregate is made of (what the round log calls participants)
+    aggregated_clients: list[str] = field(default_factory=list)
+    # SHA-256 (hex) of the new global parameters' bytes (see :func:`params_sha256`): the round
+    # log pins each round's model to it
+    aggregate_sha256: str = ""
 
 
 RoundSink = Callable[[RoundRecord], None]  # per-round output: progress, MLflow, Prometheus
+
+
+def params_sha256(params: torch.Tensor) -> str:
+    """SHA-256 (hex) of a parameter vector's raw bytes (its dtype, native byte order): one
+    hash over one buffer, no per-parameter work. The saved model's ``params`` hash the same,
+    so the round log's last aggregate can be checked against ``model.pt``."""
+    return sha256_hex(params.detach().cpu().contiguous().numpy().tobytes())
 
 
 @dataclass
@@ -354,6 +367,7 @@ def run_federated(
         _note_privacy(result, rnd.replies)
         record = _record(rnd, defended, kept, weights, payload, n_params, result,
                          evaluate_sites(transport, sites, params, round_idx, settings))
+        record.aggregate_sha256 = params_sha256(params)
         result.history.append(record)
         for sink in sinks:
             sink(record)
@@ -413,4 +427,5 @@ def _record(
         excluded_clients=defended.excluded, client_accuracy=evaluation.per_site,
         epsilon=max(spent) if spent else None,
         seconds=time.perf_counter() - rnd.started,
+        aggregated_clients=[r.site for r in kept],
     )

@@ -34,6 +34,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from fl_core.config.model import site_slug
+
 FORMAT = 1
 GENESIS = "0" * 64
 KINDS = ("round", "decision")
@@ -160,7 +162,7 @@ class DecisionEntry:
 
     model: str
     version: str
-    verdict: str  # passed | refused
+    verdict: str  # passed | refused | undone (its registration rolled back after this)
     reasons: tuple[str, ...] = ()
     alias_moves: tuple[AliasMove, ...] = ()
 
@@ -286,10 +288,13 @@ def _reply_rows(record: LogRecord, position: int) -> list[tuple[str, str, bytes]
 
 def _check_sites(record: LogRecord, position: int, site_keys: Mapping[str, PublicKeys],
                  unchecked: set[str]) -> int:
-    """Check every reply's site signature for which a key is given; count them."""
+    """Check every reply's site signature for which a key is given; count them. A key is
+    looked up by the site's id as the record names it (the configuration's, which the site
+    signed over: ``St. Mary's North``), else by its slug (``st-mary-s-north``: a
+    certificate's subject names a site so, as the endpoint reads it)."""
     checked = 0
     for site, digest, signature in _reply_rows(record, position):
-        key = site_keys.get(site)
+        key = site_keys.get(site) or site_keys.get(site_slug(site))
         if key is None:
             unchecked.add(site)
             continue

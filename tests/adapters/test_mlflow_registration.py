@@ -307,3 +307,84 @@ def test_bad_inputs_fail_before_any_run(cfg: PipelineConfig, model: torch.nn.Mod
         register_model(cfg, _served(model), PASSING, HISTORY, [Path(cfg.state_dir) / "nope"])
     client = _client(cfg)
     assert client.get_experiment_by_name(cfg.mlflow.experiment) is None
+
+
+# --- the round log (sites mode) -------------------------------------------------------------
+
+
+def _run_log(tmp_path: Path) -> Any:
+    """A sites-mode run's round log holding one round, and the coordinator's key."""
+    from adapters.round_log import RunLog, append_round
+    from fl_core.federation.identity import new_private_key
+    from fl_core.federation.round_log import RoundEntry
+
+    key = new_private_key()
+    path = tmp_path / "run" / "reports" / "round_log.jsonl"
+    append_round(path, RoundEntry(1, ("hungary",), (), "ab" * 32), run_id="run1",
+                 coordinator_key=key)
+    return RunLog(path, "run1", key)
+
+
+def test_the_decision_goes_into_the_round_log_and_its_head_tags_the_version(
+    cfg: PipelineConfig, model: torch.nn.Module, tmp_path: Path
+) -> None:
+    from mlflow.artifacts import download_artifacts
+
+    from adapters.mlflow_registration import register_model
+    from adapters.round_log import HEAD_TAG, read_log
+    from fl_core.federation.round_log import verify
+
+    _register(cfg, model, PASSING)  # version 1: challenger + champion, no log
+    run_log = _run_log(tmp_path)
+    result = register_model(cfg, _served(model), REFUSED, HISTORY, [], round_log=run_log)
+    records = read_log(run_log.path)
+    assert [r.kind for r in records] == ["round", "decision"]
+    assert records[1].body == {"model": cfg.mlflow.model_name, "version": "2",
+                               "verdict": "refused", "reasons": list(result.gate.reasons),
+                               "alias_moves": [{"alias": "challenger", "version": "2",
+                                                "previous": "1"}]}
+    head = records[-1].hash
+    verify(records, coordinator_public_key=run_log.coordinator_key.public_key(), head=head)
+    client = _client(cfg)
+    assert client.get_model_version(cfg.mlflow.model_name, "2").tags[HEAD_TAG] == head
+    assert client.get_run(result.run_id).data.tags[HEAD_TAG] == head
+    logged = download_artifacts(run_id=result.run_id, artifact_path="reports/round_log.jsonl",
+                                tracking_uri=cfg.mlflow_tracking_uri, dst_path=str(tmp_path))
+    assert Path(logged).read_bytes() == run_log.path.read_bytes()  # with its decision
+    assert HEAD_TAG not in client.get_model_version(cfg.mlflow.model_name, "1").tags
+
+
+def test_a_registration_undone_after_its_decision_is_logged_says_so(
+    cfg: PipelineConfig, model: torch.nn.Module, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from adapters.mlflow_registration import register_model
+    from adapters.round_log import read_log
+    from fl_core.federation.round_log import verify
+
+    _register(cfg, model, PASSING)  # version 1: challenger + champion
+    original_set_tag = MlflowClient.set_tag
+
+    def crash(self: Any, run_id: str, key: str, value: Any) -> None:
+        if key == "model_version":
+            raise ConnectionError("tracking server gone")
+        original_set_tag(self, run_id, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_tag", crash)
+    run_log = _run_log(tmp_path)
+    with pytest.raises(ConnectionError):
+        register_model(cfg, _served(model), PASSING, HISTORY, [], round_log=run_log)
+    records = read_log(run_log.path)
+    assert [(r.kind, r.body.get("verdict")) for r in records] == [
+        ("round", None), ("decision", "passed"), ("decision", "undone")]
+    assert records[1].body["alias_moves"] == [
+        {"alias": "challenger", "version": "2", "previous": "1"},
+        {"alias": "champion", "version": "2", "previous": "1"}]
+    assert records[2].body["alias_moves"] == [
+        {"alias": "challenger", "version": "1", "previous": "2"},
+        {"alias": "champion", "version": "1", "previous": "2"}]
+    assert "tracking server gone" in records[2].body["reasons"][0]
+    verify(records, coordinator_public_key=run_log.coordinator_key.public_key())
+    assert _aliases(_client(cfg), cfg.mlflow.model_name) == {"challenger": "1", "champion": "1"}

@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapters.artifacts import Paths
 from adapters.config_files import load_config
 from adapters.federation_endpoint import FederationEndpoint
+from adapters.round_log import load_signing_key, read_log, round_log_sink, verify_file
 from adapters.site_files import split_by_site
 from adapters.site_session import SiteSession, serve_site
+from fl_core.config.model import site_slug
 from fl_core.federation.channel import Kind
+from fl_core.federation.coordinator import params_sha256
 from fl_core.federation.messages import (
     Shutdown,
     SiteReady,
@@ -85,8 +89,11 @@ def test_sessions_over_the_endpoint_train_exactly_the_simulations_model(
     summary = json.loads(ready["Hungary"].validation)
     assert summary["passed"] and summary["site"] == "Hungary"
     coordinator = tmp_path / "coordinator"
+    round_log = Paths.of(cfg, coordinator, "run1").round_log  # as flows.site_dispatch wires it
+    sink = round_log_sink(round_log, run_id="run1", receipts=endpoint.receipts,
+                          coordinator_key=load_signing_key(pki.tls.server_key))
     try:
-        at_sites = train_at_sites(cfg, coordinator, "run1", endpoint, ready)
+        at_sites = train_at_sites(cfg, coordinator, "run1", endpoint, ready, [sink])
         audited = audit_at_sites(cfg, coordinator, "run1", endpoint)
     finally:
         _shutdown(endpoint)
@@ -95,8 +102,18 @@ def test_sessions_over_the_endpoint_train_exactly_the_simulations_model(
         assert not thread.is_alive()
     endpoint.stop()
     assert endpoint.refusals == []
-    # every reply of every round signed by its site, kept for the round log
+    # every reply of every round signed by its site, kept for the round log: one record a
+    # round, each reply's signature checked against its site's certificate
     assert {r.site for r in endpoint.receipts(1)} == set(files)
+    verified = verify_file(round_log, coordinator_certs=[pki.tls.server_cert],
+                           site_certs=[pki.site_folder(site_slug(s)) / f"{site_slug(s)}.crt"
+                                       for s in files])
+    assert (verified.records, verified.unchecked_sites) == (3, ())
+    assert verified.site_signatures == 3 * 2 * len(files)  # training and evaluation replies
+    assert [r.body["participants"] for r in read_log(round_log)] == [sorted(files)] * 3
+    assert read_log(round_log)[-1].body["aggregate_sha256"] == params_sha256(
+        torch.load(round_log.parents[1] / "data" / "models" / "model.pt",
+                   weights_only=True)["params"])
     assert at_sites.accuracy == pytest.approx(simulated.accuracy, abs=1e-9)
     assert at_sites.auc == pytest.approx(simulated.auc, abs=1e-9)
     sim_model = torch.load(project / "data" / "models" / "model.pt", weights_only=True)

@@ -362,3 +362,19 @@ def test_log_verify_with_the_wrong_coordinator_or_an_unreadable_file(
     assert main(["log", "verify", str(log), "--coordinator-cert",
                  str(pki_dir / "server" / "server.crt")]) == 0
     assert "not checked (no certificate given): hungary, swiss" in capsys.readouterr().out
+
+
+def test_log_verify_with_the_head_catches_records_cut_off_the_end(
+        tmp_path: Path, pki_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "log.jsonl"
+    records = write_log(log, pki_dir, rounds=2)
+    coordinator = ["--coordinator-cert", str(pki_dir / "server" / "server.crt")]
+    assert main(["log", "verify", str(log), *coordinator, "--head", records[-1].hash]) == 0
+    capsys.readouterr()
+    log.write_bytes(b"".join(r.line() + b"\n" for r in records[:-1]))  # the decision removed
+    assert main(["log", "verify", str(log), *coordinator]) == 0  # still a chain ...
+    capsys.readouterr()
+    assert main(["log", "verify", str(log), *coordinator, "--head", records[-1].hash]) \
+        == LOG_TAMPERED_EXIT  # ... but not the one the model version's tag names
+    err = capsys.readouterr().err
+    assert "record 1 (line 2)" in err and "records removed or added at the end" in err
