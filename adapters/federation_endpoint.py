@@ -37,11 +37,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
-from adapters.pki import load_trust
+from adapters.pki import EndpointTls, load_trust
 from fl_core.config.model import site_slug
 from fl_core.federation.channel import (
     CHUNK_BYTES,
@@ -68,16 +67,6 @@ PUSH = f"/{SERVICE}/Push"
 WIRE_SLACK = 64 * 1024  # an envelope or chunk plus gRPC framing
 
 RefusalSink = Callable[[str, Refusal, str], None]  # (peer, reason, detail)
-
-
-@dataclass(frozen=True)
-class EndpointTls:
-    """The endpoint's files: its key and certificate, the project CA, the revocation list."""
-
-    server_key: Path
-    server_cert: Path
-    ca_cert: Path
-    crl: Path | None
 
 
 @dataclass(frozen=True)
@@ -161,11 +150,11 @@ class FederationEndpoint:
     ``shutdown``, ``straggling`` and ``receipts`` serve the sessions' bookkeeping and the
     round log."""
 
-    def __init__(self, *, run_id: str, sites: list[str], tls: EndpointTls,
-                 listen: str = "127.0.0.1:0", limits: EndpointLimits = EndpointLimits(),
+    def __init__(self, *, run_id: str, sites: list[str], tls: EndpointTls, listen: str,
+                 limits: EndpointLimits = EndpointLimits(),
                  on_refusal: RefusalSink = print_refusal) -> None:
         self.run_id, self.sites, self.tls, self.limits = run_id, list(sites), tls, limits
-        self._listen = listen
+        self._listen = listen  # host:port to bind (port 0: any free one)
         self._on_refusal = on_refusal
         self._trust = _Trust(tls)
         self._lock = threading.Condition()
@@ -327,7 +316,9 @@ class FederationEndpoint:
         context.abort(code, str(error))
 
     def _identify(self, context: grpc.ServicerContext) -> str:
-        pems = context.auth_context().get("x509_pem_cert") or []
+        auth = context.auth_context()
+        check_tls_version(auth)
+        pems = auth.get("x509_pem_cert") or []
         if not pems:
             raise ChannelRefusedError(Refusal.IDENTITY, "no client certificate")
         try:
@@ -455,6 +446,15 @@ class FederationEndpoint:
             receipt = SignedReply(site, envelope.sha256, bytes.fromhex(envelope.signature))
             self._receipts.setdefault(envelope.round, []).append(receipt)
             self._lock.notify_all()
+
+
+def check_tls_version(auth: Mapping[str, list[bytes]]) -> None:
+    """Refuse a call whose connection negotiated less than TLS 1.3 (gRPC's Python API sets no
+    minimum version: a client offering only TLS 1.2 completes the handshake, and is refused
+    here, on its first call)."""
+    version = b"".join(auth.get("ssl_tls_version") or [b"none"]).decode(errors="replace")
+    if version != "TLSv1.3":
+        raise ChannelRefusedError(Refusal.OLD_TLS, version)
 
 
 def _round_of(request: bytes) -> int:

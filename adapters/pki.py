@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from adapters.artifacts import atomic_path
+from fl_core.config.model import PipelineConfig
 from fl_core.federation.identity import (
     PeerRefusedError,
     PkiError,
@@ -54,7 +55,8 @@ from fl_core.federation.identity import (
 )
 from fl_core.federation.identity import sign_request as sign_csr
 
-__all__ = ["CA_CERT", "CA_KEY", "CRL", "IssuedCertificate", "PeerRefusedError", "PkiError",
+__all__ = ["CA_CERT", "CA_KEY", "CRL", "EndpointTls", "IssuedCertificate", "PeerRefusedError",
+           "PkiError", "endpoint_files",
            "RefusalReason", "SiteRequest", "identify_peer", "identify_peer_files", "init_ca",
            "issue_server_certificate", "issued_certificates", "load_trust", "request_certificate",
            "revoke", "revoked_serials", "sign_request"]
@@ -270,6 +272,26 @@ def revoke(target: str | int, ca_directory: Path, *,
                             number=crl_number(old) + 1, now=moment)
             _write(ca_directory / CRL, crl.public_bytes(serialization.Encoding.PEM), PUBLIC)
     return new
+
+
+@dataclass(frozen=True)
+class EndpointTls:
+    """The federation endpoint's files: its key and certificate, the project CA, the CRL."""
+
+    server_key: Path
+    server_cert: Path
+    ca_cert: Path
+    crl: Path | None
+
+
+def endpoint_files(cfg: PipelineConfig, root: Path) -> EndpointTls:
+    """The endpoint's files under ``federation.endpoint.pki`` (relative: to ``root``):
+    ``ca/`` and ``server/``, as ``fedpriv pki init`` and ``fedpriv pki server`` write them.
+    ``server.key`` also signs the round log."""
+    pki_dir = Path(cfg.federation.endpoint.pki)
+    pki_dir = pki_dir if pki_dir.is_absolute() else Path(root) / pki_dir
+    return EndpointTls(pki_dir / "server" / "server.key", pki_dir / "server" / "server.crt",
+                       pki_dir / "ca" / CA_CERT, pki_dir / "ca" / CRL)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from adapters.accounting import open_ledger
 from adapters.artifacts import Paths, read_json, read_training, read_validation, write_json_atomic
 from adapters.dp_audit import dp_audit_metrics, verdict_path
 from adapters.mlflow_registration import RegistrationResult, register_model
-from adapters.round_log import RunLog, endpoint_key_path
+from adapters.pki import endpoint_files
+from adapters.round_log import RunLog
 from adapters.train import load_model
 from fl_core.audit.gate import evaluate_gate, gate_thresholds
 from fl_core.config.model import PipelineConfig
@@ -107,7 +108,7 @@ def _run_log(cfg: PipelineConfig, paths: Paths, run_id: str | None) -> RunLog | 
     run's published log, which is closed)."""
     if run_id is None or cfg.federation.mode != "sites" or not paths.round_log.exists():
         return None
-    return RunLog.of_run(paths.round_log, run_id, endpoint_key_path(cfg, paths.root))
+    return RunLog.of_run(paths.round_log, run_id, endpoint_files(cfg, paths.root).server_key)
 
 
 def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,

@@ -46,10 +46,9 @@ from fl_core.federation.round_log import (
 )
 
 if TYPE_CHECKING:  # not imported at run time: `fedpriv log verify` needs no torch
-    from fl_core.config.model import PipelineConfig
     from fl_core.federation.coordinator import RoundRecord, RoundSink
 
-__all__ = ["HEAD_TAG", "RunLog", "append_decision", "append_round", "endpoint_key_path",
+__all__ = ["HEAD_TAG", "RunLog", "append_decision", "append_round",
            "load_signing_key", "public_key_of", "read_log", "round_entry", "round_log_sink",
            "verify_file"]
 
@@ -199,13 +198,6 @@ def round_log_sink(path: Path, *, run_id: str, coordinator_key: PrivateKey,
         entry = round_entry(record, receipts(record.round))
         append_round(path, entry, run_id=run_id, coordinator_key=coordinator_key)
     return sink
-
-
-def endpoint_key_path(cfg: PipelineConfig, root: Path) -> Path:
-    """The federation endpoint's private key (``federation.endpoint.pki``/server/server.key):
-    the coordinator's signing key for the round log."""
-    pki = Path(cfg.federation.endpoint.pki)
-    return (pki if pki.is_absolute() else Path(root) / pki) / "server" / "server.key"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from adapters.federation_endpoint import EndpointLimits, EndpointTls, FederationEndpoint
+from adapters.federation_endpoint import EndpointLimits, FederationEndpoint
+from adapters.pki import EndpointTls, endpoint_files
 from fl_core.config.model import ConfigError, PipelineConfig, site_slug
 from fl_core.federation.coordinator import RoundRecord
 from fl_core.federation.messages import (
@@ -242,10 +243,7 @@ def _failed(summary: str) -> str:
 def endpoint_tls(cfg: PipelineConfig, root: Path) -> EndpointTls:
     """The endpoint's certificate files under ``federation.endpoint.pki``; a missing one is
     a configuration error that says which command makes it."""
-    pki = Path(cfg.federation.endpoint.pki)
-    pki = pki if pki.is_absolute() else Path(root) / pki
-    tls = EndpointTls(pki / "server" / "server.key", pki / "server" / "server.crt",
-                      pki / "ca" / "ca.crt", pki / "ca" / "crl.pem")
+    tls = endpoint_files(cfg, root)
     makers = {tls.ca_cert: "fedpriv pki init", tls.crl: "fedpriv pki init",
               tls.server_key: "fedpriv pki server --host HOST",
               tls.server_cert: "fedpriv pki server --host HOST"}

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters import pki
-from adapters.federation_endpoint import EndpointTls, FederationEndpoint
+from adapters.federation_endpoint import FederationEndpoint
+from adapters.pki import EndpointTls
 from adapters.site_channel import SiteChannel
 from fl_core.config.model import site_slug
 from fl_core.federation.channel import SiteCredentials
 from fl_core.federation.messages import Failure, SiteReady, decode_message
+
+LOOPBACK = "127.0.0.1:0"  # where test endpoints listen: loopback, any free port
 
 
 @dataclass

@@ -51,6 +51,7 @@ class Refusal(enum.Enum):
 
     MALFORMED = "malformed envelope"
     IDENTITY = "peer certificate refused"
+    OLD_TLS = "negotiated below TLS 1.3"
     WRONG_SITE = "claims another site than its certificate"
     OTHER_RUN = "for another run"
     REPLAY = "replayed or already answered"

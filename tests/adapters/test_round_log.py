@@ -14,13 +14,13 @@ import torch
 
 from adapters.artifacts import Paths
 from adapters.config_files import build_config
+from adapters.pki import endpoint_files
 from adapters.publish import _run_log
 from adapters.round_log import (
     EXCLUDED,
     FLAGGED,
     REJECTED,
     RunLog,
-    endpoint_key_path,
     load_signing_key,
     read_log,
     round_log_sink,
@@ -149,7 +149,7 @@ def test_only_a_sites_mode_flow_run_with_a_log_gets_the_decision(
                                          "endpoint": {"pki": str(project_pki.root)}}})
     simulation = build_config({"state_dir": str(tmp_path / "state")})
     paths = Paths.of(sites, tmp_path, RUN)
-    assert endpoint_key_path(sites, tmp_path) == project_pki.tls.server_key
+    assert endpoint_files(sites, tmp_path).server_key == project_pki.tls.server_key
     assert _run_log(sites, paths, RUN) is None  # no round was logged
     paths.round_log.parent.mkdir(parents=True)
     paths.round_log.write_bytes(b"")

@@ -25,7 +25,7 @@ import pytest
 from adapters.federation_endpoint import EndpointLimits, FederationEndpoint
 from fl_core.federation.channel import Kind
 from fl_core.federation.messages import Failure, decode_message, encode_message
-from tests.federation import ProjectPki, channel, make_pki
+from tests.federation import LOOPBACK, ProjectPki, channel, make_pki
 
 pytestmark = pytest.mark.slow  # a TLS endpoint and a proxy on 127.0.0.1, own ports: xdist-safe
 
@@ -156,7 +156,7 @@ def pki(tmp_path: Path) -> ProjectPki:
 
 @pytest.fixture
 def endpoint(pki: ProjectPki) -> Iterator[FederationEndpoint]:
-    with FederationEndpoint(run_id="run1", sites=["alpha"], tls=pki.tls,
+    with FederationEndpoint(listen=LOOPBACK, run_id="run1", sites=["alpha"], tls=pki.tls,
                             limits=EndpointLimits(pull_wait_s=1.0)) as started:
         yield started
 

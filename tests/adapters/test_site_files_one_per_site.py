@@ -237,7 +237,7 @@ def test_sessions_on_files_without_a_site_column_train_the_simulations_model(
     from adapters.train import train_at_sites, train_model
     from adapters.validate import validate_data
     from tests.adapters.test_site_session import OVERRIDES, _shutdown, _start_sessions
-    from tests.federation import make_pki, wait_ready
+    from tests.federation import LOOPBACK, make_pki, wait_ready
 
     project, files = per_site
     cfg = load_config(project / "params.yaml", OVERRIDES)
@@ -245,7 +245,8 @@ def test_sessions_on_files_without_a_site_column_train_the_simulations_model(
     partition_data(cfg, project)
     simulated = train_model(cfg, project)
     pki = make_pki(tmp_path / "pki")
-    endpoint = FederationEndpoint(run_id="run1", sites=list(files), tls=pki.tls).start()
+    endpoint = FederationEndpoint(listen=LOOPBACK, run_id="run1", sites=list(files),
+                                  tls=pki.tls).start()
     threads = _start_sessions(cfg, {s: project / f for s, f in files.items()}, endpoint, pki,
                               tmp_path)
     ready = wait_ready(endpoint, list(files))

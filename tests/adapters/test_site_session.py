@@ -26,7 +26,7 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from tests.conftest import data_config
-from tests.federation import ProjectPki, channel, make_pki, wait_ready
+from tests.federation import LOOPBACK, ProjectPki, channel, make_pki, wait_ready
 
 OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models=2"]
 
@@ -48,7 +48,7 @@ def pki(tmp_path: Path) -> ProjectPki:
 
 
 def _endpoint(pki: ProjectPki, sites: list[str], run_id: str = "run1") -> FederationEndpoint:
-    return FederationEndpoint(run_id=run_id, sites=sites, tls=pki.tls).start()
+    return FederationEndpoint(listen=LOOPBACK, run_id=run_id, sites=sites, tls=pki.tls).start()
 
 
 def _start_sessions(cfg, files: dict[str, Path], endpoint: FederationEndpoint, pki: ProjectPki,
