@@ -5,8 +5,10 @@ The site presents its certificate (signed by the project CA; its key made at the
 never sent anywhere) and trusts only the project CA for the endpoint's certificate. gRPC keeps
 one HTTP/2 connection and re-establishes it when it drops; :class:`Backoff` spaces the
 session's retries of a failed call. An HTTP CONNECT proxy (the usual hospital egress) is used
-when the worker's environment names one (``https_proxy`` / ``grpc_proxy``: gRPC's own
-support); nothing else is needed at the site's firewall than this one outbound connection.
+when the site's file names one (``proxy: http://host:port``) or, without it, when the
+worker's environment does (lower-case ``https_proxy`` / ``grpc_proxy``: gRPC's own support;
+``no_proxy`` still applies); nothing else is needed at the site's firewall than this one
+outbound connection.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class SiteChannel:
     """The site's calls to one endpoint for one run."""
 
     def __init__(self, *, address: str, site: str, run_id: str, credentials: SiteCredentials,
-                 server_name: str | None = None, max_message_bytes: int = 256 << 20) -> None:
+                 server_name: str | None = None, proxy: str | None = None,
+                 max_message_bytes: int = 256 << 20) -> None:
         self.address, self.site, self.run_id = address, site, run_id
         self.max_message_bytes = max_message_bytes
         self._key = load_private_key(credentials.key_pem)
@@ -77,6 +80,10 @@ class SiteChannel:
             ("grpc.max_reconnect_backoff_ms", 5_000)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        if proxy == "direct":
+            options.append(("grpc.enable_http_proxy", 0))
+        elif proxy:
+            options.append(("grpc.http_proxy", proxy))
         tls = grpc.ssl_channel_credentials(root_certificates=credentials.ca_pem,
                                            private_key=credentials.key_pem,
                                            certificate_chain=credentials.cert_pem)

@@ -72,7 +72,7 @@ def fl_site(site: str, session: str, index: int, charge_key: str, config: dict[s
     print(f"site {site}: session {session}, data {files.data.name}, endpoint {address}")
     channel = SiteChannel(address=address, site=site, run_id=session,
                           credentials=files.credentials(),
-                          server_name=files.config.server_name,
+                          server_name=files.config.server_name, proxy=files.config.proxy,
                           max_message_bytes=int(cfg.federation.endpoint.max_message_mb * 2**20))
     try:
         why = serve_site(cfg, csv_path=files.data, site=site, index=index,

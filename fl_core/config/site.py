@@ -40,6 +40,9 @@ class SiteConfig(_Section):
     # host:port to dial instead of the address the coordinator announces (a proxy, a NAT)
     endpoint: str | None = Field(None, pattern=HOST_PORT_PATTERN)
     server_name: str | None = None  # the endpoint certificate's host, when not the address's
+    # the hospital's HTTP CONNECT proxy for the endpoint, http://[user:password@]host:port;
+    # "direct": none (ignores https_proxy); null: gRPC's environment (lower-case https_proxy)
+    proxy: str | None = Field(None, pattern=r"^(direct|http://([^@/\s]+@)?[^@/\s:]+:\d{1,5}/?)$")
     prefect: SitePrefect = Field(default_factory=SitePrefect)
 
     @property

@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from adapters.federation_endpoint import EndpointLimits, FederationEndpoint
+from adapters.site_channel import SiteChannel
 from fl_core.federation.channel import Kind
 from fl_core.federation.messages import Failure, decode_message, encode_message
 from tests.federation import LOOPBACK, ProjectPki, channel, make_pki
@@ -253,3 +254,37 @@ def test_what_grpc_ignores_goes_direct(
         finally:
             site.close()
         assert proxy.targets == []
+
+
+def _channel_with(pki: ProjectPki, endpoint: FederationEndpoint, proxy: str) -> SiteChannel:
+    return SiteChannel(address=endpoint.address, site="alpha", run_id=endpoint.run_id,
+                       credentials=pki.issued("alpha"), proxy=proxy)
+
+
+def test_the_site_files_proxy_setting_wins_over_the_environment(
+        pki: ProjectPki, endpoint: FederationEndpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``proxy:`` in site.yaml: the channel goes through it with no variable set; ``direct``
+    goes direct even with https_proxy set; a value gRPC would ignore is refused on load."""
+    from pydantic import ValidationError
+
+    from fl_core.config.site import SiteConfig
+
+    with ConnectProxy(allowed=endpoint.address) as proxy:
+        site = _channel_with(pki, endpoint, proxy.url)
+        try:
+            assert site.pull(0, wait_s=10) is None
+        finally:
+            site.close()
+        assert proxy.targets == [endpoint.address]
+        monkeypatch.setenv("https_proxy", proxy.url)
+        direct = _channel_with(pki, endpoint, "direct")
+        try:
+            assert direct.pull(0, wait_s=10) is None
+        finally:
+            direct.close()
+        assert proxy.targets == [endpoint.address]  # no second CONNECT
+    base = {"site": "alpha", "data": "a.csv", "tls": {"key": "k", "cert": "c", "ca": "ca"}}
+    for ignored in ("https://proxy:3128", "proxy:3128", "HTTP://proxy:3128"):
+        with pytest.raises(ValidationError):
+            SiteConfig.model_validate({**base, "proxy": ignored})
+    assert SiteConfig.model_validate({**base, "proxy": "http://u:p@proxy:3128"}).proxy
