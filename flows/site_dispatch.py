@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,14 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
     finally:
         sessions.close("the run is over")
         endpoint.stop()
+        print(refusal_summary(endpoint.refusals), flush=True)
+
+
+def refusal_summary(refusals: list[tuple[str, Any, str]]) -> str:
+    """One line for the end of a run: what the endpoint refused, by reason."""
+    if not refusals:
+        return "federation endpoint: no call refused"
+    counts = Counter(reason.value for _, reason, _ in refusals)
+    return (f"federation endpoint: {len(refusals)} call(s) refused — "
+            + ", ".join(f"{reason} ×{n}" for reason, n in counts.most_common())
+            + " (each logged above with its peer)")

@@ -266,6 +266,8 @@ def test_sites_mode_across_namespaces_with_one_worker_per_hospital(
         _site_files_only(sites_dir / slug, "heart_disease_uci.csv", slug)
     assert "sites ready: Cleveland" in log
     assert f"sites dial {federation.net.coordinator_address}:" in log
+    assert "federation endpoint: no call refused" in log
+    _round_log_verifies(federation, registration, sites_dir, rounds=5)
 
     # --- one disturbed run (min_clients=1 so that it can go on with what is left):
     # Hungary's worker is down before the run starts → left out after the start timeout, named;
@@ -389,6 +391,27 @@ def test_covid_testing_on_four_sites_keeps_each_patients_records_together(
     assert audit["members"] == sum(len(c.train_ids) for c in clients.values())
     assert audit["non_members"] == sum(len(c.test_ids) for c in clients.values()) < sum(
         int(c.x_test.shape[0]) for c in clients.values())  # a patient, not a test, is one
+
+
+def _round_log_verifies(federation: Federation, registration: dict, sites_dir: Path, *,
+                        rounds: int) -> None:
+    """The run's round log is intact with the endpoint's and the sites' certificates, one
+    record per round and one decision, and its head is the model version's tag."""
+    from mlflow import MlflowClient
+
+    from adapters.round_log import HEAD_TAG, read_log, verify_file
+
+    coordinator = federation.coordinator
+    client = MlflowClient(tracking_uri=f"sqlite:///{coordinator / '.fedpriv' / 'mlflow.db'}")
+    version = client.get_model_version(registration["model_name"],
+                                       str(registration["model_version"]))
+    path = coordinator / "reports" / "round_log.jsonl"
+    result = verify_file(path, coordinator_certs=[
+        coordinator / ".fedpriv" / "pki" / "server" / "server.crt"],
+        site_certs=sorted(p for p in sites_dir.glob("*/*.crt") if p.name != "ca.crt"),
+        head=version.tags[HEAD_TAG])
+    assert not result.unchecked_sites and result.site_signatures >= 2 * rounds * len(SITES)
+    assert [r.kind for r in read_log(path)] == ["round"] * rounds + ["decision"]
 
 
 def _summary_artifact(federation: Federation) -> str:
