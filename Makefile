@@ -83,26 +83,27 @@ worker: $(STAMP)
 	FEDPRIV_ROOT=$(CURDIR) PREFECT_API_URL=$(PREFECT_URL) PATH="$(CURDIR)/$(BIN):$$PATH" \
 	  $(BIN)/prefect worker start --pool local --type process
 
-# Sites mode on one machine (docs/sites-mode.md): each hospital's worker polls its own pool
-# from a folder holding only its own CSV; the coordinator has no data file.
-#   make ui                              (shell 1: the Prefect server)
-#   make sites                           (once: sites/<site>/ and sites/<site>.env)
-#   make site-worker SITE=cleveland      (one shell per site: cleveland hungary switzerland
-#                                         va-long-beach)
-#   make run-sites                       (the pipeline in federation.mode=sites)
-# or all of it in one command, everything it started stopped afterwards: make sites-demo
+# Sites mode on one machine (docs/sites-mode.md): each hospital's worker runs from a folder of
+# its own files (its rows, site.yaml, its key and certificate); the coordinator has no data file.
+# All of it in one command, for any schema and data, everything it started stopped afterwards
+# (demo CA, certificates and logs in .fedpriv/sites-demo/):
+#   make sites-demo [ARGS="--set data.schema=... --set data.path=... --set rounds=3"]
+# By hand (the PKI and the Prefect API's secret and TLS: docs/deployment.md):
+#   make sites [ARGS=...]                (sites/<site>/: its CSV and site.yaml; the printed
+#                                         federation.sites override goes into ARGS of run-sites)
+#   make site-worker SITE=cleveland      (one shell per site, once its site.yaml is complete)
+#   make run-sites [ARGS=...]            (the pipeline in federation.mode=sites; the Prefect
+#                                         client settings from the environment)
 SITES_DIR ?= sites
 SITE ?= cleveland
 sites: $(STAMP)
-	$(BIN)/fedpriv split-sites --out $(SITES_DIR)
+	$(BIN)/fedpriv split-sites --out $(SITES_DIR) $(ARGS)
 
 site-worker: $(STAMP)
-	set -a && . $(SITES_DIR)/$(SITE).env && set +a && cd $(SITES_DIR)/$(SITE) && \
-	  PREFECT_API_URL=$(PREFECT_URL) PREFECT_WORKER_QUERY_SECONDS=1 \
-	  $(abspath $(BIN))/prefect worker start --pool site-$(SITE) --type process
+	$(BIN)/fedpriv site worker --config $(SITES_DIR)/$(SITE)/site.yaml
 
 run-sites: $(STAMP)
-	PREFECT_API_URL=$(PREFECT_URL) $(BIN)/fedpriv run --set federation.mode=sites $(ARGS)
+	$(BIN)/fedpriv run --set federation.mode=sites $(ARGS)
 
 sites-demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/sites-demo.sh $(ARGS)
