@@ -182,7 +182,7 @@ def train_at_sites(
     num_features = features.pop()
     patients = {site: m.train_patients for site, m in ready.items()}
     print(f"training {cfg.model} at {len(ready)} sites ({', '.join(ready)}), {cfg.rounds} "
-          f"rounds through the message store; {describe_compression(cfg.compression)}")
+          f"rounds over the federation endpoint; {describe_compression(cfg.compression)}")
     run = federate_over(cfg, transport=transport, patients=patients, num_features=num_features,
                         sinks=[lambda rec: print_progress(rec, cfg.rounds), *sinks])
     privacy = privacy_summary(cfg, None, run.spent, run.dp, run.model_fixes,

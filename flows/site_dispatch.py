@@ -61,8 +61,8 @@ def deploy_sites(cfg: PipelineConfig) -> list[str]:
             client.create_deployment(
                 flow_id=flow_id, name=site_slug(spec.id), work_pool_name=spec.pool,
                 entrypoint=SITE_ENTRYPOINT, pull_steps=[], parameter_openapi_schema={},
-                description=f"fedpriv site session of {spec.id}: reads only the file its "
-                            f"worker's FEDPRIV_SITE_DATA names")
+                description=f"fedpriv site session of {spec.id}: reads only the files its "
+                            f"worker's site.yaml names")
             names.append(deployment_name(spec.id))
     return names
 

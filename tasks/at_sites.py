@@ -1,5 +1,5 @@
 """``federation.mode=sites`` stages at the coordinator (Prefect tasks): the sites' start-up
-reports, the rounds through the message store, the audit from the sites' aggregates.
+reports, the rounds over the federation endpoint, the audit from the sites' aggregates.
 
 The bodies are in :mod:`adapters.site_reports`, :mod:`adapters.train` and :mod:`adapters.audit`;
 the sessions themselves are started and stopped by the flow (:mod:`flows.site_dispatch`).
