@@ -370,6 +370,8 @@ a hospital's side of sites mode (docs/deployment.md), all in its own folder:
   ... the coordinator signs the request; put SITE.crt and ca.crt beside site.yaml ...
   fedpriv site check --config site.yaml                     certificate, key, files checked
   fedpriv site worker --config site.yaml                    the site's Prefect worker
+The worker runs fedpriv's fl-site session only: a run with another entrypoint, pull steps, a
+storage block, job variables or parameters fl-site does not take is refused (set FAILED).
 The worker needs one outbound connection to the coordinator's Prefect API and one to its
 federation endpoint (through an HTTP CONNECT proxy if https_proxy is set); nothing inbound.
 """
@@ -392,7 +394,9 @@ def add_site_parser(sub: Any) -> None:
     init.add_argument("--endpoint", help="host:port to dial instead of the announced one")
     init.add_argument("--prefect-url", help="the coordinator's Prefect API (https://.../api)")
     for name, text in (("check", "check the site's file, key and certificate"),
-                       ("worker", "start the site's Prefect worker from its file")):
+                       ("worker", "start the site's Prefect worker from its file; it runs "
+                                  "fedpriv's fl-site session only and refuses (fails) any "
+                                  "other run on its pool")):
         action = actions.add_parser(name, help=text, description=text + ".")
         action.add_argument("--config", default="site.yaml",
                             help="the site's file (default: %(default)s)")

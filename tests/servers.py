@@ -91,7 +91,8 @@ class PrefectServer:
         killed = 0
         for child in psutil.Process(self.workers[name].pid).children(recursive=True):
             with suppress(psutil.NoSuchProcess):
-                if "prefect.engine" in " ".join(child.cmdline()):
+                line = " ".join(child.cmdline())  # Prefect's engine, or the site's
+                if "prefect.engine" in line or "flows.site_engine" in line:
                     child.kill()
                     killed += 1
         return killed
