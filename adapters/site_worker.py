@@ -1,7 +1,7 @@
 """A hospital's side, as commands: its configuration file written, checked, and its Prefect
 worker started from it (``fedpriv site init|check|worker``).
 
-The worker is Prefect's process worker on the site's pool, guarded (:mod:`adapters.site_guard`):
+The worker is Prefect's process worker on the site's pool, guarded (:mod:`flows.site_guard`):
 it runs fedpriv's ``fl-site`` session and refuses any other run. What it passes its flow runs
 is the site's file (``FEDPRIV_SITE_CONFIG``) and the Prefect client settings the file names
 (the API's URL, the site's credentials, the CA of the API's certificate), so that nothing
@@ -31,7 +31,7 @@ from fl_core.federation.identity import (
 
 SITE_CONFIG_ENV = "FEDPRIV_SITE_CONFIG"
 SITE_FILE = "site.yaml"
-GUARDED_WORKER = "adapters.site_guard"  # the worker's module: runs fl-site only
+GUARDED_WORKER = "flows.site_guard"  # the worker's module: runs fl-site only
 
 
 def site_config_text(*, site: str, data: str, endpoint: str | None = None,
@@ -84,7 +84,7 @@ def check_site(files: SiteFiles, *, now: datetime.datetime | None = None) -> lis
 
 def worker_command(files: SiteFiles) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of the site's Prefect worker: fedpriv's guarded
-    process worker (:mod:`adapters.site_guard`, which runs only ``fl-site``), this
+    process worker (:mod:`flows.site_guard`, which runs only ``fl-site``), this
     interpreter with ``-P`` so that the site's folder is not on ``sys.path``."""
     env = {**os.environ, **files.prefect_environment(), SITE_CONFIG_ENV: str(files.source)}
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")

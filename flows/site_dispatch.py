@@ -33,9 +33,8 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from fl_core.results import AuditReport, TrainingSummary
+from flows.site_flow import SITE_ENTRYPOINT, SITE_FLOW
 
-SITE_FLOW = "fl-site"
-SITE_ENTRYPOINT = "flows.site_flow:fl_site"
 START_ATTEMPTS = 3
 """Sessions started for a site whose session crashes before it is ready (a Prefect API that
 answered 503 to its worker, a killed process): transient, so worth another try."""

@@ -5,7 +5,7 @@ flows.site_engine``, the flow run's id in ``PREFECT__FLOW_RUN_ID``), in place of
 Prefect's engine loads the flow the run's deployment names, running the deployment's pull steps
 and storage first, all read from the API when the process starts: a deployment changed after
 the worker checked it would still run. This one reads the flow run once, checks its parameters
-again (:func:`adapters.site_guard.parameter_refusal`, against the object it then runs), and
+again (:func:`flows.site_guard.parameter_refusal`, against the object it then runs), and
 runs ``fl_site`` as imported from the installed fedpriv; it never reads the deployment.
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 from uuid import UUID
 
-from adapters.site_guard import REFUSED, parameter_refusal
+from flows.site_guard import REFUSED, parameter_refusal
 
 
 def main() -> int:

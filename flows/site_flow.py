@@ -25,6 +25,8 @@ from adapters.site_worker import SITE_CONFIG_ENV
 from fl_core.config.model import HOST_PORT_PATTERN, PipelineConfig
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
+SITE_FLOW = "fl-site"
+SITE_ENTRYPOINT = "flows.site_flow:fl_site"  # what the coordinator deploys, all a site runs
 
 
 class SiteEnvironmentError(RuntimeError):
@@ -58,7 +60,7 @@ def check_parameters(*, session: str, charge_key: str, index: int, endpoint: str
         raise SiteEnvironmentError(f"endpoint {endpoint!r} is not host:port: refused")
 
 
-@flow(name="fl-site", log_prints=True)
+@flow(name=SITE_FLOW, log_prints=True)
 def fl_site(site: str, session: str, index: int, charge_key: str, config: dict[str, Any],
             endpoint: str, idle_timeout_s: float = 600.0) -> str:
     """Serve one training run at this site: validate and split its own data, charge its own

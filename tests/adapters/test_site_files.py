@@ -217,10 +217,18 @@ def test_split_sites_cli(project: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "flows.cli", "split-sites", "--root", str(project),
          "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    written = sorted(out.glob("*/*"))
-    assert [p.relative_to(out).as_posix() for p in written] == [
-        f"{slug}/heart_disease_uci.csv"
-        for slug in ("cleveland", "hungary", "switzerland", "va-long-beach")]
+    written = sorted(out.glob("*/*.csv"))
+    slugs = ("cleveland", "hungary", "switzerland", "va-long-beach")
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*")) == [
+        f"{slug}/{name}" for slug in slugs for name in ("heart_disease_uci.csv", "site.yaml")]
+    # each folder's site.yaml names its site and its own file, nothing else's
+    for slug, site in zip(slugs, ("Cleveland", "Hungary", "Switzerland", "VA Long Beach"),
+                          strict=True):
+        text = (out / slug / "site.yaml").read_text()
+        assert f"site: {site}" in text and "data: heart_disease_uci.csv" in text
+        assert f"key: {slug}.key" in text
+    assert "federation.sites for these files: --set 'federation.sites=[{id: \"Cleveland\"}" \
+        in done.stdout
     original = _rows(project / "data" / "raw" / "heart_disease_uci.csv")
     parts = {p.parent.name: _rows(p) for p in written}
     assert all(rows[0] == original[0] for rows in parts.values())

@@ -9,8 +9,8 @@ from uuid import uuid4
 
 import pytest
 
-from adapters.site_guard import REFUSED
 from flows import site_engine
+from flows.site_guard import REFUSED
 
 GOOD = {"site": "a", "session": "abc", "index": 0, "charge_key": "k", "config": {},
         "endpoint": "127.0.0.1:9"}

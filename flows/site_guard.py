@@ -21,7 +21,7 @@ the installed fedpriv, never reads the deployment, and checks the run's paramete
 process that uses them, so a deployment or run changed after the worker's check changes
 nothing.
 
-Started by ``fedpriv site worker`` as ``python -m adapters.site_guard --pool P --name N``
+Started by ``fedpriv site worker`` as ``python -m flows.site_guard --pool P --name N``
 (:func:`main`), in place of ``prefect worker start``.
 """
 
@@ -46,6 +46,8 @@ from prefect.workers.process import (
     ProcessWorkerResult,
 )
 
+from flows.site_flow import SITE_ENTRYPOINT, SITE_FLOW
+
 if TYPE_CHECKING:
     from uuid import UUID
 
@@ -54,8 +56,6 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun, WorkPool
     from prefect.client.schemas.responses import DeploymentResponse
 
-SITE_FLOW = "fl-site"
-SITE_ENTRYPOINT = "flows.site_flow:fl_site"
 ENGINE_MODULE = "flows.site_engine"
 """The module every accepted run is started as (``python -P -m``): runs ``fl_site``."""
 REFUSED = "refused by the site: "
@@ -214,7 +214,7 @@ if (_workers := get_registry_for_type(ProcessWorker)) is not None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m adapters.site_guard",
+    parser = argparse.ArgumentParser(prog="python -m flows.site_guard",
                                      description="the site's guarded Prefect worker")
     parser.add_argument("--pool", required=True)
     parser.add_argument("--name", required=True)

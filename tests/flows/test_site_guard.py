@@ -21,7 +21,8 @@ import pytest
 
 from adapters import pki
 from adapters.config_files import load_site_config
-from adapters.site_guard import (
+from adapters.site_worker import GUARDED_WORKER, SITE_CONFIG_ENV, worker_command, write_site_config
+from flows.site_guard import (
     ENGINE_MODULE,
     OPTIONAL_PARAMETERS,
     REFUSED,
@@ -33,7 +34,6 @@ from adapters.site_guard import (
     job_variable_refusal,
     parameter_refusal,
 )
-from adapters.site_worker import GUARDED_WORKER, SITE_CONFIG_ENV, worker_command, write_site_config
 from tests.federation import make_pki
 from tests.servers import BIN, PrefectServer, prefect_server
 
@@ -43,10 +43,8 @@ GOOD = {"site": SITE, "session": "abc123", "index": 0, "charge_key": "abc-123",
 
 
 def test_the_parameters_checked_are_fl_sites() -> None:
-    from flows.site_dispatch import SITE_ENTRYPOINT as DEPLOYED
     from flows.site_flow import fl_site
 
-    assert DEPLOYED == SITE_ENTRYPOINT
     signature = inspect.signature(fl_site.fn)
     assert set(signature.parameters) == set(SITE_PARAMETERS)
     assert {name for name, p in signature.parameters.items()
@@ -115,7 +113,7 @@ def test_importing_the_guard_leaves_prefects_process_worker_registered() -> None
     from prefect.workers.base import BaseWorker
     from prefect.workers.process import ProcessWorker
 
-    from adapters.site_guard import SiteWorker
+    from flows.site_guard import SiteWorker
 
     assert SiteWorker.type == "process"  # it serves process pools, as deploy_sites makes them
     assert lookup_type(BaseWorker, "process") is ProcessWorker
