@@ -46,7 +46,7 @@ from fl_core.federation.messages import (
 )
 from fl_core.model.networks import get_flat_params, set_flat_params
 from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
-from fl_core.privacy.randomness import RandomSource, SeededRandom
+from fl_core.privacy.randomness import RandomSource
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +96,8 @@ class SiteClient:
 
     With ``privacy`` it trains by patient-level DP-SGD (:class:`PatientDPTrainer`); its DP
     sampling and noise come from ``randomness`` (one stream per client and round): secret OS
-    entropy for a promotable run, a seeded generator for a reproducible simulation.
+    entropy for a promotable run, a seeded generator for a reproducible simulation. A private
+    client must be given its randomness: nothing falls back to seeded noise.
     """
 
     def __init__(
@@ -115,7 +116,10 @@ class SiteClient:
         self._training = training
         self._compressor = compressor or UpdateCompressor(DenseCodec(), error_feedback=False)
         self._replica = ModelReplica(get_flat_params(self._model).numel())
-        self._randomness = randomness or SeededRandom(training.seed)
+        if privacy is not None and randomness is None:
+            raise ValueError("a DP-SGD site client needs its randomness given (secure for a "
+                             "promotable run): no seeded default")
+        self._randomness = randomness
         self._num_patients = int(data.patient_ids().unique().numel())
         self._busy = threading.Lock()  # a straggler still training refuses the next request
         self._dp: PatientDPTrainer | None = None
@@ -160,6 +164,7 @@ class SiteClient:
         global_params = self._replica.apply(instruction.model)
         set_flat_params(self._model, global_params)
         if self._dp is not None:
+            assert self._randomness is not None  # checked with privacy in __init__
             random = self._randomness.stream("dp-sgd", self.client_id, round_idx)
             loss = self._dp.train(instruction.local_epochs, random)
         else:  # not private: the minibatch order needs no secrecy

@@ -226,3 +226,9 @@ def test_cli_refuses_a_large_delta_with_exit_2_naming_the_rule(project: Path) ->
     assert "privacy.delta=0.004" in out.stderr and "1/(10·n)" in out.stderr
     assert "243 training patients" in out.stderr and "Traceback" not in out.stderr
     assert not (project / "data" / "models" / "model.pt").exists()
+
+
+def test_a_private_site_client_without_randomness_is_refused_not_seeded() -> None:
+    """No silent default: a DP-SGD client must be handed its noise source (issue 24)."""
+    with pytest.raises(ValueError, match="no seeded default"):
+        _client(None, sigma=1.0)
