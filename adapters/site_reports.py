@@ -20,11 +20,15 @@ from fl_core.results import SitesValidation
 
 
 def _summary(message: SiteReady) -> dict[str, Any]:
+    """The site's validation summary, and the budget it reported having left (by its own
+    policy and ledger: the coordinator records it, it does not decide it)."""
     try:
         parsed = json.loads(message.validation)
     except ValueError:
-        return {"passed": message.passed, "unreadable": True}
-    return parsed if isinstance(parsed, dict) else {"passed": message.passed}
+        return {"passed": message.passed, "unreadable": True,
+                "budget_left": message.budget_left}
+    summary = parsed if isinstance(parsed, dict) else {"passed": message.passed}
+    return {**summary, "budget_left": message.budget_left}
 
 
 def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
@@ -49,7 +53,7 @@ def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
                   for s in usable}})
     _check_enough_sites(cfg, usable, refused)
     counts = ", ".join(f"{s} ({ready[s].train_patients} train / {ready[s].test_patients} test "
-                       f"patients)" for s in usable)
+                       f"patients, ε budget left {ready[s].budget_left:.3g})" for s in usable)
     print(f"sites ready: {counts} in {seconds + time.perf_counter() - started:.1f} s")
     return usable
 

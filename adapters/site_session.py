@@ -31,6 +31,7 @@ from adapters.site_channel import Backoff, Instruction, SiteChannel, permanent
 from adapters.site_files import site_client_data, site_dropped_rows
 from fl_core.audit.federated import site_audit_reply
 from fl_core.config.model import PipelineConfig, site_slug
+from fl_core.config.site import SitePolicy
 from fl_core.data.tables import ClientData, ClientSplit, Partition
 from fl_core.federation.channel import READY_SEQ, ChannelRefusedError, Kind
 from fl_core.federation.messages import (
@@ -52,11 +53,10 @@ from fl_core.federation.wiring import (
 )
 from fl_core.privacy.accounting import planned_charge
 from fl_core.privacy.dpsgd import DPSGDConfig
+from fl_core.privacy.policy import policy_refusals
 from fl_core.privacy.randomness import make_random
 
 KIND_SITE_TRAIN = "site-train"
-LEDGER_FILE = "privacy_ledger.sqlite"  # in the site's own state folder, wherever the
-# coordinator's configuration puts its own ledger
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,25 @@ class SiteSession:
 
 
 def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
-               session: SiteSession, idle_timeout_s: float) -> str:
-    """Validate, split, charge, then answer instructions until :class:`Shutdown` (or no
-    instruction for ``idle_timeout_s``). ``index`` is the site's position in
-    ``federation.sites`` (its codec seed, as in simulation). Returns why it stopped."""
+               session: SiteSession, idle_timeout_s: float, policy: SitePolicy) -> str:
+    """Validate, split, check the run against the site's ``policy``, charge the site's own
+    ledger, then answer instructions until :class:`Shutdown` (or no instruction for
+    ``idle_timeout_s``). ``index`` is the site's position in ``federation.sites`` (its codec
+    seed, as in simulation). Returns why it stopped."""
     report, summary = validate_site_file(cfg, csv_path, site)
     if not summary["passed"]:
         _ready(session, passed=False, summary=summary)
         return "validation failed"
     data = site_client_data(cfg, csv_path, site)
+    dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
+    broken = policy_refusals(cfg, policy, noise_multiplier=dp.noise_multiplier if dp else None)
+    if broken:  # before the ledger: a run the site does not accept costs it nothing
+        _report(session, encode_message(Failure(site, -1, "refused by the site's policy: "
+                                                + "; ".join(broken))))
+        return "refused by policy"
     try:
-        dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
-        ledger_run = charge_site_ledger(cfg, session, data, dp=dp)
+        budget_left = site_budget_left(session, policy)
+        ledger_run = charge_site_ledger(cfg, session, data, dp=dp, policy=policy)
     except Exception as exc:  # a refusal (budget) or a broken ledger: the coordinator is told
         _report(session, encode_message(Failure(site, -1, f"{type(exc).__name__}: {exc}")))
         return "ledger refused"
@@ -95,7 +102,8 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
     # counts only: the rows the site left out, and its split in records (patients: SiteReady)
     summary = {**summary, "dropped_rows": site_dropped_rows(cfg, csv_path, site),
                "records": {"train": data.num_train, "test": int(data.x_test.shape[0])}}
-    _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run)
+    _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run,
+           budget_left=budget_left)
     return _answer_until_shutdown(SiteAnswerer(cfg, client, data, session), session,
                                   idle_timeout_s)
 
@@ -134,13 +142,14 @@ class SiteAnswerer:
 
 
 def _ready(session: SiteSession, *, passed: bool, summary: dict, data: ClientData | None = None,
-           ledger_run: str = "") -> None:
+           ledger_run: str = "", budget_left: float = 0.0) -> None:
     message = SiteReady(
         site=session.site, round=-1, passed=passed,
         num_features=0 if data is None else int(data.x_train.shape[1]),
         train_patients=0 if data is None else len(data.train_ids),
         test_patients=0 if data is None else len(data.test_ids),
-        validation=json.dumps(summary, default=str), ledger_run_id=ledger_run)
+        validation=json.dumps(summary, default=str), ledger_run_id=ledger_run,
+        budget_left=budget_left)
     _report(session, encode_message(message))
 
 
@@ -158,24 +167,36 @@ def _report(session: SiteSession, message: bytes, attempts: int = 8) -> None:
             backoff.wait()
 
 
+def site_ledger(session: SiteSession, policy: SitePolicy) -> PrivacyLedger:
+    """The site's own ledger, where its policy says (in its state folder), never where the
+    coordinator's configuration says: the coordinator cannot hand a site a fresh ledger."""
+    return PrivacyLedger(session.state_dir / policy.ledger)
+
+
+def site_budget_left(session: SiteSession, policy: SitePolicy) -> float:
+    """The site's lifetime ε (its policy's) minus its most exposed patient's spending."""
+    spent = [b.tight_epsilon for b in site_ledger(session, policy).balances()
+             if b.site == session.site]
+    return max(0.0, policy.lifetime_epsilon - max(spent, default=0.0))
+
+
 def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
-                       dp: DPSGDConfig | None) -> str:
+                       dp: DPSGDConfig | None, policy: SitePolicy) -> str:
     """Charge the site's own ledger for the planned run of the recipe ``dp`` (the one its
-    client trains with), once per session (idempotent: a session started again for the same
-    run does not charge twice). Returns the ledger run id ("" when the run is not private)."""
+    client trains with) against its policy's lifetime ε, once per session (idempotent: a
+    session started again for the same run does not charge twice). Returns the ledger run id
+    ("" when the run is not private)."""
     if dp is None:
         return ""
     run_id = f"{session.charge_key}{site_slug(session.site).replace('-', '')}"
-    # the site's ledger is in the site's own state folder, never where the coordinator's
-    # configuration says (the coordinator cannot hand a site a fresh ledger)
-    ledger = PrivacyLedger(session.state_dir / LEDGER_FILE)
+    ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
         split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                           "by_site", cfg.seed)
         site_of = {int(i): session.site for i in data.train_ids}
         charge = planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id,
                                 KIND_SITE_TRAIN)
-        ledger.charge(charge, cfg.privacy.lifetime_epsilon)
+        ledger.charge(charge, policy.lifetime_epsilon)
     return run_id
 
 

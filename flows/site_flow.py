@@ -79,7 +79,7 @@ def fl_site(site: str, session: str, index: int, charge_key: str, config: dict[s
     try:
         why = serve_site(cfg, csv_path=files.data, site=site, index=index,
                          session=SiteSession(channel, site, files.state, charge_key),
-                         idle_timeout_s=idle_timeout_s)
+                         idle_timeout_s=idle_timeout_s, policy=files.config.policy)
     finally:
         channel.close()
     print(f"site {site}: session ended ({why})")

@@ -14,10 +14,14 @@ from adapters.federation_endpoint import FederationEndpoint
 from adapters.pki import EndpointTls
 from adapters.site_channel import SiteChannel
 from fl_core.config.model import site_slug
+from fl_core.config.site import SitePolicy
 from fl_core.federation.channel import SiteCredentials
 from fl_core.federation.messages import Failure, SiteReady, decode_message
 
 LOOPBACK = "127.0.0.1:0"  # where test endpoints listen: loopback, any free port
+# the tests train with reproducible noise (to compare with the simulation): a site's default
+# policy refuses that, so the test sites accept it
+TEST_POLICY = SitePolicy(require_secure=False)
 
 
 @dataclass

@@ -29,6 +29,22 @@ class SitePrefect(_Section):
     ca: str | None = None  # the CA of the API's TLS certificate (default: tls.ca)
 
 
+class SitePolicy(_Section):
+    """What this hospital accepts, whatever the coordinator's configuration asks: its own
+    lifetime budget and ledger, the most one run may spend, the least noise, secure noise,
+    the most rounds and audit shadows. Checked at the site before anything trains
+    (:func:`fl_core.privacy.policy.policy_refusals`); a refusal names the rule."""
+
+    lifetime_epsilon: float = Field(10.0, gt=0)  # per patient, over all runs, at this site
+    ledger: str = "privacy_ledger.sqlite"  # in the site's state folder (relative to it)
+    max_epsilon_per_run: float = Field(2.0, gt=0)
+    min_noise_multiplier: float = Field(0.3, ge=0)
+    require_private: bool = True  # no run without patient-level DP-SGD
+    require_secure: bool = True  # secure noise only (reproducible noise can be regenerated)
+    max_rounds: int = Field(500, ge=1)
+    max_shadow_models: int = Field(32, ge=0)
+
+
 class SiteConfig(_Section):
     """One site's file (``site.yaml``); docs/deployment.md shows one."""
 
@@ -44,6 +60,7 @@ class SiteConfig(_Section):
     # "direct": none (ignores https_proxy); null: gRPC's environment (lower-case https_proxy)
     proxy: str | None = Field(None, pattern=r"^(direct|http://([^@/\s]+@)?[^@/\s:]+:\d{1,5}/?)$")
     prefect: SitePrefect = Field(default_factory=SitePrefect)
+    policy: SitePolicy = Field(default_factory=SitePolicy)
 
     @property
     def pool(self) -> str:

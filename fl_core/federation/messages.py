@@ -250,6 +250,9 @@ class SiteReady:
     test_patients: int
     validation: str
     ledger_run_id: str  # the site's own ledger charge for this run ("" when not private)
+    # the site's budget left before this run: its policy's lifetime ε minus its most exposed
+    # patient's spending (what the site reports of its ledger; one number, no patient)
+    budget_left: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "num_patients": (int,), "dp_steps": (int,), "count": (int,), "train_loss": (float, int),
     "loss_sum": (float, int), "epsilon": (float, int, type(None)), "confusion": (list,),
     "passed": (bool,), "validation": (str,), "ledger_run_id": (str,),
+    "budget_left": (float, int),
 }
 
 
@@ -414,7 +418,7 @@ def _build(cls: type, meta: dict[str, Any], blob: bytes, site: str | None) -> Me
 
 
 def _check_finite(meta: dict[str, Any], site: str | None) -> None:
-    for name in ("train_loss", "loss_sum", "epsilon"):
+    for name in ("train_loss", "loss_sum", "epsilon", "budget_left"):
         value = meta.get(name)
         if isinstance(value, float) and math.isinf(value):
             raise MessageError(f"field {name!r} is infinite", site)

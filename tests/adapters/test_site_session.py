@@ -26,7 +26,7 @@ from fl_core.federation.messages import (
     encode_message,
 )
 from tests.conftest import data_config
-from tests.federation import LOOPBACK, ProjectPki, channel, make_pki, wait_ready
+from tests.federation import LOOPBACK, TEST_POLICY, ProjectPki, channel, make_pki, wait_ready
 
 OVERRIDES = ["rounds=3", "privacy.randomness=reproducible", "audit.shadow_models=2"]
 
@@ -58,7 +58,7 @@ def _start_sessions(cfg, files: dict[str, Path], endpoint: FederationEndpoint, p
         session = SiteSession(channel(pki, endpoint, site), site, tmp / "state" / site, "run1")
         thread = threading.Thread(target=serve_site, args=(cfg,), kwargs={
             "csv_path": path, "site": site, "index": index, "session": session,
-            "idle_timeout_s": 60}, daemon=True)
+            "idle_timeout_s": 60, "policy": TEST_POLICY}, daemon=True)
         thread.start()
         threads.append(thread)
     return threads
@@ -156,7 +156,6 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
     """The ledger charge is keyed by the coordinator's flow run (the same when Prefect
     retries the flow): a second session for that run (a retry, a restart) charges nothing."""
     from adapters.ledger_store import PrivacyLedger
-    from adapters.site_session import LEDGER_FILE
 
     cfg = load_config(project / "params.yaml", OVERRIDES)
     files = _site_files(project, tmp_path / "sites")
@@ -167,12 +166,12 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
             _shutdown(endpoint)  # answer nothing: stop right after start-up
             session = SiteSession(channel(pki, endpoint, site), site, state, "flowrun1")
             why = serve_site(cfg, csv_path=path, site=site, index=0, session=session,
-                             idle_timeout_s=5)
+                             idle_timeout_s=5, policy=TEST_POLICY)
             assert why == "shutdown"
             (ready,) = wait_ready(endpoint, [site]).values()
         assert ready.ledger_run_id == "flowrun1cleveland"
     # the site's own ledger, in its state folder, whatever the coordinator's config says
-    ledger = PrivacyLedger(state / LEDGER_FILE)
+    ledger = PrivacyLedger(state / TEST_POLICY.ledger)
     assert len(ledger.entries()) == 1 and ledger.has_run("flowrun1cleveland")
 
 
@@ -210,7 +209,7 @@ def test_sites_mode_simulation_and_the_dp_audit_build_a_site_client_alike(
         _shutdown(endpoint)  # answer nothing: stop right after the client is built
         session = SiteSession(channel(pki, endpoint, site), site, tmp_path / "state", "run1")
         assert serve_site(cfg, csv_path=path, site=site, index=0, session=session,
-                          idle_timeout_s=5) == "shutdown"
+                          idle_timeout_s=5, policy=TEST_POLICY) == "shutdown"
     data = ClinicalTable.get(cfg.data, project).partitioned(cfg.data, cfg.seed)[0]
     assert data[0].client_id == site
     wiring.simulation_setup(cfg, data, dp=wiring.make_dpsgd(cfg=cfg, data=data))
@@ -341,3 +340,52 @@ def test_a_session_that_crashes_before_it_is_ready_is_started_again(
         "Cleveland": 2, "Hungary": START_ATTEMPTS, "Switzerland": 1, "VA Long Beach": 1}
     assert sessions.refused == {"Hungary": "its session ended (crashed)",
                                 "Switzerland": "its session ended (failed)"}
+
+
+def _start_once(cfg, path: Path, site: str, pki: ProjectPki, state: Path, run_id: str,
+                policy) -> tuple[str, object]:
+    """One session that stops right after start-up; why it stopped and its start-up report."""
+    from fl_core.federation.messages import Failure, decode_message
+
+    with _endpoint(pki, [site], run_id) as endpoint:
+        _shutdown(endpoint)
+        session = SiteSession(channel(pki, endpoint, site), site, state, run_id)
+        why = serve_site(cfg, csv_path=path, site=site, index=0, session=session,
+                         idle_timeout_s=5, policy=policy)
+        report = endpoint.ready_report(site)
+    assert report is not None
+    return why, decode_message(report[0], site=site, expect=(SiteReady, Failure))
+
+
+@pytest.mark.slow
+def test_the_sites_policy_not_the_coordinators_config_sets_its_budget_and_limits(
+        project: Path, tmp_path: Path, pki: ProjectPki) -> None:
+    """A coordinator overriding privacy.lifetime_epsilon and privacy.ledger changes nothing at
+    the site: its policy's cap and its own ledger count. A run beyond the policy is refused by
+    name before anything is charged; the site reports the budget it has left."""
+    from adapters.ledger_store import PrivacyLedger
+    from fl_core.config.site import SitePolicy
+    from fl_core.federation.messages import Failure
+
+    files = _site_files(project, tmp_path / "sites")
+    site, path = next(iter(files.items()))
+    state = tmp_path / "state"
+    elsewhere = tmp_path / "coordinator-chosen.sqlite"
+    greedy = load_config(project / "params.yaml", [
+        *OVERRIDES, "privacy.lifetime_epsilon=1000", f"privacy.ledger={elsewhere}"])
+    policy = SitePolicy(require_secure=False, lifetime_epsilon=1.2)
+    why, first = _start_once(greedy, path, site, pki, state, "runA", policy)
+    assert why == "shutdown" and isinstance(first, SiteReady)
+    assert first.budget_left == pytest.approx(1.2)  # nothing spent before this run
+    why, second = _start_once(greedy, path, site, pki, state, "runB", policy)
+    assert why == "ledger refused" and isinstance(second, Failure)
+    assert "BudgetExceeded" in second.reason and "1.2" in second.reason  # the site's cap
+    assert not elsewhere.exists()
+    assert len(PrivacyLedger(state / policy.ledger).entries()) == 1
+    # beyond the policy: refused by name, nothing charged
+    bold = load_config(project / "params.yaml", [*OVERRIDES, "rounds=50"])
+    why, third = _start_once(bold, path, site, pki, state, "runC",
+                             SitePolicy(require_secure=False, max_rounds=10))
+    assert why == "refused by policy" and isinstance(third, Failure)
+    assert "refused by the site's policy: rounds=50 > policy.max_rounds=10" in third.reason
+    assert len(PrivacyLedger(state / policy.ledger).entries()) == 1

@@ -1,0 +1,39 @@
+"""A site's privacy policy against what a run asks of it (issue 24's first part).
+
+The policy is the hospital's (:class:`fl_core.config.site.SitePolicy`, in its own
+``site.yaml``), never the coordinator's: the run's configuration arrives from the coordinator
+and is checked here, at the site, before its ledger is charged or anything trains. Every rule
+a run breaks is named, with the value asked and the limit, so that the coordinator can show
+why the site stayed out.
+"""
+
+from __future__ import annotations
+
+from fl_core.config.model import PipelineConfig
+from fl_core.config.site import SitePolicy
+
+
+def policy_refusals(cfg: PipelineConfig, policy: SitePolicy, *,
+                    noise_multiplier: float | None) -> list[str]:
+    """The rules of ``policy`` the run ``cfg`` breaks (empty: it may run here).
+    ``noise_multiplier`` is the σ the site's DP-SGD would train with (None: not private)."""
+    privacy = cfg.privacy
+    broken = []
+    if policy.require_private and (not privacy.enabled or noise_multiplier is None):
+        broken.append("privacy.enabled=false: this site trains only with DP-SGD "
+                      "(policy.require_private)")
+    if privacy.enabled and privacy.epsilon > policy.max_epsilon_per_run:
+        broken.append(f"privacy.epsilon={privacy.epsilon:g} > policy.max_epsilon_per_run="
+                      f"{policy.max_epsilon_per_run:g}")
+    if noise_multiplier is not None and noise_multiplier < policy.min_noise_multiplier:
+        broken.append(f"noise multiplier {noise_multiplier:.3g} < policy.min_noise_multiplier="
+                      f"{policy.min_noise_multiplier:g}")
+    if policy.require_secure and privacy.enabled and privacy.randomness != "secure":
+        broken.append(f"privacy.randomness={privacy.randomness}: this site uses secure noise "
+                      f"only (policy.require_secure)")
+    if cfg.rounds > policy.max_rounds:
+        broken.append(f"rounds={cfg.rounds} > policy.max_rounds={policy.max_rounds}")
+    if cfg.audit.shadow_models > policy.max_shadow_models:
+        broken.append(f"audit.shadow_models={cfg.audit.shadow_models} > "
+                      f"policy.max_shadow_models={policy.max_shadow_models}")
+    return broken

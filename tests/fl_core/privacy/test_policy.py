@@ -1,0 +1,38 @@
+"""A site's policy against the run the coordinator asks for: each rule named when broken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapters.config_files import load_config
+from fl_core.config.site import SitePolicy
+from fl_core.privacy.policy import policy_refusals
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize(("overrides", "sigma", "named"), [
+    (["privacy.epsilon=5", "privacy.lifetime_epsilon=10"], 0.6, "policy.max_epsilon_per_run=2"),
+    ([], 0.1, "noise multiplier 0.1 < policy.min_noise_multiplier=0.3"),
+    (["privacy.randomness=reproducible"], 0.8, "policy.require_secure"),
+    (["rounds=900"], 0.8, "rounds=900 > policy.max_rounds=500"),
+    (["audit.shadow_models=64"], 0.8, "audit.shadow_models=64 > policy.max_shadow_models=32"),
+    (["privacy.enabled=false"], None, "policy.require_private"),
+])
+def test_each_rule_a_run_breaks_is_named(overrides: list[str], sigma: float | None,
+                                         named: str) -> None:
+    cfg = load_config(ROOT / "params.yaml", overrides)
+    broken = policy_refusals(cfg, SitePolicy(), noise_multiplier=sigma)
+    assert len(broken) == 1 and named in broken[0], broken
+
+
+def test_the_default_run_fits_the_default_policy_and_a_site_may_relax_it() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    assert policy_refusals(cfg, SitePolicy(), noise_multiplier=0.8) == []
+    reproducible = load_config(ROOT / "params.yaml", ["privacy.randomness=reproducible"])
+    assert policy_refusals(reproducible, SitePolicy(require_secure=False),
+                           noise_multiplier=0.8) == []
+    public = load_config(ROOT / "params.yaml", ["privacy.enabled=false"])
+    assert policy_refusals(public, SitePolicy(require_private=False), noise_multiplier=None) == []
