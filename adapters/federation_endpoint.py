@@ -57,7 +57,7 @@ from fl_core.federation.channel import (
     decode_envelope,
 )
 from fl_core.federation.identity import PeerRefusedError, identify_peer, load_certificate
-from fl_core.federation.messages import MessageError, decode_message
+from fl_core.federation.messages import MessageError, peek_message
 from fl_core.federation.round_log import SignedReply, reply_message, sha256_hex, signature_valid
 from fl_core.federation.transport import TransportFailure
 
@@ -86,7 +86,8 @@ class EndpointLimits:
 class _Mailbox:
     """One site's state at the endpoint (guarded by the endpoint's lock)."""
 
-    outbox: tuple[int, int, bytes] | None = None  # (seq, round, message) the site is to fetch
+    # (seq, round, message, its sha256) the site is to fetch
+    outbox: tuple[int, int, bytes, str] | None = None
     owed: Owed | None = None
     answered: int = 0  # highest seq answered or let expire
     reply: tuple[int, bytes] | None = None  # (seq, message) accepted for ``owed``
@@ -162,6 +163,7 @@ class FederationEndpoint:
         # a certificate names a site by its slug (lower case, '-'): "VA Long Beach" → va-long-beach
         self._by_slug = {site_slug(site): site for site in self.sites}
         self._seq = 0
+        self._digests: dict[int, tuple[str, bytes]] = {}
         self._receipts: dict[int, list[SignedReply]] = {}
         self.refusals: list[tuple[str, Refusal, str]] = []
         self._server: grpc.Server | None = None
@@ -237,9 +239,16 @@ class FederationEndpoint:
         if box.busy_with:
             return f"still busy with request {box.busy_with}, which missed its deadline"
         round_number = _round_of(request)
-        box.outbox, box.owed, box.reply = (seq, round_number, request), Owed(seq, round_number), \
-            None
+        box.outbox = (seq, round_number, request, self._digest(request))
+        box.owed, box.reply = Owed(seq, round_number), None
         return None
+
+    def _digest(self, request: bytes) -> str:
+        """The request's SHA-256, once per exchange (every site is sent the same model)."""
+        key = id(request)
+        if self._digests.get(key, ("", b""))[1] is not request:
+            self._digests = {key: (sha256_hex(request), request)}
+        return self._digests[key][0]
 
     def _wait_replies(self, requests: Mapping[str, bytes], seq: int, deadline_s: float,
                       out: dict[str, object | TransportFailure]) -> None:
@@ -296,8 +305,9 @@ class FederationEndpoint:
         """Post ``message`` (a framed Shutdown) as every site's next instruction."""
         with self._lock:
             self._seq += 1
+            digest = sha256_hex(message)
             for box in self._boxes.values():
-                box.outbox = (self._seq, -1, message)
+                box.outbox = (self._seq, -1, message, digest)
             self._lock.notify_all()
 
     def receipts(self, round_number: int) -> list[SignedReply]:
@@ -367,13 +377,13 @@ class FederationEndpoint:
             if message is None:
                 yield Envelope(Kind.IDLE, self.run_id, site).encode()
                 return
-            seq, round_number, data = message
+            seq, round_number, data, digest = message
             yield Envelope(Kind.INSTRUCTION, self.run_id, site, seq, round_number, len(data),
-                           sha256_hex(data)).encode()
+                           digest).encode()
             yield from chunks(data)
 
     def _next_for(self, site: str, after: int,
-                  context: grpc.ServicerContext) -> tuple[int, int, bytes] | None:
+                  context: grpc.ServicerContext) -> tuple[int, int, bytes, str] | None:
         end = time.monotonic() + self.limits.pull_wait_s
         with self._lock:
             while context.is_active() and self._server is not None:
@@ -413,8 +423,8 @@ class FederationEndpoint:
         signed = reply_message(self.run_id, envelope.round, site, envelope.sha256)
         if not signature_valid(key, bytes.fromhex(envelope.signature), signed):  # type: ignore[arg-type]
             raise ChannelRefusedError(Refusal.BAD_SIGNATURE, f"reply {envelope.seq}")
-        try:
-            decode_message(data, site=site)
+        try:  # the frame and its scalar fields (the site it claims); the engine decodes the rest
+            peek_message(data, site=site)
         except MessageError as exc:
             reason = Refusal.WRONG_SITE if "claims to come from" in exc.reason \
                 else Refusal.MALFORMED
@@ -458,9 +468,9 @@ def check_tls_version(auth: Mapping[str, list[bytes]]) -> None:
 
 
 def _round_of(request: bytes) -> int:
-    """The round an instruction is for (-1 when it carries none)."""
+    """The round an instruction is for (-1 when it carries none), from its metadata only."""
     try:
-        return int(getattr(decode_message(request), "round", -1))
+        return int(peek_message(request)[1].get("round", -1))
     except MessageError:
         return -1
 

@@ -180,30 +180,31 @@ def check_reply(envelope: Envelope, owed: Owed | None, *, answered: int) -> None
 
 
 class ChunkAssembler:
-    """Rebuilds one message from its chunks; the buffer is allocated once, at the declared
-    size (already checked against the cap), and never grows."""
+    """Rebuilds one message from its chunks, refusing the first chunk that would take it past
+    its declared size (already checked against the cap): a stream can never make it hold more.
+    The chunks are hashed as they come and joined once at the end (one copy)."""
 
     def __init__(self, envelope: Envelope) -> None:
         self._envelope = envelope
-        self._buffer = bytearray(envelope.size)
+        self._chunks: list[bytes] = []
         self._filled = 0
+        self._hash = hashlib.sha256()
 
     def add(self, chunk: bytes) -> None:
-        end = self._filled + len(chunk)
-        if end > len(self._buffer):
-            raise ChannelRefusedError(Refusal.TOO_LARGE, f"more than the {len(self._buffer)} "
+        if self._filled + len(chunk) > self._envelope.size:
+            raise ChannelRefusedError(Refusal.TOO_LARGE, f"more than the {self._envelope.size} "
                                                          f"bytes declared")
-        self._buffer[self._filled:end] = chunk
-        self._filled = end
+        self._chunks.append(chunk)
+        self._hash.update(chunk)
+        self._filled += len(chunk)
 
     def finish(self) -> bytes:
-        if self._filled != len(self._buffer):
+        if self._filled != self._envelope.size:
             raise ChannelRefusedError(Refusal.TRUNCATED, f"{self._filled} of "
-                                                         f"{len(self._buffer)} bytes")
-        data = bytes(self._buffer)
-        if hashlib.sha256(data).hexdigest() != self._envelope.sha256:
+                                                         f"{self._envelope.size} bytes")
+        if self._hash.hexdigest() != self._envelope.sha256:
             raise ChannelRefusedError(Refusal.BAD_HASH, "sha256 mismatch")
-        return data
+        return b"".join(self._chunks)
 
 
 def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:

@@ -253,3 +253,21 @@ def test_audit_reply_size_does_not_grow_with_patients() -> None:
                                                      for a in AUDIT_ATTACKS})
         sizes.add(len(encode_message(reply)) - len(str(n)) - len(str(n // 3)))
     assert len(sizes) == 1 and sizes.pop() < 4 * 4 * AUDIT_BINS + 200
+
+
+def test_peek_reads_the_routing_fields_only_and_decode_still_checks_everything() -> None:
+    """What the endpoint reads of a 40 MB reply: its kind, round and claimed site, without the
+    blob; a corrupted blob passes the peek and is refused by the decoder."""
+    from fl_core.federation.messages import FitReply, peek_message
+
+    reply = encode_message(FitReply("A", 3, b"\x01" * 1000, 10, 0.5, 1.0, 4))
+    cls, meta = peek_message(reply, site="A")
+    assert cls is FitReply and meta["round"] == 3 and meta["site"] == "A"
+    with pytest.raises(MessageError, match="claims to come from site 'A'"):
+        peek_message(reply, site="B")
+    corrupted = reply[:-10] + b"\x00" + reply[-9:]
+    assert peek_message(corrupted, site="A")[1]["round"] == 3
+    with pytest.raises(MessageError, match="checksum"):
+        decode_message(corrupted, site="A")
+    with pytest.raises(MessageError, match="bad magic"):
+        peek_message(b"\x80\x04" + b"\x00" * 40)
