@@ -404,7 +404,9 @@ def _round_log_verifies(federation: Federation, registration: dict, sites_dir: P
     from adapters.round_log import HEAD_TAG, read_log, verify_file
 
     coordinator = federation.coordinator
-    client = MlflowClient(tracking_uri=f"sqlite:///{coordinator / '.fedpriv' / 'mlflow.db'}")
+    store = f"sqlite:///{coordinator / '.fedpriv' / 'mlflow.db'}"
+    # both named: an earlier in-process test may have set this process's registry URI
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version(registration["model_name"],
                                        str(registration["model_version"]))
     path = coordinator / "reports" / "round_log.jsonl"
