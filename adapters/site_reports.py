@@ -1,7 +1,7 @@
 """``federation.mode=sites`` at the coordinator, without Prefect: what the sites reported at
 the start becomes the run's ``validation.json`` and ``partition.json`` (summaries and counts
 only: no patient id or cell value reaches the coordinator), and the run goes on only with the
-sites that are ready."""
+sites that are ready, and not at all if one of them cannot afford it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fl_core.config.model import PipelineConfig
 from fl_core.data.tables import DataError
 from fl_core.federation.coordinator import RoundFailedError
 from fl_core.federation.messages import SiteReady
+from fl_core.privacy.ledger import BUDGET_REFUSAL, BudgetExceededError
 from fl_core.results import SitesValidation
 
 
@@ -42,6 +43,7 @@ def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
     paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
     _write_validation(paths, ready, refused, seconds)
+    _refuse_unaffordable(refused)
     # in the configured order (the simulation's), not the order the sites came up in
     usable = [spec.id for spec in cfg.federation.sites
               if spec.id in ready and spec.id not in refused]
@@ -69,6 +71,19 @@ def _write_validation(paths: Paths, ready: Mapping[str, SiteReady], refused: Map
     if invalid:
         raise DataError(
             "; ".join(f"[{s}] {refused.get(s, 'failed validation')}" for s in invalid))
+
+
+def _refuse_unaffordable(refused: Mapping[str, str]) -> None:
+    """A site that cannot afford the run (its own ledger, its own cap) stops it here, before
+    any instruction is sent: no site has charged its ledger yet (they charge on their first
+    instruction), so the run costs nobody anything."""
+    poor = {s: why.removeprefix(BUDGET_REFUSAL) for s, why in refused.items()
+            if why.startswith(BUDGET_REFUSAL)}
+    if poor:
+        raise BudgetExceededError(
+            f"site(s) {', '.join(sorted(poor))} cannot afford this run, by their own policy and "
+            f"ledger; nothing was trained and no site was charged: "
+            + " | ".join(f"[{s}] {why}" for s, why in sorted(poor.items())))
 
 
 def _check_enough_sites(cfg: PipelineConfig, usable: list[str],

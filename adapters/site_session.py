@@ -4,7 +4,8 @@
 site's own work pool calls it; nothing here imports Prefect). It reads only the site's own
 file, validates it with GX (the full result stays at the site; the coordinator gets a summary
 without cell values), splits its patients 80/20 as the simulation would, charges the site's
-own privacy ledger for the planned run before any update leaves, then answers the
+own privacy ledger (checked at start, so the coordinator can call off a run some site cannot
+afford; charged before the first instruction is answered), then answers the
 coordinator's instructions over its one outbound channel to the federation endpoint
 (:class:`adapters.site_channel.SiteChannel`) until told to stop. A dropped connection is
 retried with backoff; a refusal (a revoked certificate) ends the session. Its state (model
@@ -53,6 +54,7 @@ from fl_core.federation.wiring import (
 )
 from fl_core.privacy.accounting import planned_charge
 from fl_core.privacy.dpsgd import DPSGDConfig
+from fl_core.privacy.ledger import BUDGET_REFUSAL, BudgetExceededError, Charge
 from fl_core.privacy.policy import policy_refusals
 from fl_core.privacy.randomness import make_random
 
@@ -92,8 +94,11 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         return "refused by policy"
     try:
         budget_left = site_budget_left(session, policy)
-        ledger_run = charge_site_ledger(cfg, session, data, dp=dp, policy=policy)
-    except Exception as exc:  # a refusal (budget) or a broken ledger: the coordinator is told
+        ledger_run = check_site_budget(cfg, session, data, dp=dp, policy=policy)
+    except BudgetExceededError as exc:  # the coordinator refuses the whole run on this
+        _report(session, encode_message(Failure(site, -1, f"{BUDGET_REFUSAL}{exc}")))
+        return "cannot afford the run"
+    except Exception as exc:  # a broken ledger: the coordinator is told
         _report(session, encode_message(Failure(site, -1, f"{type(exc).__name__}: {exc}")))
         return "ledger refused"
     client = make_site_client(cfg=cfg, data=data, index=index, dp=dp,
@@ -104,20 +109,35 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
                "records": {"train": data.num_train, "test": int(data.x_test.shape[0])}}
     _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run,
            budget_left=budget_left)
-    return _answer_until_shutdown(SiteAnswerer(cfg, client, data, session), session,
-                                  idle_timeout_s)
+    answerer = SiteAnswerer(cfg, client, data, session,
+                            charge=lambda: charge_site_ledger(cfg, session, data, dp=dp,
+                                                              policy=policy))
+    return _answer_until_shutdown(answerer, session, idle_timeout_s)
 
 
 class SiteAnswerer:
     """Bytes in, bytes out: rounds go to the :class:`SiteClient`, the membership audit to
     :func:`fl_core.audit.federated.site_audit_reply` (aggregates only); anything else, or any
-    error, becomes a :class:`Failure` message."""
+    error, becomes a :class:`Failure` message.
+
+    ``charge`` charges the site's ledger for the run; it is called before the first
+    instruction is answered (nothing of the site's patients is used before it succeeds), so
+    a run the coordinator calls off after the start-up reports costs the site nothing. A
+    charge refused then (another run spent the budget meanwhile) refuses every instruction."""
 
     def __init__(self, cfg: PipelineConfig, client: SiteClient, data: ClientData,
-                 session: SiteSession) -> None:
+                 session: SiteSession, charge: Callable[[], str] = lambda: "") -> None:
         self.cfg, self.client, self.data, self.session = cfg, client, data, session
+        self._charge: Callable[[], str] | None = charge
 
     def __call__(self, request: bytes) -> bytes:
+        if self._charge is not None:
+            try:
+                self._charge()
+            except Exception as exc:  # refused (budget) or a broken ledger: never trains
+                return encode_message(Failure(self.session.site, -1,
+                                              f"{type(exc).__name__}: {exc}"))
+            self._charge = None
         try:
             message = decode_message(request, expect=AuditInstruction)
         except MessageError:  # a round's instruction (or garbage): the client decides
@@ -180,6 +200,34 @@ def site_budget_left(session: SiteSession, policy: SitePolicy) -> float:
     return max(0.0, policy.lifetime_epsilon - max(spent, default=0.0))
 
 
+def _site_run_id(session: SiteSession) -> str:
+    return f"{session.charge_key}{site_slug(session.site).replace('-', '')}"
+
+
+def _site_charge(cfg: PipelineConfig, data: ClientData, dp: DPSGDConfig, run_id: str,
+                 site: str) -> Charge:
+    split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
+                      "by_site", cfg.seed)
+    site_of = {int(i): site for i in data.train_ids}
+    return planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id, KIND_SITE_TRAIN)
+
+
+def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
+                      dp: DPSGDConfig | None, policy: SitePolicy) -> str:
+    """At session start, before anything is charged or trained: raise
+    :class:`BudgetExceededError` if the planned run would take one of the site's patients past
+    its policy's lifetime ε. Returns the ledger run id the run will be charged under ("" when
+    the run is not private). A session started again for a run already charged passes."""
+    if dp is None:
+        return ""
+    run_id = _site_run_id(session)
+    ledger = site_ledger(session, policy)
+    if not ledger.has_run(run_id):
+        ledger.check(_site_charge(cfg, data, dp, run_id, session.site),
+                     policy.lifetime_epsilon, "Nothing was charged or trained")
+    return run_id
+
+
 def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
                        dp: DPSGDConfig | None, policy: SitePolicy) -> str:
     """Charge the site's own ledger for the planned run of the recipe ``dp`` (the one its
@@ -188,15 +236,11 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
     ("" when the run is not private)."""
     if dp is None:
         return ""
-    run_id = f"{session.charge_key}{site_slug(session.site).replace('-', '')}"
+    run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
-        split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
-                          "by_site", cfg.seed)
-        site_of = {int(i): session.site for i in data.train_ids}
-        charge = planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id,
-                                KIND_SITE_TRAIN)
-        ledger.charge(charge, policy.lifetime_epsilon)
+        ledger.charge(_site_charge(cfg, data, dp, run_id, session.site),
+                      policy.lifetime_epsilon)
     return run_id
 
 

@@ -65,6 +65,11 @@ History = tuple[tuple[float, float, int], ...]  # (noise multiplier σ, sample r
 _TOLERANCE = 1e-9
 
 
+# how a site's start-up refusal says it cannot afford the run: the coordinator then refuses
+# the whole run before anything trains (adapters/site_reports.py)
+BUDGET_REFUSAL = "cannot afford this run: "
+
+
 class BudgetExceededError(PrivacyError):
     """Planned or spent ε would take some patient past the lifetime cap; ``needed_cap`` is
     the smallest ``privacy.lifetime_epsilon`` that would have allowed it."""
@@ -78,9 +83,39 @@ class MissingChargeError(PrivacyError):
     """A model's ledger charge is not in the ledger: it must not be registered."""
 
 
-def patient_key(site: str, patient_id: object) -> str:
-    """The account of one patient: ``sha256(f"{site}\\x00{patient_id}")`` (hex)."""
+@dataclass(frozen=True, order=True)
+class Records:
+    """A patient as a charge names them: the fingerprint of their records' content
+    (:func:`fl_core.data.fingerprint.record_fingerprints`: the account) and their id at the
+    site (only to find charges a ledger recorded before accounts were fingerprints)."""
+
+    fingerprint: str
+    patient_id: int
+
+
+def patient_key(site: str, patient: object) -> str:
+    """The account of one patient: for :class:`Records`, the fingerprint of their records
+    (site- and id-independent: renumbered ids, a renamed site, a reformatted or split file are
+    the same account); for a bare id, the old key ``sha256(f"{site}\\x00{patient_id}")``
+    (:func:`id_key`)."""
+    if isinstance(patient, Records):
+        return patient.fingerprint
+    return id_key(site, patient)
+
+
+def id_key(site: str, patient_id: object) -> str:
+    """``sha256(f"{site}\\x00{patient_id}")`` (hex): how ledgers keyed a patient before
+    accounts were fingerprints (still looked up, so their charges keep counting)."""
     return hashlib.sha256(f"{site}\x00{patient_id}".encode()).hexdigest()
+
+
+def lookup_keys(site: str, patient: object) -> tuple[str, ...]:
+    """Every key under which ``patient``'s past charges may be recorded: the account
+    (:func:`patient_key`) and, for :class:`Records`, the old id key at ``site``. A patient's
+    charges are the union over these keys (each charge counted once)."""
+    if isinstance(patient, Records):
+        return patient.fingerprint, id_key(site, patient.patient_id)
+    return (id_key(site, patient),)
 
 
 def new_run_id() -> str:
@@ -92,7 +127,9 @@ def new_run_id() -> str:
 class SiteCharge:
     """One site's part of a charge: the mechanism its patients went through, and who they are.
 
-    ``patients`` holds patient ids at ``site`` (the ledger stores only :func:`patient_key`).
+    ``patients`` holds :class:`Records` (what every run builds: the account is the records'
+    fingerprint) or bare patient ids at ``site`` (keyed by site and id, as before); the ledger
+    stores only :func:`patient_key`.
     """
 
     site: str

@@ -21,6 +21,7 @@ from fl_core.config.model import site_slug
 from fl_core.federation.channel import Kind
 from fl_core.federation.coordinator import params_sha256
 from fl_core.federation.messages import (
+    EvaluateInstruction,
     Shutdown,
     SiteReady,
     encode_message,
@@ -66,6 +67,20 @@ def _start_sessions(cfg, files: dict[str, Path], endpoint: FederationEndpoint, p
 
 def _shutdown(endpoint: FederationEndpoint) -> None:
     endpoint.shutdown(encode_message(Shutdown(endpoint.run_id, -1, "done")))
+
+
+def _one_instruction_then_shutdown(endpoint: FederationEndpoint, site: str) -> threading.Thread:
+    """The coordinator's side of a run that asks ``site`` one thing (an evaluation of a model
+    it cannot decode: answered with a Failure) and stops: the site charges its ledger before
+    answering anything."""
+    def ask() -> None:
+        bogus = encode_message(EvaluateInstruction(endpoint.run_id, 0, b"not a model"))
+        endpoint.exchange({site: bogus}, deadline_s=60)
+        _shutdown(endpoint)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.mark.slow
@@ -163,7 +178,7 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
     state = tmp_path / "state"
     for attempt in ("try1", "try2"):
         with _endpoint(pki, [site], attempt) as endpoint:
-            _shutdown(endpoint)  # answer nothing: stop right after start-up
+            _one_instruction_then_shutdown(endpoint, site)
             session = SiteSession(channel(pki, endpoint, site), site, state, "flowrun1")
             why = serve_site(cfg, csv_path=path, site=site, index=0, session=session,
                              idle_timeout_s=5, policy=TEST_POLICY)
@@ -343,12 +358,16 @@ def test_a_session_that_crashes_before_it_is_ready_is_started_again(
 
 
 def _start_once(cfg, path: Path, site: str, pki: ProjectPki, state: Path, run_id: str,
-                policy) -> tuple[str, object]:
-    """One session that stops right after start-up; why it stopped and its start-up report."""
+                policy, *, asked: bool = True) -> tuple[str, object]:
+    """One session that answers one instruction (``asked``; else none) and stops; why it
+    stopped and its start-up report."""
     from fl_core.federation.messages import Failure, decode_message
 
     with _endpoint(pki, [site], run_id) as endpoint:
-        _shutdown(endpoint)
+        if asked:
+            _one_instruction_then_shutdown(endpoint, site)
+        else:
+            _shutdown(endpoint)
         session = SiteSession(channel(pki, endpoint, site), site, state, run_id)
         why = serve_site(cfg, csv_path=path, site=site, index=0, session=session,
                          idle_timeout_s=5, policy=policy)
@@ -364,8 +383,10 @@ def test_the_sites_policy_not_the_coordinators_config_sets_its_budget_and_limits
     the site: its policy's cap and its own ledger count. A run beyond the policy is refused by
     name before anything is charged; the site reports the budget it has left."""
     from adapters.ledger_store import PrivacyLedger
+    from adapters.site_reports import record_sites
     from fl_core.config.site import SitePolicy
     from fl_core.federation.messages import Failure
+    from fl_core.privacy.ledger import BUDGET_REFUSAL, BudgetExceededError
 
     files = _site_files(project, tmp_path / "sites")
     site, path = next(iter(files.items()))
@@ -378,10 +399,18 @@ def test_the_sites_policy_not_the_coordinators_config_sets_its_budget_and_limits
     assert why == "shutdown" and isinstance(first, SiteReady)
     assert first.budget_left == pytest.approx(1.2)  # nothing spent before this run
     why, second = _start_once(greedy, path, site, pki, state, "runB", policy)
-    assert why == "ledger refused" and isinstance(second, Failure)
-    assert "BudgetExceeded" in second.reason and "1.2" in second.reason  # the site's cap
+    assert why == "cannot afford the run" and isinstance(second, Failure)
+    assert second.reason.startswith(BUDGET_REFUSAL) and "cap 1.2" in second.reason
     assert not elsewhere.exists()
     assert len(PrivacyLedger(state / policy.ledger).entries()) == 1
+    # the coordinator refuses the whole run on that report (exit 5), before any instruction
+    with pytest.raises(BudgetExceededError, match=f"site.s. {site} cannot afford this run"):
+        record_sites(greedy, tmp_path / "coordinator", "runB", {}, {site: second.reason}, 1.0)
+    # a run called off after the start-up reports (no instruction) costs the site nothing
+    why, fourth = _start_once(greedy, path, site, pki, tmp_path / "other-state", "runD",
+                              policy, asked=False)
+    assert why == "shutdown" and isinstance(fourth, SiteReady) and fourth.ledger_run_id
+    assert PrivacyLedger(tmp_path / "other-state" / policy.ledger).entries() == []
     # beyond the policy: refused by name, nothing charged
     bold = load_config(project / "params.yaml", [*OVERRIDES, "rounds=50"])
     why, third = _start_once(bold, path, site, pki, state, "runC",
