@@ -1,15 +1,29 @@
 """The privacy ledger's SQLite store: append-only charges per patient at a site, checked and
-written in one ``BEGIN IMMEDIATE`` transaction (the rules are :mod:`fl_core.privacy.ledger`)."""
+written in one ``BEGIN IMMEDIATE`` transaction (the rules are :mod:`fl_core.privacy.ledger`).
+
+The charges are hash-chained, so that a ledger cannot be edited, truncated or replaced
+without it showing: each ``ledger_charges`` row carries ``prev_hash`` (the previous charge's
+``hash``, :data:`GENESIS` for the first) and ``hash`` = SHA-256 of ``prev_hash`` and the
+canonical encoding of the charge (:func:`_canonical`: run id, kind, dataset, time, each site
+charge's fields and its sorted patient keys). :meth:`PrivacyLedger.head` is the last hash and
+the number of charges; whoever records it (the MLflow run, a site's anchor file) can later
+ask :meth:`PrivacyLedger.contains` whether the ledger still holds it, and
+:meth:`PrivacyLedger.verify` walks the chain and names the first broken charge. A file
+written before the chain existed gets the two columns and its rows chained once, in id
+order, the first time it is opened (what it held before then is trusted as it was found).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from fl_core.config.model import PrivacyConfig
 from fl_core.privacy.ledger import (
@@ -35,7 +49,9 @@ CREATE TABLE IF NOT EXISTS ledger_charges (
     run_id TEXT NOT NULL UNIQUE,
     kind TEXT NOT NULL,
     dataset TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    prev_hash TEXT,
+    hash TEXT
 );
 CREATE TABLE IF NOT EXISTS ledger_site_charges (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,8 +73,25 @@ CREATE INDEX IF NOT EXISTS ledger_site_charges_by_site ON ledger_site_charges (s
 """
 
 
+GENESIS = "0" * 64
+"""The ``prev_hash`` of a ledger's first charge, and the head of an empty ledger."""
+
+
+class LedgerHead(NamedTuple):
+    """Where a ledger's chain ends: the last charge's hash and the number of charges."""
+
+    hash: str
+    count: int
+
+
+class LedgerIntegrityError(RuntimeError):
+    """The ledger's chain is broken, or it does not hold a head recorded earlier (it was
+    edited, truncated or replaced): exit 5, a privacy refusal."""
+
+
 class PrivacyLedger:
-    """A persistent, append-only record of privacy spent, per patient at a site."""
+    """A persistent, append-only, hash-chained record of privacy spent, per patient at a
+    site."""
 
     def __init__(self, path: str | Path, timeout: float = 60.0) -> None:
         self.path = Path(path)
@@ -66,6 +99,24 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db:
             db.executescript(_SCHEMA)
+        self._chain_old_rows()
+
+    def _chain_old_rows(self) -> None:
+        """Migrate a file written before the chain: add the columns and chain its rows once,
+        in id order (under the write lock: two processes opening it migrate it once)."""
+        with closing(self._connect()) as db:
+            if "hash" in _columns(db):
+                return
+        with self._transaction() as db:
+            if "hash" in _columns(db):
+                return
+            db.execute("ALTER TABLE ledger_charges ADD COLUMN prev_hash TEXT")
+            db.execute("ALTER TABLE ledger_charges ADD COLUMN hash TEXT")
+            prev = GENESIS
+            for charge_id, _, _, digest in _chain_rows(db):
+                db.execute("UPDATE ledger_charges SET prev_hash = ?, hash = ? WHERE id = ?",
+                           (prev, digest(prev), charge_id))
+                prev = digest(prev)
 
     def _connect(self) -> sqlite3.Connection:
         # autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE
@@ -86,6 +137,59 @@ class PrivacyLedger:
         with closing(self._connect()) as db:
             row = db.execute("SELECT 1 FROM ledger_charges WHERE run_id = ?", (run_id,))
             return row.fetchone() is not None
+
+    def head(self) -> LedgerHead:
+        """The last charge's hash and the number of charges (:data:`GENESIS`, 0 if none)."""
+        with closing(self._connect()) as db:
+            return _head(db)
+
+    def contains(self, head: LedgerHead) -> bool:
+        """Whether the chain holds ``head``: its ``count``-th charge has that hash (what a
+        ledger that only grew since ``head`` was recorded always does)."""
+        if head.count == 0:
+            return head.hash == GENESIS
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT hash FROM ledger_charges ORDER BY id LIMIT 1 OFFSET ?",
+                             (head.count - 1,)).fetchone()
+        return row is not None and row[0] == head.hash
+
+    def verify(self) -> str | None:
+        """Walk the chain: None if every charge's hashes hold, else what is wrong, naming the
+        first broken charge (edited, a charge before it removed, reordered), or site
+        charges whose charge is gone."""
+        with closing(self._connect()) as db:
+            prev = GENESIS
+            for position, (_, row, stored, digest) in enumerate(_chain_rows(db), start=1):
+                run_id, stored_prev = row
+                if stored_prev != prev:
+                    return (f"charge {position} (run {run_id}) does not follow the charge "
+                            f"before it: a charge was removed or the charges reordered")
+                if stored != digest(prev):
+                    return (f"charge {position} (run {run_id}) was altered: its hash does not "
+                            f"match what it records")
+                prev = stored
+            orphans = db.execute(
+                "SELECT COUNT(*) FROM ledger_site_charges s WHERE NOT EXISTS "
+                "(SELECT 1 FROM ledger_charges c WHERE c.id = s.charge_id)").fetchone()[0]
+        if orphans:
+            return f"{orphans} site charge(s) belong to no charge: a charge was removed"
+        return None
+
+    def require_intact(self, head: LedgerHead | None = None, recorded_by: str = "") -> None:
+        """Raise :class:`LedgerIntegrityError` if the chain is broken or (given ``head``,
+        recorded by ``recorded_by``) does not hold that head."""
+        problem = self.verify()
+        if problem:
+            raise LedgerIntegrityError(f"the privacy ledger {self.path} was tampered with: "
+                                       f"{problem}. Nothing was trained")
+        if head is not None and not self.contains(head):
+            now = self.head()
+            raise LedgerIntegrityError(
+                f"the privacy ledger {self.path} does not contain the head {head.hash} after "
+                f"{head.count} charge(s) recorded by {recorded_by or 'an earlier run'}: it was "
+                f"replaced or truncated (it holds {now.count} charge(s), head {now.hash}). "
+                f"Nothing was trained. Restore the ledger, or start a new one deliberately "
+                f"with `fedpriv budget new-ledger --reason ...`")
 
     def legacy_entries(self) -> int:
         """Rows of the old dataset-keyed ``budget_entries`` table (not counted)."""
@@ -120,20 +224,26 @@ class PrivacyLedger:
         """Record ``spent`` atomically if every patient stays within ``cap``."""
         with self._transaction() as db:
             _refuse_overspend(db, [spent], cap, self.path, f"Run {spent.run_id}: {consequence}")
+            created_at = time.time()
+            sites = [_SiteRow(s.site, float(s.epsilon), float(s.delta), s.accountant,
+                              json.dumps([list(step) for step in s.history]), len(s.patients),
+                              tuple(sorted({patient_key(s.site, p) for p in s.patients})))
+                     for s in sorted(spent.sites, key=lambda s: s.site)]
+            prev = _head(db).hash  # under the write lock: no other charge can come between
+            digest = _hash(prev, _canonical(spent.run_id, spent.kind, spent.dataset,
+                                            created_at, sites))
             charge_id = db.execute(
-                "INSERT INTO ledger_charges (run_id, kind, dataset, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                (spent.run_id, spent.kind, spent.dataset, time.time())).lastrowid
-            for s in sorted(spent.sites, key=lambda s: s.site):
+                "INSERT INTO ledger_charges (run_id, kind, dataset, created_at, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (spent.run_id, spent.kind, spent.dataset, created_at, prev, digest)).lastrowid
+            for s in sites:
                 site_id = db.execute(
                     "INSERT INTO ledger_site_charges (charge_id, site, epsilon, delta, "
                     "accountant, history, patients) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (charge_id, s.site, float(s.epsilon), float(s.delta), s.accountant,
-                     json.dumps([list(step) for step in s.history]), len(s.patients)),
-                ).lastrowid
+                    (charge_id, *s[:6])).lastrowid
                 db.executemany(
                     "INSERT INTO ledger_patients (patient_key, site_charge_id) VALUES (?, ?)",
-                    [(patient_key(s.site, p), site_id) for p in s.patients])
+                    [(key, site_id) for key in s.keys])
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -145,6 +255,60 @@ class PrivacyLedger:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+
+class _SiteRow(NamedTuple):
+    """One site charge as stored (and hashed): the history as its JSON text."""
+
+    site: str
+    epsilon: float
+    delta: float
+    accountant: str
+    history: str
+    patients: int
+    keys: tuple[str, ...]  # sorted
+
+
+def _canonical(run_id: str, kind: str, dataset: str, created_at: float,
+               sites: Sequence[_SiteRow]) -> bytes:
+    """The bytes a charge's hash covers: everything it records, in one order."""
+    return json.dumps([run_id, kind, dataset, created_at, [list(s) for s in sites]],
+                      separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _hash(prev: str, canonical: bytes) -> str:
+    return hashlib.sha256(prev.encode() + b"\n" + canonical).hexdigest()
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(ledger_charges)")}
+
+
+def _head(db: sqlite3.Connection) -> LedgerHead:
+    count, = db.execute("SELECT COUNT(*) FROM ledger_charges").fetchone()
+    last = db.execute("SELECT hash FROM ledger_charges ORDER BY id DESC LIMIT 1").fetchone()
+    return LedgerHead(last[0] if last and last[0] else GENESIS, int(count))
+
+
+def _chain_rows(db: sqlite3.Connection) -> Iterator[
+        tuple[int, tuple[str, str | None], str | None, Callable[[str], str]]]:
+    """Per charge in id order: its id, (run id, stored prev_hash), stored hash, and the hash
+    it should have after a given prev_hash (recomputed from its rows as they are now)."""
+    has_chain = "hash" in _columns(db)
+    chain = ", prev_hash, hash" if has_chain else ", NULL, NULL"
+    charges = db.execute("SELECT id, run_id, kind, dataset, created_at" + chain +
+                         " FROM ledger_charges ORDER BY id").fetchall()
+    for charge_id, run_id, kind, dataset, created_at, prev_hash, stored in charges:
+        sites = []
+        for site_id, *fields in db.execute(
+                "SELECT id, site, epsilon, delta, accountant, history, patients FROM "
+                "ledger_site_charges WHERE charge_id = ? ORDER BY site", (charge_id,)).fetchall():
+            keys = tuple(sorted(k for k, in db.execute(
+                "SELECT patient_key FROM ledger_patients WHERE site_charge_id = ?", (site_id,))))
+            sites.append(_SiteRow(*fields, keys))
+        canonical = _canonical(run_id, kind, dataset, created_at, sites)
+        yield charge_id, (run_id, prev_hash), stored, \
+            lambda prev, canonical=canonical: _hash(prev, canonical)
 
 
 def _history(text: str) -> History:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.synchronize
 import sqlite3
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 from adapters.config_files import build_config
-from adapters.ledger_store import PrivacyLedger
+from adapters.ledger_store import GENESIS, LedgerHead, LedgerIntegrityError, PrivacyLedger
 from fl_core.data.tables import ClientSplit, Partition
 from fl_core.privacy import ledger as ledger_module
 from fl_core.privacy.accountants import ACCOUNTANTS, epsilon_for_history
@@ -228,3 +229,145 @@ def test_benchmarks_train_only_on_the_public_dataset(tmp_path: Path, raw_csv: Pa
         text = script.read_text()
         if "ClinicalTable" in text or "train_model" in text:
             assert "require_public_dataset(" in text, script.name
+
+
+# --- the hash chain ----------------------------------------------------------------------------
+
+
+def _chained(tmp_path: Path, runs: int = 3) -> PrivacyLedger:
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    for i in range(runs):
+        ledger.charge(_charge(f"run-{i}", {"A": range(5), "B": range(i, i + 4)}), cap=1e6)
+    return ledger
+
+
+def test_the_chain_grows_with_each_charge_and_verifies(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    assert ledger.head() == (GENESIS, 0) and ledger.verify() is None
+    assert ledger.contains(LedgerHead(GENESIS, 0))
+    heads = []
+    for i in range(3):
+        ledger.charge(_charge(f"run-{i}", {"A": range(5)}), cap=1e6)
+        heads.append(ledger.head())
+    assert [h.count for h in heads] == [1, 2, 3]
+    assert len({h.hash for h in heads}) == 3 and GENESIS not in {h.hash for h in heads}
+    assert all(ledger.contains(h) for h in heads) and ledger.verify() is None
+    assert not ledger.contains(LedgerHead(heads[0].hash, 2))  # a hash at another place
+    ledger.require_intact(heads[1], "MLflow run x")
+    with sqlite3.connect(ledger.path) as db:
+        rows = db.execute("SELECT prev_hash, hash FROM ledger_charges ORDER BY id").fetchall()
+    assert rows[0][0] == GENESIS and rows[1][0] == rows[0][1] and rows[2][0] == rows[1][1]
+
+
+@pytest.mark.parametrize(("sql", "problem"), [
+    ("UPDATE ledger_site_charges SET epsilon = 0.01 WHERE id = 3",
+     "charge 2 (run run-1) was altered"),
+    ("UPDATE ledger_charges SET dataset = 'x.csv' WHERE id = 1",
+     "charge 1 (run run-0) was altered"),
+    ("DELETE FROM ledger_patients WHERE site_charge_id = 1 AND patient_key = "
+     "(SELECT MIN(patient_key) FROM ledger_patients WHERE site_charge_id = 1)",
+     "charge 1 (run run-0) was altered"),
+    ("DELETE FROM ledger_charges WHERE id = 2",
+     "charge 2 (run run-2) does not follow the charge before it"),
+    ("UPDATE ledger_charges SET id = id + 10 WHERE id = 1",
+     "charge 1 (run run-1) does not follow"),
+])
+def test_an_edited_removed_or_reordered_charge_is_named(tmp_path: Path, sql: str,
+                                                        problem: str) -> None:
+    ledger = _chained(tmp_path)
+    before = ledger.head()
+    with sqlite3.connect(ledger.path) as db:
+        db.execute(sql)
+    assert problem in (ledger.verify() or "")
+    with pytest.raises(LedgerIntegrityError, match="tampered with"):
+        ledger.require_intact(before)
+
+
+def test_a_removed_charge_with_its_site_charges_left_is_named(tmp_path: Path) -> None:
+    ledger = _chained(tmp_path, runs=1)
+    with sqlite3.connect(ledger.path) as db:
+        db.execute("DELETE FROM ledger_charges")
+    assert "belong to no charge" in (ledger.verify() or "")
+
+
+def test_a_truncated_or_replaced_ledger_no_longer_holds_the_head(tmp_path: Path) -> None:
+    ledger = _chained(tmp_path)
+    recorded = ledger.head()
+    with sqlite3.connect(ledger.path) as db:  # the last charge cut off, cleanly
+        db.execute("DELETE FROM ledger_patients WHERE site_charge_id IN "
+                   "(SELECT id FROM ledger_site_charges WHERE charge_id = 3)")
+        db.execute("DELETE FROM ledger_site_charges WHERE charge_id = 3")
+        db.execute("DELETE FROM ledger_charges WHERE id = 3")
+    assert ledger.verify() is None  # what is left is a valid chain...
+    with pytest.raises(LedgerIntegrityError) as err:  # ...that lacks the recorded head
+        ledger.require_intact(recorded, "MLflow run abc")
+    for part in (recorded.hash, "after 3 charge(s)", "MLflow run abc", "replaced or truncated",
+                 "holds 2 charge(s)", "fedpriv budget new-ledger"):
+        assert part in str(err.value)
+    fresh = _chained(tmp_path / "other")  # the same charges made again: other times, other hashes
+    assert fresh.head().count == 3 and not fresh.contains(recorded)
+
+
+def test_a_ledger_written_before_the_chain_is_chained_once(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    ledger = _chained(tmp_path / "new")
+    with sqlite3.connect(ledger.path) as db, sqlite3.connect(path) as old:
+        db.backup(old)
+        old.execute("ALTER TABLE ledger_charges DROP COLUMN hash")
+        old.execute("ALTER TABLE ledger_charges DROP COLUMN prev_hash")
+    migrated = PrivacyLedger(path)
+    assert migrated.verify() is None and migrated.head() == ledger.head()
+    assert PrivacyLedger(path).head() == ledger.head()  # chained once: reopening changes nothing
+    migrated.charge(_charge("after", {"A": range(3)}), cap=1e6)
+    assert migrated.verify() is None and migrated.head().count == 4
+
+
+def _charge_many(path: str, run: str, barrier: multiprocessing.synchronize.Barrier) -> None:
+    ledger = PrivacyLedger(path)
+    barrier.wait()
+    for i in range(5):
+        ledger.charge(_charge(f"{run}-{i}", {"A": range(20)}), cap=1e6)
+
+
+@pytest.mark.slow
+def test_concurrent_charges_keep_one_chain(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.sqlite")
+    PrivacyLedger(path)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(2)
+        with ctx.Pool(2) as pool:
+            pool.starmap(_charge_many, [(path, f"p{i}", barrier) for i in range(2)])
+    ledger = PrivacyLedger(path)
+    assert ledger.head().count == 10 and ledger.verify() is None
+
+
+_KILLED_CHARGER = """
+import sys, time
+from adapters.ledger_store import PrivacyLedger
+from fl_core.privacy.ledger import Charge, SiteCharge
+ledger = PrivacyLedger(sys.argv[1])
+for i in range(10_000):
+    ledger.charge(Charge(f"{sys.argv[2]}-{i}", "train", "heart.csv", (SiteCharge(
+        "A", 0.1, 1e-5, "rdp", ((2.0, 1.0, 1),), frozenset(range(2000))),)), cap=1e9)
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_middle_of_a_charge_leaves_a_verifiable_chain(tmp_path: Path) -> None:
+    from tests.killing import kill_when, rows
+
+    path = tmp_path / "ledger.sqlite"
+    PrivacyLedger(path)
+    root = Path(__file__).resolve().parents[2]
+    for after in (1, 4):
+        killed, _ = kill_when(
+            [sys.executable, "-c", _KILLED_CHARGER, str(path), f"k{after}"],
+            lambda after=after: rows(path, "SELECT COUNT(*) FROM ledger_charges") >= after * 2,
+            cwd=root, timeout=120)
+        assert killed
+        ledger = PrivacyLedger(path)
+        assert ledger.verify() is None
+        count = ledger.head().count
+        ledger.charge(_charge(f"after-{after}", {"A": range(3)}), cap=1e9)
+        assert ledger.verify() is None and ledger.head().count == count + 1
