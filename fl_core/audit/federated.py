@@ -7,13 +7,17 @@ receive aggregates only. So the audit is split:
   attack scores for each of the site's *members* (its training patients) and *non-members*
   (its held-out test patients), one score per patient; then, per attack and population, a
   histogram of the score mapped to ``[0, 1]`` (:class:`~fl_core.federation.messages.AuditReply`,
-  :data:`~fl_core.federation.messages.AUDIT_BINS` bins). No score, label or patient id leaves.
+  ``audit.bins`` bins, one unit per patient), released with Gaussian noise per cell
+  (``privacy.audit_noise``, from the site's own randomness; :mod:`fl_core.privacy.release`
+  accounts it). No exact count, score, label or patient id leaves.
 * **at the coordinator** (:func:`merge_audit_replies`): the sites' histograms summed, and per
   attack the figures of :class:`~fl_core.audit.report.AttackReport` computed from the merged
   counts: AUC (Mann–Whitney, a member and a non-member in the same bin count ½), the ROC at
   every occupied bin edge, TPR at 1 % and 0.1 % FPR, advantage, best balanced accuracy and
   the Clopper–Pearson ε lower bound (:func:`~fl_core.audit.bounds.epsilon_lower_bound_from_counts`,
-  which needs only the error counts at each threshold).
+  which needs only the error counts at each threshold). With noise the counts are estimates:
+  the ε lower bound is then a figure of the noisy ROC, not a Clopper–Pearson guarantee
+  (docs/privacy.md states what the audit release costs and what it still shows).
 
 **The maps to [0, 1]** (fixed and monotone, so binning only merges neighbouring scores):
 
@@ -62,8 +66,9 @@ from fl_core.federation.messages import (
     AuditReply,
 )
 from fl_core.federation.site_client import LocalTrainingConfig, seed_for, train_local
-from fl_core.model.metrics import histogram_auc
 from fl_core.model.networks import get_flat_params, set_flat_params
+from fl_core.privacy.randomness import RandomSource
+from fl_core.privacy.release import noisy_auc
 
 SITE_ATTACKS = AUDIT_ATTACKS  # what a site computes: ("loss_threshold", "lira")
 NOT_IN_SITES_MODE: dict[str, str] = {
@@ -223,23 +228,28 @@ def site_attack_scores(
     return {"loss_threshold": (-loss[:m], -loss[m:]), "lira": (llr[:m], llr[m:])}
 
 
-def audit_reply_from_scores(site: str, round_idx: int, scores: Scores,
-                            bins: int = AUDIT_BINS) -> AuditReply:
-    """Map each attack's scores to ``[0, 1]`` (:data:`UNIT_MAPS`) and histogram them."""
+def audit_reply_from_scores(site: str, round_idx: int, scores: Scores, *,
+                            bins: int = AUDIT_BINS, noise: float,
+                            random: RandomSource | None) -> AuditReply:
+    """Map each attack's scores to ``[0, 1]`` (:data:`UNIT_MAPS`), histogram them and add
+    ``N(0, noise²)`` per cell from ``random``."""
     check_site_attacks(scores)
     for attack, (members, non_members) in scores.items():
         if not bool(torch.isfinite(members).all() and torch.isfinite(non_members).all()):
             raise ValueError(f"attack {attack!r} produced non-finite scores")
     unit = {a: (UNIT_MAPS[a](m), UNIT_MAPS[a](o)) for a, (m, o) in scores.items()}
-    return AuditReply.from_unit_scores(site, round_idx, unit, bins)
+    return AuditReply.from_unit_scores(site, round_idx, unit, bins=bins, noise=noise,
+                                       random=random)
 
 
 def site_audit_reply(
     instruction: AuditInstruction, model_factory: ModelFactory, data: ClientData, *,
-    training: LocalTrainingConfig, bins: int = AUDIT_BINS,
+    training: LocalTrainingConfig, bins: int = AUDIT_BINS, noise: float,
+    random: RandomSource | None,
 ) -> AuditReply:
     """The site's answer to an :class:`AuditInstruction`: :func:`site_attack_scores` on the
-    instruction's (dense) model, histogrammed. Nothing per patient is in it."""
+    instruction's (dense) model, histogrammed with noise ``noise`` drawn from ``random``.
+    Nothing per patient is in it."""
     if instruction.site != data.client_id:
         raise ValueError(f"an audit instruction for site {instruction.site!r} reached site "
                          f"{data.client_id!r}")
@@ -247,31 +257,39 @@ def site_audit_reply(
     scores = site_attack_scores(model_factory, params, data,
                                 shadow_models=instruction.shadow_models,
                                 seed=instruction.seed, training=training)
-    return audit_reply_from_scores(data.client_id, instruction.round, scores, bins)
+    return audit_reply_from_scores(data.client_id, instruction.round, scores, bins=bins,
+                                   noise=noise, random=random)
 
 
 # --- at the coordinator ------------------------------------------------------------------------
 
 
 def histogram_attack_report(attack: str, histogram: torch.Tensor, *, delta: float,
-                            alpha: float = 1 - CONFIDENCE) -> AttackReport:
-    """An attack's report from ``[2, bins]`` counts (row 0: members, row 1: non-members).
+                            alpha: float = 1 - CONFIDENCE, sizes: tuple[int, int] | None = None,
+                            ) -> AttackReport:
+    """An attack's report from ``[2, bins]`` counts (row 0: members, row 1: non-members),
+    possibly noisy: negative cells count 0, and with ``sizes`` (members, non-members; public
+    site sizes) the cumulative counts are clipped to them (post-processing).
 
     Thresholds are the occupied bins' lower edges ("member if the bin is ≥ b"); the ε lower
-    bound holds with confidence ``1 − alpha`` (Bonferroni over those thresholds).
+    bound holds with confidence ``1 − alpha`` (Bonferroni over those thresholds) when the
+    counts are exact.
     """
     members, non_members = histogram.to(torch.float64)
-    positives, negatives = int(members.sum()), int(non_members.sum())
-    if positives == 0 or negatives == 0:
+    positives, negatives = sizes or (round(float(members.sum())), round(float(non_members.sum())))
+    if positives <= 0 or negatives <= 0:
         raise ValueError(f"attack {attack!r}: the audit needs at least one member and one "
                          f"non-member ({positives} and {negatives})")
     occupied = (members + non_members).flip(0) > 0
-    true_pos = torch.cumsum(members.flip(0), 0)[occupied]
-    false_pos = torch.cumsum(non_members.flip(0), 0)[occupied]
+    # raw cumulative sums (the noise of a sum is centred), clipped to the populations and made
+    # non-decreasing: a ROC again (post-processing)
+    true_pos = torch.cummax(torch.cumsum(members.flip(0), 0).clamp(0, positives), 0).values
+    false_pos = torch.cummax(torch.cumsum(non_members.flip(0), 0).clamp(0, negatives), 0).values
+    true_pos, false_pos = true_pos[occupied], false_pos[occupied]
     zero = torch.zeros(1, dtype=torch.float64)
     return report_from_roc(
         attack, torch.cat([zero, false_pos / negatives]), torch.cat([zero, true_pos / positives]),
-        auc=histogram_auc(torch.stack([non_members, members])),
+        auc=noisy_auc(torch.stack([non_members, members])),
         epsilon_lower_bound=epsilon_lower_bound_from_counts(
             true_pos, false_pos, positives, negatives, delta, 1.0 - alpha),
         members=positives, non_members=negatives)
@@ -289,7 +307,7 @@ def merge_histograms(replies: Sequence[AuditReply]) -> torch.Tensor:
         raise ValueError(f"audit replies of different rounds: {[r.round for r in replies]}")
     if len({tuple(r.histograms.shape) for r in replies}) != 1:
         raise ValueError("audit replies with different numbers of bins")
-    return torch.stack([r.histograms.to(torch.int64) for r in replies]).sum(0)
+    return torch.stack([r.histograms.to(torch.float64) for r in replies]).sum(0)
 
 
 def merge_audit_replies(
@@ -301,5 +319,6 @@ def merge_audit_replies(
     worst case the gate reads. Shokri's attack is not among them (:data:`NOT_IN_SITES_MODE`).
     """
     merged = merge_histograms(replies)
-    return [histogram_attack_report(attack, merged[i], delta=delta, alpha=alpha)
+    sizes = (sum(r.members for r in replies), sum(r.non_members for r in replies))
+    return [histogram_attack_report(attack, merged[i], delta=delta, alpha=alpha, sizes=sizes)
             for i, attack in enumerate(SITE_ATTACKS)]

@@ -285,6 +285,14 @@ class PrivacyConfig(_Section):
     # where DP noise and sampling come from: secure (OS entropy, promotable) | reproducible
     randomness: str = "secure"
     server: ServerDPConfig = Field(default_factory=ServerDPConfig)
+    # the statistics a site releases besides its updates (fl_core/privacy/release.py): the
+    # evaluation's noisy histogram (σ per cell, bins per label, even) on every k-th round and
+    # the last (0: the last only), and the membership audit's (σ per cell, bins)
+    evaluation_noise: float = Field(2.0, ge=0, le=1e6)
+    evaluation_bins: int = Field(10, ge=2, le=4096)
+    evaluation_every: int = Field(0, ge=0)
+    audit_noise: float = Field(2.0, ge=0, le=1e6)
+    audit_bins: int = Field(20, ge=1, le=4096)
 
     @field_validator("randomness")
     @classmethod
@@ -293,6 +301,20 @@ class PrivacyConfig(_Section):
             raise ValueError(f"{unknown(RANDOMNESS, value)} (reproducible noise is for "
                              f"simulation and tests; such a model is never champion)")
         return value
+
+    @field_validator("evaluation_bins")
+    @classmethod
+    def _even_bins(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"evaluation_bins={value}: must be even (0.5 is a bin edge)")
+        return value
+
+    @model_validator(mode="after")
+    def _private_releases_are_noisy(self) -> PrivacyConfig:
+        if self.enabled and (self.evaluation_noise == 0 or self.audit_noise == 0):
+            raise ValueError("privacy.evaluation_noise and privacy.audit_noise must be > 0 "
+                             "with privacy.enabled: an exact statistic has no finite ε")
+        return self
 
     @model_validator(mode="after")
     def _run_fits_lifetime(self) -> PrivacyConfig:

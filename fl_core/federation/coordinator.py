@@ -10,7 +10,9 @@ A site that raises, stalls past ``round_timeout_s``, vanishes, replies with some
 not the expected message, or sends an update that does not decode to the model's size is
 *failed for the round*: the round goes on without it and the failure is recorded with its
 reason. A round with fewer than ``min_clients`` usable updates raises
-:class:`RoundFailedError`. Evaluation works the same way and only ever sees aggregates.
+:class:`RoundFailedError`. Evaluation works the same way and only ever sees the sites' noisy
+histograms (:mod:`fl_core.privacy.release`); it runs on the rounds ``evaluate_every`` picks
+(and the last), each run being a release the test patients pay for.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from fl_core.federation.messages import (
 )
 from fl_core.federation.round_log import sha256_hex
 from fl_core.federation.transport import Transport, TransportFailure
-from fl_core.model.metrics import balanced_accuracy, histogram_auc
+from fl_core.model.metrics import balanced_accuracy
 from fl_core.privacy.randomness import RandomSource, SeededRandom
+from fl_core.privacy.release import histogram_figures, noisy_auc
 from fl_core.robust.aggregators import AggregationResult, Aggregator, fedavg
 from fl_core.robust.anomaly import Reputation, detect_anomalies, sanitize
 from fl_core.robust.attacks import Attack
@@ -64,8 +67,8 @@ class RoundRecord:
     """One round's outcome; one row of ``reports/rounds.csv``."""
 
     round: int
-    train_loss: float
-    test_loss: float
+    train_loss: float  # NaN: not released (the sites trained with DP-SGD)
+    test_loss: float  # NaN (with accuracy, AUC): not evaluated this round
     accuracy: float
     auc: float
     balanced_accuracy: float  # at probability 0.5, like accuracy
@@ -151,6 +154,8 @@ class FederationSettings:
     round_timeout_s: float
     client_fraction: float
     run_id: str = "simulation"
+    # evaluate (a release charged to the test patients) every k-th round and the last; 0: last
+    evaluate_every: int = 1
 
 
 @dataclass
@@ -272,14 +277,16 @@ def evaluate_sites(
     transport: Transport, sites: Sequence[str], params: torch.Tensor, round_idx: int,
     settings: FederationSettings,
 ) -> PooledEvaluation:
-    """Pooled loss, accuracy, AUC and balanced accuracy over the sites' test splits, from
-    their aggregates; per-site accuracy; and the sites whose evaluation failed (left out of
-    the figures).
+    """Pooled loss, accuracy, AUC and balanced accuracy over the sites' test patients, from
+    their noisy histograms; per-site accuracy; and the sites whose evaluation failed (left out
+    of the figures).
 
-    AUC comes from the merged score histograms (:func:`fl_core.model.metrics.histogram_auc`):
-    pairs of patients whose scores share one of the 4096 bins count as ties. Accuracy and
-    balanced accuracy (the mean of sensitivity and specificity) are at probability 0.5, from
-    the merged confusion counts.
+    Every figure is post-processing of the released histograms, summed raw (noise cancels in
+    sums; :func:`fl_core.privacy.release.histogram_figures` clamps totals at 0): AUC from the
+    merged histograms (:func:`fl_core.privacy.release.noisy_auc`; patients sharing a bin count
+    as ties),
+    accuracy and balanced accuracy at probability 0.5 (a bin edge), loss with each patient's
+    score at its bin's centre. Counts are patients (each weighs 1), possibly fractional.
     """
     request = encode_message(EvaluateInstruction(settings.run_id, round_idx,
                                                  DenseCodec().encode(params)))
@@ -292,18 +299,36 @@ def evaluate_sites(
             failures.append(ClientUpdateError(site, f"evaluation failed ({reply})"))
         else:
             replies.append(reply)  # type: ignore[arg-type]
-    count = sum(r.count for r in replies)
-    if not count:
-        nan = float("nan")
+    nan = float("nan")
+    if replies:  # histograms of other bins than the first reply's cannot be merged with it
+        shape = replies[0].histogram.shape
+        failures += [ClientUpdateError(r.site, f"evaluation histogram of {r.histogram.shape[1]}"
+                                       f" bins, not {shape[1]}")
+                     for r in replies if r.histogram.shape != shape]
+        replies = [r for r in replies if r.histogram.shape == shape]
+    if not replies:
         return PooledEvaluation(nan, nan, nan, nan, {}, failures)
-    tp, fp, tn, fn = (sum(r.confusion[i] for r in replies) for i in range(4))
-    per_site = {r.site: (r.confusion[0] + r.confusion[2]) / r.count if r.count
-                else float("nan") for r in replies}
+    merged = torch.stack([r.histogram for r in replies]).sum(0)
+    pooled = histogram_figures(merged)
+    if pooled.count <= 0:
+        return PooledEvaluation(nan, nan, nan, nan, {}, failures)
+    per_site = {r.site: r.figures().accuracy for r in replies}
     return PooledEvaluation(
-        loss=sum(r.loss_sum for r in replies) / count, accuracy=(tp + tn) / count,
-        auc=histogram_auc(torch.stack([r.histogram for r in replies]).sum(0)),
-        balanced_accuracy=balanced_accuracy(tp, fp, tn, fn), per_site=per_site,
-        failures=failures)
+        loss=pooled.loss_sum / pooled.count, accuracy=pooled.accuracy,
+        auc=noisy_auc(merged), balanced_accuracy=balanced_accuracy(*pooled.confusion),
+        per_site=per_site, failures=failures)
+
+
+def evaluates(round_idx: int, settings: FederationSettings) -> bool:
+    """Whether round ``round_idx`` evaluates (and so releases): every ``evaluate_every``-th
+    round and the last (:func:`fl_core.privacy.release.evaluation_rounds`)."""
+    every = settings.evaluate_every
+    return round_idx == settings.rounds or (every > 0 and round_idx % every == 0)
+
+
+def _skipped_evaluation() -> PooledEvaluation:
+    nan = float("nan")
+    return PooledEvaluation(nan, nan, nan, nan, {}, [])
 
 
 def _sample(sites: Sequence[str], fraction: float, sampling: RandomSource) -> list[str]:
@@ -365,8 +390,9 @@ def run_federated(
         aggregate = defense.aggregate(rnd.updates[defended.kept], weights, previous).aggregate
         previous, params = aggregate, params + aggregate
         _note_privacy(result, rnd.replies)
-        record = _record(rnd, defended, kept, weights, payload, n_params, result,
-                         evaluate_sites(transport, sites, params, round_idx, settings))
+        evaluation = (evaluate_sites(transport, sites, params, round_idx, settings)
+                      if evaluates(round_idx, settings) else _skipped_evaluation())
+        record = _record(rnd, defended, kept, weights, payload, n_params, result, evaluation)
         record.aggregate_sha256 = params_sha256(params)
         result.history.append(record)
         for sink in sinks:
@@ -402,6 +428,15 @@ def _note_privacy(result: TrainingResult, replies: Sequence[FitReply]) -> None:
         result.site_dp_steps[reply.site] = reply.dp_steps
 
 
+def _train_loss(kept: list[FitReply], weights: torch.Tensor) -> float:
+    """The patient-weighted mean of the train losses the sites released (NaN: none did; a site
+    training with DP-SGD releases none)."""
+    released = [(r.train_loss, float(w)) for r, w in zip(kept, weights.tolist(), strict=True)
+                if r.train_loss is not None]
+    total = sum(w for _, w in released)
+    return sum(loss * w for loss, w in released) / total if total > 0 else float("nan")
+
+
 def _record(
     rnd: _Round, defended: _Defended, kept: list[FitReply], weights: torch.Tensor,
     payload: bytes, n_params: int, result: TrainingResult,
@@ -409,11 +444,9 @@ def _record(
 ) -> RoundRecord:
     rnd.failures += evaluation.failures
     result.failures += rnd.failures
-    losses = torch.tensor([r.train_loss for r in kept])
     spent = result.site_epsilon.values()
     return RoundRecord(
-        round=rnd.index,
-        train_loss=float((losses * weights).sum() / weights.sum()),
+        round=rnd.index, train_loss=_train_loss(kept, weights),
         test_loss=evaluation.loss, accuracy=evaluation.accuracy, auc=evaluation.auc,
         balanced_accuracy=evaluation.balanced_accuracy,
         bytes_uploaded=rnd.bytes_up,

@@ -6,24 +6,30 @@ Everything that crosses the site boundary is one of these dataclasses, framed as
     | meta (UTF-8 JSON object, at most 64 KiB) | blob (raw bytes) | crc32 u32
 
 ``meta`` carries scalars only (ids, counts, losses, ε); ``blob`` carries the one binary field
-(a codec payload, or an evaluation histogram as little-endian uint32). :func:`decode_message`
+(a codec payload, or noisy histograms as little-endian float64). :func:`decode_message`
 checks the frame, the declared lengths against the bytes actually present, the checksum and
 every field's type *before* building anything; a message it refuses raises
 :class:`MessageError` naming the site it was attributed to.
 
-**Evaluation replies are aggregates only** (:class:`EvaluateReply`): loss sum, count,
-confusion counts at the 0.5 threshold and, per label, a histogram of predicted probabilities
-in :data:`HISTOGRAM_BINS` equal bins. Its size does not depend on the number of patients, no
-patient's score or label is in it, and the pooled AUC computed from merged histograms
-(:func:`fl_core.model.metrics.histogram_auc`) differs from the exact AUC only through pairs that
-share a bin (each counted as a tie, ½).
+**Evaluation replies are noisy histograms only** (:class:`EvaluateReply`, protocol version 2):
+per label, a histogram of predicted probabilities in ``bins`` equal bins (default
+:data:`HISTOGRAM_BINS`; 0.5 is a bin edge) in which each test patient weighs 1 (``1/r`` per
+record), plus Gaussian noise of standard deviation ``noise`` per cell from the site's own
+randomness (:mod:`fl_core.privacy.release`). The cells are floats, possibly negative: the
+coordinator computes count, confusion at 0.5, accuracy, loss (bin centres) and AUC from them
+(:func:`fl_core.privacy.release.histogram_figures`, post-processing). Version 1's exact loss
+sum, count and confusion, and its 4096 exact bins in which most test patients sat alone (their
+label readable by whoever knew their features), are gone.
 
-**Membership-audit replies are aggregates too** (:class:`AuditReply`, the answer to an
+**Membership-audit replies are noisy histograms too** (:class:`AuditReply`, the answer to an
 :class:`AuditInstruction` in sites mode): for each attack in :data:`AUDIT_ATTACKS` and each
 population (the site's members, its non-members) a histogram of the attack's score mapped to
 ``[0, 1]`` by a fixed monotone map (:mod:`fl_core.audit.federated` documents the maps), in
-``bins`` equal bins. The counts are signed 32-bit on the wire so that a negative count is
-representable and refused; each population's histogram must sum to its declared count.
+``bins`` equal bins, one unit per patient, plus Gaussian noise ``noise`` per cell. The
+populations' sizes (``members``, ``non_members``) are site sizes, public by declaration.
+
+**Train loss** (:class:`FitReply`) is ``None`` when the site trains with DP-SGD: a loss
+computed without noise is not released.
 """
 
 from __future__ import annotations
@@ -37,13 +43,22 @@ from typing import Any, ClassVar
 import torch
 
 from fl_core.codec.framing import CRC, crc_intact, seal
+from fl_core.privacy.randomness import RandomSource
+from fl_core.privacy.release import (
+    EvaluationRelease,
+    HistogramFigures,
+    evaluation_histogram,
+    gaussian_release,
+    histogram_figures,
+    unit_bins,
+)
 
 MAGIC = b"FPMS"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: noisy float histograms, no exact evaluation, optional train loss
 FRAME = struct.Struct("<4sBBHII")
 MAX_META_BYTES = 64 * 1024
-HISTOGRAM_BINS = 4096
-AUDIT_BINS = 4096
+HISTOGRAM_BINS = 10  # per label; even, so that 0.5 is a bin edge
+AUDIT_BINS = 20
 AUDIT_ATTACKS = ("loss_threshold", "lira")  # the histograms' first axis, in this order
 MAX_BINS = 1 << 20
 
@@ -86,44 +101,47 @@ class FitReply:
     site: str
     round: int
     update: bytes  # a codec payload of (local − global)
-    num_patients: int
-    train_loss: float
+    num_patients: int  # a site size: public by declaration (docs/privacy.md)
+    train_loss: float | None  # None: trained with DP-SGD, the exact loss is not released
     epsilon: float | None  # DP-SGD ε spent so far by this site (None: not private)
     dp_steps: int
 
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """Site → coordinator: the global model on the site's held-out patients, aggregated.
+    """Site → coordinator: the global model on the site's held-out patients, as a noisy
+    histogram.
 
-    ``confusion`` is (true positives, false positives, true negatives, false negatives) at
-    probability 0.5; ``histogram`` is ``[2, bins]`` counts of predicted probabilities of the
-    label-0 and label-1 patients (bin ``b`` holds ``[b/bins, (b+1)/bins)``, 1.0 in the last).
+    ``histogram`` is ``[2, bins]`` float64: per label (row 0: label 0, row 1: label 1), the
+    test patients' weight by predicted probability (bin ``b`` holds ``[b/bins, (b+1)/bins)``,
+    1.0 in the last; each patient weighs 1 in total), plus ``N(0, noise²)`` per cell. The
+    figures (:meth:`figures`) are computed from it.
     """
 
     KIND: ClassVar[int] = 3
     site: str
     round: int
-    loss_sum: float
-    count: int
-    confusion: tuple[int, int, int, int]
+    noise: float
     histogram: torch.Tensor
+
+    def __post_init__(self) -> None:
+        problem = histogram_problem(self.histogram, (2,), self.noise)
+        if problem:
+            raise MessageError(problem, self.site)
 
     @classmethod
     def from_logits(cls, site: str, round_idx: int, logits: torch.Tensor,
-                    labels: torch.Tensor, bins: int = HISTOGRAM_BINS) -> EvaluateReply:
-        """Aggregate a site's predictions: the only evaluation a site sends."""
-        logits, labels = logits.detach().reshape(-1).double(), labels.detach().reshape(-1)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, labels.double(), reduction="sum")
-        predicted, actual = logits > 0, labels > 0.5
-        confusion = tuple(int(v) for v in (
-            (predicted & actual).sum(), (predicted & ~actual).sum(),
-            (~predicted & ~actual).sum(), (~predicted & actual).sum()))
-        which = (torch.sigmoid(logits) * bins).long().clamp(0, bins - 1)
-        histogram = torch.bincount(actual.long() * bins + which, minlength=2 * bins)
-        return cls(site, round_idx, float(loss), int(labels.numel()),
-                   confusion, histogram.view(2, bins))  # type: ignore[arg-type]
+                    labels: torch.Tensor, patients: torch.Tensor, *,
+                    release: EvaluationRelease, random: RandomSource | None
+                    ) -> EvaluateReply:
+        """The only evaluation a site sends: its patients' noisy histogram
+        (:func:`fl_core.privacy.release.evaluation_histogram`)."""
+        histogram = evaluation_histogram(logits, labels, patients, release, random)
+        return cls(site, round_idx, float(release.noise), histogram)
+
+    def figures(self) -> HistogramFigures:
+        """Count, confusion at 0.5, accuracy and loss sum from the (clamped) histogram."""
+        return histogram_figures(self.histogram)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, EvaluateReply) and _scalars(self) == _scalars(other)
@@ -162,12 +180,14 @@ class AuditInstruction:
 
 @dataclass(frozen=True)
 class AuditReply:
-    """Site → coordinator: the membership attacks' scores on the site's patients, aggregated.
+    """Site → coordinator: the membership attacks' scores on the site's patients, as noisy
+    histograms.
 
-    ``histograms[a, p, b]`` counts the patients of population ``p`` (0: the ``members``
+    ``histograms[a, p, b]`` is the number of patients of population ``p`` (0: the ``members``
     training patients, 1: the ``non_members`` held-out patients) whose score under attack
     ``AUDIT_ATTACKS[a]``, mapped to ``[0, 1]``, falls in bin ``b`` (``[b/bins,
-    (b+1)/bins)``, 1.0 in the last). Its size depends on ``bins`` only, never on the patients.
+    (b+1)/bins)``, 1.0 in the last), plus ``N(0, noise²)`` (float64). The population sizes
+    are site sizes (public by declaration). Its size depends on ``bins`` only.
     """
 
     KIND: ClassVar[int] = 7
@@ -175,27 +195,31 @@ class AuditReply:
     round: int
     members: int
     non_members: int
-    histograms: torch.Tensor  # int64 [len(AUDIT_ATTACKS), 2, bins]
+    noise: float
+    histograms: torch.Tensor  # float64 [len(AUDIT_ATTACKS), 2, bins]
 
     def __post_init__(self) -> None:
-        problem = audit_histogram_problem(self.histograms, self.members, self.non_members)
+        problem = audit_histogram_problem(self.histograms, self.members, self.non_members,
+                                          self.noise)
         if problem:
             raise MessageError(problem, self.site)
 
     @classmethod
     def from_unit_scores(
         cls, site: str, round_idx: int, scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        bins: int = AUDIT_BINS,
+        *, bins: int = AUDIT_BINS, noise: float, random: RandomSource | None,
     ) -> AuditReply:
-        """Histogram per-patient scores already in ``[0, 1]``: ``scores[attack]`` is
-        (members' scores, non-members' scores) for every attack of :data:`AUDIT_ATTACKS`."""
+        """Histogram per-patient scores already in ``[0, 1]`` (one unit per patient) and add
+        the noise: ``scores[attack]`` is (members' scores, non-members' scores) for every
+        attack of :data:`AUDIT_ATTACKS`."""
         if set(scores) != set(AUDIT_ATTACKS):
             raise ValueError(f"scores for {sorted(scores)}, expected {list(AUDIT_ATTACKS)}")
         rows = []
         for attack in AUDIT_ATTACKS:
             rows.append(torch.stack([unit_histogram(u, bins) for u in scores[attack]]))
         members, non_members = (int(t.numel()) for t in scores[AUDIT_ATTACKS[0]])
-        return cls(site, round_idx, members, non_members, torch.stack(rows))
+        noisy = gaussian_release(torch.stack(rows), noise, random)
+        return cls(site, round_idx, members, non_members, float(noise), noisy)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, AuditReply) and _scalars(self) == _scalars(other)
@@ -205,30 +229,43 @@ class AuditReply:
 
 
 def unit_histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """Counts of ``values`` in ``[0, 1]`` over ``bins`` equal bins (1.0 in the last)."""
-    values = values.detach().double().reshape(-1)
-    if not bool(((values >= 0) & (values <= 1)).all()):  # NaN fails too
-        raise ValueError("scores to histogram must lie in [0, 1]")
-    which = (values * bins).long().clamp(0, bins - 1)
-    return torch.bincount(which, minlength=bins)
+    """Counts of ``values`` in ``[0, 1]`` over ``bins`` equal bins (1.0 in the last), as
+    float64."""
+    return torch.bincount(unit_bins(values, bins), minlength=bins).to(torch.float64)
 
 
-def audit_histogram_problem(histograms: torch.Tensor, members: int, non_members: int) -> str:
+def histogram_problem(histogram: torch.Tensor, lead: tuple[int, ...], noise: float) -> str:
+    """Why ``histogram`` is not a valid noisy histogram of shape ``(*lead, bins)`` released
+    at ``noise`` ("" when it is)."""
+    shape = tuple(histogram.shape)
+    if len(shape) != len(lead) + 1 or shape[:-1] != lead or not 1 <= shape[-1] <= MAX_BINS:
+        return f"histogram of shape {shape}, expected {(*lead, 'bins')}"
+    if histogram.dtype != torch.float64:
+        return f"histogram of dtype {histogram.dtype}, expected float64"
+    if not bool(torch.isfinite(histogram).all()):
+        return "histogram holds a non-finite value"
+    if isinstance(noise, bool) or not isinstance(noise, float | int) or not (
+            math.isfinite(noise) and noise >= 0):
+        return f"noise={noise!r}: a finite σ ≥ 0"
+    if noise == 0 and bool((histogram < 0).any()):
+        return "an exact histogram (noise 0) holds a negative count"
+    return ""
+
+
+def audit_histogram_problem(histograms: torch.Tensor, members: int, non_members: int,
+                            noise: float) -> str:
     """Why ``histograms`` is not a valid :class:`AuditReply` payload ("" when it is)."""
-    shape = tuple(histograms.shape)
-    if len(shape) != 3 or shape[:2] != (len(AUDIT_ATTACKS), 2) or not 1 <= shape[2] <= MAX_BINS:
-        return f"audit histograms of shape {shape}, expected ({len(AUDIT_ATTACKS)}, 2, bins)"
-    if histograms.dtype.is_floating_point or histograms.dtype == torch.bool:
-        return f"audit histograms of dtype {histograms.dtype}, expected integer counts"
+    problem = histogram_problem(histograms, (len(AUDIT_ATTACKS), 2), noise)
+    if problem:
+        return "audit " + problem
     if members < 0 or non_members < 0:
         return f"negative population size (members {members}, non-members {non_members})"
-    if bool((histograms < 0).any()):
-        return "audit histograms hold a negative count"
-    sums = histograms.sum(dim=2)
-    expected = torch.tensor([members, non_members], dtype=sums.dtype)
-    if not bool((sums == expected).all()):
-        return (f"audit histograms sum to {sums.tolist()} per attack, not members "
-                f"{members} / non-members {non_members}")
+    if noise == 0:  # exact: each population's histogram holds its patients, once
+        sums = histograms.sum(dim=2)
+        expected = torch.tensor([members, non_members], dtype=sums.dtype)
+        if not bool((sums == expected).all()):
+            return (f"audit histograms sum to {sums.tolist()} per attack, not members "
+                    f"{members} / non-members {non_members}")
     return ""
 
 
@@ -253,6 +290,9 @@ class SiteReady:
     # the site's budget left before this run: its policy's lifetime ε minus its most exposed
     # patient's spending (what the site reports of its ledger; one number, no patient)
     budget_left: float = 0.0
+    # the head of the site's hash-chained ledger (SHA-256 hex; "" when not reported): the
+    # coordinator records it, so a ledger reset at the site is visible in the run's record
+    ledger_head: str = ""
 
 
 @dataclass(frozen=True)
@@ -276,10 +316,11 @@ _BINNED = (EvaluateReply, AuditReply)  # their metadata also declares "bins"
 # the JSON type each scalar field must have once decoded (int fields refuse bools and floats)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "site": (str,), "reason": (str,), "round": (int,), "local_epochs": (int,),
-    "num_patients": (int,), "dp_steps": (int,), "count": (int,), "train_loss": (float, int),
-    "loss_sum": (float, int), "epsilon": (float, int, type(None)), "confusion": (list,),
+    "num_patients": (int,), "dp_steps": (int,), "count": (int,),
+    "epsilon": (float, int, type(None)),
     "passed": (bool,), "validation": (str,), "ledger_run_id": (str,),
-    "budget_left": (float, int),
+    "budget_left": (float, int), "ledger_head": (str,),
+    "noise": (float, int), "train_loss": (float, int, type(None)),
 }
 
 
@@ -290,16 +331,11 @@ def _scalars(message: Message) -> dict[str, Any]:
 
 def _blob(message: Message, meta: dict[str, Any]) -> bytes:
     """The message's binary field as bytes (histograms: declaring ``bins`` in ``meta``)."""
-    if isinstance(message, EvaluateReply):
-        meta["bins"] = int(message.histogram.shape[1])
-        blob = message.histogram.to(torch.int64).clamp(0, 2**32 - 1).to(torch.int32)
-        return bytes(blob.numpy().astype("<u4").tobytes())
-    if isinstance(message, AuditReply):
-        meta["bins"] = int(message.histograms.shape[2])
-        counts = message.histograms.to(torch.int64)
-        if bool((counts > 2**31 - 1).any()):
-            raise MessageError("an audit histogram count exceeds 2^31 - 1", message.site)
-        return bytes(counts.numpy().astype("<i4").tobytes())
+    if isinstance(message, EvaluateReply | AuditReply):
+        histogram = message.histogram if isinstance(message, EvaluateReply) \
+            else message.histograms
+        meta["bins"] = int(histogram.shape[-1])
+        return bytes(histogram.to(torch.float64).contiguous().numpy().astype("<f8").tobytes())
     field_name = _BLOB_FIELD.get(type(message))
     return getattr(message, field_name) if field_name else b""
 
@@ -388,15 +424,22 @@ def _meta(raw: bytes, cls: type, site: str | None) -> dict[str, Any]:
     return meta
 
 
+def _histogram_from_blob(blob: bytes, lead: tuple[int, ...], bins: int, site: str | None,
+                         what: str) -> torch.Tensor:
+    cells = math.prod(lead) * bins if 1 <= bins <= MAX_BINS else -1
+    if cells < 0 or len(blob) != cells * 8:
+        raise MessageError(f"{what} of {len(blob)} bytes do not hold "
+                           f"{' × '.join(map(str, lead))} × {bins} float64 cells", site)
+    return torch.frombuffer(bytearray(blob), dtype=torch.float64).view(*lead, bins)
+
+
 def _build_audit_reply(meta: dict[str, Any], blob: bytes, site: str | None) -> AuditReply:
     bins = meta.pop("bins")
-    cells = len(AUDIT_ATTACKS) * 2 * bins
-    if not 1 <= bins <= MAX_BINS or len(blob) != cells * 4:
-        raise MessageError(f"audit histograms of {len(blob)} bytes do not hold "
-                           f"{len(AUDIT_ATTACKS)} × 2 × {bins} int32 counts", site)
-    counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
-    histograms = counts.view(len(AUDIT_ATTACKS), 2, bins)
-    problem = audit_histogram_problem(histograms, meta["members"], meta["non_members"])
+    histograms = _histogram_from_blob(blob, (len(AUDIT_ATTACKS), 2), bins, site,
+                                      "audit histograms")
+    _check_finite(meta, site)
+    problem = audit_histogram_problem(histograms, meta["members"], meta["non_members"],
+                                      meta["noise"])
     if problem:
         raise MessageError(problem, site)
     return AuditReply(histograms=histograms, **meta)
@@ -404,18 +447,11 @@ def _build_audit_reply(meta: dict[str, Any], blob: bytes, site: str | None) -> A
 
 def _build_evaluate_reply(meta: dict[str, Any], blob: bytes, site: str | None) -> EvaluateReply:
     bins = meta.pop("bins")
-    if not 1 <= bins <= MAX_BINS or len(blob) != 2 * bins * 4:
-        raise MessageError(f"histogram of {len(blob)} bytes does not hold 2 × {bins} "
-                           f"uint32 counts", site)
-    confusion = meta["confusion"]
-    if len(confusion) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
-                                  for v in confusion):
-        raise MessageError("confusion must be four non-negative counts", site)
-    counts = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
-    histogram = (counts & 0xFFFFFFFF).view(2, bins)
-    if int(histogram.sum()) != meta["count"] or sum(confusion) != meta["count"]:
-        raise MessageError("histogram, confusion and count disagree", site)
-    meta["confusion"] = tuple(confusion)
+    histogram = _histogram_from_blob(blob, (2,), bins, site, "histogram")
+    _check_finite(meta, site)
+    problem = histogram_problem(histogram, (2,), meta["noise"])
+    if problem:
+        raise MessageError(problem, site)
     return EvaluateReply(histogram=histogram, **meta)
 
 
@@ -436,7 +472,7 @@ def _build(cls: type, meta: dict[str, Any], blob: bytes, site: str | None) -> Me
 
 
 def _check_finite(meta: dict[str, Any], site: str | None) -> None:
-    for name in ("train_loss", "loss_sum", "epsilon", "budget_left"):
+    for name in ("train_loss", "epsilon", "budget_left", "noise"):
         value = meta.get(name)
         if isinstance(value, float) and math.isinf(value):
             raise MessageError(f"field {name!r} is infinite", site)

@@ -4,8 +4,9 @@ A :class:`SiteClient` answers the coordinator's instructions with typed replies
 (:mod:`fl_core.federation.messages`); :meth:`SiteClient.handle` is the whole boundary, bytes in
 and bytes out, and it never raises: whatever goes wrong at the site becomes a
 :class:`~fl_core.federation.messages.Failure` message. The patients' records never leave the
-object; what leaves is a codec payload of the model update, counts, losses, ε, and the
-evaluation aggregates.
+object; what leaves is a codec payload of the model update, the site's size, its DP-SGD ε and
+steps, the training loss only when not private, and the evaluation as a noisy histogram
+(:mod:`fl_core.privacy.release`, drawn from the site's own randomness).
 
 The client owns the state that must survive between rounds and can save and restore it
 (:meth:`SiteClient.state_dict` / :meth:`SiteClient.load_state_dict`): the downlink replica,
@@ -47,6 +48,7 @@ from fl_core.federation.messages import (
 from fl_core.model.networks import get_flat_params, set_flat_params
 from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
 from fl_core.privacy.randomness import RandomSource
+from fl_core.privacy.release import EvaluationRelease
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +99,9 @@ class SiteClient:
     With ``privacy`` it trains by patient-level DP-SGD (:class:`PatientDPTrainer`); its DP
     sampling and noise come from ``randomness`` (one stream per client and round): secret OS
     entropy for a promotable run, a seeded generator for a reproducible simulation. A private
-    client must be given its randomness: nothing falls back to seeded noise.
+    client must be given its randomness: nothing falls back to seeded noise. The evaluation is
+    released as ``evaluation`` says (bins, Gaussian noise per cell, drawn from
+    ``randomness``); a noisy release needs the randomness too.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class SiteClient:
         compressor: UpdateCompressor | None = None,
         privacy: DPSGDConfig | None = None,
         randomness: RandomSource | None = None,
+        evaluation: EvaluationRelease | None = None,
     ) -> None:
         self.client_id = data.client_id
         self._data = data
@@ -119,6 +124,10 @@ class SiteClient:
         if privacy is not None and randomness is None:
             raise ValueError("a DP-SGD site client needs its randomness given (secure for a "
                              "promotable run): no seeded default")
+        self._evaluation = evaluation or EvaluationRelease()
+        if self._evaluation.noise > 0 and randomness is None:
+            raise ValueError("a site client releasing a noisy evaluation needs its randomness "
+                             "given (secure for a promotable run): no seeded default")
         self._randomness = randomness
         self._num_patients = int(data.patient_ids().unique().numel())
         self._busy = threading.Lock()  # a straggler still training refuses the next request
@@ -177,19 +186,25 @@ class SiteClient:
         return FitReply(
             site=self.client_id, round=round_idx,
             update=self._compressor.compress(delta, round_idx),
-            num_patients=self._num_patients, train_loss=float(loss),
+            num_patients=self._num_patients,
+            # with DP-SGD the exact loss would be an unaccounted release: not sent
+            train_loss=None if self._dp is not None else float(loss),
             epsilon=None if self._dp is None else self._dp.epsilon(),
             dp_steps=0 if self._dp is None else self._dp.steps)
 
     def evaluate(self, instruction: EvaluateInstruction) -> EvaluateReply:
-        """Score the broadcast model on the held-out patients; aggregates only."""
+        """Score the broadcast model on the held-out patients; release a noisy histogram only
+        (each patient weighs 1; noise from this client's randomness, one stream per round)."""
         set_flat_params(self._model,
                         decode_payload(instruction.model, self._replica.num_elements))
         self._model.eval()
         with torch.no_grad():
             logits = self._model(self._data.x_test)
-        return EvaluateReply.from_logits(self.client_id, instruction.round, logits,
-                                         self._data.y_test)
+        random = None if self._randomness is None else self._randomness.stream(
+            "evaluation", self.client_id, instruction.round)
+        return EvaluateReply.from_logits(
+            self.client_id, instruction.round, logits, self._data.y_test,
+            self._data.test_patient_ids(), release=self._evaluation, random=random)
 
     # --- state that must travel -------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from fl_core.privacy.accountants import calibrate_noise, check_delta, local_step
 from fl_core.privacy.dp_fedavg import DPFedAvg
 from fl_core.privacy.dpsgd import DPSGDConfig, check_model
 from fl_core.privacy.randomness import RandomSource, make_random
+from fl_core.privacy.release import EvaluationRelease
 from fl_core.robust.aggregators import Aggregator, make_aggregator, make_pre_aggregation
 from fl_core.robust.anomaly import Reputation
 from fl_core.robust.attacks import Attack, choose_malicious
@@ -189,7 +190,8 @@ class FederatedRun:
 def federation_settings(cfg: PipelineConfig) -> FederationSettings:
     return FederationSettings(
         rounds=cfg.rounds, local_epochs=cfg.local_epochs, min_clients=cfg.min_clients,
-        round_timeout_s=cfg.federation.round_timeout_s, client_fraction=cfg.client_fraction)
+        round_timeout_s=cfg.federation.round_timeout_s, client_fraction=cfg.client_fraction,
+        evaluate_every=cfg.privacy.evaluation_every)
 
 
 def make_downlink(cfg: PipelineConfig) -> TopKQuantizer | None:
@@ -219,7 +221,13 @@ def make_site_client(
         data=data, model_factory=lambda: build_target_model(cfg, num_features)[0],
         training=local_training(cfg),
         compressor=make_compressor(compression=cfg.compression, seed=cfg.seed + index),
-        privacy=dp, randomness=random)
+        privacy=dp, randomness=random, evaluation=evaluation_release(cfg))
+
+
+def evaluation_release(cfg: PipelineConfig) -> EvaluationRelease:
+    """How every site releases its evaluation (``privacy.evaluation_bins``/``_noise``)."""
+    return EvaluationRelease(bins=cfg.privacy.evaluation_bins,
+                             noise=cfg.privacy.evaluation_noise)
 
 
 @dataclass(frozen=True)

@@ -60,11 +60,12 @@ def histogram_auc(histogram: torch.Tensor) -> float:
     bins in increasing score order: ``Σ_b pos_b · (neg_below_b + ½ neg_b) / (P·N)``.
 
     The Mann–Whitney statistic with every positive–negative pair that shares a bin counted as
-    a tie (½); it equals the exact AUC when no such pair exists. NaN with one class only.
+    a tie (½); it equals the exact AUC when no such pair exists. NaN with one class only (or,
+    for a noisy histogram, a class whose total is not positive).
     """
     neg, pos = histogram.double()[0], histogram.double()[1]
     p, n = float(pos.sum()), float(neg.sum())
-    if p == 0 or n == 0:
+    if p <= 0 or n <= 0:
         return float("nan")
     below = torch.cumsum(neg, 0) - neg
     return float((pos * (below + 0.5 * neg)).sum()) / (p * n)

@@ -25,6 +25,11 @@ from fl_core.federation.coordinator import (
 from fl_core.federation.simulation import simulate
 from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
 from fl_core.model.networks import build_model, get_flat_params, set_flat_params
+from fl_core.privacy.release import EvaluationRelease
+
+# these runs are not private: their sites release an exact (noise 0), fine histogram, so that
+# the engine's figures can be checked against the models' predictions
+EXACT = EvaluationRelease(bins=4096, noise=0.0)
 
 
 def run(sites: list[SiteClient], init: torch.Tensor, rounds: int, min_clients: int = 1,
@@ -51,6 +56,7 @@ def clients(n_clients: int = 3, cls=SiteClient, **kw):
 
     cfg = LocalTrainingConfig(local_epochs=2, batch_size=16, learning_rate=0.5, seed=1)
     make = kw.pop("compressor_factory", None)
+    kw.setdefault("evaluation", EXACT)
     return [cls(data=make_client(f"c{i}", 100 + 20 * i, i), model_factory=factory,
                 training=cfg, compressor=make() if make else None, **kw)
             for i in range(n_clients)], factory
@@ -209,7 +215,7 @@ def wide_clients(compressor_factory=None, n_clients: int = 3):
         return build_model("logreg", 20, hidden_units=32, seed=0)
 
     cfg = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.2, seed=1)
-    return [SiteClient(data=data(i), model_factory=factory, training=cfg,
+    return [SiteClient(data=data(i), model_factory=factory, training=cfg, evaluation=EXACT,
                        compressor=compressor_factory() if compressor_factory else None)
             for i in range(n_clients)], factory
 

@@ -25,7 +25,7 @@ from fl_core.codec.payload import decode_payload
 from fl_core.codec.rice import pack_fixed, rice_decode, rice_encode
 from fl_core.codec.topk import INDEX_BITMAP, INDEX_RICE, TOPK_HEAD, TopKQuantizer
 from fl_core.federation import AuditReply, MessageError, decode_message
-from fl_core.federation.messages import FRAME
+from fl_core.federation.messages import FRAME, PROTOCOL_VERSION
 
 N = 20
 INDICES = np.array([2, 5, 17], dtype=np.int64)
@@ -266,20 +266,21 @@ def test_values_bytes_follow_k_and_bits() -> None:
 
 
 def _audit_frame(counts: torch.Tensor, members: int, non_members: int) -> bytes:
-    """An AuditReply frame built by hand (the layout of fl_core.federation.messages)."""
+    """An exact (noise 0) AuditReply frame built by hand (the layout of
+    fl_core.federation.messages, version 2: float64 cells)."""
     meta = (f'{{"site":"A","round":1,"members":{members},"non_members":{non_members},'
-            f'"bins":{counts.shape[-1]}}}').encode()
-    blob = counts.to(torch.int64).numpy().astype("<i4").tobytes()
-    body = FRAME.pack(b"FPMS", 1, 7, 0, len(meta), len(blob)) + meta + blob
+            f'"noise":0.0,"bins":{counts.shape[-1]}}}').encode()
+    blob = counts.to(torch.float64).numpy().astype("<f8").tobytes()
+    body = FRAME.pack(b"FPMS", PROTOCOL_VERSION, 7, 0, len(meta), len(blob)) + meta + blob
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**31), cell=st.integers(0, 4 * 16 - 1),
        change=st.integers(-5, 5).filter(bool))
-def test_any_changed_audit_count_is_refused(seed: int, cell: int, change: int) -> None:
+def test_any_changed_exact_audit_count_is_refused(seed: int, cell: int, change: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(2, 2, 16, dtype=torch.int64)
+    counts = torch.zeros(2, 2, 16, dtype=torch.float64)
     for a in range(2):
         counts[a, 0] = torch.bincount(torch.randint(0, 16, (30,), generator=g), minlength=16)
         counts[a, 1] = torch.bincount(torch.randint(0, 16, (12,), generator=g), minlength=16)

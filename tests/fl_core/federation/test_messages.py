@@ -1,4 +1,5 @@
-"""The federation messages: bytes round trips, refusals that name the site, aggregates only."""
+"""The federation messages: bytes round trips, refusals that name the site, noisy histograms
+only (protocol version 2)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,18 @@ from fl_core.federation import (
     decode_message,
     encode_message,
 )
-from fl_core.federation.messages import AUDIT_ATTACKS, AUDIT_BINS, FRAME, HISTOGRAM_BINS
+from fl_core.federation.messages import (
+    AUDIT_ATTACKS,
+    AUDIT_BINS,
+    FRAME,
+    HISTOGRAM_BINS,
+    PROTOCOL_VERSION,
+)
 from fl_core.model.metrics import histogram_auc, roc_auc
+from fl_core.privacy.randomness import SeededRandom
+from fl_core.privacy.release import EvaluationRelease
+
+EXACT = EvaluationRelease(bins=4096, noise=0.0)  # a non-private run's release
 
 names = st.text(min_size=1, max_size=20)
 rounds = st.integers(0, 10_000)
@@ -37,8 +48,11 @@ def evaluate_replies(draw: st.DrawFn) -> EvaluateReply:
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     logits = torch.randn(n, generator=g) * draw(st.floats(0.1, 20))
     labels = (torch.rand(n, generator=g) < 0.4).float()
-    return EvaluateReply.from_logits(draw(names), draw(rounds), logits, labels,
-                                     bins=draw(st.sampled_from([8, 256, HISTOGRAM_BINS])))
+    patients = torch.randint(0, max(n, 1), (n,), generator=g)  # some with several records
+    release = EvaluationRelease(bins=draw(st.sampled_from([2, 8, 256, HISTOGRAM_BINS])),
+                                noise=draw(st.sampled_from([0.0, 0.5, 3.0])))
+    return EvaluateReply.from_logits(draw(names), draw(rounds), logits, labels, patients,
+                                     release=release, random=SeededRandom(draw(rounds)))
 
 
 @st.composite
@@ -48,13 +62,15 @@ def audit_replies(draw: st.DrawFn) -> AuditReply:
     scores = {a: (torch.rand(members, generator=g), torch.rand(non_members, generator=g) ** 2)
               for a in AUDIT_ATTACKS}
     return AuditReply.from_unit_scores(draw(names), draw(rounds), scores,
-                                       bins=draw(st.sampled_from([1, 8, AUDIT_BINS])))
+                                       bins=draw(st.sampled_from([1, 8, AUDIT_BINS])),
+                                       noise=draw(st.sampled_from([0.0, 2.0])),
+                                       random=SeededRandom(draw(rounds)))
 
 
 messages = st.one_of(
     st.builds(FitInstruction, names, rounds, st.binary(max_size=300), st.integers(1, 100)),
-    st.builds(FitReply, names, rounds, st.binary(max_size=300), counts, finite,
-              st.one_of(st.none(), finite), counts),
+    st.builds(FitReply, names, rounds, st.binary(max_size=300), counts,
+              st.one_of(st.none(), finite), st.one_of(st.none(), finite), counts),
     st.builds(Failure, names, rounds, st.text(max_size=200)),
     st.builds(EvaluateInstruction, names, rounds, st.binary(max_size=300)),
     evaluate_replies(),
@@ -98,7 +114,7 @@ def test_corrupted_truncated_and_wrong_version_are_refused_naming_the_site() -> 
 
 
 def _forge(kind: int, meta: bytes, blob: bytes = b"") -> bytes:
-    body = FRAME.pack(b"FPMS", 1, kind, 0, len(meta), len(blob)) + meta + blob
+    body = FRAME.pack(b"FPMS", PROTOCOL_VERSION, kind, 0, len(meta), len(blob)) + meta + blob
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -109,10 +125,20 @@ def _forge(kind: int, meta: bytes, blob: bytes = b"") -> bytes:
     (2, b"\x80\x04\x95", b"", "not JSON"),  # a pickle where JSON belongs
     (2, b"[1, 2]", b"", "not a JSON object"),
     (4, b'{"site":"A","round":1,"reason":"x"}', b"blob", "carries no binary field"),
-    (3, b'{"site":"A","round":1,"loss_sum":1.0,"count":5,"confusion":[1,1,1,2],'
-        b'"bins":1000000000}', b"\x00" * 8, "does not hold 2 × 1000000000"),
-    (3, b'{"site":"A","round":1,"loss_sum":1.0,"count":5,"confusion":[1,1,1,1],'
-        b'"bins":1}', struct.pack("<II", 2, 3), "disagree"),
+    (3, b'{"site":"A","round":1,"noise":1.0,"bins":1000000000}', b"\x00" * 16,
+     "do not hold 2 × 1000000000"),
+    (3, b'{"site":"A","round":1,"noise":1.0,"bins":2}', struct.pack("<3d", 1, 2, 3),
+     "do not hold 2 × 2 float64"),
+    (3, b'{"site":"A","round":1,"noise":-1.0,"bins":1}', struct.pack("<2d", 1, 2), "noise="),
+    (3, b'{"site":"A","round":1,"noise":0,"bins":1}', struct.pack("<2d", -1, 2),
+     "exact histogram .* negative"),
+    (3, b'{"site":"A","round":1,"noise":1,"bins":1}', struct.pack("<2d", float("nan"), 2),
+     "non-finite"),
+    (3, b'{"site":"A","round":1,"noise":1e999,"bins":1}', struct.pack("<2d", 1, 2),
+     "infinite"),
+    # version 1's exact fields have no place in a version-2 reply
+    (3, b'{"site":"A","round":1,"noise":1.0,"count":5,"bins":1}', struct.pack("<2d", 1, 2),
+     "EvaluateReply fields"),
     (9, b"{}", b"", "unknown message kind 9"),
     (4, b"[" * 3000, b"", "nested too deep"),  # past the JSON parser's recursion limit
     (2, b'{"site":"A","round":1,"num_patients":1,"train_loss":1e999,"epsilon":null,'
@@ -126,59 +152,100 @@ def test_forged_bodies_with_valid_checksums_are_refused(
 
 
 def test_a_tiny_header_claiming_a_huge_body_is_refused_before_allocating() -> None:
-    forged = FRAME.pack(b"FPMS", 1, 2, 0, 10, 4_000_000_000) + b"\x00" * 8
+    forged = FRAME.pack(b"FPMS", PROTOCOL_VERSION, 2, 0, 10, 4_000_000_000) + b"\x00" * 8
     with pytest.raises(MessageError, match="declared sizes .* do not match the 24 bytes"):
         decode_message(forged, site="A")
 
 
 def test_evaluation_reply_size_does_not_grow_with_patients_and_holds_no_scores() -> None:
-    sizes = []
+    sizes = set()
     for n in (10, 1_000, 100_000):
         logits = torch.linspace(-4, 4, n)
         labels = (torch.arange(n) % 3 == 0).float()
-        data = encode_message(EvaluateReply.from_logits("A", 1, logits, labels))
-        sizes.append(len(data))
+        reply = EvaluateReply.from_logits("A", 1, logits, labels, torch.arange(n),
+                                          release=EvaluationRelease(), random=SeededRandom(n))
+        data = encode_message(reply)
+        sizes.add(len(data))
         assert logits[:4].numpy().astype("<f4").tobytes() not in data
-    # only the digits of the count and loss sum in the metadata change (n grew 10^4-fold)
-    assert max(sizes) - min(sizes) <= 24 and max(sizes) < 2 * 4 * HISTOGRAM_BINS + 200
+    assert len(sizes) == 1 and sizes.pop() < 2 * 8 * HISTOGRAM_BINS + 200
 
 
-def test_histogram_auc_matches_the_exact_auc_within_0_005() -> None:
+def test_an_old_version_exact_evaluation_is_refused() -> None:
+    """Version 1 carried exact counts; a site still speaking it is refused, not merged."""
+    old = _forge(3, b'{"site":"A","round":1,"loss_sum":1.0,"count":1,"confusion":[1,0,0,0],'
+                 b'"bins":1}', struct.pack("<II", 0, 1))
+    old = old[:4] + bytes([1]) + old[5:-4]
+    old += struct.pack("<I", zlib.crc32(old))
+    with pytest.raises(MessageError, match="protocol version 1"):
+        decode_message(old, site="A")
+
+
+def test_exact_histogram_auc_matches_the_exact_auc_within_0_005() -> None:
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         n = 40 + 10 * trial
         labels = (torch.rand(n, generator=g) < 0.45).float()
         logits = labels * (0.2 + trial / 10) + torch.randn(n, generator=g) * 1.5
-        merged = sum(EvaluateReply.from_logits(s, 1, logits[i::4], labels[i::4]).histogram
+        merged = sum(EvaluateReply.from_logits(s, 1, logits[i::4], labels[i::4],
+                                               torch.arange(n)[i::4], release=EXACT,
+                                               random=None).histogram
                      for i, s in enumerate("ABCD"))
         assert histogram_auc(merged) == pytest.approx(roc_auc(logits, labels), abs=0.005)
-    # a coarse histogram (one bin) has no power: every pair is a tie
-    one_bin = EvaluateReply.from_logits("A", 1, logits, labels, bins=1).histogram
-    assert histogram_auc(one_bin) == 0.5
+    # a coarse histogram (two bins) has little power: most pairs are ties
+    two = EvaluateReply.from_logits("A", 1, logits, labels, torch.arange(n),
+                                    release=EvaluationRelease(bins=2, noise=0.0), random=None)
+    assert abs(histogram_auc(two.histogram) - 0.5) < abs(roc_auc(logits, labels) - 0.5)
 
 
-def test_confusion_counts_match_the_predictions() -> None:
+def test_figures_of_an_exact_histogram_match_the_predictions() -> None:
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0])
     labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
-    reply = EvaluateReply.from_logits("A", 1, logits, labels)
-    assert reply.confusion == (1, 1, 2, 1)  # tp, fp, tn, fn at logit > 0
-    assert reply.count == 5 and int(reply.histogram.sum()) == 5
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-    assert reply.loss_sum == pytest.approx(float(expected))
+    reply = EvaluateReply.from_logits("A", 1, logits, labels, torch.arange(5),
+                                      release=EvaluationRelease(noise=0.0), random=None)
+    figures = reply.figures()
+    # at probability 0.5 (a bin edge); logit 0 → p = 0.5 falls in the upper half, as ≥ 0.5
+    assert figures.confusion == (1, 2, 1, 1)
+    assert figures.count == 5 and float(reply.histogram.sum()) == 5
+    assert figures.loss_sum > 0
+
+
+def test_a_patient_weighs_one_whatever_its_records() -> None:
+    logits = torch.tensor([3.0, 3.0, 3.0, -3.0])
+    labels = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    reply = EvaluateReply.from_logits("A", 1, logits, labels, torch.tensor([7, 7, 7, 8]),
+                                      release=EvaluationRelease(noise=0.0), random=None)
+    assert float(reply.histogram[1].sum()) == pytest.approx(1.0)
+    assert float(reply.histogram[0].sum()) == pytest.approx(1.0)
+
+
+def test_a_noisy_release_needs_its_randomness_and_draws_from_it_only() -> None:
+    logits, labels, ids = torch.zeros(4), torch.tensor([0.0, 1, 0, 1]), torch.arange(4)
+    with pytest.raises(ValueError, match="randomness"):
+        EvaluateReply.from_logits("A", 1, logits, labels, ids, release=EvaluationRelease(),
+                                  random=None)
+    torch.manual_seed(0)
+    one = EvaluateReply.from_logits("A", 1, logits, labels, ids, release=EvaluationRelease(),
+                                    random=SeededRandom(5))
+    torch.manual_seed(1)  # torch's global generator plays no part
+    two = EvaluateReply.from_logits("A", 1, logits, labels, ids, release=EvaluationRelease(),
+                                    random=SeededRandom(5))
+    assert one == two and not torch.equal(one.histogram, one.histogram.round())
 
 
 # --- the membership-audit messages (sites mode) ---------------------------------------------------
 
-def _audit_meta(members: int = 3, non_members: int = 2, bins: int = 2, site: str = "A") -> bytes:
+def _audit_meta(members: int = 3, non_members: int = 2, bins: int = 2, site: str = "A",
+                noise: float = 0.0) -> bytes:
     return (f'{{"site":"{site}","round":1,"members":{members},"non_members":{non_members},'
-            f'"bins":{bins}}}').encode()
+            f'"noise":{noise},"bins":{bins}}}').encode()
 
 
-def _audit_blob(counts: list[int]) -> bytes:
-    return struct.pack(f"<{len(counts)}i", *counts)
+def _audit_blob(counts: list[float]) -> bytes:
+    return struct.pack(f"<{len(counts)}d", *counts)
 
 
 GOOD_AUDIT = [3, 0, 1, 1, 2, 1, 0, 2]  # [loss members, loss non-members, lira ..] × 2 bins
+NOISY_AUDIT = [3.4, -0.7, 1.1, 0.2, 2.5, 1.9, -1.2, 2.0]
 
 
 def test_a_hand_built_audit_reply_decodes() -> None:
@@ -186,18 +253,23 @@ def test_a_hand_built_audit_reply_decodes() -> None:
     assert isinstance(reply, AuditReply)
     assert reply.members == 3 and reply.non_members == 2
     assert reply.histograms.tolist() == [[[3, 0], [1, 1]], [[2, 1], [0, 2]]]
+    noisy = decode_message(_forge(7, _audit_meta(noise=2.0), _audit_blob(NOISY_AUDIT)),
+                           site="A")
+    assert isinstance(noisy, AuditReply) and noisy.histograms.flatten().tolist() == NOISY_AUDIT
 
 
 @pytest.mark.parametrize(("meta", "blob", "why"), [
     (_audit_meta(), _audit_blob([2, 0, 1, 1, 2, 1, 0, 2]), "sum to .* not members 3"),
     (_audit_meta(), _audit_blob([3, 0, 1, 1, 2, 1, 0, 1]), "non-members 2"),
     (_audit_meta(), _audit_blob([4, -1, 1, 1, 2, 1, 0, 2]), "negative count"),
-    (_audit_meta(), _audit_blob(GOOD_AUDIT[:-1]), "do not hold 2 × 2 × 2 int32"),
+    (_audit_meta(noise=1.0), _audit_blob([4, float("inf"), 1, 1, 2, 1, 0, 2]), "non-finite"),
+    (_audit_meta(noise=-1.0), _audit_blob(NOISY_AUDIT), "noise="),
+    (_audit_meta(), _audit_blob(GOOD_AUDIT[:-1]), "do not hold 2 × 2 × 2 float64"),
     (_audit_meta(), _audit_blob(GOOD_AUDIT) + b"\x00", "do not hold"),
     (_audit_meta(bins=3), _audit_blob(GOOD_AUDIT), "do not hold 2 × 2 × 3"),
     (_audit_meta(bins=0), b"", "do not hold 2 × 2 × 0"),
     (_audit_meta(bins=2**40), _audit_blob(GOOD_AUDIT), "do not hold"),
-    (_audit_meta(members=-3), _audit_blob([-3, 0, 1, 1, -3, 0, 0, 2]), "negative"),
+    (_audit_meta(members=-3, noise=1.0), _audit_blob(NOISY_AUDIT), "negative"),
     (_audit_meta().replace(b'"members":3', b'"members":3.0'), _audit_blob(GOOD_AUDIT),
      "field 'members' has type float"),
     (_audit_meta().replace(b'"members":3', b'"members":true'), _audit_blob(GOOD_AUDIT),
@@ -225,24 +297,25 @@ def test_forged_audit_instructions_are_refused(meta: bytes, why: str) -> None:
         decode_message(_forge(6, meta, b"payload"), site="A")
 
 
-def test_audit_reply_refuses_to_build_or_send_inconsistent_histograms() -> None:
-    ok = torch.tensor(GOOD_AUDIT).view(2, 2, 2)
-    assert AuditReply("A", 1, 3, 2, ok).histograms is ok
+def test_audit_reply_refuses_to_build_inconsistent_histograms() -> None:
+    ok = torch.tensor(GOOD_AUDIT, dtype=torch.float64).view(2, 2, 2)
+    assert AuditReply("A", 1, 3, 2, 0.0, ok).histograms is ok
     with pytest.raises(MessageError, match="sum to"):
-        AuditReply("A", 1, 4, 2, ok)
+        AuditReply("A", 1, 4, 2, 0.0, ok)
+    assert AuditReply("A", 1, 4, 2, 1.0, ok).members == 4  # noisy: sums need not match
     with pytest.raises(MessageError, match="shape"):
-        AuditReply("A", 1, 3, 2, ok[:1])
+        AuditReply("A", 1, 3, 2, 0.0, ok[:1])
     with pytest.raises(MessageError, match="dtype"):
-        AuditReply("A", 1, 3, 2, ok.double())
-    huge = torch.zeros(2, 2, 1, dtype=torch.int64)
-    huge[:, 0] = 2**31
-    with pytest.raises(MessageError, match="exceeds 2"):
-        encode_message(AuditReply("A", 1, 2**31, 0, huge))
+        AuditReply("A", 1, 3, 2, 0.0, ok.long())
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         AuditReply.from_unit_scores("A", 1, {a: (torch.tensor([1.5]), torch.tensor([0.2]))
-                                             for a in AUDIT_ATTACKS})
+                                             for a in AUDIT_ATTACKS}, noise=0.0, random=None)
     with pytest.raises(ValueError, match="expected"):
-        AuditReply.from_unit_scores("A", 1, {"loss_threshold": (ok, ok)})
+        AuditReply.from_unit_scores("A", 1, {"loss_threshold": (ok, ok)}, noise=0.0,
+                                    random=None)
+    with pytest.raises(ValueError, match="randomness"):
+        AuditReply.from_unit_scores("A", 1, {a: (torch.tensor([0.5]), torch.tensor([0.2]))
+                                             for a in AUDIT_ATTACKS}, noise=1.0, random=None)
 
 
 def test_audit_reply_size_does_not_grow_with_patients() -> None:
@@ -250,9 +323,43 @@ def test_audit_reply_size_does_not_grow_with_patients() -> None:
     for n in (10, 1_000, 100_000):
         u = torch.linspace(0, 1, n)
         reply = AuditReply.from_unit_scores("A", 1, {a: (u, u.flip(0)[: n // 3])
-                                                     for a in AUDIT_ATTACKS})
+                                                     for a in AUDIT_ATTACKS},
+                                            noise=2.0, random=SeededRandom(n))
         sizes.add(len(encode_message(reply)) - len(str(n)) - len(str(n // 3)))
-    assert len(sizes) == 1 and sizes.pop() < 4 * 4 * AUDIT_BINS + 200
+    assert len(sizes) == 1 and sizes.pop() < 4 * 8 * AUDIT_BINS + 200
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from([3, 7]))
+def test_garbage_under_a_valid_frame_is_refused_or_decodes_cleanly(junk: bytes, kind: int
+                                                                   ) -> None:
+    """Random bodies under a correct frame and checksum never crash the decoder: refused with
+    a MessageError, or (a valid body by chance) decoded into a consistent reply."""
+    cut = len(junk) // 2
+    try:
+        message = decode_message(_forge(kind, junk[:cut], junk[cut:]), site="A")
+    except MessageError:
+        return
+    assert decode_message(encode_message(message), site="A") == message
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=2,
+                max_size=2), st.floats(allow_nan=True, allow_infinity=True))
+def test_hand_built_evaluation_replies_decode_only_when_finite(cells: list[float],
+                                                               noise: float) -> None:
+    data = _forge(3, f'{{"site":"A","round":1,"noise":{noise!r},"bins":1}}'.replace(
+        "inf", "Infinity").replace("nan", "NaN").encode(), struct.pack("<2d", *cells))
+    ok = (all(map(lambda c: c == c and abs(c) != float("inf"), cells))
+          and noise == noise and abs(noise) != float("inf") and noise >= 0
+          and (noise > 0 or min(cells) >= 0))
+    if ok:
+        reply = decode_message(data, site="A")
+        assert isinstance(reply, EvaluateReply) and reply.histogram.tolist() == [[cells[0]],
+                                                                                [cells[1]]]
+    else:
+        with pytest.raises(MessageError):
+            decode_message(data, site="A")
 
 
 def test_peek_reads_the_routing_fields_only_and_decode_still_checks_everything() -> None:
@@ -260,7 +367,7 @@ def test_peek_reads_the_routing_fields_only_and_decode_still_checks_everything()
     blob; a corrupted blob passes the peek and is refused by the decoder."""
     from fl_core.federation.messages import FitReply, peek_message
 
-    reply = encode_message(FitReply("A", 3, b"\x01" * 1000, 10, 0.5, 1.0, 4))
+    reply = encode_message(FitReply("A", 3, b"\x01" * 1000, 10, None, 1.0, 4))
     cls, meta = peek_message(reply, site="A")
     assert cls is FitReply and meta["round"] == 3 and meta["site"] == "A"
     with pytest.raises(MessageError, match="claims to come from site 'A'"):
