@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +27,9 @@ import grpc
 import torch
 
 from adapters.gx_validation import validate_site_file
-from adapters.ledger_anchor import check_anchor, write_anchor
 from adapters.ledger_store import PrivacyLedger
 from adapters.site_channel import Backoff, Instruction, SiteChannel, permanent
-from adapters.site_files import site_client_data, site_dropped_rows, site_record_keys
+from adapters.site_files import site_client_data, site_dropped_rows
 from fl_core.audit.federated import site_audit_reply
 from fl_core.config.model import PipelineConfig, site_slug
 from fl_core.config.site import SitePolicy
@@ -87,7 +86,6 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         _ready(session, passed=False, summary=summary)
         return "validation failed"
     data = site_client_data(cfg, csv_path, site)
-    records = site_record_keys(cfg, csv_path, site)  # the ledger's accounts: the records
     dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
     broken = policy_refusals(cfg, policy, noise_multiplier=dp.noise_multiplier if dp else None)
     if broken:  # before the ledger: a run the site does not accept costs it nothing
@@ -96,8 +94,7 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         return "refused by policy"
     try:
         budget_left = site_budget_left(session, policy)
-        ledger_run = check_site_budget(cfg, session, data, dp=dp, policy=policy,
-                                       records=records)
+        ledger_run = check_site_budget(cfg, session, data, dp=dp, policy=policy)
     except BudgetExceededError as exc:  # the coordinator refuses the whole run on this
         _report(session, encode_message(Failure(site, -1, f"{BUDGET_REFUSAL}{exc}")))
         return "cannot afford the run"
@@ -111,10 +108,10 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
     summary = {**summary, "dropped_rows": site_dropped_rows(cfg, csv_path, site),
                "records": {"train": data.num_train, "test": int(data.x_test.shape[0])}}
     _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run,
-           budget_left=budget_left, ledger_head=site_ledger(session, policy).head().hash)
+           budget_left=budget_left)
     answerer = SiteAnswerer(cfg, client, data, session,
                             charge=lambda: charge_site_ledger(cfg, session, data, dp=dp,
-                                                              policy=policy, records=records))
+                                                              policy=policy))
     return _answer_until_shutdown(answerer, session, idle_timeout_s)
 
 
@@ -168,14 +165,14 @@ class SiteAnswerer:
 
 
 def _ready(session: SiteSession, *, passed: bool, summary: dict, data: ClientData | None = None,
-           ledger_run: str = "", budget_left: float = 0.0, ledger_head: str = "") -> None:
+           ledger_run: str = "", budget_left: float = 0.0) -> None:
     message = SiteReady(
         site=session.site, round=-1, passed=passed,
         num_features=0 if data is None else int(data.x_train.shape[1]),
         train_patients=0 if data is None else len(data.train_ids),
         test_patients=0 if data is None else len(data.test_ids),
         validation=json.dumps(summary, default=str), ledger_run_id=ledger_run,
-        budget_left=budget_left, ledger_head=ledger_head)
+        budget_left=budget_left)
     _report(session, encode_message(message))
 
 
@@ -195,13 +192,8 @@ def _report(session: SiteSession, message: bytes, attempts: int = 8) -> None:
 
 def site_ledger(session: SiteSession, policy: SitePolicy) -> PrivacyLedger:
     """The site's own ledger, where its policy says (in its state folder), never where the
-    coordinator's configuration says: the coordinator cannot hand a site a fresh ledger.
-    Opened only if it still holds the head its anchor file recorded and its chain verifies
-    (:func:`adapters.ledger_anchor.check_anchor`): a deleted, replaced or truncated ledger
-    refuses the session (``LedgerIntegrityError``, named to the coordinator)."""
-    path = session.state_dir / policy.ledger
-    check_anchor(path)
-    return PrivacyLedger(path)
+    coordinator's configuration says: the coordinator cannot hand a site a fresh ledger."""
+    return PrivacyLedger(session.state_dir / policy.ledger)
 
 
 def site_budget_left(session: SiteSession, policy: SitePolicy) -> float:
@@ -216,17 +208,15 @@ def _site_run_id(session: SiteSession) -> str:
 
 
 def _site_charge(cfg: PipelineConfig, data: ClientData, dp: DPSGDConfig, run_id: str,
-                 site: str, records: Mapping[int, str]) -> Charge:
+                 site: str) -> Charge:
     split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                       "by_site", cfg.seed)
     site_of = {int(i): site for i in data.train_ids}
-    return planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id, KIND_SITE_TRAIN,
-                          records)
+    return planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id, KIND_SITE_TRAIN)
 
 
 def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
-                      dp: DPSGDConfig | None, policy: SitePolicy,
-                      records: Mapping[int, str]) -> str:
+                      dp: DPSGDConfig | None, policy: SitePolicy) -> str:
     """At session start, before anything is charged or trained: raise
     :class:`BudgetExceededError` if the planned run would take one of the site's patients past
     its policy's lifetime ε. Returns the ledger run id the run will be charged under ("" when
@@ -236,14 +226,13 @@ def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientDat
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
-        ledger.check(_site_charge(cfg, data, dp, run_id, session.site, records),
+        ledger.check(_site_charge(cfg, data, dp, run_id, session.site),
                      policy.lifetime_epsilon, "Nothing was charged or trained")
     return run_id
 
 
 def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
-                       dp: DPSGDConfig | None, policy: SitePolicy,
-                       records: Mapping[int, str]) -> str:
+                       dp: DPSGDConfig | None, policy: SitePolicy) -> str:
     """Charge the site's own ledger for the planned run of the recipe ``dp`` (the one its
     client trains with) against its policy's lifetime ε, once per session (idempotent: a
     session started again for the same run does not charge twice). Returns the ledger run id
@@ -253,9 +242,8 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
-        ledger.charge(_site_charge(cfg, data, dp, run_id, session.site, records),
+        ledger.charge(_site_charge(cfg, data, dp, run_id, session.site),
                       policy.lifetime_epsilon)
-        write_anchor(ledger)  # the new head beside the ledger, after every charge
     return run_id
 
 
