@@ -135,7 +135,9 @@ def prepare_prefect_database() -> None:
 DRILLS_HELP = {
     "noise_off": "no noise", "noise_down_10x": "noise 10x too small",
     "clipping_off": "no per-patient clipping", "per_record_clipping": "records clipped one "
-    "by one", "regenerable_noise": "noise from the configuration's seed"}
+    "by one", "regenerable_noise": "noise from the configuration's seed",
+    "sampling_rate_4x": "Poisson sampling at 4q (set privacy.sample_rate < 1)",
+    "sampling_off": "every patient in every step (set privacy.sample_rate < 1)"}
 """The broken-DP drills of ``fedpriv audit-dp --drill`` (fl_core.audit.canary.DRILLS)."""
 
 

@@ -13,7 +13,12 @@ canary ``c`` of client ``k`` is
 its accountant says, with ``q = 1`` over ``T`` steps, ``z_c`` is Gaussian with the same
 variance in or out and the means ``√T/σ`` standard deviations apart: the accountant's
 μ-GDP mechanism, so the audit can be tight. The codec (top-k, 8 bits, error feedback) only
-post-processes: it can lower the separation, never raise it.
+post-processes: it can lower the separation, never raise it. With Poisson sampling ``q < 1``
+the canaries are drawn by each client's own production sampler, like its patients: an
+included canary is in ``K ~ Binomial(T, q)`` steps, ``z_c`` has mean ``qT`` in and ``0`` out
+(separation about ``q√T/σ``, below what the accountant's amplification allows), and a sampler
+that draws patients more often than ``q`` shows as a larger separation (the ``sampling_*``
+drills).
 
 With ``audit_dp.regenerate`` the auditor also replays every run from the configuration's seed
 with every canary left out and scores ``z_c − z_c^replay``: noise that can be regenerated
@@ -65,7 +70,7 @@ from fl_core.federation.wiring import (
     simulation_setup,
 )
 from fl_core.privacy.accountants import epsilon_spent, local_steps
-from fl_core.privacy.dpsgd import DPSGDConfig
+from fl_core.privacy.dpsgd import DPSGDConfig, PoissonSampler
 from fl_core.privacy.randomness import RandomSource, make_random
 
 Progress = Callable[[int, int], None]  # (audit runs done, audit runs in all)
@@ -177,6 +182,14 @@ def check_auditable(cfg: PipelineConfig, drill: str | None = None) -> None:
     if drill is not None and level == "client" and DRILLS[drill].per_record:
         raise ConfigError(f"drill {drill} breaks patient-level clipping: use "
                           f"audit_dp.level=patient")
+    if drill is not None and DRILLS[drill].breaks_sampling:
+        if level == "client":
+            raise ConfigError(f"drill {drill} breaks DP-SGD's Poisson sampling of patients: "
+                              f"use audit_dp.level=patient")
+        if cfg.privacy.sample_rate >= 1:
+            raise ConfigError(f"drill {drill} breaks Poisson sampling: set "
+                              f"privacy.sample_rate below 1 (at 1 every patient is in every "
+                              f"step, there is nothing to sample)")
 
 
 def audited_config(cfg: PipelineConfig, drill: str | None) -> PipelineConfig:
@@ -204,18 +217,29 @@ def _run_random(cfg: PipelineConfig, drill: str | None) -> RandomSource:
 def _train_observed(cfg: PipelineConfig, data: list[ClientData], dp: DPSGDConfig | None,
                     canaries: dict[str, CanarySet], drill: str | None,
                     clip_norm: float) -> dict[str, torch.Tensor]:
-    """One patient-level audit training run; client → the sum of its decoded updates."""
+    """One patient-level audit run; client → the sum of its decoded updates.
+
+    The clients are built as a released model's are, by
+    :func:`~fl_core.federation.wiring.make_site_client` (through :func:`simulation_setup`):
+    the one constructor sites mode's session uses too (``adapters/site_session.py``), so the
+    audited trainer, optimizer, sampler, codec and randomness are the object graph a hospital
+    runs. The canaries are members of the population each trainer's own Poisson sampler draws
+    from (:class:`~fl_core.audit.canary.CanaryInjection`); a sampling drill replaces that
+    sampler, nothing else."""
     setup = simulation_setup(cfg, data, dp=dp, random=_run_random(cfg, drill))
     model, _ = build_target_model(cfg, int(data[0].x_train.shape[1]))
     shapes = tuple(p.shape for p in model.parameters())
     n = int(setup.initial_params.numel())
-    per_record = bool(drill and DRILLS[drill].per_record)
+    broken = DRILLS[drill] if drill else None
     for site in setup.sites:
         trainer = site.dp_trainer
         assert trainer is not None and setup.dp is not None
         trainer.per_patient_hook = CanaryInjection(
             canaries=canaries[site.client_id], shapes=shapes, clip_norm=clip_norm,
-            sample_rate=setup.dp.sample_rate, per_record=per_record)
+            per_record=bool(broken and broken.per_record))
+        if broken is not None:
+            assert isinstance(trainer.sampler, PoissonSampler)
+            trainer.sampler = broken.sampler(trainer.sampler)
     observed = [_Observed(site, n) for site in setup.sites]
     simulate(observed, initial_params=setup.initial_params, settings=federation_settings(cfg),
              downlink=make_downlink(cfg), defense=setup.defense, seed=cfg.seed,

@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -162,10 +162,46 @@ class DPSGDConfig:
     grad_sample_mode: str
 
 
-PerPatientHook = Callable[[list[torch.Tensor], RandomSource], list[torch.Tensor]]
-"""Rewrites one step's per-patient gradients (one ``[patients, *p.shape]`` tensor per
-parameter) before they are clipped, noised and summed. Only the white-box DP audit sets one
-(:mod:`fl_core.audit.canary`: gradient canaries); a released model's run never has one."""
+class Sampler(Protocol):
+    """Draws one DP-SGD step's batch: a boolean mask over a population."""
+
+    def draw(self, population: int, random: RandomSource) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class PoissonSampler:
+    """Poisson sampling at rate ``q``, the sampling the accountant's amplification assumes.
+
+    Each step draws one uniform ``u_i`` per member of the population from the run's random
+    source and takes member ``i`` iff ``u_i < q``: every member is in the step's batch with
+    probability ``q``, independently of every other member and of every other step (the
+    uniforms are independent), so the batch size is ``Binomial(N, q)`` and its expectation
+    ``q·N`` is what the optimizer divides by. It is the only sampler a
+    :class:`PatientDPTrainer` is built with; the white-box DP audit's canaries are members of
+    the population it samples (:class:`PerPatientHook`), so a bug here is a bug the audit
+    sees.
+    """
+
+    rate: float
+
+    def draw(self, population: int, random: RandomSource) -> torch.Tensor:
+        """One step's batch: ``population`` booleans, each true with probability ``rate``."""
+        return random.uniform(population) < self.rate
+
+
+class PerPatientHook(Protocol):
+    """Adds ``extra_patients`` members to the population the trainer's sampler draws from and
+    rewrites one step's per-patient gradients (one ``[patients, *p.shape]`` tensor per
+    parameter) before they are clipped, noised and summed, given which of its own members the
+    step's draw took (``drawn``: ``extra_patients`` booleans). Only the white-box DP audit sets
+    one (:mod:`fl_core.audit.canary`: gradient canaries); a released model's run never has
+    one."""
+
+    @property
+    def extra_patients(self) -> int: ...
+
+    def __call__(self, per_patient: list[torch.Tensor],
+                 drawn: torch.Tensor) -> list[torch.Tensor]: ...
 
 
 class PatientDPTrainer:
@@ -174,7 +210,9 @@ class PatientDPTrainer:
     Built once per client and reused every round (wrapping a model is the expensive part).
     ``model`` is trained in place: Opacus hooks it, the parameters stay the caller's.
     ``per_patient_hook`` (None outside a DP audit run) sees each step's per-patient
-    gradients before clipping (:data:`PerPatientHook`).
+    gradients before clipping (:class:`PerPatientHook`). ``sampler`` draws every step's batch
+    (:class:`PoissonSampler` at ``cfg.sample_rate``; only a DP audit drill swaps it for a
+    broken one, to show that the audit catches a broken sampler).
     """
 
     per_patient_hook: PerPatientHook | None = None
@@ -189,6 +227,7 @@ class PatientDPTrainer:
             raise PrivacyError(str(exc)) from None
         self.cfg = cfg
         self.data = data
+        self.sampler: Sampler = PoissonSampler(cfg.sample_rate)
         self._module = prepare_module(model, cfg.grad_sample_mode, batch_first=True,
                                       loss_reduction="mean")
         optimizer_class = _noise_from_source(
@@ -231,28 +270,30 @@ class PatientDPTrainer:
         :class:`~fl_core.privacy.randomness.SeededRandom` for reproducible simulation.
         """
         self._optimizer.noise_source = random
-        d, q = self.data, self.cfg.sample_rate
+        d, hook = self.data, self.per_patient_hook
+        # the hook's members (the audit's canaries) are sampled with the patients, by one draw
+        population = d.num_patients + (0 if hook is None else hook.extra_patients)
         self._module.train()
         total, count = 0.0, 0
         with warnings.catch_warnings():
             # Opacus hooks the layers; with inputs that need no gradient torch warns every step
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for _ in range(epochs * steps_per_epoch(q)):
-                batch = torch.nonzero(random.uniform(d.num_patients) < q)[:, 0]
+            for _ in range(epochs * steps_per_epoch(self.cfg.sample_rate)):
+                drawn = self.sampler.draw(population, random)
+                batch = torch.nonzero(drawn[:d.num_patients])[:, 0]
                 self._optimizer.zero_grad(set_to_none=True)
                 loss = patient_loss(self._module(d.x[batch]), d.y[batch], d.mask[batch])
                 loss.backward()
-                if self.per_patient_hook is not None:
-                    self._rewrite_per_patient(random)
+                if hook is not None:
+                    self._rewrite_per_patient(hook, drawn[d.num_patients:])
                 self._optimizer.step()
                 total += float(loss.detach()) * batch.numel()
                 count += batch.numel()
         return total / max(count, 1)
 
-    def _rewrite_per_patient(self, random: RandomSource) -> None:
-        assert self.per_patient_hook is not None
+    def _rewrite_per_patient(self, hook: PerPatientHook, drawn: torch.Tensor) -> None:
         params = self._optimizer.params
-        rows = self.per_patient_hook([p.grad_sample for p in params], random)
+        rows = hook([p.grad_sample for p in params], drawn)
         for p, r in zip(params, rows, strict=True):
             p.grad_sample = r
 

@@ -23,6 +23,7 @@ from fl_core.audit.gate import evaluate_gate, gate_thresholds
 from fl_core.audit.gdp import MAX_MU, gdp_delta, gdp_epsilon, separation_lower_bound
 from fl_core.config.model import ConfigError
 from fl_core.privacy.accountants import epsilon_spent
+from fl_core.privacy.dpsgd import PoissonSampler
 from fl_core.privacy.randomness import SeededRandom
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -86,17 +87,17 @@ def test_separation_lower_bound_covers_the_truth() -> None:
 @given(st.integers(1, 18), st.booleans(), st.floats(0.05, 1.0), st.integers(0, 2**31))
 def test_canary_rows_are_diracs_of_the_declared_size(count: int, per_record: bool,
                                                       sample_rate: float, seed: int) -> None:
-    """Every real patient's row is zeroed; each included canary the step samples adds a
+    """Every real patient's row is zeroed; each included canary the sampler drew adds a
     Dirac of norm 40·C per patient (or 10·C per record, four rows); none other is added."""
     g = torch.Generator().manual_seed(seed)
     canaries = draw_canaries(18, count, g)
     shapes = (torch.Size([1, 17]), torch.Size([1]))
     hook = CanaryInjection(canaries=canaries, shapes=shapes, clip_norm=1.5,
-                           sample_rate=sample_rate, per_record=per_record)
+                           per_record=per_record)
+    assert hook.extra_patients == count  # one sampled member per canary, included or not
     real = [torch.randn(5, 1, 17), torch.randn(5, 1)]
-    random = SeededRandom(seed)
-    out = hook(real, random)
-    drawn = SeededRandom(seed).uniform(count) < sample_rate
+    drawn = PoissonSampler(sample_rate).draw(count, SeededRandom(seed))
+    out = hook(real, drawn)
     chosen = torch.nonzero(drawn & canaries.included)[:, 0]
     flat = torch.cat([o.reshape(o.shape[0], -1) for o in out], dim=1)
     assert torch.all(flat[:5] == 0)
@@ -109,10 +110,78 @@ def test_canary_rows_are_diracs_of_the_declared_size(count: int, per_record: boo
     want = canaries.coordinates[chosen].repeat_interleave(RECORDS_PER_CANARY if per_record
                                                           else 1)
     assert torch.equal(hit, want)
-    # a replay with every canary left out draws the same uniforms and adds nothing
+    # a replay with every canary left out keeps its members in the population, adds nothing
     replay = CanaryInjection(canaries=canaries.left_out(), shapes=shapes, clip_norm=1.5,
-                             sample_rate=sample_rate, per_record=per_record)
-    assert sum(o.shape[0] for o in replay(real, SeededRandom(seed))[:1]) == 5
+                             per_record=per_record)
+    assert replay.extra_patients == count
+    assert sum(o.shape[0] for o in replay(real, drawn)[:1]) == 5
+
+
+class _Recording:
+    """A per-patient hook that records what the trainer's sampler drew for its members."""
+
+    def __init__(self, inner: CanaryInjection) -> None:
+        self.inner, self.drawn = inner, []
+
+    @property
+    def extra_patients(self) -> int:
+        return self.inner.extra_patients
+
+    def __call__(self, per_patient: list[torch.Tensor], drawn: torch.Tensor):
+        self.drawn.append(drawn.clone())
+        return self.inner(per_patient, drawn)
+
+
+class _CountingSampler(PoissonSampler):
+    """The production sampler, counting its calls and the populations it was asked for."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
+        object.__setattr__(self, "calls", [])
+
+    def draw(self, population: int, random) -> torch.Tensor:
+        self.calls.append(population)  # type: ignore[attr-defined]
+        return super().draw(population, random)
+
+
+def test_canaries_are_drawn_by_the_trainers_own_poisson_sampler() -> None:
+    """The trainer makes one sampler call per step over its patients *and* the canaries, and
+    the canaries' part of that draw is what the hook acts on: each canary is drawn with
+    probability q per step, independently of the other canaries and of the steps (the
+    frequencies, the pairwise and the lag-1 correlations are those of independent
+    Bernoulli(q) draws)."""
+    from fl_core.model.networks import LogisticRegression
+    from fl_core.privacy.dpsgd import DPSGDConfig, PatientDPTrainer, group_records
+
+    q, patients, count = 0.25, 12, 18
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(patients, 17, generator=g), (torch.rand(patients, generator=g) < .5)
+    data = group_records(x, y.float(), torch.arange(patients))
+    cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=q, learning_rate=0.1,
+                      delta=1e-5, accountant="rdp", grad_sample_mode="hooks")
+    trainer = PatientDPTrainer(model=LogisticRegression(17), data=data, cfg=cfg)
+    assert type(trainer.sampler) is PoissonSampler and trainer.sampler.rate == q
+    trainer.sampler = _CountingSampler(q)
+    hook = _Recording(CanaryInjection(canaries=draw_canaries(18, count, g),
+                                      shapes=(torch.Size([1, 17]), torch.Size([1])),
+                                      clip_norm=1.0))
+    trainer.per_patient_hook = hook
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(30, SeededRandom(5))  # 30 epochs × 4 steps
+    steps = len(hook.drawn)
+    assert steps == 120 and trainer.sampler.calls == [patients + count] * steps
+    drawn = torch.stack(hook.drawn).double()  # [steps, canaries]
+    sd = math.sqrt(q * (1 - q) / steps)
+    assert torch.all((drawn.mean(0) - q).abs() < 4.5 * sd)
+    assert abs(float(drawn.mean()) - q) < 4 * math.sqrt(q * (1 - q) / drawn.numel())
+    centred = drawn - drawn.mean(0)
+    corr = (centred.T @ centred) / (steps * drawn.std(0, unbiased=False).outer(
+        drawn.std(0, unbiased=False)))
+    off = corr[~torch.eye(count, dtype=torch.bool)]
+    assert off.abs().max() < 4.5 / math.sqrt(steps)  # no two canaries move together
+    lag = (centred[1:] * centred[:-1]).mean(0) / drawn.var(0, unbiased=False)
+    assert lag.abs().max() < 4.5 / math.sqrt(steps)  # no step repeats the last one's draw
 
 
 # --- the audit on the default recipe ----------------------------------------------------------
@@ -147,7 +216,14 @@ def test_no_false_alarm_over_seeds(heart, epsilon: float) -> None:
 
 # audit runs per drill: the blatant ones prove ε_lb of 12-180 at 16 runs (docs/results.md), far
 # past 1 with two or three; the subtle ones (3.7-3.8 at 16 runs) need six
-DRILL_RUNS = {"noise_off": 2, "clipping_off": 2, "noise_down_10x": 3}
+DRILL_RUNS = {"noise_off": 2, "clipping_off": 2, "noise_down_10x": 3, "sampling_off": 3}
+
+SAMPLED = ("privacy.sample_rate=0.1", "audit_dp.rounds=5", "privacy.randomness=reproducible",
+           "audit_dp.regenerate=false")
+"""The sampling drills' recipe: Poisson sampling at q = 0.1 (at q = 1 there is nothing to
+sample) over 5 rounds × 2 epochs × 10 steps; reproducible so that the test is deterministic,
+regeneration off since reproducible noise is regenerable (another drill)."""
+DRILL_OVERRIDES = {name: SAMPLED for name, d in DRILLS.items() if d.breaks_sampling}
 
 
 @pytest.mark.slow
@@ -155,7 +231,8 @@ DRILL_RUNS = {"noise_off": 2, "clipping_off": 2, "noise_down_10x": 3}
 def test_broken_dp_is_caught_and_refused_promotion(heart, drill: str) -> None:
     """Each broken implementation at ε = 1 proves ε_lb > 1, and the gate refuses a model
     trained with it; the same audit of the correct implementation does not."""
-    result = _audit(heart, f"audit_dp.runs={DRILL_RUNS.get(drill, 6)}", drill=drill)
+    result = _audit(heart, f"audit_dp.runs={DRILL_RUNS.get(drill, 6)}",
+                    *DRILL_OVERRIDES.get(drill, ()), drill=drill)
     assert result.privacy_failure and result.epsilon_lower_bound > result.epsilon, \
         result.bounds
     cfg = _config()
@@ -163,6 +240,22 @@ def test_broken_dp_is_caught_and_refused_promotion(heart, drill: str) -> None:
                "dp_audit_epsilon_lower_bound": result.epsilon_lower_bound}
     reasons = evaluate_gate(metrics, gate_thresholds(cfg)).reasons
     assert any(r.startswith("PRIVACY FAILURE: the DP implementation audit") for r in reasons)
+
+
+@pytest.mark.slow
+def test_a_broken_poisson_sampler_is_caught_and_the_production_one_passes(heart) -> None:
+    """The same audit (q = 0.1, ε = 1, 6 runs, 432 canaries drawn by each client's own
+    trainer sampler) of the production sampler proves no more than its accountant's ε, and of
+    a sampler drawing at 4·q, all else equal (σ, q and the steps the accountant counts),
+    proves more: the canaries go through whatever sampler the trainer holds."""
+    healthy = _audit(heart, "audit_dp.runs=6", *SAMPLED)
+    assert healthy.steps == 100 and healthy.epsilon == pytest.approx(1.0, abs=0.01)
+    assert not healthy.privacy_failure, healthy.bounds
+    broken = _audit(heart, "audit_dp.runs=6", *SAMPLED, drill="sampling_rate_4x")
+    assert (broken.epsilon, broken.steps, broken.noise_multiplier) == (
+        healthy.epsilon, healthy.steps, healthy.noise_multiplier)
+    assert broken.privacy_failure and broken.epsilon_lower_bound > broken.epsilon, \
+        broken.bounds
 
 
 @pytest.mark.slow
@@ -196,6 +289,11 @@ def test_unauditable_configurations_are_refused(heart) -> None:
         audit_dp(_config("privacy.enabled=false"), heart)
     with pytest.raises(ConfigError, match="unknown drill"):
         audit_dp(_config(), heart, drill="typo")
+    for drill in (name for name, d in DRILLS.items() if d.breaks_sampling):
+        with pytest.raises(ConfigError, match="privacy.sample_rate below 1"):
+            audit_dp(_config(), heart, drill=drill)
+        with pytest.raises(ConfigError, match="Poisson sampling of patients"):
+            audit_dp(_config(*DP_FEDAVG, "privacy.sample_rate=0.1"), heart, drill=drill)
     with pytest.raises(ConfigError, match="audit_dp.in_pipeline runs in federation.mode"):
         _config("federation.mode=sites", "audit_dp.in_pipeline=true",
                 "federation.sites=[{id: A}, {id: B}]")
