@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import threading
 
 import pytest
@@ -25,6 +26,7 @@ from fl_core.federation.coordinator import (
 from fl_core.federation.simulation import simulate
 from fl_core.federation.site_client import LocalTrainingConfig, SiteClient
 from fl_core.model.networks import build_model, get_flat_params, set_flat_params
+from fl_core.privacy.randomness import SeededRandom
 from fl_core.privacy.release import EvaluationRelease
 
 # these runs are not private: their sites release an exact (noise 0), fine histogram, so that
@@ -521,3 +523,48 @@ def test_a_busy_site_refuses_a_second_request() -> None:
     with site._busy:
         reply = decode_message(site.handle(request))
     assert reply.reason == "busy with an earlier request"  # type: ignore[union-attr]
+
+
+# --- what the engine reads of the sites' statistics (issue 24: DP or not released) ------------
+
+
+def test_dp_sites_release_no_train_loss_and_the_round_shows_it_missing() -> None:
+    cs, factory = _dp_sites(compressor=False)
+    reply = cs[0].fit(FitInstruction("r", 1, DenseCodec().encode(get_flat_params(factory())), 1))
+    assert reply.train_loss is None
+    decoded = decode_message(encode_message(reply))
+    assert isinstance(decoded, FitReply) and decoded.train_loss is None
+    result = run(_dp_sites(compressor=False)[0], get_flat_params(factory()), 1)
+    assert math.isnan(result.history[0].train_loss)
+    plain = run(clients()[0], get_flat_params(factory()), 1)  # not private: released
+    assert plain.history[0].train_loss > 0
+
+
+def test_evaluation_runs_on_the_scheduled_rounds_only() -> None:
+    cs, factory = clients()
+    settings = FederationSettings(rounds=5, min_clients=1, local_epochs=1, round_timeout_s=60,
+                                  client_fraction=1.0, evaluate_every=2)
+    result = simulate(cs, initial_params=get_flat_params(factory()), settings=settings)
+    evaluated = [r.round for r in result.history if not math.isnan(r.accuracy)]
+    assert evaluated == [2, 4, 5]
+    last_only = dataclasses.replace(settings, evaluate_every=0)
+    result = simulate(clients()[0], initial_params=get_flat_params(factory()),
+                      settings=last_only)
+    assert [r.round for r in result.history if not math.isnan(r.auc)] == [5]
+
+
+def test_noisy_evaluation_figures_come_from_the_noisy_histograms() -> None:
+    """With noise the engine's figures are post-processing of what the sites released: close
+    to the exact ones on a few hundred patients, never the exact ones."""
+    noisy = EvaluationRelease(bins=10, noise=1.0)
+    cs, factory = clients(evaluation=noisy, randomness=SeededRandom(3))
+    init = get_flat_params(factory())
+    result = run(cs, init, 3)
+    exact = run(clients()[0], init, 3)
+    a, b = result.history[-1], exact.history[-1]
+    assert a.accuracy != b.accuracy and a.test_loss != b.test_loss  # AUC is clipped at 1 here
+    assert a.accuracy == pytest.approx(b.accuracy, abs=0.1)
+    assert a.auc == pytest.approx(b.auc, abs=0.1)
+    assert 0 <= a.auc <= 1 and a.test_loss > 0
+    with pytest.raises(ValueError, match="randomness"):
+        clients(evaluation=noisy)
