@@ -2,7 +2,9 @@
 
 Today's failure modes it catches: an MLflow tracking/registry URI that nothing answers (a
 run that trained for minutes and then retried registration for minutes more), a ledger that
-cannot be opened, a reports directory that cannot be written, and a model name whose aliased
+cannot be opened (or was deleted, replaced or truncated since the MLflow store recorded its
+head: :func:`adapters.ledger_anchor.check_recorded_head`), a reports directory that cannot be
+written, and a model name whose aliased
 versions take other input columns (:func:`adapters.mlflow_registration.check_serving_contract`,
 a configuration error). Each failure raises
 :class:`PreflightError` naming the config key and what was found; a URI that is malformed or
@@ -148,9 +150,13 @@ def preflight(cfg: PipelineConfig, root: str | Path = ".", tracking: bool = True
         uri = located.mlflow_tracking_uri
         check_tracking_uri(uri, key)
         if _store_exists(uri):
+            from adapters.ledger_anchor import check_recorded_head
             from adapters.mlflow_registration import check_serving_contract
 
             check_serving_contract(located, uri)
+            # the ledger still holds the head the store last recorded: not deleted, replaced
+            # or truncated (exit 6 when missing, 5 otherwise)
+            check_recorded_head(located, paths.root, uri)
 
 
 def _store_exists(uri: str) -> bool:

@@ -7,6 +7,7 @@ A sites-mode run's round log gets the promotion decision (:mod:`adapters.round_l
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,23 @@ def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
                              paths.roc_plot, paths.training_plot, paths.audit_dp, *kept)
                  if p.exists()]  # with the DP audits the gate read, if any
+    tags = {**privacy_tags(privacy), **ledger_head_tags(cfg, paths.root, privacy)}
     return register_model(cfg, served, metrics, trained.round_rows, artifacts,
-                          tags=privacy_tags(privacy), round_log=round_log)
+                          tags=tags, round_log=round_log)
+
+
+def ledger_head_tags(cfg: PipelineConfig, root: Path, privacy: PrivacyReport) -> dict[str, str]:
+    """The ledger heads the run and its version record (:mod:`adapters.ledger_anchor`): the
+    coordinator's ledger after this run's charge, or (sites mode) the head each site
+    reported of its own; what the next run's start compares its ledger with."""
+    from adapters.ledger_anchor import head_tags, site_head_tag
+
+    if privacy.site_ledger_heads:
+        return {site_head_tag(site): head for site, head in privacy.site_ledger_heads.items()
+                if re.fullmatch("[0-9a-f]{64}", head)}  # a site's text: recorded if a hash
+    if privacy.ledger_run_id:  # charged here: require_ledger_charge found it in the ledger
+        return head_tags(open_ledger(cfg, root))
+    return {}
 
 
 def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:

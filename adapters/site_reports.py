@@ -21,15 +21,15 @@ from fl_core.results import SitesValidation
 
 
 def _summary(message: SiteReady) -> dict[str, Any]:
-    """The site's validation summary, and the budget it reported having left (by its own
-    policy and ledger: the coordinator records it, it does not decide it)."""
+    """The site's validation summary, the budget it reported having left (by its own policy
+    and ledger: the coordinator records it, it does not decide it) and its ledger's head."""
+    reported = {"budget_left": message.budget_left, "ledger_head": message.ledger_head}
     try:
         parsed = json.loads(message.validation)
     except ValueError:
-        return {"passed": message.passed, "unreadable": True,
-                "budget_left": message.budget_left}
+        return {"passed": message.passed, "unreadable": True, **reported}
     summary = parsed if isinstance(parsed, dict) else {"passed": message.passed}
-    return {**summary, "budget_left": message.budget_left}
+    return {**summary, **reported}
 
 
 def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,

@@ -27,6 +27,7 @@ import grpc
 import torch
 
 from adapters.gx_validation import validate_site_file
+from adapters.ledger_anchor import check_anchor, write_anchor
 from adapters.ledger_store import PrivacyLedger
 from adapters.site_channel import Backoff, Instruction, SiteChannel, permanent
 from adapters.site_files import site_client_data, site_dropped_rows
@@ -108,7 +109,7 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
     summary = {**summary, "dropped_rows": site_dropped_rows(cfg, csv_path, site),
                "records": {"train": data.num_train, "test": int(data.x_test.shape[0])}}
     _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run,
-           budget_left=budget_left)
+           budget_left=budget_left, ledger_head=site_ledger(session, policy).head().hash)
     answerer = SiteAnswerer(cfg, client, data, session,
                             charge=lambda: charge_site_ledger(cfg, session, data, dp=dp,
                                                               policy=policy))
@@ -165,14 +166,14 @@ class SiteAnswerer:
 
 
 def _ready(session: SiteSession, *, passed: bool, summary: dict, data: ClientData | None = None,
-           ledger_run: str = "", budget_left: float = 0.0) -> None:
+           ledger_run: str = "", budget_left: float = 0.0, ledger_head: str = "") -> None:
     message = SiteReady(
         site=session.site, round=-1, passed=passed,
         num_features=0 if data is None else int(data.x_train.shape[1]),
         train_patients=0 if data is None else len(data.train_ids),
         test_patients=0 if data is None else len(data.test_ids),
         validation=json.dumps(summary, default=str), ledger_run_id=ledger_run,
-        budget_left=budget_left)
+        budget_left=budget_left, ledger_head=ledger_head)
     _report(session, encode_message(message))
 
 
@@ -192,8 +193,13 @@ def _report(session: SiteSession, message: bytes, attempts: int = 8) -> None:
 
 def site_ledger(session: SiteSession, policy: SitePolicy) -> PrivacyLedger:
     """The site's own ledger, where its policy says (in its state folder), never where the
-    coordinator's configuration says: the coordinator cannot hand a site a fresh ledger."""
-    return PrivacyLedger(session.state_dir / policy.ledger)
+    coordinator's configuration says: the coordinator cannot hand a site a fresh ledger.
+    Opened only if it still holds the head its anchor file recorded and its chain verifies
+    (:func:`adapters.ledger_anchor.check_anchor`): a deleted, replaced or truncated ledger
+    refuses the session (``LedgerIntegrityError``, named to the coordinator)."""
+    path = session.state_dir / policy.ledger
+    check_anchor(path)
+    return PrivacyLedger(path)
 
 
 def site_budget_left(session: SiteSession, policy: SitePolicy) -> float:
@@ -244,6 +250,7 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
     if not ledger.has_run(run_id):
         ledger.charge(_site_charge(cfg, data, dp, run_id, session.site),
                       policy.lifetime_epsilon)
+        write_anchor(ledger)  # the new head beside the ledger, after every charge
     return run_id
 
 

@@ -77,6 +77,7 @@ def exit_codes() -> tuple[ExitCode, ...]:
     """Errors reported in one line, the first that matches wins; 0 is success, 1 anything
     else. (Imported here, once an error is to be reported, to keep the table's import light.)"""
     from adapters.artifacts import UnpublishedError
+    from adapters.ledger_store import LedgerIntegrityError
     from adapters.preflight import PreflightError
     from fl_core.config.model import ConfigError
     from fl_core.data.tables import DataError
@@ -85,7 +86,8 @@ def exit_codes() -> tuple[ExitCode, ...]:
     from fl_core.privacy.ledger import BudgetExceededError, MissingChargeError
 
     return (
-        ExitCode((BudgetExceededError, MissingChargeError), 5, "privacy refusal"),
+        ExitCode((BudgetExceededError, MissingChargeError, LedgerIntegrityError), 5,
+                 "privacy refusal"),
         # before data errors: a schema the data contradict (SchemaMismatchError) is both
         ExitCode((ConfigError,), 2, "configuration error"),
         ExitCode((DataValidationError, DataError), 3, "data error", data_error_text),

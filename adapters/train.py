@@ -190,7 +190,8 @@ def train_at_sites(
     if privacy.epsilon is not None:
         privacy = dataclasses.replace(
             privacy, site_epsilon=dict(privacy.client_epsilon), site_patients=patients,
-            site_ledger_runs={s: m.ledger_run_id for s, m in ready.items()})
+            site_ledger_runs={s: m.ledger_run_id for s, m in ready.items()},
+            site_ledger_heads={s: m.ledger_head for s, m in ready.items() if m.ledger_head})
     print(describe_privacy(privacy))
     summary = TrainingSummary.of_run(
         run.result, clients=len(ready), partition="by_site",

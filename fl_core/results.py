@@ -83,6 +83,8 @@ class PrivacyReport:
     ledger_run_id: str | None = None
     # federation.mode=sites: each site charged its own ledger (site → its ledger run id)
     site_ledger_runs: dict[str, str] = field(default_factory=dict)
+    # ... and the head of its hash-chained ledger it reported at the start (site → hash)
+    site_ledger_heads: dict[str, str] = field(default_factory=dict)
     dataset: str | None = None
     model_fixes: list[str] = field(default_factory=list)
 

@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "against privacy.lifetime_epsilon (enforced on the composed ε); "
                     "--entries lists the charges.")
     budget.add_argument("--entries", action="store_true", help="list every ledger charge too")
+    budget.add_argument(
+        "action", nargs="?", choices=("show", "new-ledger"), default="show",
+        help="new-ledger: start the configured ledger anew on purpose (a new deployment): "
+             "an MLflow run records when, why and its head; without it, a ledger missing, "
+             "replaced or truncated since its head was recorded is refused (exit 6 / 5)")
+    budget.add_argument("--reason", default="", help="new-ledger: why (recorded)")
     sweep = sub.add_parser(
         "audit-sweep", parents=[common], help="train and audit at several ε; AUC vs ε",
         description="For each ε and each seed, train the configured model with DP-SGD and run "
@@ -635,6 +641,9 @@ def print_budget(cfg: Any, root: Path, entries: bool) -> None:
                       f"{cap:g}",
                       f"{max(cap - b.tight_epsilon, 0.0):.4f}")
     console.print(table if balances else f"privacy ledger {ledger.path}: no charges recorded")
+    head, problem = ledger.head(), ledger.verify()
+    console.print(f"hash chain: {head.count} charge(s), head {head.hash}: "
+                  + (f"BROKEN, {problem}" if problem else "verified"))
     legacy = ledger.legacy_entries()
     if legacy:
         console.print(f"note: {legacy} row(s) of the old dataset-keyed table budget_entries "
@@ -803,6 +812,13 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
         return 0
     if args.command == "schema":
         print(schema_text(cfg.data), end="")
+        return 0
+    if args.command == "budget" and args.action == "new-ledger":
+        from adapters.ledger_anchor import start_new_ledger
+
+        head, run = start_new_ledger(cfg, root, args.reason)
+        print(f"new privacy ledger recorded (MLflow run {run}): {head.count} charge(s), head "
+              f"{head.hash}")
         return 0
     if args.command == "budget":
         print_budget(cfg, root, args.entries)

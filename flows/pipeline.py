@@ -28,6 +28,7 @@ from adapters.artifacts import (
 )
 from adapters.config_files import load_config
 from adapters.dp_audit import dp_audit_markdown, kept_verdicts
+from adapters.ledger_store import LedgerIntegrityError
 from adapters.preflight import PreflightError, preflight
 from adapters.publish import describe_budget
 from fl_core.config.model import ConfigError, PipelineConfig
@@ -45,7 +46,7 @@ from tasks.validate import validate
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     DataError, DataValidationError, ConfigError, PreflightError, BudgetExceededError,
-    MissingChargeError)
+    MissingChargeError, LedgerIntegrityError)
 """Errors `fedpriv` reports in one line with their own exit code (docs/errors.md)."""
 
 

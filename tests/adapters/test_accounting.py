@@ -109,6 +109,13 @@ def test_run_reports_epsilon_that_a_fresh_accountant_confirms(project: Path) -> 
     tags = client.get_run(registration["run_id"]).data.tags
     assert tags["privacy"] == "patient-level DP-SGD"
     assert tags["privacy.ledger_run"] == privacy["ledger_run_id"]
+    # the ledger's head after this run's charge, on the run and its version: what the next
+    # run's start compares the ledger with (adapters.ledger_anchor)
+    head = _ledger(project).head()
+    version = client.get_model_version("fedpriv-heart", registration["model_version"])
+    for recorded in (tags, version.tags):
+        assert (recorded["privacy.ledger_head"], recorded["privacy.ledger_charges"]) == (
+            head.hash, "1")
     assert float(tags["privacy.epsilon"]) == pytest.approx(privacy["epsilon"], rel=1e-5)
 
 

@@ -418,3 +418,34 @@ def test_the_sites_policy_not_the_coordinators_config_sets_its_budget_and_limits
     assert why == "refused by policy" and isinstance(third, Failure)
     assert "refused by the site's policy: rounds=50 > policy.max_rounds=10" in third.reason
     assert len(PrivacyLedger(state / policy.ledger).entries()) == 1
+
+
+@pytest.mark.slow
+def test_a_site_refuses_a_session_on_a_deleted_or_replaced_ledger(
+        project: Path, tmp_path: Path, pki: ProjectPki) -> None:
+    """The site writes its ledger's head beside it after each charge and reports its head in
+    SiteReady; a ledger deleted or replaced since refuses the next session by name."""
+    from adapters.ledger_anchor import anchor_path
+    from adapters.ledger_store import GENESIS, PrivacyLedger
+    from fl_core.config.site import SitePolicy
+    from fl_core.federation.messages import Failure
+
+    files = _site_files(project, tmp_path / "sites")
+    site, path = next(iter(files.items()))
+    state = tmp_path / "state"
+    cfg = load_config(project / "params.yaml", list(OVERRIDES))
+    policy = SitePolicy(require_secure=False)
+    why, ready = _start_once(cfg, path, site, pki, state, "runA", policy)
+    assert why == "shutdown" and isinstance(ready, SiteReady)
+    assert ready.ledger_head == GENESIS  # reported at the start, before this run's charge
+    ledger = PrivacyLedger(state / policy.ledger)
+    anchored = json.loads(anchor_path(ledger).read_text())
+    assert (anchored["hash"], anchored["count"]) == ledger.head() and anchored["count"] == 1
+    ledger.path.unlink()
+    why, refused = _start_once(cfg, path, site, pki, state, "runB", policy, asked=False)
+    assert why == "ledger refused" and isinstance(refused, Failure)
+    assert "LedgerIntegrityError" in refused.reason and "is missing" in refused.reason
+    assert anchored["hash"] in refused.reason
+    PrivacyLedger(ledger.path)  # an empty ledger in its place
+    why, refused = _start_once(cfg, path, site, pki, state, "runC", policy, asked=False)
+    assert why == "ledger refused" and "does not contain the head" in refused.reason
