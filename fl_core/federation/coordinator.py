@@ -42,7 +42,7 @@ from fl_core.federation.messages import (
 from fl_core.federation.round_log import sha256_hex
 from fl_core.federation.transport import Transport, TransportFailure
 from fl_core.model.metrics import balanced_accuracy
-from fl_core.privacy.randomness import RandomSource, SeededRandom
+from fl_core.privacy.randomness import RandomSource
 from fl_core.privacy.release import histogram_figures, noisy_auc
 from fl_core.robust.aggregators import AggregationResult, Aggregator, fedavg
 from fl_core.robust.anomaly import Reputation, detect_anomalies, sanitize
@@ -331,10 +331,11 @@ def _skipped_evaluation() -> PooledEvaluation:
     return PooledEvaluation(nan, nan, nan, nan, {}, [])
 
 
-def _sample(sites: Sequence[str], fraction: float, sampling: RandomSource) -> list[str]:
+def _sample(sites: Sequence[str], fraction: float, sampling: RandomSource | None) -> list[str]:
     """Poisson client sampling: each site is asked with probability ``fraction``."""
     if fraction >= 1:
         return list(sites)
+    assert sampling is not None  # run_federated refuses a fraction < 1 without randomness
     picked = sampling.uniform(len(sites)) < fraction
     return [s for s, p in zip(sites, picked.tolist(), strict=True) if p]
 
@@ -360,8 +361,9 @@ def run_federated(
     uncompressed figures are what dense float32 payloads would have been. Evaluation sends the
     dense model, uncounted. ``attack`` (simulation only) rewrites the updates of its malicious
     clients once the round's honest updates are known. ``settings.client_fraction < 1`` asks
-    each site with that probability per round (Poisson sampling drawn from ``randomness``;
-    the amplification DP-FedAvg claims for it needs a secret source). ``first_round > 1``
+    each site with that probability per round (Poisson sampling drawn from ``randomness``,
+    which must then be given: the amplification DP-FedAvg claims for it needs a secret source,
+    and nothing falls back to a seeded one). ``first_round > 1``
     resumes a run from its round-``first_round − 1`` model (sites restored from their
     ``state_dict``).
     """
@@ -369,7 +371,10 @@ def run_federated(
     defense = defense or Defense()
     broadcast = ModelBroadcast(downlink)
     generator = torch.Generator().manual_seed(seed)  # simulated attacks only
-    sampling = (randomness or SeededRandom(seed)).stream("client-sampling")
+    if settings.client_fraction < 1 and randomness is None:  # no seeded default (issue 24)
+        raise ValueError("client sampling at client_fraction < 1 needs its randomness given "
+                         "(secure for a promotable run): no seeded default")
+    sampling = None if randomness is None else randomness.stream("client-sampling")
     params = initial_params.detach().clone().to(torch.float32)
     n_params = params.numel()
     result = TrainingResult(params, [], [])
