@@ -39,8 +39,9 @@ def plan_charge(
     run's, calibrated once where the run is set up), under a fresh ledger run id."""
     if dp is None:
         raise ConfigError("only a DP-SGD run (privacy.enabled=true) can be charged")
-    site_of = ClinicalTable.get(cfg.data, root).site_of_patient()
-    return planned_charge(cfg, site_of, partition, dp.noise_multiplier, new_run_id(), kind)
+    table = ClinicalTable.get(cfg.data, root)
+    return planned_charge(cfg, table.site_of_patient(), partition, dp.noise_multiplier,
+                          new_run_id(), kind, table.record_keys())
 
 
 def check_budget(
@@ -67,8 +68,9 @@ def charge_and_summarise(
     """
     charge = None
     if run.dp is not None and run_id is not None:
-        site_of = ClinicalTable.get(cfg.data, root).site_of_patient()
-        charge = spent_charge(cfg, site_of, partition, run.dp, run.spent, run_id, kind)
+        table = ClinicalTable.get(cfg.data, root)
+        charge = spent_charge(cfg, table.site_of_patient(), partition, run.dp, run.spent,
+                              run_id, kind, table.record_keys())
         open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
     return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,
                            len(run.result.history))

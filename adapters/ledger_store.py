@@ -40,6 +40,7 @@ from fl_core.privacy.ledger import (
     _Past,
     _round_up,
     compose,
+    lookup_keys,
     patient_key,
 )
 
@@ -315,22 +316,39 @@ def _history(text: str) -> History:
     return tuple((float(s), float(q), int(n)) for s, q, n in json.loads(text))
 
 
-def _site_accounts(db: sqlite3.Connection, site: str) -> tuple[dict[int, _Past],
-                                                                 dict[str, frozenset[int]]]:
-    """A site's recorded charges by id, and each charged patient key's set of charge ids."""
+def _accounts(db: sqlite3.Connection) -> tuple[dict[int, _Past], dict[str, frozenset[int]]]:
+    """Every recorded site charge by id (all sites), and each patient key's set of charge ids.
+
+    Across sites, not ``WHERE site = ?``: an account is the patient's records
+    (:func:`~fl_core.privacy.ledger.patient_key`), so a patient charged under another site
+    name (renamed, re-cased) is still the same account."""
     past = {row[0]: _Past(row[0], row[1], row[2], row[3], _history(row[4])) for row in db.execute(
         "SELECT s.id, c.run_id, s.epsilon, s.delta, s.history FROM ledger_site_charges s "
-        "JOIN ledger_charges c ON c.id = s.charge_id WHERE s.site = ?", (site,))}
+        "JOIN ledger_charges c ON c.id = s.charge_id")}
     charged: dict[str, set[int]] = defaultdict(set)
     for key, site_charge in db.execute(
-            "SELECT p.patient_key, p.site_charge_id FROM ledger_patients p "
-            "JOIN ledger_site_charges s ON s.id = p.site_charge_id WHERE s.site = ?", (site,)):
-        charged[key].add(site_charge)
+            "SELECT patient_key, site_charge_id FROM ledger_patients"):
+        if site_charge in past:
+            charged[key].add(site_charge)
     return past, {key: frozenset(ids) for key, ids in charged.items()}
+
+
+def _site_accounts(db: sqlite3.Connection, site: str) -> tuple[dict[int, _Past],
+                                                                 dict[str, frozenset[int]]]:
+    """The charges of the accounts charged at ``site``: the site's charges and every other
+    charge of those accounts (a balance is displayed per site, an account is global)."""
+    past, charged = _accounts(db)
+    here = {i for i, in db.execute("SELECT id FROM ledger_site_charges WHERE site = ?",
+                                   (site,))}
+    mine = {key: ids for key, ids in charged.items() if ids & here}
+    used = set().union(*mine.values()) if mine else set()
+    return {i: past[i] for i in used | here}, mine
 
 
 def _site_balance(db: sqlite3.Connection, site: str, accountant: str) -> SiteBalance:
     past, charged = _site_accounts(db, site)
+    runs = db.execute("SELECT COUNT(*) FROM ledger_site_charges WHERE site = ?",
+                      (site,)).fetchone()[0]
     patients_of: dict[frozenset[int], int] = defaultdict(int)
     for ids in charged.values():  # group patients by their set of charges
         patients_of[ids] += 1
@@ -341,7 +359,7 @@ def _site_balance(db: sqlite3.Connection, site: str, accountant: str) -> SiteBal
         groups.append(GroupBalance(tuple(p.run_id for p in mine), count, spent))
     groups.sort(key=lambda g: -g.spent.tight_epsilon)
     return SiteBalance(
-        site, len(past), len(charged),
+        site, runs, len(charged),
         max((g.spent.basic_epsilon for g in groups), default=0.0),
         max((g.spent.basic_delta for g in groups), default=0.0),
         max((g.spent.tight_epsilon for g in groups), default=0.0),
@@ -349,13 +367,15 @@ def _site_balance(db: sqlite3.Connection, site: str, accountant: str) -> SiteBal
 
 
 def _site_need(db: sqlite3.Connection, site: str, planned: Sequence[SiteCharge]) -> SiteNeed:
-    """The worst patient at ``site`` among those the planned site charges train on."""
-    past, charged = _site_accounts(db, site)
+    """The worst patient at ``site`` among those the planned site charges train on; a
+    patient's past charges are the union over their lookup keys, at any site."""
+    past, charged = _accounts(db)
     accountant = planned[0].accountant
     # a patient's signature: (recorded charge ids, indices of the planned charges on them)
     signatures: set[tuple[frozenset[int], frozenset[int]]] = set()
-    for key, plans in _planned_patients(site, planned).items():
-        signatures.add((charged.get(key, frozenset()), plans))
+    for keys, plans in _planned_patients(site, planned).values():
+        ids = frozenset().union(*(charged.get(k, frozenset()) for k in keys))
+        signatures.add((ids, plans))
     spent, worst = 0.0, Composition(0, 0.0, 0.0, 0.0, 0.0)
     for ids, plans in signatures:
         before = [(p.epsilon, p.delta, p.history)
@@ -370,13 +390,18 @@ def _site_need(db: sqlite3.Connection, site: str, planned: Sequence[SiteCharge])
                     compose(alone, accountant).tight_epsilon, worst)
 
 
-def _planned_patients(site: str, planned: Sequence[SiteCharge]) -> dict[str, frozenset[int]]:
-    """Patient key → indices of the planned site charges that train on that patient."""
+def _planned_patients(site: str, planned: Sequence[SiteCharge]
+                      ) -> dict[str, tuple[frozenset[str], frozenset[int]]]:
+    """Account key → (every key its past charges may be under, indices of the planned site
+    charges that train on it) (:func:`~fl_core.privacy.ledger.lookup_keys`)."""
+    keys: dict[str, set[str]] = defaultdict(set)
     plans: dict[str, set[int]] = defaultdict(set)
     for i, s in enumerate(planned):
         for p in s.patients:
-            plans[patient_key(site, p)].add(i)
-    return {key: frozenset(idx) for key, idx in plans.items()}
+            account = patient_key(site, p)
+            keys[account].update(lookup_keys(site, p))
+            plans[account].add(i)
+    return {a: (frozenset(keys[a]), frozenset(idx)) for a, idx in plans.items()}
 
 
 def _refuse_overspend(

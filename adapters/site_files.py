@@ -86,6 +86,13 @@ def site_dropped_rows(cfg: PipelineConfig, csv_path: Path, site_id: str) -> dict
     return ClinicalTable.get(own_data_config(cfg, csv_path, site_id)).dropped_rows()
 
 
+def site_record_keys(cfg: PipelineConfig, csv_path: Path, site_id: str) -> dict[int, str]:
+    """Patient id → the fingerprint of their records in the site's own file: the accounts
+    of the site's ledger (:meth:`~adapters.tables.ClinicalTable.record_keys`; the same keys
+    as the pooled file gives, whatever the site or the ids are called)."""
+    return ClinicalTable.get(own_data_config(cfg, csv_path, site_id)).record_keys()
+
+
 # ------------------------------------------------------------------------- split-sites
 @dataclass(frozen=True)
 class SiteFile:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from adapters.gx_validation import validate_site_file
 from adapters.ledger_anchor import check_anchor, write_anchor
 from adapters.ledger_store import PrivacyLedger
 from adapters.site_channel import Backoff, Instruction, SiteChannel, permanent
-from adapters.site_files import site_client_data, site_dropped_rows
+from adapters.site_files import site_client_data, site_dropped_rows, site_record_keys
 from fl_core.audit.federated import site_audit_reply
 from fl_core.config.model import PipelineConfig, site_slug
 from fl_core.config.site import SitePolicy
@@ -87,6 +87,7 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         _ready(session, passed=False, summary=summary)
         return "validation failed"
     data = site_client_data(cfg, csv_path, site)
+    records = site_record_keys(cfg, csv_path, site)  # the ledger's accounts: the records
     dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
     broken = policy_refusals(cfg, policy, noise_multiplier=dp.noise_multiplier if dp else None)
     if broken:  # before the ledger: a run the site does not accept costs it nothing
@@ -95,7 +96,8 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         return "refused by policy"
     try:
         budget_left = site_budget_left(session, policy)
-        ledger_run = check_site_budget(cfg, session, data, dp=dp, policy=policy)
+        ledger_run = check_site_budget(cfg, session, data, dp=dp, policy=policy,
+                                       records=records)
     except BudgetExceededError as exc:  # the coordinator refuses the whole run on this
         _report(session, encode_message(Failure(site, -1, f"{BUDGET_REFUSAL}{exc}")))
         return "cannot afford the run"
@@ -112,7 +114,7 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
            budget_left=budget_left, ledger_head=site_ledger(session, policy).head().hash)
     answerer = SiteAnswerer(cfg, client, data, session,
                             charge=lambda: charge_site_ledger(cfg, session, data, dp=dp,
-                                                              policy=policy))
+                                                              policy=policy, records=records))
     return _answer_until_shutdown(answerer, session, idle_timeout_s)
 
 
@@ -214,15 +216,17 @@ def _site_run_id(session: SiteSession) -> str:
 
 
 def _site_charge(cfg: PipelineConfig, data: ClientData, dp: DPSGDConfig, run_id: str,
-                 site: str) -> Charge:
+                 site: str, records: Mapping[int, str]) -> Charge:
     split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                       "by_site", cfg.seed)
     site_of = {int(i): site for i in data.train_ids}
-    return planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id, KIND_SITE_TRAIN)
+    return planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id, KIND_SITE_TRAIN,
+                          records)
 
 
 def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
-                      dp: DPSGDConfig | None, policy: SitePolicy) -> str:
+                      dp: DPSGDConfig | None, policy: SitePolicy,
+                      records: Mapping[int, str]) -> str:
     """At session start, before anything is charged or trained: raise
     :class:`BudgetExceededError` if the planned run would take one of the site's patients past
     its policy's lifetime ε. Returns the ledger run id the run will be charged under ("" when
@@ -232,13 +236,14 @@ def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientDat
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
-        ledger.check(_site_charge(cfg, data, dp, run_id, session.site),
+        ledger.check(_site_charge(cfg, data, dp, run_id, session.site, records),
                      policy.lifetime_epsilon, "Nothing was charged or trained")
     return run_id
 
 
 def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
-                       dp: DPSGDConfig | None, policy: SitePolicy) -> str:
+                       dp: DPSGDConfig | None, policy: SitePolicy,
+                       records: Mapping[int, str]) -> str:
     """Charge the site's own ledger for the planned run of the recipe ``dp`` (the one its
     client trains with) against its policy's lifetime ε, once per session (idempotent: a
     session started again for the same run does not charge twice). Returns the ledger run id
@@ -248,7 +253,7 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
-        ledger.charge(_site_charge(cfg, data, dp, run_id, session.site),
+        ledger.charge(_site_charge(cfg, data, dp, run_id, session.site, records),
                       policy.lifetime_epsilon)
         write_anchor(ledger)  # the new head beside the ledger, after every charge
     return run_id

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from fl_core.config.model import DataConfig
+from fl_core.data.fingerprint import content_columns, record_fingerprints
 from fl_core.data.partitioning import _stratified_split, assign_clients, site_rng
 from fl_core.data.schema import DatasetSchema
 from fl_core.data.tables import (
@@ -51,6 +52,7 @@ class ClinicalTable:
         self._table: pd.DataFrame | None = None
         self._incomplete: pd.DataFrame | None = None
         self._dropped = 0  # rows whose label is one of label.drop_values
+        self._records: pd.Series | None = None  # patient id (text) → records' fingerprint
         self._lock = threading.Lock()
         self.reads = 0  # how many times the data were read (tests check laziness)
 
@@ -113,7 +115,9 @@ class ClinicalTable:
         missing_cols = [c for c in needed if c not in frame.columns]
         if missing_cols:
             raise DataError(f"{path}: missing column(s) {missing_cols}")
-        return frame[needed].copy()
+        # every declared feature the file has: the records' fingerprint covers them all
+        kept = [*needed, *(c for c in content_columns(spec) if c in frame and c not in needed)]
+        return frame[kept].copy()
 
     def _raw_frame(self) -> pd.DataFrame:
         """Every source's rows, in order; one file per site must not share a patient id."""
@@ -136,6 +140,9 @@ class ClinicalTable:
         self.reads += 1
         cfg, spec = self.config, self.config.spec
         frame = self._raw_frame()
+        self._records = record_fingerprints(
+            frame, spec, frame[spec.patient_id].astype(str).str.strip())
+        frame = frame[list(dict.fromkeys([*spec.required_columns, *cfg.features]))].copy()
         # one site per patient (the site of their first record; site_groups mapped), taken
         # before dropping rows so that a site's own file (split-sites) gives the same sites
         frame[spec.site] = spec.site_of(frame)
@@ -190,6 +197,15 @@ class ClinicalTable:
         self.table  # noqa: B018 - reading the table fills this too
         assert self._incomplete is not None
         return self._incomplete
+
+    def record_keys(self) -> dict[int, str]:
+        """Patient id → the fingerprint of all their records in the file(s) (every row, the
+        dropped ones included; :func:`fl_core.data.fingerprint.record_fingerprints`): the
+        privacy ledger's account of the patient."""
+        self.table  # noqa: B018 - reading the table computes them
+        assert self._records is not None
+        return dict(zip(self._records.index.astype(np.int64).tolist(),
+                        self._records.tolist(), strict=True))
 
     def site_of_patient(self) -> dict[int, str]:
         """Patient id → hospital, for every patient of the cleaned table."""

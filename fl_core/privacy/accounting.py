@@ -16,7 +16,7 @@ from fl_core.config.model import PipelineConfig
 from fl_core.data.tables import Partition
 from fl_core.privacy.accountants import epsilon_spent, local_steps, replace_one_epsilon
 from fl_core.privacy.dpsgd import DPSGDConfig
-from fl_core.privacy.ledger import Charge, SiteCharge
+from fl_core.privacy.ledger import Charge, Records, SiteCharge
 from fl_core.results import PrivacyReport
 
 KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
@@ -31,9 +31,13 @@ def dataset_label(cfg: PipelineConfig) -> str:
 
 def site_charges(
     cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, sigma: float,
-    spent: Mapping[str, tuple[float, int]],
+    spent: Mapping[str, tuple[float, int]], records: Mapping[int, str],
 ) -> tuple[SiteCharge, ...]:
     """Per site, the training patients and what they went through.
+
+    ``records`` maps patient id → the fingerprint of their records
+    (:func:`fl_core.data.fingerprint.record_fingerprints`): a patient is charged as
+    :class:`Records`, so the account is their records, whatever their id or site is called.
 
     ``spent`` maps client id → (ε, steps). A site's patients may be spread over clients
     (``data.partition=by_patient``): the site's history is ``[(σ, q, max steps)]`` and its ε
@@ -41,7 +45,7 @@ def site_charges(
     less). Clients that took no step charge nothing.
     """
     p = cfg.privacy
-    patients: dict[str, set[int]] = {}
+    patients: dict[str, set[Records]] = {}
     worst: dict[str, tuple[float, int]] = {}
     for split in partition.clients:
         eps, steps = spent.get(split.client_id, (0.0, 0))
@@ -49,7 +53,7 @@ def site_charges(
             continue
         for pid in split.train_ids:
             site = site_of[pid]
-            patients.setdefault(site, set()).add(pid)
+            patients.setdefault(site, set()).add(Records(records[pid], int(pid)))
             old_eps, old_steps = worst.get(site, (0.0, 0))
             worst[site] = (max(old_eps, eps), max(old_steps, steps))
     return tuple(
@@ -60,24 +64,24 @@ def site_charges(
 
 def planned_charge(
     cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, sigma: float,
-    run_id: str, kind: str,
+    run_id: str, kind: str, records: Mapping[int, str],
 ) -> Charge:
     """What a run of ``cfg`` will charge if every client takes its planned steps at ``σ``."""
     p = cfg.privacy
     steps = local_steps(cfg.rounds, cfg.local_epochs, p.sample_rate)
     spent = {c.client_id: (p.epsilon, steps) for c in partition.clients}
     return Charge(run_id, kind, dataset_label(cfg),
-                  site_charges(cfg, site_of, partition, sigma, spent))
+                  site_charges(cfg, site_of, partition, sigma, spent, records))
 
 
 def spent_charge(
     cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, dp: DPSGDConfig,
-    spent: Mapping[str, tuple[float, int]], run_id: str, kind: str,
+    spent: Mapping[str, tuple[float, int]], run_id: str, kind: str, records: Mapping[int, str],
 ) -> Charge:
     """What a finished run actually spent: each client's reported ε and steps
     (:func:`client_spending`)."""
     return Charge(run_id, kind, dataset_label(cfg),
-                  site_charges(cfg, site_of, partition, dp.noise_multiplier, spent))
+                  site_charges(cfg, site_of, partition, dp.noise_multiplier, spent, records))
 
 
 def privacy_summary(

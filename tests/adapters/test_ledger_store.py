@@ -20,6 +20,7 @@ from fl_core.privacy.accounting import site_charges
 from fl_core.privacy.ledger import (
     BudgetExceededError,
     Charge,
+    Records,
     SiteCharge,
     compose,
     patient_key,
@@ -146,10 +147,12 @@ def test_a_site_spread_over_clients_is_charged_its_most_steps() -> None:
         ClientSplit("c2", (6,), ())), "by_patient", 0)
     site_of = {1: "A", 2: "A", 3: "B", 4: "A", 5: "B", 6: "C", 9: "A"}
     charges = site_charges(cfg, site_of, partition, 1.5,
-                           {"c0": (0.8, 40), "c1": (0.9, 30), "c2": (0.0, 0)})
+                           {"c0": (0.8, 40), "c1": (0.9, 30), "c2": (0.0, 0)},
+                           {i: f"records-{i}" for i in site_of})
     by_site = {s.site: s for s in charges}
     assert set(by_site) == {"A", "B"}  # c2 took no step: C is not charged
-    assert by_site["A"].patients == frozenset({1, 2, 4})  # training patients only
+    assert by_site["A"].patients == frozenset(  # training patients only, as their records
+        Records(f"records-{i}", i) for i in (1, 2, 4))
     assert by_site["A"].history == ((1.5, cfg.privacy.sample_rate, 40),)
     assert by_site["A"].epsilon == 0.9
 
