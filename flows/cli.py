@@ -76,8 +76,9 @@ preflight:
 exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI, a
   dataset schema the data contradict: a declared column absent, a one-class label rule, a
   range excluding every value), 3 data failed validation, 4 training failed, 5 privacy
-  budget exhausted,
-  6 preflight: the MLflow store, the ledger or reports_dir unreachable or not writable,
+  budget exhausted, or the ledger replaced, truncated or altered since its head was recorded,
+  6 preflight: the MLflow store, the ledger or reports_dir unreachable or not writable, or
+  the ledger whose head MLflow recorded missing (`fedpriv budget new-ledger` starts anew),
   7 the model is registered but reports/ could not be updated (the next run publishes it),
   8 `fedpriv audit-dp` found a PRIVACY FAILURE (ε lower bound > the accountant's ε),
   9 `fedpriv log verify`: the round log was altered (a record edited, removed, reordered or
