@@ -32,8 +32,9 @@ class SitePrefect(_Section):
 class SitePolicy(_Section):
     """What this hospital accepts, whatever the coordinator's configuration asks: its own
     lifetime budget and ledger, the most one run may spend, the least noise, secure noise,
-    the most rounds and audit shadows. Checked at the site before anything trains
-    (:func:`fl_core.privacy.policy.policy_refusals`); a refusal names the rule."""
+    the most rounds and audit shadows, the most ε its released statistics may cost. Checked at
+    the site before anything trains (:func:`fl_core.privacy.policy.policy_refusals`); a
+    refusal names the rule."""
 
     lifetime_epsilon: float = Field(10.0, gt=0)  # per patient, over all runs, at this site
     ledger: str = "privacy_ledger.sqlite"  # in the site's state folder (relative to it)
@@ -43,6 +44,9 @@ class SitePolicy(_Section):
     require_secure: bool = True  # secure noise only (reproducible noise can be regenerated)
     max_rounds: int = Field(500, ge=1)
     max_shadow_models: int = Field(32, ge=0)
+    # the statistics the site releases about its test patients (the evaluation's noisy
+    # histograms, and the audit's in sites mode): the most ε it spends on them per run
+    max_statistics_epsilon: float = Field(3.0, gt=0)
 
 
 class SiteConfig(_Section):

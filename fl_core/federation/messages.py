@@ -57,8 +57,8 @@ MAGIC = b"FPMS"
 PROTOCOL_VERSION = 2  # 2: noisy float histograms, no exact evaluation, optional train loss
 FRAME = struct.Struct("<4sBBHII")
 MAX_META_BYTES = 64 * 1024
-HISTOGRAM_BINS = 10  # per label; even, so that 0.5 is a bin edge
-AUDIT_BINS = 20
+HISTOGRAM_BINS = 4  # per label (privacy.evaluation_bins); even, so that 0.5 is a bin edge
+AUDIT_BINS = 8  # privacy.audit_bins
 AUDIT_ATTACKS = ("loss_threshold", "lira")  # the histograms' first axis, in this order
 MAX_BINS = 1 << 20
 

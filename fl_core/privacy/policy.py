@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from fl_core.config.model import PipelineConfig
 from fl_core.config.site import SitePolicy
+from fl_core.privacy.release import audit_released, evaluations_of, statistics_epsilon
 
 
 def policy_refusals(cfg: PipelineConfig, policy: SitePolicy, *,
@@ -36,4 +37,15 @@ def policy_refusals(cfg: PipelineConfig, policy: SitePolicy, *,
     if cfg.audit.shadow_models > policy.max_shadow_models:
         broken.append(f"audit.shadow_models={cfg.audit.shadow_models} > "
                       f"policy.max_shadow_models={policy.max_shadow_models}")
+    statistics = statistics_epsilon(cfg)
+    if statistics > policy.max_statistics_epsilon:
+        broken.append(f"released statistics ({evaluations_of(cfg)} evaluation(s) at "
+                      f"privacy.evaluation_noise={cfg.privacy.evaluation_noise:g}"
+                      f"{audit_part(cfg)}) cost ε={statistics:.3g} > "
+                      f"policy.max_statistics_epsilon={policy.max_statistics_epsilon:g}")
     return broken
+
+
+def audit_part(cfg: PipelineConfig) -> str:
+    return (f", the audit at privacy.audit_noise={cfg.privacy.audit_noise:g}"
+            if audit_released(cfg) else "")

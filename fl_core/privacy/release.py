@@ -36,12 +36,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fl_core.model.metrics import histogram_auc
 from fl_core.privacy.accountants import epsilon_for_history
 from fl_core.privacy.randomness import RandomSource
+
+if TYPE_CHECKING:  # the configuration is only read here
+    from fl_core.config.model import PipelineConfig
 
 EVALUATION_SENSITIVITY = 1.0  # L2, add/remove one patient: one unit in one row's bins
 AUDIT_ATTACK_COUNT = 2  # a patient's unit is in one bin of each attack's histogram
@@ -58,7 +62,7 @@ class EvaluationRelease:
     histogram) and Gaussian noise of standard deviation ``noise`` per cell (0: exact, only
     for a run that is not private)."""
 
-    bins: int = 10
+    bins: int = 4
     noise: float = 2.0
 
     def __post_init__(self) -> None:
@@ -235,6 +239,46 @@ def release_guarantee(*, training: History, evaluation_noise: float, evaluations
     member_eps = epsilon_for_history(training + audit, delta, accountant)
     return ReleaseGuarantee(test_eps, train_eps, member_eps, max(test_eps, member_eps),
                             evaluation, audit)
+
+
+def audit_released(cfg: PipelineConfig) -> bool:
+    """Whether a run of ``cfg`` releases audit histograms from the sites (sites mode with the
+    audit on; in simulation the audit runs where the data already is)."""
+    return cfg.audit.enabled and cfg.federation.mode == "sites"
+
+
+def evaluations_of(cfg: PipelineConfig) -> int:
+    """How many evaluation releases a run of ``cfg`` makes (``privacy.evaluation_every``)."""
+    return len(evaluation_rounds(cfg.rounds, cfg.privacy.evaluation_every))
+
+
+def statistics_history(cfg: PipelineConfig) -> History:
+    """A site's test patients' history in a run of ``cfg``: the evaluation releases and, in
+    sites mode with the audit, the audit release (each non-member is in it)."""
+    p = cfg.privacy
+    audit = audit_history(p.audit_noise) if audit_released(cfg) else ()
+    return evaluation_history(p.evaluation_noise, evaluations_of(cfg)) + audit
+
+
+def statistics_epsilon(cfg: PipelineConfig) -> float:
+    """ε of what a run of ``cfg`` releases about a site's test patients (∞ when a statistic
+    is released exact), at the run's δ and accountant: what ``policy.max_statistics_epsilon``
+    bounds."""
+    p = cfg.privacy
+    if p.evaluation_noise <= 0 or (audit_released(cfg) and p.audit_noise <= 0):
+        return math.inf
+    return epsilon_for_history(statistics_history(cfg), p.delta, p.accountant)
+
+
+def run_release_guarantee(cfg: PipelineConfig, training: History) -> ReleaseGuarantee:
+    """The per-patient guarantee of a run of ``cfg`` whose training patients went through
+    ``training`` (the DP-SGD history the ledger charges): evaluation and audit releases
+    included (:func:`release_guarantee`)."""
+    p = cfg.privacy
+    return release_guarantee(
+        training=training, evaluation_noise=p.evaluation_noise, evaluations=evaluations_of(cfg),
+        audit_noise=p.audit_noise if audit_released(cfg) else None, delta=p.delta,
+        accountant=p.accountant)
 
 
 def label_change_mu(noise: float, releases: int) -> float:

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[3]
     (["rounds=900"], 0.8, "rounds=900 > policy.max_rounds=500"),
     (["audit.shadow_models=64"], 0.8, "audit.shadow_models=64 > policy.max_shadow_models=32"),
     (["privacy.enabled=false"], None, "policy.require_private"),
+    (["privacy.evaluation_noise=0.5"], 0.8, "policy.max_statistics_epsilon=3"),
+    (["privacy.evaluation_every=1"], 0.8, "20 evaluation(s) at privacy.evaluation_noise=2"),
+    (["federation.mode=sites", "privacy.audit_noise=1"], 0.8,
+     "the audit at privacy.audit_noise=1) cost ε="),
 ])
 def test_each_rule_a_run_breaks_is_named(overrides: list[str], sigma: float | None,
                                          named: str) -> None:
@@ -36,3 +40,16 @@ def test_the_default_run_fits_the_default_policy_and_a_site_may_relax_it() -> No
                            noise_multiplier=0.8) == []
     public = load_config(ROOT / "params.yaml", ["privacy.enabled=false"])
     assert policy_refusals(public, SitePolicy(require_private=False), noise_multiplier=None) == []
+    every = load_config(ROOT / "params.yaml", ["privacy.evaluation_every=1"])
+    assert policy_refusals(every, SitePolicy(max_statistics_epsilon=20),
+                           noise_multiplier=0.8) == []
+
+
+def test_an_exact_statistic_is_refused_by_any_policy() -> None:
+    """privacy.enabled=false permits exact releases; a site that requires privacy refuses
+    them too, each rule by name (an exact release has ε = ∞)."""
+    exact = load_config(ROOT / "params.yaml", ["privacy.enabled=false",
+                                               "privacy.evaluation_noise=0"])
+    broken = policy_refusals(exact, SitePolicy(), noise_multiplier=None)
+    assert any("policy.require_private" in b for b in broken)
+    assert any("cost ε=inf > policy.max_statistics_epsilon" in b for b in broken)
