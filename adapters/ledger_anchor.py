@@ -162,15 +162,42 @@ def anchor_path(ledger: PrivacyLedger) -> Path:
     return ledger.path.with_name(ledger.path.name + ANCHOR_SUFFIX)
 
 
-def write_anchor(ledger: PrivacyLedger) -> LedgerHead:
-    """Record the ledger's head beside it (atomically), after every charge."""
+def write_anchor(ledger: PrivacyLedger, new_ledger: dict[str, object] | None = None
+                 ) -> LedgerHead:
+    """Record the ledger's head beside it (atomically), after every charge; the last
+    deliberate new-ledger event (``new_ledger``, else the one the anchor holds) is kept."""
     head = ledger.head()
     path = anchor_path(ledger)
+    if new_ledger is None and path.exists():
+        new_ledger = json.loads(path.read_text()).get("new_ledger")
+    record: dict[str, object] = {"hash": head.hash, "count": head.count,
+                                 "ledger": ledger.path.name, "at": time.time()}
+    if new_ledger:
+        record["new_ledger"] = new_ledger
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps({"hash": head.hash, "count": head.count, "ledger": ledger.path.name,
-                               "at": time.time()}))
+    tmp.write_text(json.dumps(record))
     tmp.replace(path)
     return head
+
+
+def start_new_site_ledger(ledger_path: Path, reason: str) -> LedgerHead:
+    """``fedpriv site new-ledger``: the site starts (or adopts) its ledger on purpose. The
+    anchor then records when, why, by whom and the head it replaced; an existing ledger must
+    be intact (an edit is not adopted)."""
+    if not reason.strip():
+        from fl_core.config.model import ConfigError
+
+        raise ConfigError("fedpriv site new-ledger: --reason must say why the ledger is "
+                          "started anew")
+    anchor = ledger_path.with_name(ledger_path.name + ANCHOR_SUFFIX)
+    replaced = json.loads(anchor.read_text()) if anchor.exists() else None
+    ledger = PrivacyLedger(ledger_path)
+    ledger.require_intact()
+    return write_anchor(ledger, {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason.strip(),
+        "user": _user(), "host": socket.gethostname(),
+        "replaced": None if replaced is None else {k: replaced.get(k)
+                                                   for k in ("hash", "count", "ledger")}})
 
 
 def check_anchor(ledger_path: Path) -> None:
@@ -189,6 +216,6 @@ def check_anchor(ledger_path: Path) -> None:
         raise LedgerIntegrityError(
             f"the site's privacy ledger {ledger_path} is missing, but its anchor {anchor} "
             f"recorded the head {head.hash} after {head.count} charge(s): every budget would "
-            f"start again at zero. Restore the ledger; a new ledger on purpose: remove the "
-            f"anchor with the ledger, and record why")
+            f"start again at zero. Restore the ledger, or start a new one deliberately with "
+            f"`fedpriv site new-ledger --reason ...`")
     PrivacyLedger(ledger_path).require_intact(head, f"the site's anchor {anchor}")

@@ -190,7 +190,8 @@ class PrivacyLedger:
                 f"{head.count} charge(s) recorded by {recorded_by or 'an earlier run'}: it was "
                 f"replaced or truncated (it holds {now.count} charge(s), head {now.hash}). "
                 f"Nothing was trained. Restore the ledger, or start a new one deliberately "
-                f"with `fedpriv budget new-ledger --reason ...`")
+                f"with `fedpriv budget new-ledger --reason ...` (at a site: `fedpriv site "
+                f"new-ledger`)")
 
     def legacy_entries(self) -> int:
         """Rows of the old dataset-keyed ``budget_entries`` table (not counted)."""

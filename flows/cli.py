@@ -405,15 +405,22 @@ def add_site_parser(sub: Any) -> None:
     for name, text in (("check", "check the site's file, key and certificate"),
                        ("worker", "start the site's Prefect worker from its file; it runs "
                                   "fedpriv's fl-site session only and refuses (fails) any "
-                                  "other run on its pool")):
+                                  "other run on its pool"),
+                       ("new-ledger", "start the site's privacy ledger anew on purpose (a new "
+                                      "deployment): its anchor records when, why and the head "
+                                      "it replaced; without it a session refuses a ledger "
+                                      "missing, replaced or truncated since its last charge")):
         action = actions.add_parser(name, help=text, description=text + ".")
         action.add_argument("--config", default="site.yaml",
                             help="the site's file (default: %(default)s)")
+        if name == "new-ledger":
+            action.add_argument("--reason", default="", help="why (recorded)")
 
 
 def site_command(args: argparse.Namespace) -> int:
     """``fedpriv site ...``: one line and exit 2 for a bad file or certificate."""
     from adapters.config_files import load_site_config
+    from adapters.ledger_store import LedgerIntegrityError
     from adapters.prefect_api import PrefectApiConfigError
     from adapters.site_worker import SITE_FILE, check_site, worker_command, write_site_config
     from fl_core.config.model import ConfigError, site_slug
@@ -430,6 +437,14 @@ def site_command(args: argparse.Namespace) -> int:
                   f"--dir {folder}")
             return 0
         files = load_site_config(args.config)
+        if args.action == "new-ledger":
+            from adapters.ledger_anchor import start_new_site_ledger
+
+            ledger = files.state / files.config.policy.ledger
+            head = start_new_site_ledger(ledger, args.reason)
+            print(f"site {files.config.site!r}: new privacy ledger {ledger} recorded in its "
+                  f"anchor: {head.count} charge(s), head {head.hash}")
+            return 0
         lines = check_site(files)
         if args.action == "check":
             print("\n".join(lines))
@@ -438,6 +453,9 @@ def site_command(args: argparse.Namespace) -> int:
         print("\n".join(lines), flush=True)
         os.chdir(files.source.parent)  # the worker sees the site's folder, nothing else
         os.execvpe(command[0], command, env)
+    except LedgerIntegrityError as exc:  # new-ledger on a tampered ledger: not adopted
+        print(f"fedpriv: privacy refusal: {exc}", file=sys.stderr)
+        return 5
     except (ConfigError, PkiError, PrefectApiConfigError, OSError) as exc:
         print(f"fedpriv: site {args.action}: {exc}", file=sys.stderr)
         return 2

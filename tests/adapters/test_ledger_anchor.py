@@ -185,6 +185,7 @@ def test_nothing_recorded_nothing_compared(project: Path) -> None:
 # --- a site: its anchor file --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_site_anchor_catches_a_deleted_replaced_or_truncated_ledger(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     check_anchor(ledger.path)  # no anchor yet: the chain must verify, nothing else
@@ -226,3 +227,36 @@ def test_a_site_reports_its_head_and_the_coordinator_records_it() -> None:
                             site_ledger_heads={"Cleveland": head, "Hungary": "not a hash"})
     assert ledger_head_tags(build_config({}), Path("."), privacy) == {
         "site.Cleveland.ledger_head": head}
+
+
+def test_a_site_starts_a_new_ledger_only_by_its_command(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+
+    for name in ("site.csv", "site.key", "site.crt", "ca.crt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "site.yaml").write_text(
+        "site: Hungary\ndata: site.csv\nstate: state\n"
+        "tls: {key: site.key, cert: site.crt, ca: ca.crt}\n")
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy_ledger.sqlite")
+    _charge(ledger, "a")
+    before = write_anchor(ledger)
+    ledger.path.unlink()
+    with pytest.raises(LedgerIntegrityError, match="fedpriv site new-ledger"):
+        check_anchor(ledger.path)
+    config = ["site", "new-ledger", "--config", str(tmp_path / "site.yaml")]
+    assert main(config) == 2  # no reason given
+    assert "--reason" in capsys.readouterr().err
+    assert main([*config, "--reason", "new server, old ledger lost"]) == 0
+    assert "head " + GENESIS in capsys.readouterr().out
+    check_anchor(ledger.path)  # the new ledger is the recorded one now
+    event = json.loads(anchor_path(ledger).read_text())["new_ledger"]
+    assert event["reason"] == "new server, old ledger lost"
+    assert event["replaced"]["hash"] == before.hash and event["replaced"]["count"] == 1
+    _charge(ledger, "b")
+    write_anchor(ledger)  # later charges keep the event on record
+    assert json.loads(anchor_path(ledger).read_text())["new_ledger"] == event
+    with sqlite3.connect(ledger.path) as db:  # an edited ledger is not adopted
+        db.execute("UPDATE ledger_charges SET dataset = 'x' WHERE id = 1")
+    assert main([*config, "--reason", "hide it"]) == 5
+    assert "was altered" in capsys.readouterr().err
