@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from pathlib import Path
 
@@ -243,20 +244,29 @@ def test_heart_train_metrics_unchanged(project: Path) -> None:
     from adapters.train import round_row, train_model
     from adapters.validate import validate_data
 
-    cfg = load_config(project / "params.yaml", ["rounds=3", "privacy.randomness=reproducible"])
+    cfg = load_config(project / "params.yaml", ["rounds=3", "privacy.randomness=reproducible",
+                                                 "privacy.evaluation_every=1"])
     validate_data(cfg, project)
     partition_data(cfg, project)
     summary = train_model(cfg, project)
     rows = [round_row(record) for record in summary.history]  # as rounds.csv writes them
-    got = [(r["round"], r["train_loss"], r["test_loss"], r["accuracy"], r["auc"], r["epsilon"])
-           for r in rows]
-    assert got == BEFORE
-    # float sums differ in the last digits across CPUs (BLAS kernels, the PRV accountant's
-    # FFTs; seen: 1.4e-12 on ε, 1.1e-9 on the test loss): equal to 1e-8, counts exactly
+    # training is unchanged: ε per round and the bytes exactly (to 1e-8: float sums differ in
+    # the last digits across CPUs, BLAS kernels, the PRV accountant's FFTs). Since issue 24 the
+    # sites release no train loss under DP-SGD (NaN) and their evaluation only as noisy
+    # histograms (4 bins per label, σ = 2): the figures are within the measured tolerance of
+    # the exact ones of BEFORE (benchmarks/dp_statistics.py: |ΔAUC| ≤ 0.1 in 95 % of draws)
+    assert [r["round"] for r in rows] == [b[0] for b in BEFORE]
+    assert [r["epsilon"] for r in rows] == pytest.approx([b[5] for b in BEFORE], rel=1e-8)
+    assert all(math.isnan(r["train_loss"]) for r in rows)
+    for row, before in zip(rows, BEFORE, strict=True):
+        assert row["accuracy"] == pytest.approx(before[3], abs=0.1)
+        assert row["auc"] == pytest.approx(before[4], abs=0.1)
+        assert row["test_loss"] == pytest.approx(before[2], abs=0.15)  # at the bins' centres
     final = {k: getattr(summary, k) for k in EXPECTED_FINAL}
-    for key in ("epsilon", "test_loss", "accuracy", "auc"):
-        assert final.pop(key) == pytest.approx(EXPECTED_FINAL[key], rel=1e-8), key
-    assert final["client_accuracy"] == pytest.approx(EXPECTED_FINAL["client_accuracy"], rel=1e-8)
+    assert final.pop("epsilon") == pytest.approx(EXPECTED_FINAL["epsilon"], rel=1e-8)
+    for key in ("accuracy", "auc"):
+        assert final.pop(key) == pytest.approx(EXPECTED_FINAL[key], abs=0.1), key
+    assert set(final["client_accuracy"]) == set(EXPECTED_FINAL["client_accuracy"])
     assert (final["bytes_uploaded"], final["bytes_downloaded"]) == (480, 1056)
 
 
