@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from adapters.artifacts import Paths, read_validation, write_text_atomic
+from adapters.lineage import DATA_HASH_KEY, data_digest, require_partition_of, require_validated
 from adapters.tables import ClinicalTable
 from fl_core.config.model import PipelineConfig, check_min_clients
-from fl_core.data.tables import ClientData, DataError, Partition
+from fl_core.data.tables import ClientData, Partition
 from fl_core.data.transform import TabularTransform
 from fl_core.results import ClientCounts, PartitionSummary
 
@@ -16,11 +18,11 @@ from fl_core.results import ClientCounts, PartitionSummary
 def partition_data(
     cfg: PipelineConfig, root: str | Path = ".", run_id: str | None = None
 ) -> PartitionSummary:
-    """Write ``data/processed/partition.json``; return a per-client summary."""
+    """Write ``data/processed/partition.json`` with the hash of the data it was made from
+    (:mod:`adapters.lineage`); return a per-client summary. Refuses unless validation ran,
+    passed, and was of this very data."""
     paths = Paths.of(cfg, root, run_id)
-    if not read_validation(paths).success:  # validation must have run, and passed
-        raise DataError(f"{paths.validation}: the data failed validation; fix "
-                        f"{cfg.data.source_text} and run the 'validate' stage again")
+    require_validated(read_validation(paths), paths.validation, cfg.data, paths.root)
     started = time.perf_counter()
     loader = ClinicalTable.get(cfg.data, paths.root)
     partition = loader.partition(cfg.data, cfg.seed)
@@ -28,7 +30,9 @@ def partition_data(
     check_min_clients(cfg.min_clients, len(partition.clients),
                       f"data.partition={partition.scheme}: one per site in {cfg.data.source_text}"
                       if partition.scheme == "by_site" else "data.partition=by_patient")
-    write_text_atomic(paths.partition, partition.to_json())
+    record = {**json.loads(partition.to_json()),
+              DATA_HASH_KEY: data_digest(cfg.data, paths.root)}
+    write_text_atomic(paths.partition, json.dumps(record, indent=1))
     clients = {c.client_id: ClientCounts(train=len(c.train_ids), test=len(c.test_ids))
                for c in partition.clients}
     dropped = loader.describe_dropped()
@@ -44,10 +48,17 @@ def partition_data(
 def load_client_data(
     cfg: PipelineConfig, paths: Paths
 ) -> tuple[list[ClientData], TabularTransform, Partition]:
-    """The partition written by the partition stage, encoded with transforms fitted on train."""
+    """The partition written by the partition stage, encoded with transforms fitted on train.
+
+    Refuses (:class:`~adapters.lineage.StaleArtifactError`, exit 3) unless the validation
+    passed and both it and the partition were made from the data ``cfg`` names: a failed
+    validation of new data must not leave training on the old partition."""
     if not paths.partition.exists():
         raise FileNotFoundError(f"{paths.partition} not found: run the 'partition' stage first")
-    partition = Partition.from_json(paths.partition.read_text())
+    require_validated(read_validation(paths), paths.validation, cfg.data, paths.root)
+    text = paths.partition.read_text()
+    require_partition_of(json.loads(text), paths.partition, cfg.data, paths.root)
+    partition = Partition.from_json(text)
     loader = ClinicalTable.get(cfg.data, paths.root)
     data, transform = loader.encoded(cfg.data, partition)
     return data, transform, partition

@@ -1,11 +1,17 @@
 """The privacy-budget ledger: what every use of real patients has cost each patient, across runs.
 
-**The account is the patient at a site.** The guarantee is (ε, δ)-DP for the neighbouring
+**The account is the patient's records.** The guarantee is (ε, δ)-DP for the neighbouring
 relation add/remove one patient, so the quantity to cap is what one patient's records have
-been exposed to, over every training that used them. A patient is keyed by
-``sha256(site ‖ 0x00 ‖ patient id)`` (:func:`patient_key`): the same person at the same
-hospital is the same account whatever the file looks like (line endings, a BOM, row order, an
-extra column, a new file name). The dataset label of a charge is for display only.
+been exposed to, over every training that used them. A patient is charged as
+:class:`Records` and keyed by the fingerprint of their records' content
+(:func:`patient_key`, :func:`fl_core.data.fingerprint.record_fingerprints`), never by their
+id or site: renumbered ids, a renamed site, line endings, a BOM, row order, an extra column,
+one file per site or the pooled file are the same account, and past charges are looked up
+across every site of the ledger. The old key ``sha256(site ‖ 0x00 ‖ patient id)``
+(:func:`id_key`) is looked up alongside (:func:`lookup_keys`), so ledgers written before keep
+counting. Limits: identical records of two patients are one account (over-charged, never
+under-charged); records changed beyond recognition are new data. The dataset label of a
+charge is for display only.
 
 **A charge** is one training on real patients: run id, kind (``train`` for the pipeline's
 train task and ``fedpriv stage train``, ``audit-sweep``), dataset label, time, and per site
