@@ -10,7 +10,9 @@ the accountant's ε, every repetition's ε lower bound, their min/mean/max, the 
 baseline, measured in the same process: one ordinary federated training run of the recipe
 (``fl_core.federation.wiring.federate``), the unit the audit's cost is counted in.
 
-Then each broken-DP drill at ε = 1 (``--drill-runs`` audit runs): ε_lb against the claim.
+Then each broken-DP drill at ε = 1 (``--drill-runs`` audit runs): ε_lb against the claim;
+the sampling drills (they replace the trainer's Poisson sampler) at ``q = 0.1`` over 5
+rounds, patient level only.
 
 Client level (``audit_dp.level=client``): DP-FedAvg (fedavg, no norm filter, anomaly off) at
 server noise multipliers ``--server-sigmas`` (4 and 2: ε ≈ 5 and 11.5 per client over 20
@@ -98,15 +100,20 @@ def power(epsilons: list[float], reps: int, extra: list[str],
     return rows
 
 
+SAMPLED = ["privacy.sample_rate=0.1", "audit_dp.rounds=5"]
+"""The sampling drills' recipe: at q = 1 there is nothing to sample (the audit refuses them)."""
+
+
 def drills(runs: int, extra: list[str], level: str) -> list[dict[str, Any]]:
     server = [*DP_FEDAVG, "privacy.server.noise_multiplier=4"] if level == "client" else []
     cfg = _config(1.0, [f"audit_dp.runs={runs}", *server, *extra])
+    sampled = _config(1.0, [f"audit_dp.runs={runs}", *SAMPLED, *extra])
     data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
     rows = []
     for name, drill in DRILLS.items():
-        if level == "client" and drill.per_record:
+        if level == "client" and (drill.per_record or drill.breaks_sampling):
             continue  # a patient-level fault
-        r = audit_dp(cfg, data, drill=name)
+        r = audit_dp(sampled if drill.breaks_sampling else cfg, data, drill=name)
         rows.append({"level": level, "drill": name, "description": drill.description,
                      "epsilon": r.epsilon,
                      "epsilon_lower_bound": r.epsilon_lower_bound,
