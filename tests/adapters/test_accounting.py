@@ -116,6 +116,14 @@ def test_run_reports_epsilon_that_a_fresh_accountant_confirms(project: Path) -> 
     for recorded in (tags, version.tags):
         assert (recorded["privacy.ledger_head"], recorded["privacy.ledger_charges"]) == (
             head.hash, "1")
+    # ... and what the next start reads back: the ledger holds it; gone, the run is refused
+    from adapters.preflight import PreflightError, preflight
+
+    preflight(load_config(project / "params.yaml", []), project)
+    _ledger(project).path.unlink()
+    run = registration["run_id"]
+    with pytest.raises(PreflightError, match=f"is missing, but MLflow run {run}"):
+        preflight(load_config(project / "params.yaml", []), project)
     assert float(tags["privacy.epsilon"]) == pytest.approx(privacy["epsilon"], rel=1e-5)
 
 
