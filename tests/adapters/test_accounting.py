@@ -18,7 +18,13 @@ import pytest
 from adapters.config_files import build_config, load_config
 from adapters.ledger_store import PrivacyLedger
 from fl_core.config.model import ConfigError
-from fl_core.privacy.ledger import BudgetExceededError, Charge, MissingChargeError, SiteCharge
+from fl_core.privacy.ledger import (
+    BudgetExceededError,
+    Charge,
+    MissingChargeError,
+    Records,
+    SiteCharge,
+)
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
@@ -60,8 +66,10 @@ def _spend(root: Path, site: str, epsilon: float, run_id: str, cap: float = 10.0
     from fl_core.privacy.accountants import calibrate_noise, epsilon_for_history
 
     cfg = build_config({})
-    patients = frozenset(i for i, s in ClinicalTable.get(cfg.data, root)
-                         .site_of_patient().items() if s == site)
+    table = ClinicalTable.get(cfg.data, root)
+    records = table.record_keys()  # the accounts a run charges: the patients' records
+    patients = frozenset(Records(records[i], i) for i, s in table.site_of_patient().items()
+                         if s == site)
     history = ((calibrate_noise(epsilon, 1e-5, 1.0, 40, "prv"), 1.0, 40),)
     eps = epsilon_for_history(history, 1e-5, "prv")
     _ledger(root).charge(Charge(run_id, "train", "other.csv", (
