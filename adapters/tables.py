@@ -204,7 +204,8 @@ class ClinicalTable:
         privacy ledger's account of the patient."""
         self.table  # noqa: B018 - reading the table computes them
         assert self._records is not None
-        return dict(zip(self._records.index.astype(np.int64).tolist(),
+        ids = pd.to_numeric(self._records.index).astype(np.int64)  # as the table's ids
+        return dict(zip(ids.tolist(),
                         self._records.tolist(), strict=True))
 
     def site_of_patient(self) -> dict[int, str]:
