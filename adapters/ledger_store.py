@@ -367,16 +367,21 @@ def _site_balance(db: sqlite3.Connection, site: str, accountant: str) -> SiteBal
         min((g.spent.tight_delta for g in groups), default=0.0), accountant, tuple(groups))
 
 
-def _site_need(db: sqlite3.Connection, site: str, planned: Sequence[SiteCharge]) -> SiteNeed:
-    """The worst patient at ``site`` among those the planned site charges train on; a
-    patient's past charges are the union over their lookup keys, at any site."""
-    past, charged = _accounts(db)
-    accountant = planned[0].accountant
+def _site_need(site: str, planned: Sequence[SiteCharge],
+               accounts: dict[str, tuple[frozenset[str], frozenset[int]]],
+               past: dict[int, _Past], charged: dict[str, frozenset[int]]) -> SiteNeed:
+    """The worst patient at ``site`` among those the planned site charges train on. A
+    patient's past charges are the union over their lookup keys, at any site, and their
+    planned charges every planned site charge that names their account, at any site (the same
+    records planned under two site names are one patient)."""
+    here = [i for i, s in enumerate(planned) if s.site == site]
+    accountant = planned[here[0]].accountant
     # a patient's signature: (recorded charge ids, indices of the planned charges on them)
     signatures: set[tuple[frozenset[int], frozenset[int]]] = set()
-    for keys, plans in _planned_patients(site, planned).values():
-        ids = frozenset().union(*(charged.get(k, frozenset()) for k in keys))
-        signatures.add((ids, plans))
+    for keys, plans in accounts.values():
+        if any(planned[i].site == site for i in plans):
+            ids = frozenset().union(*(charged.get(k, frozenset()) for k in keys))
+            signatures.add((ids, plans))
     spent, worst = 0.0, Composition(0, 0.0, 0.0, 0.0, 0.0)
     for ids, plans in signatures:
         before = [(p.epsilon, p.delta, p.history)
@@ -386,21 +391,21 @@ def _site_need(db: sqlite3.Connection, site: str, planned: Sequence[SiteCharge])
         spent = max(spent, compose(before, accountant).tight_epsilon)
         total = compose(after, accountant)
         worst = max(worst, total, key=lambda c: c.tight_epsilon)
-    alone = [(s.epsilon, s.delta, s.history) for s in planned]
-    return SiteNeed(site, spent, sum(s.epsilon for s in planned),
+    alone = [(planned[i].epsilon, planned[i].delta, planned[i].history) for i in here]
+    return SiteNeed(site, spent, sum(planned[i].epsilon for i in here),
                     compose(alone, accountant).tight_epsilon, worst)
 
 
-def _planned_patients(site: str, planned: Sequence[SiteCharge]
+def _planned_patients(planned: Sequence[SiteCharge]
                       ) -> dict[str, tuple[frozenset[str], frozenset[int]]]:
     """Account key → (every key its past charges may be under, indices of the planned site
-    charges that train on it) (:func:`~fl_core.privacy.ledger.lookup_keys`)."""
+    charges that train on it, at any site) (:func:`~fl_core.privacy.ledger.lookup_keys`)."""
     keys: dict[str, set[str]] = defaultdict(set)
     plans: dict[str, set[int]] = defaultdict(set)
     for i, s in enumerate(planned):
         for p in s.patients:
-            account = patient_key(site, p)
-            keys[account].update(lookup_keys(site, p))
+            account = patient_key(s.site, p)
+            keys[account].update(lookup_keys(s.site, p))
             plans[account].add(i)
     return {a: (frozenset(keys[a]), frozenset(idx)) for a, idx in plans.items()}
 
@@ -408,11 +413,11 @@ def _planned_patients(site: str, planned: Sequence[SiteCharge]
 def _refuse_overspend(
     db: sqlite3.Connection, charges: Iterable[Charge], cap: float, path: Path, consequence: str,
 ) -> list[SiteNeed]:
-    by_site: dict[str, list[SiteCharge]] = defaultdict(list)
-    for charge in charges:
-        for s in charge.sites:
-            by_site[s.site].append(s)
-    needs = [_site_need(db, site, planned) for site, planned in sorted(by_site.items())]
+    planned = [s for charge in charges for s in charge.sites]
+    accounts = _planned_patients(planned)
+    past, charged = _accounts(db)  # read once for every site
+    needs = [_site_need(site, planned, accounts, past, charged)
+             for site in sorted({s.site for s in planned})]
     over = [n for n in needs if n.total.tight_epsilon > cap + _TOLERANCE]
     if over:
         needed_cap = max(n.total.tight_epsilon for n in needs)

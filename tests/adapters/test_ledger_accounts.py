@@ -160,3 +160,18 @@ def test_accounts_are_looked_up_across_sites(tmp_path: Path) -> None:
     assert by_site["cleveland"].tight_epsilon > eps  # its account's charge at "Cleveland" too
     assert by_site["Cleveland"].patients == 2
 
+
+
+def test_the_same_records_under_two_sites_in_one_run_are_one_patient(tmp_path: Path) -> None:
+    """A patient's rows copied under a new id and site in the same file: one account, both
+    planned charges composed before anything is charged."""
+    step = ((2.0, 1.0, 10),)
+    eps = epsilon_for_history(step, 1e-5, "rdp")
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    run = Charge("twice", "train", "heart.csv", (
+        SiteCharge("Cleveland", eps, 1e-5, "rdp", step, frozenset({Records("f1", 1)})),
+        SiteCharge("Hungary", eps, 1e-5, "rdp", step, frozenset({Records("f1", 100_001)}))))
+    with pytest.raises(BudgetExceededError):
+        ledger.check(run, cap=1.5 * eps)
+    needs = ledger.check(run, cap=100.0)
+    assert all(n.total.charges == 2 for n in needs)
