@@ -1,5 +1,6 @@
-"""The privacy ledger's SQLite store: append-only charges per patient at a site, checked and
-written in one ``BEGIN IMMEDIATE`` transaction (the rules are :mod:`fl_core.privacy.ledger`).
+"""The privacy ledger's SQLite store: append-only charges per patient (an account: their
+records), checked and written in one ``BEGIN IMMEDIATE`` transaction (the rules are
+:mod:`fl_core.privacy.ledger`).
 
 The charges are hash-chained, so that a ledger cannot be edited, truncated or replaced
 without it showing: each ``ledger_charges`` row carries ``prev_hash`` (the previous charge's
