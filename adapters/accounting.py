@@ -15,6 +15,7 @@ from fl_core.privacy.accounting import (
     planned_charge,
     privacy_summary,
     spent_charge,
+    statistics_charge,
 )
 from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import Charge, new_run_id
@@ -53,7 +54,11 @@ def check_budget(
     training (:func:`charge_and_summarise`).
     """
     planned = plan_charge(cfg, root, partition, dp=dp)
-    open_ledger(cfg, root).check(planned, cfg.privacy.lifetime_epsilon)
+    table = ClinicalTable.get(cfg.data, root)
+    statistics = statistics_charge(cfg, table.site_of_patient(), partition, planned.run_id,
+                                   table.record_keys())
+    open_ledger(cfg, root).check([planned, statistics] if statistics else planned,
+                                 cfg.privacy.lifetime_epsilon)
     return planned
 
 
@@ -71,6 +76,12 @@ def charge_and_summarise(
         table = ClinicalTable.get(cfg.data, root)
         charge = spent_charge(cfg, table.site_of_patient(), partition, run.dp, run.spent,
                               run_id, kind, table.record_keys())
-        open_ledger(cfg, root).charge(charge, cfg.privacy.lifetime_epsilon)
+        ledger = open_ledger(cfg, root)
+        ledger.charge(charge, cfg.privacy.lifetime_epsilon)
+        # the test patients: what the run released about them (the evaluation)
+        statistics = statistics_charge(cfg, table.site_of_patient(), partition, run_id,
+                                       table.record_keys())
+        if statistics is not None:
+            ledger.charge(statistics, cfg.privacy.lifetime_epsilon)
     return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,
                            len(run.result.history))

@@ -53,7 +53,7 @@ from fl_core.federation.wiring import (
     make_dpsgd,
     make_site_client,
 )
-from fl_core.privacy.accounting import planned_charge
+from fl_core.privacy.accounting import planned_charge, statistics_charge
 from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import BUDGET_REFUSAL, BudgetExceededError, Charge
 from fl_core.privacy.policy import policy_refusals
@@ -215,13 +215,17 @@ def _site_run_id(session: SiteSession) -> str:
     return f"{session.charge_key}{site_slug(session.site).replace('-', '')}"
 
 
-def _site_charge(cfg: PipelineConfig, data: ClientData, dp: DPSGDConfig, run_id: str,
-                 site: str, records: Mapping[int, str]) -> Charge:
+def _site_charges(cfg: PipelineConfig, data: ClientData, dp: DPSGDConfig, run_id: str,
+                  site: str, records: Mapping[int, str]) -> list[Charge]:
+    """The run's charges at this site: its training patients (DP-SGD) and its test patients
+    (the released evaluation and audit statistics, :func:`statistics_charge`)."""
     split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                       "by_site", cfg.seed)
-    site_of = {int(i): site for i in data.train_ids}
-    return planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id, KIND_SITE_TRAIN,
-                          records)
+    site_of = {int(i): site for i in (*data.train_ids, *data.test_ids)}
+    charges = [planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id,
+                              KIND_SITE_TRAIN, records)]
+    statistics = statistics_charge(cfg, site_of, split, run_id, records)
+    return charges + ([statistics] if statistics is not None else [])
 
 
 def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
@@ -236,7 +240,7 @@ def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientDat
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
-        ledger.check(_site_charge(cfg, data, dp, run_id, session.site, records),
+        ledger.check(_site_charges(cfg, data, dp, run_id, session.site, records),
                      policy.lifetime_epsilon, "Nothing was charged or trained")
     return run_id
 
@@ -253,8 +257,8 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
     if not ledger.has_run(run_id):
-        ledger.charge(_site_charge(cfg, data, dp, run_id, session.site, records),
-                      policy.lifetime_epsilon)
+        for charge in _site_charges(cfg, data, dp, run_id, session.site, records):
+            ledger.charge(charge, policy.lifetime_epsilon)  # training, then test patients
         write_anchor(ledger)  # the new head beside the ledger, after every charge
     return run_id
 

@@ -68,6 +68,9 @@ class PrivacyReport:
     server_clip_norm: float | None = None
     epsilon_replace_one: float | None = None
     delta_replace_one: float | None = None
+    # what the run's released statistics (evaluation; the audit in sites mode) cost each
+    # site's test patients, at ``delta`` (fl_core.privacy.release.statistics_epsilon)
+    statistics_epsilon: float | None = None
     target_epsilon: float | None = None
     lifetime_epsilon: float | None = None
     accountant: str | None = None

@@ -4,6 +4,11 @@ Turns a configuration and a partition into ledger charges (:mod:`fl_core.privacy
 ``privacy`` block of ``train.json``. All DP-SGD clients share one recipe ``(σ, q)`` and differ
 at most in their number of steps; a client's patients went through ``steps`` subsampled
 Gaussian steps, so the mechanism history of its patients is ``[(σ, q, steps)]``.
+
+What a run releases about its sites' *test* patients (the evaluation's noisy histograms, and
+the audit's in sites mode: :mod:`fl_core.privacy.release`) is charged to them as a second
+charge of the same run (:func:`statistics_charge`, kind ``statistics``): the ledger holds one
+charge per site and run id, and the test patients are other patients than the trained ones.
 """
 
 from __future__ import annotations
@@ -17,10 +22,38 @@ from fl_core.data.tables import Partition
 from fl_core.privacy.accountants import epsilon_spent, local_steps, replace_one_epsilon
 from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import Charge, Records, SiteCharge
+from fl_core.privacy.release import statistics_epsilon, statistics_history
 from fl_core.results import PrivacyReport
 
 KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
 KIND_AUDIT_SWEEP = "audit-sweep"
+KIND_STATISTICS = "statistics"  # the evaluation (and sites-mode audit) releases
+
+
+def statistics_run_id(run_id: str) -> str:
+    """The ledger run id of a run's statistics charge (beside its training charge)."""
+    return f"{run_id}-statistics"
+
+
+def statistics_charge(
+    cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, run_id: str,
+    records: Mapping[int, str],
+) -> Charge | None:
+    """What a run of ``cfg`` releases about each site's test patients, as a charge: per site,
+    its test patients with the history of the evaluation releases (and the audit's in sites
+    mode), ``ε`` = :func:`fl_core.privacy.release.statistics_epsilon`. None when the run
+    releases nothing about them. ``run_id`` is the run's training charge id."""
+    history = statistics_history(cfg)
+    if not history:
+        return None
+    p, epsilon = cfg.privacy, statistics_epsilon(cfg)
+    patients: dict[str, set[Records]] = {}
+    for split in partition.clients:
+        for pid in split.test_ids:
+            patients.setdefault(site_of[pid], set()).add(Records(records[pid], int(pid)))
+    return Charge(statistics_run_id(run_id), KIND_STATISTICS, dataset_label(cfg), tuple(
+        SiteCharge(site, epsilon, p.delta, p.accountant, history, frozenset(patients[site]))
+        for site in sorted(patients)))
 
 
 def dataset_label(cfg: PipelineConfig) -> str:
@@ -111,6 +144,7 @@ def privacy_summary(
     return PrivacyReport(
         enabled=p.enabled, randomness=p.randomness, **server,
         epsilon=max(client_epsilon.values(), default=0.0),
+        statistics_epsilon=statistics_epsilon(cfg),
         epsilon_replace_one=replace_eps, delta_replace_one=replace_delta, delta=p.delta,
         target_epsilon=p.epsilon, lifetime_epsilon=p.lifetime_epsilon,
         accountant=p.accountant, noise_multiplier=dp.noise_multiplier,
@@ -135,6 +169,9 @@ def describe_privacy(privacy: PrivacyReport) -> str:
             f"[{privacy.accountant}, σ={privacy.noise_multiplier:.3f}, "
             f"q={privacy.sample_rate:g}, C={privacy.max_grad_norm:g}, "
             f"{privacy.steps_planned} steps per client; noise {privacy.randomness}]")
+        if privacy.statistics_epsilon is not None:
+            parts.append(f"released statistics (noisy evaluation histograms): "
+                         f"ε={privacy.statistics_epsilon:.3f} per test patient")
         if privacy.randomness != "secure":
             parts.append("REPRODUCIBLE NOISE: anyone with params.yaml can regenerate it; "
                          "this model can never be champion")

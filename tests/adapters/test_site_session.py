@@ -189,7 +189,9 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
         assert ready.ledger_run_id == "flowrun1cleveland"
     # the site's own ledger, in its state folder, whatever the coordinator's config says
     ledger = PrivacyLedger(state / TEST_POLICY.ledger)
-    assert len(ledger.entries()) == 1 and ledger.has_run("flowrun1cleveland")
+    # one training charge and one for the test patients (the released evaluation), once
+    assert len(ledger.entries()) == 2 and ledger.has_run("flowrun1cleveland")
+    assert ledger.has_run("flowrun1cleveland-statistics")
 
 
 @pytest.mark.slow
@@ -394,8 +396,11 @@ def test_the_sites_policy_not_the_coordinators_config_sets_its_budget_and_limits
     site, path = next(iter(files.items()))
     state = tmp_path / "state"
     elsewhere = tmp_path / "coordinator-chosen.sqlite"
+    # (evaluation noise σ = 8: the test patients' charge, ε ≈ 0.45, stays below the cap; the
+    # training patients' ε ≈ 1 a run is what the cap of 1.2 allows once)
     greedy = load_config(project / "params.yaml", [
-        *OVERRIDES, "privacy.lifetime_epsilon=1000", f"privacy.ledger={elsewhere}"])
+        *OVERRIDES, "privacy.lifetime_epsilon=1000", f"privacy.ledger={elsewhere}",
+        "privacy.evaluation_noise=8"])
     policy = SitePolicy(require_secure=False, lifetime_epsilon=1.2)
     why, first = _start_once(greedy, path, site, pki, state, "runA", policy)
     assert why == "shutdown" and isinstance(first, SiteReady)
@@ -404,7 +409,7 @@ def test_the_sites_policy_not_the_coordinators_config_sets_its_budget_and_limits
     assert why == "cannot afford the run" and isinstance(second, Failure)
     assert second.reason.startswith(BUDGET_REFUSAL) and "cap 1.2" in second.reason
     assert not elsewhere.exists()
-    assert len(PrivacyLedger(state / policy.ledger).entries()) == 1
+    assert len(PrivacyLedger(state / policy.ledger).entries()) == 2  # training, test patients
     # the coordinator refuses the whole run on that report (exit 5), before any instruction
     with pytest.raises(BudgetExceededError, match=f"site.s. {site} cannot afford this run"):
         record_sites(greedy, tmp_path / "coordinator", "runB", {}, {site: second.reason}, 1.0)
@@ -419,7 +424,7 @@ def test_the_sites_policy_not_the_coordinators_config_sets_its_budget_and_limits
                              SitePolicy(require_secure=False, max_rounds=10))
     assert why == "refused by policy" and isinstance(third, Failure)
     assert "refused by the site's policy: rounds=50 > policy.max_rounds=10" in third.reason
-    assert len(PrivacyLedger(state / policy.ledger).entries()) == 1
+    assert len(PrivacyLedger(state / policy.ledger).entries()) == 2
 
 
 @pytest.mark.slow
@@ -442,7 +447,8 @@ def test_a_site_refuses_a_session_on_a_deleted_or_replaced_ledger(
     assert ready.ledger_head == GENESIS  # reported at the start, before this run's charge
     ledger = PrivacyLedger(state / policy.ledger)
     anchored = json.loads(anchor_path(ledger).read_text())
-    assert (anchored["hash"], anchored["count"]) == ledger.head() and anchored["count"] == 1
+    # two charges: the training patients and the test patients (the released evaluation)
+    assert (anchored["hash"], anchored["count"]) == ledger.head() and anchored["count"] == 2
     ledger.path.unlink()
     why, refused = _start_once(cfg, path, site, pki, state, "runB", policy, asked=False)
     assert why == "ledger refused" and isinstance(refused, Failure)

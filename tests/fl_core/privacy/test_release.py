@@ -201,3 +201,34 @@ def test_patients_weigh_one_and_noisy_figures_are_post_processed() -> None:
     assert figures.count == pytest.approx(10.0)
     assert 0 <= noisy_auc(noisy) <= 1
     assert math.isnan(noisy_auc(torch.tensor([[1.0, 2.0], [-3.0, 1.0]])))  # no positives
+
+
+def test_the_test_patients_are_charged_what_the_run_releases_about_them() -> None:
+    """The statistics charge names each site's test patients (never its training patients)
+    with the evaluation history (and the audit's in sites mode), ε from the accountant."""
+    from pathlib import Path
+
+    from adapters.config_files import load_config
+    from fl_core.data.tables import ClientSplit, Partition
+    from fl_core.privacy.accounting import KIND_STATISTICS, statistics_charge
+
+    root = Path(__file__).resolve().parents[3]
+    cfg = load_config(root / "params.yaml", ["privacy.evaluation_every=5"])
+    split = Partition((ClientSplit("A", (1, 2, 3), (4, 5)), ClientSplit("B", (6,), (7,))),
+                      "by_site", 0)
+    site_of = {1: "A", 2: "A", 3: "A", 4: "A", 5: "A", 6: "B", 7: "B"}
+    records = {pid: f"fp{pid}" for pid in site_of}
+    charge = statistics_charge(cfg, site_of, split, "run1", records)
+    assert charge is not None and charge.kind == KIND_STATISTICS
+    assert charge.run_id == "run1-statistics"
+    assert [s.site for s in charge.sites] == ["A", "B"]
+    assert {r.patient_id for r in charge.sites[0].patients} == {4, 5}
+    assert {r.patient_id for r in charge.sites[1].patients} == {7}
+    assert charge.sites[0].history == ((2.0, 1.0, 4),)  # rounds 5, 10, 15, 20
+    assert charge.sites[0].epsilon == pytest.approx(
+        release_guarantee(training=(), evaluation_noise=2.0, evaluations=4, audit_noise=None,
+                          delta=1e-5, accountant="prv").evaluation_epsilon)
+    sites = load_config(root / "params.yaml", ["federation.mode=sites"])
+    audited = statistics_charge(sites, site_of, split, "run1", records)
+    assert audited is not None and audited.sites[0].history == (
+        (2.0, 1.0, 1), (4.0 / math.sqrt(2), 1.0, 1))
