@@ -46,7 +46,8 @@ def _epsilon_panel(ax: plt.Axes, rounds: list[int], epsilon: list[float]) -> Non
 
 
 def _loss_panel(ax: plt.Axes, rounds: list[int], history: Sequence[dict]) -> None:
-    ax.plot(rounds, [r["train_loss"] for r in history], label="train loss (clients)")
+    # NaN (no line) when the sites trained with DP-SGD: they do not release their loss
+    ax.plot(rounds, [r["train_loss"] for r in history], label="train loss (clients; none under DP)")
     ax.plot(rounds, [r["test_loss"] for r in history], label="test loss (pooled)")
     ax.set_xlabel("round")
     ax.set_ylabel("binary cross-entropy")

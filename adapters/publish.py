@@ -100,7 +100,11 @@ def describe_budget(registration: Registration) -> str:
 
 
 GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one site; covers every "
-             "model update and the released model; not the audit's statistics or test metrics")
+             "model update and the released model (ε: training patients) and the released "
+             "evaluation and sites-mode audit histograms (Gaussian mechanism; "
+             "privacy.statistics_epsilon: test patients); site sizes public by declaration; "
+             "not covered: the validation summary, budget_left, the simulation's pooled audit "
+             "figures, site-local LiRA's cross-patient dependence (docs/privacy.md)")
 
 
 def _run_log(cfg: PipelineConfig, paths: Paths, run_id: str | None) -> RunLog | None:
@@ -155,6 +159,8 @@ def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:
         **noise,
         "privacy.epsilon_replace_one": f"{privacy.epsilon_replace_one:.6g}",
         "privacy.epsilon": f"{privacy.epsilon:.6g}",
+        **({} if privacy.statistics_epsilon is None else
+           {"privacy.statistics_epsilon": f"{privacy.statistics_epsilon:.6g}"}),
         "privacy.delta": f"{privacy.delta:g}",
         "privacy.accountant": str(privacy.accountant),
         "privacy.noise_multiplier": f"{privacy.noise_multiplier:.6g}",
