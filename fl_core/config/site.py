@@ -47,6 +47,9 @@ class SitePolicy(_Section):
     # the statistics the site releases about its test patients (the evaluation's noisy
     # histograms, and the audit's in sites mode): the most ε it spends on them per run
     max_statistics_epsilon: float = Field(3.0, gt=0)
+    # answer the membership audit in sites mode (noisy histograms; site-local LiRA's row is
+    # not covered by the stated ε, docs/privacy.md): false refuses runs that audit here
+    release_audit: bool = True
 
 
 class SiteConfig(_Section):

@@ -37,6 +37,9 @@ def policy_refusals(cfg: PipelineConfig, policy: SitePolicy, *,
     if cfg.audit.shadow_models > policy.max_shadow_models:
         broken.append(f"audit.shadow_models={cfg.audit.shadow_models} > "
                       f"policy.max_shadow_models={policy.max_shadow_models}")
+    if not policy.release_audit and audit_released(cfg):
+        broken.append("audit.enabled=true in sites mode: this site releases no audit "
+                      "histograms (policy.release_audit=false)")
     statistics = statistics_epsilon(cfg)
     if statistics > policy.max_statistics_epsilon:
         broken.append(f"released statistics ({evaluations_of(cfg)} evaluation(s) at "

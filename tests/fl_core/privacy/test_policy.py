@@ -45,6 +45,17 @@ def test_the_default_run_fits_the_default_policy_and_a_site_may_relax_it() -> No
                            noise_multiplier=0.8) == []
 
 
+def test_a_site_that_releases_no_audit_refuses_a_run_that_audits_it() -> None:
+    audited = load_config(ROOT / "params.yaml", ["federation.mode=sites"])
+    quiet = SitePolicy(release_audit=False)
+    assert policy_refusals(audited, quiet, noise_multiplier=0.8) == [
+        "audit.enabled=true in sites mode: this site releases no audit histograms "
+        "(policy.release_audit=false)"]
+    unaudited = load_config(ROOT / "params.yaml", ["federation.mode=sites",
+                                                   "audit.enabled=false"])
+    assert policy_refusals(unaudited, quiet, noise_multiplier=0.8) == []
+
+
 def test_an_exact_statistic_is_refused_by_any_policy() -> None:
     """privacy.enabled=false permits exact releases; a site that requires privacy refuses
     them too, each rule by name (an exact release has ε = ∞)."""
