@@ -53,7 +53,11 @@ from fl_core.federation.wiring import (
     make_dpsgd,
     make_site_client,
 )
-from fl_core.privacy.accounting import planned_charge, statistics_charge
+from fl_core.privacy.accounting import (
+    audit_members_charge,
+    planned_charge,
+    statistics_charge,
+)
 from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import BUDGET_REFUSAL, BudgetExceededError, Charge
 from fl_core.privacy.policy import policy_refusals
@@ -218,14 +222,16 @@ def _site_run_id(session: SiteSession) -> str:
 def _site_charges(cfg: PipelineConfig, data: ClientData, dp: DPSGDConfig, run_id: str,
                   site: str, records: Mapping[int, str]) -> list[Charge]:
     """The run's charges at this site: its training patients (DP-SGD) and its test patients
-    (the released evaluation and audit statistics, :func:`statistics_charge`)."""
+    (the released evaluation and audit statistics, :func:`statistics_charge`), and its
+    training patients again for the audit's release about them (:func:`audit_members_charge`)."""
     split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                       "by_site", cfg.seed)
     site_of = {int(i): site for i in (*data.train_ids, *data.test_ids)}
     charges = [planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id,
                               KIND_SITE_TRAIN, records)]
-    statistics = statistics_charge(cfg, site_of, split, run_id, records)
-    return charges + ([statistics] if statistics is not None else [])
+    released = (statistics_charge(cfg, site_of, split, run_id, records),
+                audit_members_charge(cfg, site_of, split, run_id, records))
+    return charges + [c for c in released if c is not None]
 
 
 def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
@@ -234,14 +240,16 @@ def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientDat
     """At session start, before anything is charged or trained: raise
     :class:`BudgetExceededError` if the planned run would take one of the site's patients past
     its policy's lifetime ε. Returns the ledger run id the run will be charged under ("" when
-    the run is not private). A session started again for a run already charged passes."""
+    the run is not private). A session started again for a run already charged passes (only
+    the charges not made yet are checked)."""
     if dp is None:
         return ""
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
-    if not ledger.has_run(run_id):
-        ledger.check(_site_charges(cfg, data, dp, run_id, session.site, records),
-                     policy.lifetime_epsilon, "Nothing was charged or trained")
+    pending = [c for c in _site_charges(cfg, data, dp, run_id, session.site, records)
+               if not ledger.has_run(c.run_id)]
+    if pending:
+        ledger.check(pending, policy.lifetime_epsilon, "Nothing was charged or trained")
     return run_id
 
 
@@ -256,10 +264,11 @@ def charge_site_ledger(cfg: PipelineConfig, session: SiteSession, data: ClientDa
         return ""
     run_id = _site_run_id(session)
     ledger = site_ledger(session, policy)
-    if not ledger.has_run(run_id):
-        for charge in _site_charges(cfg, data, dp, run_id, session.site, records):
-            ledger.charge(charge, policy.lifetime_epsilon)  # training, then test patients
-        write_anchor(ledger)  # the new head beside the ledger, after every charge
+    # training, then test patients; each once, whatever stopped an earlier session between
+    for charge in _site_charges(cfg, data, dp, run_id, session.site, records):
+        if not ledger.has_run(charge.run_id):
+            ledger.charge(charge, policy.lifetime_epsilon)
+            write_anchor(ledger)  # the new head beside the ledger, after every charge
     return run_id
 
 

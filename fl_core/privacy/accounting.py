@@ -9,6 +9,8 @@ What a run releases about its sites' *test* patients (the evaluation's noisy his
 the audit's in sites mode: :mod:`fl_core.privacy.release`) is charged to them as a second
 charge of the same run (:func:`statistics_charge`, kind ``statistics``): the ledger holds one
 charge per site and run id, and the test patients are other patients than the trained ones.
+In sites mode the audit's histograms also release something about the trained patients (the
+audit's members): a third charge, :func:`audit_members_charge`.
 """
 
 from __future__ import annotations
@@ -19,15 +21,26 @@ from typing import Any
 
 from fl_core.config.model import PipelineConfig
 from fl_core.data.tables import Partition
-from fl_core.privacy.accountants import epsilon_spent, local_steps, replace_one_epsilon
+from fl_core.privacy.accountants import (
+    epsilon_for_history,
+    epsilon_spent,
+    local_steps,
+    replace_one_epsilon,
+)
 from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import Charge, Records, SiteCharge
-from fl_core.privacy.release import statistics_epsilon, statistics_history
+from fl_core.privacy.release import (
+    audit_history,
+    audit_released,
+    statistics_epsilon,
+    statistics_history,
+)
 from fl_core.results import PrivacyReport
 
 KIND_TRAIN = "train"  # the pipeline's train task and `fedpriv stage train`: the same code
 KIND_AUDIT_SWEEP = "audit-sweep"
 KIND_STATISTICS = "statistics"  # the evaluation (and sites-mode audit) releases
+KIND_AUDIT_RELEASE = "audit-release"  # the sites-mode audit's release about its members
 
 
 def statistics_run_id(run_id: str) -> str:
@@ -52,6 +65,29 @@ def statistics_charge(
         for pid in split.test_ids:
             patients.setdefault(site_of[pid], set()).add(Records(records[pid], int(pid)))
     return Charge(statistics_run_id(run_id), KIND_STATISTICS, dataset_label(cfg), tuple(
+        SiteCharge(site, epsilon, p.delta, p.accountant, history, frozenset(patients[site]))
+        for site in sorted(patients)))
+
+
+def audit_members_charge(
+    cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, run_id: str,
+    records: Mapping[int, str],
+) -> Charge | None:
+    """In sites mode with the audit on, what the audit's noisy histograms release about each
+    site's *training* patients (the audit's members), as a third charge of the run (kind
+    ``audit-release``, history :func:`fl_core.privacy.release.audit_history`): composed by the
+    ledger with their training charge, as :func:`fl_core.privacy.release.run_release_guarantee`
+    composes it for the report. None when no audit histogram leaves a site."""
+    if not audit_released(cfg):
+        return None
+    p = cfg.privacy
+    history = audit_history(p.audit_noise)
+    epsilon = epsilon_for_history(history, p.delta, p.accountant)
+    patients: dict[str, set[Records]] = {}
+    for split in partition.clients:
+        for pid in split.train_ids:
+            patients.setdefault(site_of[pid], set()).add(Records(records[pid], int(pid)))
+    return Charge(f"{run_id}-audit", KIND_AUDIT_RELEASE, dataset_label(cfg), tuple(
         SiteCharge(site, epsilon, p.delta, p.accountant, history, frozenset(patients[site]))
         for site in sorted(patients)))
 

@@ -37,6 +37,12 @@ def policy_refusals(cfg: PipelineConfig, policy: SitePolicy, *,
     if cfg.audit.shadow_models > policy.max_shadow_models:
         broken.append(f"audit.shadow_models={cfg.audit.shadow_models} > "
                       f"policy.max_shadow_models={policy.max_shadow_models}")
+    return broken + release_refusals(cfg, policy)
+
+
+def release_refusals(cfg: PipelineConfig, policy: SitePolicy) -> list[str]:
+    """The rules of ``policy`` on the statistics the run would have the site release."""
+    broken = []
     if not policy.release_audit and audit_released(cfg):
         broken.append("audit.enabled=true in sites mode: this site releases no audit "
                       "histograms (policy.release_audit=false)")

@@ -232,3 +232,31 @@ def test_the_test_patients_are_charged_what_the_run_releases_about_them() -> Non
     audited = statistics_charge(sites, site_of, split, "run1", records)
     assert audited is not None and audited.sites[0].history == (
         (2.0, 1.0, 1), (4.0 / math.sqrt(2), 1.0, 1))
+
+
+def test_the_audits_members_are_charged_what_the_sites_mode_audit_releases_about_them() -> None:
+    """In sites mode the audit's noisy histograms also hold the trained patients (members):
+    a third charge names them with the audit's history, composed by the ledger with their
+    training; in simulation (the audit runs where the data is) there is none."""
+    from pathlib import Path
+
+    from adapters.config_files import load_config
+    from fl_core.data.tables import ClientSplit, Partition
+    from fl_core.privacy.accounting import KIND_AUDIT_RELEASE, audit_members_charge
+
+    root = Path(__file__).resolve().parents[3]
+    split = Partition((ClientSplit("A", (1, 2, 3), (4, 5)), ClientSplit("B", (6,), (7,))),
+                      "by_site", 0)
+    site_of = {1: "A", 2: "A", 3: "A", 4: "A", 5: "A", 6: "B", 7: "B"}
+    records = {pid: f"fp{pid}" for pid in site_of}
+    assert audit_members_charge(load_config(root / "params.yaml"), site_of, split, "run1",
+                                records) is None
+    sites = load_config(root / "params.yaml", ["federation.mode=sites"])
+    charge = audit_members_charge(sites, site_of, split, "run1", records)
+    assert charge is not None and charge.kind == KIND_AUDIT_RELEASE
+    assert charge.run_id == "run1-audit"
+    assert {r.patient_id for r in charge.sites[0].patients} == {1, 2, 3}
+    assert {r.patient_id for r in charge.sites[1].patients} == {6}
+    assert charge.sites[0].history == ((4.0 / math.sqrt(2), 1.0, 1),)
+    no_audit = load_config(root / "params.yaml", ["federation.mode=sites", "audit.enabled=false"])
+    assert audit_members_charge(no_audit, site_of, split, "run1", records) is None
