@@ -6,7 +6,6 @@ demo itself (infra/sites-demo.sh) takes minutes: docs/sites-mode.md reports its 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,15 +37,17 @@ def test_set_prefect_points_the_site_file_at_the_api_and_keeps_the_rest(tmp_path
     assert env["PREFECT_API_SSL_CERT_FILE"] == str(tmp_path / "ca.crt")
 
 
-def _ignore_sigint() -> None:  # what a shell script's `&` does to its background commands
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# what a shell script's `&` does to its background commands: SIGINT ignored, then exec (an
+# ignored signal stays ignored across exec; no preexec_fn, unsafe in a threaded test process)
+IGNORING_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 def test_detach_gives_a_session_of_its_own_and_sigint_back() -> None:
     probe = ("import os, signal; print(os.getsid(0) == os.getpid(), "
              "signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
-    done = subprocess.run([sys.executable, "-m", "adapters.sites_demo", "detach", sys.executable,
-                           "-c", probe], preexec_fn=_ignore_sigint, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", IGNORING_SIGINT, "-m", "adapters.sites_demo",
+                           "detach", sys.executable, "-c", probe], capture_output=True,
                           text=True, timeout=60, check=True)
     assert done.stdout.split() == ["True", "True"]
 
