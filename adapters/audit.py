@@ -234,13 +234,14 @@ def audit_trained(
                               cfg.audit.confidence)
     report = _report(cfg, result, privacy, delta, started, members=int(pool.is_member.sum()),
                      non_members=int((1 - pool.is_member).sum()),
-                     population=population, online=cfg.audit.online)
+                     population=population, online=cfg.audit.online,
+                     shadow_models=cfg.audit.shadow_models)
     return report, {r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports}
 
 
 def _report(cfg: PipelineConfig, result: AuditResult, privacy: PrivacyReport, delta: float,
             started: float, *, members: int, non_members: int, population: int,
-            online: bool) -> AuditReport:
+            online: bool, shadow_models: int) -> AuditReport:
     """``audit.json``: the worst case over the attacks, checked against the accountant."""
     headline = result.metrics()
     epsilon = privacy.epsilon
@@ -248,7 +249,7 @@ def _report(cfg: PipelineConfig, result: AuditResult, privacy: PrivacyReport, de
         enabled=True, seconds=round(time.perf_counter() - started, 3), **headline,
         attacks=[r.summary() for r in result.reports], members=members,
         non_members=non_members, population=population,
-        shadow_models=cfg.audit.shadow_models, online=online, delta=delta,
+        shadow_models=shadow_models, online=online, delta=delta,
         confidence=cfg.audit.confidence, accountant_epsilon=epsilon,
         privacy_consistent=epsilon is None or headline["empirical_epsilon_lower_bound"] <= epsilon)
 
@@ -295,11 +296,11 @@ def _disabled(paths: Paths) -> AuditReport:
 
 def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
                    transport: Transport) -> AuditReport:
-    """``federation.mode=sites``: every site attacks the final model on its own patients
-    (loss threshold, and online LiRA with shadows trained at the site on halves of its own
-    patients) and returns score histograms only; the coordinator merges them
-    (:func:`fl_core.audit.federated.merge_audit_replies`). Shokri's attack needs pooled
-    patient-level features and runs in simulation only. Members are every training patient,
+    """``federation.mode=sites``: every site attacks the final model on its own patients with
+    the loss-threshold attack and returns noisy score histograms only; the coordinator merges
+    them (:func:`fl_core.audit.federated.merge_audit_replies`). LiRA (its shadows would train
+    on the site's own patients: no bounded sensitivity) and Shokri's attack (pooled
+    patient-level features) run in simulation only. Members are every training patient,
     non-members every held-out one (not balanced: the ROC does not need it)."""
     paths = Paths.of(cfg, root, run_id)
     if not cfg.audit.enabled:
@@ -309,10 +310,9 @@ def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
     privacy = read_training(paths).privacy
     payload = DenseCodec().encode(get_flat_params(model).detach())
     sites = list(privacy.site_patients or privacy.client_steps)
-    requests = {s: encode_message(AuditInstruction(s, -1, payload, cfg.audit.shadow_models,
-                                                   cfg.seed + 2)) for s in sites}
-    print(f"audit at {len(sites)} sites: loss threshold and site-local online LiRA "
-          f"({cfg.audit.shadow_models} shadows per site); score histograms only", flush=True)
+    requests = {s: encode_message(AuditInstruction(s, -1, payload)) for s in sites}
+    print(f"audit at {len(sites)} sites: the loss-threshold attack, no shadow model; noisy "
+          f"score histograms only", flush=True)
     replies = []
     for site, answer in transport.exchange(requests, cfg.federation.audit_timeout_s).items():
         try:
@@ -330,7 +330,8 @@ def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
                                                    alpha=1 - cfg.audit.confidence)))
     report = _report(cfg, result, privacy, delta, started,
                      members=sum(r.members for r in replies),
-                     non_members=sum(r.non_members for r in replies), population=0, online=True)
+                     non_members=sum(r.non_members for r in replies), population=0,
+                     online=False, shadow_models=0)  # the sites train no shadow model
     roc_plot({r.attack: (r.fpr, r.tpr, r.auc) for r in result.reports},
              "Membership inference at the sites (merged histograms)", paths.roc_plot)
     write_json_atomic(paths.audit, report.to_dict())

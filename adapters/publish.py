@@ -101,10 +101,10 @@ def describe_budget(registration: Registration) -> str:
 
 GUARANTEE = ("(ε, δ)-DP per patient, add/remove one patient's records at one site; covers every "
              "model update and the released model (ε: training patients) and the released "
-             "evaluation and sites-mode audit histograms (Gaussian mechanism; "
-             "privacy.statistics_epsilon: test patients); site sizes public by declaration; "
-             "not covered: the validation summary, budget_left, the simulation's pooled audit "
-             "figures, site-local LiRA's cross-patient dependence (docs/privacy.md)")
+             "evaluation and sites-mode audit histograms (loss-threshold attack only; "
+             "Gaussian mechanism; privacy.statistics_epsilon: test patients); site sizes "
+             "public by declaration; not covered: the validation summary, budget_left, the "
+             "simulation's pooled audit figures (docs/privacy.md)")
 
 
 def _run_log(cfg: PipelineConfig, paths: Paths, run_id: str | None) -> RunLog | None:

@@ -16,7 +16,6 @@ where it left off.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -49,7 +48,6 @@ from fl_core.federation.messages import (
 from fl_core.federation.site_client import SiteClient
 from fl_core.federation.wiring import (
     build_target_model,
-    local_training,
     make_dpsgd,
     make_site_client,
 )
@@ -158,14 +156,13 @@ class SiteAnswerer:
                                           f"{type(exc).__name__}: {exc}"))
 
     def audit(self, instruction: AuditInstruction) -> AuditReply:
-        """Attack the final model on this site's own patients; shadows trained here, as long
-        as the target trained (rounds × local epochs), not privately."""
+        """Attack the final model on this site's own patients with the loss-threshold attack
+        only: no shadow model trains here (shadows on the site's own patients would make the
+        released histogram's sensitivity unbounded)."""
         cfg = self.cfg
-        shadows = dataclasses.replace(local_training(cfg),
-                                      local_epochs=cfg.rounds * cfg.local_epochs)
         num_features = int(self.data.x_train.shape[1])
         return site_audit_reply(instruction, lambda: build_target_model(cfg, num_features)[0],
-                                self.data, training=shadows, bins=cfg.privacy.audit_bins,
+                                self.data, bins=cfg.privacy.audit_bins,
                                 noise=cfg.privacy.audit_noise,
                                 random=make_random(cfg.privacy.randomness, cfg.seed).stream(
                                     "audit", self.session.site))

@@ -146,8 +146,7 @@ def audit_arm(cfg: PipelineConfig, model: torch.nn.Module, data: list[ClientData
         aucs = []
         for trial in range(trials if sigma > 0 else 1):
             replies = [AuditReply.from_unit_scores(
-                d.client_id, 1, {a: (loss_to_unit(m), loss_to_unit(o))
-                                 for a in ("loss_threshold", "lira")},
+                d.client_id, 1, {"loss_threshold": (loss_to_unit(m), loss_to_unit(o))},
                 bins=bins, noise=sigma, random=SeededRandom(trial, ("audit", d.client_id)))
                 for d, (m, o) in zip(data, scores, strict=True)]
             aucs.append(merge_audit_replies(replies, delta=p.delta)[0].auc)

@@ -4,14 +4,14 @@ In sites mode each hospital's process holds only its own patients, and the coord
 receive aggregates only. So the audit is split:
 
 * **at the site** (:func:`site_attack_scores`, :func:`site_audit_reply`): the final model's
-  attack scores for each of the site's *members* (its training patients) and *non-members*
-  (its held-out test patients), one score per patient; then, per attack and population, a
+  loss-threshold score for each of the site's *members* (its training patients) and
+  *non-members* (its held-out test patients), one score per patient; then, per population, a
   histogram of the score mapped to ``[0, 1]`` (:class:`~fl_core.federation.messages.AuditReply`,
   ``audit.bins`` bins, one unit per patient), released with Gaussian noise per cell
   (``privacy.audit_noise``, from the site's own randomness; :mod:`fl_core.privacy.release`
   accounts it). No exact count, score, label or patient id leaves.
-* **at the coordinator** (:func:`merge_audit_replies`): the sites' histograms summed, and per
-  attack the figures of :class:`~fl_core.audit.report.AttackReport` computed from the merged
+* **at the coordinator** (:func:`merge_audit_replies`): the sites' histograms summed, and the
+  attack's figures of :class:`~fl_core.audit.report.AttackReport` computed from the merged
   counts: AUC (Mann–Whitney, a member and a non-member in the same bin count ½), the ROC at
   every occupied bin edge, TPR at 1 % and 0.1 % FPR, advantage, best balanced accuracy and
   the Clopper–Pearson ε lower bound (:func:`~fl_core.audit.bounds.epsilon_lower_bound_from_counts`,
@@ -19,16 +19,19 @@ receive aggregates only. So the audit is split:
   the ε lower bound is then a figure of the noisy ROC, not a Clopper–Pearson guarantee
   (docs/privacy.md states what the audit release costs and what it still shows).
 
-**The maps to [0, 1]** (fixed and monotone, so binning only merges neighbouring scores):
+**Only the loss-threshold attack is released** (:data:`SITE_ATTACKS`): a patient's score
+depends on the final model and that patient's own records only, so adding or removing a
+patient moves one unit of the histogram (sensitivity 1, :mod:`fl_core.privacy.release`).
+Site-local LiRA is not run: its shadows would train on the site's own patients, so one patient
+would move every other patient's score and the histogram's sensitivity would be unbounded; it
+could not be released under DP. No shadow model trains at a site.
 
-* ``loss_threshold``: the score is ``−ℓ`` with ``ℓ`` the patient's mean cross-entropy over
-  their records; mapped to ``u = 1 / (1 + ℓ^¼) = sigmoid(−ln ℓ / 4)``. On the log-loss scale a
-  bin is ``≈ 0.004`` wide at ``ℓ = 1`` and ``≈ 0.1`` at ``ℓ = 10⁻⁸``: a memorised member's tiny
-  loss is still resolved (a map on ``p_y = e^{−ℓ}`` would put every ``ℓ < 2.4·10⁻⁴`` in the
-  last bin, exactly where low-FPR attacks live).
-* ``lira``: the score is online LiRA's log-likelihood ratio ``Λ``; mapped to
-  ``u = sigmoid(Λ / 8)`` (:data:`LIRA_TEMPERATURE`): bins ``≈ 0.008`` wide at ``Λ = 0``,
-  saturation only beyond ``|Λ| ≈ 66``.
+**The map to [0, 1]** (fixed and monotone, so binning only merges neighbouring scores): the
+score is ``−ℓ`` with ``ℓ`` the patient's mean cross-entropy over their records; mapped to
+``u = 1 / (1 + ℓ^¼) = sigmoid(−ln ℓ / 4)``. On the log-loss scale a bin is ``≈ 0.004`` wide at
+``ℓ = 1`` and ``≈ 0.1`` at ``ℓ = 10⁻⁸``: a memorised member's tiny loss is still resolved (a map
+on ``p_y = e^{−ℓ}`` would put every ``ℓ < 2.4·10⁻⁴`` in the last bin, exactly where low-FPR
+attacks live).
 
 The merged histogram of several sites equals the histogram of their pooled scores (binning is
 per score), so the coordinator's figures are those of a pooled audit whose scores were
@@ -37,12 +40,12 @@ share a bin. Unlike the pooled audit (:mod:`adapters.audit`), members are not su
 balance the non-members: every figure here is a rate within a population, so it needs no
 balance, and each site audits all its patients.
 
-**What is not available in sites mode** (:data:`NOT_IN_SITES_MODE`): Shokri's attack model
-learns "trained on" from shadows' features over a pooled population and scores every
-patient's features with it; its training set and its inputs are per-patient features from
-every site, which may not leave a site. Offline LiRA is not reported separately: with the
-site's own patients in its shadows' pool every patient has in- and out-models, so the site
-runs the stronger online test.
+**What is not available in sites mode** (:data:`NOT_IN_SITES_MODE`; they stay in the
+simulation audit, :mod:`adapters.audit`, which runs where the data already is): online and
+offline LiRA, whose shadows would train on the site's own patients (a histogram of their
+scores has no bounded sensitivity); Shokri's attack, whose attack model learns "trained on"
+from shadows' per-patient features over a pooled population and scores every patient's
+features with it (per-patient features may not leave a site).
 """
 
 from __future__ import annotations
@@ -54,9 +57,8 @@ import torch
 from torch import nn
 
 from fl_core.audit.bounds import CONFIDENCE, epsilon_lower_bound_from_counts
-from fl_core.audit.lira import lira_online
 from fl_core.audit.report import AttackReport, report_from_roc
-from fl_core.audit.shadow import ShadowOutputs, half_splits, true_class_logit
+from fl_core.audit.shadow import true_class_logit
 from fl_core.codec.payload import decode_payload
 from fl_core.data.tables import ClientData
 from fl_core.federation.messages import (
@@ -65,21 +67,22 @@ from fl_core.federation.messages import (
     AuditInstruction,
     AuditReply,
 )
-from fl_core.federation.site_client import LocalTrainingConfig, seed_for, train_local
 from fl_core.model.networks import get_flat_params, set_flat_params
 from fl_core.privacy.randomness import RandomSource
 from fl_core.privacy.release import noisy_auc
 
-SITE_ATTACKS = AUDIT_ATTACKS  # what a site computes: ("loss_threshold", "lira")
+SITE_ATTACKS = AUDIT_ATTACKS  # what a site computes and releases: ("loss_threshold",)
+_LIRA_AT_SITE = ("shadows trained on the site's own patients make every patient's score depend "
+                 "on every other patient: its histogram has no bounded sensitivity and cannot "
+                 "be released under DP; it runs in simulation only")
 NOT_IN_SITES_MODE: dict[str, str] = {
+    "lira": "online LiRA: " + _LIRA_AT_SITE,
+    "lira_offline": "offline LiRA: " + _LIRA_AT_SITE,
     "shokri_shadow": "Shokri's attack model is trained on shadows' per-patient features over a "
                      "pooled population and applied to every patient's features; in sites mode "
-                     "no per-patient feature may leave its site, so it is not available",
-    "lira_offline": "sites run online LiRA (reported as 'lira'): the site's own patients are "
-                    "in its shadows' pool, so every patient has in- and out-models",
+                     "no per-patient feature may leave its site, so it runs in simulation only",
 }
 LOSS_EXPONENT = 0.25  # loss_threshold: u = 1 / (1 + ℓ^LOSS_EXPONENT)
-LIRA_TEMPERATURE = 8.0  # lira: u = sigmoid(Λ / LIRA_TEMPERATURE)
 
 ModelFactory = Callable[[], nn.Module]
 Scores = dict[str, tuple[torch.Tensor, torch.Tensor]]  # attack → (members, non-members)
@@ -100,13 +103,7 @@ def loss_to_unit(score: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + loss.pow(LOSS_EXPONENT))
 
 
-def lira_to_unit(score: torch.Tensor) -> torch.Tensor:
-    """LiRA log-likelihood ratio ``Λ`` → ``sigmoid(Λ / 8)`` in ``[0, 1]``, increasing."""
-    return torch.sigmoid(score.double() / LIRA_TEMPERATURE)
-
-
-UNIT_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "loss_threshold": loss_to_unit, "lira": lira_to_unit}
+UNIT_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"loss_threshold": loss_to_unit}
 
 
 # --- at the site ------------------------------------------------------------------------------
@@ -158,74 +155,25 @@ def _phi(model: nn.Module, pool: _SitePool) -> torch.Tensor:
         return true_class_logit(model(pool.x), pool.y)
 
 
-def _shadow_phi(model_factory: ModelFactory, pool: _SitePool, trained_on: torch.Tensor,
-                training: LocalTrainingConfig, seed: int, site: str) -> torch.Tensor:
-    """``[S, records]``: shadow ``s`` trained by :func:`train_local` on the records of the
-    patients ``trained_on[s]`` marks, then scored on every record of the site."""
-    phis = []
-    for s, patients in enumerate(trained_on):
-        model = model_factory()
-        rows = patients[pool.patient]
-        train_local(model, pool.x[rows], pool.y[rows], training, seed_for(seed, site, s))
-        phis.append(_phi(model, pool))
-    return torch.stack(phis)
-
-
-def site_attack_scores(
-    model_factory: ModelFactory, params: torch.Tensor, data: ClientData, *,
-    shadow_models: int, seed: int, training: LocalTrainingConfig,
-) -> Scores:
-    """Per-patient attack scores at one site: ``attack → (members, non-members)``, higher
-    meaning "more likely a member", for ``loss_threshold`` and ``lira``. Stays at the site.
+def site_attack_scores(model_factory: ModelFactory, params: torch.Tensor,
+                       data: ClientData) -> Scores:
+    """Per-patient attack scores at one site: ``{"loss_threshold": (members, non-members)}``,
+    higher meaning "more likely a member". Stays at the site.
 
     *Members* are the patients of ``data.x_train`` (rows grouped by ``data.patient_ids()``:
     a patient with several records is one member), *non-members* those of ``data.x_test``
-    (grouped by ``data.test_patient_ids()``).
-
-    * ``loss_threshold``: ``−ℓ``, ``ℓ`` the patient's mean cross-entropy over their records
-      under the model ``params`` (built by ``model_factory``).
-    * ``lira``: online LiRA (:func:`~fl_core.audit.lira.lira_online`). ``shadow_models``
-      shadows are trained *locally at the site*, each by :func:`train_local` with
-      ``training`` from ``model_factory()``'s initialisation on the records of a random half
-      of the site's own patients, members and non-members alike
-      (:func:`~fl_core.audit.shadow.half_splits`, seeded by ``seed`` and the site: every
-      patient is in exactly ``⌊S/2⌋`` shadows). A patient's ``φ`` is the mean over their
-      records of the logit-scaled confidence of the true class; the score is
-      ``log N(φ; μ_in, σ_in²) − log N(φ; μ_out, σ_out²)`` with per-patient means and pooled
-      variances.
-
-    **What the site-local LiRA assumes, and how it differs from the pooled one.** The pooled
-    audit's shadows are federated runs with the target's own recipe (every site, the rounds,
-    compression, aggregation, DP-SGD at the same ε) on halves of a population disjoint from
-    the members, and offline LiRA is its default. Here each shadow is one site's centralised,
-    non-private SGD on half of that site's patients; that needs no data to leave the site,
-    but it assumes that such a model's confidence on a patient, with and without that
-    patient, is distributed like the federated target's. It is not (the target also learned
-    from the other sites and, when private, was trained with clipping and noise), so the
-    reference Gaussians are miscalibrated to an unknown degree: the score is still a valid
-    membership test (the shadows' halves are drawn independently of the target's membership,
-    so the ε lower bound keeps its meaning), but a weaker one than with faithful shadows, and
-    a low LiRA figure in sites mode is weaker evidence of privacy than the pooled audit's.
-    ``training`` is the caller's choice; ``local_epochs`` near the target's
-    ``rounds × local_epochs`` mimics the target's total training. The shadows are never
-    released. As in the pooled audit, the patients' guesses share the shadows (pooled
-    variance), which the Clopper–Pearson independence assumption overlooks.
+    (grouped by ``data.test_patient_ids()``). A patient's score is ``−ℓ``, ``ℓ`` their mean
+    cross-entropy over their records under the model ``params`` (built by
+    ``model_factory``): it depends on the model and that patient only, which is what bounds
+    the released histogram's sensitivity to 1. No shadow model is trained (LiRA is
+    simulation-only, :data:`NOT_IN_SITES_MODE`).
     """
     pool = _site_pool(data)
     target = model_factory()
     set_flat_params(target, params)
-    phi = _phi(target, pool)
-    loss = _per_patient_mean(nn.functional.softplus(-phi), pool)
-    generator = torch.Generator().manual_seed(seed_for(seed, data.client_id, -1))
-    trained_on = half_splits(pool.patients, shadow_models, generator)
-    shadow_phi = _per_patient_mean(
-        _shadow_phi(model_factory, pool, trained_on, training, seed, data.client_id), pool)
-    # φ is already the true class's logit: with label 1 everywhere LiRA reads it as is
-    shadows = ShadowOutputs(shadow_phi, torch.ones(pool.patients, dtype=torch.float64),
-                            trained_on)
-    llr = lira_online(shadows, _per_patient_mean(phi, pool), torch.arange(pool.patients))
+    loss = _per_patient_mean(nn.functional.softplus(-_phi(target, pool)), pool)
     m = pool.members
-    return {"loss_threshold": (-loss[:m], -loss[m:]), "lira": (llr[:m], llr[m:])}
+    return {"loss_threshold": (-loss[:m], -loss[m:])}
 
 
 def audit_reply_from_scores(site: str, round_idx: int, scores: Scores, *,
@@ -244,19 +192,16 @@ def audit_reply_from_scores(site: str, round_idx: int, scores: Scores, *,
 
 def site_audit_reply(
     instruction: AuditInstruction, model_factory: ModelFactory, data: ClientData, *,
-    training: LocalTrainingConfig, bins: int = AUDIT_BINS, noise: float,
-    random: RandomSource | None,
+    bins: int = AUDIT_BINS, noise: float, random: RandomSource | None,
 ) -> AuditReply:
     """The site's answer to an :class:`AuditInstruction`: :func:`site_attack_scores` on the
     instruction's (dense) model, histogrammed with noise ``noise`` drawn from ``random``.
-    Nothing per patient is in it."""
+    Nothing per patient is in it, and no shadow model trains."""
     if instruction.site != data.client_id:
         raise ValueError(f"an audit instruction for site {instruction.site!r} reached site "
                          f"{data.client_id!r}")
     params = decode_payload(instruction.model, get_flat_params(model_factory()).numel())
-    scores = site_attack_scores(model_factory, params, data,
-                                shadow_models=instruction.shadow_models,
-                                seed=instruction.seed, training=training)
+    scores = site_attack_scores(model_factory, params, data)
     return audit_reply_from_scores(data.client_id, instruction.round, scores, bins=bins,
                                    noise=noise, random=random)
 
@@ -316,7 +261,8 @@ def merge_audit_replies(
     """Per attack of :data:`SITE_ATTACKS`, the report of the sites' merged histograms.
 
     ``AuditResult(tuple(reports)).metrics()`` (:mod:`fl_core.audit.membership`) gives the
-    worst case the gate reads. Shokri's attack is not among them (:data:`NOT_IN_SITES_MODE`).
+    worst case the gate reads. LiRA and Shokri's attack are not among them
+    (:data:`NOT_IN_SITES_MODE`).
     """
     merged = merge_histograms(replies)
     sizes = (sum(r.members for r in replies), sum(r.non_members for r in replies))

@@ -409,7 +409,7 @@ class FederationConfig(_Section):
     round_timeout_s: float = Field(300.0, gt=0, le=86_400)
     # how long a site's session may take to start (worker pick-up, imports, validation)
     site_start_timeout_s: float = Field(180.0, gt=0, le=86_400)
-    # the audit at a site trains audit.shadow_models shadows: far longer than a round
+    # the audit at a site scores its patients under the final model (no shadow model)
     audit_timeout_s: float = Field(600.0, gt=0, le=86_400)
 
     @property

@@ -22,11 +22,16 @@ sum, count and confusion, and its 4096 exact bins in which most test patients sa
 label readable by whoever knew their features), are gone.
 
 **Membership-audit replies are noisy histograms too** (:class:`AuditReply`, the answer to an
-:class:`AuditInstruction` in sites mode): for each attack in :data:`AUDIT_ATTACKS` and each
-population (the site's members, its non-members) a histogram of the attack's score mapped to
-``[0, 1]`` by a fixed monotone map (:mod:`fl_core.audit.federated` documents the maps), in
-``bins`` equal bins, one unit per patient, plus Gaussian noise ``noise`` per cell. The
-populations' sizes (``members``, ``non_members``) are site sizes, public by declaration.
+:class:`AuditInstruction` in sites mode, protocol version 3): for the one attack a site runs,
+:data:`AUDIT_ATTACKS` ``= ("loss_threshold",)``, and each population (the site's members, its
+non-members) a histogram of the attack's score mapped to ``[0, 1]`` by a fixed monotone map
+(:mod:`fl_core.audit.federated`), in ``bins`` equal bins, one unit per patient, plus Gaussian
+noise ``noise`` per cell. The populations' sizes (``members``, ``non_members``) are site
+sizes, public by declaration. A patient's loss-threshold score depends on the model and that
+patient only, so the histogram's sensitivity is 1. Version 2 also carried a site-local LiRA
+row whose shadows trained on the site's own patients (one patient moved every other
+patient's score: no bounded sensitivity, not releasable under DP); version 3 has no LiRA row
+and its :class:`AuditInstruction` asks for no shadow model.
 
 **Train loss** (:class:`FitReply`) is ``None`` when the site trains with DP-SGD: a loss
 computed without noise is not released.
@@ -54,12 +59,13 @@ from fl_core.privacy.release import (
 )
 
 MAGIC = b"FPMS"
-PROTOCOL_VERSION = 2  # 2: noisy float histograms, no exact evaluation, optional train loss
+PROTOCOL_VERSION = 3  # 2: noisy float histograms, no exact evaluation, optional train loss;
+#                       3: the audit releases the loss-threshold attack only (no site LiRA)
 FRAME = struct.Struct("<4sBBHII")
 MAX_META_BYTES = 64 * 1024
 HISTOGRAM_BINS = 4  # per label (privacy.evaluation_bins); even, so that 0.5 is a bin edge
 AUDIT_BINS = 8  # privacy.audit_bins
-AUDIT_ATTACKS = ("loss_threshold", "lira")  # the histograms' first axis, in this order
+AUDIT_ATTACKS = ("loss_threshold",)  # the histograms' first axis: sensitivity 1 per patient
 MAX_BINS = 1 << 20
 
 
@@ -162,20 +168,15 @@ class Failure:
 
 @dataclass(frozen=True)
 class AuditInstruction:
-    """Coordinator → site: audit this (dense) final model on your own patients, with
-    ``shadow_models`` shadows trained at the site; ``seed`` fixes the shadows' halves."""
+    """Coordinator → site: audit this (dense) final model on your own patients with the
+    loss-threshold attack. No shadow model trains at a site: shadows trained on the site's
+    own patients would make every patient's score depend on every other patient, and such a
+    histogram cannot be released under DP (docs/privacy.md)."""
 
     KIND: ClassVar[int] = 6
     site: str
     round: int
     model: bytes  # a dense codec payload, as EvaluateInstruction carries
-    shadow_models: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        if self.shadow_models < 2:
-            raise MessageError(f"shadow_models={self.shadow_models}: LiRA needs at least 2",
-                               self.site)
 
 
 @dataclass(frozen=True)
@@ -460,9 +461,6 @@ def _build(cls: type, meta: dict[str, Any], blob: bytes, site: str | None) -> Me
         return _build_audit_reply(meta, blob, site)
     if cls is EvaluateReply:
         return _build_evaluate_reply(meta, blob, site)
-    if cls is AuditInstruction and meta["shadow_models"] < 2:
-        raise MessageError(f"shadow_models={meta['shadow_models']}: LiRA needs at least 2",
-                           site)
     if cls in _BLOB_FIELD:
         meta[_BLOB_FIELD[cls]] = blob
     elif blob:

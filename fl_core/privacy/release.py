@@ -48,8 +48,10 @@ if TYPE_CHECKING:  # the configuration is only read here
     from fl_core.config.model import PipelineConfig
 
 EVALUATION_SENSITIVITY = 1.0  # L2, add/remove one patient: one unit in one row's bins
-AUDIT_ATTACK_COUNT = 2  # a patient's unit is in one bin of each attack's histogram
-AUDIT_SENSITIVITY = math.sqrt(AUDIT_ATTACK_COUNT)
+# a patient's unit is in one bin of each released attack's histogram; sites release the
+# loss-threshold attack only (its score depends on the model and that patient alone)
+AUDIT_ATTACK_COUNT = 1
+AUDIT_SENSITIVITY = math.sqrt(AUDIT_ATTACK_COUNT)  # 1.0
 LABEL_CHANGE_FACTOR = math.sqrt(2.0)  # a unit moved between two cells
 
 History = tuple[tuple[float, float, int], ...]
@@ -191,7 +193,7 @@ def evaluation_history(noise: float, releases: int) -> History:
 
 def audit_history(noise: float, releases: int = 1) -> History:
     """The audited patients' history for ``releases`` audit replies at noise ``noise`` (a
-    patient's unit sits in one bin of each attack's histogram: sensitivity √2)."""
+    patient's unit sits in one bin of the loss-threshold histogram: sensitivity 1)."""
     if releases <= 0:
         return ()
     if noise <= 0:

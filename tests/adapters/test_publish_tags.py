@@ -19,7 +19,8 @@ def test_the_guarantee_tags_carry_the_statistics_epsilon_and_what_is_not_covered
     assert tags["privacy.statistics_epsilon"] == "2.0032"
     assert tags["privacy.guarantee"] == GUARANTEE
     for phrase in ("add/remove one patient", "evaluation", "public by declaration",
-                   "not covered"):
+                   "not covered", "loss-threshold attack only"):
         assert phrase in GUARANTEE
+    assert "LiRA" not in GUARANTEE  # no site releases LiRA: nothing of it left uncovered
     assert "privacy.statistics_epsilon" not in privacy_tags(_report())
     assert privacy_tags(_report(epsilon=None))["privacy"] == "none"

@@ -139,8 +139,10 @@ def test_sessions_over_the_endpoint_train_exactly_the_simulations_model(
     assert torch.allclose(sim_model["params"], site_model["params"], atol=1e-6)
     # every site charged its own ledger, once, at the site
     assert set(at_sites.privacy.site_ledger_runs) == set(files)
-    # the audit, from the sites' histograms: every training and held-out patient
-    assert [a["attack"] for a in audited.attacks] == ["loss_threshold", "lira"]
+    # the audit, from the sites' histograms: every training and held-out patient, the
+    # loss-threshold attack only (no site trains a shadow model)
+    assert [a["attack"] for a in audited.attacks] == ["loss_threshold"]
+    assert audited.shadow_models == 0 and not audited.online
     assert audited.members == sum(m.train_patients for m in ready.values())
     assert audited.non_members == sum(m.test_patients for m in ready.values())
     assert 0.3 < audited.mia_auc < 0.8 and audited.privacy_consistent

@@ -1,4 +1,5 @@
-"""The membership audit in sites mode: per-site scores, histogram replies, merged figures."""
+"""The membership audit in sites mode: per-site loss-threshold scores (no shadow model at a
+site), histogram replies, merged figures."""
 
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ from hypothesis import strategies as st
 from adapters.tables import ClinicalTable
 from fl_core.audit import attack_report
 from fl_core.audit.federated import (
-    LIRA_TEMPERATURE,
     NOT_IN_SITES_MODE,
     SITE_ATTACKS,
     audit_reply_from_scores,
     check_site_attacks,
-    lira_to_unit,
     loss_to_unit,
     merge_audit_replies,
     merge_histograms,
@@ -45,7 +44,6 @@ def exact_reply(site: str, round_idx: int, scores: dict[str, tuple[torch.Tensor,
                 bins: int = FINE) -> AuditReply:
     """An exact audit reply (noise 0: what a run that is not private may release)."""
     return audit_reply_from_scores(site, round_idx, scores, bins=bins, noise=0.0, random=None)
-SHADOW_TRAINING = LocalTrainingConfig(local_epochs=40, batch_size=32, learning_rate=0.1, seed=0)
 
 
 def _labels(members: torch.Tensor, non_members: torch.Tensor) -> torch.Tensor:
@@ -54,17 +52,14 @@ def _labels(members: torch.Tensor, non_members: torch.Tensor) -> torch.Tensor:
 
 @st.composite
 def site_scores(draw: st.DrawFn) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Random scores in each attack's natural range: log-losses and log-likelihood ratios."""
+    """Random scores in the loss-threshold attack's natural range (negated log-normal losses)."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     m, o = draw(st.integers(50, 400)), draw(st.integers(50, 400))  # a tie moves AUC ≤ 1/(2mo)
     log_loss = draw(st.floats(-8, 2))
     spread, shift = draw(st.floats(0.5, 3)), draw(st.floats(-2, 2))
-    llr_scale, llr_shift = draw(st.floats(1, 15)), draw(st.floats(-5, 5))
     return {
         "loss_threshold": (-torch.exp(log_loss + spread * torch.randn(m, generator=g)),
                            -torch.exp(log_loss + shift + spread * torch.randn(o, generator=g))),
-        "lira": (llr_shift + llr_scale * torch.randn(m, generator=g, dtype=torch.float64),
-                 llr_scale * torch.randn(o, generator=g, dtype=torch.float64)),
     }
 
 
@@ -101,12 +96,12 @@ def test_bin_centred_scores_give_the_per_patient_report_exactly() -> None:
     bins = torch.randint(0, FINE, (700,), generator=g)
     bins[:300] = (bins[:300] + 1500).clamp(max=FINE - 1)  # members score higher
     u = (bins.double() + 0.5) / FINE
-    llr = LIRA_TEMPERATURE * torch.log(u / (1 - u))
-    members, non_members = llr[:300], llr[300:]
-    scores = {"loss_threshold": (-torch.rand(300, generator=g), -torch.rand(400, generator=g)),
-              "lira": (members, non_members)}
-    merged = merge_audit_replies([exact_reply("A", 1, scores)], delta=DELTA)[1]
-    exact = attack_report("lira", llr, _labels(members, non_members), DELTA)
+    score = -(((1 - u) / u) ** 4)  # loss_to_unit's inverse: u = 1 / (1 + ℓ^¼), score −ℓ
+    assert torch.allclose(loss_to_unit(score), u)
+    members, non_members = score[:300], score[300:]
+    scores = {"loss_threshold": (members, non_members)}
+    merged = merge_audit_replies([exact_reply("A", 1, scores)], delta=DELTA)[0]
+    exact = attack_report("loss_threshold", score, _labels(members, non_members), DELTA)
     assert merged.summary() == pytest.approx(exact.summary())
     assert merged.fpr == pytest.approx(exact.fpr) and merged.tpr == pytest.approx(exact.tpr)
     assert exact.epsilon_lower_bound > 0.5
@@ -118,18 +113,21 @@ def test_the_maps_are_monotone_and_land_in_the_unit_interval() -> None:
     u = loss_to_unit(-loss)
     assert bool((u[1:] <= u[:-1]).all()) and u[0] == 1 and u[-1] == 0
     assert bool((u[3:-1] < u[2:-2]).all())  # strictly between 10⁻¹² and 10⁶
-    llr = torch.tensor([-1e9, -60.0, -1.0, 0.0, 1.0, 60.0, 1e9], dtype=torch.float64)
-    v = lira_to_unit(llr)
-    assert bool((v[2:-1] > v[1:-2]).all()) and v[0] == 0 and v[-1] == 1 and v[3] == 0.5
     assert float(loss_to_unit(torch.tensor(-1.0))) == 0.5
 
 
-def test_shokri_is_refused_in_sites_mode_with_the_reason() -> None:
+def test_lira_and_shokri_are_refused_in_sites_mode_with_the_reason() -> None:
+    assert SITE_ATTACKS == ("loss_threshold",)
     check_site_attacks(SITE_ATTACKS)
     with pytest.raises(ValueError, match="per-patient feature may leave its site"):
         check_site_attacks(["loss_threshold", "shokri_shadow"])
-    # the attacks that need per-patient data off the site are refused, each with its reason
-    for attack in ("shokri_shadow", "lira_offline", *NOT_IN_SITES_MODE):
+    with pytest.raises(ValueError, match="no bounded sensitivity .* simulation only"):
+        check_site_attacks(["loss_threshold", "lira"])
+    with pytest.raises(ValueError, match="in sites mode"):
+        audit_reply_from_scores("A", 1, {"lira": (torch.zeros(3), torch.zeros(2))}, noise=1.0,
+                                random=SeededRandom(0))
+    # the attacks a site may not release are refused, each with its reason
+    for attack in ("shokri_shadow", "lira", "lira_offline", *NOT_IN_SITES_MODE):
         with pytest.raises(ValueError) as err:
             check_site_attacks([*SITE_ATTACKS, attack])
         assert str(err.value) == f"attack {attack!r} in sites mode: {NOT_IN_SITES_MODE[attack]}"
@@ -149,12 +147,12 @@ def test_merge_refuses_replies_that_cannot_be_merged() -> None:
         merge_audit_replies([a, exact_reply("B", 1, scores, bins=8)], delta=DELTA)
     with pytest.raises(ValueError, match="no audit replies"):
         merge_audit_replies([], delta=DELTA)
-    counts = torch.zeros(2, 2, FINE, dtype=torch.float64)
+    counts = torch.zeros(1, 2, FINE, dtype=torch.float64)
     counts[:, 1, 0] = 5
     empty = AuditReply("C", 1, 0, 5, 0.0, counts)  # a site with non-members only
     with pytest.raises(ValueError, match="at least one member"):
         merge_audit_replies([empty], delta=DELTA)
-    assert len(merge_audit_replies([a, b, empty], delta=DELTA)) == 2
+    assert len(merge_audit_replies([a, b, empty], delta=DELTA)) == 1
 
 
 def test_a_noisy_audit_release_is_post_processed_within_its_noise() -> None:
@@ -164,8 +162,7 @@ def test_a_noisy_audit_release_is_post_processed_within_its_noise() -> None:
     gives the AUC a standard deviation of ≈ 0.04)."""
     g = torch.Generator().manual_seed(4)
     members, non_members = torch.randn(700, generator=g) + 0.8, torch.randn(180, generator=g)
-    scores = {a: (-torch.exp(-members), -torch.exp(-non_members)) if a == "loss_threshold"
-              else (members.double(), non_members.double()) for a in SITE_ATTACKS}
+    scores = {"loss_threshold": (-torch.exp(-members), -torch.exp(-non_members))}
     exact = roc_auc(torch.cat([members, non_members]), _labels(members, non_members))
     replies = [audit_reply_from_scores(s, 1, {a: (m[i::4], o[i::4]) for a, (m, o) in
                                               scores.items()},
@@ -198,10 +195,9 @@ def _site_replies(factory, params: torch.Tensor, data: list[ClientData]) -> list
     replies = []
     for d in data:
         instruction = decode_message(encode_message(
-            AuditInstruction(d.client_id, 7, payload, shadow_models=4, seed=11)))
+            AuditInstruction(d.client_id, 7, payload)))
         assert isinstance(instruction, AuditInstruction)
-        reply = site_audit_reply(instruction, factory, d, training=SHADOW_TRAINING,
-                                 bins=FINE, noise=0.0, random=None)
+        reply = site_audit_reply(instruction, factory, d, bins=FINE, noise=0.0, random=None)
         replies.append(decode_message(encode_message(reply), site=d.client_id,
                                       expect=AuditReply))  # type: ignore[arg-type]
     return replies  # type: ignore[return-value]
@@ -223,7 +219,7 @@ def test_an_overfit_mlp_is_caught_by_the_site_path(heart: list[ClientData]) -> N
     assert reports["loss_threshold"].auc > 0.58
     assert reports["loss_threshold"].members == sum(d.num_train for d in heart)
     assert reports["loss_threshold"].non_members == sum(len(d.test_ids) for d in heart)
-    assert 0.0 <= reports["lira"].auc <= 1.0
+    assert set(reports) == {"loss_threshold"}  # no site-local LiRA
 
 
 @pytest.mark.slow
@@ -264,9 +260,7 @@ def test_a_reply_holds_nothing_per_patient(heart: list[ClientData]) -> None:
                           cleveland.y_train[:n_train], cleveland.x_test[:n_test],
                           cleveland.y_test[:n_test], cleveland.train_ids[:n_train],
                           cleveland.test_ids[:n_test])
-        scores = site_attack_scores(factory, params, part, shadow_models=2, seed=0,
-                                    training=LocalTrainingConfig(local_epochs=2, batch_size=32,
-                                                                 learning_rate=0.1, seed=0))
+        scores = site_attack_scores(factory, params, part)
         reply = exact_reply(part.client_id, 1, scores)
         assert (reply.members, reply.non_members) == (n_train, n_test)
         data = encode_message(reply)
@@ -284,30 +278,53 @@ def test_patients_with_several_records_are_one_member_each(heart: list[ClientDat
                          d.train_ids, d.test_ids, train_patients=d.patient_ids()[rows])
     factory = _mlp(d.x_train.shape[1], hidden=16)
     params = get_flat_params(factory())
-    training = LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1, seed=0)
-    kwargs = {"shadow_models": 2, "seed": 0, "training": training}
-    once = site_attack_scores(factory, params, d, **kwargs)  # type: ignore[arg-type]
-    twice = site_attack_scores(factory, params, doubled, **kwargs)  # type: ignore[arg-type]
+    once = site_attack_scores(factory, params, d)
+    twice = site_attack_scores(factory, params, doubled)
     assert len(twice["loss_threshold"][0]) == d.num_train
     # a patient's records are identical here, so the mean loss is the single record's
     assert torch.allclose(twice["loss_threshold"][0], once["loss_threshold"][0])
     with pytest.raises(ValueError, match="test rows"):
         site_attack_scores(factory, params, ClientData(
             d.client_id, d.x_train, d.y_train, d.x_test, d.y_test, d.train_ids,
-            d.test_ids[:-1]), **kwargs)  # type: ignore[arg-type]
+            d.test_ids[:-1]))
 
 
-def test_site_attack_scores_are_seeded_and_finite(heart: list[ClientData]) -> None:
+def test_site_attack_scores_are_deterministic_and_finite(heart: list[ClientData]) -> None:
     factory = _mlp(heart[0].x_train.shape[1], hidden=32)
     params = get_flat_params(factory())
+    first, again = (site_attack_scores(factory, params, heart[0]) for _ in range(2))
+    assert set(first) == {"loss_threshold"}
+    assert all(bool(torch.isfinite(t).all()) for t in first["loss_threshold"])
+    assert all(torch.equal(a, b) for a, b in zip(first["loss_threshold"],
+                                                 again["loss_threshold"], strict=True))
 
-    def scores(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return site_attack_scores(factory, params, heart[0], shadow_models=4, seed=seed,
-                                  training=SHADOW_TRAINING)
 
-    first, again, other = scores(0), scores(0), scores(1)
-    for attack in SITE_ATTACKS:
-        assert all(bool(torch.isfinite(t).all()) for t in first[attack])
-        assert all(torch.equal(a, b) for a, b in zip(first[attack], again[attack], strict=True))
-    assert torch.equal(first["loss_threshold"][0], other["loss_threshold"][0])  # no shadows
-    assert not torch.equal(first["lira"][0], other["lira"][0])  # other halves, other shadows
+def test_a_sites_mode_audit_reply_holds_the_loss_threshold_row_only_and_trains_nothing(
+    heart: list[ClientData], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The site builds the target model (and one model for the payload's size) and trains
+    none: no shadow model, no backward pass; its reply is one attack's [1, 2, bins]
+    histogram, noisy, and decodes as such."""
+    d = heart[0]
+    built = 0
+
+    def factory() -> torch.nn.Module:
+        nonlocal built
+        built += 1
+        return build_model("mlp", d.x_train.shape[1], hidden_units=16, seed=0)
+
+    def no_training(*_: object, **__: object) -> None:
+        raise AssertionError("the sites-mode audit trained a model")
+
+    monkeypatch.setattr(torch.autograd, "backward", no_training)
+    payload = DenseCodec().encode(get_flat_params(factory()))
+    built = 0
+    reply = site_audit_reply(AuditInstruction(d.client_id, -1, payload), factory, d,
+                             bins=AUDIT_BINS, noise=2.0, random=SeededRandom(0))
+    assert built == 2  # the payload's size, the target: no shadow
+    assert tuple(reply.histograms.shape) == (1, 2, AUDIT_BINS)
+    assert (reply.members, reply.non_members) == (d.num_train, len(d.test_ids))
+    decoded = decode_message(encode_message(reply), site=d.client_id, expect=AuditReply)
+    assert decoded == reply
+    [report] = merge_audit_replies([decoded], delta=DELTA)  # type: ignore[list-item]
+    assert report.attack == "loss_threshold"

@@ -1,5 +1,5 @@
 """The federation messages: bytes round trips, refusals that name the site, noisy histograms
-only (protocol version 2)."""
+only (protocol version 3: the audit releases the loss-threshold attack alone)."""
 
 from __future__ import annotations
 
@@ -74,8 +74,7 @@ messages = st.one_of(
     st.builds(Failure, names, rounds, st.text(max_size=200)),
     st.builds(EvaluateInstruction, names, rounds, st.binary(max_size=300)),
     evaluate_replies(),
-    st.builds(AuditInstruction, names, rounds, st.binary(max_size=300), st.integers(2, 64),
-              st.integers(-(2**62), 2**62)),
+    st.builds(AuditInstruction, names, rounds, st.binary(max_size=300)),
     audit_replies(),
 )
 
@@ -244,30 +243,32 @@ def _audit_blob(counts: list[float]) -> bytes:
     return struct.pack(f"<{len(counts)}d", *counts)
 
 
-GOOD_AUDIT = [3, 0, 1, 1, 2, 1, 0, 2]  # [loss members, loss non-members, lira ..] × 2 bins
-NOISY_AUDIT = [3.4, -0.7, 1.1, 0.2, 2.5, 1.9, -1.2, 2.0]
+GOOD_AUDIT = [2, 1, 0, 2]  # [loss members, loss non-members] × 2 bins
+NOISY_AUDIT = [3.4, -0.7, 1.1, 0.2]
 
 
 def test_a_hand_built_audit_reply_decodes() -> None:
     reply = decode_message(_forge(7, _audit_meta(), _audit_blob(GOOD_AUDIT)), site="A")
     assert isinstance(reply, AuditReply)
     assert reply.members == 3 and reply.non_members == 2
-    assert reply.histograms.tolist() == [[[3, 0], [1, 1]], [[2, 1], [0, 2]]]
+    assert reply.histograms.tolist() == [[[2, 1], [0, 2]]]
     noisy = decode_message(_forge(7, _audit_meta(noise=2.0), _audit_blob(NOISY_AUDIT)),
                            site="A")
     assert isinstance(noisy, AuditReply) and noisy.histograms.flatten().tolist() == NOISY_AUDIT
 
 
 @pytest.mark.parametrize(("meta", "blob", "why"), [
-    (_audit_meta(), _audit_blob([2, 0, 1, 1, 2, 1, 0, 2]), "sum to .* not members 3"),
-    (_audit_meta(), _audit_blob([3, 0, 1, 1, 2, 1, 0, 1]), "non-members 2"),
-    (_audit_meta(), _audit_blob([4, -1, 1, 1, 2, 1, 0, 2]), "negative count"),
-    (_audit_meta(noise=1.0), _audit_blob([4, float("inf"), 1, 1, 2, 1, 0, 2]), "non-finite"),
+    (_audit_meta(), _audit_blob([2, 0, 0, 2]), "sum to .* not members 3"),
+    (_audit_meta(), _audit_blob([2, 1, 0, 1]), "non-members 2"),
+    (_audit_meta(), _audit_blob([4, -1, 0, 2]), "negative count"),
+    (_audit_meta(noise=1.0), _audit_blob([4, float("inf"), 0, 2]), "non-finite"),
     (_audit_meta(noise=-1.0), _audit_blob(NOISY_AUDIT), "noise="),
-    (_audit_meta(), _audit_blob(GOOD_AUDIT[:-1]), "do not hold 2 × 2 × 2 float64"),
+    (_audit_meta(), _audit_blob(GOOD_AUDIT[:-1]), "do not hold 1 × 2 × 2 float64"),
     (_audit_meta(), _audit_blob(GOOD_AUDIT) + b"\x00", "do not hold"),
-    (_audit_meta(bins=3), _audit_blob(GOOD_AUDIT), "do not hold 2 × 2 × 3"),
-    (_audit_meta(bins=0), b"", "do not hold 2 × 2 × 0"),
+    (_audit_meta(bins=3), _audit_blob(GOOD_AUDIT), "do not hold 1 × 2 × 3"),
+    (_audit_meta(bins=0), b"", "do not hold 1 × 2 × 0"),
+    # version 2's shape, [loss_threshold, lira] × 2 populations × 2 bins: no LiRA row now
+    (_audit_meta(), _audit_blob([3, 0, 1, 1, 2, 1, 0, 2]), "do not hold 1 × 2 × 2 float64"),
     (_audit_meta(bins=2**40), _audit_blob(GOOD_AUDIT), "do not hold"),
     (_audit_meta(members=-3, noise=1.0), _audit_blob(NOISY_AUDIT), "negative"),
     (_audit_meta().replace(b'"members":3', b'"members":3.0'), _audit_blob(GOOD_AUDIT),
@@ -287,32 +288,53 @@ def test_forged_audit_replies_are_refused(meta: bytes, blob: bytes, why: str) ->
 
 
 @pytest.mark.parametrize(("meta", "why"), [
-    (b'{"site":"A","round":1,"shadow_models":1,"seed":0}', "shadow_models=1"),
-    (b'{"site":"A","round":1,"shadow_models":4,"seed":0.5}', "field 'seed' has type float"),
+    # version 2 asked the site to train shadow models (site-local LiRA): refused by name
+    (b'{"site":"A","round":1,"shadow_models":4,"seed":0}', "AuditInstruction fields"),
     (b'{"site":"A","round":1,"shadow_models":4}', "AuditInstruction fields"),
-    (b'{"site":"A","round":1,"shadow_models":"4","seed":0}', "'shadow_models' has type str"),
+    (b'{"site":"A","round":"1"}', "field 'round' has type str"),
 ])
 def test_forged_audit_instructions_are_refused(meta: bytes, why: str) -> None:
     with pytest.raises(MessageError, match=why):
         decode_message(_forge(6, meta, b"payload"), site="A")
 
 
+def test_an_old_version_audit_reply_with_a_lira_row_is_refused() -> None:
+    """Version 2's audit reply carried a site-local LiRA row (not releasable under DP): a site
+    still speaking it is refused by its version, and its [2, 2, bins] histograms do not fit
+    a version-3 reply (nor build one)."""
+    two_attacks = _audit_blob([3, 0, 1, 1, 2, 1, 0, 2])
+    old = _forge(7, _audit_meta(), two_attacks)
+    old = old[:4] + bytes([2]) + old[5:-4]
+    old += struct.pack("<I", zlib.crc32(old))
+    with pytest.raises(MessageError, match="site 'A': protocol version 2, this build speaks 3"):
+        decode_message(old, site="A")
+    assert PROTOCOL_VERSION == 3 and AUDIT_ATTACKS == ("loss_threshold",)
+    with pytest.raises(MessageError, match="do not hold 1 × 2 × 2"):
+        decode_message(_forge(7, _audit_meta(), two_attacks), site="A")
+    with pytest.raises(MessageError, match=r"shape \(2, 2, 2\), expected \(1, 2, 'bins'\)"):
+        AuditReply("A", 1, 3, 2, 0.0, torch.tensor([3.0, 0, 1, 1, 2, 1, 0, 2],
+                                                   dtype=torch.float64).view(2, 2, 2))
+    with pytest.raises(ValueError, match="expected"):
+        AuditReply.from_unit_scores("A", 1, {a: (torch.tensor([0.5]), torch.tensor([0.2]))
+                                             for a in ("loss_threshold", "lira")},
+                                    noise=1.0, random=SeededRandom(0))
+
+
 def test_audit_reply_refuses_to_build_inconsistent_histograms() -> None:
-    ok = torch.tensor(GOOD_AUDIT, dtype=torch.float64).view(2, 2, 2)
+    ok = torch.tensor(GOOD_AUDIT, dtype=torch.float64).view(1, 2, 2)
     assert AuditReply("A", 1, 3, 2, 0.0, ok).histograms is ok
     with pytest.raises(MessageError, match="sum to"):
         AuditReply("A", 1, 4, 2, 0.0, ok)
     assert AuditReply("A", 1, 4, 2, 1.0, ok).members == 4  # noisy: sums need not match
     with pytest.raises(MessageError, match="shape"):
-        AuditReply("A", 1, 3, 2, 0.0, ok[:1])
+        AuditReply("A", 1, 3, 2, 0.0, ok[0])
     with pytest.raises(MessageError, match="dtype"):
         AuditReply("A", 1, 3, 2, 0.0, ok.long())
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         AuditReply.from_unit_scores("A", 1, {a: (torch.tensor([1.5]), torch.tensor([0.2]))
                                              for a in AUDIT_ATTACKS}, noise=0.0, random=None)
     with pytest.raises(ValueError, match="expected"):
-        AuditReply.from_unit_scores("A", 1, {"loss_threshold": (ok, ok)}, noise=0.0,
-                                    random=None)
+        AuditReply.from_unit_scores("A", 1, {"lira": (ok, ok)}, noise=0.0, random=None)
     with pytest.raises(ValueError, match="randomness"):
         AuditReply.from_unit_scores("A", 1, {a: (torch.tensor([0.5]), torch.tensor([0.2]))
                                              for a in AUDIT_ATTACKS}, noise=1.0, random=None)
@@ -326,7 +348,7 @@ def test_audit_reply_size_does_not_grow_with_patients() -> None:
                                                      for a in AUDIT_ATTACKS},
                                             noise=2.0, random=SeededRandom(n))
         sizes.add(len(encode_message(reply)) - len(str(n)) - len(str(n // 3)))
-    assert len(sizes) == 1 and sizes.pop() < 4 * 8 * AUDIT_BINS + 200
+    assert len(sizes) == 1 and sizes.pop() < 2 * 8 * AUDIT_BINS + 200
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[3]
     ([], 0.1, "noise multiplier 0.1 < policy.min_noise_multiplier=0.3"),
     (["privacy.randomness=reproducible"], 0.8, "policy.require_secure"),
     (["rounds=900"], 0.8, "rounds=900 > policy.max_rounds=500"),
-    (["audit.shadow_models=64"], 0.8, "audit.shadow_models=64 > policy.max_shadow_models=32"),
     (["privacy.enabled=false"], None, "policy.require_private"),
     (["privacy.evaluation_noise=0.5"], 0.8, "policy.max_statistics_epsilon=3"),
     (["privacy.evaluation_every=1"], 0.8, "20 evaluation(s) at privacy.evaluation_noise=2"),
@@ -43,6 +42,14 @@ def test_the_default_run_fits_the_default_policy_and_a_site_may_relax_it() -> No
     every = load_config(ROOT / "params.yaml", ["privacy.evaluation_every=1"])
     assert policy_refusals(every, SitePolicy(max_statistics_epsilon=20),
                            noise_multiplier=0.8) == []
+
+
+def test_shadow_models_are_not_a_site_rule_since_sites_train_none() -> None:
+    """The sites-mode audit is the loss-threshold attack alone: audit.shadow_models (the
+    simulation audit's) asks nothing of a site, so policy.max_shadow_models refuses nothing
+    (it stays in the policy so that existing site files still load)."""
+    many = load_config(ROOT / "params.yaml", ["federation.mode=sites", "audit.shadow_models=64"])
+    assert policy_refusals(many, SitePolicy(max_shadow_models=0), noise_multiplier=0.8) == []
 
 
 def test_a_site_that_releases_no_audit_refuses_a_run_that_audits_it() -> None:

@@ -169,7 +169,8 @@ def test_the_bound_is_the_gaussian_trade_off() -> None:
 def test_accounting_histories_and_the_composed_guarantee() -> None:
     assert evaluation_history(2.0, 3) == ((2.0, 1.0, 3),)
     assert evaluation_history(2.0, 0) == ()
-    assert audit_history(2.0) == ((2.0 / math.sqrt(2), 1.0, 1),)
+    # sites release the loss-threshold attack only: one patient, one unit, sensitivity 1
+    assert audit_history(2.0) == ((2.0, 1.0, 1),)
     with pytest.raises(ValueError, match="no finite"):
         evaluation_history(0.0, 1)
     training = ((0.8, 1.0, 40),)
@@ -231,7 +232,7 @@ def test_the_test_patients_are_charged_what_the_run_releases_about_them() -> Non
     sites = load_config(root / "params.yaml", ["federation.mode=sites"])
     audited = statistics_charge(sites, site_of, split, "run1", records)
     assert audited is not None and audited.sites[0].history == (
-        (2.0, 1.0, 1), (4.0 / math.sqrt(2), 1.0, 1))
+        (2.0, 1.0, 1), (4.0, 1.0, 1))
 
 
 def test_the_audits_members_are_charged_what_the_sites_mode_audit_releases_about_them() -> None:
@@ -257,6 +258,6 @@ def test_the_audits_members_are_charged_what_the_sites_mode_audit_releases_about
     assert charge.run_id == "run1-audit"
     assert {r.patient_id for r in charge.sites[0].patients} == {1, 2, 3}
     assert {r.patient_id for r in charge.sites[1].patients} == {6}
-    assert charge.sites[0].history == ((4.0 / math.sqrt(2), 1.0, 1),)
+    assert charge.sites[0].history == ((4.0, 1.0, 1),)
     no_audit = load_config(root / "params.yaml", ["federation.mode=sites", "audit.enabled=false"])
     assert audit_members_charge(no_audit, site_of, split, "run1", records) is None
