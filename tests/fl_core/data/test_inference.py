@@ -76,7 +76,8 @@ def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -
     from fl_core.federation.wiring import federate, make_dpsgd
 
     cfg = load_config(ROOT / "params.yaml", [f"data.schema={path}", f"data.path={raw_csv}",
-                                             "data.drop_incomplete=false", "rounds=2"])
+                                             "data.drop_incomplete=false", "rounds=2",
+                                             "privacy.randomness=reproducible"])
     data = ClinicalTable.get(cfg.data, ROOT).partitioned(cfg.data, cfg.seed)[0]
     assert len(data) == 4 and data[0].x_train.shape[1] >= 10
     run = federate(cfg, data, dp=make_dpsgd(cfg=cfg, data=data))
