@@ -54,12 +54,19 @@ def check_budget(
     training (:func:`charge_and_summarise`).
     """
     planned = plan_charge(cfg, root, partition, dp=dp)
+    open_ledger(cfg, root).check(with_statistics(cfg, root, partition, planned),
+                                 cfg.privacy.lifetime_epsilon)
+    return planned
+
+
+def with_statistics(cfg: PipelineConfig, root: Path, partition: Partition,
+                    planned: Charge) -> list[Charge]:
+    """A planned training charge and, beside it, what the run's released statistics will
+    charge its test patients (:func:`statistics_charge`): what a run needs, checked together."""
     table = ClinicalTable.get(cfg.data, root)
     statistics = statistics_charge(cfg, table.site_of_patient(), partition, planned.run_id,
                                    table.record_keys())
-    open_ledger(cfg, root).check([planned, statistics] if statistics else planned,
-                                 cfg.privacy.lifetime_epsilon)
-    return planned
+    return [planned] + ([statistics] if statistics is not None else [])
 
 
 def charge_and_summarise(

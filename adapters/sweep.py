@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.accounting import charge_and_summarise, open_ledger, plan_charge
+from adapters.accounting import charge_and_summarise, open_ledger, plan_charge, with_statistics
 from adapters.artifacts import Paths, write_json_atomic
 from adapters.audit import audit_trained
 from adapters.plots import audit_sweep_plot
@@ -72,8 +72,9 @@ def plan_sweep(
             cfg = arm_config(base, epsilon, seed)
             data, _, partition = ClinicalTable.get(cfg.data, root).partitioned(
                 cfg.data, cfg.seed)
-            planned.append(plan_charge(cfg, root, partition, dp=make_dpsgd(cfg=cfg, data=data),
-                                       kind=KIND_AUDIT_SWEEP))
+            point = plan_charge(cfg, root, partition, dp=make_dpsgd(cfg=cfg, data=data),
+                                kind=KIND_AUDIT_SWEEP)
+            planned += with_statistics(cfg, root, partition, point)
     ledger = open_ledger(base, root)
     needs = ledger.check(planned, math.inf)
     needed = max((n.total.tight_epsilon for n in needs), default=0.0)

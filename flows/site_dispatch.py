@@ -156,15 +156,26 @@ class SiteSessions:
     def gone(self, site: str) -> str | None:
         """Why the site's session is not running any more (None while it is, or might be).
         A restarted site is skipped until its new session has said it is ready."""
-        if site in self._rejoining:
-            report = self.endpoint.ready_report(site)
-            if report is None or report[1] < self._rejoining[site]:
-                return "restarted: its new session is not up yet"
-            del self._rejoining[site]
-            print(f"site {site} rejoined")
+        if site in self._rejoining and not self._rejoined(site):
+            return "restarted: its new session is not up yet"
         if self.ended(site):
             return f"its session ended ({str(self._state_name(site)).lower()})"
         return None
+
+    def _rejoined(self, site: str) -> bool:
+        """Whether a restarted site's new session has said it is ready (said once)."""
+        report = self.endpoint.ready_report(site)
+        if report is None or report[1] < self._rejoining[site]:
+            return False
+        del self._rejoining[site]
+        print(f"site {site} rejoined")
+        return True
+
+    def announce_rejoined(self) -> None:
+        """Say which restarted sites are back (after each round: a fast round never waits
+        long enough for :meth:`gone` to be asked)."""
+        for site in list(self._rejoining):
+            self._rejoined(site)
 
     def ended(self, site: str, max_age_s: float = 0.5) -> bool:
         """Whether the site's current session run has ended (or is being cancelled)."""
@@ -294,6 +305,7 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
         transport = endpoint
 
         def rejoin(record: RoundRecord) -> None:
+            sessions.announce_rejoined()
             # restart a session that ended or straggles, not one that is merely coming up
             for site in record.failed_clients:
                 if (sessions.ended(site, max_age_s=0) or transport.straggling(site)) \

@@ -104,13 +104,26 @@ def test_run_reports_epsilon_that_a_fresh_accountant_confirms(project: Path) -> 
 
     registration = json.loads((project / "reports" / "registration.json").read_text())
     entries = _ledger(project).entries()
-    assert {e.site for e in entries} == SITES
-    assert {(e.run_id, e.kind) for e in entries} == {(privacy["ledger_run_id"], "train")}
-    assert {e.history for e in entries} == {((privacy["noise_multiplier"], 1.0, steps),)}
-    assert sum(e.patients for e in entries) == sum(privacy["site_patients"].values()) > 200
-    # one run: the composed figure is that run's own ε
-    assert registration["budget_spent"] == {
-        site: pytest.approx(eps, rel=1e-6) for site, eps in privacy["site_epsilon"].items()}
+    trained = [e for e in entries if e.kind == "train"]
+    assert {e.site for e in trained} == SITES
+    assert {e.run_id for e in trained} == {privacy["ledger_run_id"]}
+    assert {e.history for e in trained} == {((privacy["noise_multiplier"], 1.0, steps),)}
+    assert sum(e.patients for e in trained) == sum(privacy["site_patients"].values()) > 200
+    # the test patients: the one evaluation release (σ = 2, the last round), its own charge
+    released = [e for e in entries if e.kind == "statistics"]
+    assert {e.site for e in released} == SITES and len(entries) == 2 * len(SITES)
+    assert {e.run_id for e in released} == {privacy["ledger_run_id"] + "-statistics"}
+    assert {e.history for e in released} == {((2.0, 1.0, 1),)}
+    fresh = PRVAccountant()
+    fresh.history = [(2.0, 1.0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        statistics = fresh.get_epsilon(delta=1e-5)
+    assert privacy["statistics_epsilon"] == pytest.approx(statistics, rel=1e-6)
+    assert all(e.epsilon == pytest.approx(statistics, rel=1e-6) for e in released)
+    # one run: the most exposed patient at each site is a test patient (ε 2 > training's 1)
+    assert registration["budget_spent"] == dict.fromkeys(
+        SITES, pytest.approx(max(statistics, privacy["epsilon"]), rel=1e-6))
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}")
@@ -123,7 +136,7 @@ def test_run_reports_epsilon_that_a_fresh_accountant_confirms(project: Path) -> 
     version = client.get_model_version("fedpriv-heart", registration["model_version"])
     for recorded in (tags, version.tags):
         assert (recorded["privacy.ledger_head"], recorded["privacy.ledger_charges"]) == (
-            head.hash, "1")
+            head.hash, "2")  # the training charge and the statistics charge
     # ... and what the next start reads back: the ledger holds it; gone, the run is refused
     from adapters.preflight import PreflightError, preflight
 
@@ -148,7 +161,9 @@ def test_run_that_would_overspend_is_refused_before_training(project: Path) -> N
     assert [e.run_id for e in _ledger(project).entries()] == ["earlier"]
     # a run that fits is accepted: composed at δ = 2e-5, 9.49 and 0.5 stay below 10 (the
     # composed ε at the larger summed δ is even below the first run's alone)
-    _stages(project, "train", overrides=("rounds=2", "privacy.epsilon=0.5"))
+    # (the evaluation released at σ = 10: ε ≈ 0.45 for the test patients, below 0.5 too)
+    _stages(project, "train", overrides=("rounds=2", "privacy.epsilon=0.5",
+                                         "privacy.evaluation_noise=10"))
     spent = {b.site: b for b in _ledger(project).balances()}
     assert spent["Hungary"].tight_epsilon < spent["Hungary"].basic_epsilon <= 10.0
     assert spent["Hungary"].basic_delta == pytest.approx(2e-5)
@@ -204,9 +219,10 @@ def _variants(raw: bytes) -> dict[str, bytes]:
 def test_the_same_patients_in_another_file_are_the_same_account(project: Path) -> None:
     raw_dir = project / "data" / "raw"
     raw = (raw_dir / "heart_disease_uci.csv").read_bytes()
-    cap = ("privacy.lifetime_epsilon=1.2",)  # one run at ε = 1 fits, two do not
+    # one run at ε = 1 fits, two do not (the evaluation at σ = 10 costs its test patients ≈ 0.45)
+    cap = ("privacy.lifetime_epsilon=1.2", "privacy.evaluation_noise=10")
     _stages(project, "validate", "partition", "train", overrides=("rounds=2", *cap))
-    assert len({e.run_id for e in _ledger(project).entries()}) == 1
+    assert len({e.run_id for e in _ledger(project).entries()}) == 2  # training, statistics
     for name, content in _variants(raw).items():
         (raw_dir / name).write_bytes(content)
         overrides = ("rounds=2", *cap, f"data.path=data/raw/{name}")
@@ -214,13 +230,15 @@ def test_the_same_patients_in_another_file_are_the_same_account(project: Path) -
         with pytest.raises(BudgetExceededError, match="Cleveland") as err:
             _stages(project, "train", overrides=overrides)
         assert "privacy.lifetime_epsilon=1.2" in str(err.value), name
-    # control: other people (new ids) at the same hospitals have their own budget
+    # control: other people (new ids, other records: each a year older) at the same
+    # hospitals have their own budget; new ids alone are the same people (the variants above)
     header, *rows = raw.decode().rstrip("\n").split("\n")
-    shifted = [f"{int(r.split(',', 1)[0]) + 100_000},{r.split(',', 1)[1]}" for r in rows]
+    cells = [r.split(",", 2) for r in rows]
+    shifted = [f"{int(i) + 100_000},{int(age) + 1},{rest}" for i, age, rest in cells]
     (raw_dir / "others.csv").write_text("\n".join([header, *shifted]) + "\n")
     overrides = ("rounds=2", *cap, "data.path=data/raw/others.csv")
     _stages(project, "validate", "partition", "train", overrides=overrides)
-    assert len({e.run_id for e in _ledger(project).entries()}) == 2
+    assert len({e.run_id for e in _ledger(project).entries()}) == 4
 
 
 def _cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -235,12 +253,15 @@ def _cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_stage_train_charges_the_ledger_and_refuses_past_the_cap(project: Path) -> None:
     _stages(project, "validate", "partition")
     model = project / "data" / "models" / "model.pt"
-    args = ("stage", "train", "--set", "rounds=2", "--set", "privacy.lifetime_epsilon=1.2")
+    args = ("stage", "train", "--set", "rounds=2", "--set", "privacy.lifetime_epsilon=1.2",
+            "--set", "privacy.evaluation_noise=10")
     done = _cli(project, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     train = json.loads((project / "reports" / "train.json").read_text())
     entries = _ledger(project).entries()
-    assert {(e.run_id, e.kind) for e in entries} == {(train["privacy"]["ledger_run_id"], "train")}
+    run = train["privacy"]["ledger_run_id"]
+    assert {(e.run_id, e.kind) for e in entries} == {(run, "train"),
+                                                     (f"{run}-statistics", "statistics")}
     assert model.exists()
     model.unlink()
     again = _cli(project, *args)
