@@ -5,6 +5,7 @@ run per site and on the whole table (the rules and the report are
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from adapters.csv_header import duplicate_columns, duplicate_columns_text
 from fl_core.config.model import DataConfig, PipelineConfig
 from fl_core.data.schema import DatasetSchema
 from fl_core.data.validation import (
@@ -59,6 +61,10 @@ def _read_table(path: Path, data: DataConfig, site: str | None = None
     if size == 0:
         failure = _file_failure("file_not_empty", None, 0, "the data file is empty (0 bytes)")
         return None, [failure], summary
+    duplicated = duplicate_columns(path)
+    if duplicated:
+        return None, [_file_failure("unique_column_names", None, duplicated,
+                                    duplicate_columns_text(duplicated))], summary
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
@@ -141,14 +147,25 @@ def _value_expectations(gxe: Any, data: DataConfig) -> list[Any]:
         feature = spec.feature(col)
         mostly = round(1.0 - spec.missing_limit(col), 12)
         out.append(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
-        if feature.type == "integer":
-            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=INTEGER_REGEX))
-        elif feature.numeric:
-            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=NUMBER_REGEX))
-        else:
-            out.append(gxe.ExpectColumnValuesToBeInSet(column=col,
-                                                       value_set=list(feature.accepted())))
+        tokens = [str(t) for t in feature.missing_values]
+        if feature.numeric:
+            regex = INTEGER_REGEX if feature.type == "integer" else NUMBER_REGEX
+            out.append(gxe.ExpectColumnValuesToMatchRegex(column=col,
+                                                          regex=or_tokens(regex, tokens)))
+        else:  # a "not measured" token is a recorded value of every type (R's NA_NA)
+            out.append(gxe.ExpectColumnValuesToBeInSet(
+                column=col, value_set=list(dict.fromkeys([*feature.accepted(), *tokens]))))
     return out
+
+
+def or_tokens(regex: str, tokens: Sequence[str]) -> str:
+    """``regex`` (anchored ``^...$``) that also accepts each "not measured" token (surrounding
+    blanks allowed, as the loader strips them): a numeric column may record ``NA_NA`` or
+    ``.`` for a value not measured."""
+    if not tokens:
+        return regex
+    alternatives = "|".join(re.escape(t.strip()) for t in tokens)
+    return f"^(?:{regex.removeprefix('^').removesuffix('$')}|\\s*(?:{alternatives})\\s*)$"
 
 
 def _range_expectations(gxe: Any, data: DataConfig) -> list[Any]:

@@ -56,6 +56,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InferenceError(f"{path}: no such file", 3)
     if path.stat().st_size == 0:
         raise InferenceError(f"{path}: the file is empty (0 bytes)", 3)
+    from adapters.csv_header import duplicate_columns, duplicate_columns_text
+
+    duplicated = duplicate_columns(path)
+    if duplicated:
+        raise InferenceError(f"{path}: {duplicate_columns_text(duplicated)}", 3)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from adapters.csv_header import refuse_duplicate_columns
 from adapters.tables import ClinicalTable
 from fl_core.config.model import ConfigError, DataConfig, PipelineConfig, site_slug
 from fl_core.data.schema import DatasetSchema
@@ -180,11 +181,13 @@ def _csv_records(path: Path, key: str) -> list[list[str]]:
     configuration key that named the file."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            return list(csv.reader(handle))
+            records = list(csv.reader(handle))
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found ({key})") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot be read as CSV ({type(exc).__name__})") from None
+    refuse_duplicate_columns(path)  # split files would repeat the name pandas then renames
+    return records
 
 
 def own_site_files(cfg: PipelineConfig, root: Path) -> list[SiteFile]:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from adapters.csv_header import refuse_duplicate_columns
 from fl_core.config.model import DataConfig
 from fl_core.data.fingerprint import content_columns, record_fingerprints
 from fl_core.data.partitioning import _stratified_split, assign_clients, site_rng
@@ -105,6 +106,7 @@ class ClinicalTable:
 
     def _read_source(self, path: Path, site: str | None) -> pd.DataFrame:
         """One file's needed columns, its site column attached under ``site_source: file``."""
+        refuse_duplicate_columns(path)
         frame = pd.read_csv(path, keep_default_na=True, encoding="utf-8-sig")  # BOM-safe
         spec = self.spec
         frame, foreign = spec.attach_file_site(frame, site)
