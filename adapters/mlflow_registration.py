@@ -182,12 +182,15 @@ def check_serving_contract(cfg: PipelineConfig, uri: str) -> None:
         theirs = info.signature.inputs if info.signature else None
         if theirs is None or theirs.to_dict() == ours.to_dict():
             continue
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
         raise ConfigError(
             f"mlflow.model_name={name}: its {alias} takes the columns "
             f"{', '.join(theirs.input_names())}; this run's model (dataset "
             f"{cfg.data.spec.id!r}) takes {', '.join(ours.input_names())}. Registering it "
-            f"there would break every caller of models:/{name}@{alias}: leave "
-            f"mlflow.model_name unset (fedpriv-{cfg.data.spec.id}) or name another model")
+            f"there would break every caller of models:/{name}@{alias}: register under "
+            f"another name (--set mlflow.model_name=NEW_NAME), or, if version {version} is "
+            f"not to be served, retire it first: `fedpriv model retire --model {name} "
+            f"--version {version} --reason TEXT`")
 
 
 # --- inputs ---------------------------------------------------------------------------------

@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--out", required=True, help="CSV to write, relative to --root")
     dataset.add_argument("--root", default=".", help="project root")
     add_security_parsers(sub)
+    add_model_parser(sub, common)
     return parser
 
 
@@ -370,6 +371,41 @@ def add_security_parsers(sub: Any) -> None:
     verify.add_argument("--head", metavar="HASH",
                         help="the hash the last record must have (the model version's tag)")
     add_site_parser(sub)
+
+
+MODEL_HELP = """\
+the registered model's aliases after registration (docs/serving.md, model lifecycle):
+  fedpriv model rollback [--model NAME] [--to VERSION] [--reason TEXT]
+      champion back to the previous champion (the latest earlier version that passed the
+      gate and is not retired), or to VERSION (it must have passed the gate)
+  fedpriv model retire [--model NAME] --version V [--reason TEXT]
+      every alias off V (champion, challenger), V tagged retired
+Each move is tagged on the versions (who, when, why) and, in sites mode, appended to the
+published round log (signed with the endpoint's key). The privacy ledger is untouched.
+"""
+
+
+def add_model_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``fedpriv model rollback|retire``: move the registered model's aliases by hand."""
+    model = sub.add_parser("model", help="roll back or retire the registered champion",
+                           description=MODEL_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    back = actions.add_parser("rollback", parents=[common],
+                              help="move champion back to the previous champion",
+                              description="Move champion back to the previous champion, or "
+                                          "to --to VERSION (one that passed the gate).")
+    back.add_argument("--to", metavar="VERSION", help="the version to make champion")
+    retire = actions.add_parser("retire", parents=[common],
+                                help="take every alias off a version and tag it retired",
+                                description="Take champion and challenger off VERSION and "
+                                            "tag it retired (a next run may then register "
+                                            "a model of other columns under the name).")
+    retire.add_argument("--version", required=True, metavar="VERSION")
+    for action in (back, retire):
+        action.add_argument("--model", metavar="NAME",
+                            help="the registered model (default: mlflow.model_name)")
+        action.add_argument("--reason", default="", help="why (recorded with the move)")
 
 
 SITE_HELP = """\
@@ -844,6 +880,16 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
         return 0
     if args.command == "split-sites":
         split_sites(cfg, root, args.out)
+        return 0
+    if args.command == "model":
+        from adapters.model_lifecycle import retire, rollback
+
+        if args.action == "rollback":
+            change = rollback(cfg, root, model=args.model, to=args.to, reason=args.reason)
+        else:
+            change = retire(cfg, root, model=args.model, version=args.version,
+                            reason=args.reason)
+        print(change.text())
         return 0
     if args.command == "audit-dp":
         from adapters.dp_audit import dp_audit_markdown, run_dp_audit
