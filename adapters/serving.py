@@ -8,11 +8,14 @@ JSON), and the code that uses them (``adapters`` and ``fl_core`` as MLflow ``cod
 is logged as a model from code (:mod:`adapters.pyfunc_model`): nothing in the registry is a
 pickle.
 
-Input: a DataFrame with the raw feature columns of the dataset schema exactly as in the CSV
-(``data.features``): numbers for the numeric and integer features, the category strings or
-boolean tokens for the others (heart: ``age`` 63, ``sex`` "Male", ``fbs`` "TRUE"). Any number
-of rows. Output: one float64 per row, the probability of the positive class (``sigmoid`` of
-the network's logit), in [0, 1].
+Input: a DataFrame with the raw feature columns of the dataset schema as in the CSV
+(``data.features``), e.g. straight from ``pd.read_csv``: numbers (int or float, or their text)
+for the numeric and integer features, the category strings or boolean tokens for the others
+(heart: ``age`` 63, ``sex`` "Male", ``fbs`` "TRUE"); a boolean also as a bool or 0/1 (number or
+text); a category read as a number (``1``) as its text. Extra columns are ignored, order is
+free. Any number of rows. The signature declares the columns with MLflow's type ``Any``
+(:func:`signature` says why): the model does the checking. Output: one float64 per row, the
+probability of the positive class (``sigmoid`` of the network's logit), in [0, 1].
 
 Bad rows are refused, never scored: :class:`InvalidRowsError` (an ``MlflowException`` with
 ``INVALID_PARAMETER_VALUE``, so the scoring server answers HTTP 400) names every bad row's
@@ -22,6 +25,9 @@ index, column and value:
   schema's ``low``/``high``; the transform would clip it: a silently wrong score);
 * a category or boolean that is not one of the accepted values;
 * a missing column.
+
+The message names the bad cells only, never another row (MLflow's server would otherwise
+prefix the whole frame; :class:`InvalidRowsError`).
 
 Two documented imputations of the declared transform are applied, not refused:
 
@@ -59,14 +65,32 @@ _MAX_LISTED = 20  # problems named in one error message
 
 
 class InvalidRowsError(MlflowException):
-    """Rows that cannot be scored; the message names each row index, column and value."""
+    """Rows that cannot be scored; the message names each row index, column and (shortened)
+    value.
+
+    Its ``message`` cannot be replaced: MLflow's scoring server rewrites any
+    ``MlflowException`` from ``predict`` as ``Failed to predict data '<the whole frame>'.
+    Error: ...`` (``mlflow.pyfunc.scoring_server``), which would send every row's clinical
+    values back in the 400 body and into logs. The assignment is ignored, so the body names
+    the bad cells only."""
 
     def __init__(self, problems: list[str]) -> None:
         listed = problems[:_MAX_LISTED]
         more = f"; and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+        self._fixed_message: str | None = None
         super().__init__("cannot score: " + "; ".join(listed) + more,
                          error_code=INVALID_PARAMETER_VALUE)
         self.problems = problems
+
+    @property  # type: ignore[override]
+    def message(self) -> str:
+        """The message set at construction (class docstring)."""
+        return self._fixed_message or ""
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if self._fixed_message is None:  # the constructor's; later rewrites are ignored
+            self._fixed_message = value
 
 
 def model_from_saved(saved: Mapping[str, Any]) -> torch.nn.Module:
@@ -157,11 +181,11 @@ def _numeric(values: pd.Series, col: str, transform: TabularTransform,
             continue
         number = _as_number(value)
         if number is None:
-            problems.append(f"row {row}, column {col!r}: {value!r} is not a number")
+            problems.append(f"row {row}, column {col!r}: {_shown(value)} is not a number")
         elif imputed and number in tokens:
             continue  # declared "not measured" (the schema's missing_values)
         elif not ref.low <= number <= ref.high:
-            problems.append(f"row {row}, column {col!r}: {value!r} is outside the declared "
+            problems.append(f"row {row}, column {col!r}: {_shown(value)} is outside the declared "
                             f"range [{ref.low:g}, {ref.high:g}]")
         else:
             out.iloc[pos] = number
@@ -180,40 +204,60 @@ def _as_number(value: Any) -> float | None:
 
 def _category(values: pd.Series, col: str, transform: TabularTransform,
               problems: list[str]) -> pd.Series:
-    """Accepted category strings; None where missing (the transform's declared default)."""
+    """Accepted category strings; None where missing (the transform's declared default).
+    A cell ``pd.read_csv`` or JSON typed as a number or bool is read as the CSV's text first
+    (``1`` → "1"), so a consumer sends what the file holds."""
     boolean = col in transform.booleans
     accepted = transform.booleans[col] if boolean else transform.categories[col]
     out = pd.Series(None, index=values.index, dtype=object)
     for pos, (row, value) in enumerate(values.items()):
         if _missing(value):
             continue  # the schema's fill, applied by the transform
-        text = _bool_text(value, accepted) if boolean else value
+        text = _bool_text(value, accepted) if boolean else _as_text(value, ("FALSE", "TRUE"))
         if text not in accepted:
-            problems.append(f"row {row}, column {col!r}: unknown value {value!r}; accepted: "
-                            f"{', '.join(accepted)}")
+            problems.append(f"row {row}, column {col!r}: unknown value {_shown(value)}; "
+                            f"accepted: {', '.join(accepted)}")
         else:
             out.iloc[pos] = text
     return out
 
 
+_FALSE_TRUE = (("0", "FALSE", "F", "NO"), ("1", "TRUE", "T", "YES"))  # 0/1 and bool spellings
+
+
 def _bool_text(value: Any, tokens: tuple[str, str]) -> Any:
-    """A boolean cell as its declared token (``tokens``: false, true): JSON true/false, or
-    the token in any case."""
+    """A boolean cell as its declared token (``tokens``: false, true): the token in any case
+    (also where pandas read a ``0``/``1`` token column as numbers), else a bool or a 0/1
+    number or text (``True``, ``1``, ``"0"``, ``"true"``) by its truth; anything else
+    unchanged (refused by the caller)."""
     if isinstance(value, bool | np.bool_):
         return tokens[1] if value else tokens[0]
-    if isinstance(value, str):
-        for token in tokens:
-            if value.strip().upper() == token.strip().upper():
-                return token
+    text = _as_text(value, tokens)
+    if text is None:
+        return value
+    folded = text.strip().upper()
+    for token in tokens:
+        if folded == token.strip().upper():
+            return token
+    for token, spellings in zip(tokens, _FALSE_TRUE, strict=True):
+        if folded in spellings:
+            return token
     return value
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """``value`` as named in an error: its repr, cut to ``limit`` characters (the message
+    identifies the cell; it need not return a long free text)."""
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def as_model_input(frame: pd.DataFrame, transform: TabularTransform) -> pd.DataFrame:
-    """``frame``'s feature columns typed as the signature declares, values unchanged: integer
-    columns (``pd.read_csv`` reads ``age`` as int64, which MLflow's schema check will not
-    widen to double in-process) as float; categorical and boolean columns as the CSV's text
-    (``TRUE``/``FALSE`` cells read as bool, ``0``/``1`` tokens read as numbers), missing cells
-    as None. Over HTTP, send those columns as JSON strings."""
+    """``frame``'s feature columns as the CSV's text and numbers: integer columns as float;
+    categorical and boolean columns as the CSV's text (``TRUE``/``FALSE`` cells read as bool,
+    ``0``/``1`` tokens read as numbers), missing cells as None. Not needed to call the model
+    (its ``predict`` reads a frame straight from ``pd.read_csv``, :func:`validated_rows`);
+    kept for callers that want the text form, e.g. to send JSON strings."""
     out = {}
     for col in transform.features:
         values = frame[col]
@@ -243,12 +287,22 @@ def _as_text(value: Any, tokens: tuple[str, str]) -> str | None:
 
 
 def signature(transform: TabularTransform) -> Any:
-    """Raw columns in (double for numeric, string for categorical/boolean); one double out."""
+    """The raw feature columns by name, each of MLflow's type ``Any`` and optional; one double
+    out.
+
+    Why not ``double``/``string``: MLflow enforces a typed signature before ``predict`` runs
+    and refuses what ``pd.read_csv`` gives for valid rows (an int64 ``age`` for a double, an
+    int64 ``0``/``1`` column or a bool for a string); and every refusal it raises quotes the
+    whole input frame (``Failed to enforce schema of data '<frame>'``), other patients'
+    values included. The model checks and coerces each cell itself (:func:`validated_rows`)
+    and names only the bad ones. Optional for the same reason: a missing column is named by
+    the model, not by MLflow with the frame. MLflow still selects the named columns (extra
+    ones are dropped) and orders them."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec("double" if c in transform.reference else "string", c)
-                     for c in transform.features])
+    inputs = Schema([ColSpec(AnyType(), c, required=False) for c in transform.features])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")]))
 
 
