@@ -71,13 +71,13 @@ def rollback(cfg: PipelineConfig, root: str | Path = ".", *, model: str | None =
              ) -> LifecycleChange:
     """Move ``champion`` back to the previous champion, or to version ``to``."""
     client, name = _open(cfg, root, model)
+    run_log = model_round_log(cfg, root, name)  # a damaged log: refused before anything
     aliases = _aliases(client, name)
     current = aliases.get(CHAMPION)
     target = _checked_target(client, name, to, current) if to else \
         _previous_champion(client, name, current)
     moves = (AliasMove(CHAMPION, target, current or ""),)
     stamp = _stamp(who, reason)
-    run_log = model_round_log(cfg, root, name)
     client.set_registered_model_alias(name, CHAMPION, target)
     head = _log_or_undo(client, cfg, root, name, run_log, aliases, moves, DecisionEntry(
         model=name, version=target, verdict=ROLLED_BACK, reasons=stamp.reasons(),
@@ -94,6 +94,7 @@ def retire(cfg: PipelineConfig, root: str | Path = ".", *, version: str,
            ) -> LifecycleChange:
     """Take every alias off ``version`` and tag it retired."""
     client, name = _open(cfg, root, model)
+    run_log = model_round_log(cfg, root, name)  # a damaged log: refused before anything
     tags = _version_tags(client, name, version)
     if tags.get(RETIRED) == "true":
         raise ConfigError(f"{name} version {version} is already retired "
@@ -102,7 +103,6 @@ def retire(cfg: PipelineConfig, root: str | Path = ".", *, version: str,
     moves = tuple(AliasMove(alias, "", version) for alias in (CHAMPION, CHALLENGER)
                   if aliases.get(alias) == version)
     stamp = _stamp(who, reason)
-    run_log = model_round_log(cfg, root, name)
     for move in moves:
         client.delete_registered_model_alias(name, move.alias)
     head = _log_or_undo(client, cfg, root, name, run_log, aliases, moves, DecisionEntry(

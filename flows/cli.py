@@ -882,15 +882,7 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
         split_sites(cfg, root, args.out)
         return 0
     if args.command == "model":
-        from adapters.model_lifecycle import retire, rollback
-
-        if args.action == "rollback":
-            change = rollback(cfg, root, model=args.model, to=args.to, reason=args.reason)
-        else:
-            change = retire(cfg, root, model=args.model, version=args.version,
-                            reason=args.reason)
-        print(change.text())
-        return 0
+        return model_command(args, cfg, root)
     if args.command == "audit-dp":
         from adapters.dp_audit import dp_audit_markdown, run_dp_audit
 
@@ -898,6 +890,26 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
         print(dp_audit_markdown(report))
         return PRIVACY_FAILURE_EXIT if report.privacy_failure else 0
     return None
+
+
+def model_command(args: argparse.Namespace, cfg: Any, root: Path) -> int:
+    """``fedpriv model rollback|retire`` (:mod:`adapters.model_lifecycle`); a damaged round
+    log is refused as ``fedpriv log verify`` refuses it, before any alias moves."""
+    from adapters.model_lifecycle import retire, rollback
+    from fl_core.federation.round_log import LogIntegrityError
+
+    try:
+        if args.action == "rollback":
+            change = rollback(cfg, root, model=args.model, to=args.to, reason=args.reason)
+        else:
+            change = retire(cfg, root, model=args.model, version=args.version,
+                            reason=args.reason)
+    except LogIntegrityError as exc:
+        print(f"fedpriv: model {args.action}: the round log is not intact: {exc}",
+              file=sys.stderr)
+        return LOG_TAMPERED_EXIT
+    print(change.text())
+    return 0
 
 
 def run_stage(name: str, cfg: Any, root: Path) -> int:

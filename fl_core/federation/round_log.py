@@ -163,6 +163,7 @@ class DecisionEntry:
     model: str
     version: str
     verdict: str  # passed | refused | undone (its registration rolled back after this)
+    #   | rolled back | retired (`fedpriv model`: adapters.model_lifecycle)
     reasons: tuple[str, ...] = ()
     alias_moves: tuple[AliasMove, ...] = ()
 

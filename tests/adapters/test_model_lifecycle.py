@@ -206,6 +206,17 @@ def test_rollback_and_retire_are_signed_records_of_the_round_log(
     assert main(["log", "verify", str(path), "--coordinator-cert", str(pki.tls.server_cert),
                  "--head", _tags(cfg, "2")[HEAD_TAG]]) == 0
 
+    import argparse
+
+    from flows.cli import model_command
+
+    path.write_bytes(path.read_bytes()[:-1])  # a torn last line: no newline
+    args = argparse.Namespace(action="rollback", model=None, to="2", reason="")
+    aliases = _aliases(_client(cfg), NAME)
+    assert model_command(args, cfg, tmp_path) == 9  # as `fedpriv log verify` refuses it
+    assert "the round log is not intact" in capsys.readouterr().err
+    assert _aliases(_client(cfg), NAME) == aliases  # nothing moved
+
 
 # --- the command line -----------------------------------------------------------------------
 
