@@ -159,9 +159,12 @@ class ClinicalTable:
         for col, mask in marked.items():
             if not mask.any():
                 continue
-            if spec.feature(col).numeric and not pd.api.types.is_float_dtype(frame[col]):
-                frame[col] = frame[col].astype(float)  # an int64 column cannot hold NaN
-            frame.loc[mask, col] = np.nan
+            if spec.feature(col).numeric:
+                # an int64 column cannot hold NaN, and a text token ('.', 'NA_NA') read the
+                # whole column as text: blank the tokens first, then read the numbers
+                frame[col] = pd.to_numeric(frame[col].where(~mask)).astype(float)
+            else:
+                frame.loc[mask, col] = np.nan
         complete = present.all(axis=1)
         frame[LABEL] = binary_label(frame[spec.label.column], spec.label)
         frame[spec.patient_id] = frame[spec.patient_id].astype(np.int64)

@@ -38,6 +38,20 @@ UNIQUE_MIN_ROWS = 10
 """A column with a different value in each of at least this many rows is an identifier."""
 ZERO_SHARE = 0.05
 """A non-negative numeric column with at least this share of exact zeros is flagged."""
+NEAR_EMPTY = 0.5
+"""A column missing in more than this share of all rows is suggested for ``ignore``."""
+LEAK_SCORE = 0.98
+"""A feature whose values alone separate the labels this well (accuracy or AUC) may leak."""
+MIN_SITE_PATIENTS = 20
+"""A site with fewer patients is flagged: too small to train or evaluate on its own."""
+MINORITY_SHARE = 0.20
+"""A label whose smaller class is below this share is flagged as imbalanced."""
+MISSING_TOKENS = ("NA", "NA_NA", ".", "-", "NaN", "nan", "null", "NULL", "None", "N/A")
+"""Cells that mean "not recorded" (R writes ``NA`` and ``NA_NA``, SAS ``.``); those pandas
+does not already read as empty are drafted as ``missing_values``."""
+_TIME_NAME = re.compile(r"time|date|days|stop|(^|[_\W\d])(end|dur|duration|follow\w*)"
+                        r"($|[_\W\d])", re.IGNORECASE)
+"""A name saying time (``futime``, ``tstop``, ``end_date``; not ``gender``)."""
 _TRUE = {"true", "t", "yes", "y", "1", "positive", "pos"}
 _FALSE = {"false", "f", "no", "n", "0", "negative", "neg"}
 _ID_NAME = re.compile(r"(^|[_\W])(id|uuid|key|no|nr|number|name)$", re.IGNORECASE)
@@ -75,6 +89,10 @@ class SchemaDraft:
     columns: tuple[ColumnGuess, ...]
     notes: tuple[str, ...] = field(default=())
     source: str = ""
+    label_checks: tuple[str, ...] = ()
+    """Written under the ``label:`` line (class imbalance)."""
+    site_checks: tuple[str, ...] = ()
+    """Written under the ``sites:`` line (tiny or one-class sites)."""
 
     @property
     def schema(self) -> DatasetSchema:
@@ -193,14 +211,26 @@ def _ignored(name: str, reason: str) -> ColumnGuess:
     return ColumnGuess(name, "ignore", None, reason)
 
 
+def _row_number(text: pd.Series) -> bool:
+    """Consecutive whole numbers in file order (1..n, 0..n-1 or a slice of them): the row
+    number or index a spreadsheet or R's ``write.csv`` adds, which says nothing about a
+    patient but would let a model learn the file's order."""
+    steps = text.astype(float).diff().dropna()
+    return bool(len(steps)) and bool((steps == 1).all())
+
+
 def _why_ignore(name: str, text: pd.Series, numeric: bool) -> str | None:
-    """Why a column is no feature (empty, an identifier, free text, mixed), or None."""
+    """Why a column is no feature (empty, a row number, an identifier, free text, mixed), or
+    None."""
     if text.empty:
         return "empty in every row"
     distinct = text.nunique()
     unique = distinct == len(text) and len(text) >= UNIQUE_MIN_ROWS
     if numeric:
         whole = bool(text.str.match(_INTEGER).all())
+        if unique and whole and _row_number(text):
+            return (f"consecutive whole numbers {text.iloc[0]}..{text.iloc[-1]} in file "
+                    f"order: a row number or index, not a patient's value")
         if unique and whole and _ID_NAME.search(name):
             return f"a different whole number in each of {len(text)} rows: an identifier"
         return None
@@ -217,12 +247,26 @@ def _why_ignore(name: str, text: pd.Series, numeric: bool) -> str | None:
     return None
 
 
+def _near_empty(frame: pd.DataFrame, name: str, recorded: int) -> str | None:
+    """Why a column recorded in at most :data:`NEAR_EMPTY` of all rows is suggested for
+    ignore: kept with ``data.drop_incomplete`` it drops most patients (and whole sites)."""
+    empty = 1.0 - recorded / max(len(frame), 1)
+    if empty <= NEAR_EMPTY:
+        return None
+    return (f"near-empty: not recorded in {empty:.0%} of rows; suggested ignore (as a "
+            f"feature it would drop most incomplete patients, or be mostly its fill)")
+
+
 def guess_column(frame: pd.DataFrame, name: str, site: str) -> ColumnGuess:
-    """The type guess for feature candidate ``name`` (``frame`` read as text)."""
+    """The type guess for feature candidate ``name`` (``frame`` read as text). Recognised
+    "not recorded" tokens (:data:`MISSING_TOKENS`) are set aside first and drafted as the
+    feature's ``missing_values``."""
     text = frame[name].dropna().astype(str).str.strip()
     text = text[text != ""]
+    tokens = [t for t in MISSING_TOKENS if t in set(text.unique())]
+    text = text[~text.isin(tokens)]
     numeric = bool(len(text)) and bool(text.str.match(_NUMBER).all())
-    reason = _why_ignore(name, text, numeric)
+    reason = _why_ignore(name, text, numeric) or _near_empty(frame, name, len(text))
     if reason:
         return _ignored(name, reason)
     worst, limit = _missing_limit(frame, name, site)
@@ -231,7 +275,104 @@ def guess_column(frame: pd.DataFrame, name: str, site: str) -> ColumnGuess:
         guess = _guess_numeric(name, text, missing, limit)
     else:
         guess = _guess_text(name, text, missing, limit)
+    if tokens:
+        assert guess.spec is not None
+        guess = replace(guess, spec={**guess.spec, "missing_values": tokens},
+                        comment=f"{guess.comment}; {tokens} mean not recorded -> "
+                                f"missing_values")
     return replace(guess, notes=guess.notes + _sparse_note(name, worst))
+
+
+# ------------------------------------------------------------------------------ reviewer checks
+def _auc(scores: pd.Series, positive: pd.Series) -> float | None:
+    """The AUC of ``scores`` for ``positive`` (Mann-Whitney, ties counted half), or None with
+    fewer than 5 rows of either class."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if min(n_pos, n_neg) < 5:
+        return None
+    ranks = scores.rank()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def separation(guess: ColumnGuess, frame: pd.DataFrame, positive: pd.Series) -> float | None:
+    """How well ``guess``'s column alone separates the labels: the AUC (either direction) of
+    its values, or of its categories mapped to their share of positives (a category mapping;
+    only with at least 10 rows per category, so a mapping cannot fit rows one by one)."""
+    assert guess.spec is not None
+    text = frame.loc[positive.index, guess.name].astype(str).str.strip()
+    known = frame.loc[positive.index, guess.name].notna() & \
+        ~text.isin(["", *guess.spec.get("missing_values", [])])
+    text, y = text[known], positive[known].astype(bool)
+    if guess.kind in ("numeric", "integer"):
+        scores = text.astype(float)
+    elif text.nunique() * 10 <= len(text):
+        scores = text.map(y.groupby(text).mean())
+    else:
+        return None
+    auc = _auc(scores, y)
+    return None if auc is None else max(auc, 1.0 - auc)
+
+
+def _leak_notes(guess: ColumnGuess, frame: pd.DataFrame, positive: pd.Series
+                ) -> tuple[str, ...]:
+    """Why ``guess`` may be an outcome leak: its name says time (an interval end, a
+    follow-up, recorded after the outcome), or it alone separates the labels."""
+    notes = []
+    if _TIME_NAME.search(guess.name):
+        notes.append(f"possible leak: {guess.name} looks like a time or date; if it is "
+                     f"measured after the outcome (follow-up, an interval's end) move it to "
+                     f"ignore")
+    score = separation(guess, frame, positive)
+    if score is not None and score >= LEAK_SCORE:
+        notes.append(f"possible leak: {guess.name} alone separates the label (AUC "
+                     f"{score:.3f}); a value known only after the outcome? move it to ignore "
+                     f"unless it is known at prediction time")
+    return tuple(notes)
+
+
+def flag_leaks(guesses: tuple[ColumnGuess, ...], frame: pd.DataFrame, positive: pd.Series
+               ) -> tuple[ColumnGuess, ...]:
+    """``guesses`` with each candidate leak flagged in its comment and notes (kept as a
+    feature: a person decides)."""
+    out = []
+    for guess in guesses:
+        notes = _leak_notes(guess, frame, positive) if guess.spec is not None else ()
+        if notes:
+            guess = replace(guess, comment=f"{guess.comment}; CHECK leak",
+                            notes=guess.notes + notes)
+        out.append(guess)
+    return tuple(out)
+
+
+def site_checks(frame: pd.DataFrame, patient_id: str, site: str, positive: pd.Series
+                ) -> tuple[str, ...]:
+    """A line per site too small (fewer than :data:`MIN_SITE_PATIENTS` patients) or with
+    one class only: it cannot be evaluated on its own and a gate's figures there mean
+    nothing."""
+    out = []
+    sites = frame.loc[positive.index, site].astype(str)
+    for name in sorted(sites.unique()):
+        rows = sites == name
+        patients = int(frame.loc[rows[rows].index, patient_id].nunique())
+        pos, neg = int(positive[rows].sum()), int((~positive[rows]).sum())
+        if patients < MIN_SITE_PATIENTS or not pos or not neg:
+            out.append(f"site {name}: {patients} patients, {pos} positive and {neg} negative "
+                       f"rows: too small or one class to train and evaluate on; merge it "
+                       f"into another site (site_groups) or leave its rows out")
+    return tuple(out)
+
+
+def label_checks(positive: pd.Series) -> tuple[str, ...]:
+    """A line when the smaller class is below :data:`MINORITY_SHARE`: accuracy rewards a
+    model that always answers the majority class."""
+    n, pos = len(positive), int(positive.sum())
+    minority = min(pos, n - pos)
+    if not n or minority / n >= MINORITY_SHARE:
+        return ()
+    kind = "positive" if pos <= n - pos else "negative"
+    return (f"imbalanced label: {minority} {kind} of {n} rows ({minority / n:.0%}); judge "
+            f"the model by AUC / balanced accuracy, not accuracy (set the gate.* bounds on "
+            f"those) and expect few {kind}s per site",)
 
 
 # ------------------------------------------------------------------------------ label
@@ -338,6 +479,23 @@ def default_id(path: str | Path) -> str:
     return stem or "draft"
 
 
+def _draft_tree(frame: pd.DataFrame, path: str | Path, patient_id: str, site: str,
+                label_tree: dict[str, Any], guesses: tuple[ColumnGuess, ...],
+                dataset_id: str | None) -> dict[str, Any]:
+    """The schema tree of the guesses, in the order the draft writes it."""
+    sites = sorted(frame[site].dropna().astype(str).unique())
+    tree = {**dict(id=dataset_id or default_id(path)),
+            "description": f"drafted by fedpriv schema infer from {Path(path).name}; REVIEW",
+            "patient_id": patient_id, "site": site, "sites": sites, "label": label_tree,
+            # written out for the reviewer: the schema model's default, its one place
+            "max_missing_rate": DatasetSchema.model_fields["max_missing_rate"].default,
+            "features": {g.name: g.spec for g in guesses if g.spec is not None},
+            "ignore": [g.name for g in guesses if g.spec is None]}
+    if frame[patient_id].dropna().duplicated().any():
+        tree["records_per_patient"] = "many"
+    return tree
+
+
 def infer_schema(frame: pd.DataFrame, path: str | Path, *, patient_id: str, site: str,
                  label: str, positive_if: str | None = None,
                  positive_values: list[str] | None = None,
@@ -350,25 +508,21 @@ def infer_schema(frame: pd.DataFrame, path: str | Path, *, patient_id: str, site
     """
     _check_roles(frame, patient_id, site, label)
     label_tree, counts = label_rule(frame, label, positive_if, positive_values)
+    rule = LabelRule.model_validate({k: v for k, v in label_tree.items() if k != "values"})
+    positive = _positive(frame[label].dropna().astype(str).str.strip(), rule)
     roles = (patient_id, site, label)
     guesses = tuple(guess_column(frame, c, site) for c in frame.columns if c not in roles)
-    features = {g.name: g.spec for g in guesses if g.spec is not None}
-    if not features:
+    guesses = flag_leaks(guesses, frame, positive)
+    if all(g.spec is None for g in guesses):
         raise InferenceError(f"{path}: no column could be a feature "
                              f"({'; '.join(f'{g.name}: {g.comment}' for g in guesses)})")
-    sites = sorted(frame[site].dropna().astype(str).unique())
-    tree = {**dict(id=dataset_id or default_id(path)),
-            "description": f"drafted by fedpriv schema infer from {Path(path).name}; REVIEW",
-            "patient_id": patient_id, "site": site, "sites": sites, "label": label_tree,
-            # written out for the reviewer: the schema model's default, its one place
-            "max_missing_rate": DatasetSchema.model_fields["max_missing_rate"].default,
-            "features": features,
-            "ignore": [g.name for g in guesses if g.spec is None]}
-    if frame[patient_id].dropna().duplicated().any():
-        tree["records_per_patient"] = "many"
+    tree = _draft_tree(frame, path, patient_id, site, label_tree, guesses, dataset_id)
     notes = [f"label {label}: {counts}", *_role_notes(frame, patient_id, site, label)]
+    checks = label_checks(positive), site_checks(frame, patient_id, site, positive)
+    notes += [*checks[0], *checks[1]]
     notes += [n for g in guesses for n in g.notes]
-    draft = SchemaDraft(tree, guesses, tuple(notes), str(path))
+    notes += [f"{g.name}: {g.comment}" for g in guesses if g.comment.startswith("near-empty")]
+    draft = SchemaDraft(tree, guesses, tuple(notes), str(path), *checks)
     draft.schema  # noqa: B018 - a draft load_schema refuses is a bug here, not the user's
     return draft
 
@@ -379,6 +533,16 @@ def _flow(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9,
                           allow_unicode=True).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _head_lines(head: dict[str, Any], site_notes: tuple[str, ...]) -> list[str]:
+    """The head keys, one line each, the site checks under ``sites:``."""
+    lines = []
+    for key, value in head.items():
+        lines.append(f"{key}: {_flow(value)}")
+        if key == "sites":
+            lines += [f"#   CHECK: {n}" for n in site_notes]
+    return lines
 
 
 def draft_yaml(draft: SchemaDraft) -> str:
@@ -392,8 +556,9 @@ def draft_yaml(draft: SchemaDraft) -> str:
              "# their midpoint/half-width and fill the center (no patient statistic); "
              "replace them by clinical",
              "# reference values where you have them (docs/data.md).",
-             *(f"{k}: {_flow(v)}" for k, v in head.items()),
+             *_head_lines(head, draft.site_checks),
              f"label: {_flow(tree['label'])}",
+             *(f"#   CHECK: {n}" for n in draft.label_checks),
              f"max_missing_rate: {tree['max_missing_rate']:g}   # default per feature and site",
              "features:"]
     for guess in draft.columns:

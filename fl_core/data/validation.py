@@ -23,7 +23,8 @@ it never raises for bad data (callers decide, e.g. with :func:`raise_if_failed`)
    ``1e400``, reads as inf and fails its range), categorical features are in their declared
    ``categories``, booleans one of their two tokens, and each feature is missing (empty cell)
    in at most its ``max_missing_rate`` of the site's rows. A "not measured" token
-   (``missing_values``) is allowed by the range check and is *not* counted as missing: it is
+   (``missing_values``) is allowed by the type, category, token and range checks of every
+   feature type (R's ``NA_NA`` in a categorical column) and is *not* counted as missing: it is
    a recorded value, which the loader reads as missing and flags in its own input column.
 
 The file is read with every column as text, so that a non-numeric value stays visible instead

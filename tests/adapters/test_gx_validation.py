@@ -235,6 +235,37 @@ def test_categories_booleans_and_labels(tmp_path: Path, raw: pd.DataFrame) -> No
     assert len(report.message().splitlines()) == 4
 
 
+def with_missing_values(data: DataConfig, **tokens: list) -> DataConfig:
+    """``data`` with "not measured" tokens declared for the named features."""
+    features = {n: f.model_copy(update={"missing_values": tokens.get(n, f.missing_values)})
+                for n, f in data.spec.features.items()}
+    spec = data.spec.model_copy(update={"features": features})
+    return data.model_copy(update={"spec": spec})
+
+
+def test_missing_values_are_accepted_for_every_feature_type(tmp_path: Path,
+                                                            raw: pd.DataFrame) -> None:
+    """R writes a missing factor as ``NA_NA``: declared in ``missing_values`` it is a
+    recorded "not measured" value of a categorical, boolean or numeric feature alike."""
+    frame = raw.copy()
+    first = rows(frame, "Cleveland")[:3]
+    frame.loc[first, "sex"] = "NA_NA"           # categorical
+    frame.loc[first, "fbs"] = "NA_NA"           # boolean
+    frame.loc[first, "age"] = "."               # integer
+    frame.loc[first, "oldpeak"] = " NA_NA "     # numeric, blanks around the token
+    path = write(tmp_path, frame)
+    refused = validate_file(path, DATA)
+    assert {(c, e) for _, c, e in keys(refused)} == {("sex", IN_SET), ("fbs", IN_SET),
+                                                     ("age", REGEX), ("oldpeak", REGEX)}
+    declared = with_missing_values(DATA, sex=["NA_NA"], fbs=["NA_NA"], age=["."],
+                                   oldpeak=["NA_NA"])
+    report = validate_file(path, declared)
+    assert report.success, report.message()
+    frame.loc[first[:1], "sex"] = "Unknown"
+    assert keys(validate_file(write(tmp_path, frame), declared)) == {
+        ("Cleveland", "sex", IN_SET)}
+
+
 def test_mostly_empty_column(tmp_path: Path, raw: pd.DataFrame) -> None:
     frame = raw.copy()
     frame.loc[frame.sample(frac=0.8, random_state=0).index, "age"] = ""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from adapters.config_files import load_config
 from adapters.schema_files import infer_schema_file, load_schema
-from fl_core.data.inference import InferenceError, widened_range
+from fl_core.data.inference import InferenceError, SchemaDraft, infer_schema, widened_range
 from tests.conftest import data_config
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -59,6 +60,8 @@ def test_heart_draft_guesses(heart_draft: tuple[Path, str]) -> None:
     text = path.read_text()
     assert "# age: guessed: integer, observed 28..77, margin 10%" in text
     assert "CHECK: chol has 172 zeros" in text
+    assert spec.ignore == ["ca", "thal"]  # recorded for 34 % and 47 % of patients
+    assert "# ca: near-empty: not recorded in 66% of rows; suggested ignore" in text
 
 
 def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -> None:
@@ -70,8 +73,8 @@ def test_heart_draft_round_trips(heart_draft: tuple[Path, str], raw_csv: Path) -
     report = validate_file(raw_csv, cfg.data)
     assert report.success, report.message()
     # ... and trains: partition and two federated DP rounds on the drafted schema (reviewed:
-    # the draft keeps ca/thal/slope, empty for most of three sites, so incomplete patients
-    # are filled by the declared fill instead of dropped)
+    # the draft ignores the near-empty ca/thal but keeps slope and fbs, empty for most of a
+    # site, so incomplete patients are filled by the declared fill instead of dropped)
     from adapters.tables import ClinicalTable
     from fl_core.federation.wiring import federate, make_dpsgd
 
@@ -283,3 +286,140 @@ def test_a_failure_inside_the_flow_has_no_traceback(project: Path) -> None:
     assert "Traceback" not in done.stderr
     assert "'age' must lie in [18.0, 100.0] in Cleveland" in done.stderr
     assert len(done.stderr.splitlines()) <= 15, done.stderr  # 81 with the traceback
+
+
+# ------------------------------------------------------------------------------ reviewer checks
+def _draft(frame: pd.DataFrame, **roles: object) -> SchemaDraft:
+    """The draft of ``frame`` as ``read_table`` gives it (text columns, empty cells missing)."""
+    text = frame.astype(str).where(frame.notna())
+    args = {"patient_id": "pid", "site": "hospital", "label": "outcome",
+            "positive_values": ["1"], **roles}
+    return infer_schema(text, "mine.csv", **args)  # type: ignore[arg-type]
+
+
+def _frame(n: int = 60, seed: int = 0, positive_share: float = 0.5) -> pd.DataFrame:
+    """``n`` patients at two sites, a label with ``positive_share`` positives, and two
+    features that do not predict it."""
+    rng = np.random.default_rng(seed)
+    outcome = ((np.arange(n) // 2) % round(1 / positive_share) == 0).astype(int)  # both sites
+    return pd.DataFrame({"pid": rng.permutation(np.arange(5000, 5000 + n)),
+                         "hospital": ["A", "B"] * (n // 2),
+                         "age": rng.integers(30, 80, n),
+                         "bmi": np.round(rng.normal(25, 4, n), 1),
+                         "outcome": outcome})
+
+
+def _comments(draft: SchemaDraft) -> dict[str, str]:
+    return {g.name: g.comment for g in draft.columns}
+
+
+def test_row_number_and_index_columns_are_ignored_with_why() -> None:
+    frame = _frame()
+    frame.insert(0, "Unnamed: 0", range(1, len(frame) + 1))  # R's write.csv row names
+    frame["rowid"] = range(len(frame))                       # 0..n-1
+    frame["visit"] = np.arange(len(frame)) // 2 + 1          # repeats: not a row number
+    draft = _draft(frame)
+    assert draft.schema.ignore == ["Unnamed: 0", "rowid"]
+    assert "a row number or index" in _comments(draft)["rowid"]
+    assert "# rowid: consecutive whole numbers 0..59 in file order" in draft.yaml_text()
+    assert "visit" in draft.schema.features
+
+
+def test_near_empty_column_is_suggested_for_ignore() -> None:
+    frame = _frame()
+    frame["lactate"] = np.where(np.arange(len(frame)) % 10 < 7, np.nan, 1.5)  # 70 % empty
+    frame["crp"] = np.where(np.arange(len(frame)) % 10 < 3, np.nan, 4.0 + np.arange(60))
+    draft = _draft(frame)
+    assert "lactate" in draft.schema.ignore and "crp" in draft.schema.features
+    assert _comments(draft)["lactate"].startswith("near-empty: not recorded in 70% of rows")
+    assert any(n.startswith("lactate: near-empty") for n in draft.notes)
+    assert draft.schema.feature("crp").max_missing_rate < 1
+
+
+def test_a_feature_that_alone_separates_the_labels_is_flagged_not_dropped() -> None:
+    frame = _frame()
+    frame["marker"] = np.where(frame["outcome"] == 1, 8.0, 2.0) + np.arange(60) / 100
+    frame["ward"] = np.where(frame["outcome"] == 1, "icu", "general")
+    draft = _draft(frame)
+    assert {"marker", "ward"} <= set(draft.schema.features)  # flagged, kept
+    for name in ("marker", "ward"):
+        assert _comments(draft)[name].endswith("CHECK leak")
+        assert any(n.startswith(f"possible leak: {name} alone separates the label (AUC 1.000")
+                   for n in draft.notes)
+    assert not any("age" in n or "bmi" in n for n in draft.notes)
+    assert "#   CHECK: possible leak: marker alone separates" in draft.yaml_text()
+
+
+def test_time_columns_are_flagged_as_possibly_after_the_outcome() -> None:
+    frame = _frame()
+    rng = np.random.default_rng(1)
+    for name in ("futime", "tstop", "days_to_event", "end_date", "gender"):
+        frame[name] = rng.integers(1, 3000, len(frame))
+    draft = _draft(frame)
+    flagged = {g.name for g in draft.columns if "looks like a time" in " ".join(g.notes)}
+    assert flagged == {"futime", "tstop", "days_to_event", "end_date"}  # not 'gender'
+    assert set(flagged) <= set(draft.schema.features)
+
+
+def test_tiny_and_one_class_sites_are_flagged() -> None:
+    frame = _frame()
+    tiny = pd.DataFrame({"pid": [1, 2, 3], "hospital": "C", "age": [40, 50, 60],
+                         "bmi": [22.0, 30.1, 27.3], "outcome": 0})
+    draft = _draft(pd.concat([frame, tiny], ignore_index=True))
+    assert draft.site_checks == (
+        "site C: 3 patients, 0 positive and 3 negative rows: too small or one class to train "
+        "and evaluate on; merge it into another site (site_groups) or leave its rows out",)
+    text = draft.yaml_text()
+    assert text.index("sites: [A, B, C]") < text.index("#   CHECK: site C: 3 patients")
+    assert draft.schema.sites == ["A", "B", "C"]
+    assert _draft(frame).site_checks == ()
+
+
+def test_missing_tokens_become_missing_values(tmp_path: Path) -> None:
+    from adapters.gx_validation import validate_file
+
+    frame = _frame().astype(object)
+    frame["asa"] = ["I", "II", "III"] * 20
+    frame.loc[[3, 8], "asa"] = "NA_NA"
+    frame.loc[[4], "age"] = "."
+    frame.loc[[5], "bmi"] = "-"
+    draft = _draft(frame)
+    spec = draft.schema
+    assert spec.feature("asa").missing_values == ["NA_NA"]
+    assert spec.feature("asa").categories == ["I", "II", "III"]
+    assert spec.feature("age").type == "integer" and spec.feature("age").missing_values == ["."]
+    assert spec.feature("bmi").type == "numeric" and spec.feature("bmi").missing_values == ["-"]
+    assert "['NA_NA'] mean not recorded -> missing_values" in _comments(draft)["asa"]
+    # tokens pandas does not already read as empty are kept as written ("NA", "null" too,
+    # for a frame that did not come through read_csv)
+    frame.loc[[6], "asa"], frame.loc[[7], "asa"] = "NA", "null"
+    assert _draft(frame).schema.feature("asa").missing_values == ["NA", "NA_NA", "null"]
+    # the draft validates the file it came from: the tokens are recorded values
+    csv = tmp_path / "tokens.csv"
+    frame.loc[[6, 7], "asa"] = "I"
+    frame.to_csv(csv, index=False)
+    (tmp_path / "tokens.yaml").write_text(infer_schema_file(
+        csv, patient_id="pid", site="hospital", label="outcome",
+        positive_values=["1"]).yaml_text())
+    report = validate_file(csv, data_config(path=str(csv),
+                                            spec=load_schema(tmp_path / "tokens.yaml")))
+    assert report.success, report.message()
+
+
+def test_zero_one_columns_are_drafted_as_booleans() -> None:
+    frame = _frame()
+    frame["diabetes"] = [0, 1, 1] * 20
+    draft = _draft(frame)
+    assert draft.schema.feature("diabetes").tokens == ("0", "1")
+    assert _comments(draft)["diabetes"].startswith("guessed: boolean (1 = true)")
+
+
+def test_class_imbalance_suggests_gate_settings() -> None:
+    draft = _draft(_frame(n=100, positive_share=0.1))
+    assert draft.label_checks == (
+        "imbalanced label: 10 positive of 100 rows (10%); judge the model by AUC / balanced "
+        "accuracy, not accuracy (set the gate.* bounds on those) and expect few positives "
+        "per site",)
+    text = draft.yaml_text()
+    assert text.index("label: ") < text.index("#   CHECK: imbalanced label")
+    assert _draft(_frame(n=100, positive_share=0.5)).label_checks == ()
