@@ -105,6 +105,17 @@ LOG_TAMPERED_EXIT = 9
 """``fedpriv log verify``: a record of the round log was altered, removed, reordered or
 inserted, or a signature in it does not verify."""
 
+GATE_REFUSED_EXIT = 10
+"""``gate.refusal_exit=true`` only: the run finished (model registered as challenger, reports
+published) but the gate refused champion; a scheduler sees the refusal without parsing
+``reports/registration.json``. Off by default: a refusal is an outcome, not a failure."""
+
+
+def finished_exit(cfg: Any, gate_passed: bool) -> int:
+    """The exit code of a run or stage that registered or published: 0, or
+    :data:`GATE_REFUSED_EXIT` when the gate refused and ``gate.refusal_exit`` asks for it."""
+    return GATE_REFUSED_EXIT if cfg.gate.refusal_exit and not gate_passed else 0
+
 
 def reported_errors() -> tuple[type[BaseException], ...]:
     """Every error type of :func:`exit_codes`."""

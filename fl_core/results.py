@@ -154,6 +154,11 @@ class TrainingFigures:
     compression: str
     aggregation: str
     client_accuracy: dict[str, float]
+    # the last round's merged (noisy) evaluation histogram [2, bins] and the sites it holds;
+    # every site whose update went into an aggregate (the gate checks each one evaluated)
+    evaluation_histogram: list[list[float]]
+    evaluated_sites: list[str]
+    trained_sites: list[str]
     client_failures: list[str]
     flagged_clients: list[str]
     flagged_client_rounds: int
@@ -196,6 +201,9 @@ class TrainingSummary(TrainingFigures):
                 down, 1),
             compression=compression, aggregation=aggregation,
             client_accuracy=dict(last.client_accuracy),
+            evaluation_histogram=[list(row) for row in last.evaluation_histogram],
+            evaluated_sites=list(last.evaluated_clients),
+            trained_sites=sorted({c for r in h for c in r.aggregated_clients}),
             client_failures=[str(f) for f in result.failures],
             flagged_clients=sorted({c for r in h for c in r.flagged_clients}),
             flagged_client_rounds=sum(len(r.flagged_clients) for r in h),
@@ -355,6 +363,9 @@ RUN_METRICS: dict[str, tuple[str, str]] = {
     "audit_seconds": ("audit", "seconds"),
     "epsilon_replace_one": ("privacy", "epsilon_replace_one"),
     "randomness": ("privacy", "randomness"),
+    "evaluation_histogram": ("train", "evaluation_histogram"),
+    "evaluated_sites": ("train", "evaluated_sites"),
+    "trained_sites": ("train", "trained_sites"),
 }
 
 

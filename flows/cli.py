@@ -27,6 +27,7 @@ from adapters.stages import (
     PRIVACY_FAILURE_EXIT,
     STAGES,
     exit_code,
+    finished_exit,
     reported_errors,
 )
 
@@ -82,7 +83,8 @@ exit codes: 0 ok, 2 bad configuration (a value that cannot work, a malformed URI
   7 the model is registered but reports/ could not be updated (the next run publishes it),
   8 `fedpriv audit-dp` found a PRIVACY FAILURE (ε lower bound > the accountant's ε),
   9 `fedpriv log verify`: the round log was altered (a record edited, removed, reordered or
-  inserted, or a signature forged), 1 other.
+  inserted, or a signature forged), 10 the gate refused champion (only with
+  gate.refusal_exit=true; the model is registered as challenger), 1 other.
 """
 
 
@@ -813,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = fl_pipeline(config=cfg, overrides=args.overrides, params_path=args.params,
                               root=str(root))
         print_summary(outcome.metrics, outcome.registration)
-        return 0
+        return finished_exit(cfg, outcome.registration.gate_passed)
     except reported as exc:
         code, line = exit_code(exc)
         print(line, file=sys.stderr)
@@ -934,6 +936,7 @@ def run_stage(name: str, cfg: Any, root: Path) -> int:
 
     if isinstance(outcome, PublishOutcome):  # register, publish: the run's summary
         print_summary(outcome.metrics, outcome.registration)
+        return finished_exit(cfg, outcome.registration.gate_passed)
     return 0
 
 

@@ -3,8 +3,11 @@
 Pure (no MLflow, no Prefect). Each rule is a small function that looks at the final metrics
 and the thresholds (:func:`gate_thresholds`, keyed by their configuration key) and returns the
 reason it refuses, or ``None``. Adding a rule is one line in :data:`RULES`. A model passes
-only when it is accurate enough (accuracy; optionally AUC and balanced accuracy, off at 0:
-on an imbalanced table accuracy passes on the majority class alone), the membership audit
+only when its test evaluation is large enough (test patients, positives, negatives) and came
+from every site that trained, the *lower confidence bounds* of its AUC and balanced accuracy
+clear their thresholds (sampling and the evaluation's DP noise both counted,
+:mod:`fl_core.audit.confidence`: five test patients or always answering the majority class
+cannot pass; point figures are optional rules, off at 0), the membership audit
 found little (AUC and TPR at 0.1 % FPR), it is differentially private within the configured ε
 with noise nobody can regenerate (``privacy.randomness=secure``), and the audit's empirical ε
 lower bound does not contradict the accountant (which would mean a DP or accounting bug).
@@ -16,6 +19,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from fl_core.audit.confidence import EvaluationBounds, evaluation_bounds
 from fl_core.config.model import PipelineConfig
 
 Metrics = Mapping[str, float | int | str | None]
@@ -44,7 +48,16 @@ class GateDecision:
 
 def gate_thresholds(cfg: PipelineConfig) -> dict[str, float]:
     """Every threshold a rule reads, keyed by the configuration key that sets it."""
+    g = cfg.gate
     return {
+        "gate.min_test_patients": float(g.min_test_patients),
+        "gate.min_test_positives": float(g.min_test_positives),
+        "gate.min_test_negatives": float(g.min_test_negatives),
+        "gate.all_sites_evaluated": float(g.all_sites_evaluated),
+        "gate.min_auc_lower": g.min_auc_lower,
+        "gate.min_balanced_accuracy_lower": g.min_balanced_accuracy_lower,
+        "gate.confidence": g.confidence,
+        "privacy.evaluation_noise": cfg.privacy.evaluation_noise,
         "gate.min_accuracy": cfg.gate.min_accuracy,
         "gate.min_auc": cfg.gate.min_auc,
         "gate.min_balanced_accuracy": cfg.gate.min_balanced_accuracy,
@@ -141,8 +154,92 @@ def _dp_implementation_audit(metrics: Metrics, thresholds: Thresholds) -> str | 
             f"reports/audit_dp.json): no model trained with it is promoted")
 
 
+# --- the test evaluation: its size, its sites and the confidence bounds ---------------------
+
+
+def _bounds(metrics: Metrics, thresholds: Thresholds) -> EvaluationBounds | str:
+    """The bounds of the released evaluation histogram, or why there are none. The merged
+    histogram sums one release per evaluated site: each cell's noise is ``σ·√sites``."""
+    histogram = metrics.get("evaluation_histogram")
+    if not histogram:
+        return "evaluation_histogram is missing: the final round's evaluation did not run"
+    sites = metrics.get("evaluated_sites")
+    k = max(len(sites), 1) if isinstance(sites, list | tuple) else 1
+    noise = float(thresholds.get("privacy.evaluation_noise", 0.0)) * math.sqrt(k)
+    try:
+        return evaluation_bounds(histogram, noise,  # type: ignore[arg-type]
+                                 float(thresholds.get("gate.confidence", 0.95)))
+    except ValueError as exc:
+        return f"evaluation_histogram is unusable: {exc}"
+
+
+def _counts(b: EvaluationBounds) -> str:
+    return (f"{b.patients:.0f} test patients, {b.positives:.0f} positive, "
+            f"{b.negatives:.0f} negative (noisy counts)")
+
+
+def _enough_test_patients(metrics: Metrics, thresholds: Thresholds) -> str | None:
+    """A few test patients (or one class barely present) make every figure a coin toss."""
+    keys = ("gate.min_test_patients", "gate.min_test_positives", "gate.min_test_negatives")
+    if not any(float(thresholds.get(key, 0)) > 0 for key in keys):
+        return None
+    b = _bounds(metrics, thresholds)
+    if isinstance(b, str):
+        return b
+    short = [f"{what} {have:.0f} < {key} {float(thresholds.get(key, 0)):.0f}"
+             for what, have, key in (("test patients", b.patients, "gate.min_test_patients"),
+                                     ("positives", b.positives, "gate.min_test_positives"),
+                                     ("negatives", b.negatives, "gate.min_test_negatives"))
+             if have < float(thresholds.get(key, 0))]
+    return f"too small a test evaluation: {'; '.join(short)}" if short else None
+
+
+def _every_trained_site_evaluated(metrics: Metrics, thresholds: Thresholds) -> str | None:
+    """A site whose updates are in the model but whose patients are not in the evaluation
+    (failed, left, no test split) would make the figures speak for a federation it is not."""
+    if float(thresholds.get("gate.all_sites_evaluated", 0)) <= 0:
+        return None
+    trained, evaluated = metrics.get("trained_sites"), metrics.get("evaluated_sites")
+    if not isinstance(trained, list | tuple) or not isinstance(evaluated, list | tuple):
+        return "trained_sites/evaluated_sites are missing: the run did not record them"
+    missing = sorted(set(trained) - set(evaluated))
+    if missing:
+        return (f"not every site that trained was evaluated: {', '.join(missing)} contributed "
+                f"updates but no final evaluation ({len(evaluated)} of {len(trained)} "
+                f"evaluated)")
+    return None
+
+
+def _lower_bound_rule(figure: str, key: str) -> Rule:
+    """Rule: the one-sided lower confidence bound of ``figure`` ≥ ``thresholds[key]`` (off at
+    0); the refusal states the figure, its bound, the confidence, the threshold and counts."""
+
+    def rule(metrics: Metrics, thresholds: Thresholds) -> str | None:
+        threshold = float(thresholds.get(key, 0.0))
+        if threshold <= 0:
+            return None
+        b = _bounds(metrics, thresholds)
+        if isinstance(b, str):
+            return b
+        value, lower = getattr(b, figure), getattr(b, f"{figure}_lower")
+        level = f"{b.confidence * 100:g} %"
+        if not math.isfinite(lower):
+            return (f"{figure} lower bound undefined ({level}): a class is empty; "
+                    f"{_counts(b)}")
+        if lower < threshold:
+            return (f"{figure} lower bound {lower:.2f} ({level}) < {key} {threshold:.4g}: "
+                    f"{figure} {value:.2f}, {_counts(b)}")
+        return None
+
+    return rule
+
+
 RULES: tuple[Rule, ...] = (
-    _at_least("accuracy", "gate.min_accuracy"),
+    _enough_test_patients,
+    _every_trained_site_evaluated,
+    _lower_bound_rule("auc", "gate.min_auc_lower"),
+    _lower_bound_rule("balanced_accuracy", "gate.min_balanced_accuracy_lower"),
+    _at_least_if_set("accuracy", "gate.min_accuracy"),
     _at_least_if_set("auc", "gate.min_auc"),
     _at_least_if_set("balanced_accuracy", "gate.min_balanced_accuracy"),
     _at_most("mia_auc", "audit.max_auc"),

@@ -431,8 +431,20 @@ class FederationConfig(_Section):
 
 
 class GateConfig(_Section):
-    min_accuracy: float = Field(0.70, ge=0, le=1)
-    # for imbalanced tables, where accuracy passes on the majority class alone; 0 = off
+    # the decision is on lower confidence bounds (sampling + the evaluation's DP noise), so
+    # five test patients or a majority-class model cannot pass; point figures are optional
+    min_auc_lower: float = Field(0.6, ge=0, le=1)  # 0 = off
+    min_balanced_accuracy_lower: float = Field(0.55, ge=0, le=1)  # at probability 0.5; 0 = off
+    confidence: float = Field(0.95, ge=0.5, lt=1)  # one-sided
+    min_test_patients: int = Field(50, ge=0)
+    min_test_positives: int = Field(10, ge=0)
+    min_test_negatives: int = Field(10, ge=0)
+    # every site whose updates are in the model answered the final evaluation
+    all_sites_evaluated: bool = True
+    # `fedpriv run` / `stage register|publish` exit 10 when the gate refused champion
+    refusal_exit: bool = False
+    # optional rules on the point figures; 0 = off (accuracy passes on the majority class)
+    min_accuracy: float = Field(0.0, ge=0, le=1)
     min_auc: float = Field(0.0, ge=0, le=1)
     min_balanced_accuracy: float = Field(0.0, ge=0, le=1)  # at probability 0.5
 

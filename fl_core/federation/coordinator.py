@@ -84,6 +84,11 @@ class RoundRecord:
     rejected_clients: list[str] = field(default_factory=list)
     excluded_clients: list[str] = field(default_factory=list)
     client_accuracy: dict[str, float] = field(default_factory=dict)
+    # the merged (noisy) evaluation histogram [2, bins] as released, and the sites whose
+    # evaluation it holds (empty: not evaluated this round); the gate's confidence bounds and
+    # counts are post-processing of it (fl_core.audit.bounds)
+    evaluation_histogram: list[list[float]] = field(default_factory=list)
+    evaluated_clients: list[str] = field(default_factory=list)
     epsilon: float | None = None  # DP-SGD: the largest ε any client has reported so far
     seconds: float = 0.0
     # the sites whose updates the aggregate is made of (what the round log calls participants)
@@ -271,6 +276,7 @@ class PooledEvaluation:
     balanced_accuracy: float
     per_site: dict[str, float]  # each site's accuracy
     failures: list[ClientUpdateError]  # the sites whose evaluation failed
+    histogram: list[list[float]] = field(default_factory=list)  # merged [2, bins]; [] if none
 
 
 def evaluate_sites(
@@ -316,7 +322,7 @@ def evaluate_sites(
     return PooledEvaluation(
         loss=pooled.loss_sum / pooled.count, accuracy=pooled.accuracy,
         auc=noisy_auc(merged), balanced_accuracy=balanced_accuracy(*pooled.confusion),
-        per_site=per_site, failures=failures)
+        per_site=per_site, failures=failures, histogram=merged.double().tolist())
 
 
 def evaluates(round_idx: int, settings: FederationSettings) -> bool:
@@ -463,6 +469,7 @@ def _record(
         failure_reasons={f.client_id: f.reason for f in reversed(rnd.failures)},
         flagged_clients=defended.flagged, rejected_clients=defended.rejected,
         excluded_clients=defended.excluded, client_accuracy=evaluation.per_site,
+        evaluation_histogram=evaluation.histogram, evaluated_clients=sorted(evaluation.per_site),
         epsilon=max(spent) if spent else None,
         seconds=time.perf_counter() - rnd.started,
         aggregated_clients=[r.site for r in kept],

@@ -89,3 +89,15 @@ def test_the_exit_codes_are_the_ones_the_help_lists() -> None:
     assert codes == [1, 2, 3, 4, 5, 6, 7, 8]
     for code in codes:
         assert f"{code} " in EPILOG.split("exit codes:")[1]
+
+
+def test_a_refused_promotion_exits_10_only_when_asked() -> None:
+    from adapters.config_files import build_config
+    from adapters.stages import GATE_REFUSED_EXIT, finished_exit
+
+    default, asked = build_config({}), build_config({"gate": {"refusal_exit": True}})
+    assert GATE_REFUSED_EXIT == 10
+    assert finished_exit(default, gate_passed=False) == 0  # a refusal is an outcome
+    assert finished_exit(asked, gate_passed=False) == GATE_REFUSED_EXIT
+    assert finished_exit(asked, gate_passed=True) == 0
+    assert GATE_REFUSED_EXIT not in {entry.code for entry in exit_codes()}
