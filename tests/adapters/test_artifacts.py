@@ -192,7 +192,8 @@ def test_a_registered_run_that_cannot_publish_exits_7_and_is_published_later(
     env.update({"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(project / ".fedpriv" / "prefect")})
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--root", str(project), "--set", "rounds=2",
-         "--set", "audit.shadow_models=2", "--set", "gate.min_accuracy=0"],
+         "--set", "audit.shadow_models=2", "--set", "gate.min_auc_lower=0",
+         "--set", "gate.min_balanced_accuracy_lower=0"],  # 2 rounds: champion, whatever AUC
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 7, done.stderr[-2000:]
     assert "fedpriv: registered, not published: model fedpriv-heart v1 is registered " \

@@ -48,7 +48,11 @@ def cfg(tmp_path: Path, migrated_db: Path) -> PipelineConfig:
     shutil.copy(migrated_db, state / "mlflow.db")
     return build_config({
         "state_dir": str(state),
-        "gate": {"min_accuracy": 0.75},
+        # the gate by accuracy alone: these tests are about registration (the evaluation's
+        # size and bounds rules: tests/fl_core/audit/test_gate.py)
+        "gate": {"min_accuracy": 0.75, "min_test_patients": 0, "min_test_positives": 0,
+                 "min_test_negatives": 0, "all_sites_evaluated": False, "min_auc_lower": 0,
+                 "min_balanced_accuracy_lower": 0},
         "mlflow": {"experiment": "test-exp", "model_name": "test-model"},
     })
 
