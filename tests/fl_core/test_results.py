@@ -120,3 +120,22 @@ def test_audit_report_round_trips_and_an_old_one_is_refused() -> None:
     assert AuditReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
     with pytest.raises(ValueError, match="AuditReport lacks seconds: re-run the 'audit' stage"):
         AuditReport.from_dict({"enabled": True})
+
+
+def test_the_gate_reads_the_last_evaluation_and_every_site_that_trained() -> None:
+    """train.json (and so metrics.json) keeps the final round's released histogram, the sites
+    it holds and every site whose update went into an aggregate in any round."""
+    records = [RoundRecord(round=r, train_loss=0.5, test_loss=0.6, accuracy=0.7, auc=0.8,
+                           balanced_accuracy=0.7, bytes_uploaded=1, bytes_downloaded=1,
+                           bytes_uploaded_uncompressed=1, bytes_downloaded_uncompressed=1,
+                           clients_ok=2, aggregated_clients=sites, evaluated_clients=["a"],
+                           evaluation_histogram=[[float(r), 1.0], [2.0, 3.0]])
+               for r, sites in ((1, ["a", "b"]), (2, ["a"]))]
+    privacy = PrivacyReport(enabled=True, epsilon=0.3, delta=1e-5, randomness="secure",
+                            epsilon_replace_one=0.7)
+    summary = TrainingSummary.of_run(
+        TrainingResult(torch.zeros(3), records, []), clients=2, partition="by_site",
+        compression="dense", aggregation="fedavg", malicious=[], privacy=privacy, seconds=1.0)
+    figures = TrainingReport.from_dict(_train_json(summary)).figures()
+    assert figures["evaluation_histogram"] == [[2.0, 1.0], [2.0, 3.0]]
+    assert figures["evaluated_sites"] == ["a"] and figures["trained_sites"] == ["a", "b"]
