@@ -371,8 +371,9 @@ def label_checks(positive: pd.Series) -> tuple[str, ...]:
         return ()
     kind = "positive" if pos <= n - pos else "negative"
     return (f"imbalanced label: {minority} {kind} of {n} rows ({minority / n:.0%}); judge "
-            f"the model by AUC / balanced accuracy, not accuracy (set the gate.* bounds on "
-            f"those) and expect few {kind}s per site",)
+            f"the model by AUC / balanced accuracy, not accuracy (gate.min_auc_lower, "
+            f"gate.min_balanced_accuracy_lower; leave gate.min_accuracy off) and expect few "
+            f"{kind}s per site (gate.min_test_positives/negatives)",)
 
 
 # ------------------------------------------------------------------------------ label

@@ -418,8 +418,9 @@ def test_class_imbalance_suggests_gate_settings() -> None:
     draft = _draft(_frame(n=100, positive_share=0.1))
     assert draft.label_checks == (
         "imbalanced label: 10 positive of 100 rows (10%); judge the model by AUC / balanced "
-        "accuracy, not accuracy (set the gate.* bounds on those) and expect few positives "
-        "per site",)
+        "accuracy, not accuracy (gate.min_auc_lower, gate.min_balanced_accuracy_lower; leave "
+        "gate.min_accuracy off) and expect few positives per site "
+        "(gate.min_test_positives/negatives)",)
     text = draft.yaml_text()
     assert text.index("label: ") < text.index("#   CHECK: imbalanced label")
     assert _draft(_frame(n=100, positive_share=0.5)).label_checks == ()
