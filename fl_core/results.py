@@ -362,11 +362,28 @@ RUN_METRICS: dict[str, tuple[str, str]] = {
     "wall_seconds": ("run", "wall_seconds"),
     "audit_seconds": ("audit", "seconds"),
     "epsilon_replace_one": ("privacy", "epsilon_replace_one"),
+    "statistics_epsilon": ("privacy", "statistics_epsilon"),
     "randomness": ("privacy", "randomness"),
     "evaluation_histogram": ("train", "evaluation_histogram"),
     "evaluated_sites": ("train", "evaluated_sites"),
     "trained_sites": ("train", "trained_sites"),
 }
+
+
+def format_metric(value: Any) -> str:
+    """One ``metrics.json`` value as a summary prints it: small floats in scientific notation
+    (δ = 1e-05, not 0.0000), a list of names joined, a histogram as its shape."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:,.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return f"{len(value)} × {len(value[0])} noisy counts (metrics.json)"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "—"
+    return "—" if value is None else str(value)
 
 
 def run_metrics(train: TrainingFigures, audit: AuditReport,

@@ -727,23 +727,25 @@ def print_entries(console: Any, entries: list[Any]) -> None:
     console.print(runs)
 
 
+def _statistics_part(metrics: dict[str, Any]) -> str:
+    """What the released evaluation (and sites-mode audit) statistics cost the test patients."""
+    statistics = metrics.get("statistics_epsilon")
+    return ("" if statistics is None else
+            f"released statistics ε={statistics:.3f} for the test patients; ")
+
+
 def print_summary(metrics: dict[str, Any], registration: Registration) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from adapters.publish import describe_budget
+    from fl_core.results import format_metric
 
     table = Table(title="fedpriv run summary", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        if isinstance(value, float):
-            shown = f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:,.4f}"  # δ = 1e-05
-        elif isinstance(value, int):
-            shown = f"{value:,}"
-        else:
-            shown = "—" if value is None else str(value)
-        table.add_row(key, shown)
+        table.add_row(key, format_metric(value))
     console = Console()
     console.print(table)
     reasons = "; ".join(registration.gate_reasons)
@@ -760,8 +762,9 @@ def print_summary(metrics: dict[str, Any], registration: Registration) -> None:
     if metrics["epsilon"] is not None:
         console.print(f"privacy: {registration.privacy}, (ε={metrics['epsilon']:.3f}, "
                       f"δ={metrics['delta']:g}) per patient, add/remove one patient "
-                      f"(replace-one ε={metrics['epsilon_replace_one'] or 0:.3f}); noise "
-                      f"{metrics['randomness']}; " + describe_budget(registration))
+                      f"(replace-one ε={metrics['epsilon_replace_one'] or 0:.3f}); "
+                      + _statistics_part(metrics) + f"noise {metrics['randomness']}; "
+                      + describe_budget(registration))
         if metrics["randomness"] != "secure":
             console.print("[red]reproducible DP noise: anyone with params.yaml can regenerate "
                           "it; this model can never be champion[/red]")

@@ -73,18 +73,16 @@ def brief_expected_errors() -> None:
 def summary_markdown(metrics: dict[str, Any], registration: Registration) -> str:
     """The run summary shown in the Prefect UI."""
 
-    def fmt(value: Any) -> str:
-        if value is None:
-            return "—"
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return str(value)
+    from fl_core.results import format_metric as fmt
 
     rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in metrics.items())
+    statistics = metrics.get("statistics_epsilon")
+    released = ("" if statistics is None else
+                f"released statistics ε = {fmt(statistics)} for the test patients; ")
     privacy = (
         f"Privacy: {registration.privacy}, (ε = {fmt(metrics['epsilon'])}, "
         f"δ = {metrics['delta']:g}) per patient, add/remove one patient "
-        f"(replace-one ε = {fmt(metrics['epsilon_replace_one'])}); DP noise "
+        f"(replace-one ε = {fmt(metrics['epsilon_replace_one'])}); {released}DP noise "
         f"{metrics['randomness']}; {describe_budget(registration)}"
         if metrics["epsilon"] is not None
         else "Privacy: **not differentially private** (privacy.enabled=false)")

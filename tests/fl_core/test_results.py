@@ -139,3 +139,16 @@ def test_the_gate_reads_the_last_evaluation_and_every_site_that_trained() -> Non
     figures = TrainingReport.from_dict(_train_json(summary)).figures()
     assert figures["evaluation_histogram"] == [[2.0, 1.0], [2.0, 3.0]]
     assert figures["evaluated_sites"] == ["a"] and figures["trained_sites"] == ["a", "b"]
+
+
+def test_a_summary_prints_delta_as_it_is_and_histograms_as_their_shape() -> None:
+    """δ = 1e-05 printed to four decimals read 0.0000 in the Prefect summary; the merged
+    evaluation histogram printed its every float."""
+    from fl_core.results import format_metric
+
+    assert format_metric(1e-5) == "1e-05"
+    assert format_metric(0.8176) == "0.8176" and format_metric(1234) == "1,234"
+    assert format_metric(None) == "—" and format_metric(True) == "True"
+    assert format_metric([[40.95, 23.41, 11.8, 15.6], [13.3, 6.9, 16.1, 40.9]]) == \
+        "2 × 4 noisy counts (metrics.json)"
+    assert format_metric(["Cleveland", "Hungary"]) == "Cleveland, Hungary"
