@@ -14,8 +14,8 @@ from fl_core.privacy.accounting import (
     KIND_TRAIN,
     planned_charge,
     privacy_summary,
+    released_charges,
     spent_charge,
-    statistics_charge,
 )
 from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import Charge, new_run_id
@@ -62,11 +62,10 @@ def check_budget(
 def with_statistics(cfg: PipelineConfig, root: Path, partition: Partition,
                     planned: Charge) -> list[Charge]:
     """A planned training charge and, beside it, what the run's released statistics will
-    charge its test patients (:func:`statistics_charge`): what a run needs, checked together."""
+    charge (:func:`released_charges`): what a run needs, checked together."""
     table = ClinicalTable.get(cfg.data, root)
-    statistics = statistics_charge(cfg, table.site_of_patient(), partition, planned.run_id,
-                                   table.record_keys())
-    return [planned] + ([statistics] if statistics is not None else [])
+    return [planned, *released_charges(cfg, table.site_of_patient(), partition, planned.run_id,
+                                       table.record_keys())]
 
 
 def charge_and_summarise(
@@ -84,11 +83,9 @@ def charge_and_summarise(
         charge = spent_charge(cfg, table.site_of_patient(), partition, run.dp, run.spent,
                               run_id, kind, table.record_keys())
         ledger = open_ledger(cfg, root)
-        ledger.charge(charge, cfg.privacy.lifetime_epsilon)
-        # the test patients: what the run released about them (the evaluation)
-        statistics = statistics_charge(cfg, table.site_of_patient(), partition, run_id,
-                                       table.record_keys())
-        if statistics is not None:
-            ledger.charge(statistics, cfg.privacy.lifetime_epsilon)
+        # the training charge, then what the run released about its patients (the evaluation)
+        for each in (charge, *released_charges(cfg, table.site_of_patient(), partition, run_id,
+                                               table.record_keys())):
+            ledger.charge(each, cfg.privacy.lifetime_epsilon)
     return privacy_summary(cfg, charge, run.spent, run.dp, run.model_fixes,
                            len(run.result.history))

@@ -51,11 +51,7 @@ from fl_core.federation.wiring import (
     make_dpsgd,
     make_site_client,
 )
-from fl_core.privacy.accounting import (
-    audit_members_charge,
-    planned_charge,
-    statistics_charge,
-)
+from fl_core.privacy.accounting import planned_charge, released_charges
 from fl_core.privacy.dpsgd import DPSGDConfig
 from fl_core.privacy.ledger import BUDGET_REFUSAL, BudgetExceededError, Charge
 from fl_core.privacy.policy import policy_refusals
@@ -218,17 +214,15 @@ def _site_run_id(session: SiteSession) -> str:
 
 def _site_charges(cfg: PipelineConfig, data: ClientData, dp: DPSGDConfig, run_id: str,
                   site: str, records: Mapping[int, str]) -> list[Charge]:
-    """The run's charges at this site: its training patients (DP-SGD) and its test patients
-    (the released evaluation and audit statistics, :func:`statistics_charge`), and its
-    training patients again for the audit's release about them (:func:`audit_members_charge`)."""
+    """The run's charges at this site: its training patients (DP-SGD), then what the run
+    releases about its patients (:func:`~fl_core.privacy.accounting.released_charges`: the
+    evaluation and audit statistics, and the audit's release about its training patients)."""
     split = Partition((ClientSplit(data.client_id, data.train_ids, data.test_ids),),
                       "by_site", cfg.seed)
     site_of = {int(i): site for i in (*data.train_ids, *data.test_ids)}
     charges = [planned_charge(cfg, site_of, split, dp.noise_multiplier, run_id,
                               KIND_SITE_TRAIN, records)]
-    released = (statistics_charge(cfg, site_of, split, run_id, records),
-                audit_members_charge(cfg, site_of, split, run_id, records))
-    return charges + [c for c in released if c is not None]
+    return charges + released_charges(cfg, site_of, split, run_id, records)
 
 
 def check_site_budget(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,

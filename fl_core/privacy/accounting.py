@@ -92,6 +92,18 @@ def audit_members_charge(
         for site in sorted(patients)))
 
 
+def released_charges(
+    cfg: PipelineConfig, site_of: Mapping[int, str], partition: Partition, run_id: str,
+    records: Mapping[int, str],
+) -> list[Charge]:
+    """Every charge of a run besides its training one: what its released statistics cost the
+    test patients (:func:`statistics_charge`) and, in sites mode, the audit's members
+    (:func:`audit_members_charge`); checked and charged with the training charge."""
+    released = (statistics_charge(cfg, site_of, partition, run_id, records),
+                audit_members_charge(cfg, site_of, partition, run_id, records))
+    return [c for c in released if c is not None]
+
+
 def dataset_label(cfg: PipelineConfig) -> str:
     """How a charge names its data, for display only (the key is the patient): the file's
     name, or the dataset's id for one file per site."""
