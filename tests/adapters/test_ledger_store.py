@@ -7,7 +7,9 @@ import multiprocessing.synchronize
 import sqlite3
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -182,6 +184,20 @@ def test_failure_inside_the_charge_leaves_no_entry(tmp_path: Path) -> None:
     assert ledger.check(_charge("x", {"C": range(3)}), cap=100.0)[0].spent == 0.0
 
 
+T = TypeVar("T")
+
+
+def _at_once(worker: Callable[..., T], path: str, runs: list[str]) -> list[T]:
+    """``worker(path, run, barrier)`` for every run, each in its own process, released together
+    by the barrier (on a ledger created first)."""
+    PrivacyLedger(path)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(len(runs))
+        with ctx.Pool(len(runs)) as pool:
+            return pool.starmap(worker, [(path, run, barrier) for run in runs])
+
+
 def _race(path: str, run: str, barrier: multiprocessing.synchronize.Barrier) -> bool:
     ledger = PrivacyLedger(path)
     planned = _charge(run, {"A": range(20)})
@@ -197,12 +213,7 @@ def _race(path: str, run: str, barrier: multiprocessing.synchronize.Barrier) -> 
 @pytest.mark.slow
 def test_concurrent_runs_cannot_both_spend_the_last_budget(tmp_path: Path) -> None:
     path = str(tmp_path / "ledger.sqlite")
-    PrivacyLedger(path)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(4)
-        with ctx.Pool(4) as pool:
-            results = pool.starmap(_race, [(path, f"run-{i}", barrier) for i in range(4)])
+    results = _at_once(_race, path, [f"run-{i}" for i in range(4)])
     assert sorted(results) == [False, False, False, True]
     entries = PrivacyLedger(path).entries()
     assert len(entries) == 1 and entries[0].epsilon == pytest.approx(EPS)
@@ -335,12 +346,7 @@ def _charge_many(path: str, run: str, barrier: multiprocessing.synchronize.Barri
 @pytest.mark.slow
 def test_concurrent_charges_keep_one_chain(tmp_path: Path) -> None:
     path = str(tmp_path / "ledger.sqlite")
-    PrivacyLedger(path)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(2)
-        with ctx.Pool(2) as pool:
-            pool.starmap(_charge_many, [(path, f"p{i}", barrier) for i in range(2)])
+    _at_once(_charge_many, path, ["p0", "p1"])
     ledger = PrivacyLedger(path)
     assert ledger.head().count == 10 and ledger.verify() is None
 

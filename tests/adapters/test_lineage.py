@@ -51,12 +51,17 @@ def test_one_hash_for_one_file_per_site_is_order_free() -> None:
     assert combine({"A": "1", "B": None}) is None
 
 
+
+def _partitioned(cfg, project: Path) -> Paths:
+    """Validate and partition the project's data; the run's paths."""
+    validate_data(cfg, project)
+    partition_data(cfg, project)
+    return Paths.of(cfg, project)
+
 @pytest.mark.slow
 def test_the_partition_records_the_hash_of_its_data(project: Path) -> None:
     cfg = load_config(project / "params.yaml")
-    validate_data(cfg, project)
-    partition_data(cfg, project)
-    paths = Paths.of(cfg, project)
+    paths = _partitioned(cfg, project)
     recorded = json.loads(paths.partition.read_text())[DATA_HASH_KEY]
     assert recorded == file_fingerprint(project / RAW) == data_digest(cfg.data, project)
     assert json.loads(paths.validation.read_text())["sha256"] == recorded
@@ -90,9 +95,7 @@ def test_a_stage_refuses_a_validation_or_partition_of_other_data(
     from flows.cli import main
 
     cfg = load_config(project / "params.yaml")
-    validate_data(cfg, project)
-    partition_data(cfg, project)
-    paths = Paths.of(cfg, project)
+    paths = _partitioned(cfg, project)
     old, new = _rewrite(project, lineterminator="\r\n", encoding="utf-8-sig")  # same rows
     assert old != new
     # not validated again: the validation is stale
@@ -121,9 +124,7 @@ def test_a_stage_refuses_a_validation_or_partition_of_other_data(
 def test_a_partition_without_a_data_hash_is_refused(project: Path) -> None:
     """A partition.json written before lineage was recorded is of unknown data."""
     cfg = load_config(project / "params.yaml")
-    validate_data(cfg, project)
-    partition_data(cfg, project)
-    paths = Paths.of(cfg, project)
+    paths = _partitioned(cfg, project)
     record = json.loads(paths.partition.read_text())
     del record[DATA_HASH_KEY]
     paths.partition.write_text(json.dumps(record))
