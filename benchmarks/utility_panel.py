@@ -1,0 +1,411 @@
+"""Utility on a panel of public clinical tables: pooled vs local-only vs federated (± DP).
+
+The anchor is FLamby's cross-silo practice: per task, a pooled model (what a single data
+warehouse would get), local-only models (what one hospital gets alone) and the federation, all
+scored on the same test patients. For each table of :data:`TABLES` and each seed 0..N-1 the
+table is partitioned exactly as the pipeline partitions it (``data.partition`` of the config,
+by default one client per site, a stratified 80/20 train/test split per client by patient;
+``seed`` = the run seed) and encoded with the pipeline's declared transform
+(:class:`fl_core.data.transform.TabularTransform`: nothing fitted on patients). On that one
+split:
+
+* ``pooled``     scikit-learn ``LogisticRegression`` (C=1, lbfgs, max_iter 1000) on every
+                 client's training rows pooled: the utility bar.
+* ``local``      per site, the same model on that site's training rows alone; the figure is the
+                 mean over sites (a site whose training rows hold one class is skipped and
+                 listed: no classifier can be fitted there).
+* ``federated``  fedpriv's federated training as the train stage wires it
+                 (:func:`fl_core.federation.wiring.federate`: the config's model, rounds, step
+                 sizes, compression, robust rule, anomaly detection), ``privacy.enabled=false``.
+* ``dp_eps1`` / ``dp_eps4``  the same with DP-SGD at ε = 1 / 4 (``privacy.randomness=
+                 reproducible``: seeded noise, so a panel can be re-run figure for figure).
+
+Every arm's AUC is computed exactly from its predictions on the pooled test rows
+(:func:`fl_core.model.metrics.roc_auc`), not from the noisy evaluation histogram the
+federation releases; its 95 % interval is Hanley–McNeil's
+(:func:`fl_core.audit.confidence.hanley_mcneil_variance`, on the test rows' class counts). Across
+seeds: mean and sample sd. The benchmark is not charged to any ledger: the tables are public
+(:func:`report.require_public_dataset`); a table whose CSV is missing is exported from the
+optional extra ``datasets`` first (``data/raw/<name>.csv``, not committed).
+
+Run from the project root::
+
+    .venv/bin/python benchmarks/utility_panel.py --out benchmarks/results/utility_panel.json
+    .venv/bin/python benchmarks/utility_panel.py --tables heart,nwtco --seeds 1 \\
+        --set rounds=50 --set compression.enabled=false --arms pooled,federated
+
+JSON on stdout (and ``--out``); the panel as a Markdown table and progress lines on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from report import emit, environment, require_public_dataset  # benchmarks/report.py
+from sklearn.linear_model import LogisticRegression
+
+from adapters.config_files import load_config
+from adapters.datasets import DatasetUnavailableError, export_dataset
+from adapters.tables import ClinicalTable
+from fl_core.audit.confidence import hanley_mcneil_variance, normal_quantile
+from fl_core.config.model import ConfigError, PipelineConfig
+from fl_core.data.tables import ClientData, DataError
+from fl_core.federation.wiring import build_target_model, federate, make_dpsgd
+from fl_core.model.metrics import roc_auc
+from fl_core.model.networks import set_flat_params
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("pooled", "local", "federated", "dp_eps1", "dp_eps4")
+FEDERATED_ARMS: dict[str, tuple[str, ...]] = {
+    "federated": ("privacy.enabled=false",),
+    "dp_eps1": ("privacy.enabled=true", "privacy.epsilon=1", "privacy.randomness=reproducible"),
+    "dp_eps4": ("privacy.enabled=true", "privacy.epsilon=4", "privacy.randomness=reproducible"),
+}
+CONFIDENCE = 0.95  # two-sided interval of each AUC
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of the panel: the config overrides that select it (schema, data, cleaning)
+    and the dataset ``fedpriv dataset export`` writes when its CSV is missing (None: shipped)."""
+
+    overrides: tuple[str, ...] = ()
+    export: str | None = None
+
+    def data_path(self) -> str:
+        for item in self.overrides:
+            if item.startswith("data.path="):
+                return item.split("=", 1)[1]
+        return "data/raw/heart_disease_uci.csv"
+
+
+def _exported(name: str, *extra: str) -> Table:
+    return Table((f"data.schema=data/schemas/{name}.yaml", f"data.path=data/raw/{name}.csv",
+                  *extra), export=name)
+
+
+# per-table overrides of params.yaml; the recipe (rounds, step sizes, ...) stays the config's
+TABLES: dict[str, Table] = {
+    "heart": Table(),
+    # payor_group/patient_class empty on ~46 % of tests: kept with their declared fill
+    "covid_testing": _exported("covid_testing", "data.drop_incomplete=false"),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Pooled / local-only / federated / DP AUC with 95 %% intervals on a panel "
+        "of public tables, same patient split, several seeds. JSON on stdout, table on stderr.")
+    parser.add_argument("--tables", default=",".join(TABLES),
+                        help=f"comma-separated tables (default: all: {','.join(TABLES)})")
+    parser.add_argument("--seeds", type=int, default=3, metavar="N",
+                        help="run seeds 0..N-1, one patient split each (default: 3)")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated arms (default: all: {','.join(ARMS)})")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
+                        help="configuration file (default: params.yaml of the project)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config key on every table, as `fedpriv run --set` "
+                        "(repeatable); data.* and schema.* keys change the split/encoding "
+                        "of every arm, the rest the fedpriv arms")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    args.tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [t for t in args.tables if t not in TABLES]
+    if unknown:
+        parser.error(f"unknown table(s) {unknown}; known: {', '.join(TABLES)}")
+    bad = [a for a in args.arms if a not in ARMS]
+    if bad:
+        parser.error(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ figures
+def auc_interval(auc: float, labels: torch.Tensor) -> tuple[float, float]:
+    """Two-sided Hanley–McNeil interval of ``auc`` on test rows ``labels`` (NaN if undefined)."""
+    if not math.isfinite(auc):
+        return math.nan, math.nan
+    positives = float(labels.sum())
+    negatives = float(labels.numel()) - positives
+    z = normal_quantile(0.5 + CONFIDENCE / 2)
+    half = z * math.sqrt(hanley_mcneil_variance(auc, positives, negatives))
+    return max(auc - half, 0.0), min(auc + half, 1.0)
+
+
+def _num(value: float) -> float | None:
+    """JSON-safe: NaN (an undefined AUC, the sd of one seed) becomes null."""
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if math.isfinite(v)]
+    mean = statistics.fmean(finite) if finite else math.nan
+    sd = statistics.stdev(finite) if len(finite) > 1 else math.nan
+    return {"mean": _num(mean), "sd": _num(sd), "per_seed": [_num(v) for v in values]}
+
+
+# ------------------------------------------------------------------------------ arms
+def _sklearn_auc(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
+                 y_test: torch.Tensor) -> float:
+    """scikit-learn's plain logistic regression (C=1, lbfgs), scored exactly on the test rows."""
+    model = LogisticRegression(C=1.0, solver="lbfgs", max_iter=1000)
+    model.fit(x.numpy().astype(np.float64), y.numpy().astype(int))
+    scores = model.predict_proba(x_test.numpy().astype(np.float64))[:, 1]
+    return roc_auc(torch.from_numpy(scores), y_test)
+
+
+def pooled_arm(data: list[ClientData], x_test: torch.Tensor, y_test: torch.Tensor) -> float:
+    x = torch.cat([d.x_train for d in data])
+    y = torch.cat([d.y_train for d in data])
+    return _sklearn_auc(x, y, x_test, y_test)
+
+
+def local_arm(data: list[ClientData], x_test: torch.Tensor, y_test: torch.Tensor
+              ) -> dict[str, float | None]:
+    """Per site: its own model's pooled-test AUC; None where its training rows hold one class."""
+    out: dict[str, float | None] = {}
+    for client in data:
+        if client.y_train.numel() == 0 or client.y_train.min() == client.y_train.max():
+            out[client.client_id] = None
+            continue
+        out[client.client_id] = _sklearn_auc(client.x_train, client.y_train, x_test, y_test)
+    return out
+
+
+def federated_arm(cfg: PipelineConfig, data: list[ClientData], x_test: torch.Tensor,
+                  y_test: torch.Tensor) -> float:
+    """The train stage's federated run (no ledger: public data); the final model's exact AUC."""
+    dp = make_dpsgd(cfg=cfg, data=data)
+    run = federate(cfg, data, dp=dp)
+    model, _ = build_target_model(cfg, int(x_test.shape[1]))
+    set_flat_params(model, run.result.params)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x_test).reshape(-1)
+    return roc_auc(logits, y_test)
+
+
+# ------------------------------------------------------------------------------ one table
+def ensure_data(name: str) -> Path:
+    """The table's CSV; exported from the optional extra when missing (never committed)."""
+    table = TABLES[name]
+    path = ROOT / table.data_path()
+    if not path.is_file() and table.export is not None:
+        rows, _ = export_dataset(table.export, path)
+        progress(f"[{name}] exported {rows} rows to {table.data_path()}")
+    require_public_dataset(path)  # not charged: public data only
+    return path
+
+
+def table_configs(params: Path, name: str, overrides: Sequence[str], seed: int,
+                  arms: Sequence[str]) -> tuple[PipelineConfig, dict[str, PipelineConfig]]:
+    """The table's config at ``seed`` (its split and encoding) and each fedpriv arm's."""
+    base = [*TABLES[name].overrides, *overrides, f"seed={seed}"]
+    cfg = load_config(params, base)
+    arm_cfgs = {arm: load_config(params, [*base, *FEDERATED_ARMS[arm]])
+                for arm in arms if arm in FEDERATED_ARMS}
+    return cfg, arm_cfgs
+
+
+def _sizes(loader: ClinicalTable, data: list[ClientData], y_test: torch.Tensor) -> dict[str, Any]:
+    table = loader.table
+    pid = loader.spec.patient_id
+    return {
+        "patients": int(table[pid].nunique()),
+        "rows": len(table),
+        "sites": {d.client_id: {"train_patients": len(d.train_ids),
+                                "test_patients": len(d.test_ids),
+                                "train_rows": d.num_train,
+                                "train_positives": int(d.y_train.sum())} for d in data},
+        "test_rows": int(y_test.numel()),
+        "test_positives": int(y_test.sum()),
+        "num_features": int(data[0].x_train.shape[1]),
+    }
+
+
+def run_seed(name: str, cfg: PipelineConfig, arm_cfgs: dict[str, PipelineConfig],
+             arms: Sequence[str], seed: int) -> dict[str, Any]:
+    """Every arm on the split of ``seed``: AUC, interval, seconds (and local's per-site AUC)."""
+    loader = ClinicalTable.get(cfg.data, ROOT)
+    data, _, _ = loader.partitioned(cfg.data, seed)
+    x_test = torch.cat([d.x_test for d in data])
+    y_test = torch.cat([d.y_test for d in data])
+    out: dict[str, Any] = {"sizes": _sizes(loader, data, y_test), "arms": {}}
+    for arm in arms:
+        started = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if arm == "pooled":
+            auc = pooled_arm(data, x_test, y_test)
+        elif arm == "local":
+            per_site = local_arm(data, x_test, y_test)
+            fitted = [v for v in per_site.values() if v is not None and math.isfinite(v)]
+            auc = statistics.fmean(fitted) if fitted else math.nan
+            extra = {"per_site": per_site,
+                     "skipped_one_class": [s for s, v in per_site.items() if v is None]}
+        else:
+            auc = federated_arm(arm_cfgs[arm], data, x_test, y_test)
+        seconds = time.perf_counter() - started
+        out["arms"][arm] = {"auc": auc, "ci": auc_interval(auc, y_test), "seconds": seconds,
+                            **extra}
+        progress(f"[{name}] seed {seed}  {arm:<9} auc {auc:.3f}  ({seconds:.1f} s)")
+    return out
+
+
+def _arm_result(arm: str, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    runs = [s["arms"][arm] for s in per_seed]
+    result: dict[str, Any] = {
+        "auc": _summary([r["auc"] for r in runs]),
+        "ci95_per_seed": [[_num(r["ci"][0]), _num(r["ci"][1])] for r in runs],
+        "seconds_mean": round(statistics.fmean(r["seconds"] for r in runs), 2),
+    }
+    if arm == "local":
+        sites = sorted({s for r in runs for s in r["per_site"]})
+        result["per_site"] = {
+            site: _summary([math.nan if r["per_site"].get(site) is None
+                            else float(r["per_site"][site]) for r in runs]) for site in sites}
+        result["skipped_one_class"] = sorted({s for r in runs for s in r["skipped_one_class"]})
+        result["note"] = ("mean over sites of each site-only model's pooled-test AUC; the "
+                          "interval is Hanley-McNeil's at that mean")
+    return result
+
+
+def run_table(name: str, params: Path, overrides: Sequence[str], seeds: int,
+              arms: Sequence[str]) -> dict[str, Any]:
+    ensure_data(name)
+    per_seed = []
+    started = time.perf_counter()
+    for seed in range(seeds):
+        cfg, arm_cfgs = table_configs(params, name, overrides, seed, arms)
+        per_seed.append(run_seed(name, cfg, arm_cfgs, arms, seed))
+    result: dict[str, Any] = {
+        "config_overrides": list(TABLES[name].overrides),
+        "sizes_seed0": per_seed[0]["sizes"],
+        "arms": {arm: _arm_result(arm, per_seed) for arm in arms},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    means = {arm: result["arms"][arm]["auc"]["mean"] for arm in arms}
+    if means.get("federated") is not None and means.get("pooled") is not None:
+        result["gap_federated_pooled"] = round(means["federated"] - means["pooled"], 4)
+    return result
+
+
+# ------------------------------------------------------------------------------ the panel
+def panel_summary(tables: dict[str, dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
+    """Mean AUC per arm over the tables and the issue's goals checked on them."""
+    def means(arm: str) -> dict[str, float]:
+        return {t: r["arms"][arm]["auc"]["mean"] for t, r in tables.items()
+                if arm in r["arms"] and r["arms"][arm]["auc"]["mean"] is not None}
+
+    panel: dict[str, Any] = {"mean_auc": {}}
+    for arm in arms:
+        values = list(means(arm).values())
+        panel["mean_auc"][arm] = _num(statistics.fmean(values)) if values else None
+    goals: dict[str, Any] = {}
+    fed, pooled, local = means("federated"), means("pooled"), means("local")
+    both = [t for t in fed if t in pooled]
+    if both:
+        gap = statistics.fmean(fed[t] - pooled[t] for t in both)
+        goals["mean_gap_federated_pooled"] = _num(gap)
+        goals["federated_within_0.02_of_pooled"] = gap >= -0.02
+    if fed and local:
+        goals["tables_federated_below_local"] = [t for t in fed if t in local and fed[t] < local[t]]
+    eps1 = means("dp_eps1")
+    if eps1 and fed:
+        large = [t for t in eps1 if t in fed and tables[t]["sizes_seed0"]["patients"] >= 500]
+        goals["tables_eps1_more_than_0.05_below_nonprivate"] = [
+            t for t in large if fed[t] - eps1[t] > 0.05]
+    panel["goals"] = goals
+    return panel
+
+
+LABELS = {"pooled": "pooled", "local": "local", "federated": "federated",
+          "dp_eps1": "ε=1", "dp_eps4": "ε=4"}
+
+
+def _cell(arm: dict[str, Any] | None) -> str:
+    if arm is None or arm["auc"]["mean"] is None:
+        return "–"
+    sd = arm["auc"]["sd"]
+    return f"{arm['auc']['mean']:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def markdown(result: dict[str, Any], arms: Sequence[str]) -> str:
+    """The panel as a Markdown table: mean AUC ± sd over seeds per arm, and the gap."""
+    head = ["table", "patients", *(LABELS[a] for a in arms), "fed − pooled"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, table in result["tables"].items():
+        gap = table.get("gap_federated_pooled")
+        lines.append("| " + " | ".join([
+            name, str(table["sizes_seed0"]["patients"]),
+            *(_cell(table["arms"].get(a)) for a in arms),
+            f"{gap:+.3f}" if gap is not None else "–"]) + " |")
+    panel = result["panel"]
+    mean_gap = panel["goals"].get("mean_gap_federated_pooled")
+    lines.append("| " + " | ".join([
+        "**panel mean**", "",
+        *(f"{panel['mean_auc'][a]:.3f}" if panel["mean_auc"].get(a) is not None else "–"
+          for a in arms),
+        f"{mean_gap:+.3f}" if mean_gap is not None else "–"]) + " |")
+    return "\n".join(lines)
+
+
+def benchmark(params: Path, tables: Sequence[str], seeds: int, arms: Sequence[str],
+              overrides: Sequence[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    results = {name: run_table(name, params, overrides, seeds, arms) for name in tables}
+    cfg = load_config(params, list(overrides))
+    return {
+        "config": {
+            "params": str(params.relative_to(ROOT) if params.is_relative_to(ROOT) else params),
+            "overrides": list(overrides), "seeds": list(range(seeds)), "arms": list(arms),
+            "recipe": {"model": cfg.model, "rounds": cfg.rounds,
+                       "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+                       "learning_rate": cfg.learning_rate,
+                       "dp_learning_rate": cfg.privacy.learning_rate,
+                       "compression": cfg.compression.enabled,
+                       "aggregation": cfg.aggregation.method,
+                       "anomaly": cfg.anomaly.enabled, "partition": cfg.data.partition,
+                       "test_fraction": cfg.data.test_fraction},
+            "auc": "exact, from each arm's predictions on the pooled test rows",
+            "interval": f"Hanley-McNeil {CONFIDENCE:.0%} two-sided, on test rows",
+        },
+        "tables": results,
+        "panel": panel_summary(results, arms),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "environment": environment(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # tiny models: one thread is faster, and keeps the figures independent of the core count
+    torch.set_num_threads(1)
+    try:
+        result = benchmark(args.params, args.tables, args.seeds, args.arms, args.overrides)
+    except (ConfigError, DataError, DatasetUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return emit(result, args.out, summary=markdown(result, args.arms))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
