@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from adapters.artifacts import Paths, read_validation, write_text_atomic
+from adapters.data_report import run_data_report
 from adapters.lineage import DATA_HASH_KEY, data_digest, require_partition_of, require_validated
 from adapters.tables import ClinicalTable
 from fl_core.config.model import PipelineConfig, check_min_clients
@@ -40,6 +41,7 @@ def partition_data(
           f"{sum(v.train for v in clients.values())} train / "
           f"{sum(v.test for v in clients.values())} test patients"
           + (f"; {dropped}" if dropped else ""))
+    run_data_report(cfg, paths, partition)  # per site, before training (data_report.json)
     return PartitionSummary(scheme=partition.scheme, clients=clients,
                             dropped_rows=loader.dropped_rows(),
                             seconds=round(time.perf_counter() - started, 3))

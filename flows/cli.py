@@ -160,10 +160,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the whole pipeline as the Prefect flow",
-                   description="Run validate → partition → train → audit → register as the "
-                               "Prefect flow 'fl-pipeline' (a temporary local Prefect API unless "
-                               "PREFECT_API_URL is set) and print a summary.")
+    run = sub.add_parser(
+        "run", parents=[common], help="run the whole pipeline as the Prefect flow",
+        description="Run validate → partition → train → audit → register as the Prefect flow "
+                    "'fl-pipeline' (a temporary local Prefect API unless PREFECT_API_URL is "
+                    "set) and print a summary. Before training, a per-site data report (rows, "
+                    "patients, prevalence, missing cells per feature, rows dropped and why) "
+                    "is printed and kept as reports/data_report.{json,md}.")
+    run.add_argument(
+        "--dry-run", action="store_true",
+        help="try the configuration and schema for free: synthetic rows drawn from the "
+             "schema (no patient file is read) go through validation, the partition and its "
+             "data report, a few training rounds, the audit and the gate, in a temporary "
+             "folder, without Prefect. Nothing is charged to any ledger (preflight's ledger "
+             "and MLflow checks are skipped), nothing registered, nothing published. "
+             "Simulation only (a sites-mode configuration is tried with its sites in one "
+             "process). The labels are random, so the gate refuses the model's figures; a "
+             "gate refusal that no data could lift (e.g. reproducible noise, the audit off) "
+             "exits 2, like any other configuration error; the usual exit codes otherwise")
+    run.add_argument("--synthetic-patients", type=int, default=100, metavar="N",
+                     help="--dry-run: synthetic patients per site (default: %(default)s)")
+    run.add_argument("--keep", metavar="DIR",
+                     help="--dry-run: write the synthetic rows and every output into DIR "
+                          "and keep them (default: a temporary folder, removed)")
     stage = sub.add_parser("stage", parents=[common], help="run one stage without Prefect (DVC)",
                            description="Run one stage as a plain process; dvc.yaml calls this.")
     stage.add_argument("name", choices=list(STAGES), help="the stage to run")
@@ -852,6 +871,8 @@ def precheck_data(cfg: Any, root: Path) -> None:
 
 def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
     """The commands that need the configuration but no orchestration; None for the others."""
+    if args.command == "run" and args.dry_run:
+        return dry_run_command(args, cfg, root)
     if args.command == "config":
         import yaml
 
@@ -895,6 +916,22 @@ def run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int | None:
         print(dp_audit_markdown(report))
         return PRIVACY_FAILURE_EXIT if report.privacy_failure else 0
     return None
+
+
+def dry_run_command(args: argparse.Namespace, cfg: Any, root: Path) -> int:
+    """``fedpriv run --dry-run`` (:mod:`adapters.dry_run`): no Prefect, no preflight, no
+    ledger, no MLflow; errors raise to :func:`main`'s exit codes."""
+    from adapters.dry_run import dry_run
+
+    if args.synthetic_patients < 10:
+        from fl_core.config.model import ConfigError
+
+        raise ConfigError(f"--synthetic-patients {args.synthetic_patients}: at least 10 per "
+                          f"site (each site needs train and test patients of both classes)")
+    result = dry_run(cfg, root, patients_per_site=args.synthetic_patients,
+                     keep=Path(args.keep) if args.keep else None)
+    print(result.summary())
+    return 0
 
 
 def model_command(args: argparse.Namespace, cfg: Any, root: Path) -> int:
