@@ -119,8 +119,8 @@ class TabularTransform:
                 blocks.append(_scaled(values, self.reference[col])[:, None])
             elif col in self.booleans:
                 filled = values.fillna(self.missing_category[col])
-                true = self.booleans[col][1]
-                blocks.append(filled.map(lambda v, t=true: _as_bool(v, t))
+                false, true = self.booleans[col]
+                blocks.append(filled.map(lambda v, t=true, f=false: _as_bool(v, t, f))
                               .to_numpy(dtype=float)[:, None])
             else:
                 blocks.append(self._encoded(col, values.fillna(self.missing_category[col])))
@@ -130,7 +130,9 @@ class TabularTransform:
 
     def _encoded(self, col: str, values: pd.Series) -> np.ndarray:
         cats = self.categories[col]
-        codes = values.map({c: i for i, c in enumerate(cats)})
+        lookup = {c: i for i, c in enumerate(cats)}
+        # a coded column (stage 1-4) is read as numbers; its categories are declared as text
+        codes = values.map(lambda v: lookup.get(_token_text(v)))
         if codes.isna().any():
             unknown = sorted(set(values[codes.isna()].astype(str)))
             raise DataError(f"{col}: unknown categor(y/ies) {unknown}; accepted: {list(cats)}")
@@ -149,8 +151,27 @@ def _scaled(values: pd.Series, ref: FeatureReference) -> np.ndarray:
     return (np.clip(num, ref.low, ref.high) - ref.center) / ref.scale
 
 
-def _as_bool(value: object, true: str) -> float:
-    """1.0 for the true token (case and surrounding blanks ignored), else 0.0."""
+def _token_text(value: object) -> object:
+    """A raw cell as the text a schema declares its tokens in: strings as they are, numbers
+    without a spurious decimal (pandas reads a coded column as int, or as float when it has
+    an empty cell: ``2``, ``2.0`` and ``'2'`` are one token); anything else unchanged."""
+    if isinstance(value, str | bool | np.bool_):
+        return value
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value) if isinstance(value, float | np.floating) else value
+
+
+def _as_bool(value: object, true: str, false: str) -> float:
+    """1.0 for the true token (case and surrounding blanks ignored), else 0.0. A number that
+    is one of the two tokens is read as that token (a 1/2 coding with true token ``2`` reads
+    1 as false, not as a truthy number); any other number or a bool (pandas reads TRUE/FALSE
+    as one; 0/1 sent for TRUE/FALSE) by its truth value."""
     if isinstance(value, str):
         return 1.0 if value.strip().upper() == true.strip().upper() else 0.0
+    text = _token_text(value)
+    if isinstance(text, str) and text.upper() in (true.strip().upper(), false.strip().upper()):
+        return 1.0 if text.upper() == true.strip().upper() else 0.0
     return float(bool(value))

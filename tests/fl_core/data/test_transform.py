@@ -213,3 +213,20 @@ def test_a_smaller_table_declares_only_its_features() -> None:
     assert transform.columns() == ["age", "sex=Female", "sex=Male"]
     out = transform.transform(pd.DataFrame({"age": [59, None], "sex": ["Female", None]}))
     assert out.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_numerically_coded_tokens_are_read_as_their_declared_text() -> None:
+    """A coded column (histology 1/2 with true token '2'; stage 1-4 declared as text) is read
+    by pandas as numbers, as floats when it has an empty cell: each number is its token, not
+    a truthy value (1 and 2 were both "true"), and a category matches its declared text."""
+    transform = TabularTransform(
+        features=("histol", "stage", "flag"), reference={},
+        missing_category={"histol": "1", "stage": "1", "flag": "FALSE"},
+        categories={"stage": ("1", "2", "3")},
+        booleans={"histol": ("1", "2"), "flag": ("FALSE", "TRUE")}, one_hot=False)
+    frame = pd.DataFrame({"histol": [1, 2, 2.0, np.nan], "stage": [1, 3.0, 2, np.nan],
+                          "flag": [True, False, 1, 0]})
+    out = transform.transform(frame).numpy()
+    assert out[:, 0].tolist() == [0.0, 1.0, 1.0, 0.0]  # the empty cell takes the fill '1'
+    assert out[:, 1].tolist() == [0.0, 2.0, 1.0, 0.0]
+    assert out[:, 2].tolist() == [1.0, 0.0, 1.0, 0.0]  # bools and 0/1 for TRUE/FALSE as before
