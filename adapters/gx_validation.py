@@ -17,6 +17,7 @@ import pandas as pd
 from adapters.csv_header import duplicate_columns, duplicate_columns_text
 from fl_core.config.model import DataConfig, PipelineConfig
 from fl_core.data.schema import DatasetSchema
+from fl_core.data.tables import strip_text_cells
 from fl_core.data.validation import (
     _QUOTES_SAMPLE,
     ALL_SITES,
@@ -66,7 +67,8 @@ def _read_table(path: Path, data: DataConfig, site: str | None = None
         return None, [_file_failure("unique_column_names", None, duplicated,
                                     duplicate_columns_text(duplicated))], summary
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
+        frame = strip_text_cells(  # as the loader reads it: padded cells stripped
+            pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig"))
     except pd.errors.EmptyDataError:
         return None, [_file_failure("file_not_empty", None, size,
                                     "the data file has no header and no rows")], summary

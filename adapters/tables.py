@@ -24,6 +24,7 @@ from fl_core.data.tables import (
     Partition,
     binary_label,
     not_measured,
+    strip_text_cells,
 )
 from fl_core.data.transform import TabularTransform
 
@@ -107,7 +108,8 @@ class ClinicalTable:
     def _read_source(self, path: Path, site: str | None) -> pd.DataFrame:
         """One file's needed columns, its site column attached under ``site_source: file``."""
         refuse_duplicate_columns(path)
-        frame = pd.read_csv(path, keep_default_na=True, encoding="utf-8-sig")  # BOM-safe
+        frame = strip_text_cells(  # BOM-safe; padded text cells are their stripped value
+            pd.read_csv(path, keep_default_na=True, encoding="utf-8-sig"))
         spec = self.spec
         frame, foreign = spec.attach_file_site(frame, site)
         if foreign:

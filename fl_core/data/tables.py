@@ -102,6 +102,18 @@ class ClientData:
         return torch.tensor(self.test_ids, dtype=torch.int64)
 
 
+def strip_text_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the blanks around every text cell removed, a blank-only cell missing.
+
+    R and spreadsheet exports pad factor levels ("8-12 yrs "): the schema's categories, tokens
+    and label values are declared without the padding, and a padded cell is the same value."""
+    out = frame.copy()
+    for col in out.select_dtypes(include=["object", "string"]).columns:
+        text = out[col].where(out[col].isna(), out[col].astype(str).str.strip())
+        out[col] = text.mask(text == "")
+    return out
+
+
 def not_measured(values: pd.Series, tokens: list[float | str]) -> pd.Series:
     """Where ``values`` holds one of the schema's "not measured" ``tokens`` (numbers compare
     as numbers, text as stripped text)."""

@@ -429,3 +429,13 @@ def test_cli_validate_refuses_a_file_missing_a_declared_column_with_exit_2(
     assert "does not fit the dataset schema (data.schema): features.chol: required column " \
            "'chol' is missing from the header" in err
     assert "Traceback" not in err
+
+
+def test_padded_categories_validate(tmp_path: Path, raw: pd.DataFrame) -> None:
+    """A category written with blanks around it ("Male  ", R's padded factor levels) is the
+    declared category, as the loader reads it; an undeclared one is still refused."""
+    frame = raw.copy()
+    frame["sex"] = frame["sex"].astype(str) + "  "
+    assert validate_file(write(tmp_path, frame), DATA).success
+    frame.loc[rows(frame, "Cleveland")[:1], "sex"] = " Unknown "
+    assert keys(validate_file(write(tmp_path, frame), DATA)) == {("Cleveland", "sex", IN_SET)}

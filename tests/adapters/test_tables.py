@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from adapters.tables import ClinicalTable
 from fl_core.config.model import DataConfig
@@ -162,3 +163,21 @@ def test_transform_of_a_table_without_a_feature_is_a_clear_error(raw_csv: Path) 
         transform.transform(table)
     with pytest.raises(DataError, match=r"\['age'\] missing"):
         transform.fit(table)
+
+
+def test_padded_text_cells_are_their_stripped_value(raw_csv: Path, tmp_path: Path) -> None:
+    """R's exports pad factor levels ("8-12 yrs "): a padded category, site or label value is
+    the declared one, and a blank-only cell is missing, not an unknown category."""
+    import pandas as pd
+
+    frame = pd.read_csv(raw_csv)
+    frame["sex"] = frame["sex"] + "  "
+    frame["cp"] = " " + frame["cp"]
+    padded = tmp_path / "padded.csv"
+    frame.to_csv(padded, index=False)
+    plain, spaced = loader(raw_csv), loader(padded)
+    assert len(spaced.table) == len(plain.table) == 740
+    data, _, _ = spaced.partitioned(cfg(padded), seed=0)
+    expected, _, _ = plain.partitioned(cfg(raw_csv), seed=0)
+    for got, want in zip(data, expected, strict=True):
+        assert torch.equal(got.x_train, want.x_train)
