@@ -36,6 +36,7 @@ from fl_core.federation.round_log import AliasMove, DecisionEntry
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from adapters.model_card import CardWriter
     from adapters.round_log import RunLog
     from adapters.serving import ServedModel
 
@@ -73,6 +74,7 @@ def register_model(
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     round_log: RunLog | None = None,
+    card: CardWriter | None = None,
 ) -> RegistrationResult:
     """Log one run; register the model as ``challenger``; if the gate passes, also ``champion``.
 
@@ -82,7 +84,10 @@ def register_model(
 
     Nothing is left half-done: on failure no new model version remains, the aliases are as
     before and the run is ``FAILED``. Exceptions propagate. ``round_log`` (sites mode) gets
-    the decision, see the module docstring.
+    the decision, see the module docstring. ``card``
+    (:meth:`adapters.model_card.ModelCard.writer`) writes the version's model card once its
+    number and aliases are known, before the version's final mark: a version never survives
+    without its card.
     """
     steps = _validated_steps(history)
     missing = [str(p) for p in artifacts if not Path(p).exists()]
@@ -142,6 +147,8 @@ def register_model(
         if round_log is not None:
             registry_before.round_log = round_log
             _log_decision(client, round_log, registry_before, decision, run_id)
+        if card is not None:
+            card(client, run_id, str(version), decision, aliases)
         client.set_tag(run_id, "model_version", str(version))
         for key, value in {**gate_tags, **(tags or {})}.items():
             client.set_tag(run_id, key, value)

@@ -2,7 +2,8 @@
 
 ``reports/metrics.json`` (the DVC metrics file) and ``reports/registration.json`` are written
 only after the registration has succeeded, so a failed run never leaves them half-updated.
-A sites-mode run's round log gets the promotion decision (:mod:`adapters.round_log`).
+A sites-mode run's round log gets the promotion decision (:mod:`adapters.round_log`); every
+registered version gets its model card (:mod:`adapters.model_card`), stored with it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from adapters.accounting import open_ledger
 from adapters.artifacts import Paths, read_json, read_training, read_validation, write_json_atomic
 from adapters.dp_audit import dp_audit_metrics, verdict_path
 from adapters.mlflow_registration import RegistrationResult, register_model
+from adapters.model_card import UNIT, ModelCard
 from adapters.pki import endpoint_files
 from adapters.round_log import RunLog
 from adapters.train import load_model
@@ -28,6 +30,7 @@ from fl_core.results import (
     PublishOutcome,
     Registration,
     TrainingReport,
+    format_bound,
     run_metrics,
 )
 
@@ -64,7 +67,12 @@ def publish_results(
     metrics.update(dp_audit_metrics(cfg, paths.root))  # the DP audit of this configuration
     budget_spent = _budget_spent(cfg, paths.root, privacy)
     if register:
-        result = _register(cfg, paths, trained, metrics, _run_log(cfg, paths, run_id))
+        card = ModelCard(cfg, paths, trained, metrics)  # written and stored with the version
+        try:
+            result = _register(cfg, paths, trained, metrics, card, _run_log(cfg, paths, run_id))
+            card.publish(paths.reports)  # the run's copy, once the version is final
+        finally:
+            card.discard()
         run, version, aliases, gate = (result.run_id, result.model_version,
                                        list(result.aliases), result.gate)
     else:
@@ -117,7 +125,8 @@ def _run_log(cfg: PipelineConfig, paths: Paths, run_id: str | None) -> RunLog | 
 
 
 def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,
-              metrics: dict[str, Any], round_log: RunLog | None = None) -> RegistrationResult:
+              metrics: dict[str, Any], card: ModelCard,
+              round_log: RunLog | None = None) -> RegistrationResult:
     """The MLflow registration of the trained model (its ledger charge already checked)."""
     from adapters.serving import ServedModel
 
@@ -128,9 +137,10 @@ def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,
     artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
                              paths.roc_plot, paths.training_plot, paths.audit_dp, *kept)
                  if p.exists()]  # with the DP audits the gate read, if any
-    tags = {**privacy_tags(privacy), **ledger_head_tags(cfg, paths.root, privacy)}
+    heads = ledger_head_tags(cfg, paths.root, privacy)
+    tags = {**privacy_tags(privacy), **heads}
     return register_model(cfg, served, metrics, trained.round_rows, artifacts,
-                          tags=tags, round_log=round_log)
+                          tags=tags, round_log=round_log, card=card.writer(heads))
 
 
 def ledger_head_tags(cfg: PipelineConfig, root: Path, privacy: PrivacyReport) -> dict[str, str]:
@@ -157,11 +167,13 @@ def privacy_tags(privacy: PrivacyReport) -> dict[str, str]:
         "privacy": "patient-level DP-SGD",
         "privacy.guarantee": GUARANTEE,
         **noise,
-        "privacy.epsilon_replace_one": f"{privacy.epsilon_replace_one:.6g}",
-        "privacy.epsilon": f"{privacy.epsilon:.6g}",
+        # ε and δ rounded up (never a stronger guarantee than the accountant's), δ as 1e-05
+        "privacy.epsilon_replace_one": format_bound(privacy.epsilon_replace_one, 6, up=True),
+        "privacy.epsilon": format_bound(privacy.epsilon, 6, up=True),
         **({} if privacy.statistics_epsilon is None else
-           {"privacy.statistics_epsilon": f"{privacy.statistics_epsilon:.6g}"}),
-        "privacy.delta": f"{privacy.delta:g}",
+           {"privacy.statistics_epsilon": format_bound(privacy.statistics_epsilon, 6, up=True)}),
+        "privacy.delta": format_bound(privacy.delta, 6, up=True),
+        "privacy.unit": UNIT,
         "privacy.accountant": str(privacy.accountant),
         "privacy.noise_multiplier": f"{privacy.noise_multiplier:.6g}",
         "privacy.sample_rate": f"{privacy.sample_rate:g}",

@@ -23,8 +23,10 @@ comes from.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from types import SimpleNamespace
 from typing import Any
 
@@ -384,6 +386,21 @@ def format_metric(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "—"
     return "—" if value is None else str(value)
+
+
+def format_bound(value: float | None, digits: int = 3, *, up: bool) -> str:
+    """``value`` to ``digits`` significant figures rounded the way that keeps a statement true:
+    ``up`` for a figure stated as at most (ε, δ: the guarantee may be no stronger than the
+    accountant's), down for one stated as at least (a lower confidence bound); small and large
+    magnitudes in scientific notation (δ = 1e-05, never 0.000). None reads "—"."""
+    if value is None:
+        return "—"
+    if not math.isfinite(value) or value == 0:
+        return f"{value:g}"
+    exact = Decimal(repr(float(value)))
+    step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    rounded = exact.quantize(step, rounding=ROUND_CEILING if up else ROUND_FLOOR)
+    return f"{float(rounded):.{digits}g}"
 
 
 def run_metrics(train: TrainingFigures, audit: AuditReport,

@@ -152,3 +152,17 @@ def test_a_summary_prints_delta_as_it_is_and_histograms_as_their_shape() -> None
     assert format_metric([[40.95, 23.41, 11.8, 15.6], [13.3, 6.9, 16.1, 40.9]]) == \
         "2 × 4 noisy counts (metrics.json)"
     assert format_metric(["Cleveland", "Hungary"]) == "Cleveland, Hungary"
+
+
+def test_bounds_are_rounded_the_way_that_keeps_them_true() -> None:
+    """ε and δ are stated as at most: rounded up; a lower confidence bound as at least:
+    rounded down; δ in scientific notation (1e-05, never 0.000)."""
+    from fl_core.results import format_bound
+
+    assert format_bound(0.9931525083615094, up=True) == "0.994"  # nearest: 0.993 < ε
+    assert format_bound(0.9931525083615094, 6, up=True) == "0.993153"
+    assert format_bound(2.1276, 3, up=True) == "2.13"
+    assert format_bound(0.5199, up=False) == "0.519"  # nearest would claim 0.52
+    assert format_bound(1e-5, up=True) == "1e-05" and format_bound(4.01e-4, 2, up=True) == "0.00041"
+    assert format_bound(2.0032, 6, up=True) == "2.0032"  # exact decimals are not bumped
+    assert format_bound(0.0, up=False) == "0" and format_bound(None, up=True) == "—"
