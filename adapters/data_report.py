@@ -20,7 +20,7 @@ from adapters.artifacts import Paths, write_json_atomic, write_text_atomic
 from adapters.tables import ClinicalTable
 from fl_core.config.model import DataConfig, PipelineConfig
 from fl_core.data.report import DataReport, data_report
-from fl_core.data.tables import Partition
+from fl_core.data.tables import ClientSplit, Partition
 
 REPORT_JSON = "data_report.json"
 REPORT_MD = "data_report.md"
@@ -72,10 +72,19 @@ def data_report_dict(cfg: PipelineConfig, root: str | Path = ".",
     return build_data_report(cfg.data, paths.root).to_dict()
 
 
-def write_site_data_report(data: DataConfig, state_dir: Path, site: str) -> DataReport:
-    """Sites mode: a site's own report of its own file, printed in its worker's log and kept
-    in its state folder (``<state>/reports/data_report.{json,md}``); never sent."""
-    report = build_data_report(data)
-    print(f"site {site}: ", end="")
-    write_data_report(report, state_dir / "reports")
+def write_site_data_report(data: DataConfig, state_dir: Path, site: str,
+                           split: ClientSplit | None = None) -> DataReport | None:
+    """Sites mode: a site's own report of its own file (``data``: the site's own data
+    configuration), with its train/test ``split``, printed in its worker's log and kept in
+    its state folder (``<state>/reports/data_report.{json,md}``); never sent anywhere. A
+    report that cannot be made is said in the log, and the session goes on."""
+    partition = None if split is None else Partition(clients=(split,), scheme="by_site",
+                                                     seed=0)
+    try:
+        report = build_data_report(data, partition=partition)
+        print(f"site {site}: ", end="")
+        write_data_report(report, state_dir / "reports")
+    except (OSError, ValueError) as exc:  # informational: never what stops a session
+        print(f"site {site}: no data report ({type(exc).__name__}: {exc})", flush=True)
+        return None
     return report

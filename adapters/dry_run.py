@@ -54,6 +54,9 @@ DRY_RUN_ROUNDS = 2
 DRY_RUN_SHADOWS = 2
 """Shadow models of the dry run's membership audit (fewer if configured)."""
 
+BY_PATIENT_SHARE = 30
+"""Synthetic patients per client under ``data.partition=by_patient`` (all sites together)."""
+
 IDEAL_TEST_PATIENTS = 1_000_000
 """Per class, in the ideal evaluation the gate is tried against."""
 
@@ -80,6 +83,17 @@ class DryRunResult:
         return (f"dry run: schema and config OK on {self.rows} synthetic rows "
                 f"({self.patients} patients) at {len(self.sites)} sites; nothing was "
                 f"charged, nothing registered")
+
+
+def synthetic_patients(cfg: PipelineConfig, asked: int) -> int:
+    """Synthetic patients per site: ``asked``, or under ``data.partition=by_patient`` enough
+    for its ``data.num_clients`` clients (the audit's population, test patients and those
+    dropped as incomplete, needs 5 per client): a refusal for too few patients would be the
+    dry run's, not the configuration's."""
+    if cfg.data.partition != "by_patient":
+        return asked
+    return max(asked, math.ceil(BY_PATIENT_SHARE * cfg.data.num_clients
+                                / len(cfg.data.spec.sites)))
 
 
 def dry_config(cfg: PipelineConfig, folder: Path, data_files: Mapping[str | None, Path],
@@ -183,7 +197,8 @@ def dry_run(cfg: PipelineConfig, root: str | Path = ".", *, patients_per_site: i
     root = Path(root).resolve()
     with tempfile.TemporaryDirectory(prefix="fedpriv-dry-run-") as scratch:
         folder = Path(keep).resolve() if keep is not None else Path(scratch)
-        plan = SyntheticPlan(patients_per_site=patients_per_site, seed=cfg.seed)
+        plan = SyntheticPlan(patients_per_site=synthetic_patients(cfg, patients_per_site),
+                             seed=cfg.seed)
         files, rows, patients = write_synthetic(cfg, folder / "data", plan)
         dry = dry_config(cfg, folder, files, rounds)
         run_id = "dryrun" + uuid.uuid4().hex[:12]

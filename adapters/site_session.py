@@ -25,11 +25,17 @@ from pathlib import Path
 import grpc
 import torch
 
+from adapters.data_report import write_site_data_report
 from adapters.gx_validation import validate_site_file
 from adapters.ledger_anchor import check_anchor, write_anchor
 from adapters.ledger_store import PrivacyLedger
 from adapters.site_channel import Backoff, Instruction, SiteChannel, permanent
-from adapters.site_files import site_client_data, site_dropped_rows, site_record_keys
+from adapters.site_files import (
+    own_data_config,
+    site_client_data,
+    site_dropped_rows,
+    site_record_keys,
+)
 from fl_core.audit.federated import site_audit_reply
 from fl_core.config.model import PipelineConfig, site_slug
 from fl_core.config.site import SitePolicy
@@ -85,6 +91,9 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
         _ready(session, passed=False, summary=summary)
         return "validation failed"
     data = site_client_data(cfg, csv_path, site)
+    # the site's own data report: printed and kept here, never sent (docs/privacy.md)
+    write_site_data_report(own_data_config(cfg, csv_path, site), session.state_dir, site,
+                           ClientSplit(site, data.train_ids, data.test_ids))
     records = site_record_keys(cfg, csv_path, site)  # the ledger's accounts: the records
     dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
     broken = policy_refusals(cfg, policy, noise_multiplier=dp.noise_multiplier if dp else None)

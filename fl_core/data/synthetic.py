@@ -58,20 +58,21 @@ def _numeric(feature: FeatureSpec, n: int, rng: np.random.Generator) -> list[obj
 
 def feature_values(spec: DatasetSchema, name: str, n: int,
                    rng: np.random.Generator) -> list[object]:
-    """``n`` values of feature ``name`` as they would appear in a CSV: numbers in range,
-    declared categories or boolean tokens; some cells empty (None) and, where the schema
-    declares ``missing_values``, some holding one of those tokens."""
+    """``n`` values of feature ``name`` (one site's rows) as they would appear in a CSV:
+    numbers in range, declared categories or boolean tokens; exactly
+    ``floor(missing_share · n)`` cells empty (None), so the site stays under the limit
+    however few its rows, and, where the schema declares ``missing_values``, about
+    :data:`TOKEN_SHARE` of the others holding one of those tokens."""
     feature = spec.feature(name)
     values: list[object] = (_numeric(feature, n, rng) if feature.numeric else
                             [str(v) for v in rng.choice(list(feature.accepted()), size=n)])
-    draw = rng.random(n)
-    empty = draw < missing_share(spec, name)
-    token = (draw >= 1 - TOKEN_SHARE) if feature.missing_values else np.zeros(n, dtype=bool)
+    empty = rng.permutation(n)[:math.floor(missing_share(spec, name) * n)]
     tokens = list(feature.missing_values)
-    for i in np.flatnonzero(token):
-        values[i] = tokens[int(rng.integers(len(tokens)))]
-    for i in np.flatnonzero(empty):
-        values[i] = None
+    if tokens:
+        for i in np.flatnonzero(rng.random(n) < TOKEN_SHARE):
+            values[i] = tokens[int(rng.integers(len(tokens)))]
+    for i in empty:
+        values[int(i)] = None
     return values
 
 
@@ -154,19 +155,24 @@ def synthetic_rows(spec: DatasetSchema, plan: SyntheticPlan = SyntheticPlan(),
     site): a site's file may hold it, and :func:`split_by_site` writes one frame per site.
     """
     rng = np.random.default_rng(plan.seed)
-    ids: list[int] = []
-    site_column: list[str] = []
+    blocks = []
     next_id = 1
     for site in sites if sites is not None else spec.sites:
-        raw = site_raw_values(spec, site)
-        for count in _records(spec, plan, rng):
-            ids += [next_id] * count
-            site_column += [str(v) for v in rng.choice(raw, size=count)]
-            next_id += 1
+        counts = _records(spec, plan, rng)
+        ids = [pid for pid, count in enumerate(counts, start=next_id) for _ in range(count)]
+        next_id += len(counts)
+        blocks.append(_site_block(spec, plan, rng, site, ids))
+    return pd.concat(blocks, ignore_index=True)
+
+
+def _site_block(spec: DatasetSchema, plan: SyntheticPlan, rng: np.random.Generator,
+                site: str, ids: list[int]) -> pd.DataFrame:
+    """One site's rows for the patients ``ids`` (one entry per row)."""
     n = len(ids)
-    columns: dict[str, list[object]] = {spec.patient_id: list(ids),
-                                        spec.site: list(site_column),
-                                        spec.label.column: label_values(spec, n, plan, rng)}
+    columns: dict[str, list[object]] = {
+        spec.patient_id: ids,
+        spec.site: [str(v) for v in rng.choice(site_raw_values(spec, site), size=n)],
+        spec.label.column: label_values(spec, n, plan, rng)}
     for name in spec.features:
         columns[name] = feature_values(spec, name, n, rng)
     for name in spec.ignore:

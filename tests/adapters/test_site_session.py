@@ -194,6 +194,9 @@ def test_a_site_session_started_again_for_the_same_run_charges_its_ledger_once(
     # one training charge and one for the test patients (the released evaluation), once
     assert len(ledger.entries()) == 2 and ledger.has_run("flowrun1cleveland")
     assert ledger.has_run("flowrun1cleveland-statistics")
+    # the site's own data report: kept in its state folder, its own site only
+    report = json.loads((state / "reports" / "data_report.json").read_text())
+    assert [s["site"] for s in report["sites"]] == [site]
 
 
 @pytest.mark.slow
