@@ -173,6 +173,34 @@ def test_every_registered_version_has_its_card_schema_description_and_tags(
         assert tags["privacy.unit"].startswith("patient (add/remove one patient")
     published = (project / "reports" / "model_card.md").read_text()  # the last run's copy
     assert published.startswith("# Model card: fedpriv-heart version 2\n")
+    _data_report_only_in_simulation(project)
+
+
+def _data_report_only_in_simulation(project: Path) -> None:
+    """The per-site data report (exact counts) is embedded where the coordinator holds the
+    table (simulation), never in sites mode, whose card says the data stay at the sites."""
+    from adapters.artifacts import Paths, read_training, write_json_atomic
+    from adapters.config_files import load_config
+    from adapters.model_card import gather_facts
+    from fl_core.audit.gate import GateDecision
+
+    report = "# Data report: heart\n\n| site | positive |\n|---|---|\n| Cleveland | 139 |\n"
+    (project / "reports" / "data_report.md").write_text(report)
+    cards = {}
+    for mode in ("simulation", "sites"):
+        cfg = load_config(project / "params.yaml", [f"federation.mode={mode}"])
+        paths = Paths.of(cfg, project)
+        if mode == "sites":  # the counts the sites declared, no data hash
+            write_json_atomic(paths.partition, {"mode": "sites", "sites": {
+                "Cleveland": {"train": 243, "test": 61}, "Hungary": {"train": 208, "test": 52}}})
+        facts = gather_facts(cfg, paths, read_training(paths), {}, run_id="r", version="9",
+                             decision=GateDecision(True, ()), aliases=("champion",))
+        cards[mode] = render_markdown(facts)
+    assert "#### Data report: heart" in cards["simulation"] and "| Cleveland | 139 |" in \
+        cards["simulation"]
+    assert "Data report" not in cards["sites"] and "| Cleveland | 139 |" not in cards["sites"]
+    assert "| data SHA-256 | held by each site" in cards["sites"]
+    assert "| Cleveland | 243 | 61 |" in cards["sites"]
 
 
 @pytest.mark.slow
