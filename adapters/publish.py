@@ -14,6 +14,7 @@ from typing import Any
 
 from adapters.accounting import open_ledger
 from adapters.artifacts import Paths, read_json, read_training, read_validation, write_json_atomic
+from adapters.data_report import report_paths
 from adapters.dp_audit import dp_audit_metrics, verdict_path
 from adapters.mlflow_registration import RegistrationResult, register_model
 from adapters.model_card import UNIT, ModelCard
@@ -134,9 +135,10 @@ def _register(cfg: PipelineConfig, paths: Paths, trained: TrainingReport,
     _, saved = load_model(paths.model)
     served = ServedModel(saved, TabularTransform.from_config(cfg.data))
     kept = [verdict_path(cfg, paths.root, level) for level in ("patient", "client")]
-    artifacts = [p for p in (paths.validation, paths.train_summary, paths.rounds_csv, paths.audit,
-                             paths.roc_plot, paths.training_plot, paths.audit_dp, *kept)
-                 if p.exists()]  # with the DP audits the gate read, if any
+    artifacts = [p for p in (paths.validation, *report_paths(paths), paths.train_summary,
+                             paths.rounds_csv, paths.audit, paths.roc_plot, paths.training_plot,
+                             paths.audit_dp, *kept)
+                 if p.exists()]  # with the DP audits the gate read and the data report
     heads = ledger_head_tags(cfg, paths.root, privacy)
     tags = {**privacy_tags(privacy), **heads}
     return register_model(cfg, served, metrics, trained.round_rows, artifacts,

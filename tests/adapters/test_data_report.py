@@ -82,3 +82,22 @@ def test_a_site_reports_its_own_file_locally(project: Path, tmp_path: Path, caps
     kept = json.loads((state / "reports" / "data_report.json").read_text())
     assert [s["site"] for s in kept["sites"]] == [site.site]  # its own site only
     assert f"site {site.site}: data report" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_registered_run_carries_the_data_report(project: Path) -> None:
+    from mlflow import MlflowClient
+
+    from adapters.audit import audit_model
+    from adapters.partition import partition_data
+    from adapters.publish import publish_results
+    from adapters.train import train_model
+    from adapters.validate import validate_data
+
+    cfg = load_config(project / "params.yaml", ["rounds=2", "audit.shadow_models=2"])
+    for stage in (validate_data, partition_data, train_model, audit_model):
+        stage(cfg, project)
+    outcome = publish_results(cfg, project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / '.fedpriv' / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(outcome.registration.run_id, "reports")}
+    assert {"reports/data_report.json", "reports/data_report.md"} <= logged
