@@ -73,7 +73,7 @@ class DataReport:
         totals["prevalence"] = round(totals["positive_patients"] / kept, 6) if kept else None
         totals["dropped_rows"] = {k: sum(s.dropped_rows.get(k, 0) for s in self.sites)
                                   for k in (LABEL_DROP, INCOMPLETE)}
-        return {"dataset": self.dataset, "features": list(self.features),
+        return {"schema": self.dataset, "features": list(self.features),
                 "drop_incomplete": self.drop_incomplete,
                 "sites": [asdict(s) for s in self.sites], "total": totals,
                 "notes": list(self.notes)}
