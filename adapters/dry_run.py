@@ -205,7 +205,9 @@ def dry_run(cfg: PipelineConfig, root: str | Path = ".", *, patients_per_site: i
         paths = Paths.of(dry, root, run_id)
         print(f"dry run on {rows} synthetic rows ({patients} patients) drawn from the schema "
               f"{cfg.data.schema_path}; no patient file is read, nothing is charged or "
-              f"registered; files in {folder}")
+              f"registered; files in {folder}"
+              + (" (kept)" if keep is not None else " (removed at the end; --keep DIR keeps "
+                 "them)"))
         validate_data(dry, root, run_id=run_id)
         partition_data(dry, root, run_id=run_id)
         trained = train_uncharged(dry, cfg.model_copy(update={"federation": dry.federation}),

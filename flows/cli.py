@@ -39,6 +39,9 @@ configuration:
   params.yaml is the only configuration; --set KEY=VALUE overrides any key (dotted for
   sections, value read as YAML), e.g. --set rounds=5 --set data.partition=by_patient
   --set data.dirichlet_alpha=0.5. `fedpriv config` prints every key and its value.
+  `fedpriv run --dry-run` tries the configuration and schema on synthetic rows drawn from
+  the schema: validation, partition, a few rounds, audit and gate; nothing is charged,
+  registered or published, no patient file is read (docs/data.md, try before you spend).
 
 outputs:
   reports/metrics.json, reports/rounds.csv, reports/*.png, data/models/model.pt;
