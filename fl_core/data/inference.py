@@ -52,8 +52,8 @@ does not already read as empty are drafted as ``missing_values``."""
 _TIME_NAME = re.compile(r"time|date|days|stop|(^|[_\W\d])(end|dur|duration|follow\w*)"
                         r"($|[_\W\d])", re.IGNORECASE)
 """A name saying time (``futime``, ``tstop``, ``end_date``; not ``gender``)."""
-_TRUE = {"true", "t", "yes", "y", "1", "positive", "pos"}
-_FALSE = {"false", "f", "no", "n", "0", "negative", "neg"}
+_TRUE = {"true", "t", "yes", "y", "1", "1.0", "positive", "pos"}  # 1.0: a 0/1 column with blanks
+_FALSE = {"false", "f", "no", "n", "0", "0.0", "negative", "neg"}  # as R or pandas write it
 _ID_NAME = re.compile(r"(^|[_\W])(id|uuid|key|no|nr|number|name)$", re.IGNORECASE)
 _HEAD = {"description", "patient_id", "site", "sites", *DatasetSchema.model_fields} - {
     "label", "max_missing_rate", "features", "ignore"}

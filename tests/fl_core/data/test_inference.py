@@ -414,6 +414,16 @@ def test_zero_one_columns_are_drafted_as_booleans() -> None:
     assert _comments(draft)["diabetes"].startswith("guessed: boolean (1 = true)")
 
 
+def test_zero_one_columns_with_blanks_are_booleans_not_zero_tokens() -> None:
+    """pandas and R write a 0/1 column with empty cells as 0.0/1.0: still a boolean, and its
+    zeros are not proposed as a "not measured" token (opt's V3.Antibio)."""
+    frame = _frame()
+    frame["antibiotics"] = ["0.0", "1.0", "0.0", None] * 15
+    draft = _draft(frame)
+    assert draft.schema.feature("antibiotics").tokens == ("0.0", "1.0")
+    assert "CHECK zeros" not in _comments(draft)["antibiotics"]
+
+
 def test_class_imbalance_suggests_gate_settings() -> None:
     draft = _draft(_frame(n=100, positive_share=0.1))
     assert draft.label_checks == (
