@@ -81,7 +81,8 @@ class DryRunResult:
             return ("dry run: the gate would refuse every model of this configuration: "
                     + "; ".join(self.config_refusals))
         return (f"dry run: schema and config OK on {self.rows} synthetic rows "
-                f"({self.patients} patients) at {len(self.sites)} sites; nothing was "
+                f"({self.patients} patients) at {len(self.sites)} "
+                f"site{'' if len(self.sites) == 1 else 's'}; nothing was "
                 f"charged, nothing registered")
 
 
