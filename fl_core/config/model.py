@@ -280,6 +280,9 @@ class PrivacyConfig(_Section):
     accountant: AccountantName = "prv"
     grad_sample_mode: GradSampleModeName = "hooks"
     learning_rate: float | None = Field(0.5, gt=0, le=10)  # None = the top-level learning_rate
+    # a site whose expected batch (sample_rate x patients) is B > reference_batch steps
+    # B / reference_batch times as far: its noise on the mean gradient is σC/B (None: off)
+    reference_batch: int | None = Field(256, ge=1)
     lifetime_epsilon: float = Field(10.0, gt=0)  # per site and dataset, over all runs
     ledger: str | None = None  # None = <state_dir>/privacy_ledger.sqlite
     # where DP noise and sampling come from: secure (OS entropy, promotable) | reproducible

@@ -160,7 +160,8 @@ def dp_recipe(*, cfg: PipelineConfig, patients: Mapping[str, int]) -> DPSGDConfi
     return DPSGDConfig(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                        sample_rate=p.sample_rate,
                        learning_rate=p.learning_rate or cfg.learning_rate, delta=p.delta,
-                       accountant=p.accountant, grad_sample_mode=p.grad_sample_mode)
+                       accountant=p.accountant, grad_sample_mode=p.grad_sample_mode,
+                       reference_batch=p.reference_batch)
 
 
 def build_target_model(cfg: PipelineConfig, num_features: int) -> tuple[torch.nn.Module, list[str]]:

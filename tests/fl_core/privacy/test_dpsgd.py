@@ -110,6 +110,32 @@ def test_each_patient_moves_the_model_by_at_most_the_clip_norm(records: int) -> 
     torch.testing.assert_close(step / step.norm(), direction, rtol=1e-4, atol=1e-5)
 
 
+def test_a_site_with_a_batch_over_the_reference_steps_proportionally_further() -> None:
+    """``reference_batch``: a site of B patients per step (B > B_ref) takes a step B/B_ref
+    times ``learning_rate`` along the same noiseless clipped mean gradient; at or below the
+    reference, and with the rule off, the configured step."""
+    x, y, ids = _patients([1] * 8, seed=3)
+    p = group_records(x, y, ids)
+
+    def step(reference: int | None) -> torch.Tensor:
+        model = LogisticRegression(FEATURES)
+        before = get_flat_params(model)
+        cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.5, sample_rate=1.0,
+                          learning_rate=0.25, delta=1e-5, accountant="rdp",
+                          grad_sample_mode="hooks", reference_batch=reference)
+        PatientDPTrainer(model=model, data=p, cfg=cfg).train(epochs=1, random=SeededRandom(0))
+        return get_flat_params(model) - before
+
+    plain = step(None)
+    torch.testing.assert_close(step(8), plain)
+    torch.testing.assert_close(step(100), plain)
+    torch.testing.assert_close(step(2), 4 * plain)  # B = 8 patients, B_ref = 2
+    cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1,
+                      learning_rate=0.5, delta=1e-5, accountant="rdp",
+                      grad_sample_mode="hooks", reference_batch=256)
+    assert cfg.step_size(2560) == 0.5 and cfg.step_size(5120) == pytest.approx(1.0)
+
+
 def test_two_patients_contribute_equally_whatever_their_record_counts() -> None:
     x, y, ids = _patients([1, 40], seed=5)
     p = group_records(x, y, ids)
