@@ -40,8 +40,10 @@ JSON on stdout (and ``--out``); the panel as a Markdown table and progress lines
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -378,6 +380,21 @@ def markdown(result: dict[str, Any], arms: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def provenance(params: Path) -> dict[str, Any]:
+    """Which code and which defaults gave the figures: the defaults are being tuned, so a
+    result names the commit and the params file's hash (and whether the file was edited)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10, check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    return {"git_commit": git("rev-parse", "HEAD") or None,
+            "params_sha256": hashlib.sha256(params.read_bytes()).hexdigest(),
+            "params_edited": bool(git("status", "--porcelain", "--", str(params)))}
+
+
 def benchmark(params: Path, tables: Sequence[str], seeds: int, arms: Sequence[str],
               overrides: Sequence[str]) -> dict[str, Any]:
     started = time.perf_counter()
@@ -401,6 +418,7 @@ def benchmark(params: Path, tables: Sequence[str], seeds: int, arms: Sequence[st
         "tables": results,
         "panel": panel_summary(results, arms),
         "total_seconds": round(time.perf_counter() - started, 1),
+        "provenance": provenance(params),
         "environment": environment(),
     }
 
