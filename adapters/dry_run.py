@@ -44,7 +44,12 @@ from adapters.validate import validate_data
 from fl_core.audit.gate import evaluate_gate, gate_thresholds
 from fl_core.config.model import ConfigError, PipelineConfig, site_slug
 from fl_core.data.synthetic import SyntheticPlan, split_by_site, synthetic_rows
-from fl_core.federation.wiring import describe_compression, federate, make_dpsgd
+from fl_core.federation.wiring import (
+    describe_compression,
+    federate,
+    make_dpsgd,
+    parameter_count,
+)
 from fl_core.privacy.accounting import describe_privacy, privacy_summary
 from fl_core.results import TrainingSummary
 
@@ -141,8 +146,10 @@ def train_uncharged(cfg: PipelineConfig, calibration: PipelineConfig,
     charged; writes the model and train.json into ``paths`` (the dry run's folder)."""
     started = time.perf_counter()
     data, transform, partition = load_client_data(cfg, paths)
+    compression = describe_compression(
+        cfg.compression, parameter_count(cfg, int(data[0].x_train.shape[1])))
     print(f"training {cfg.model} on {len(data)} clients, {cfg.rounds} rounds (dry run; "
-          f"configured: {calibration.rounds}); {describe_compression(cfg.compression)}; "
+          f"configured: {calibration.rounds}); {compression}; "
           f"aggregation {cfg.aggregation.method}")
     dp = make_dpsgd(cfg=calibration, data=data)  # the configured run's σ (and its errors)
     run = federate(cfg, data, dp=dp, on_round=lambda rec: print_progress(rec, cfg.rounds))
@@ -151,7 +158,7 @@ def train_uncharged(cfg: PipelineConfig, calibration: PipelineConfig,
     print(describe_privacy(privacy) + " (dry run: not charged)")
     summary = TrainingSummary.of_run(
         run.result, clients=len(data), partition=partition.scheme,
-        compression=describe_compression(cfg.compression), aggregation=cfg.aggregation.method,
+        compression=compression, aggregation=cfg.aggregation.method,
         malicious=sorted(run.attack.malicious) if run.attack else [], privacy=privacy,
         seconds=time.perf_counter() - started)
     write_training_outputs(cfg, paths, summary, run, int(data[0].x_train.shape[1]),

@@ -28,6 +28,7 @@ from fl_core.federation.wiring import (
     federate,
     federate_over,
     make_dpsgd,
+    parameter_count,
 )
 from fl_core.model.networks import build_model, set_flat_params
 from fl_core.privacy.accounting import describe_privacy, privacy_summary
@@ -78,9 +79,10 @@ def train_model(
     started = time.perf_counter()
     data, transform, partition = load_client_data(cfg, paths)
     num_features = int(data[0].x_train.shape[1])
+    compression = describe_compression(cfg.compression, parameter_count(cfg, num_features))
     print(f"training {cfg.model} on {len(data)} clients "
           f"({', '.join(d.client_id for d in data)}), {cfg.rounds} rounds; "
-          f"{describe_compression(cfg.compression)}; aggregation {cfg.aggregation.method}"
+          f"{compression}; aggregation {cfg.aggregation.method}"
           + (f" after {cfg.aggregation.pre_aggregation}"
              if cfg.aggregation.pre_aggregation != "none" else "")
           + (", anomaly detection" if cfg.anomaly.enabled else ""))
@@ -96,7 +98,7 @@ def train_model(
     print(describe_privacy(privacy))
     summary = TrainingSummary.of_run(
         run.result, clients=len(data), partition=partition.scheme,
-        compression=describe_compression(cfg.compression), aggregation=cfg.aggregation.method,
+        compression=compression, aggregation=cfg.aggregation.method,
         malicious=sorted(attack.malicious) if attack else [], privacy=privacy,
         seconds=time.perf_counter() - started)
     write_training_outputs(cfg, paths, summary, run, num_features, transform.columns())
@@ -180,9 +182,10 @@ def train_at_sites(
         raise DataError(f"the sites encode different feature counts {sorted(features)}: "
                         f"they run different fedpriv versions or configurations")
     num_features = features.pop()
+    compression = describe_compression(cfg.compression, parameter_count(cfg, num_features))
     patients = {site: m.train_patients for site, m in ready.items()}
     print(f"training {cfg.model} at {len(ready)} sites ({', '.join(ready)}), {cfg.rounds} "
-          f"rounds over the federation endpoint; {describe_compression(cfg.compression)}")
+          f"rounds over the federation endpoint; {compression}")
     run = federate_over(cfg, transport=transport, patients=patients, num_features=num_features,
                         sinks=[lambda rec: print_progress(rec, cfg.rounds), *sinks])
     privacy = privacy_summary(cfg, None, run.spent, run.dp, run.model_fixes,
@@ -195,7 +198,7 @@ def train_at_sites(
     print(describe_privacy(privacy))
     summary = TrainingSummary.of_run(
         run.result, clients=len(ready), partition="by_site",
-        compression=describe_compression(cfg.compression), aggregation=cfg.aggregation.method,
+        compression=compression, aggregation=cfg.aggregation.method,
         malicious=[], privacy=privacy, seconds=time.perf_counter() - started)
     columns = TabularTransform.from_config(cfg.data).columns()
     write_training_outputs(cfg, paths, summary, run, num_features, columns)

@@ -63,6 +63,7 @@ from fl_core.federation.simulation import simulate
 from fl_core.federation.site_client import SiteClient
 from fl_core.federation.wiring import (
     build_target_model,
+    compression_for,
     federation_settings,
     make_compressor,
     make_downlink,
@@ -242,8 +243,8 @@ def _train_observed(cfg: PipelineConfig, data: list[ClientData], dp: DPSGDConfig
             trainer.sampler = broken.sampler(trainer.sampler)
     observed = [_Observed(site, n) for site in setup.sites]
     simulate(observed, initial_params=setup.initial_params, settings=federation_settings(cfg),
-             downlink=make_downlink(cfg), defense=setup.defense, seed=cfg.seed,
-             randomness=setup.random)
+             downlink=make_downlink(cfg, int(setup.initial_params.numel())),
+             defense=setup.defense, seed=cfg.seed, randomness=setup.random)
     return {o.client_id: o.total for o in observed}
 
 
@@ -255,7 +256,8 @@ class _FixedUpdateClient:
     def __init__(self, client_id: str, update: torch.Tensor, cfg: PipelineConfig,
                  index: int) -> None:
         self.client_id, self._update = client_id, update
-        self._compressor = make_compressor(compression=cfg.compression, seed=cfg.seed + index)
+        compression = compression_for(cfg.compression, int(update.numel()))
+        self._compressor = make_compressor(compression=compression, seed=cfg.seed + index)
 
     def handle(self, request: bytes) -> bytes:
         message = decode_message(request, expect=(FitInstruction, EvaluateInstruction))
@@ -283,7 +285,7 @@ def _train_client_level(cfg: PipelineConfig, data: list[ClientData], dp: DPSGDCo
         update[canaries.coordinates[i]] = canaries.signs[i] * size
         clients.append(_FixedUpdateClient(f"canary-{i}", update, cfg, len(clients)))
     result = simulate(clients, initial_params=setup.initial_params,
-                      settings=federation_settings(cfg), downlink=make_downlink(cfg),
+                      settings=federation_settings(cfg), downlink=make_downlink(cfg, n),
                       defense=setup.defense, seed=cfg.seed, randomness=setup.random)
     return (result.params - setup.initial_params).double()
 

@@ -226,6 +226,9 @@ class CompressionConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     warmup_rounds: int = Field(0, ge=0, le=10_000)
     downlink: Literal["dense", "compressed"] = "dense"
+    # a model with fewer parameters sends dense float32 (an update of a few hundred bytes
+    # gains nothing, and top-10 % of 20 coefficients moves 2 per round: docs/compression.md)
+    min_parameters: int = Field(4096, ge=0)
 
 
 class AggregationConfig(_Section):

@@ -55,6 +55,23 @@ def client_spending(
     return {c: (float(site_epsilon.get(c, 0.0)), int(steps)) for c, steps in site_dp_steps.items()}
 
 
+def parameter_count(cfg: PipelineConfig, num_features: int) -> int:
+    """How many parameters the configured model has over ``num_features`` inputs."""
+    return int(get_flat_params(build_model(cfg.model, num_features,
+                                           hidden_units=cfg.hidden_units, seed=0)).numel())
+
+
+def compression_for(compression: CompressionConfig, n_params: int) -> CompressionConfig:
+    """``compression`` as it applies to a model of ``n_params``: dense below
+    ``min_parameters``. Top-k at ratio r moves ⌈r·n⌉ coordinates a round; for a logistic
+    regression of 20 coefficients that is 2, and on the utility panel's two-cohort breast
+    table the default recipe lost 0.16 AUC to it (benchmarks/utility_panel.py), to save
+    a few hundred bytes a round."""
+    if compression.enabled and n_params < compression.min_parameters:
+        return compression.model_copy(update={"enabled": False})
+    return compression
+
+
 def quantizer(*, compression: CompressionConfig, seed: int) -> TopKQuantizer:
     """The top-k quantizer of ``compression``, its stochastic rounding seeded by ``seed``."""
     c = compression
@@ -71,7 +88,12 @@ def make_compressor(*, compression: CompressionConfig, seed: int) -> UpdateCompr
                             momentum=c.momentum, warmup_rounds=c.warmup_rounds)
 
 
-def describe_compression(c: CompressionConfig) -> str:
+def describe_compression(configured: CompressionConfig, n_params: int) -> str:
+    """What crosses the uplink (and downlink) for a model of ``n_params``, in words."""
+    c = compression_for(configured, n_params)
+    if configured.enabled and not c.enabled:
+        return (f"uplink dense float32 ({n_params} parameters, under "
+                f"compression.min_parameters {c.min_parameters})")
     if not c.enabled:
         return "uplink dense float32"
     parts = [f"uplink top-{c.ratio:.3g} {c.bits}-bit",
@@ -195,8 +217,8 @@ def federation_settings(cfg: PipelineConfig) -> FederationSettings:
         evaluate_every=cfg.privacy.evaluation_every)
 
 
-def make_downlink(cfg: PipelineConfig) -> TopKQuantizer | None:
-    comp = cfg.compression
+def make_downlink(cfg: PipelineConfig, n_params: int) -> TopKQuantizer | None:
+    comp = compression_for(cfg.compression, n_params)
     if comp.enabled and comp.downlink == "compressed":
         return quantizer(compression=comp, seed=cfg.seed)
     return None
@@ -218,10 +240,11 @@ def make_site_client(
     ``federation.sites``), the run's DP-SGD recipe ``dp`` (calibrated once for the run, by
     :func:`make_dpsgd`) and the run's randomness."""
     num_features = int(data.x_train.shape[1])
+    compression = compression_for(cfg.compression, parameter_count(cfg, num_features))
     return SiteClient(
         data=data, model_factory=lambda: build_target_model(cfg, num_features)[0],
         training=local_training(cfg),
-        compressor=make_compressor(compression=cfg.compression, seed=cfg.seed + index),
+        compressor=make_compressor(compression=compression, seed=cfg.seed + index),
         privacy=dp, randomness=random, evaluation=evaluation_release(cfg))
 
 
@@ -274,7 +297,8 @@ def federate(
     train stage charges the ledger with the same one)."""
     setup = simulation_setup(cfg, data, dp=dp)
     result = simulate(setup.sites, initial_params=setup.initial_params,
-                      settings=federation_settings(cfg), downlink=make_downlink(cfg),
+                      settings=federation_settings(cfg),
+                      downlink=make_downlink(cfg, int(setup.initial_params.numel())),
                       sinks=[on_round] if on_round else (), defense=setup.defense,
                       attack=setup.attack, seed=cfg.seed, randomness=setup.random)
     return FederatedRun(result, setup.dp, setup.attack, setup.model_fixes)
@@ -291,9 +315,11 @@ def federate_over(
     dp = dp_recipe(cfg=cfg, patients=patients)
     model, fixes = build_target_model(cfg, num_features)
     random = make_random(cfg.privacy.randomness, cfg.seed)
+    initial = get_flat_params(model)
     result = run_federated(
-        transport=transport, sites=list(patients), initial_params=get_flat_params(model),
-        settings=federation_settings(cfg), downlink=make_downlink(cfg), sinks=sinks,
+        transport=transport, sites=list(patients), initial_params=initial,
+        settings=federation_settings(cfg), downlink=make_downlink(cfg, int(initial.numel())),
+        sinks=sinks,
         defense=make_defense(cfg=cfg, n_clients=len(patients), random=random), attack=None,
         seed=cfg.seed, randomness=random)
     return FederatedRun(result, dp, None, fixes)

@@ -71,9 +71,9 @@ def test_flow_end_to_end_two_rounds(project: Path, prefect_harness) -> None:
     assert 0 < metrics["audit_seconds"] < metrics["wall_seconds"]
     assert metrics["accuracy"] > 0.5
     assert metrics["bytes_uploaded"] > 0
-    # the default compresses updates (top-10 %, 8-bit): fewer bytes than dense float32
-    assert metrics["bytes_uploaded"] < metrics["bytes_uploaded_uncompressed"]
-    assert metrics["compression_ratio"] > 1
+    # a logistic regression (18 parameters) is under compression.min_parameters: sent dense
+    assert metrics["bytes_uploaded"] == metrics["bytes_uploaded_uncompressed"]
+    assert metrics["compression_ratio"] == 1
     assert metrics["bytes_downloaded"] == metrics["bytes_downloaded_uncompressed"]
     rows = list(csv.DictReader((project / "reports" / "rounds.csv").open()))
     assert [r["round"] for r in rows] == ["1", "2"]
