@@ -394,13 +394,16 @@ def provenance(params: Path) -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10, check=False).stdout.strip()
+                                  timeout=10, check=False).stdout.rstrip()
         except OSError:
             return ""
 
+    edited = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no")
+              .splitlines() if line[3:].endswith((".py", ".yaml"))]
     return {"git_commit": git("rev-parse", "HEAD") or None,
             "params_sha256": hashlib.sha256(params.read_bytes()).hexdigest(),
-            "params_edited": bool(git("status", "--porcelain", "--", str(params)))}
+            "params_edited": bool(git("status", "--porcelain", "--", str(params))),
+            "uncommitted": edited}  # tracked code and config files changed since the commit
 
 
 def benchmark(params: Path, tables: Sequence[str], seeds: int, arms: Sequence[str],
