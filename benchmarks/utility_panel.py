@@ -25,10 +25,12 @@ split:
 Every arm's AUC is computed exactly from its predictions on the pooled test rows
 (:func:`fl_core.model.metrics.roc_auc`), not from the noisy evaluation histogram the
 federation releases; its 95 % interval is Hanley–McNeil's
-(:func:`fl_core.audit.confidence.hanley_mcneil_variance`, on the test rows' class counts). Across
-seeds: mean and sample sd. The benchmark is not charged to any ledger: the tables are public
-(:func:`report.require_public_dataset`); a table whose CSV is missing is exported from the
-optional extra ``datasets`` first (``data/raw/<name>.csv``, not committed).
+(:func:`fl_core.audit.confidence.hanley_mcneil_variance`, on the test rows' class counts, scaled
+to the number of test patients where a patient has several rows). Across seeds: mean and
+sample sd of the AUC, and the seeds' mean interval. The benchmark is not charged to any
+ledger: the tables are public (:func:`report.require_public_dataset`); a table whose CSV is
+missing is exported from the optional extra ``datasets`` first (``data/raw/<name>.csv``, not
+committed).
 
 Run from the project root::
 
@@ -160,12 +162,18 @@ def progress(text: str) -> None:
 
 
 # ------------------------------------------------------------------------------ figures
-def auc_interval(auc: float, labels: torch.Tensor) -> tuple[float, float]:
-    """Two-sided Hanley–McNeil interval of ``auc`` on test rows ``labels`` (NaN if undefined)."""
+def auc_interval(auc: float, labels: torch.Tensor,
+                 patients: int | None = None) -> tuple[float, float]:
+    """Two-sided Hanley–McNeil interval of ``auc`` on test rows ``labels`` (NaN if undefined).
+
+    With several records per patient the rows are not independent: the class counts are
+    scaled to ``patients`` test patients (the interval of as many independent rows as there
+    are patients), not taken at their row counts, which would make it too narrow."""
     if not math.isfinite(auc):
         return math.nan, math.nan
-    positives = float(labels.sum())
-    negatives = float(labels.numel()) - positives
+    share = min(patients / labels.numel(), 1.0) if patients and labels.numel() else 1.0
+    positives = float(labels.sum()) * share
+    negatives = float(labels.numel()) * share - positives
     z = normal_quantile(0.5 + CONFIDENCE / 2)
     half = z * math.sqrt(hanley_mcneil_variance(auc, positives, negatives))
     return max(auc - half, 0.0), min(auc + half, 1.0)
@@ -270,6 +278,7 @@ def run_seed(name: str, cfg: PipelineConfig, arm_cfgs: dict[str, PipelineConfig]
     x_test = torch.cat([d.x_test for d in data])
     y_test = torch.cat([d.y_test for d in data])
     out: dict[str, Any] = {"sizes": _sizes(loader, data, y_test), "arms": {}}
+    test_patients = sum(len(d.test_ids) for d in data)
     for arm in arms:
         started = time.perf_counter()
         extra: dict[str, Any] = {}
@@ -284,8 +293,8 @@ def run_seed(name: str, cfg: PipelineConfig, arm_cfgs: dict[str, PipelineConfig]
         else:
             auc = federated_arm(arm_cfgs[arm], data, x_test, y_test)
         seconds = time.perf_counter() - started
-        out["arms"][arm] = {"auc": auc, "ci": auc_interval(auc, y_test), "seconds": seconds,
-                            **extra}
+        out["arms"][arm] = {"auc": auc, "ci": auc_interval(auc, y_test, test_patients),
+                            "seconds": seconds, **extra}
         progress(f"[{name}] seed {seed}  {arm:<9} auc {auc:.3f}  ({seconds:.1f} s)")
     return out
 
@@ -295,6 +304,8 @@ def _arm_result(arm: str, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "auc": _summary([r["auc"] for r in runs]),
         "ci95_per_seed": [[_num(r["ci"][0]), _num(r["ci"][1])] for r in runs],
+        # the seeds' bounds averaged: the interval of one such split, for the table
+        "ci95_mean": [_summary([r["ci"][i] for r in runs])["mean"] for i in (0, 1)],
         "seconds_mean": round(statistics.fmean(r["seconds"] for r in runs), 2),
     }
     if arm == "local":
@@ -378,12 +389,14 @@ LABELS = {"pooled": "pooled", "local": "local", "federated": "federated",
 def _cell(arm: dict[str, Any] | None) -> str:
     if arm is None or arm["auc"]["mean"] is None:
         return "–"
-    sd = arm["auc"]["sd"]
-    return f"{arm['auc']['mean']:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+    sd, (low, high) = arm["auc"]["sd"], arm["ci95_mean"]
+    text = f"{arm['auc']['mean']:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+    return text + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
 
 
 def markdown(result: dict[str, Any], arms: Sequence[str]) -> str:
-    """The panel as a Markdown table: mean AUC ± sd over seeds per arm, and the gap."""
+    """The panel as a Markdown table: per arm the mean AUC ± sd over seeds [the seeds' mean
+    95 % interval], and the gap federated − pooled."""
     head = ["table", "patients", *(LABELS[a] for a in arms), "fed − pooled"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, table in result["tables"].items():

@@ -37,6 +37,7 @@ def test_heart_panel_has_every_arm_with_intervals_and_a_sane_pooled_auc() -> Non
         assert len(auc["per_seed"]) == 1 and auc["sd"] is None  # one seed: no spread
         low, high = table["arms"][arm]["ci95_per_seed"][0]
         assert 0 <= low <= auc["mean"] <= high <= 1, arm
+        assert table["arms"][arm]["ci95_mean"] == [low, high]  # one seed
     assert table["arms"]["pooled"]["auc"]["mean"] > 0.7
     assert set(table["arms"]["local"]["per_site"]) == set(table["sizes_seed0"]["sites"])
     assert table["sizes_seed0"]["patients"] == 740
@@ -55,6 +56,10 @@ def test_auc_interval_is_hanley_mcneil_and_undefined_without_a_class() -> None:
     # Hanley & McNeil 1982: SE 0.0627 at AUC 0.8 with 20 positives and 80 negatives
     assert low < 0.8 < high and high - low == pytest.approx(2 * 1.96 * 0.0627, abs=0.002)
     assert all(v != v for v in utility_panel.auc_interval(float("nan"), labels))
+    # two rows per patient: the interval of 50 patients, as wide as that of 50 rows
+    wide = utility_panel.auc_interval(0.8, labels, patients=50)
+    assert wide == pytest.approx(utility_panel.auc_interval(0.8, labels[::2]))
+    assert wide[1] - wide[0] > high - low
 
 
 def test_unknown_tables_and_arms_are_refused() -> None:
