@@ -109,8 +109,13 @@ def strip_text_cells(frame: pd.DataFrame) -> pd.DataFrame:
     and label values are declared without the padding, and a padded cell is the same value."""
     out = frame.copy()
     for col in out.select_dtypes(include=["object", "string"]).columns:
-        text = out[col].where(out[col].isna(), out[col].astype(str).str.strip())
-        out[col] = text.mask(text == "")
+        values = out[col]
+        is_text = values.map(lambda v: isinstance(v, str)).astype(bool)
+        if not is_text.any():
+            continue  # e.g. True/False objects pandas parsed: left as they are
+        stripped = values.copy()
+        stripped[is_text] = values[is_text].str.strip()
+        out[col] = stripped.mask(is_text & (stripped == ""))
     return out
 
 

@@ -168,8 +168,8 @@ class DPSGDConfig:
 
         DP-SGD adds noise of std σC/B to the batch's mean clipped gradient, so a large site's
         steps are precise and a small site's are not: one step size is either too timid for
-        the first (the covid_testing table's 5,000-patient site barely moved at 0.5) or too
-        bold for the second (heart's sites at 2). Scaling the step with the batch above a
+        the first (a 5,000-patient site of a weak-signal table barely moved at 0.5) or too
+        bold for the second (a 200-patient site at 2). Scaling the step with the batch above a
         reference (the linear scaling rule) keeps each site's step noise at what a reference
         batch has. Post-processing of the noisy gradients: no effect on ε."""
         batch = self.sample_rate * patients
