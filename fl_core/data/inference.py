@@ -24,6 +24,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fl_core.audit.confidence import hanley_mcneil_variance, normal_quantile
+from fl_core.config.model import DataConfig, GateConfig
 from fl_core.data.schema import DatasetSchema, LabelRule, parse_schema
 
 MARGIN = 0.10
@@ -93,6 +95,8 @@ class SchemaDraft:
     """Written under the ``label:`` line (class imbalance)."""
     site_checks: tuple[str, ...] = ()
     """Written under the ``sites:`` line (tiny or one-class sites)."""
+    gate_checks: tuple[str, ...] = ()
+    """Written under the ``label:`` line: the promotion gate this table can meet."""
 
     @property
     def schema(self) -> DatasetSchema:
@@ -376,6 +380,42 @@ def label_checks(positive: pd.Series) -> tuple[str, ...]:
             f"{kind}s per site (gate.min_test_positives/negatives)",)
 
 
+def gate_checks(patient_ids: pd.Series, positive: pd.Series) -> tuple[str, ...]:
+    """The gate settings this table calls for, from its patients' classes (a patient is
+    positive with any positive row): the test patients the default split would give against
+    the default gate's minimums, and the ``data.test_fraction`` that meets them. Lowering the
+    minimums instead is how a five-patient test set promoted a model (issue 25): never
+    proposed."""
+    gate, fraction = GateConfig(), float(DataConfig.model_fields["test_fraction"].default)
+    patients = int(patient_ids.nunique())
+    pos = int(patient_ids[positive].nunique())
+    neg = patients - pos
+    need = (gate.min_test_patients, gate.min_test_positives, gate.min_test_negatives)
+    expected = f"about {fraction * patients:.0f} test patients ({fraction * pos:.0f} positive, " \
+               f"{fraction * neg:.0f} negative) at data.test_fraction {fraction:g}"
+    wanted = max(need[0] / max(patients, 1), need[1] / max(pos, 1), need[2] / max(neg, 1))
+    minimums = (f"the gate's minimums (gate.min_test_patients {need[0]}, "
+                f"gate.min_test_positives {need[1]}, gate.min_test_negatives {need[2]})")
+    if wanted <= fraction:
+        # the sampling part of the AUC's lower bound at the expected test classes
+        width = normal_quantile(gate.confidence) * math.sqrt(hanley_mcneil_variance(
+            0.75, fraction * pos, fraction * neg))
+        bar = (f"gate: {expected} meet {minimums}; it decides on lower confidence bounds "
+               f"(gate.min_auc_lower {gate.min_auc_lower:g}, gate.min_balanced_accuracy_lower "
+               f"{gate.min_balanced_accuracy_lower:g}): keep them. On this many test patients "
+               f"an AUC near 0.75 has its bound about {width:.2f} lower (before the "
+               f"evaluation's DP noise): a model needs AUC {gate.min_auc_lower + width:.2f} "
+               f"or more to be promoted")
+        return (bar,)
+    step = math.ceil(wanted * 20) / 20  # to the next 0.05
+    if step <= 0.5:
+        return (f"gate: {expected} miss {minimums}: every model would be refused; run with "
+                f"--set data.test_fraction={step:g} (or pool more data), not lower minimums",)
+    return (f"gate: {expected} miss {minimums}, and no split meets them ({pos} positive, "
+            f"{neg} negative patients in all): no model on this table can be promoted; "
+            f"lowering the minimums would let a tiny test set decide",)
+
+
 # ------------------------------------------------------------------------------ label
 def _yaml_value(raw: str) -> int | float | str:
     """A raw label value as YAML writes it back unchanged (``0`` as a number, ``01`` as text)."""
@@ -520,10 +560,12 @@ def infer_schema(frame: pd.DataFrame, path: str | Path, *, patient_id: str, site
     tree = _draft_tree(frame, path, patient_id, site, label_tree, guesses, dataset_id)
     notes = [f"label {label}: {counts}", *_role_notes(frame, patient_id, site, label)]
     checks = label_checks(positive), site_checks(frame, patient_id, site, positive)
-    notes += [*checks[0], *checks[1]]
+    gate = gate_checks(frame.loc[positive.index, patient_id].astype(str).str.strip(),
+                       positive)
+    notes += [*checks[0], *checks[1], *gate]
     notes += [n for g in guesses for n in g.notes]
     notes += [f"{g.name}: {g.comment}" for g in guesses if g.comment.startswith("near-empty")]
-    draft = SchemaDraft(tree, guesses, tuple(notes), str(path), *checks)
+    draft = SchemaDraft(tree, guesses, tuple(notes), str(path), *checks, gate_checks=gate)
     draft.schema  # noqa: B018 - a draft load_schema refuses is a bug here, not the user's
     return draft
 
@@ -560,6 +602,7 @@ def draft_yaml(draft: SchemaDraft) -> str:
              *_head_lines(head, draft.site_checks),
              f"label: {_flow(tree['label'])}",
              *(f"#   CHECK: {n}" for n in draft.label_checks),
+             *(f"#   {n}" for n in draft.gate_checks),
              f"max_missing_rate: {tree['max_missing_rate']:g}   # default per feature and site",
              "features:"]
     for guess in draft.columns:

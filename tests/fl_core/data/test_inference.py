@@ -434,3 +434,23 @@ def test_class_imbalance_suggests_gate_settings() -> None:
     text = draft.yaml_text()
     assert text.index("label: ") < text.index("#   CHECK: imbalanced label")
     assert _draft(_frame(n=100, positive_share=0.5)).label_checks == ()
+
+
+@pytest.mark.parametrize(("n", "share", "says"), [
+    # 1000 patients, half positive: 200 test patients, 100 of each class
+    (1000, 0.5, "meet the gate's minimums"),
+    # 200 patients, 1 in 10 positive: 4 positive test patients at 0.2; 0.5 gives 10
+    (200, 0.1, "--set data.test_fraction=0.5"),
+    # 60 patients, 1 in 10 positive: 6 positive patients in all, no split gives 10
+    (60, 0.1, "no model on this table can be promoted"),
+])
+def test_the_draft_proposes_the_gate_this_table_can_meet(n: int, share: float, says: str) -> None:
+    """The test set the default split would give against the gate's minimums: the split that
+    meets them, never lower minimums; when met, the AUC a model needs to pass its bound."""
+    draft = _draft(_frame(n=n, positive_share=share))
+    (line,) = draft.gate_checks
+    assert says in line and line in draft.summary() and f"#   {line}" in draft.yaml_text()
+    assert "min_test_positives 10" in line  # the minimums named, never proposed lower
+    if n == 1000:
+        # 100 + 100 test patients: the bound of an AUC near 0.75 is 0.06 below it
+        assert "bound about 0.06 lower" in line and "needs AUC 0.66 or more" in line
