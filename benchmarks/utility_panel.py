@@ -290,6 +290,9 @@ def run_seed(name: str, cfg: PipelineConfig, arm_cfgs: dict[str, PipelineConfig]
             auc = statistics.fmean(fitted) if fitted else math.nan
             extra = {"per_site": per_site,
                      "skipped_one_class": [s for s, v in per_site.items() if v is None]}
+            if extra["skipped_one_class"]:
+                progress(f"[{name}] seed {seed}  local: skipped (one class in its training "
+                         f"rows): {', '.join(extra['skipped_one_class'])}")
         else:
             auc = federated_arm(arm_cfgs[arm], data, x_test, y_test)
         seconds = time.perf_counter() - started

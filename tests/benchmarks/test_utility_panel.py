@@ -105,3 +105,19 @@ def test_each_panel_export_is_public_fully_declared_and_varies(name: str,
                 if sd == 0]
     assert not constant, f"{name}: columns encoded as constants {constant}"
     assert rows == len(pd.read_csv(out))
+
+
+def test_a_one_class_site_is_skipped_by_the_local_arm() -> None:
+    from fl_core.data.tables import ClientData
+
+    def client(name: str, y: list[float]) -> ClientData:
+        x = torch.arange(len(y), dtype=torch.float32)[:, None]
+        return ClientData(client_id=name, x_train=x, y_train=torch.tensor(y), x_test=x,
+                          y_test=torch.tensor(y), train_ids=tuple(range(len(y))),
+                          test_ids=tuple(range(len(y))))
+
+    data = [client("mixed", [0.0, 0.0, 1.0, 1.0]), client("all-positive", [1.0, 1.0])]
+    x_test = torch.arange(6, dtype=torch.float32)[:, None]
+    y_test = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    out = utility_panel.local_arm(data, x_test, y_test)
+    assert out["all-positive"] is None and out["mixed"] == 1.0
