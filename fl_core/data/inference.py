@@ -42,8 +42,10 @@ ZERO_SHARE = 0.05
 """A non-negative numeric column with at least this share of exact zeros is flagged."""
 NEAR_EMPTY = 0.5
 """A column missing in more than this share of all rows is suggested for ``ignore``."""
-LEAK_SCORE = 0.98
-"""A feature whose values alone separate the labels this well (accuracy or AUC) may leak."""
+LEAK_SCORE = 0.9
+"""A feature whose values alone separate the labels this well (AUC) may leak: nwtco's
+follow-up time to relapse reaches 0.95, opt's gestational age at the outcome 0.99; no heart
+feature reaches 0.8."""
 MIN_SITE_PATIENTS = 20
 """A site with fewer patients is flagged: too small to train or evaluate on its own."""
 MINORITY_SHARE = 0.20
@@ -56,6 +58,10 @@ _TIME_NAME = re.compile(r"time|date|days|stop|(^|[_\W\d])(end|dur|duration|follo
 """A name saying time (``futime``, ``tstop``, ``end_date``; not ``gender``)."""
 _TRUE = {"true", "t", "yes", "y", "1", "1.0", "positive", "pos"}  # 1.0: a 0/1 column with blanks
 _FALSE = {"false", "f", "no", "n", "0", "0.0", "negative", "neg"}  # as R or pandas write it
+_ROW_NAME = re.compile(r"^(rownames?|row[._ ]?names?|row[._ ]?(id|no|nr|number)?|index|"
+                       r"unnamed: ?0|x|\.\.\.1)$", re.IGNORECASE)
+"""What R (``rownames``, ``X``, ``...1``), pandas (``Unnamed: 0``) and spreadsheets call the
+row number they add."""
 _ID_NAME = re.compile(r"(^|[_\W])(id|uuid|key|no|nr|number|name)$", re.IGNORECASE)
 _HEAD = {"description", "patient_id", "site", "sites", *DatasetSchema.model_fields} - {
     "label", "max_missing_rate", "features", "ignore"}
@@ -223,6 +229,26 @@ def _row_number(text: pd.Series) -> bool:
     return bool(len(steps)) and bool((steps == 1).all())
 
 
+def _numbered_rows(name: str, text: pd.Series) -> bool:
+    """Increasing whole numbers under a row-number name (:data:`_ROW_NAME`): a row number
+    with gaps where rows were removed after numbering (survival's nwtco: 1..4088 over 4,028
+    rows)."""
+    steps = text.astype(float).diff().dropna()
+    return bool(_ROW_NAME.match(name.strip())) and bool(len(steps)) and bool((steps > 0).all())
+
+
+def _row_number_reason(name: str, text: pd.Series) -> str | None:
+    """Why unique whole numbers are a row number, or None."""
+    if _row_number(text):
+        return (f"consecutive whole numbers {text.iloc[0]}..{text.iloc[-1]} in file "
+                f"order: a row number or index, not a patient's value")
+    if _numbered_rows(name, text):
+        return (f"increasing whole numbers {text.iloc[0]}..{text.iloc[-1]} named like a "
+                f"row number: a row number with gaps (rows removed after numbering), not "
+                f"a patient's value")
+    return None
+
+
 def _why_ignore(name: str, text: pd.Series, numeric: bool) -> str | None:
     """Why a column is no feature (empty, a row number, an identifier, free text, mixed), or
     None."""
@@ -232,9 +258,8 @@ def _why_ignore(name: str, text: pd.Series, numeric: bool) -> str | None:
     unique = distinct == len(text) and len(text) >= UNIQUE_MIN_ROWS
     if numeric:
         whole = bool(text.str.match(_INTEGER).all())
-        if unique and whole and _row_number(text):
-            return (f"consecutive whole numbers {text.iloc[0]}..{text.iloc[-1]} in file "
-                    f"order: a row number or index, not a patient's value")
+        if unique and whole and (reason := _row_number_reason(name, text)):
+            return reason
         if unique and whole and _ID_NAME.search(name):
             return f"a different whole number in each of {len(text)} rows: an identifier"
         return None

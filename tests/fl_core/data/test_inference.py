@@ -454,3 +454,28 @@ def test_the_draft_proposes_the_gate_this_table_can_meet(n: int, share: float, s
     if n == 1000:
         # 100 + 100 test patients: the bound of an AUC near 0.75 is 0.06 below it
         assert "bound about 0.06 lower" in line and "needs AUC 0.66 or more" in line
+
+
+def test_a_row_number_with_gaps_is_ignored_by_its_name_only() -> None:
+    """nwtco's ``rownames`` run 1..4088 over 4,028 rows (rows removed after numbering): a row
+    number by its name; the same increasing numbers under a clinical name stay a feature."""
+    frame = _frame()
+    gaps = np.cumsum(np.where(np.arange(60) % 7 == 3, 2, 1))
+    frame["rownames"] = gaps
+    frame["dose_mg"] = gaps
+    draft = _draft(frame)
+    assert "rownames" in draft.schema.ignore and "dose_mg" in draft.schema.features
+    assert "named like a row number" in _comments(draft)["rownames"]
+
+
+def test_a_strong_single_predictor_is_flagged_as_a_possible_leak() -> None:
+    """A follow-up time (nwtco's ``edrel``: AUC 0.95 alone) under a name that says nothing of
+    time: flagged by how well it separates the labels."""
+    frame = _frame(n=200)
+    rng = np.random.default_rng(2)
+    frame["edrel"] = np.where(frame["outcome"] == 1, rng.integers(100, 1500, 200),
+                              rng.integers(1000, 6000, 200))
+    draft = _draft(frame)
+    assert "edrel" in draft.schema.features and _comments(draft)["edrel"].endswith("CHECK leak")
+    assert any(n.startswith("possible leak: edrel alone separates the label (AUC 0.9")
+               for n in draft.notes)
