@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_HOME ?= $(CURDIR)/.fedpriv/prefect
 
-.PHONY: run test test-fast install lint repro ui mlflow-ui serve deploy worker clean sites site-worker run-sites sites-demo
+.PHONY: run test test-fast install lint repro ui mlflow-ui serve deploy worker clean sites site-worker run-sites sites-demo monitor
 
 install: $(STAMP)
 
@@ -54,6 +54,17 @@ repro: $(STAMP)
 # Prefect UI with the run history of `make run` (http://127.0.0.1:4200).
 ui: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Pushgateway and Prometheus on 127.0.0.1 with the project's alert rules, data in
+# .fedpriv/monitor/; prints the Grafana provisioning folder and the --set monitoring.pushgateway
+# to run with; Ctrl-C stops both (docs/monitoring.md#make-monitor). The Debian packages are not
+# installed from here (that needs root): a missing one prints the apt-get command.
+PROMETHEUS_PORT ?= 9090
+PUSHGATEWAY_PORT ?= 9091
+ENDPOINT_METRICS ?= 127.0.0.1:9464
+monitor: $(STAMP)
+	$(BIN)/python -m adapters.monitor_stack --prometheus-port $(PROMETHEUS_PORT) \
+	  --pushgateway-port $(PUSHGATEWAY_PORT) --endpoint $(ENDPOINT_METRICS) --dir .fedpriv/monitor
 
 # MLflow UI over the embedded store (http://127.0.0.1:5000).
 mlflow-ui: $(STAMP)

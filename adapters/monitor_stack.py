@@ -189,8 +189,8 @@ def _instructions(stack: Stack) -> str:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a process manager, ``kill``) ends the wait like Ctrl-C, so both servers are
-    stopped too."""
+    """Ctrl-C or SIGTERM (a process manager, ``kill``) ends the wait, and both servers are
+    stopped."""
     raise KeyboardInterrupt
 
 
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not installed: {', '.join(missing)}. Install them (as root) with:\n"
               f"  {APT_COMMAND}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a script's `&` ignores it
+        signal.signal(signum, _interrupt)
     try:
         with monitor_stack(args.dir.resolve(), prometheus_port=args.prometheus_port,
                            pushgateway_port=args.pushgateway_port,
