@@ -222,7 +222,7 @@ BYZANTINE = (
         Panel("Updates rejected per site", ((f"fedpriv_updates_rejected_total{RUN}", "{{site}}"),),
               "Updates refused by sanitation (malformed, non-finite, oversized)."),
         Panel("Updates excluded per site", ((f"fedpriv_updates_excluded_total{RUN}", "{{site}}"),),
-              "Updates left out of the aggregate (flagged and excluded)."),
+              "Updates the reputation rule left out of the aggregate."),
         SITES_OK,
     )),
     Row("Effect on the model", (ACCURACY, SITE_ACCURACY, TEST_LOSS, GATE_DECISION)),

@@ -149,6 +149,19 @@ def test_docs_metric_list_names_everything_the_rules_and_panels_use() -> None:
     assert used - documented == set()
 
 
+def test_docs_describe_every_alert_and_every_panel() -> None:
+    text = (ROOT / "docs" / "monitoring.md").read_text(encoding="utf-8")
+    for rule in alert_rules():
+        assert f"### {rule['alert']}\n" in text, rule["alert"]
+    dashboards = text[text.index("## Dashboards"):]
+    dashboards = dashboards[:dashboards.index("\n## ")]
+    for path in BOARDS:
+        board = json.loads(path.read_text(encoding="utf-8"))
+        assert board["uid"] in dashboards, board["uid"]
+        for panel in board["panels"]:
+            assert panel["title"] in dashboards, (path.name, panel["title"])
+
+
 def test_grafana_provisioning_copy_has_the_url_and_absolute_dashboards(tmp_path: Path) -> None:
     folder = monitor_stack.write_grafana_provisioning(tmp_path, "http://127.0.0.1:19090")
     datasource = yaml.safe_load((folder / "datasources" / "fedpriv.yaml").read_text())
