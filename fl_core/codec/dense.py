@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -17,8 +18,12 @@ from fl_core.codec.framing import (
 )
 
 
+@dataclass(frozen=True)
 class DenseCodec:
-    """Uncompressed float32: 4 bytes per element plus a 16-byte frame. The baseline."""
+    """Uncompressed float32: 4 bytes per element plus a 16-byte frame. The baseline.
+
+    Stateless, so one dense codec equals another (a site's client compares alike wherever it
+    is built: tests/adapters/test_dp_audit_sites.py)."""
 
     codec_id: ClassVar[int] = CODEC_DENSE
 

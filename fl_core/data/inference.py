@@ -43,9 +43,9 @@ ZERO_SHARE = 0.05
 NEAR_EMPTY = 0.5
 """A column missing in more than this share of all rows is suggested for ``ignore``."""
 LEAK_SCORE = 0.9
-"""A feature whose values alone separate the labels this well (AUC) may leak: nwtco's
-follow-up time to relapse reaches 0.95, opt's gestational age at the outcome 0.99; no heart
-feature reaches 0.8."""
+"""A feature whose values alone separate the labels this well (AUC) may leak: on the utility
+panel's tables a follow-up time to relapse reaches 0.95, a gestational age at the outcome
+0.99, and no genuine predictor 0.9 (docs/data.md)."""
 MIN_SITE_PATIENTS = 20
 """A site with fewer patients is flagged: too small to train or evaluate on its own."""
 MINORITY_SHARE = 0.20
@@ -58,9 +58,9 @@ _TIME_NAME = re.compile(r"time|date|days|stop|(^|[_\W\d])(end|dur|duration|follo
 """A name saying time (``futime``, ``tstop``, ``end_date``; not ``gender``)."""
 _TRUE = {"true", "t", "yes", "y", "1", "1.0", "positive", "pos"}  # 1.0: a 0/1 column with blanks
 _FALSE = {"false", "f", "no", "n", "0", "0.0", "negative", "neg"}  # as R or pandas write it
-_ROW_NAME = re.compile(r"^(rownames?|row[._ ]?names?|row[._ ]?(id|no|nr|number)?|index|"
+_ROW_NAME = re.compile(r"^(row[._ ]?names?|row[._ ]?(id|no|nr|number)?|index|"
                        r"unnamed: ?0|x|\.\.\.1)$", re.IGNORECASE)
-"""What R (``rownames``, ``X``, ``...1``), pandas (``Unnamed: 0``) and spreadsheets call the
+"""What R (its row names, ``X``, ``...1``), pandas (``Unnamed: 0``) and spreadsheets call the
 row number they add."""
 _ID_NAME = re.compile(r"(^|[_\W])(id|uuid|key|no|nr|number|name)$", re.IGNORECASE)
 _HEAD = {"description", "patient_id", "site", "sites", *DatasetSchema.model_fields} - {
@@ -231,8 +231,8 @@ def _row_number(text: pd.Series) -> bool:
 
 def _numbered_rows(name: str, text: pd.Series) -> bool:
     """Increasing whole numbers under a row-number name (:data:`_ROW_NAME`): a row number
-    with gaps where rows were removed after numbering (survival's nwtco: 1..4088 over 4,028
-    rows)."""
+    with gaps where rows were removed after numbering (1..4088 over 4,028 rows in one R
+    table)."""
     steps = text.astype(float).diff().dropna()
     return bool(_ROW_NAME.match(name.strip())) and bool(len(steps)) and bool((steps > 0).all())
 

@@ -225,8 +225,10 @@ def test_sites_mode_simulation_and_the_dp_audit_build_a_site_client_alike(
 
     monkeypatch.setattr(adapters.site_session, "make_site_client", recording("sites"))
     monkeypatch.setattr(wiring, "make_site_client", recording("wiring"))
+    # top-k with error feedback for the regression too: the richer uplink to compare
     cfg = load_config(project / "params.yaml", [*OVERRIDES, "audit_dp.runs=2",
-                                                "audit_dp.regenerate=false"])
+                                                "audit_dp.regenerate=false",
+                                                "compression.min_parameters=0"])
     files = _site_files(project, tmp_path / "sites")
     site, path = next(iter(files.items()))  # the first of federation.sites: index 0
     with _endpoint(pki, [site]) as endpoint:
