@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from adapters.artifacts import Paths, read_training, write_json_atomic
+from adapters.metrics import record_audit_report
 from adapters.partition import load_client_data
 from adapters.plots import roc_plot
 from adapters.tables import ClinicalTable
@@ -284,6 +285,7 @@ def audit_model(
     roc_plot(curves, "Membership inference on the target", paths.roc_plot)
     write_json_atomic(paths.audit, report.to_dict())
     print(describe_audit(report))
+    record_audit_report(cfg, run_id, report)  # monitoring on only
     return report
 
 
@@ -336,4 +338,5 @@ def audit_at_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
              "Membership inference at the sites (merged histograms)", paths.roc_plot)
     write_json_atomic(paths.audit, report.to_dict())
     print(describe_audit(report))
+    record_audit_report(cfg, run_id, report)  # monitoring on only
     return report

@@ -16,6 +16,7 @@ from adapters.accounting import open_ledger
 from adapters.artifacts import Paths, read_json, read_training, read_validation, write_json_atomic
 from adapters.data_report import report_paths
 from adapters.dp_audit import dp_audit_metrics, verdict_path
+from adapters.metrics import record_publication
 from adapters.mlflow_registration import RegistrationResult, register_model
 from adapters.model_card import UNIT, ModelCard
 from adapters.pki import endpoint_files
@@ -87,6 +88,7 @@ def publish_results(
         charged_at_sites=sorted(privacy.site_ledger_runs))
     write_json_atomic(paths.metrics, metrics)
     write_json_atomic(paths.registration, registration.to_dict())
+    record_publication(cfg, paths.root, run_id, privacy, registration)  # monitoring on only
     return PublishOutcome(metrics=metrics, registration=registration)
 
 

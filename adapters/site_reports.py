@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.artifacts import Paths, write_json_atomic
+from adapters.metrics import record_site_check
 from fl_core.config.model import PipelineConfig
 from fl_core.data.tables import DataError
 from fl_core.federation.coordinator import RoundFailedError
@@ -42,6 +43,7 @@ def record_sites(cfg: PipelineConfig, root: str | Path, run_id: str,
     out and named; fewer than ``min_clients`` sites left fails the run (exit 4)."""
     paths = Paths.of(cfg, root, run_id)
     started = time.perf_counter()
+    record_site_check(cfg, run_id, ready, refused)  # monitoring on only
     _write_validation(paths, ready, refused, seconds)
     _refuse_unaffordable(refused)
     # in the configured order (the simulation's), not the order the sites came up in

@@ -14,12 +14,13 @@ import torch
 
 from adapters.accounting import charge_and_summarise, check_budget
 from adapters.artifacts import Paths, atomic_path, write_json_atomic, write_text_atomic
+from adapters.metrics import RunMetrics, run_metrics
 from adapters.partition import load_client_data
 from adapters.plots import training_curves
 from fl_core.config.model import PipelineConfig
 from fl_core.data.tables import DataError
 from fl_core.data.transform import TabularTransform
-from fl_core.federation.coordinator import RoundRecord
+from fl_core.federation.coordinator import RoundRecord, RoundSink
 from fl_core.federation.messages import SiteReady
 from fl_core.federation.transport import Transport
 from fl_core.federation.wiring import (
@@ -59,6 +60,17 @@ def print_progress(record: RoundRecord, total: int) -> None:
     )
 
 
+def round_sinks(cfg: PipelineConfig, metrics: RunMetrics | None) -> RoundSink:
+    """The progress line, then (monitoring on) the round's metrics and their push."""
+    if metrics is None:
+        return lambda rec: print_progress(rec, cfg.rounds)
+
+    def both(record: RoundRecord) -> None:
+        print_progress(record, cfg.rounds)
+        metrics.on_round(record)
+    return both
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model saved by :func:`train_model`, and its metadata."""
     if not path.exists():
@@ -90,12 +102,18 @@ def train_model(
         print(f"SIMULATED ATTACK {cfg.attack.kind} on {cfg.attack.fraction:.0%} of clients")
     p = cfg.privacy
     dp = make_dpsgd(cfg=cfg, data=data)  # σ calibrated once: planned, trained, then charged
+    metrics = run_metrics(cfg, run_id)  # None: monitoring off
     # refuse before any training; charge after it, before the model file exists
     run_id = check_budget(cfg, paths.root, partition, dp=dp).run_id if p.enabled else None
-    run = federate(cfg, data, dp=dp, on_round=lambda rec: print_progress(rec, cfg.rounds))
+    if metrics is not None:
+        metrics.start(cfg)
+    run = federate(cfg, data, dp=dp, on_round=round_sinks(cfg, metrics))
     attack = run.attack
     privacy = charge_and_summarise(cfg, paths.root, partition, run, run_id)
     print(describe_privacy(privacy))
+    if metrics is not None:
+        metrics.record_privacy(privacy)
+        metrics.push()
     summary = TrainingSummary.of_run(
         run.result, clients=len(data), partition=partition.scheme,
         compression=compression, aggregation=cfg.aggregation.method,
@@ -186,10 +204,16 @@ def train_at_sites(
     patients = {site: m.train_patients for site, m in ready.items()}
     print(f"training {cfg.model} at {len(ready)} sites ({', '.join(ready)}), {cfg.rounds} "
           f"rounds over the federation endpoint; {compression}")
+    metrics = run_metrics(cfg, run_id)
+    if metrics is not None:
+        metrics.start(cfg)
     run = federate_over(cfg, transport=transport, patients=patients, num_features=num_features,
-                        sinks=[lambda rec: print_progress(rec, cfg.rounds), *sinks])
+                        sinks=[round_sinks(cfg, metrics), *sinks])
     privacy = privacy_summary(cfg, None, run.spent, run.dp, run.model_fixes,
                               len(run.result.history))
+    if metrics is not None:  # each site's budget as its session reported it
+        metrics.record_privacy(privacy, {s: m.budget_left for s, m in ready.items()})
+        metrics.push()
     if privacy.epsilon is not None:
         privacy = dataclasses.replace(
             privacy, site_epsilon=dict(privacy.client_epsilon), site_patients=patients,

@@ -21,6 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from adapters.federation_endpoint import EndpointLimits, FederationEndpoint
+from adapters.metrics import EndpointMetrics, endpoint_metrics
 from adapters.pki import EndpointTls, endpoint_files
 from fl_core.config.model import ConfigError, PipelineConfig, site_slug
 from fl_core.federation.coordinator import RoundRecord
@@ -265,13 +266,19 @@ def endpoint_tls(cfg: PipelineConfig, root: Path) -> EndpointTls:
     return tls
 
 
-def open_endpoint(cfg: PipelineConfig, root: Path, run_id: str) -> tuple[FederationEndpoint, str]:
-    """The run's endpoint, listening; and the address the sites are told to dial."""
+def open_endpoint(cfg: PipelineConfig, root: Path, run_id: str,
+                  monitor: EndpointMetrics | None = None) -> tuple[FederationEndpoint, str]:
+    """The run's endpoint, listening; and the address the sites are told to dial. With
+    ``monitor`` its refusals are counted too (docs/monitoring.md)."""
     settings = cfg.federation.endpoint
     limits = EndpointLimits(max_message_bytes=int(settings.max_message_mb * 2**20))
     endpoint = FederationEndpoint(run_id=run_id, sites=[s.id for s in cfg.federation.sites],
                                   tls=endpoint_tls(cfg, root), listen=settings.listen,
-                                  limits=limits).start()
+                                  limits=limits,
+                                  **({"on_refusal": monitor.on_refusal} if monitor else {}))
+    if monitor is not None:
+        monitor.instrument(endpoint)
+    endpoint.start()
     address = settings.address or endpoint.address
     if settings.address and settings.address.endswith(":0"):
         address = f"{settings.address.rsplit(':', 1)[0]}:{endpoint.port}"
@@ -293,7 +300,8 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
     from tasks.at_sites import audit_sites, check_sites, train_sites
 
     deploy_sites(cfg)
-    endpoint, address = open_endpoint(cfg, root, run_id)
+    monitor = endpoint_metrics(cfg, run_id)  # None: monitoring off
+    endpoint, address = open_endpoint(cfg, root, run_id, monitor)
     sessions = SiteSessions(cfg, endpoint, address, charge_key)
     started = time.perf_counter()
     try:
@@ -303,6 +311,8 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
                              time.perf_counter() - started)
         endpoint.alive = sessions.gone
         transport = endpoint
+        if monitor is not None:
+            monitor.connected(len(usable))
 
         def rejoin(record: RoundRecord) -> None:
             sessions.announce_rejoined()
@@ -327,6 +337,8 @@ def run_at_sites(cfg: PipelineConfig, root: Path, run_id: str, *,
     finally:
         sessions.close("the run is over")
         endpoint.stop()
+        if monitor is not None:
+            monitor.close()
         print(refusal_summary(endpoint.refusals), flush=True)
 
 

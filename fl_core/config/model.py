@@ -466,6 +466,27 @@ class MlflowConfig(_Section):
     register_from_dvc: bool = False
 
 
+class MonitoringConfig(_Section):
+    """Prometheus metrics (docs/monitoring.md). Off unless an address is set: with neither,
+    nothing starts, nothing is pushed and ``prometheus_client`` is never imported."""
+
+    # host:port or http(s)://host:port[/path] of a Pushgateway: each stage of a run pushes its
+    # metrics there (job "fedpriv", grouping key run_id); a failed push warns once, never fails
+    pushgateway: str | None = Field(None, pattern=r"^(https?://)?[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}"
+                                                  r"(/[^\s]*)?$")
+    # host:port where a long-lived process (the federation endpoint) serves /metrics
+    listen: str | None = Field(None, pattern=HOST_PORT_PATTERN)
+    # push at the end of every round too (an operator sees progress), not only per stage
+    push_every_round: bool = True
+    # seconds after training starts by which the run should be published (an alert's
+    # fedpriv_run_deadline_timestamp_seconds); None: no deadline
+    run_deadline_s: float | None = Field(None, gt=0, le=30 * 86_400)
+
+    @property
+    def enabled(self) -> bool:
+        return self.pushgateway is not None or self.listen is not None
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -499,6 +520,7 @@ class PipelineConfig(_Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     reports_dir: str = "reports"
     state_dir: str = ".fedpriv"
 
