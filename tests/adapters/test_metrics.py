@@ -338,3 +338,60 @@ def test_a_push_reaches_a_real_pushgateway(tmp_path: Path) -> None:
     assert 'fedpriv_updates_flagged_total{instance="",job="fedpriv",run_id="abc123",' \
            'site="b"} 1' in text
     assert 'fedpriv_gate_passed{instance="",job="fedpriv",run_id="abc123"} 1' in text
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_endpoint_counts_refusals_bytes_and_calls_and_serves_them(tmp_path: Path) -> None:
+    """A real endpoint on 127.0.0.1: an honest site answers a round, a revoked one is refused
+    on its next call; the counters are in the registry and on /metrics."""
+    from adapters.federation_endpoint import FederationEndpoint, print_refusal
+    from fl_core.federation.messages import Shutdown, encode_message
+    from tests.adapters.test_federation_endpoint import (
+        LIMITS,
+        SITES,
+        Honest,
+        _instruction,
+    )
+    from tests.federation import LOOPBACK, channel, make_pki
+    from tests.servers import free_port
+
+    pki = make_pki(tmp_path / "pki")
+    monitor = EndpointMetrics(RunMetrics(RUN), forward=print_refusal)
+    endpoint = FederationEndpoint(listen=LOOPBACK, run_id="run1", sites=SITES, tls=pki.tls,
+                                  limits=LIMITS, on_refusal=monitor.on_refusal)
+    monitor.instrument(endpoint)
+    endpoint.start()
+    port = free_port()
+    monitor.serve(f"127.0.0.1:{port}")
+    try:
+        honest = Honest(pki, endpoint, "beta")
+        replies = endpoint.exchange({"beta": _instruction("run1", 1)}, deadline_s=10)
+        assert isinstance(replies["beta"], bytes)
+        alpha = channel(pki, endpoint, "alpha")
+        assert alpha.pull(0, wait_s=2) is None
+        pki.revoke("alpha")
+        with pytest.raises(Exception, match="revoked"):
+            alpha.pull(0, wait_s=2)
+        monitor.connected(2)
+        served = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                        timeout=5).read().decode()
+        endpoint.shutdown(encode_message(Shutdown("run1", -1, "done")))
+        honest.thread.join(timeout=10)
+    finally:
+        endpoint.stop()
+        monitor.close()  # no Pushgateway: nothing pushed; stops serving
+    registry = monitor.metrics.registry
+    assert registry.get_sample_value("fedpriv_endpoint_tls_refusals_total",
+                                     {"reason": "revoked"}) == 1
+    assert registry.get_sample_value("fedpriv_endpoint_bytes_total", {"direction": "in"}) > 0
+    assert registry.get_sample_value("fedpriv_endpoint_bytes_total", {"direction": "out"}) > 0
+    assert registry.get_sample_value("fedpriv_endpoint_call_duration_seconds_count",
+                                     {"call": "push"}) >= 2  # READY, then the reply
+    assert registry.get_sample_value("fedpriv_endpoint_call_duration_seconds_count",
+                                     {"call": "pull"}) >= 2
+    assert 'fedpriv_endpoint_tls_refusals_total{reason="revoked"} 1.0' in served
+    assert 'fedpriv_endpoint_connected_sites{run_id="abc123"} 2.0' in served
+    assert "process_resident_memory_bytes" in served
+    with pytest.raises(OSError):  # stopped with the endpoint
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
