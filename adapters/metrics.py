@@ -163,10 +163,10 @@ class RunMetrics:
         self._child(name, labels).inc(amount)
 
     # ---- the run -----------------------------------------------------------------------
-    def start(self, cfg: PipelineConfig) -> None:
-        """The run's identity and plan, as training starts."""
-        self.set("fedpriv_run_info", 1, model=cfg.model, mode=cfg.federation.mode,
-                 dataset=cfg.data.spec.id)
+    def start(self, cfg: PipelineConfig, mode: str) -> None:
+        """The run's identity and plan, as training starts (``mode``: simulation or sites,
+        as the rounds run)."""
+        self.set("fedpriv_run_info", 1, model=cfg.model, mode=mode, dataset=cfg.data.spec.id)
         now = time.time()
         self.set("fedpriv_run_started_timestamp_seconds", now)
         self.set("fedpriv_rounds_planned", cfg.rounds)

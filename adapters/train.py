@@ -106,7 +106,7 @@ def train_model(
     # refuse before any training; charge after it, before the model file exists
     run_id = check_budget(cfg, paths.root, partition, dp=dp).run_id if p.enabled else None
     if metrics is not None:
-        metrics.start(cfg)
+        metrics.start(cfg, "simulation")
     run = federate(cfg, data, dp=dp, on_round=round_sinks(cfg, metrics))
     attack = run.attack
     privacy = charge_and_summarise(cfg, paths.root, partition, run, run_id)
@@ -206,7 +206,7 @@ def train_at_sites(
           f"rounds over the federation endpoint; {compression}")
     metrics = run_metrics(cfg, run_id)
     if metrics is not None:
-        metrics.start(cfg)
+        metrics.start(cfg, "sites")
     run = federate_over(cfg, transport=transport, patients=patients, num_features=num_features,
                         sinks=[round_sinks(cfg, metrics), *sinks])
     privacy = privacy_summary(cfg, None, run.spent, run.dp, run.model_fixes,

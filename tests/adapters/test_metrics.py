@@ -395,3 +395,49 @@ def test_the_endpoint_counts_refusals_bytes_and_calls_and_serves_them(tmp_path: 
     assert "process_resident_memory_bytes" in served
     with pytest.raises(OSError):  # stopped with the endpoint
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sites_mode_rounds_and_audit_carry_the_hospitals_and_their_budgets(
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four site sessions over a real endpoint (as tests/adapters/test_site_session.py runs
+    them): the rounds' families are labelled by hospital, the budget left is each site's own,
+    the audit at the sites pushes its AUC."""
+    from adapters.audit import audit_at_sites
+    from adapters.train import train_at_sites
+    from tests.adapters.test_site_session import (
+        _endpoint,
+        _shutdown,
+        _site_files,
+        _start_sessions,
+    )
+    from tests.federation import make_pki, wait_ready
+
+    pushes = _capture(monkeypatch)
+    cfg = load_config(project / "params.yaml", ["rounds=2", "privacy.randomness=reproducible",
+                                                 "monitoring.pushgateway=127.0.0.1:9"])
+    pki = make_pki(tmp_path / "pki")
+    files = _site_files(project, tmp_path / "sites")
+    endpoint = _endpoint(pki, list(files))
+    threads = _start_sessions(cfg, files, endpoint, pki, tmp_path)
+    ready = wait_ready(endpoint, list(files))
+    coordinator = tmp_path / "coordinator"
+    try:
+        train_at_sites(cfg, coordinator, "run1", endpoint, ready)
+        audit_at_sites(cfg, coordinator, "run1", endpoint)
+    finally:
+        _shutdown(endpoint)
+        for thread in threads:
+            thread.join(timeout=30)
+        endpoint.stop()
+    train, audit = pushes[0][0], pushes[-1][0]
+    run = {"run_id": "run1"}
+    assert [during for _, during in pushes] == [True, True, False, False]
+    assert _value(train, "fedpriv_run_info", model="logreg", mode="sites", dataset="heart",
+                  **run) == 1
+    for site, message in ready.items():
+        assert _value(train, "fedpriv_site_last_seen_round", site=site, **run) == 2
+        assert _value(train, "fedpriv_epsilon_budget_left", site=site) == message.budget_left
+        assert _value(train, "fedpriv_epsilon_spent", site=site, **run) > 0
+    assert _value(audit, "fedpriv_audit_attack_auc", attack="loss_threshold", **run) > 0
