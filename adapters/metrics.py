@@ -334,6 +334,18 @@ def record_publication(cfg: PipelineConfig, root: Any, run_id: str | None,
     metrics.finish()
 
 
+def record_alias_change(cfg: PipelineConfig, action: str, model: str,
+                        aliases: Iterable[str]) -> None:
+    """A champion moved by hand (``fedpriv model rollback|retire``), pushed as its own group
+    (``run_id`` = the action and the time: each change is one group, never merged with a
+    run's)."""
+    moved = list(aliases)
+    metrics = run_metrics(cfg, f"{action}{int(time.time())}") if moved else None
+    if metrics is not None:
+        metrics.record_aliases(model, moved)
+        metrics.push()
+
+
 # ---- the federation endpoint ------------------------------------------------------------
 
 # identify_peer's reason (the first words of an IDENTITY refusal's detail) → the TLS label

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adapters.metrics import record_alias_change
 from adapters.mlflow_registration import CHALLENGER, CHAMPION, COMPLETE, STATE, open_store
 from fl_core.config.model import ConfigError, PipelineConfig
 from fl_core.federation.round_log import AliasMove, DecisionEntry
@@ -85,8 +86,10 @@ def rollback(cfg: PipelineConfig, root: str | Path = ".", *, model: str | None =
     _tag(client, name, target, "champion.restored", stamp, extra={"from": current or ""})
     if current:
         _tag(client, name, current, "champion.removed", stamp, extra={"for": target})
-    return LifecycleChange(name, "rollback", target, moves,
-                           run_log.path if run_log else None, head)
+    change = LifecycleChange(name, "rollback", target, moves,
+                             run_log.path if run_log else None, head)
+    record_alias_change(cfg, change.action, name, [m.alias for m in moves])  # monitoring on
+    return change
 
 
 def retire(cfg: PipelineConfig, root: str | Path = ".", *, version: str,
@@ -110,8 +113,10 @@ def retire(cfg: PipelineConfig, root: str | Path = ".", *, version: str,
         alias_moves=moves))
     client.set_model_version_tag(name, version, RETIRED, "true")
     _tag(client, name, version, RETIRED, stamp)
-    return LifecycleChange(name, "retire", version, moves,
-                           run_log.path if run_log else None, head)
+    change = LifecycleChange(name, "retire", version, moves,
+                             run_log.path if run_log else None, head)
+    record_alias_change(cfg, change.action, name, [m.alias for m in moves])  # monitoring on
+    return change
 
 
 # --- the registry ---------------------------------------------------------------------------

@@ -441,3 +441,17 @@ def test_sites_mode_rounds_and_audit_carry_the_hospitals_and_their_budgets(
         assert _value(train, "fedpriv_epsilon_budget_left", site=site) == message.budget_left
         assert _value(train, "fedpriv_epsilon_spent", site=site, **run) > 0
     assert _value(audit, "fedpriv_audit_attack_auc", attack="loss_threshold", **run) > 0
+
+
+def test_a_champion_moved_by_hand_is_pushed_as_its_own_group(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.metrics import record_alias_change
+
+    pushes = _capture(monkeypatch)
+    cfg = load_config(project / "params.yaml", ["monitoring.pushgateway=127.0.0.1:9"])
+    record_alias_change(cfg, "rollback", "fedpriv-heart", ["champion"])
+    record_alias_change(cfg, "retire", "fedpriv-heart", [])  # nothing moved: nothing pushed
+    ((metrics, _),) = pushes
+    assert metrics.run_id.startswith("rollback") and metrics.run_id.isalnum()
+    assert _value(metrics, "fedpriv_alias_moves_total", model="fedpriv-heart",
+                  alias="champion") == 1
