@@ -455,3 +455,20 @@ def test_a_champion_moved_by_hand_is_pushed_as_its_own_group(
     assert metrics.run_id.startswith("rollback") and metrics.run_id.isalnum()
     assert _value(metrics, "fedpriv_alias_moves_total", model="fedpriv-heart",
                   alias="champion") == 1
+
+
+def test_only_a_sites_own_policy_or_ledger_counts_as_a_policy_refusal(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.metrics import POLICY_REFUSAL, record_site_check
+    from fl_core.privacy.ledger import BUDGET_REFUSAL
+
+    pushes = _capture(monkeypatch)
+    cfg = load_config(project / "params.yaml", ["monitoring.pushgateway=127.0.0.1:9"])
+    record_site_check(cfg, "r1", ["Cleveland"], {
+        "Hungary": f"{POLICY_REFUSAL}: min_noise_multiplier 1.0",
+        "Switzerland": f"{BUDGET_REFUSAL}over the cap",
+        "VA Long Beach": "no session within 180 s (not started)"})
+    ((metrics, _),) = pushes
+    refusals = {s.labels["site"]: s.value for m in metrics.registry.collect()
+                for s in m.samples if s.name == "fedpriv_policy_refusals_total"}
+    assert refusals == {"Hungary": 1, "Switzerland": 1}
