@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # prometheus_client is imported only when monitoring is on
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # prometheus_client is imported only when monitoring is on
 
     from adapters.federation_endpoint import FederationEndpoint
     from fl_core.config.model import MonitoringConfig, PipelineConfig
+    from fl_core.config.site import SiteMonitoring
     from fl_core.federation.channel import Refusal
     from fl_core.federation.coordinator import RoundRecord
     from fl_core.results import AuditReport, PrivacyReport, Registration
@@ -97,6 +98,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], str]] = {
                                      "Bytes through the endpoint's calls (in: pushed by sites)."),
     "fedpriv_endpoint_call_duration_seconds": ("histogram", ("call",),
                                                "Call time (a pull includes its long-poll wait)."),
+    # a site's own session (served at the site, SiteMetrics)
+    "fedpriv_site_rounds_answered_total": ("counter", _SITE,
+                                           "Training rounds the site answered with an update."),
+    "fedpriv_site_bytes_total": ("counter", ("run_id", "site", "direction"),
+                                 "Bytes of the site's messages (in: instructions, out: replies)."),
 }
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -346,6 +352,27 @@ def record_alias_change(cfg: PipelineConfig, action: str, model: str,
         metrics.push()
 
 
+# ---- serving /metrics ---------------------------------------------------------------------
+
+def serve_registry(registry: CollectorRegistry, listen: str) -> Any:
+    """Serve ``registry`` on ``http://host:port/metrics`` (a thread of prometheus_client's),
+    with the process's CPU, memory and open files added to it; the server, for
+    :func:`stop_serving`. Raises ``OSError`` when the address is taken."""
+    from prometheus_client import ProcessCollector, start_http_server
+
+    ProcessCollector(registry=registry)
+    host, port = listen.rsplit(":", 1)
+    server, _ = start_http_server(int(port), addr=host, registry=registry)
+    return server
+
+
+def stop_serving(server: Any) -> None:
+    """Stop a :func:`serve_registry` server (None: nothing served) and free its port."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 # ---- the federation endpoint ------------------------------------------------------------
 
 # identify_peer's reason (the first words of an IDENTITY refusal's detail) → the TLS label
@@ -441,12 +468,7 @@ class EndpointMetrics:
         """Serve the registry's ``/metrics`` on ``host:port`` (nothing when None)."""
         if listen is None:
             return
-        from prometheus_client import ProcessCollector, start_http_server
-
-        ProcessCollector(registry=self.metrics.registry)  # CPU, memory, open files
-        host, port = listen.rsplit(":", 1)
-        self._server, _ = start_http_server(int(port), addr=host,
-                                            registry=self.metrics.registry)
+        self._server = serve_registry(self.metrics.registry, listen)
 
     def close(self) -> None:
         """The endpoint stopped: push its counters with the run's, stop serving."""
@@ -454,10 +476,8 @@ class EndpointMetrics:
         self.stop()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_serving(self._server)
+        self._server = None
 
 
 def endpoint_metrics(cfg: PipelineConfig, run_id: str) -> EndpointMetrics | None:
@@ -471,3 +491,90 @@ def endpoint_metrics(cfg: PipelineConfig, run_id: str) -> EndpointMetrics | None
     monitor = EndpointMetrics(metrics, forward=print_refusal)
     monitor.serve(cfg.monitoring.listen)
     return monitor
+
+
+# ---- a site's own session -----------------------------------------------------------------
+
+class SiteMetrics:
+    """A hospital's own figures while its session runs, served at the site on its
+    ``site.yaml``'s ``monitoring.listen`` (never an address of the coordinator's choosing):
+    its budget left and lifetime cap from its own ledger and policy (after the run's charge),
+    the DP-SGD ε its replies report, its policy's refusals, the rounds it answered, its
+    messages' bytes, and the process's CPU and memory. Nothing is pushed: the hospital decides
+    whether anything scrapes it. Nothing patient-level: these are the figures the site
+    already reports to the coordinator, or counts."""
+
+    def __init__(self, site: str, run_id: str) -> None:
+        self.site = site
+        self.metrics = RunMetrics(run_id)
+        self._server: Any = None
+        # the counters exist from the start (0 until it happens): increase() sees the first
+        self.metrics.inc("fedpriv_policy_refusals_total", 0, site=site)
+        self.metrics.inc("fedpriv_site_rounds_answered_total", 0, site=site)
+        for direction in ("in", "out"):
+            self.metrics.inc("fedpriv_site_bytes_total", 0, site=site, direction=direction)
+
+    def serve(self, listen: str) -> None:
+        """Serve ``/metrics`` on ``host:port``; an address in use prints one line and the
+        session goes on without it (a second session of the site at the same time)."""
+        try:
+            self._server = serve_registry(self.metrics.registry, listen)
+        except OSError as exc:
+            print(f"site {self.site}: monitoring: cannot serve /metrics on {listen} ({exc}); "
+                  f"the session goes on", flush=True)
+
+    def budget(self, left: float, cap: float) -> None:
+        """The ε the site's most exposed patient has left, and the policy's lifetime cap."""
+        self.metrics.set("fedpriv_epsilon_budget_left", left, site=self.site)
+        self.metrics.set("fedpriv_epsilon_lifetime_cap", cap, site=self.site)
+
+    def refused(self) -> None:
+        """The site's own policy or ledger refused the run."""
+        self.metrics.inc("fedpriv_policy_refusals_total", site=self.site)
+
+    def answered(self, request: bytes, reply: bytes) -> None:
+        """One instruction answered: its bytes; a training instruction answered with an
+        update: one round more, and the ε the reply reports (read from the frame's scalars,
+        the update itself untouched)."""
+        from fl_core.federation.messages import (
+            FitInstruction,
+            FitReply,
+            MessageError,
+            peek_message,
+        )
+
+        count = self.metrics.inc
+        count("fedpriv_site_bytes_total", len(request), site=self.site, direction="in")
+        count("fedpriv_site_bytes_total", len(reply), site=self.site, direction="out")
+        try:
+            (asked, _), (kind, meta) = peek_message(request), peek_message(reply)
+        except MessageError:
+            return
+        if asked is FitInstruction and kind is FitReply:
+            count("fedpriv_site_rounds_answered_total", site=self.site)
+            self.metrics.set("fedpriv_epsilon_spent", meta.get("epsilon"), site=self.site)
+
+    def watch(self, answer: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+        """``answer`` (instruction bytes → reply bytes), each call counted."""
+        def counted(request: bytes) -> bytes:
+            reply = answer(request)
+            self.answered(request, reply)
+            return reply
+
+        return counted
+
+    def stop(self) -> None:
+        """The session ended: stop serving (the port is free again)."""
+        stop_serving(self._server)
+        self._server = None
+
+
+def site_metrics(monitoring: SiteMonitoring | None, site: str,
+                 run_id: str) -> SiteMetrics | None:
+    """The site session's :class:`SiteMetrics`, serving on ``monitoring.listen``; None without
+    a ``monitoring`` section in the site's file (nothing started, nothing imported)."""
+    if monitoring is None:
+        return None
+    watched = SiteMetrics(site, run_id)
+    watched.serve(monitoring.listen)
+    return watched

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -63,6 +64,9 @@ from fl_core.privacy.ledger import BUDGET_REFUSAL, BudgetExceededError, Charge
 from fl_core.privacy.policy import policy_refusals
 from fl_core.privacy.randomness import make_random
 
+if TYPE_CHECKING:  # prometheus_client only when the site's file asks for monitoring
+    from adapters.metrics import SiteMetrics
+
 KIND_SITE_TRAIN = "site-train"
 
 
@@ -81,11 +85,13 @@ class SiteSession:
 
 
 def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
-               session: SiteSession, idle_timeout_s: float, policy: SitePolicy) -> str:
+               session: SiteSession, idle_timeout_s: float, policy: SitePolicy,
+               metrics: SiteMetrics | None = None) -> str:
     """Validate, split, check the run against the site's ``policy``, charge the site's own
     ledger, then answer instructions until :class:`Shutdown` (or no instruction for
     ``idle_timeout_s``). ``index`` is the site's position in ``federation.sites`` (its codec
-    seed, as in simulation). Returns why it stopped."""
+    seed, as in simulation). ``metrics``: the site's own figures (its ``site.yaml``'s
+    ``monitoring``; None: none kept). Returns why it stopped."""
     report, summary = validate_site_file(cfg, csv_path, site)
     if not summary["passed"]:
         _ready(session, passed=False, summary=summary)
@@ -98,14 +104,17 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
     dp = make_dpsgd(cfg=cfg, data=[data])  # σ calibrated once: charged, then trained with
     broken = policy_refusals(cfg, policy, noise_multiplier=dp.noise_multiplier if dp else None)
     if broken:  # before the ledger: a run the site does not accept costs it nothing
+        _refused(metrics)
         _report(session, encode_message(Failure(site, -1, "refused by the site's policy: "
                                                 + "; ".join(broken))))
         return "refused by policy"
     try:
         budget_left = site_budget_left(session, policy)
+        _budget(metrics, budget_left, policy)
         ledger_run = check_site_budget(cfg, session, data, dp=dp, policy=policy,
                                        records=records)
     except BudgetExceededError as exc:  # the coordinator refuses the whole run on this
+        _refused(metrics)
         _report(session, encode_message(Failure(site, -1, f"{BUDGET_REFUSAL}{exc}")))
         return "cannot afford the run"
     except Exception as exc:  # a broken ledger: the coordinator is told
@@ -120,9 +129,31 @@ def serve_site(cfg: PipelineConfig, *, csv_path: Path, site: str, index: int,
     _ready(session, passed=True, summary=summary, data=data, ledger_run=ledger_run,
            budget_left=budget_left, ledger_head=site_ledger(session, policy).head().hash)
     answerer = SiteAnswerer(cfg, client, data, session,
-                            charge=lambda: charge_site_ledger(cfg, session, data, dp=dp,
-                                                              policy=policy, records=records))
-    return _answer_until_shutdown(answerer, session, idle_timeout_s)
+                            charge=lambda: _charge(cfg, session, data, dp=dp, policy=policy,
+                                                   records=records, metrics=metrics))
+    answer = answerer if metrics is None else metrics.watch(answerer)
+    return _answer_until_shutdown(answer, session, idle_timeout_s)
+
+
+def _refused(metrics: SiteMetrics | None) -> None:
+    if metrics is not None:
+        metrics.refused()
+
+
+def _budget(metrics: SiteMetrics | None, left: float, policy: SitePolicy) -> None:
+    if metrics is not None:
+        metrics.budget(left, policy.lifetime_epsilon)
+
+
+def _charge(cfg: PipelineConfig, session: SiteSession, data: ClientData, *,
+            dp: DPSGDConfig | None, policy: SitePolicy, records: Mapping[int, str],
+            metrics: SiteMetrics | None) -> str:
+    """The run's charge (:func:`charge_site_ledger`), then the budget the ledger has left
+    after it, for the site's own metrics."""
+    run = charge_site_ledger(cfg, session, data, dp=dp, policy=policy, records=records)
+    if metrics is not None:
+        _budget(metrics, site_budget_left(session, policy), policy)
+    return run
 
 
 class SiteAnswerer:

@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow
 
 from adapters.config_files import SiteFiles, load_site_config
+from adapters.metrics import site_metrics
 from adapters.site_channel import SiteChannel
 from adapters.site_session import SiteSession, serve_site
 from adapters.site_worker import SITE_CONFIG_ENV
@@ -76,11 +77,16 @@ def fl_site(site: str, session: str, index: int, charge_key: str, config: dict[s
                           credentials=files.credentials(),
                           server_name=files.config.server_name, proxy=files.config.proxy,
                           max_message_bytes=int(cfg.federation.endpoint.max_message_mb * 2**20))
+    # the site's own /metrics, where its file says (never the coordinator's choice)
+    metrics = site_metrics(files.config.monitoring, site, session)
     try:
         why = serve_site(cfg, csv_path=files.data, site=site, index=index,
                          session=SiteSession(channel, site, files.state, charge_key),
-                         idle_timeout_s=idle_timeout_s, policy=files.config.policy)
+                         idle_timeout_s=idle_timeout_s, policy=files.config.policy,
+                         metrics=metrics)
     finally:
         channel.close()
+        if metrics is not None:
+            metrics.stop()
     print(f"site {site}: session ended ({why})")
     return why

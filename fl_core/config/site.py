@@ -55,6 +55,13 @@ class SitePolicy(_Section):
     release_audit: bool = True
 
 
+class SiteMonitoring(_Section):
+    """The site's own ``/metrics`` (docs/monitoring.md, "A site's own metrics"): where its
+    session serves them while it runs. The hospital's choice, never the coordinator's."""
+
+    listen: str = Field("127.0.0.1:9465", pattern=HOST_PORT_PATTERN)  # loopback by default
+
+
 class SiteConfig(_Section):
     """One site's file (``site.yaml``); docs/deployment.md shows one."""
 
@@ -71,6 +78,8 @@ class SiteConfig(_Section):
     proxy: str | None = Field(None, pattern=r"^(direct|http://([^@/\s]+@)?[^@/\s:]+:\d{1,5}/?)$")
     prefect: SitePrefect = Field(default_factory=SitePrefect)
     policy: SitePolicy = Field(default_factory=SitePolicy)
+    # null: no /metrics, nothing started (prometheus_client not even imported)
+    monitoring: SiteMonitoring | None = None
 
     @property
     def pool(self) -> str:
