@@ -41,7 +41,8 @@ def site_config_text(*, site: str, data: str, endpoint: str | None = None,
     tree = {"site": site, "data": data, "state": ".fedpriv-site",
             "tls": {"key": f"{slug}.key", "cert": f"{slug}.crt", "ca": "ca.crt"},
             "endpoint": endpoint,
-            "prefect": {"api_url": prefect_url, "auth_string_file": None}}
+            "prefect": {"api_url": prefect_url, "auth_string_file": None},
+            "monitoring": None}  # {listen: 127.0.0.1:9465}: the sessions' own /metrics
     return ("# fedpriv site configuration: read by this site's worker only (docs/deployment.md)\n"
             f"# key: `fedpriv pki request --site {slug} --dir .` makes it here; it never "
             f"leaves\n" + yaml.safe_dump(tree, sort_keys=False))
@@ -79,7 +80,14 @@ def check_site(files: SiteFiles, *, now: datetime.datetime | None = None) -> lis
             f"certificate {subject} (serial {cert.serial_number:x}) valid for {days} more days",
             f"endpoint: {files.config.endpoint or 'the address the coordinator announces'}",
             f"Prefect API: {files.config.prefect.api_url or os.environ.get('PREFECT_API_URL')}"
-            f", pool {files.config.pool}"]
+            f", pool {files.config.pool}",
+            f"metrics: {_metrics_line(files)}"]
+
+
+def _metrics_line(files: SiteFiles) -> str:
+    monitoring = files.config.monitoring
+    return ("none (no monitoring in the file)" if monitoring is None
+            else f"http://{monitoring.listen}/metrics while a session runs")
 
 
 def worker_command(files: SiteFiles) -> tuple[list[str], dict[str, str]]:

@@ -73,6 +73,19 @@ def test_the_monitoring_key_is_optional_and_checked() -> None:
         SiteConfig.model_validate({**base, "monitoring": {"listen": "http://x:1/metrics"}})
 
 
+def test_site_check_says_where_the_metrics_are(tmp_path: Path, pki: ProjectPki) -> None:
+    from adapters.config_files import load_site_config
+    from adapters.site_worker import check_site
+
+    data = tmp_path / "north.csv"
+    data.write_text("id\n1\n")
+    lines = check_site(load_site_config(_site_yaml(tmp_path, pki, "North", data)))
+    assert lines[-1] == "metrics: none (no monitoring in the file)"
+    lines = check_site(load_site_config(_site_yaml(
+        tmp_path, pki, "North", data, monitoring={"listen": "127.0.0.1:9999"})))
+    assert lines[-1] == "metrics: http://127.0.0.1:9999/metrics while a session runs"
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_sites_session_serves_its_own_ledger_and_policy_on_metrics(
