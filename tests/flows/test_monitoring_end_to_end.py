@@ -14,6 +14,7 @@ module is skipped without them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -109,9 +110,11 @@ def family_query(name: str, run_id: str | None = None) -> str:
 class Monitored:
     """What the module's runs left for the tests to read."""
 
-    def __init__(self, stack: monitor_stack.Stack, endpoint_listen: str) -> None:
+    def __init__(self, stack: monitor_stack.Stack, endpoint_listen: str,
+                 site_listen: dict[str, str]) -> None:
         self.stack = stack
         self.endpoint_listen = endpoint_listen
+        self.site_listen = site_listen  # each hospital's own /metrics (fedpriv-sites job)
         self.simulation_run = ""
         self.simulation_output = ""
         self.attackers: list[str] = []
@@ -166,10 +169,11 @@ def _drill(monitored: Monitored, project: Path) -> None:
     monitored.attackers = sorted(trained["malicious_clients"])
 
 
-def _sessions(cfg: Any, files: dict[str, Path], endpoint: Any, pki: Any,
-              tmp: Path) -> list[threading.Thread]:
-    """Each hospital's session (tests/adapters/test_site_session.py's), one of them with a
-    policy that refuses the run."""
+def _sessions(cfg: Any, files: dict[str, Path], endpoint: Any, pki: Any, tmp: Path,
+              watched: dict[str, Any]) -> list[threading.Thread]:
+    """Each hospital's session (tests/adapters/test_site_session.py's), serving its own
+    /metrics as flows/site_flow.py does with a site.yaml's ``monitoring.listen``; one of
+    them with a policy that refuses the run."""
     from adapters.site_session import SiteSession, serve_site
     from tests.federation import TEST_POLICY, channel
 
@@ -181,7 +185,7 @@ def _sessions(cfg: Any, files: dict[str, Path], endpoint: Any, pki: Any,
                               SITES_RUN)
         thread = threading.Thread(target=serve_site, args=(cfg,), kwargs={
             "csv_path": path, "site": site, "index": index, "session": session,
-            "idle_timeout_s": 60, "policy": policy}, daemon=True)
+            "idle_timeout_s": 60, "policy": policy, "metrics": watched[site]}, daemon=True)
         thread.start()
         threads.append(thread)
     return threads
@@ -194,7 +198,7 @@ def _sites(monitored: Monitored, project: Path, tmp: Path) -> None:
     connection attempt."""
     from adapters.audit import audit_at_sites
     from adapters.federation_endpoint import FederationEndpoint
-    from adapters.metrics import endpoint_metrics, record_site_check
+    from adapters.metrics import SiteMetrics, endpoint_metrics, record_site_check
     from adapters.train import train_at_sites
     from fl_core.config.model import site_slug
     from fl_core.federation.messages import SiteReady
@@ -212,7 +216,10 @@ def _sites(monitored: Monitored, project: Path, tmp: Path) -> None:
                                   tls=pki.tls, on_refusal=monitor.on_refusal)
     monitor.instrument(endpoint)
     endpoint.start()
-    threads = _sessions(cfg, files, endpoint, pki, tmp)
+    watched = {site: SiteMetrics(site, SITES_RUN) for site in files}
+    for site, site_metrics in watched.items():
+        site_metrics.serve(monitored.site_listen[site])
+    threads = _sessions(cfg, files, endpoint, pki, tmp, watched)
     try:
         reports = wait_ready(endpoint, list(files))
         ready = {s: m for s, m in reports.items() if isinstance(m, SiteReady)}
@@ -232,12 +239,47 @@ def _sites(monitored: Monitored, project: Path, tmp: Path) -> None:
         pki.revoke(site_slug(REVOKED_SITE))  # its certificate is revoked; it dials again
         with pytest.raises(Exception, match="revoked"):
             channel(pki, endpoint, REVOKED_SITE).pull(0, wait_s=2)
-        # the endpoint's /metrics scraped with the refusal at least twice before it stops
+        # the endpoint's and the sites' /metrics scraped at least twice after the last
+        # change, before they stop serving
         wait_for(monitored.prometheus, 'count_over_time(fedpriv_endpoint_tls_refusals_total'
                  '{job="fedpriv-endpoint", reason="revoked"}[1m]) >= 2')
+        sessions_over = time.time()  # the sessions ended (joined) before this
+        wait_for(monitored.prometheus, 'count(timestamp(fedpriv_site_bytes_total{job='
+                 f'"fedpriv-sites", direction="in"}}) > {sessions_over + 0.5}) == {len(files)}')
     finally:
+        for site_metrics in watched.values():
+            site_metrics.stop()
         endpoint.stop()
         monitor.close()  # pushes the endpoint's counters with the run's, stops serving
+
+
+@contextlib.contextmanager
+def _stack(state: Path, endpoint: str, sites: list[str]) -> Iterator[monitor_stack.Stack]:
+    """monitor_stack's Pushgateway and Prometheus (the project's scrape configuration and
+    alert rules, every interval 1 s), its fedpriv-sites job reading a targets file of this
+    test's (the checked-in ``targets/`` stays as it is); both stopped by PID."""
+    targets = state / "targets"
+    targets.mkdir()
+    (targets / "sites.yml").write_text(yaml.safe_dump([{"targets": sites}]))
+    pushgateway_port, prometheus_port = free_port(), free_port()
+    pushgateway = f"127.0.0.1:{pushgateway_port}"
+    config = monitor_stack.prometheus_config(pushgateway=pushgateway, endpoint=endpoint,
+                                             scrape_interval="1s")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "fedpriv-sites"]
+    job["file_sd_configs"] = [{"files": [str(targets / "*.yml")]}]
+    started = []
+    try:
+        started.append(monitor_stack.start_pushgateway(pushgateway_port, state / "pushgateway"))
+        monitor_stack.wait_ready(f"http://{pushgateway}/-/ready", started[-1])
+        started.append(monitor_stack.start_prometheus(config, prometheus_port,
+                                                      state / "prometheus"))
+        prometheus = f"http://127.0.0.1:{prometheus_port}"
+        monitor_stack.wait_ready(f"{prometheus}/-/ready", started[-1])
+        yield monitor_stack.Stack(prometheus, f"http://{pushgateway}", pushgateway,
+                                  monitor_stack.write_grafana_provisioning(state, prometheus))
+    finally:
+        for proc in reversed(started):
+            monitor_stack.stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +290,9 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
     require_tools("prometheus", "prometheus-pushgateway", "promtool")
     state = tmp_path_factory.mktemp("monitor")
     listen = f"127.0.0.1:{free_port()}"
-    with monitor_stack.monitor_stack(state, prometheus_port=free_port(),
-                                     pushgateway_port=free_port(), endpoint=listen,
-                                     scrape_interval="1s") as stack:
-        monitored = Monitored(stack, listen)
+    sites = {site: f"127.0.0.1:{free_port()}" for site in sorted(HEART_SITES)}
+    with _stack(state, listen, list(sites.values())) as stack:
+        monitored = Monitored(stack, listen, sites)
         for name, run in (
                 ("simulation", lambda: _simulation(
                     monitored, _copy_project(tmp_path_factory.mktemp("simulation")))),
@@ -304,7 +345,8 @@ def test_sites_mode_gives_the_site_and_endpoint_families(monitored: Monitored) -
                if not query(prometheus, family_query(name))]
     assert missing == []
     for name in SITES_FAMILIES & set(RUN_METRICS):
-        result = query(prometheus, family_query(name, SITES_RUN))
+        # the coordinator's pushes (the sites' own series are checked below)
+        result = query(prometheus, family_query(name, SITES_RUN).replace("}", ', job="fedpriv"}'))
         assert result, name
         if "site" in RUN_METRICS[name][1]:
             sites = _labels(result, "site")
@@ -335,6 +377,34 @@ def test_sites_mode_gives_the_site_and_endpoint_families(monitored: Monitored) -
             ("other_run", 1.0)}, job
         for name in PROCESS_METRICS:
             assert last(name), (name, job)
+
+
+def test_sites_serve_their_own_families(monitored: Monitored) -> None:
+    """Each hospital's /metrics (scraped by the fedpriv-sites job while its session ran):
+    labelled with its own id, its rounds, bytes, ε and budget; the refusing site's refusal."""
+    def last(name: str) -> dict[tuple[str, ...], float]:
+        result = query(monitored.prometheus,
+                       f'last_over_time({name}{{job="fedpriv-sites"}}[10m])')
+        return {tuple(s["metric"].get(k, "") for k in ("site", "direction", "instance")):
+                float(s["value"][1]) for s in result}
+
+    trained = HEART_SITES - {REFUSING_SITE}
+    instances = set(monitored.site_listen.values())
+    answered = last("fedpriv_site_rounds_answered_total")
+    assert {key[0]: value for key, value in answered.items()} == {
+        **dict.fromkeys(trained, 2.0), REFUSING_SITE: 0.0}
+    assert {key[2] for key in answered} == instances
+    refusals = last("fedpriv_policy_refusals_total")
+    assert {key[0]: value for key, value in refusals.items()} == {
+        **dict.fromkeys(trained, 0.0), REFUSING_SITE: 1.0}
+    sent = last("fedpriv_site_bytes_total")
+    assert {(site, d) for (site, d, _), v in sent.items() if v > 0} == {
+        (site, d) for site in trained for d in ("in", "out")}
+    for name in ("fedpriv_epsilon_spent", "fedpriv_epsilon_budget_left",
+                 "fedpriv_epsilon_lifetime_cap"):
+        assert {key[0] for key, value in last(name).items() if value > 0} == trained, name
+    for name in PROCESS_METRICS:
+        assert {key[2] for key in last(name)} == instances, name
 
 
 def _panel_runs(monitored: Monitored) -> dict[str, str]:
