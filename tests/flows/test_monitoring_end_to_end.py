@@ -98,11 +98,13 @@ def wait_for(prometheus: str, expr: str, timeout_s: float = 30) -> list[dict[str
     raise TimeoutError(f"no series for {expr} after {timeout_s} s")
 
 
-def family_query(name: str, run_id: str | None = None) -> str:
-    """A family's series (a histogram's by its ``_count``), for one run when given."""
+def family_query(name: str, run_id: str | None = None, job: str | None = None) -> str:
+    """A family's series (a histogram's by its ``_count``), for one run and job when given."""
     series = f"{name}_count" if RUN_METRICS.get(name, ENDPOINT_METRICS.get(name, ("",)))[0] \
         == "histogram" else name
-    return f'{series}{{run_id="{run_id}"}}' if run_id else series
+    matchers = [f'{label}="{value}"' for label, value in (("run_id", run_id), ("job", job))
+                if value]
+    return f"{series}{{{', '.join(matchers)}}}" if matchers else series
 
 
 # ---- the stack and the runs -----------------------------------------------------------------
@@ -346,7 +348,7 @@ def test_sites_mode_gives_the_site_and_endpoint_families(monitored: Monitored) -
     assert missing == []
     for name in SITES_FAMILIES & set(RUN_METRICS):
         # the coordinator's pushes (the sites' own series are checked below)
-        result = query(prometheus, family_query(name, SITES_RUN).replace("}", ', job="fedpriv"}'))
+        result = query(prometheus, family_query(name, SITES_RUN, job="fedpriv"))
         assert result, name
         if "site" in RUN_METRICS[name][1]:
             sites = _labels(result, "site")
@@ -488,7 +490,7 @@ def test_a_revoked_sites_refusal_fires_the_tls_alert_in_a_rule_test_from_scraped
     test_file.write_text(yaml.safe_dump(case, sort_keys=False))
     done = subprocess.run(["promtool", "test", "rules", str(test_file)], capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr + test_file.read_text()
     assert "SUCCESS" in done.stdout + done.stderr
 
 
