@@ -223,6 +223,9 @@ BYZANTINE = (
               "Updates refused by sanitation (malformed, non-finite, oversized)."),
         Panel("Updates excluded per site", ((f"fedpriv_updates_excluded_total{RUN}", "{{site}}"),),
               "Updates the reputation rule left out of the aggregate."),
+        Panel("Reputation per site", ((f"fedpriv_site_reputation{RUN}", "{{site}}"),),
+              "Each site's anomaly reputation (decays each round, +1 when flagged); a site is "
+              "excluded while it is at or over anomaly.exclude_at."),
         SITES_OK,
     )),
     Row("Effect on the model", (ACCURACY, SITE_ACCURACY, TEST_LOSS, GATE_DECISION)),

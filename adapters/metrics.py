@@ -75,6 +75,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "fedpriv_updates_flagged_total": ("counter", _SITE, "Updates flagged by anomaly detection."),
     "fedpriv_updates_excluded_total": ("counter", _SITE, "Updates excluded by reputation."),
     "fedpriv_site_flagged": ("gauge", _SITE, "1: the site was flagged in the last round."),
+    "fedpriv_site_reputation": ("gauge", _SITE, "Anomaly reputation r <- decay*r + flagged; "
+                                "excluded at anomaly.exclude_at."),
     "fedpriv_epsilon_spent": ("gauge", _SITE, "DP-SGD ε a site reported for this run."),
     "fedpriv_epsilon": ("gauge", _RUN, "The run's ε per patient (add/remove one)."),
     "fedpriv_delta": ("gauge", _RUN, "The run's δ."),
@@ -224,6 +226,8 @@ class RunMetrics:
                 self.inc(name, float(site in sites), site=site)
         for site in self._sites:
             self.set("fedpriv_site_flagged", float(site in record.flagged_clients), site=site)
+        for site, score in record.reputation.items():  # while anomaly detection runs
+            self.set("fedpriv_site_reputation", score, site=site)
 
     def record_privacy(self, privacy: PrivacyReport, budget_left: Mapping[str, float] = {},
                        cap: float | None = None) -> None:

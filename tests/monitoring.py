@@ -38,6 +38,7 @@ RUN_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fedpriv_updates_flagged_total": ("counter", ("site",)),
     "fedpriv_updates_excluded_total": ("counter", ("site",)),
     "fedpriv_site_flagged": ("gauge", ("site",)),
+    "fedpriv_site_reputation": ("gauge", ("site",)),
     "fedpriv_epsilon_spent": ("gauge", ("site",)),
     "fedpriv_epsilon": ("gauge", ()),
     "fedpriv_delta": ("gauge", ()),

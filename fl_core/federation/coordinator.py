@@ -96,6 +96,9 @@ class RoundRecord:
     # SHA-256 (hex) of the new global parameters' bytes (see :func:`params_sha256`): the round
     # log pins each round's model to it
     aggregate_sha256: str = ""
+    # each client's anomaly reputation after the round (r ← λ·r + flagged; excluded at
+    # anomaly.exclude_at); empty while detection is off or has too few updates
+    reputation: dict[str, float] = field(default_factory=dict)
 
 
 RoundSink = Callable[[RoundRecord], None]  # per-round output: progress, MLflow, Prometheus
@@ -236,6 +239,7 @@ class _Defended:
     rejected: list[str]
     flagged: list[str]
     excluded: list[str]
+    reputation: dict[str, float] = field(default_factory=dict)
 
 
 def _defend(rnd: _Round, defense: Defense, n_params: int) -> _Defended:
@@ -251,7 +255,7 @@ def _defend(rnd: _Round, defense: Defense, n_params: int) -> _Defended:
         defense.reputation.update([ids[i] for i in kept], set(flagged))
         kept = [i for i in kept if not defense.reputation.excluded(ids[i])]
     excluded = [ids[i] for i in range(len(ids)) if ids[i] not in rejected and i not in kept]
-    return _Defended(kept, rejected, flagged, excluded)
+    return _Defended(kept, rejected, flagged, excluded, dict(defense.reputation.scores))
 
 
 def _check_enough(rnd: _Round, defended: _Defended, min_clients: int) -> None:
@@ -469,6 +473,7 @@ def _record(
         failure_reasons={f.client_id: f.reason for f in reversed(rnd.failures)},
         flagged_clients=defended.flagged, rejected_clients=defended.rejected,
         excluded_clients=defended.excluded, client_accuracy=evaluation.per_site,
+        reputation=dict(defended.reputation),
         evaluation_histogram=evaluation.histogram, evaluated_clients=sorted(evaluation.per_site),
         epsilon=max(spent) if spent else None,
         seconds=time.perf_counter() - rnd.started,

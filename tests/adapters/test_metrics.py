@@ -280,6 +280,11 @@ def test_a_byzantine_drill_flags_exactly_the_attackers(
     flagged = {s.labels["site"]: s.value for m in train.registry.collect()
                if m.name == "fedpriv_site_flagged" for s in m.samples}
     assert sorted(site for site, v in flagged.items() if v == 1) == sorted(malicious)
+    # flagged in both rounds: reputation 0.8·1 + 1 = 1.8 for the attackers, 0 for the rest
+    reputation = {s.labels["site"]: s.value for m in train.registry.collect()
+                  if m.name == "fedpriv_site_reputation" for s in m.samples}
+    assert len(reputation) == 10
+    assert sorted(site for site, v in reputation.items() if v > 0) == sorted(malicious)
 
 
 @pytest.mark.slow

@@ -54,6 +54,8 @@ CHEAP = ["rounds=2", "privacy.randomness=reproducible", "audit.shadow_models=2"]
 NOT_IN_SIMULATION = {
     "fedpriv_policy_refusals_total": "sites mode: a site's own policy or ledger refuses",
     "fedpriv_site_failures_total": "no site fails a round in these runs",
+    "fedpriv_site_reputation": "anomaly detection needs anomaly.min_clients (5) updates: "
+                               "heart has 4 sites (the drill has it)",
 }
 # ... and those the sites-mode run (rounds and audit at the sites, no publication) produces
 SITES_FAMILIES = {
@@ -446,6 +448,9 @@ def test_the_flagged_clients_panel_returns_exactly_the_attackers(monitored: Moni
     # the simulated heart run and the sites-mode run flagged nobody
     for run in (monitored.simulation_run, SITES_RUN):
         assert query(monitored.prometheus, expr.replace("$run_id", run)) == []
+    # the attackers carry the reputation, and no one else
+    reputation = query(monitored.prometheus, f'fedpriv_site_reputation{{run_id="{DRILL_RUN}"}} > 0')
+    assert sorted(_labels(reputation, "site")) == monitored.attackers
 
 
 def _alert(name: str) -> dict[str, Any]:
