@@ -27,13 +27,14 @@ run: $(STAMP)
 	$(BIN)/fedpriv run $(ARGS)
 
 # Two passes: every test but the integration ones on two xdist workers, then the integration
-# tests (real Prefect servers and workers, kills, DVC, deadlines) one at a time, so that
-# nothing competes with their servers for the CPU.
+# tests (real Prefect servers and workers, kills, DVC, deadlines) on two workers again, those
+# timed against each other one at a time on one of them (tests/conftest.py SERIAL_INTEGRATION,
+# --dist loadgroup), the self-contained ones beside them.
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --durations=15 --timeout=900 \
 	  -m "not integration" $(PYTEST_ARGS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=15 --timeout=900 \
-	  -m integration $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup \
+	  --durations=15 --timeout=900 -m integration $(PYTEST_ARGS)
 
 # Day-to-day loop: every test but the slow and integration ones, on two workers, each test
 # stopped after 60 s (the slow ones are marked in the test files: over about 2 s each).

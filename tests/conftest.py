@@ -65,3 +65,22 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+# The integration pass runs on two xdist workers (`make test`); these modules hold tests whose
+# servers, workers and kills are timed against each other (a namespace federation's start-up,
+# a kill when a file appears, two runs racing): they run one after another on one worker
+# (--dist loadgroup), beside the self-contained ones on the other.
+SERIAL_INTEGRATION = frozenset({
+    "tests/flows/test_site_dispatch.py", "tests/test_netns.py", "tests/flows/test_kill.py",
+    "tests/flows/test_concurrency.py", "tests/flows/test_site_guard.py",
+    "tests/adapters/test_prefect_api.py", "tests/flows/test_orchestration.py",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).resolve().parents[1]
+    for item in items:
+        module = Path(str(item.fspath)).resolve().relative_to(root).as_posix()
+        if module in SERIAL_INTEGRATION:
+            item.add_marker(pytest.mark.xdist_group(name="serial"))
