@@ -29,7 +29,6 @@ Run from the project root::
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -38,7 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
+from report import (  # benchmarks/report.py: the script's own folder
+    emit,
+    require_public_dataset,
+    seed_summary,
+)
 from torch import nn
 
 from adapters.config_files import load_config
@@ -145,22 +148,10 @@ def run_local_arm(
     return out
 
 
-def _num(value: float) -> float | None:
-    """JSON-safe: NaN/inf (an undefined AUC, the sd of one seed) become null."""
-    return round(value, 6) if math.isfinite(value) else None
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    finite = [v for v in values if math.isfinite(v)]
-    mean = statistics.fmean(finite) if finite else math.nan
-    sd = statistics.stdev(finite) if len(finite) > 1 else math.nan
-    return {"per_seed": [_num(v) for v in values], "mean": _num(mean), "sd": _num(sd)}
-
-
 def _arm(acc: list[float], auc: list[float], seconds: list[float]) -> dict[str, Any]:
     return {
-        "accuracy": _summary(acc),
-        "auc": _summary(auc),
+        "accuracy": seed_summary(acc),
+        "auc": seed_summary(auc),
         "seconds_mean": round(statistics.fmean(seconds), 4),
     }
 
@@ -227,12 +218,12 @@ def benchmark(cfg: PipelineConfig, seeds: int, epochs: int) -> dict[str, Any]:
         "federated": _arm(acc["federated"], auc["federated"], secs["federated"]),
         "centralised": {
             **_arm(acc["centralised"], auc["centralised"], secs["centralised"]),
-            "train_loss": _summary(central_loss),
+            "train_loss": seed_summary(central_loss),
         },
         "local_only": {
             **_arm(acc["local_only"], auc["local_only"], secs["local_only"]),
             "per_client": {
-                cid: {"accuracy": _summary(v["accuracy"]), "auc": _summary(v["auc"])}
+                cid: {"accuracy": seed_summary(v["accuracy"]), "auc": seed_summary(v["auc"])}
                 for cid, v in per_client.items()
             },
         },

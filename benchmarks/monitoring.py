@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import shutil
 import statistics
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import require_public_dataset  # benchmarks/report.py: the script's own folder
+from report import emit, require_public_dataset  # benchmarks/report.py: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,7 +114,7 @@ def train_cost(rounds: int, repeats: int) -> dict[str, Any]:
             "all_seconds": seconds}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
@@ -125,11 +124,8 @@ def main() -> None:
     result = {"import": import_cost(args.repeats),
               "round_sink": round_sink_cost(args.sites, 1000),
               "train": train_cost(args.rounds, args.repeats)}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,20 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
     }
+
+
+def json_number(value: float) -> float | None:
+    """JSON-safe: NaN/inf (an undefined AUC, the sd of one seed) become null."""
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def seed_summary(values: list[float]) -> dict[str, Any]:
+    """Per-seed values with the mean and sample sd of the finite ones (null when undefined)."""
+    finite = [v for v in values if math.isfinite(v)]
+    mean = statistics.fmean(finite) if finite else math.nan
+    sd = statistics.stdev(finite) if len(finite) > 1 else math.nan
+    return {"per_seed": [json_number(v) for v in values], "mean": json_number(mean),
+            "sd": json_number(sd)}
 
 
 def emit(result: dict[str, Any], out: Path | None, summary: str | None = None) -> int:

@@ -57,7 +57,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from report import emit, environment, require_public_dataset  # benchmarks/report.py
+from report import (  # benchmarks/report.py
+    emit,
+    environment,
+    json_number,
+    require_public_dataset,
+    seed_summary,
+)
 from sklearn.linear_model import LogisticRegression
 
 from adapters.config_files import load_config
@@ -179,18 +185,6 @@ def auc_interval(auc: float, labels: torch.Tensor,
     return max(auc - half, 0.0), min(auc + half, 1.0)
 
 
-def _num(value: float) -> float | None:
-    """JSON-safe: NaN (an undefined AUC, the sd of one seed) becomes null."""
-    return round(value, 6) if math.isfinite(value) else None
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    finite = [v for v in values if math.isfinite(v)]
-    mean = statistics.fmean(finite) if finite else math.nan
-    sd = statistics.stdev(finite) if len(finite) > 1 else math.nan
-    return {"mean": _num(mean), "sd": _num(sd), "per_seed": [_num(v) for v in values]}
-
-
 # ------------------------------------------------------------------------------ arms
 def _sklearn_auc(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
                  y_test: torch.Tensor) -> float:
@@ -305,16 +299,16 @@ def run_seed(name: str, cfg: PipelineConfig, arm_cfgs: dict[str, PipelineConfig]
 def _arm_result(arm: str, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     runs = [s["arms"][arm] for s in per_seed]
     result: dict[str, Any] = {
-        "auc": _summary([r["auc"] for r in runs]),
-        "ci95_per_seed": [[_num(r["ci"][0]), _num(r["ci"][1])] for r in runs],
+        "auc": seed_summary([r["auc"] for r in runs]),
+        "ci95_per_seed": [[json_number(r["ci"][0]), json_number(r["ci"][1])] for r in runs],
         # the seeds' bounds averaged: the interval of one such split, for the table
-        "ci95_mean": [_summary([r["ci"][i] for r in runs])["mean"] for i in (0, 1)],
+        "ci95_mean": [seed_summary([r["ci"][i] for r in runs])["mean"] for i in (0, 1)],
         "seconds_mean": round(statistics.fmean(r["seconds"] for r in runs), 2),
     }
     if arm == "local":
         sites = sorted({s for r in runs for s in r["per_site"]})
         result["per_site"] = {
-            site: _summary([math.nan if r["per_site"].get(site) is None
+            site: seed_summary([math.nan if r["per_site"].get(site) is None
                             else float(r["per_site"][site]) for r in runs]) for site in sites}
         result["skipped_one_class"] = sorted({s for r in runs for s in r["skipped_one_class"]})
         result["note"] = ("mean over sites of each site-only model's pooled-test AUC; the "
@@ -366,7 +360,7 @@ def panel_goals(tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
     both = [t for t in fed if t in pooled]
     if both:
         gap = statistics.fmean(fed[t] - pooled[t] for t in both)
-        goals["mean_gap_federated_pooled"] = _num(gap)
+        goals["mean_gap_federated_pooled"] = json_number(gap)
         goals["federated_within_0.02_of_pooled"] = gap >= -0.02
     if fed and local:
         goals["tables_federated_below_local"] = _below(local, fed, 0.0)
@@ -381,7 +375,7 @@ def panel_summary(tables: dict[str, dict[str, Any]], arms: Sequence[str]) -> dic
     mean_auc: dict[str, float | None] = {}
     for arm in arms:
         values = list(_arm_means(tables, arm).values())
-        mean_auc[arm] = _num(statistics.fmean(values)) if values else None
+        mean_auc[arm] = json_number(statistics.fmean(values)) if values else None
     return {"mean_auc": mean_auc, "goals": panel_goals(tables)}
 
 
