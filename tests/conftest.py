@@ -40,15 +40,20 @@ def data_config(**fields: Any) -> Any:
     return DataConfig(**fields)
 
 
+def copy_project(target: Path) -> Path:
+    """A throwaway project root at ``target``: params.yaml, the dataset schemas and the raw
+    CSV, nothing derived."""
+    (target / "data" / "raw").mkdir(parents=True)
+    shutil.copy(RAW_CSV, target / "data" / "raw" / RAW_CSV.name)
+    shutil.copytree(ROOT / "data" / "schemas", target / "data" / "schemas")
+    shutil.copy(ROOT / "params.yaml", target / "params.yaml")
+    return target
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A throwaway project root: params.yaml, the dataset schema and the raw CSV, nothing
-    derived."""
-    (tmp_path / "data" / "raw").mkdir(parents=True)
-    shutil.copy(RAW_CSV, tmp_path / "data" / "raw" / RAW_CSV.name)
-    shutil.copytree(ROOT / "data" / "schemas", tmp_path / "data" / "schemas")
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    return tmp_path
+    """:func:`copy_project` in the test's own temp folder."""
+    return copy_project(tmp_path)
 
 
 @pytest.fixture(scope="session")

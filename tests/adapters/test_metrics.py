@@ -29,6 +29,7 @@ from adapters.metrics import (
 from fl_core.federation.channel import Refusal
 from fl_core.federation.coordinator import RoundRecord
 from fl_core.results import AuditReport
+from tests.conftest import copy_project
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = "abc123"
@@ -158,14 +159,6 @@ def test_a_failed_push_warns_once_and_never_raises(capsys: pytest.CaptureFixture
 
 # ---- a simulated run ----------------------------------------------------------------------
 
-def _copy_project(target: Path) -> Path:
-    (target / "data" / "raw").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "raw" / "heart_disease_uci.csv", target / "data" / "raw")
-    shutil.copytree(ROOT / "data" / "schemas", target / "data" / "schemas")
-    shutil.copy(ROOT / "params.yaml", target / "params.yaml")
-    return target
-
-
 Pushes = list[tuple[RunMetrics, bool]]
 
 
@@ -197,7 +190,7 @@ def _stages(root: Path, overrides: list[str], *, publish: bool) -> None:
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = _copy_project(tmp_path_factory.mktemp("monitored"))
+    root = copy_project(tmp_path_factory.mktemp("monitored"))
     with pytest.MonkeyPatch.context() as patch:
         pushes = _capture(patch)
         _stages(root, CHEAP, publish=True)
@@ -263,7 +256,7 @@ def test_a_simulated_run_gives_every_family_matching_its_reports(
 @pytest.mark.slow
 def test_a_byzantine_drill_flags_exactly_the_attackers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = _copy_project(tmp_path / "drill")
+    root = copy_project(tmp_path / "drill")
     pushes = _capture(monkeypatch)
     _stages(root, ["rounds=2", "privacy.randomness=reproducible", "audit.enabled=false",
                    "monitoring.pushgateway=127.0.0.1:9", "attack.kind=sign_flip",
@@ -291,7 +284,7 @@ def test_a_byzantine_drill_flags_exactly_the_attackers(
 def test_monitoring_off_imports_nothing_and_prints_the_same(tmp_path: Path) -> None:
     """In a fresh interpreter: a run with monitoring off never imports prometheus_client, and
     prints what it printed before the metrics existed (no line of monitoring's)."""
-    root = _copy_project(tmp_path / "off")
+    root = copy_project(tmp_path / "off")
     script = textwrap.dedent(f"""
         import sys
         from adapters.config_files import load_config

@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import yaml
 
 from adapters import grafana_dashboards, monitor_stack
 from adapters.config_files import load_config
+from tests.conftest import copy_project
 from tests.monitoring import ENDPOINT_METRICS, PROCESS_METRICS, RUN_METRICS, require_tools
 from tests.servers import free_port
 
@@ -127,14 +127,6 @@ class Monitored:
     @property
     def prometheus(self) -> str:
         return self.stack.prometheus_url
-
-
-def _copy_project(target: Path) -> Path:
-    (target / "data" / "raw").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "raw" / "heart_disease_uci.csv", target / "data" / "raw")
-    shutil.copytree(ROOT / "data" / "schemas", target / "data" / "schemas")
-    shutil.copy(ROOT / "params.yaml", target / "params.yaml")
-    return target
 
 
 def _simulation(monitored: Monitored, project: Path) -> None:
@@ -299,11 +291,11 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
         monitored = Monitored(stack, listen, sites)
         for name, run in (
                 ("simulation", lambda: _simulation(
-                    monitored, _copy_project(tmp_path_factory.mktemp("simulation")))),
-                ("sites", lambda: _sites(monitored, _copy_project(
+                    monitored, copy_project(tmp_path_factory.mktemp("simulation")))),
+                ("sites", lambda: _sites(monitored, copy_project(
                     tmp_path_factory.mktemp("sites-project")), tmp_path_factory.mktemp("sites"))),
                 ("drill", lambda: _drill(
-                    monitored, _copy_project(tmp_path_factory.mktemp("drill"))))):
+                    monitored, copy_project(tmp_path_factory.mktemp("drill"))))):
             started = time.perf_counter()
             run()
             monitored.seconds[name] = time.perf_counter() - started
